@@ -155,3 +155,7 @@ class RunConfig:
     run_dir: Optional[str] = None
     # debug=smoke sets this: recipes shrink their embedded default (data size, models) to seconds
     smoke: bool = False
+    # final metric returned to sweepers (Optuna) and used by `runx report` to sort, e.g. eval/accuracy
+    objective: Optional[str] = None
+    # write export/ (HF safetensors or PEFT adapter) at the end of training
+    export_at_end: bool = False

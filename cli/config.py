@@ -1,0 +1,245 @@
+"""Compose configs with Hydra's compose API and validate them against the typed schemas.
+
+Validation reports every problem at once, each naming the key, the bad value and the valid choices —
+before any heavy import (torch, deepspeed) happens.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import typing
+from importlib import resources
+
+GROUPS = ["recipe", "model", "data", "trainer", "logger", "launcher", "debug", "experiment"]
+
+
+class ConfigError(Exception):
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("\n".join(problems))
+
+
+def group_options(group: str) -> list[str]:
+    folder = resources.files("runx.conf").joinpath(group)
+    if not folder.is_dir():
+        return []
+    return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
+def group_description(group: str, option: str) -> str:
+    """The first comment line of a config file (skipping `# @package`)."""
+    text = resources.files("runx.conf").joinpath(group, option + ".yaml").read_text()
+    for line in text.splitlines():
+        s = line.strip()
+        if s.startswith("#") and "@package" not in s:
+            return s.lstrip("# ").strip()
+        if s and not s.startswith("#"):
+            break
+    return ""
+
+
+def _check_group_overrides(overrides: list[str]) -> list[str]:
+    """`trainer=zero9` -> an error naming the group and its valid options (before Hydra sees it)."""
+    problems = []
+    for ov in overrides:
+        key, sep, val = ov.lstrip("+~").partition("=")
+        if not sep or key not in GROUPS or val in ("null", "None", ""):
+            continue
+        opts = group_options(key)
+        for v in val.split(","):  # multirun sweeps: trainer=zero2,zero3
+            v = v.strip()
+            if v.startswith(("glob(", "choice(", "range(")):
+                continue
+            if v not in opts:
+                hint = difflib.get_close_matches(v, opts, n=1)
+                problems.append(f"{key}={v}: '{v}' is not a config in group '{key}'. "
+                                f"Valid choices: {', '.join(opts)}." + (f" Did you mean '{hint[0]}'?" if hint else ""))
+    return problems
+
+
+def compose(overrides: list[str], return_hydra_config: bool = False):
+    """Compose the config tree with these overrides; Hydra's errors become a ConfigError."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_module
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    problems = _check_group_overrides(overrides)
+    if problems:
+        raise ConfigError(problems)
+    try:
+        with initialize_config_module(config_module="runx.conf", version_base="1.3"):
+            cfg = hydra_compose(config_name="config", overrides=list(overrides),
+                                return_hydra_config=return_hydra_config)
+    except (HydraException, OmegaConfBaseException) as e:
+        raise ConfigError([_explain_hydra_error(e, overrides)]) from None
+    fill_recipe_defaults(cfg)
+    return cfg
+
+
+def fill_recipe_defaults(cfg) -> None:
+    """Put the recipe schema's defaults under the `recipe:` node (YAML states only what differs).
+    Unknown keys are kept so that validate() can report them."""
+    from omegaconf import OmegaConf, open_dict
+
+    from runx.recipes import RECIPES
+    node = cfg.get("recipe")
+    name = node.get("name") if node is not None else None
+    if name not in RECIPES:
+        return
+    schema = RECIPES[name].load_schema()
+    defaults = OmegaConf.create(dataclasses.asdict(schema()))
+    with open_dict(cfg):
+        merged = OmegaConf.merge(defaults, node)
+        cfg.recipe = merged
+
+
+def _explain_hydra_error(e: Exception, overrides: list[str]) -> str:
+    msg = str(e).strip()
+    # "Could not override 'optim.lrr'. ... Key 'lrr' is not in struct" -> name the valid keys
+    import re
+    m = re.search(r"Could not override '([^']+)'", msg) or re.search(r"Key '([^']+)' is not in struct", msg)
+    if m:
+        full = m.group(1)
+        parent, _, leaf = full.rpartition(".")
+        valid = _schema_keys(parent)
+        value = next((o.partition("=")[2] for o in overrides if o.lstrip("+~").partition("=")[0] == full), "?")
+        hint = difflib.get_close_matches(leaf, valid, n=1)
+        return (f"{full}={value}: '{leaf}' is not a key of '{parent or '<root>'}'. "
+                f"Valid keys: {', '.join(valid)}." + (f" Did you mean '{parent + '.' if parent else ''}{hint[0]}'?"
+                                                      if hint else ""))
+    return msg.splitlines()[0] + ("" if len(msg.splitlines()) == 1 else " " + " ".join(msg.splitlines()[1:])[:500])
+
+
+def _schema_keys(path: str, recipe: str | None = None) -> list[str]:
+    from runx.conf.schema.core import RunConfig
+    node = RunConfig
+    for part in [p for p in path.split(".") if p]:
+        if part == "recipe":
+            from runx.recipes import RECIPES
+            node = RECIPES[recipe or "sft"].load_schema()
+            continue
+        fields = {f.name: f for f in dataclasses.fields(node)}
+        f = fields.get(part)
+        if f is None:
+            return []
+        t = typing.get_type_hints(node)[part]
+        if not dataclasses.is_dataclass(t):
+            return []
+        node = t
+    return [f.name for f in dataclasses.fields(node)]
+
+
+# ------------------------------------------------------------------------------ schema validation
+def validate(cfg) -> list[str]:
+    """Every problem of a composed config, as messages naming key, value and valid choices."""
+    from omegaconf import OmegaConf
+
+    from runx.conf.schema.core import RunConfig
+    from runx.recipes import RECIPES
+
+    data = OmegaConf.to_container(cfg, resolve=False)
+    data.pop("hydra", None)
+    problems: list[str] = []
+    recipe = data.get("recipe") or {}
+    name = recipe.get("name") if isinstance(recipe, dict) else None
+    if name not in RECIPES:
+        problems.append(f"recipe.name={name}: unknown recipe. Valid choices: {', '.join(RECIPES)}.")
+    else:
+        _walk(recipe, RECIPES[name].load_schema(), "recipe", problems)
+    root = {k: v for k, v in data.items() if k != "recipe"}
+    _walk(root, RunConfig, "", problems, skip={"recipe"})
+    if not problems:
+        try:  # interpolations resolve?
+            OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+        except Exception as e:  # MissingMandatoryValue, InterpolationResolutionError
+            key = getattr(e, "full_key", "") or ""
+            problems.append(f"{key}: {str(e).splitlines()[0]}" + (
+                " — this value is required (set it on the command line, e.g. model.path=...)"
+                if "Missing mandatory" in str(e) else ""))
+    return problems
+
+
+def _walk(data: dict, schema, prefix: str, problems: list[str], skip=()):
+    hints = typing.get_type_hints(schema)
+    fields = [f.name for f in dataclasses.fields(schema)]
+    for key, value in data.items():
+        full = f"{prefix}.{key}" if prefix else key
+        if key in skip:
+            continue
+        if key not in hints:
+            hint = difflib.get_close_matches(str(key), fields, n=1)
+            problems.append(f"{full}={_show(value)}: unknown key. Valid keys under '{prefix or '<root>'}': "
+                            f"{', '.join(fields)}." + (f" Did you mean '{(prefix + '.') if prefix else ''}{hint[0]}'?"
+                                                       if hint else ""))
+            continue
+        _check_value(value, hints[key], full, problems)
+
+
+def _show(v):
+    s = repr(v) if not isinstance(v, str) else v
+    return s if len(s) < 60 else s[:57] + "..."
+
+
+def _check_value(value, t, full: str, problems: list[str]):
+    if isinstance(value, str) and "${" in value:
+        return  # an interpolation: checked when resolved
+    if value == "???":
+        return  # mandatory: reported at resolution if still missing
+    origin = typing.get_origin(t)
+    args = typing.get_args(t)
+    if t is typing.Any:
+        return
+    if origin is typing.Union:  # Optional[X]
+        if value is None:
+            return
+        t = next(a for a in args if a is not type(None))
+        return _check_value(value, t, full, problems)
+    if origin is typing.Literal:
+        if value not in args:
+            problems.append(f"{full}={_show(value)}: invalid choice. Valid choices: "
+                            f"{', '.join(str(a) for a in args)}.")
+        return
+    if dataclasses.is_dataclass(t):
+        if not isinstance(value, dict):
+            problems.append(f"{full}={_show(value)}: expected a mapping with keys "
+                            f"{', '.join(f.name for f in dataclasses.fields(t))}.")
+            return
+        _walk(value, t, full, problems)
+        return
+    ok = {
+        int: lambda v: isinstance(v, int) and not isinstance(v, bool),
+        float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+        bool: lambda v: isinstance(v, bool),
+        str: lambda v: isinstance(v, str),
+        list: lambda v: isinstance(v, list),
+        dict: lambda v: isinstance(v, dict),
+    }.get(origin or t)
+    if ok is not None and not ok(value):
+        tname = getattr(origin or t, "__name__", str(t))
+        problems.append(f"{full}={_show(value)}: expected {tname}, got {type(value).__name__}.")
+
+
+def format_problems(problems: list[str], title: str = "Invalid configuration") -> str:
+    lines = [f"{title} ({len(problems)} problem{'s' if len(problems) != 1 else ''}):"]
+    lines += [f"  - {p}" for p in problems]
+    lines.append("Fix the overrides above (`runx ls <group>` lists the options; `runx show` prints the config).")
+    return "\n".join(lines)
+
+
+def hydra_argv_overrides(argv: list[str]) -> list[str]:
+    """The key=value overrides in a `runx train` argv (no flags, no hydra/* internals)."""
+    out = []
+    for a in argv:
+        if a.startswith("-") or "=" not in a:
+            continue
+        key = a.lstrip("+~").partition("=")[0]
+        if key.startswith("hydra") :
+            continue
+        out.append(a)
+    return out
+
+
+def is_rank_zero() -> bool:
+    return os.environ.get("RANK", "0") == "0"

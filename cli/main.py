@@ -1,0 +1,185 @@
+"""`runx <verb> ...`: the dispatcher. Heavy libraries are imported inside the verbs that need them, so
+`runx --help` answers at once.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+USAGE = """\
+runx — an experiment runner for compute-efficient ML research (Hydra + DeepSpeed).
+
+usage: runx <verb> [hydra overrides] [options]
+
+verbs:
+  train [overrides] [-m]      run a recipe (Hydra app; -m sweeps, --cfg job prints the config)
+  ls [group]                  recipes (default) or the options of a config group
+  show [overrides]            the resolved config
+  validate [overrides] [--all]  check a config (all problems at once); --all: every recipe
+  plan [overrides]            memory needed per ZeRO config on GPU / CPU / NVMe, and what fits
+  report <dir> [--objective KEY] [--minimize]  table + plots for a run or a sweep
+  export <run_dir> [--out DIR] [--tag step_N]  HF safetensors / PEFT adapter from a checkpoint
+
+config groups: recipe model data trainer logger launcher debug experiment
+examples:
+  runx train                                  # default job: MiniLM fine-tune on stdlib_topics, CPU, ~2 min
+  runx train recipe=lora_ga trainer=zero3 optim.lr=2e-4
+  runx train -m recipe=lora optim.lr=1e-4,1e-3 seed=0,1
+  runx train recipe=sft trainer.num_procs=2 trainer=zero3
+"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(USAGE)
+        return 0
+    verb, rest = argv[0], argv[1:]
+    verbs = {"train": _train, "ls": _ls, "show": _show, "validate": _validate, "plan": _plan,
+             "report": _report, "export": _export}
+    if verb not in verbs:
+        print(f"runx: unknown verb {verb!r}. Valid verbs: {', '.join(verbs)}.\n", file=sys.stderr)
+        print(USAGE, file=sys.stderr)
+        return 2
+    try:
+        return int(verbs[verb](rest) or 0)
+    except KeyboardInterrupt:
+        print("runx: interrupted (the last complete checkpoint is kept; rerun with the same run_dir to resume)",
+              file=sys.stderr)
+        return 130
+
+
+def _fail(problems: list[str]) -> int:
+    from runx.cli.config import format_problems
+    print(format_problems(problems), file=sys.stderr)
+    return 2
+
+
+def _compose_validated(overrides: list[str]):
+    from runx.cli.config import ConfigError, compose, validate
+    try:
+        cfg = compose(overrides)
+    except ConfigError as e:
+        return None, e.problems
+    return cfg, validate(cfg)
+
+
+# ------------------------------------------------------------------------------------------ train
+def _train(rest: list[str]) -> int:
+    from runx.cli.config import _check_group_overrides, hydra_argv_overrides
+    flags = {a for a in rest if a.startswith("-")}
+    multirun = bool(flags & {"-m", "--multirun"})
+    passthrough = bool(flags & {"--cfg", "-c", "--help", "-h", "--info", "--hydra-help", "--resolve"})
+    overrides = hydra_argv_overrides(rest)
+    if not multirun and not passthrough:
+        cfg, problems = _compose_validated(overrides)  # fail fast, before any heavy import
+        if problems:
+            return _fail(problems)
+    elif multirun:
+        problems = _check_group_overrides(overrides)
+        if problems:
+            return _fail(problems)
+    from runx.cli.train import hydra_main
+    sys.argv = ["runx train"] + rest
+    try:
+        hydra_main()
+    except SystemExit as e:
+        return int(e.code or 0)
+    from runx.cli import train
+    return train.LAST_EXIT_CODE
+
+
+# ------------------------------------------------------------------------------------------ ls / show / validate
+def _ls(rest: list[str]) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from runx.cli.config import GROUPS, group_description, group_options
+    from runx.recipes import RECIPES
+    con = Console()
+    group = rest[0] if rest else "recipe"
+    if group not in GROUPS:
+        print(f"runx ls: unknown group {group!r}. Valid groups: {', '.join(GROUPS)}.", file=sys.stderr)
+        return 2
+    if group == "recipe":
+        t = Table(title="runx recipes", header_style="bold")
+        for col in ("recipe", "kind", "description", "paper"):
+            t.add_column(col)
+        for r in RECIPES.values():
+            t.add_row(r.name, r.kind, r.description, r.paper)
+    else:
+        t = Table(title=f"config group '{group}'", header_style="bold")
+        t.add_column("option")
+        t.add_column("description")
+        for opt in group_options(group):
+            t.add_row(opt, group_description(group, opt))
+    con.print(t)
+    return 0
+
+
+def _show(rest: list[str]) -> int:
+    from omegaconf import OmegaConf
+    cfg, problems = _compose_validated([a for a in rest if not a.startswith("-")])
+    if cfg is None:
+        return _fail(problems)
+    print(OmegaConf.to_yaml(cfg, resolve="--resolve" in rest))
+    if problems:
+        return _fail(problems)
+    return 0
+
+
+def _validate(rest: list[str]) -> int:
+    overrides = [a for a in rest if not a.startswith("-")]
+    if "--all" in rest:
+        from runx.cli.config import group_options
+        bad = 0
+        for name in group_options("recipe"):
+            _, problems = _compose_validated([f"recipe={name}"] + overrides)
+            print(f"{'ok ' if not problems else 'BAD'} recipe={name}")
+            for p in problems:
+                print(f"    - {p}")
+            bad += bool(problems)
+        return 2 if bad else 0
+    cfg, problems = _compose_validated(overrides)
+    if problems:
+        return _fail(problems)
+    print(f"ok: recipe={cfg.recipe.name} model={cfg.model.name} data={cfg.data.name} trainer={cfg.trainer.name}")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------ plan / report / export
+def _plan(rest: list[str]) -> int:
+    cfg, problems = _compose_validated([a for a in rest if not a.startswith("-")])
+    if problems:
+        return _fail(problems)
+    from runx.trainers.plan import plan_and_print
+    return plan_and_print(cfg, out_dir=cfg.run_dir)
+
+
+def _report(rest: list[str]) -> int:
+    import argparse
+    p = argparse.ArgumentParser(prog="runx report")
+    p.add_argument("dir")
+    p.add_argument("--objective", default=None)
+    p.add_argument("--minimize", action="store_true")
+    p.add_argument("--no-plots", action="store_true")
+    a = p.parse_args(rest)
+    from runx.cli.report import report
+    return report(a.dir, objective=a.objective, minimize=a.minimize, plots=not a.no_plots)
+
+
+def _export(rest: list[str]) -> int:
+    import argparse
+    p = argparse.ArgumentParser(prog="runx export")
+    p.add_argument("run_dir")
+    p.add_argument("--out", default=None)
+    p.add_argument("--tag", default=None, help="checkpoint tag (default: latest)")
+    a = p.parse_args(rest)
+    from runx.cli.export import export_run
+    out = export_run(a.run_dir, a.out, a.tag)
+    print(f"exported to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

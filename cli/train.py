@@ -1,0 +1,131 @@
+"""The `runx train` Hydra app and how a composed config becomes a run.
+
+The parent composes once and writes the resolved config to the run dir; with several processes it
+starts them through an existing launcher (torchrun, or the DeepSpeed launcher for hostfile multi-node),
+and each worker loads that resolved copy — one run dir, not one per rank.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger("runx")
+LAST_EXIT_CODE = 0
+
+
+def run_dir_for(cfg) -> str:
+    if cfg.get("run_dir"):
+        return os.path.abspath(os.path.expanduser(str(cfg.run_dir)))
+    from hydra.core.hydra_config import HydraConfig
+    return HydraConfig.get().runtime.output_dir
+
+
+def objective_value(result: dict, cfg) -> float | None:
+    key = cfg.get("objective") or None
+    if key is None:
+        return None
+    if key not in result:
+        raise KeyError(f"objective={key!r} is not among the run's final metrics: {sorted(result)}")
+    return float(result[key])
+
+
+@hydra.main(version_base="1.3", config_path="pkg://runx.conf", config_name="config")
+def hydra_main(cfg: DictConfig):
+    global LAST_EXIT_CODE
+    from runx.cli.config import fill_recipe_defaults, format_problems, validate
+    fill_recipe_defaults(cfg)
+    problems = validate(cfg)
+    if problems:  # multirun jobs are validated here (single runs already were, before Hydra started)
+        print(format_problems(problems), file=sys.stderr)
+        LAST_EXIT_CODE = 2
+        raise SystemExit(2)
+    run_dir = run_dir_for(cfg)
+    result = launch(cfg, run_dir)
+    return objective_value(result, cfg)
+
+
+def launch(cfg, run_dir: str) -> dict:
+    """Write the resolved config, then run in-process (1 process) or through a launcher."""
+    from runx.trainers.tracking import environment_record, save_resolved_config
+    from runx.trainers.datajob import atomic_write_json
+    os.makedirs(run_dir, exist_ok=True)
+    save_resolved_config(cfg, os.path.join(run_dir, "config.yaml"))
+    atomic_write_json(os.path.join(run_dir, "env.json"), environment_record())
+    n = int(cfg.trainer.num_procs)
+    kind = cfg.launcher.kind
+    if n <= 1 and kind == "local" or os.environ.get("RUNX_WORKER") == "1":
+        return run_job(cfg, run_dir)
+    cmd = launcher_command(cfg, run_dir)
+    log.info("launching %d processes: %s", n, " ".join(cmd))
+    env = dict(os.environ, RUNX_WORKER="1", PYTHONUNBUFFERED="1")
+    if not _has_cuda():
+        env["DS_ACCELERATOR"] = "cpu"
+    rc = subprocess.call(cmd, env=env)
+    if rc != 0:
+        raise RuntimeError(f"the {kind} launcher exited with code {rc} (logs above; run dir {run_dir})")
+    from runx.trainers.tracking import read_summary
+    return read_summary(run_dir)
+
+
+def _has_cuda() -> bool:
+    try:
+        import torch
+        return torch.cuda.is_available()
+    except Exception:
+        return False
+
+
+def launcher_command(cfg, run_dir: str) -> list[str]:
+    from runx.trainers.runtime import free_port
+    n = int(cfg.trainer.num_procs)
+    L = cfg.launcher
+    port = int(L.master_port) or free_port()
+    worker = ["runx.cli.worker", run_dir]
+    if L.kind == "deepspeed":
+        cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--master_port", str(port), "--module",
+               "--no_local_rank"]
+        if L.hostfile:
+            cmd += ["--hostfile", str(L.hostfile), "--num_nodes", str(L.num_nodes)]
+            if n > 0:
+                cmd += ["--num_gpus", str(n)]
+        else:
+            cmd += ["--num_gpus", str(n)]
+        return cmd + list(L.extra_args) + worker
+    # local / torchrun: torch.distributed.run (torchrun)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n)]
+    if int(L.num_nodes) > 1:
+        cmd += ["--nnodes", str(L.num_nodes), "--rdzv_backend", "c10d",
+                "--rdzv_endpoint", f"{L.master_addr}:{port}"]
+    else:
+        cmd += ["--master_addr", "127.0.0.1", "--master_port", str(port)]
+    return cmd + list(L.extra_args) + ["-m"] + worker
+
+
+def run_job(cfg, run_dir: str) -> dict:
+    """Run one recipe in this process (rank of a distributed world, or a world of one)."""
+    from runx.recipes import RECIPES
+    from runx.trainers.console import quiet_libraries
+    quiet_libraries()
+    info = RECIPES[cfg.recipe.name]
+    cls = info.load()
+    if info.kind == "data":
+        from runx.trainers.datajob import atomic_write_json
+        from runx.trainers.tracking import console, summary_table
+        job = cls(cfg, run_dir)
+        result = job.run(num_workers=int(cfg.recipe.get("num_workers", 1) or 1))
+        atomic_write_json(os.path.join(run_dir, "summary.json"), result)
+        flat = {k: v for k, v in result.items() if isinstance(v, (int, float, str))}
+        console().print(summary_table(f"runx {info.name} — {run_dir}", flat))
+        return result
+    from runx.trainers.deepspeed_trainer import Trainer
+    trainer = Trainer(cfg, run_dir)
+    recipe = cls(cfg, run_dir)
+    result = trainer.fit(recipe)
+    if cfg.get("export_at_end", False):
+        trainer.export(trainer.engine, recipe, os.path.join(run_dir, "export"))
+    return result

@@ -1,0 +1,42 @@
+"""`recipe:` section of `lora_ga` (LoRA-GA, Wang, Yu, Li 2024, arXiv 2407.05000).
+
+Defaults are the paper's / its reference code's (Outsider565/LoRA-GA): direction ArB2r, stable scale with
+gamma = 16, eta = alpha / sqrt(r), randomized SVD with q = 4r and 4 power iterations, and a gradient
+estimated over 128 samples (the reference's LoraGAConfig: 64 batches of 2; here 8 batches of the trainer's
+micro-batch 16 x world size).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from runx.conf.schema.baselines import LoRAConfig
+
+
+@dataclass
+class LoRAGAConfig(LoRAConfig):
+    name: str = "lora_ga"
+    # Global batches (trainer.micro_batch_size x grad_accum x world size samples each) whose mean-loss
+    # gradients are averaged into the full fine-tuning gradient estimate G.
+    grad_batches: int = 8
+    # eval: dropout off while estimating G (deterministic, the same G for any number of processes);
+    # train: dropout on, as the reference code does.
+    estimation_mode: Literal["eval", "train"] = "eval"
+    # Where the fp32 running sum of each target weight's gradient lives between batches. The device only ever
+    # holds one layer's gradient (consumed by a hook as soon as it exists); "cpu" keeps the sums in host RAM.
+    grad_accumulator: Literal["cpu", "device"] = "cpu"
+    # Which singular vectors A and B take (paper: ArB2r = A <- top-r right singular vectors, B <- left singular
+    # vectors r+1..2r). Every choice splits the top 2r indices between A and B; the others are ablations.
+    direction: Literal["ArB2r", "A2rBr", "ArBr", "random"] = "ArB2r"
+    # stable: A, B scaled by d_out^(1/4) / sqrt(gamma) (paper, Alg. 1); unit: orthonormal (ablation "+GA" only)
+    scale: Literal["stable", "unit"] = "stable"
+    stable_gamma: float = 16.0
+    # LoRA scaling eta: rslora = alpha / sqrt(r) (the paper); lora = alpha / r (peft's default, the reference
+    # fork's examples without use_rslora)
+    scaling: Literal["rslora", "lora"] = "rslora"
+    # randomized: Halko et al. range finder with q = min(4r, m, n) and `svd_niter` power iterations (the
+    # reference's torch.svd_lowrank call), seeded; exact: torch.linalg.svd
+    svd: Literal["randomized", "exact"] = "randomized"
+    svd_niter: int = 4
+    # Save the init (A0, B0) and re-apply it on resume; also written into every export.
+    save_init: bool = True

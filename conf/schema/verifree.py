@@ -1,0 +1,83 @@
+"""`recipe:` section of VeriFree (Zhou et al. 2025, arXiv 2505.21493) and its verifier-based baseline.
+
+Defaults follow the reference run (sail-sg/VeriFree run.sh on oat): G=8 samples per question, T=1,
+top-p 1, stop at "</answer>", reward R = pi(y*|x,z) (reward_source=p), RLOO baseline on the reasoning
+tokens, answer term weighted by R (sft_coef_source=reward), token-sum losses, no KL.
+Templates use the literal placeholders `{question}` and `{answer}` (no other brace is special).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+# The paper's prompt, applied by hand to a base model (apply_ours_qwen3_template).
+PAPER_PROMPT = ("<|im_start|>user\n{question}\nPlease reason step by step, and put your final answer within "
+                "<answer> \\boxed{} </answer>.<|im_end|>\n<|im_start|>assistant\n")
+# What follows the split "<answer": the reference answer patched in after the sampled reasoning.
+PAPER_ANSWER = "> \\boxed{{answer}} </answer>"
+
+
+@dataclass
+class VeriFreeConfig:
+    name: str = "verifree"
+
+    # ---- objective -------------------------------------------------------------------------------
+    # verifree: R = pi(y*|x,z) from the policy itself; verifier: sample y too, R = 1{boxed answer == y*}
+    reward: Literal["verifree", "verifier"] = "verifree"
+    # baseline b_i: rloo = mean of the other G-1 rewards; grpo = group mean (no std, = Dr. GRPO's);
+    # naive = no baseline. Applied to the reasoning tokens (verifree) or the whole response (verifier).
+    advantage: Literal["rloo", "grpo", "naive"] = "rloo"
+    # weight of the answer log-likelihood term (verifree only): reward = R_i (paper), one = 1 (JEPO/LaTRO-like),
+    # advantage = A_i (the reference code's dataclass default)
+    answer_weight: Literal["reward", "one", "advantage"] = "reward"
+    # sum: token sums per sequence (the reference); max_len: divide by max_new_tokens (Dr. GRPO)
+    loss_norm: Literal["sum", "max_len"] = "sum"
+    # k3 KL to the starting (warmed-up) policy; 0 = no reference model at all (the paper)
+    kl_coef: float = 0.0
+    # drop truncated traces from the loss instead of giving them R=0 (reference: ignore_no_eos=False)
+    ignore_truncated: bool = False
+
+    # ---- templates -------------------------------------------------------------------------------
+    prompt_template: str = PAPER_PROMPT
+    answer_template: str = PAPER_ANSWER
+    # the reasoning z ends with this string: split BEFORE the ">" of the opening tag so that
+    # tokens(z + answer) == tokens(z) + tokens(answer) (paper section 2.4)
+    answer_split: str = "<answer"
+    stop_string: str = "</answer>"
+
+    # ---- rollout ---------------------------------------------------------------------------------
+    group_size: int = 8
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 3000
+    # hf: model.generate with KV cache (works on ZeRO-3 partitioned policies); vllm: needs vllm installed
+    rollout_backend: Literal["hf", "vllm"] = "hf"
+    # at most this many sequences per generate call (0 = the whole micro-batch x G at once)
+    rollout_chunk: int = 0
+
+    # ---- log-probs -------------------------------------------------------------------------------
+    # runx.kernels.linear_logprob on final hidden states (no [tokens x vocab] logits); false = full logits
+    fused_logprob: bool = True
+    logprob_chunk: Optional[int] = None
+
+    # ---- evaluation ------------------------------------------------------------------------------
+    eval_temperature: float = 0.0     # 0 = greedy
+    eval_max_new_tokens: Optional[int] = None   # None = max_new_tokens
+
+    # ---- supervised warm-up on worked traces (cached in the run dir) -------------------------------
+    warmup_steps: int = 0             # 0 = start RL from the model as built / loaded
+    warmup_examples: int = 256        # the number of distinct worked traces it sees
+    warmup_batch_size: int = 32
+    warmup_lr: float = 1e-3
+    # where the warmed-up weights are cached: relative to the run dir, or an absolute path shared by runs
+    warmup_cache: str = "warmup"
+
+    # ---- data ------------------------------------------------------------------------------------
+    question_field: str = "question"
+    answer_field: str = "answer"
+    # the generated arithmetic task (data.kind=generated)
+    task_steps: int = 2
+    task_max_operand: int = 9
+    task_train_size: int = 4000
+    task_eval_size: int = 200
+    task_seed: int = 1234

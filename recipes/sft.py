@@ -1,0 +1,100 @@
+"""Full fine-tuning: sequence classification (cross-entropy on the label) or causal LM (next-token loss).
+
+The baseline row every method recipe is compared against. The LM loss can use the fused linear
+log-prob kernel (`recipe.fused_logprob=true`), which never materialises [tokens x vocab] logits.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from runx.recipes.text_data import (STDLIB_TOPICS, CausalLMDataset, ClassificationDataset, load_rows,
+                                    pad_collate)
+from runx.trainers.hf import count_params, load_model, load_tokenizer
+from runx.trainers.recipe import TrainingRecipe
+
+
+class SFT(TrainingRecipe):
+    throughput_unit = "tokens"
+
+    def __init__(self, cfg, run_dir):
+        super().__init__(cfg, run_dir)
+        task = cfg.recipe.task
+        self.task = task if task != "auto" else ("lm" if cfg.model.kind == "causal_lm" else "cls")
+        if self.task == "cls" and cfg.model.kind != "seq_cls":
+            raise ValueError(f"recipe.task=cls needs model.kind=seq_cls (got {cfg.model.kind})")
+        self.tokenizer = load_tokenizer(cfg.model)
+        self.num_labels = len(STDLIB_TOPICS) if cfg.data.kind == "builtin" else int(cfg.model.num_labels)
+
+    # -------------------------------------------------------------- model and data
+    def build_model(self):
+        return load_model(self.cfg.model, num_labels=self.num_labels, tokenizer=self.tokenizer)
+
+    def build_data(self):
+        d = self.cfg.data
+        train, evals = load_rows(d, int(self.cfg.seed))
+        if self.task == "cls":
+            mk = lambda rows: ClassificationDataset(rows, self.tokenizer, d.text_field, d.label_field, d.max_length)
+        else:
+            mk = lambda rows: CausalLMDataset(rows, self.tokenizer, d.text_field, d.max_length)
+        return mk(train), (mk(evals) if evals else None)
+
+    def collate(self, items):
+        return pad_collate(self.tokenizer.pad_token_id)(items)
+
+    # -------------------------------------------------------------- loss
+    def loss(self, model, batch, step):
+        if self.task == "cls":
+            out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+            loss = F.cross_entropy(out.logits.float(), batch["labels"])
+            acc = (out.logits.argmax(-1) == batch["labels"]).float().mean()
+            return loss, {"acc": float(acc)}
+        return self.lm_loss(model, batch), {}
+
+    def lm_loss(self, model, batch):
+        labels = batch["labels"][:, 1:]
+        if self.cfg.recipe.get("fused_logprob"):
+            from runx.kernels import linear_logprob
+            body = getattr(model, "module", model)
+            hidden = body.get_decoder()(input_ids=batch["input_ids"],
+                                        attention_mask=batch["attention_mask"]).last_hidden_state[:, :-1]
+            head = body.get_output_embeddings()
+            logp = linear_logprob(hidden.reshape(-1, hidden.shape[-1]), head.weight, labels.reshape(-1),
+                                  bias=head.bias)
+            return -(logp.sum() / (labels != -100).sum().clamp_min(1))
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        logits = out.logits[:, :-1].float()
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
+
+    # -------------------------------------------------------------- evaluation
+    @torch.no_grad()
+    def evaluate(self, model, loader):
+        device = next(getattr(model, "module", model).parameters()).device
+        tot_loss, tot_n, correct = 0.0, 0, 0
+        for batch in loader:
+            batch = {k: v.to(device) for k, v in batch.items()}
+            if self.task == "cls":
+                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+                tot_loss += float(F.cross_entropy(logits, batch["labels"], reduction="sum"))
+                correct += int((logits.argmax(-1) == batch["labels"]).sum())
+                tot_n += len(batch["labels"])
+            else:
+                n_tok = int((batch["labels"][:, 1:] != -100).sum())
+                tot_loss += float(self.lm_loss(model, batch)) * n_tok
+                tot_n += n_tok
+        out = {"loss": tot_loss / max(1, tot_n)}
+        if self.task == "cls":
+            out["accuracy"] = correct / max(1, tot_n)
+        else:
+            out["perplexity"] = float(torch.exp(torch.tensor(out["loss"])))
+        return out
+
+    def batch_tokens(self, batch):
+        return int(batch["attention_mask"].sum())
+
+    def flops_per_token(self, model):
+        return 6.0 * count_params(model)
+
+    def export(self, model, state_dict, out_dir):
+        super().export(model, state_dict, out_dir)
+        self.tokenizer.save_pretrained(out_dir)

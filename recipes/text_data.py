@@ -1,0 +1,156 @@
+"""Text datasets for the language recipes: the built-in stdlib_topics set, JSONL / Parquet / CSV files or
+folders of shards, and Hugging Face `datasets` (hub name or a local saved dataset).
+
+Classification rows: {text, label}. Causal-LM rows: {text} or {prompt, response} (prompt tokens masked
+out of the loss).
+"""
+from __future__ import annotations
+
+import glob
+import json
+import os
+import random
+
+ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
+STDLIB_TOPICS = ["text", "maths", "files_os", "network"]
+
+
+def _read_jsonl(path: str) -> list[dict]:
+    rows = []
+    opener = open
+    if path.endswith(".gz"):
+        import gzip
+        opener = gzip.open
+    with opener(path, "rt") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
+    return rows
+
+
+def _read_files(path: str, kind: str) -> list[dict]:
+    ext = {"jsonl": (".jsonl", ".jsonl.gz", ".json"), "parquet": (".parquet",), "csv": (".csv",)}[kind]
+    files = sorted(f for f in glob.glob(os.path.join(path, "**", "*"), recursive=True) if f.endswith(ext)) \
+        if os.path.isdir(path) else [path]
+    if not files or not all(os.path.exists(f) for f in files):
+        raise FileNotFoundError(f"data.path={path!r}: no {'/'.join(ext)} files found")
+    rows: list[dict] = []
+    for f in files:
+        if kind == "jsonl":
+            rows += _read_jsonl(f)
+        elif kind == "parquet":
+            import pyarrow.parquet as pq
+            rows += pq.read_table(f).to_pylist()
+        else:
+            import csv
+            with open(f, newline="") as fh:
+                rows += list(csv.DictReader(fh))
+    return rows
+
+
+def load_rows(dcfg, seed: int = 0) -> tuple[list[dict], list[dict]]:
+    """(train rows, eval rows) for a `data:` section."""
+    kind = dcfg.kind
+    if kind == "builtin":
+        if dcfg.name not in ("stdlib_topics", "tiny_text"):
+            raise ValueError(f"data.name={dcfg.name!r} is not a built-in text dataset "
+                             f"(valid choices: stdlib_topics, tiny_text)")
+        rows = _read_jsonl(os.path.join(ASSETS, "stdlib_topics.jsonl"))
+        train, evals = _split(rows, dcfg.val_fraction, seed=0)  # fixed split, whatever the run seed
+    elif kind in ("jsonl", "parquet", "csv"):
+        rows = _read_files(os.path.expanduser(dcfg.path), kind)
+        train, evals = _split(rows, dcfg.val_fraction, seed=0)
+    elif kind == "hf":
+        import datasets
+        src = dcfg.hf_name or dcfg.path
+        ds = datasets.load_from_disk(src) if os.path.isdir(os.path.expanduser(src)) else datasets.load_dataset(src)
+        train = list(ds[dcfg.train_split])
+        evals = list(ds[dcfg.eval_split]) if dcfg.eval_split in ds else []
+        if not evals:
+            train, evals = _split(train, dcfg.val_fraction, seed=0)
+    else:
+        raise ValueError(f"data.kind={kind!r} is not a text source (valid choices: builtin, jsonl, parquet, csv, hf)")
+    if dcfg.max_train_samples:
+        train = train[: int(dcfg.max_train_samples)]
+    if dcfg.max_eval_samples:
+        evals = evals[: int(dcfg.max_eval_samples)]
+    return train, evals
+
+
+def _split(rows, frac, seed):
+    rows = list(rows)
+    random.Random(seed).shuffle(rows)
+    n_eval = int(round(len(rows) * frac))
+    return rows[n_eval:], rows[:n_eval]
+
+
+class ClassificationDataset:
+    def __init__(self, rows, tokenizer, text_field: str, label_field: str, max_length: int):
+        missing = [i for i, r in enumerate(rows[:1000]) if text_field not in r or label_field not in r]
+        if missing:
+            raise ValueError(f"data rows need fields {text_field!r} and {label_field!r} "
+                             f"(data.text_field / data.label_field); row {missing[0]} has {sorted(rows[missing[0]])}")
+        self.labels = [r[label_field] for r in rows]
+        names = sorted({l for l in self.labels if not isinstance(l, int)})
+        if names:  # string labels -> ids, sorted for a stable mapping
+            self.label_names = names
+            self.labels = [names.index(l) for l in self.labels]
+        self.enc = tokenizer([str(r[text_field]) for r in rows], truncation=True, max_length=max_length)
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.enc["input_ids"][i], "attention_mask": self.enc["attention_mask"][i],
+                "labels": self.labels[i]}
+
+
+class CausalLMDataset:
+    """Tokenised text; with prompt/response rows the prompt is masked (-100) in the labels."""
+
+    def __init__(self, rows, tokenizer, text_field: str, max_length: int):
+        self.items = []
+        for r in rows:
+            if "prompt" in r and "response" in r:
+                p = tokenizer(r["prompt"], add_special_tokens=False)["input_ids"]
+                a = tokenizer(r["response"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+                ids, labels = p + a, [-100] * len(p) + a
+            else:
+                ids = tokenizer(str(r[text_field]), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+                labels = list(ids)
+            if tokenizer.bos_token_id is not None:
+                ids, labels = [tokenizer.bos_token_id] + ids, [-100] + labels
+            self.items.append((ids[:max_length], labels[:max_length]))
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        ids, labels = self.items[i]
+        return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels}
+
+
+def pad_collate(pad_id: int):
+    """Right-pad input_ids / attention_mask / per-token labels (-100) to the longest in the batch."""
+    import torch
+
+    def collate(items):
+        n = max(len(it["input_ids"]) for it in items)
+        out = {"input_ids": torch.full((len(items), n), pad_id, dtype=torch.long),
+               "attention_mask": torch.zeros((len(items), n), dtype=torch.long)}
+        per_token = isinstance(items[0]["labels"], list)
+        out["labels"] = torch.full((len(items), n), -100, dtype=torch.long) if per_token else \
+            torch.tensor([it["labels"] for it in items], dtype=torch.long)
+        for i, it in enumerate(items):
+            k = len(it["input_ids"])
+            out["input_ids"][i, :k] = torch.tensor(it["input_ids"])
+            out["attention_mask"][i, :k] = 1
+            if per_token:
+                out["labels"][i, :k] = torch.tensor(it["labels"])
+        return out
+
+    return collate

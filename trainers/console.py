@@ -1,0 +1,54 @@
+"""Logging that cooperates with rich: one console for log lines and progress bars, rank 0 only."""
+from __future__ import annotations
+
+import logging
+import os
+
+_CONSOLE = None
+
+
+def shared_console():
+    global _CONSOLE
+    if _CONSOLE is None:
+        from rich.console import Console
+        _CONSOLE = Console(stderr=False)
+    return _CONSOLE
+
+
+def is_rank_zero() -> bool:
+    return os.environ.get("RANK", "0") == "0"
+
+
+class RankZeroRichHandler(logging.Handler):
+    """A RichHandler on rank 0; silent on other ranks (their file logs still get every line)."""
+
+    def __init__(self, level=logging.NOTSET):
+        super().__init__(level)
+        from rich.logging import RichHandler
+        self._inner = RichHandler(console=shared_console(), show_path=False, rich_tracebacks=False,
+                                  log_time_format="[%X]")
+
+    def setFormatter(self, fmt):
+        super().setFormatter(fmt)
+        self._inner.setFormatter(fmt)
+
+    def emit(self, record):
+        if is_rank_zero():
+            self._inner.emit(record)
+
+
+def quiet_libraries() -> None:
+    """Libraries that attach their own handlers print every line twice under Hydra's root handler."""
+    for name in ["deepspeed", "DeepSpeed", "transformers", "datasets", "torch.distributed", "wandb",
+                 "distutils", "setuptools", "root.distutils"]:
+        lg = logging.getLogger(name)
+        lg.handlers.clear()
+        lg.propagate = True
+        if name not in ("transformers",):
+            lg.setLevel(logging.WARNING)
+    try:
+        import transformers
+        transformers.logging.set_verbosity_error()
+        transformers.logging.disable_default_handler()
+    except Exception:
+        pass

@@ -1,0 +1,397 @@
+"""The one trainer every training recipe runs on: a DeepSpeed engine (ZeRO 0-3, CPU / NVMe offload)
+plus the loop, evaluation, metrics, checkpoints and resume.
+
+Data order is a pure function of (seed, optimizer step): step s consumes positions [s*G, (s+1)*G) of an
+endless stream of per-epoch permutations, G = micro_batch * grad_accum * world. Each rank takes its slice
+of every micro-step. So a resumed run sees exactly the batches the uninterrupted run would have, and
+2 processes at micro-batch b see the same global batch as 1 process at micro-batch 2b.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+
+import torch
+from omegaconf import OmegaConf
+
+from runx.trainers import runtime
+from runx.trainers.datajob import atomic_write_bytes, atomic_write_json
+from runx.trainers.optim import build_optimizer, default_param_groups, lr_lambda
+from runx.trainers.tracking import MetricsLog, WandbRun, console, summary_table, write_summary
+
+log = logging.getLogger("runx.trainer")
+
+
+class StepBatchSampler(torch.utils.data.Sampler):
+    """Yields this rank's micro-batch index lists from optimizer step `start_step` on."""
+
+    def __init__(self, n: int, micro: int, accum: int, world: int, rank: int, seed: int, start_step: int,
+                 max_steps: int, shuffle: bool = True):
+        self.n, self.micro, self.accum, self.world, self.rank = n, micro, accum, world, rank
+        self.seed, self.start, self.max_steps, self.shuffle = seed, start_step, max_steps, shuffle
+        self._perms: dict[int, torch.Tensor] = {}
+
+    def _perm(self, epoch: int) -> torch.Tensor:
+        if epoch not in self._perms:
+            if self.shuffle:
+                g = torch.Generator().manual_seed(self.seed * 100003 + epoch)
+                self._perms = {epoch: torch.randperm(self.n, generator=g)}
+            else:
+                self._perms = {epoch: torch.arange(self.n)}
+        return self._perms[epoch]
+
+    def global_indices(self, step: int) -> list[int]:
+        g = self.micro * self.accum * self.world
+        out = []
+        for pos in range(step * g, (step + 1) * g):
+            out.append(int(self._perm(pos // self.n)[pos % self.n]))
+        return out
+
+    def __iter__(self):
+        for step in range(self.start, self.max_steps):
+            idx = self.global_indices(step)
+            for m in range(self.accum):
+                base = (m * self.world + self.rank) * self.micro
+                yield idx[base: base + self.micro]
+
+    def __len__(self):
+        return (self.max_steps - self.start) * self.accum
+
+
+class Trainer:
+    def __init__(self, cfg, run_dir: str):
+        self.cfg = cfg
+        self.tcfg = cfg.trainer
+        self.run_dir = run_dir
+        self.device = runtime.pick_device(self.tcfg.device)
+        self.rank, self.world_size = runtime.init_distributed(self.device)
+        self.is_main = self.rank == 0
+        self.ds_config: dict = {}
+        self.global_step = 0
+        self.recipe = None
+
+    # ---------------------------------------------------------------- DeepSpeed config
+    def build_ds_config(self, model) -> dict:
+        t = self.tcfg
+        zero: dict = {"stage": int(t.zero_stage)}
+        if t.zero_stage == 3:
+            zero.update(stage3_param_persistence_threshold=t.stage3_param_persistence_threshold,
+                        stage3_max_live_parameters=t.stage3_max_live_parameters,
+                        stage3_prefetch_bucket_size=t.stage3_prefetch_bucket_size,
+                        stage3_gather_16bit_weights_on_model_save=True)
+        pin = self.device == "cuda"
+        for kind, key in (("param", "offload_param"), ("optimizer", "offload_optimizer")):
+            dev = getattr(t, key)
+            if dev == "none":
+                continue
+            if t.zero_stage < (3 if kind == "param" else 1):
+                raise ValueError(f"trainer.{key}={dev} needs trainer.zero_stage "
+                                 f"{'3' if kind == 'param' else '>= 1'} (got {t.zero_stage})")
+            block = {"device": dev, "pin_memory": pin}
+            if dev == "nvme":
+                block["nvme_path"] = str(t.nvme_path)
+                if kind == "param":
+                    count, size = self._nvme_param_buffers(model)
+                    block.update(buffer_count=count, buffer_size=size, max_in_cpu=0)
+                else:
+                    block.update(buffer_count=4, fast_init=False)
+            zero[key] = block
+        cfg = {
+            "train_micro_batch_size_per_gpu": int(t.micro_batch_size),
+            "gradient_accumulation_steps": int(t.grad_accum),
+            "train_batch_size": int(t.micro_batch_size * t.grad_accum * self.world_size),
+            "gradient_clipping": float(t.grad_clip),
+            "steps_per_print": 10 ** 9,
+            "wall_clock_breakdown": False,
+            "zero_optimization": zero,
+            "zero_allow_untested_optimizer": True,
+            "zero_force_ds_cpu_optimizer": False,
+        }
+        if t.precision == "bf16":
+            cfg["bf16"] = {"enabled": True}
+        if "nvme" in (t.offload_param, t.offload_optimizer):
+            cfg["aio"] = {**OmegaConf.to_container(t.aio, resolve=True), "use_gds": False}
+        for k, v in OmegaConf.to_container(t.ds_overrides, resolve=True).items():
+            node = cfg
+            *parents, leaf = k.split(".")
+            for p in parents:
+                node = node.setdefault(p, {})
+            node[leaf] = v
+        return cfg
+
+    def _nvme_param_buffers(self, model) -> tuple[int, int]:
+        from runx.trainers.nvme import derive_param_buffers, param_stats
+        t = self.tcfg
+        bpe = 2 if t.precision == "bf16" else 4
+        count, size = derive_param_buffers(param_stats(model, self.world_size), bpe,
+                                           float(t.stage3_max_live_parameters), float(t.stage3_prefetch_bucket_size))
+        if t.nvme_buffer_count != "auto":
+            count = int(t.nvme_buffer_count)
+        if t.nvme_buffer_size != "auto":
+            size = int(float(t.nvme_buffer_size))
+        return count, size
+
+    def _model_context(self, recipe):
+        """ZeRO-Infinity needs the model built under zero.Init (a DeepSpeed dtype bug otherwise)."""
+        if self.tcfg.zero_stage == 3 and self.tcfg.offload_param == "nvme":
+            import deepspeed
+            from runx.trainers.nvme import check_nvme_path
+            check_nvme_path(str(self.tcfg.nvme_path), 64 * 2**20)
+            pre = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {
+                "stage": 3, "offload_param": {"device": "nvme", "nvme_path": str(self.tcfg.nvme_path),
+                                              "buffer_count": 64, "buffer_size": 2 ** 24, "max_in_cpu": 0,
+                                              "pin_memory": False}},
+                "aio": OmegaConf.to_container(self.tcfg.aio, resolve=True)}
+            if self.tcfg.precision == "bf16":
+                pre["bf16"] = {"enabled": True}
+            dtype = torch.bfloat16 if self.tcfg.precision == "bf16" else torch.float32
+            return deepspeed.zero.Init(config_dict_or_path=pre, dtype=dtype, remote_device="nvme")
+        return recipe.model_init_context(self)
+
+    # ---------------------------------------------------------------- checkpoints
+    @property
+    def ckpt_dir(self) -> str:
+        return os.path.join(self.run_dir, "ckpt")
+
+    def find_resume(self) -> tuple[str, str] | None:
+        """(checkpoint dir, tag) to resume from, per cfg.resume (auto | never | <path>)."""
+        mode = str(self.cfg.resume)
+        if mode == "never":
+            return None
+        root = self.ckpt_dir if mode == "auto" else mode
+        if os.path.isdir(os.path.join(root, "ckpt")):
+            root = os.path.join(root, "ckpt")
+        latest = os.path.join(root, "latest")
+        if os.path.exists(latest):
+            tag = open(latest).read().strip()
+            if os.path.exists(os.path.join(root, tag, "runx_complete.json")):
+                return root, tag
+        if mode != "auto":
+            raise FileNotFoundError(f"resume={mode!r}: no complete checkpoint there (expected {latest})")
+        return None
+
+    def save_checkpoint(self, engine, step: int) -> None:
+        import torch.distributed as dist
+        tag = f"step_{step}"
+        engine.save_checkpoint(self.ckpt_dir, tag=tag, client_state={"runx_step": step}, save_latest=False)
+        torch.save(runtime.rng_state(), os.path.join(self.ckpt_dir, tag, f"rng_rank{self.rank}.pt"))
+        dist.barrier()
+        if self.is_main:
+            atomic_write_json(os.path.join(self.ckpt_dir, tag, "runx_complete.json"), {"step": step})
+            atomic_write_bytes(os.path.join(self.ckpt_dir, "latest"), tag.encode())
+            tags = sorted((d for d in os.listdir(self.ckpt_dir) if d.startswith("step_")),
+                          key=lambda d: int(d.split("_")[1]))
+            for old in tags[:-max(1, int(self.tcfg.keep_last))]:
+                shutil.rmtree(os.path.join(self.ckpt_dir, old), ignore_errors=True)
+        dist.barrier()
+
+    def load_checkpoint(self, engine, root: str, tag: str) -> int:
+        _, client = engine.load_checkpoint(root, tag=tag)
+        rng = os.path.join(root, tag, f"rng_rank{self.rank}.pt")
+        if os.path.exists(rng):
+            runtime.set_rng_state(torch.load(rng, weights_only=False))
+        return int(client["runx_step"])
+
+    # ---------------------------------------------------------------- the run
+    def loader(self, dataset, recipe, start_step: int, max_steps: int, shuffle=True, seed=None):
+        t = self.tcfg
+        sampler = StepBatchSampler(len(dataset), int(t.micro_batch_size), int(t.grad_accum), self.world_size,
+                                   self.rank, int(self.cfg.seed if seed is None else seed), start_step,
+                                   max_steps, shuffle)
+        return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=recipe.collate,
+                                           num_workers=int(t.dataloader_workers),
+                                           pin_memory=self.device == "cuda",
+                                           persistent_workers=False)
+
+    def eval_loader(self, dataset, recipe, batch_size: int | None = None):
+        return torch.utils.data.DataLoader(dataset, batch_size=batch_size or int(self.tcfg.micro_batch_size),
+                                           shuffle=False, collate_fn=recipe.collate)
+
+    def train_loader_for_estimation(self, n_batches: int, batch_size: int | None = None):
+        """This rank's share of `n_batches` global batches, in the training order (for LoRA-GA's estimate)."""
+        return self.loader(self._train_ds, self.recipe, 0, n_batches)
+
+    def to_device(self, batch):
+        if isinstance(batch, torch.Tensor):
+            return batch.to(self.device, non_blocking=True)
+        if isinstance(batch, dict):
+            return {k: self.to_device(v) for k, v in batch.items()}
+        if isinstance(batch, (list, tuple)):
+            return type(batch)(self.to_device(v) for v in batch)
+        return batch
+
+    def fit(self, recipe) -> dict:
+        import deepspeed
+        import torch.distributed as dist
+
+        t = self.tcfg
+        self.recipe = recipe
+        runtime.seed_everything(int(self.cfg.seed))
+        with self._model_context(recipe):
+            model = recipe.build_model()
+        train_ds, eval_ds = recipe.build_data()
+        self._train_ds = train_ds
+        resume = self.find_resume()
+        if resume is None:
+            runtime.seed_everything(int(self.cfg.seed) + 1)
+            model = recipe.prepare(self, model)
+        self.ds_config = self.build_ds_config(model)
+        groups = recipe.param_groups(model) or default_param_groups(model, float(self.cfg.optim.weight_decay))
+        optimizer = build_optimizer(self.cfg.optim, groups)
+        max_steps = int(t.max_steps)
+        sched_fn = lr_lambda(self.cfg.optim, max_steps)
+        engine, optimizer, _, scheduler = deepspeed.initialize(
+            model=model, optimizer=optimizer, config=self.ds_config,
+            lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, sched_fn))
+        start = 0
+        if resume is not None:
+            start = self.load_checkpoint(engine, *resume)
+            log.info("resumed from %s/%s at step %d", resume[0], resume[1], start)
+        recipe.after_engine(self, engine)
+        self.global_step = start
+
+        metrics_log = MetricsLog(os.path.join(self.run_dir, "metrics.jsonl"), resume_step=start) \
+            if self.is_main else None
+        wb = WandbRun(self.cfg.logger, self.cfg, self.run_dir, os.path.basename(self.run_dir.rstrip("/"))) \
+            if self.is_main else None
+        if self.is_main and start == 0:
+            # the fresh run's initial state: a reference for comparing runs and resume
+            pass
+        loader = self.loader(train_ds, recipe, start, max_steps)
+        eval_dl = self.eval_loader(eval_ds, recipe) if eval_ds is not None else None
+        flops_per_token = recipe.flops_per_token(getattr(engine, "module", engine))
+        peak_tflops = runtime.device_peak_tflops()
+
+        progress = None
+        if self.is_main and t.progress:
+            from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                                       TimeRemainingColumn)
+            progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+                                console=console(), transient=False, refresh_per_second=4)
+            task = progress.add_task(str(self.cfg.recipe.name), total=max_steps, completed=start, info="")
+            progress.start()
+
+        engine.train()
+        last_eval: dict = {}
+        micro_in_step, acc_loss, acc_metrics, samples, tokens = 0, 0.0, {}, 0, 0
+        step_t0 = time.perf_counter()
+        t_start = time.perf_counter()
+        steps_done = 0
+        try:
+            for batch in loader:
+                if micro_in_step == 0:
+                    recipe.on_step_start(self, engine, self.global_step)
+                batch = self.to_device(batch)
+                loss, metrics = recipe.loss(engine, batch, self.global_step)
+                engine.backward(loss)
+                recipe.after_backward(self, engine, self.global_step)
+                engine.step()
+                acc_loss += float(loss.detach())
+                for k, v in metrics.items():
+                    acc_metrics[k] = acc_metrics.get(k, 0.0) + float(v)
+                samples += recipe.batch_size(batch)
+                tokens += recipe.batch_tokens(batch)
+                micro_in_step += 1
+                if micro_in_step < t.grad_accum:
+                    continue
+                # ---- an optimizer step finished
+                self.global_step += 1
+                steps_done += 1
+                micro_in_step = 0
+                if self.device == "cuda":
+                    torch.cuda.synchronize()
+                dt = time.perf_counter() - step_t0
+                red = torch.tensor([acc_loss / t.grad_accum, samples, tokens], dtype=torch.float64)
+                dist.all_reduce(red)
+                rec = {"step": self.global_step, "loss": red[0].item() / self.world_size,
+                       "lr": scheduler.get_last_lr()[0] if scheduler is not None else float(self.cfg.optim.lr),
+                       "samples_per_s": red[1].item() / dt, "step_time_s": dt}
+                gn = engine.get_global_grad_norm()
+                if gn is not None:
+                    rec["grad_norm"] = float(gn)
+                if red[2].item() > 0:
+                    rec["tokens_per_s"] = red[2].item() / dt
+                    if flops_per_token > 0:
+                        tflops = red[2].item() * flops_per_token / dt / 1e12 / self.world_size
+                        rec["model_tflops_per_gpu"] = tflops
+                        if peak_tflops:
+                            rec["mfu"] = tflops / peak_tflops
+                rec.update({k: v / t.grad_accum for k, v in acc_metrics.items()})
+                rec["peak_mem_gb"] = runtime.peak_memory_bytes(self.device) / 2**30
+                if t.eval_every and eval_dl is not None and (self.global_step % t.eval_every == 0
+                                                             or self.global_step == max_steps):
+                    engine.eval()
+                    with torch.no_grad():
+                        last_eval = {f"eval/{k}": v for k, v in recipe.evaluate(engine, eval_dl).items()}
+                    engine.train()
+                    rec.update(last_eval)
+                if self.is_main and (self.global_step % max(1, t.log_every) == 0 or last_eval):
+                    metrics_log.log(rec)
+                    wb.log(rec, self.global_step)
+                if progress is not None:
+                    progress.update(task, completed=self.global_step,
+                                    info=f"loss {rec['loss']:.4f} | {rec['samples_per_s']:.1f} samples/s")
+                if t.ckpt_every and (self.global_step % t.ckpt_every == 0 or self.global_step == max_steps):
+                    self.save_checkpoint(engine, self.global_step)
+                acc_loss, acc_metrics, samples, tokens = 0.0, {}, 0, 0
+                step_t0 = time.perf_counter()
+        finally:
+            if progress is not None:
+                progress.stop()
+        wall = time.perf_counter() - t_start
+        final = {"steps": self.global_step, "train_wall_s": wall}
+        if steps_done == 0 and eval_dl is not None:  # resumed a finished run: evaluate once more
+            engine.eval()
+            with torch.no_grad():
+                last_eval = {f"eval/{k}": v for k, v in recipe.evaluate(engine, eval_dl).items()}
+        final.update(last_eval)
+        if self.is_main:
+            hist = [r for r in _read(metrics_log.path)]
+            if hist:
+                final["final_loss"] = hist[-1]["loss"]
+                final["first_loss"] = hist[0]["loss"]
+                thr = [r["samples_per_s"] for r in hist[1:]] or [hist[0]["samples_per_s"]]
+                final["samples_per_s"] = sorted(thr)[len(thr) // 2]
+                final["peak_mem_gb"] = max(r["peak_mem_gb"] for r in hist)
+                for key in ("tokens_per_s", "model_tflops_per_gpu", "mfu"):
+                    vals = [r[key] for r in hist[1:] if key in r]
+                    if vals:
+                        final[key] = sorted(vals)[len(vals) // 2]
+        final.update(recipe.final_metrics())
+        self.engine = engine
+        if self.is_main:
+            write_summary(self.run_dir, final)
+            sync = wb.finish(final)
+            metrics_log.close()
+            console().print(summary_table(f"runx {self.cfg.recipe.name} — {self.run_dir}", final))
+            if sync:
+                console().print(f"W&B run saved offline; upload it with: [bold]{sync}[/bold]")
+        return final
+
+    # ---------------------------------------------------------------- export
+    def full_state_dict(self, engine) -> dict | None:
+        """The full fp32 state dict on rank 0 (None elsewhere), gathered from ZeRO-3 partitions if needed."""
+        module = engine.module
+        if self.tcfg.zero_stage == 3:
+            sd = engine._zero3_consolidated_16bit_state_dict()
+            return {k: v.float() for k, v in sd.items()} if sd is not None else None
+        return {k: v.detach().float().cpu().clone() for k, v in module.state_dict().items()} \
+            if self.is_main else None
+
+    def export(self, engine, recipe, out_dir: str) -> None:
+        sd = self.full_state_dict(engine)
+        if self.is_main:
+            recipe.export(engine.module, sd, out_dir)
+
+
+def _read(path):
+    import json
+    with open(path) as f:
+        for line in f:
+            try:
+                yield json.loads(line)
+            except json.JSONDecodeError:
+                pass

@@ -1,0 +1,120 @@
+"""Process set-up shared by every training run: DeepSpeed's environment, distributed init, seeds, device.
+
+Facts this encodes (shared/research/deepspeed_cpu.md): on a CPU box DeepSpeed needs RANK/LOCAL_RANK/
+WORLD_SIZE/MASTER_* or it tries MPI discovery; the shm comm op JIT-compiles for ~50 s unless disabled;
+importing torch._dynamo before zero.Init avoids a signature-mismatch TypeError; a few FutureWarnings per
+step are noise.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import random
+import socket
+import warnings
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def cuda_available() -> bool:
+    import torch
+    return torch.cuda.is_available()
+
+
+def pick_device(requested: str) -> str:
+    if requested == "auto":
+        return "cuda" if cuda_available() else "cpu"
+    if requested == "cuda" and not cuda_available():
+        raise RuntimeError("trainer.device=cuda but no CUDA device is visible (valid choices: auto, cpu, cuda)")
+    return requested
+
+
+def import_deepspeed(device: str):
+    """Import DeepSpeed quietly, with the CPU accelerator when there is no GPU and no JIT-built comm op."""
+    if device == "cpu":
+        os.environ["DS_ACCELERATOR"] = "cpu"
+    warnings.filterwarnings("ignore", category=FutureWarning,
+                            message=r".*torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor).*")
+    warnings.filterwarnings("ignore", message=r".*torch\.distributed\._(all_gather|reduce_scatter)_base.*")
+    import torch._dynamo  # noqa: F401  (must precede zero.Init)
+    import deepspeed
+    import deepspeed.ops
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    deepspeed.utils.logger.setLevel(logging.ERROR)
+    for h in deepspeed.utils.logger.handlers:
+        h.setLevel(logging.ERROR)
+    return deepspeed
+
+
+def ensure_dist_env() -> None:
+    """A single process started without a launcher: make it a world of one."""
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
+    os.environ.setdefault("LOCAL_RANK", "0")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(free_port()))
+
+
+def init_distributed(device: str):
+    ensure_dist_env()
+    import torch
+    import torch.distributed as dist
+    deepspeed = import_deepspeed(device)
+    if not dist.is_initialized():
+        backend = "nccl" if device == "cuda" else "gloo"
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
+    if device == "cuda":
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    return dist.get_rank(), dist.get_world_size()
+
+
+def seed_everything(seed: int) -> None:
+    import numpy as np
+    import torch
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict:
+    import numpy as np
+    import torch
+    st = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        st["cuda"] = torch.cuda.get_rng_state_all()
+    return st
+
+
+def set_rng_state(st: dict) -> None:
+    import numpy as np
+    import torch
+    random.setstate(st["python"])
+    np.random.set_state(st["numpy"])
+    torch.set_rng_state(st["torch"])
+    if "cuda" in st and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(st["cuda"])
+
+
+def peak_memory_bytes(device: str) -> int:
+    """Peak GPU memory allocated (CUDA) or peak resident set size of this process (CPU)."""
+    if device == "cuda":
+        import torch
+        return int(torch.cuda.max_memory_allocated())
+    import resource
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+# Dense bf16 peak TFLOPS of common accelerators, for MFU.
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0, "L4": 121.0}
+
+
+def device_peak_tflops() -> float:
+    import torch
+    if not torch.cuda.is_available():
+        return 0.0
+    name = torch.cuda.get_device_name()
+    return next((v for k, v in PEAK_TFLOPS.items() if k in name), 0.0)

@@ -1,0 +1,172 @@
+"""Where a run's results go: the run directory, metrics.jsonl, W&B, and the rich console.
+
+Run dir layout:
+  config.yaml      the resolved config (secrets redacted)   env.json     git sha, versions, host, command
+  metrics.jsonl    one JSON object per logged step          summary.json final metrics
+  ckpt/            DeepSpeed checkpoints step_N + `latest`  export/      HF / PEFT weights
+  wandb/           the W&B run (offline unless a key is set)
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import time
+
+from runx.trainers.datajob import atomic_write_bytes, atomic_write_json
+
+SECRET_KEY = re.compile(r"(api[_-]?key|token|secret|password|passwd)", re.I)
+
+
+def redact(obj):
+    if isinstance(obj, dict):
+        return {k: ("***" if SECRET_KEY.search(str(k)) and v not in (None, "") else redact(v))
+                for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [redact(v) for v in obj]
+    return obj
+
+
+def save_resolved_config(cfg, path: str) -> None:
+    from omegaconf import OmegaConf
+    data = redact(OmegaConf.to_container(cfg, resolve=True))
+    atomic_write_bytes(path, OmegaConf.to_yaml(OmegaConf.create(data)).encode())
+
+
+def environment_record() -> dict:
+    def git(*args):
+        try:
+            return subprocess.run(["git", *args], capture_output=True, text=True, timeout=5,
+                                  cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
+        except Exception:
+            return ""
+    versions = {}
+    from importlib import metadata
+    for pkg in ["runx", "torch", "deepspeed", "transformers", "peft", "accelerate", "hydra-core", "wandb",
+                "triton", "faiss-cpu", "torchvision", "datasets", "fasttext-numpy2-wheel"]:
+        try:
+            versions[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            pass
+    rec = {"git_sha": git("rev-parse", "HEAD"), "git_dirty": bool(git("status", "--porcelain")),
+           "python": sys.version.split()[0], "platform": platform.platform(), "host": platform.node(),
+           "argv": sys.argv, "versions": versions, "time": time.strftime("%Y-%m-%d %H:%M:%S")}
+    try:
+        import torch
+        if torch.cuda.is_available():
+            rec["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    except Exception:
+        pass
+    return rec
+
+
+class MetricsLog:
+    """Append-only metrics.jsonl. On resume, lines past the resumed step are dropped first."""
+
+    def __init__(self, path: str, resume_step: int | None = None):
+        self.path = path
+        if resume_step is not None and os.path.exists(path):
+            keep = []
+            with open(path) as f:
+                for line in f:
+                    try:
+                        rec = json.loads(line)
+                    except json.JSONDecodeError:
+                        continue  # a line cut by a kill
+                    if rec.get("step", 0) <= resume_step:
+                        keep.append(line if line.endswith("\n") else line + "\n")
+            atomic_write_bytes(path, "".join(keep).encode())
+        self.f = open(path, "a")
+
+    def log(self, rec: dict) -> None:
+        self.f.write(json.dumps(rec, default=float) + "\n")
+        self.f.flush()
+
+    def close(self) -> None:
+        self.f.close()
+
+
+def read_metrics(run_dir: str) -> list[dict]:
+    path = os.path.join(run_dir, "metrics.jsonl")
+    out = []
+    if os.path.exists(path):
+        with open(path) as f:
+            for line in f:
+                try:
+                    out.append(json.loads(line))
+                except json.JSONDecodeError:
+                    pass
+    return out
+
+
+class WandbRun:
+    """W&B through the wandb package. mode=auto: online iff WANDB_API_KEY is set, else offline."""
+
+    def __init__(self, lcfg, cfg, run_dir: str, run_name: str):
+        self.run = None
+        self.mode = None
+        if lcfg.backend != "wandb" or lcfg.mode == "disabled":
+            return
+        import wandb
+        from omegaconf import OmegaConf
+        mode = lcfg.mode
+        if mode == "auto":
+            mode = "online" if os.environ.get("WANDB_API_KEY") else "offline"
+        id_file = os.path.join(run_dir, "wandb_run_id.txt")
+        run_id = open(id_file).read().strip() if os.path.exists(id_file) else wandb.util.generate_id()
+        atomic_write_bytes(id_file, run_id.encode())
+        os.environ.setdefault("WANDB_SILENT", "true")
+        self.run = wandb.init(project=lcfg.project, entity=lcfg.entity, name=lcfg.name or run_name,
+                              group=lcfg.group, tags=list(lcfg.tags), mode=mode, id=run_id, resume="allow",
+                              dir=run_dir, config=redact(OmegaConf.to_container(cfg, resolve=True)),
+                              settings=wandb.Settings(silent=True, console="off"))
+        self.mode = mode
+
+    def log(self, rec: dict, step: int) -> None:
+        if self.run is not None:
+            self.run.log({k: v for k, v in rec.items() if isinstance(v, (int, float))}, step=step)
+
+    def finish(self, summary: dict) -> str | None:
+        """Returns the `wandb sync` command for offline runs."""
+        if self.run is None:
+            return None
+        for k, v in summary.items():
+            if isinstance(v, (int, float)):
+                self.run.summary[k] = v
+        run_dir = self.run.dir
+        self.run.finish()
+        if self.mode == "offline":
+            return f"wandb sync {os.path.dirname(run_dir)}"
+        return None
+
+
+def console():
+    from runx.trainers.console import shared_console
+    return shared_console()
+
+
+def summary_table(title: str, rows: dict):
+    from rich.table import Table
+    t = Table(title=title, show_header=True, header_style="bold")
+    t.add_column("metric")
+    t.add_column("value", justify="right")
+    for k, v in rows.items():
+        if isinstance(v, float):
+            v = f"{v:.4g}"
+        t.add_row(str(k), str(v))
+    return t
+
+
+def write_summary(run_dir: str, summary: dict) -> None:
+    atomic_write_json(os.path.join(run_dir, "summary.json"), summary)
+
+
+def read_summary(run_dir: str) -> dict:
+    path = os.path.join(run_dir, "summary.json")
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)
