@@ -1,0 +1,494 @@
+"""LoRA-GA: Low-Rank Adaptation with Gradient Approximation (Wang, Yu, Li 2024, arXiv 2407.05000).
+
+Vanilla LoRA trains W + eta·B·A from A ~ Kaiming, B = 0, whose first steps barely move the effective weight.
+LoRA-GA picks A0, B0 so that the first LoRA step is the best rank-2r approximation of the full fine-tuning
+step. With G = dL/dW (W in R^{m x n}, m = d_out, nn.Linear layout) one SGD step of size lr changes the
+effective weight by
+
+    d(eta·B·A) = -lr·eta²·(B0·B0ᵀ·G + G·A0ᵀ·A0) + O(lr²)                                          (paper eq. 6)
+
+and with G = U·S·Vᵀ the choice below makes the bracket c²·G_2r, G_2r = sum_{i<=2r} s_i·u_i·v_iᵀ.
+
+Algorithm (paper Alg. 1/2; `LoRAGA.prepare`, run once before the DeepSpeed engine is built):
+
+  1. G_l = mean over `grad_batches` batches of dL/dW_l at the pretrained point, for every target layer l
+     (`estimate_full_gradients`: per-weight hooks consume each gradient as soon as it exists, so at most one
+     layer's full gradient is alive; fp32 running sums; all-reduced across ranks)
+  2. U, S, V = svd(G_l), top 2r (`gradient_svd`: randomized as the reference, or exact)
+  3. A0 = V[:, :r]ᵀ · m^(1/4)/sqrt(gamma);  B0 = U[:, r:2r] · m^(1/4)/sqrt(gamma)            (Alg. 1 l. 7-8)
+  4. eta = alpha/sqrt(r);  W_l <- W_l - eta·B0·A0  in fp32, so the model's output is unchanged     (l. 10)
+  5. train as ordinary LoRA (everything else is the `lora` recipe).
+
+The LoRA layers are peft's. The base weight is shifted, so an adapter alone is not portable: the init
+(A0, B0, eta) is saved next to the run and in every export, which also writes a plain rank-2r peft adapter
+for the original base ([A_f; A0], [B_f, -B0]) and merged full weights (`export`).
+
+ZeRO-3 / offload. `prepare` runs before the engine, so with ZeRO 0-3 and CPU offload every rank holds the
+full, un-partitioned model: each rank estimates on its own share of the global batches and the per-layer
+sums are all-reduced (the same G as one process over all batches). A model already partitioned when built
+(zero.Init, e.g. NVMe parameter offload) gets DeepSpeed's own fetch/release hooks for the estimation pass
+(no optimizer, removed afterwards); the gradient hook then sees the gathered full weight's full gradient,
+and the init writes the shifted weights through GatheredParameters.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import time
+
+import torch
+import torch.distributed as dist
+
+from runx.recipes.lora import LoRA
+
+log = logging.getLogger("runx.lora_ga")
+
+ADAPTER = "default"
+INIT_DIR = "lora_ga_init"          # (A0, B0, eta) of every target layer: rebuilds the offset base
+INIT_FILE = "init.safetensors"
+INIT_META = "lora_ga_init.json"
+
+
+# ============================================================================ the target layers
+def lora_ga_targets(model) -> dict:
+    """name -> peft LoRA layer wrapping an nn.Linear (or a fan_in_fan_out Conv1D), in module order."""
+    from peft.tuners.lora import LoraLayer
+    out = {}
+    for name, module in model.named_modules():
+        if isinstance(module, LoraLayer) and ADAPTER in getattr(module, "lora_A", {}):
+            if not hasattr(module.get_base_layer(), "weight") or module.get_base_layer().weight.dim() != 2:
+                raise ValueError(f"LoRA-GA initialises linear layers only; {name!r} wraps "
+                                 f"{type(module.get_base_layer()).__name__} (recipe.target_modules)")
+            out[name] = module
+    if not out:
+        raise ValueError("LoRA-GA found no peft LoRA layer to initialise (recipe.target_modules)")
+    return out
+
+
+def _is_partitioned(p) -> bool:
+    return hasattr(p, "ds_id")
+
+
+def _gathered(params, modify: bool = False):
+    """Full tensors of ZeRO-3 partitioned params inside the block (every rank writes the same values)."""
+    params = [p for p in params if _is_partitioned(p)]
+    if not params:
+        return contextlib.nullcontext()
+    import deepspeed
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=0 if modify else None)
+
+
+def _weight_shape(p) -> tuple[int, int]:
+    return tuple(p.ds_shape) if _is_partitioned(p) else tuple(p.shape)
+
+
+# ============================================================================ 1. the full-FT gradient
+@contextlib.contextmanager
+def _zero3_fetch_hooks(model, trainer):
+    """Forward/backward of a model whose parameters are ZeRO-3 partitioned: DeepSpeed's fetch/release hooks
+    without an optimizer (DeepSpeedZeRoOffload), removed on exit."""
+    if not any(_is_partitioned(p) for p in model.parameters()):
+        yield
+        return
+    from deepspeed.runtime.config import DeepSpeedConfig
+    from deepspeed.runtime.zero.parameter_offload import DeepSpeedZeRoOffload
+    from deepspeed.utils.timer import NoopTimer
+    ds_cfg = DeepSpeedConfig({"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3}})
+    zc = ds_cfg.zero_config
+    offload = DeepSpeedZeRoOffload(model, timers=NoopTimer(), ds_config=ds_cfg,
+                                   overlap_comm=False, prefetch_bucket_size=zc.prefetch_bucket_size,
+                                   max_live_parameters=zc.max_live_parameters,
+                                   param_persistence_threshold=0, offload_param_config=zc.offload_param)
+    try:
+        yield
+    finally:
+        offload.partition_all_parameters()
+        offload.destroy()
+
+
+def estimate_full_gradients(model, weights: dict, batches, loss_fn, accumulate_on: str = "cpu",
+                            mode: str = "eval") -> tuple[dict, int]:
+    """Sum over `batches` of dL/dW for each weight in `weights` (name -> parameter), in fp32.
+
+    Only the target weights require grad during the pass (nothing else is computed or kept), and a
+    post-accumulate hook moves each weight's gradient into its fp32 running sum the moment autograd writes
+    it, then frees it: the device holds at most about one layer's full gradient at a time. Returns
+    (sums, number of batches seen); the caller averages (and all-reduces across ranks). Leaves no gradient,
+    hook or requires_grad change behind.
+    """
+    params = dict(model.named_parameters())
+    saved_flags = {n: p.requires_grad for n, p in params.items()}
+    was_training = model.training
+    sums: dict[str, torch.Tensor] = {}
+    handles = []
+
+    def consume(name):
+        def hook(p):
+            g = p.grad.detach().float()
+            if accumulate_on == "cpu":
+                g = g.cpu()
+            if name in sums:
+                sums[name].add_(g)
+            else:
+                sums[name] = g.clone()
+            p.grad = None
+        return hook
+
+    n_batches = 0
+    try:
+        for p in params.values():
+            p.requires_grad_(False)
+        for name, w in weights.items():
+            w.requires_grad_(True)
+            handles.append(w.register_post_accumulate_grad_hook(consume(name)))
+        model.train(mode == "train")
+        # LoRA paths are zero at the default init (B = 0); disabling them computes the base model exactly.
+        adapters_off = model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext()
+        with adapters_off:
+            for batch in batches:
+                loss = loss_fn(batch)
+                loss.backward()
+                n_batches += 1
+    finally:
+        for h in handles:
+            h.remove()
+        for n, p in params.items():
+            p.grad = None
+            p.requires_grad_(saved_flags[n])
+        model.train(was_training)
+    missing = [n for n in weights if n not in sums]
+    if n_batches and missing:
+        raise RuntimeError(f"LoRA-GA: no gradient reached {missing[:3]} (unused by the loss?)")
+    return sums, n_batches
+
+
+# ============================================================================ 2. SVD of G
+def _canonical_signs(U, V):
+    """Fix each singular pair's sign (largest |v_i| entry positive): the same init on any process count."""
+    idx = V.abs().argmax(dim=0)
+    s = torch.sign(V[idx, torch.arange(V.shape[1], device=V.device)])
+    s[s == 0] = 1
+    return U * s, V * s
+
+
+def gradient_svd(G: torch.Tensor, k: int, method: str = "randomized", niter: int = 4, seed: int = 0):
+    """Top-k singular triplets of G (m x n): U (m x k), S (k), V (n x k), fp32, sign-canonical.
+
+    randomized: Halko-Martinsson-Tropp range finder with q = min(2k, m, n) columns (the reference's
+    torch.svd_lowrank(q=4r)) and `niter` power iterations, with a seeded test matrix.
+    """
+    G = G.float()
+    m, n = G.shape
+    if k > min(m, n):
+        raise ValueError(f"LoRA-GA needs 2*rank <= min(d_out, d_in); a {m}x{n} layer allows rank <= "
+                         f"{min(m, n) // 2} (recipe.rank)")
+    if method == "exact":
+        U, S, Vh = torch.linalg.svd(G, full_matrices=False)
+        U, S, V = U[:, :k], S[:k], Vh[:k].T
+    elif method == "randomized":
+        q = min(2 * k, m, n)
+        gen = torch.Generator().manual_seed(seed)
+        omega = torch.randn(n, q, generator=gen).to(G.device)
+        Q = torch.linalg.qr(G @ omega).Q
+        for _ in range(niter):
+            Q = torch.linalg.qr(G @ torch.linalg.qr(G.T @ Q).Q).Q
+        Ub, S, Vh = torch.linalg.svd(Q.T @ G, full_matrices=False)
+        U, S, V = (Q @ Ub)[:, :k], S[:k], Vh[:k].T
+    else:
+        raise ValueError(f"recipe.svd={method!r}: valid choices are randomized, exact")
+    U, V = _canonical_signs(U, V)
+    return U, S, V
+
+
+# ============================================================================ 3. A0, B0
+def lora_ga_factors(U, V, r: int, direction: str = "ArB2r", scale: str = "stable", gamma: float = 16.0,
+                    seed: int = 0):
+    """(A0 [r x n], B0 [m x r]) from the top-2r singular vectors of G (U: m x 2r, V: n x 2r).
+
+    Every direction splits the top-2r indices between A and B, so B0B0ᵀG + GA0ᵀA0 = c²·G_2r for all of them;
+    ArB2r (the paper) gives A the top r.
+    """
+    if direction == "ArB2r":
+        a_idx, b_idx = torch.arange(0, r), torch.arange(r, 2 * r)
+    elif direction == "A2rBr":
+        a_idx, b_idx = torch.arange(r, 2 * r), torch.arange(0, r)
+    elif direction == "ArBr":
+        a_idx, b_idx = torch.arange(1, 2 * r, 2), torch.arange(0, 2 * r, 2)
+    elif direction == "random":
+        perm = torch.randperm(2 * r, generator=torch.Generator().manual_seed(seed))
+        a_idx, b_idx = perm[:r], perm[r:]
+    else:
+        raise ValueError(f"recipe.direction={direction!r}: valid choices are ArB2r, A2rBr, ArBr, random")
+    A = V[:, a_idx.to(V.device)].T.contiguous()
+    B = U[:, b_idx.to(U.device)].contiguous()
+    if scale == "stable":          # c = d_out^(1/4) / sqrt(gamma) on both factors (Alg. 1; issue #12: sqrt)
+        c = U.shape[0] ** 0.25 / math.sqrt(gamma)
+        A, B = A * c, B * c
+    elif scale != "unit":
+        raise ValueError(f"recipe.scale={scale!r}: valid choices are stable, unit")
+    return A, B
+
+
+# ============================================================================ 4. write the init
+@torch.no_grad()
+def apply_lora_ga_init(layer, A: torch.Tensor, B: torch.Tensor, eta: float) -> None:
+    """lora_A <- A0, lora_B <- B0, W <- W - eta·B0·A0 (fp32, then the weight's dtype)."""
+    base = layer.get_base_layer()
+    W, lA, lB = base.weight, layer.lora_A[ADAPTER].weight, layer.lora_B[ADAPTER].weight
+    fan_in_fan_out = getattr(layer, "fan_in_fan_out", False)
+    with _gathered([W, lA, lB], modify=True):
+        offset = eta * (B.float() @ A.float())
+        if fan_in_fan_out:
+            offset = offset.T
+        W.copy_((W.float() - offset.to(W.device)).to(W.dtype))
+        lA.copy_(A.to(lA.device, lA.dtype))
+        lB.copy_(B.to(lB.device, lB.dtype))
+
+
+def lora_eta(layer) -> float:
+    return float(layer.scaling[ADAPTER])
+
+
+# ============================================================================ the recipe
+class LoRAGA(LoRA):
+    """`lora` with the gradient-SVD init (above) and exports that account for the shifted base weight."""
+
+    def __init__(self, cfg, run_dir):
+        super().__init__(cfg, run_dir)
+        r = cfg.recipe
+        if int(r.grad_batches) < 1:
+            raise ValueError(f"recipe.grad_batches={r.grad_batches}: must be >= 1")
+        if float(r.stable_gamma) <= 0:
+            raise ValueError(f"recipe.stable_gamma={r.stable_gamma}: must be > 0")
+        self.timings: dict[str, float] = {}
+        self.init_stats: dict[str, float] = {}
+
+    # -------------------------------------------------------------- model
+    def peft_config(self):
+        cfg = super().peft_config()
+        cfg.use_rslora = self.cfg.recipe.scaling == "rslora"     # eta = alpha/sqrt(r) (paper)
+        return cfg
+
+    def build_model(self):
+        model = super().build_model()
+        saved = self._saved_init_dir()
+        if saved is not None:           # a resumed run: the checkpoint may not carry frozen weights
+            load_lora_ga_init(model, saved)
+            self._init_applied = True
+        return model
+
+    def _saved_init_dir(self) -> str | None:
+        """The init saved by an earlier prepare of this run (or of the run `resume=<path>` continues)."""
+        cands = [os.path.join(self.run_dir, INIT_DIR)]
+        res = str(self.cfg.get("resume", "auto"))
+        if res not in ("auto", "never"):
+            p = os.path.abspath(os.path.expanduser(res))
+            cands += [os.path.join(d, INIT_DIR) for d in (p, os.path.dirname(p), os.path.dirname(os.path.dirname(p)))]
+        for c in cands:
+            if os.path.exists(os.path.join(c, INIT_META)):
+                return c
+        return None
+
+    # -------------------------------------------------------------- the LoRA-GA init
+    def prepare(self, trainer, model):
+        if getattr(self, "_init_applied", False):
+            log.info("LoRA-GA: init re-applied from %s", self._saved_init_dir())
+            return model
+        rc = self.cfg.recipe
+        t0 = time.perf_counter()
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        targets = lora_ga_targets(model)
+        weights = {n: l.get_base_layer().weight for n, l in targets.items()}
+
+        # 1. G = mean_b dL/dW over grad_batches global batches; each rank runs its share of them
+        batches = (trainer.to_device(b) for b in trainer.train_loader_for_estimation(int(rc.grad_batches)))
+        with _zero3_fetch_hooks(model, trainer):
+            sums, n_local = estimate_full_gradients(
+                model, weights, batches, lambda b: self.loss(model, b, 0)[0],
+                accumulate_on=rc.grad_accumulator, mode=rc.estimation_mode)
+        n_total = torch.tensor([n_local], dtype=torch.float64)
+        if world > 1:
+            dist.all_reduce(n_total)
+        n_total = int(n_total.item())
+        if n_total == 0:
+            raise RuntimeError("LoRA-GA: the estimation loader yielded no batch (is the training set empty?)")
+        t1 = time.perf_counter()
+
+        # 2-4. per layer: all-reduce the sum, average, SVD, A0/B0, offset; then drop that layer's G
+        comm_device = trainer.device if str(trainer.device) != "cpu" else "cpu"
+        init_A, init_B, captured = {}, {}, []
+        r = int(rc.rank)
+        for i, (name, layer) in enumerate(targets.items()):
+            G = sums.pop(name).to(comm_device)
+            if world > 1:
+                dist.all_reduce(G)
+            G /= n_total
+            if getattr(layer, "fan_in_fan_out", False):
+                G = G.T
+            U, S, V = gradient_svd(G, 2 * r, rc.svd, int(rc.svd_niter), seed=int(self.cfg.seed) * 7919 + i)
+            A, B = lora_ga_factors(U, V, r, rc.direction, rc.scale, float(rc.stable_gamma),
+                                   seed=int(self.cfg.seed) * 7919 + i)
+            apply_lora_ga_init(layer, A, B, lora_eta(layer))
+            captured.append(float(S.square().sum().sqrt() / G.norm().clamp_min(1e-30)))
+            init_A[name], init_B[name] = A.cpu(), B.cpu()
+            del G
+        t2 = time.perf_counter()
+
+        self.timings = {"lora_ga/estimate_s": t1 - t0, "lora_ga/svd_init_s": t2 - t1, "lora_ga/init_s": t2 - t0}
+        # ||G_2r|| / ||G||: the cosine between the first LoRA-GA step and the full fine-tuning step (per layer)
+        self.init_stats = {"lora_ga/grad_energy_2r": sum(captured) / len(captured),
+                           "lora_ga/grad_batches_seen": n_total}
+        if rc.save_init and (not dist.is_initialized() or dist.get_rank() == 0):
+            save_lora_ga_init(os.path.join(self.run_dir, INIT_DIR), targets, init_A, init_B, self._meta(n_total))
+        if dist.is_initialized():
+            dist.barrier()
+        self._init_applied = True
+        log.info("LoRA-GA init: %d layers, %d batches, %.2fs (estimate %.2fs), captured %.3f of ||G||",
+                 len(targets), n_total, t2 - t0, t1 - t0, self.init_stats["lora_ga/grad_energy_2r"])
+        return model
+
+    def _meta(self, n_batches: int) -> dict:
+        rc = self.cfg.recipe
+        return {"rank": int(rc.rank), "alpha": float(rc.alpha), "scaling": rc.scaling,
+                "direction": rc.direction, "scale": rc.scale, "stable_gamma": float(rc.stable_gamma),
+                "svd": rc.svd, "grad_batches": n_batches, "base_model": str(self.cfg.model.path),
+                "seed": int(self.cfg.seed)}
+
+    def final_metrics(self) -> dict:
+        return {**super().final_metrics(), **self.timings, **self.init_stats}
+
+    # -------------------------------------------------------------- saving
+    def export(self, model, state_dict, out_dir):
+        """out_dir/
+             adapter/          peft adapter of the trained A, B (+ head): load it on the offset base
+             lora_ga_init/     A0, B0, eta per layer: offset base = original base - eta·B0·A0
+             adapter_rank2r/   plain peft LoRA for the ORIGINAL base: A' = [A; A0], B' = [B, -B0]
+             merged/           full HF weights W_init + eta·B·A (+ tokenizer): no peft needed
+        """
+        model = getattr(model, "module", model)
+        if state_dict is None:
+            state_dict = {k: v.detach().float().cpu() for k, v in model.state_dict().items()}
+        os.makedirs(out_dir, exist_ok=True)
+        super().export(model, dict(state_dict), os.path.join(out_dir, "adapter"))
+        init_dir = self._saved_init_dir()
+        if init_dir is None:
+            raise FileNotFoundError(f"LoRA-GA export needs the init saved at prepare "
+                                    f"({os.path.join(self.run_dir, INIT_DIR)}); was recipe.save_init false?")
+        export_lora_ga_init_copy(init_dir, os.path.join(out_dir, INIT_DIR))
+        export_rank2r_adapter(model, state_dict, init_dir, os.path.join(out_dir, "adapter_rank2r"))
+        export_merged(model, state_dict, os.path.join(out_dir, "merged"))
+        self.tokenizer.save_pretrained(os.path.join(out_dir, "merged"))
+        self.tokenizer.save_pretrained(os.path.join(out_dir, "adapter_rank2r"))
+
+
+# ============================================================================ init files and exports
+def save_lora_ga_init(path: str, targets: dict, A: dict, B: dict, meta: dict) -> None:
+    from safetensors.torch import save_file
+    from runx.trainers.datajob import atomic_path, atomic_write_json
+    os.makedirs(path, exist_ok=True)
+    tensors = {}
+    for name, layer in targets.items():
+        tensors[f"{name}.lora_A"] = A[name].float().contiguous()
+        tensors[f"{name}.lora_B"] = B[name].float().contiguous()
+        meta.setdefault("eta", {})[name] = lora_eta(layer)
+        meta.setdefault("fan_in_fan_out", {})[name] = bool(getattr(layer, "fan_in_fan_out", False))
+    with atomic_path(os.path.join(path, INIT_FILE)) as tmp:
+        save_file(tensors, tmp)
+    atomic_write_json(os.path.join(path, INIT_META), meta)   # written last: marks the init complete
+
+
+def read_lora_ga_init(path: str) -> tuple[dict, dict]:
+    from safetensors.torch import load_file
+    with open(os.path.join(path, INIT_META)) as f:
+        meta = json.load(f)
+    return load_file(os.path.join(path, INIT_FILE)), meta
+
+
+def load_lora_ga_init(model, path: str) -> None:
+    """Re-apply a saved init to a freshly built peft model (same targets, pristine base weights)."""
+    tensors, meta = read_lora_ga_init(path)
+    targets = lora_ga_targets(model)
+    missing = sorted(set(meta["eta"]) ^ set(targets))
+    if missing:
+        raise ValueError(f"{path}: saved LoRA-GA init does not match the model's LoRA layers ({missing[:3]} ...)")
+    for name, layer in targets.items():
+        if abs(lora_eta(layer) - meta["eta"][name]) > 1e-9 * max(1.0, abs(meta["eta"][name])):
+            raise ValueError(f"{path}: {name} was initialised with eta={meta['eta'][name]}, the model has "
+                             f"{lora_eta(layer)} (recipe.rank / alpha / scaling changed?)")
+        apply_lora_ga_init(layer, tensors[f"{name}.lora_A"], tensors[f"{name}.lora_B"], meta["eta"][name])
+
+
+def export_lora_ga_init_copy(src: str, dst: str) -> None:
+    import shutil
+    os.makedirs(dst, exist_ok=True)
+    for f in (INIT_FILE, INIT_META):
+        shutil.copyfile(os.path.join(src, f), os.path.join(dst, f))
+
+
+def _lora_key_prefixes(state_dict: dict) -> dict:
+    """peft module path -> (key of lora_A, key of lora_B) in a full peft state dict."""
+    out = {}
+    for k in state_dict:
+        if k.endswith(f".lora_A.{ADAPTER}.weight"):
+            mod = k[: -len(f".lora_A.{ADAPTER}.weight")]
+            out[mod] = (k, f"{mod}.lora_B.{ADAPTER}.weight")
+    return out
+
+
+def export_rank2r_adapter(model, state_dict: dict, init_dir: str, out_dir: str) -> None:
+    """A plain peft LoRA of rank 2r for the original base: W_pre + eta'·B'A' = W_init + eta·B·A with
+    A' = [A; A0], B' = [B, -B0] and eta' = eta (alpha' = alpha·sqrt2 under rsLoRA, 2·alpha otherwise)."""
+    import copy
+    from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import save_file
+    tensors, meta = read_lora_ga_init(init_dir)
+    # peft's saved keys ("...lora_A.weight", no adapter name) of the trained adapter and head
+    sd = get_peft_model_state_dict(model, state_dict=dict(state_dict), adapter_name=ADAPTER)
+    for mod, (ka, kb) in _lora_key_prefixes(state_dict).items():
+        if f"{mod}.lora_A" not in tensors:
+            raise KeyError(f"{init_dir}: the LoRA-GA init has no layer {mod!r}")
+        A0, B0 = tensors[f"{mod}.lora_A"], tensors[f"{mod}.lora_B"]
+        sa, sb = ka.replace(f".{ADAPTER}", ""), kb.replace(f".{ADAPTER}", "")
+        sd[sa] = torch.cat([state_dict[ka].float(), A0.float()], dim=0).contiguous()
+        sd[sb] = torch.cat([state_dict[kb].float(), -B0.float()], dim=1).contiguous()
+    cfg = copy.deepcopy(model.peft_config[ADAPTER])
+    cfg.r = 2 * int(cfg.r)
+    cfg.lora_alpha = float(cfg.lora_alpha) * (math.sqrt(2.0) if cfg.use_rslora else 2.0)
+    cfg.init_lora_weights = True
+    os.makedirs(out_dir, exist_ok=True)
+    cfg.save_pretrained(out_dir)
+    save_file({k: v.contiguous() for k, v in sd.items()}, os.path.join(out_dir, "adapter_model.safetensors"),
+              metadata={"format": "pt"})
+
+
+def export_merged(model, state_dict: dict, out_dir: str) -> None:
+    """Full HF weights of the fine-tuned model: W = W_init + eta·B·A per LoRA layer, heads from
+    modules_to_save, everything else as is."""
+    from peft.tuners.lora import LoraLayer
+    eta = {n: lora_eta(m) for n, m in model.named_modules() if isinstance(m, LoraLayer)}
+    fio = {n: bool(getattr(m, "fan_in_fan_out", False)) for n, m in model.named_modules() if isinstance(m, LoraLayer)}
+    lora = _lora_key_prefixes(state_dict)
+    merged = {}
+    for k, v in state_dict.items():
+        if ".lora_A." in k or ".lora_B." in k or ".original_module." in k or ".lora_" in k:
+            continue
+        key = k
+        if ".base_layer." in k:
+            mod, leaf = k.split(".base_layer.")
+            if leaf == "weight" and mod in lora:
+                ka, kb = lora[mod]
+                delta = eta[mod] * (state_dict[kb].float() @ state_dict[ka].float())
+                v = v.float() + (delta.T if fio[mod] else delta)
+            key = f"{mod}.{leaf}"
+        key = key.replace(f".modules_to_save.{ADAPTER}.", ".")
+        if key.startswith("base_model.model."):
+            key = key[len("base_model.model."):]
+        merged[key] = v.float().contiguous()
+    base = model.get_base_model()
+    os.makedirs(out_dir, exist_ok=True)
+    base.config.save_pretrained(out_dir)
+    from safetensors.torch import save_file
+    save_file(merged, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
