@@ -281,15 +281,23 @@ class LoRAGA(LoRA):
         return model
 
     def _saved_init_dir(self) -> str | None:
-        """The init saved by an earlier prepare of this run (or of the run `resume=<path>` continues)."""
-        cands = [os.path.join(self.run_dir, INIT_DIR)]
+        """The init saved by an earlier prepare of this run (or of the run `resume=<path>` continues), if it
+        was made with this run's settings."""
         res = str(self.cfg.get("resume", "auto"))
-        if res not in ("auto", "never"):
+        if res == "never":
+            return None
+        cands = [os.path.join(self.run_dir, INIT_DIR)]
+        if res != "auto":
             p = os.path.abspath(os.path.expanduser(res))
             cands += [os.path.join(d, INIT_DIR) for d in (p, os.path.dirname(p), os.path.dirname(os.path.dirname(p)))]
+        want = self._meta()
         for c in cands:
             if os.path.exists(os.path.join(c, INIT_META)):
-                return c
+                with open(os.path.join(c, INIT_META)) as f:
+                    meta = json.load(f)
+                if all(meta.get(k) == v for k, v in want.items()):
+                    return c
+                log.warning("LoRA-GA: ignoring %s, made with other settings", c)
         return None
 
     # -------------------------------------------------------------- the LoRA-GA init
@@ -342,7 +350,8 @@ class LoRAGA(LoRA):
         self.init_stats = {"lora_ga/grad_energy_2r": sum(captured) / len(captured),
                            "lora_ga/grad_batches_seen": n_total}
         if rc.save_init and (not dist.is_initialized() or dist.get_rank() == 0):
-            save_lora_ga_init(os.path.join(self.run_dir, INIT_DIR), targets, init_A, init_B, self._meta(n_total))
+            save_lora_ga_init(os.path.join(self.run_dir, INIT_DIR), targets, init_A, init_B,
+                              {**self._meta(), "batches_seen": n_total})
         if dist.is_initialized():
             dist.barrier()
         self._init_applied = True
@@ -350,11 +359,13 @@ class LoRAGA(LoRA):
                  len(targets), n_total, t2 - t0, t1 - t0, self.init_stats["lora_ga/grad_energy_2r"])
         return model
 
-    def _meta(self, n_batches: int) -> dict:
+    def _meta(self) -> dict:
+        """What the init depends on (besides the data): a saved init is reused only if all of it matches."""
         rc = self.cfg.recipe
         return {"rank": int(rc.rank), "alpha": float(rc.alpha), "scaling": rc.scaling,
                 "direction": rc.direction, "scale": rc.scale, "stable_gamma": float(rc.stable_gamma),
-                "svd": rc.svd, "grad_batches": n_batches, "base_model": str(self.cfg.model.path),
+                "svd": rc.svd, "svd_niter": int(rc.svd_niter), "grad_batches": int(rc.grad_batches),
+                "estimation_mode": rc.estimation_mode, "base_model": str(self.cfg.model.path),
                 "seed": int(self.cfg.seed)}
 
     def final_metrics(self) -> dict:
