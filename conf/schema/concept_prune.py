@@ -69,7 +69,7 @@ class ConceptPruneConfig:
     # ---- embedded default (input=digits) ----------------------------------------------------
     dup_fraction: float = 0.4        # fraction of train points that get copies
     max_copies: int = 20             # copies per duplicated point, heavy-tailed in [1, max_copies]
-    dup_noise: float = 0.05          # pixel jitter of a copy (pixels are 0..16)
+    dup_noise: float = 0.2           # pixel jitter of a copy (pixels are 0..16)
     embed_dim: int = 32              # PCA dimensions of the digits embedding
     eval_fractions: list = field(default_factory=lambda: [0.2, 0.4, 0.6, 0.8])
 
