@@ -55,6 +55,7 @@ def launch(cfg, run_dir: str) -> dict:
     from runx.trainers.datajob import atomic_write_json
     os.makedirs(run_dir, exist_ok=True)
     save_resolved_config(cfg, os.path.join(run_dir, "config.yaml"))
+    save_resolved_config(cfg, os.path.join(run_dir, ".runx", "job.yaml"), redacted=False)
     atomic_write_json(os.path.join(run_dir, "env.json"), environment_record())
     n = int(cfg.trainer.num_procs)
     kind = cfg.launcher.kind

@@ -14,7 +14,7 @@ def main() -> int:
     from runx.trainers.console import RankZeroRichHandler
     import logging
     logging.basicConfig(level=logging.INFO, handlers=[RankZeroRichHandler()], format="%(message)s")
-    cfg = OmegaConf.load(os.path.join(run_dir, "config.yaml"))
+    cfg = OmegaConf.load(os.path.join(run_dir, ".runx", "job.yaml"))
     run_job(cfg, run_dir)
     return 0
 

@@ -33,6 +33,31 @@ class LoRA(SFT):
         return get_peft_model(model, cfg)
 
     def export(self, model, state_dict, out_dir):
-        """A PEFT adapter folder (adapter_config.json + adapter_model.safetensors) + the tokenizer."""
+        """A PEFT adapter folder (adapter_config.json + adapter_model.safetensors) + the tokenizer.
+
+        A base model built from a config (no checkpoint to point at) is saved beside it in `base/`,
+        and the adapter's base_model_name_or_path points there, so the folder loads on its own."""
+        import json
+        import os
         model.save_pretrained(out_dir, state_dict=state_dict, safe_serialization=True)
         self.tokenizer.save_pretrained(out_dir)
+        if self.cfg.model.get("from_config"):
+            base_dir = os.path.abspath(os.path.join(out_dir, "base"))
+            base_sd = base_state_dict(state_dict)
+            base = SFT.build_model(self)
+            base.save_pretrained(base_dir, state_dict=base_sd, safe_serialization=True)
+            conf_path = os.path.join(out_dir, "adapter_config.json")
+            conf = json.load(open(conf_path))
+            conf["base_model_name_or_path"] = base_dir
+            json.dump(conf, open(conf_path, "w"), indent=2)
+
+
+def base_state_dict(peft_state_dict: dict) -> dict:
+    """The frozen base model's weights inside a PeftModel state dict, under the base model's own names."""
+    out = {}
+    for k, v in peft_state_dict.items():
+        if "lora_" in k or ".modules_to_save." in k:
+            continue
+        k = k.removeprefix("base_model.model.").replace(".base_layer.", ".").replace(".original_module.", ".")
+        out[k] = v
+    return out

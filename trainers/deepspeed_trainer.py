@@ -190,8 +190,7 @@ class Trainer:
     def load_checkpoint(self, engine, root: str, tag: str) -> int:
         _, client = engine.load_checkpoint(root, tag=tag)
         rng = os.path.join(root, tag, f"rng_rank{self.rank}.pt")
-        if os.path.exists(rng):
-            runtime.set_rng_state(torch.load(rng, weights_only=False))
+        self._pending_rng = torch.load(rng, weights_only=False) if os.path.exists(rng) else None
         return int(client["runx_step"])
 
     # ---------------------------------------------------------------- the run
@@ -280,8 +279,12 @@ class Trainer:
         step_t0 = time.perf_counter()
         t_start = time.perf_counter()
         steps_done = 0
+        batches = iter(loader)  # creating the iterator draws from the global RNG: do it before restoring it
+        if getattr(self, "_pending_rng", None) is not None:
+            runtime.set_rng_state(self._pending_rng)
+            self._pending_rng = None
         try:
-            for batch in loader:
+            for batch in batches:
                 if micro_in_step == 0:
                     recipe.on_step_start(self, engine, self.global_step)
                 batch = self.to_device(batch)
@@ -336,6 +339,8 @@ class Trainer:
                                     info=f"loss {rec['loss']:.4f} | {rec['samples_per_s']:.1f} samples/s")
                 if t.ckpt_every and (self.global_step % t.ckpt_every == 0 or self.global_step == max_steps):
                     self.save_checkpoint(engine, self.global_step)
+                if os.environ.get("RUNX_CRASH_AFTER_STEP") == str(self.global_step):
+                    os._exit(17)  # a hard kill at a known point, for resume tests (no cleanup runs)
                 acc_loss, acc_metrics, samples, tokens = 0.0, {}, 0, 0
                 step_t0 = time.perf_counter()
         finally:

@@ -18,7 +18,7 @@ import time
 
 from runx.trainers.datajob import atomic_write_bytes, atomic_write_json
 
-SECRET_KEY = re.compile(r"(api[_-]?key|token|secret|password|passwd)", re.I)
+SECRET_KEY = re.compile(r"(api[_-]?key|(^|_)token$|secret|password|passwd)", re.I)
 
 
 def redact(obj):
@@ -30,10 +30,13 @@ def redact(obj):
     return obj
 
 
-def save_resolved_config(cfg, path: str) -> None:
+def save_resolved_config(cfg, path: str, redacted: bool = True) -> None:
+    """The resolved config; redacted for the run dir, unredacted (mode 0600) for worker processes."""
     from omegaconf import OmegaConf
-    data = redact(OmegaConf.to_container(cfg, resolve=True))
-    atomic_write_bytes(path, OmegaConf.to_yaml(OmegaConf.create(data)).encode())
+    data = OmegaConf.to_container(cfg, resolve=True)
+    atomic_write_bytes(path, OmegaConf.to_yaml(OmegaConf.create(redact(data) if redacted else data)).encode())
+    if not redacted:
+        os.chmod(path, 0o600)
 
 
 def environment_record() -> dict:

@@ -1,0 +1,40 @@
+"""Shared test helpers: run the CLI in a subprocess with an offline, CPU-only environment."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+OFFLINE_ENV = {
+    "DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+    "WANDB_MODE": "offline", "WANDB_SILENT": "true", "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false",
+}
+os.environ.update(OFFLINE_ENV)
+
+
+def run_cli(args: list[str], timeout: int = 600, env: dict | None = None, check: bool = True):
+    e = dict(os.environ, **OFFLINE_ENV, **(env or {}))
+    e.pop("RANK", None), e.pop("WORLD_SIZE", None), e.pop("LOCAL_RANK", None), e.pop("MASTER_PORT", None)
+    p = subprocess.run([sys.executable, "-m", "runx.cli.main", *args], capture_output=True, text=True,
+                       timeout=timeout, env=e)
+    if check and p.returncode != 0:
+        raise AssertionError(f"runx {' '.join(args)} exited {p.returncode}\n--- stdout\n{p.stdout[-4000:]}"
+                             f"\n--- stderr\n{p.stderr[-6000:]}")
+    return p
+
+
+def read_metrics(run_dir) -> list[dict]:
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return [json.loads(l) for l in f if l.strip()]
+
+
+def losses(run_dir) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in read_metrics(run_dir)}
+
+
+@pytest.fixture
+def runx():
+    return run_cli

@@ -1,0 +1,111 @@
+"""The DeepSpeed trainer on CPU: learning, ZeRO-3 across processes, exact resume, offload parity, export."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import losses, read_metrics, run_cli
+
+TINY = ["model=tiny_bert", "logger=none", "trainer.progress=false", "optim.lr=1e-3", "optim.warmup_ratio=0",
+        "data.max_train_samples=256", "data.max_eval_samples=64", "trainer.eval_every=0"]
+NO_DROPOUT = ["++model.from_config.hidden_dropout_prob=0.0", "++model.from_config.attention_probs_dropout_prob=0.0"]
+
+
+def test_default_job_learns(tmp_path):
+    """The embedded default (pretrained MiniLM, stdlib_topics) — loss falls and held-out accuracy beats chance."""
+    run = tmp_path / "run"
+    run_cli(["train", f"run_dir={run}", "trainer.max_steps=24", "trainer.eval_every=24", "trainer.ckpt_every=0",
+             "optim.lr=1e-4", "logger=none", "trainer.progress=false"])
+    m = read_metrics(run)
+    first = sum(r["loss"] for r in m[:4]) / 4
+    last = sum(r["loss"] for r in m[-4:]) / 4
+    assert last < first - 0.1, (first, last)
+    summary = json.load(open(run / "summary.json"))
+    assert summary["eval/accuracy"] > 0.4  # 4 balanced-ish classes: chance ~0.33 (majority class)
+    cfg = open(run / "config.yaml").read()
+    assert "recipe:" in cfg and (run / "env.json").exists()
+
+
+def test_zero3_two_processes_match_one(tmp_path):
+    """ZeRO-3 over 2 CPU processes (torchrun, gloo) == 1 process with the same global batch (fp32)."""
+    common = TINY + NO_DROPOUT + ["trainer=zero3", "trainer.max_steps=5", "trainer.ckpt_every=0"]
+    run_cli(["train", f"run_dir={tmp_path / 'one'}", "trainer.micro_batch_size=8", *common])
+    run_cli(["train", f"run_dir={tmp_path / 'two'}", "trainer.micro_batch_size=4", "trainer.num_procs=2", *common])
+    a, b = losses(tmp_path / "one"), losses(tmp_path / "two")
+    assert sorted(a) == sorted(b) == [1, 2, 3, 4, 5]
+    for s in a:
+        assert abs(a[s] - b[s]) <= 1e-4 * abs(a[s]), (s, a[s], b[s])
+    assert a[5] < a[1]
+    # one run dir, written by rank 0 only
+    assert len(read_metrics(tmp_path / "two")) == 5
+
+
+def test_killed_run_resumes_exactly(tmp_path):
+    """Kill after a checkpoint, rerun the same command: later losses equal the uninterrupted run's (dropout on,
+    so RNG state, data order and LR schedule must all be restored)."""
+    common = TINY + ["trainer=zero3", "trainer.max_steps=8", "trainer.ckpt_every=3", "trainer.micro_batch_size=8",
+                     "optim.scheduler=cosine", "optim.warmup_steps=2"]
+    run_cli(["train", f"run_dir={tmp_path / 'full'}", *common])
+    killed = run_cli(["train", f"run_dir={tmp_path / 'cut'}", *common], env={"RUNX_CRASH_AFTER_STEP": "4"},
+                     check=False)
+    assert killed.returncode != 0
+    assert open(tmp_path / "cut" / "ckpt" / "latest").read() == "step_3"
+    run_cli(["train", f"run_dir={tmp_path / 'cut'}", *common])  # resume=auto
+    a, b = losses(tmp_path / "full"), losses(tmp_path / "cut")
+    assert sorted(b) == list(range(1, 9))
+    for s in range(4, 9):
+        assert a[s] == b[s], (s, a[s], b[s])
+    # keep-last-K: only the 2 newest checkpoints remain
+    assert sorted(d for d in os.listdir(tmp_path / "cut" / "ckpt") if d.startswith("step_")) == ["step_6", "step_8"]
+
+
+@pytest.mark.parametrize("trainer", ["zero3_cpu_offload"])
+def test_cpu_offload_matches_zero3(tmp_path, trainer):
+    common = TINY + NO_DROPOUT + ["trainer.max_steps=5", "trainer.ckpt_every=0", "trainer.micro_batch_size=8"]
+    run_cli(["train", f"run_dir={tmp_path / 'z3'}", "trainer=zero3", *common])
+    run_cli(["train", f"run_dir={tmp_path / 'off'}", f"trainer={trainer}", *common])
+    a, b = losses(tmp_path / "z3"), losses(tmp_path / "off")
+    for s in range(1, 6):
+        assert abs(a[s] - b[s]) <= 1e-3 * abs(a[s]), (s, a[s], b[s])
+
+
+EXPORT_CHECK = r"""
+import sys, json, torch
+from omegaconf import OmegaConf
+import runx.conf
+from runx.cli.config import compose
+from runx.recipes import RECIPES
+from runx.trainers.deepspeed_trainer import Trainer
+run_dir, recipe_name = sys.argv[1], sys.argv[2]
+cfg = compose(sys.argv[3:] + [f"run_dir={run_dir}", f"recipe={recipe_name}"])
+from runx.cli.train import launch
+launch(cfg, run_dir)
+"""
+
+
+@pytest.mark.parametrize("recipe,zero", [("sft", "zero3"), ("lora", "zero2")])
+def test_export_gives_engine_logits(tmp_path, recipe, zero):
+    """`runx export` of a ZeRO checkpoint loads with transformers / peft and gives the trained engine's logits."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    run = tmp_path / "run"
+    run_cli(["train", f"recipe={recipe}", f"trainer={zero}", f"run_dir={run}", "trainer.max_steps=3",
+             "trainer.ckpt_every=3", "export_at_end=true", *TINY])
+    out = tmp_path / "exported"
+    run_cli(["export", str(run), "--out", str(out)])
+    tok = AutoTokenizer.from_pretrained(out)
+    batch = tok(["Return the absolute value of x.", "Open a socket to host."], return_tensors="pt", padding=True)
+    def load(folder):
+        if recipe == "lora":
+            from peft import AutoPeftModelForSequenceClassification
+            return AutoPeftModelForSequenceClassification.from_pretrained(folder).eval()
+        return AutoModelForSequenceClassification.from_pretrained(folder).eval()
+    with torch.no_grad():
+        from_ckpt = load(out)(**batch).logits
+        from_engine = load(run / "export")(**batch).logits  # written in-process from the live engine
+    assert torch.allclose(from_ckpt, from_engine, atol=1e-5), (from_ckpt, from_engine)
+    assert from_ckpt.abs().sum() > 0
