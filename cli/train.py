@@ -57,6 +57,9 @@ def launch(cfg, run_dir: str) -> dict:
     save_resolved_config(cfg, os.path.join(run_dir, "config.yaml"))
     save_resolved_config(cfg, os.path.join(run_dir, ".runx", "job.yaml"), redacted=False)
     atomic_write_json(os.path.join(run_dir, "env.json"), environment_record())
+    if cfg.plan.check and RECIPES_KIND(cfg) == "train" and os.environ.get("RUNX_WORKER") != "1":
+        from runx.trainers.plan import check_fits
+        check_fits(cfg)  # stops with a clear message when the config cannot fit this machine
     n = int(cfg.trainer.num_procs)
     kind = cfg.launcher.kind
     if n <= 1 and kind == "local" or os.environ.get("RUNX_WORKER") == "1":
@@ -71,6 +74,11 @@ def launch(cfg, run_dir: str) -> dict:
         raise RuntimeError(f"the {kind} launcher exited with code {rc} (logs above; run dir {run_dir})")
     from runx.trainers.tracking import read_summary
     return read_summary(run_dir)
+
+
+def RECIPES_KIND(cfg) -> str:
+    from runx.recipes import RECIPES
+    return RECIPES[cfg.recipe.name].kind
 
 
 def _has_cuda() -> bool:

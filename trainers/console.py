@@ -33,6 +33,10 @@ class RankZeroRichHandler(logging.Handler):
         self._inner.setFormatter(fmt)
 
     def emit(self, record):
+        # DeepSpeed's op-compatibility probes compile test programs through distutils, which logs each
+        # gcc command line on the root logger: noise for a user.
+        if "distutils" in record.pathname or "_distutils" in record.pathname:
+            return
         if is_rank_zero():
             self._inner.emit(record)
 

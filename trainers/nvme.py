@@ -71,3 +71,31 @@ def nvme_bytes_needed(n_params: int, offload_param: bool, offload_optimizer: boo
     if offload_optimizer:
         need += n_params * 4 * 3  # fp32 master, exp_avg, exp_avg_sq
     return int(need * 1.1) + 64 * MIN_AIO_BYTES
+
+
+def build_async_io() -> bool:
+    """JIT-build (or load the cached) DeepSpeed async_io op; True when it loads."""
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    from deepspeed.ops.op_builder import AsyncIOBuilder
+    builder = AsyncIOBuilder()
+    if not builder.is_compatible(verbose=False):
+        return False
+    builder.load(verbose=False)
+    return True
+
+
+def aio_available() -> bool:
+    try:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        from deepspeed.ops.op_builder import AsyncIOBuilder
+        return AsyncIOBuilder().is_compatible(verbose=False)
+    except Exception:
+        return False
+
+
+if __name__ == "__main__":
+    import sys
+    if "--build-aio" in sys.argv:
+        ok = build_async_io()
+        print("async_io", "ready" if ok else "NOT compatible (install libaio-dev)")
+        sys.exit(0 if ok else 1)

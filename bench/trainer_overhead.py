@@ -1,0 +1,139 @@
+"""runx's training step vs a plain `deepspeed.initialize` loop: identical DeepSpeed config, model, batches, seed.
+
+Both run in this process, alternating A/B rounds; each round builds a fresh engine and times N steps.
+The ratio is median(raw step time) / median(runx step time): >= 0.98 means runx adds <= 2%.
+
+    python bench/trainer_overhead.py --quick                         # CPU: tiny Llama, ZeRO-0 and ZeRO-3
+    python bench/trainer_overhead.py --device cuda --trainers zero3,zero3_cpu_offload,zero3_nvme --model gpu_llama
+Writes bench/results/trainer_overhead.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+GPU_LLAMA = [  # ~0.3B Llama built from a config (no download), bf16
+    "model=tiny_llama", "++model.from_config.hidden_size=1024", "++model.from_config.intermediate_size=2816",
+    "++model.from_config.num_hidden_layers=16", "++model.from_config.num_attention_heads=16",
+    "++model.from_config.num_key_value_heads=16", "++model.from_config.vocab_size=32000",
+    "++model.from_config.max_position_embeddings=1024", "model.path=builtin:bytes", "trainer.precision=bf16",
+]
+
+
+def compose(overrides):
+    import runx.conf  # noqa: F401
+    from runx.cli.config import compose as c
+    return c(overrides)
+
+
+def runx_round(cfg, run_dir):
+    from runx.recipes.sft import SFT
+    from runx.trainers.deepspeed_trainer import Trainer
+    tr = Trainer(cfg, run_dir)
+    tr.fit(SFT(cfg, run_dir))
+    from runx.trainers.tracking import read_metrics
+    return [r["step_time_s"] for r in read_metrics(run_dir)]
+
+
+def raw_round(cfg, ds_config):
+    """The plain DeepSpeed loop a user would write: same model, config, optimizer, batches."""
+    import deepspeed
+    import torch
+    from runx.recipes.sft import SFT
+    from runx.trainers import runtime
+    from runx.trainers.optim import build_optimizer, default_param_groups, lr_lambda
+    runtime.seed_everything(int(cfg.seed))
+    recipe = SFT(cfg, tempfile.mkdtemp())
+    model = recipe.build_model()
+    train, _ = recipe.build_data()
+    opt = build_optimizer(cfg.optim, default_param_groups(model, float(cfg.optim.weight_decay)))
+    fn = lr_lambda(cfg.optim, int(cfg.trainer.max_steps))
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=ds_config,
+                                           lr_scheduler=lambda o: torch.optim.lr_scheduler.LambdaLR(o, fn))
+    g = torch.Generator().manual_seed(int(cfg.seed))
+    loader = torch.utils.data.DataLoader(train, batch_size=int(cfg.trainer.micro_batch_size), shuffle=True,
+                                         generator=g, collate_fn=recipe.collate, drop_last=True)
+    dev = "cuda" if torch.cuda.is_available() and cfg.trainer.device != "cpu" else "cpu"
+    times, it = [], iter(loader)
+    for _ in range(int(cfg.trainer.max_steps)):
+        t0 = time.perf_counter()
+        for _m in range(int(cfg.trainer.grad_accum)):
+            try:
+                batch = next(it)
+            except StopIteration:
+                it = iter(loader)
+                batch = next(it)
+            batch = {k: v.to(dev) for k, v in batch.items()}
+            out = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+            logits = out.logits[:, :-1].float()
+            loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                                     batch["labels"][:, 1:].reshape(-1), ignore_index=-100)
+            engine.backward(loss)
+            engine.step()
+        if dev == "cuda":
+            torch.cuda.synchronize()
+        float(loss)
+        times.append(time.perf_counter() - t0)
+    engine.destroy()
+    return times
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--trainers", default="zero0,zero3")
+    ap.add_argument("--model", default="tiny", choices=["tiny", "llama_m", "gpu_llama"])
+    ap.add_argument("--rounds", type=int, default=None)
+    ap.add_argument("--steps", type=int, default=None)
+    ap.add_argument("--out", default=os.path.join(HERE, "results", "trainer_overhead.json"))
+    a = ap.parse_args()
+    rounds = a.rounds or (2 if a.quick else 3)
+    steps = a.steps or (12 if a.quick else 25)
+    if a.device == "cpu":
+        os.environ["DS_ACCELERATOR"] = "cpu"
+    model = {"tiny": ["model=tiny_llama"], "llama_m": ["model=llama_m"], "gpu_llama": GPU_LLAMA}[a.model]
+    rows = []
+    for trainer in a.trainers.split(","):
+        base = ["recipe=sft", "data=tiny_text", f"trainer={trainer}", f"trainer.device={a.device}", *model,
+                f"trainer.max_steps={steps}", "trainer.ckpt_every=0", "trainer.eval_every=0", "logger=none",
+                "trainer.progress=false", "trainer.micro_batch_size=8", "data.max_length=128",
+                f"trainer.nvme_path={tempfile.mkdtemp(prefix='runx_nvme_')}"]
+        if a.device == "cuda" and a.model == "gpu_llama":
+            base += ["trainer.micro_batch_size=8", "data.max_length=512"]
+        from runx.trainers.deepspeed_trainer import Trainer
+        A, B = [], []
+        for r in range(rounds):
+            run_dir = tempfile.mkdtemp(prefix="runx_bench_")
+            cfg = compose(base + [f"run_dir={run_dir}"])
+            A += runx_round(cfg, run_dir)[2:]  # drop warm-up steps
+            tr = Trainer(cfg, run_dir)  # same config builder -> identical DeepSpeed config
+            from runx.recipes.sft import SFT
+            m = SFT(cfg, run_dir).build_model()
+            ds_config = tr.build_ds_config(m)
+            del m
+            B += raw_round(cfg, ds_config)[2:]
+        ra, rb = statistics.median(A), statistics.median(B)
+        row = {"trainer": trainer, "device": a.device, "model": a.model, "steps_per_round": steps, "rounds": rounds,
+               "runx_step_s": ra, "raw_deepspeed_step_s": rb, "throughput_ratio_runx_over_raw": rb / ra}
+        rows.append(row)
+        print(f"{trainer:>18}  runx {ra*1e3:8.1f} ms/step   raw DeepSpeed {rb*1e3:8.1f} ms/step   ratio {rb/ra:.3f}",
+              flush=True)
+    os.makedirs(os.path.dirname(a.out), exist_ok=True)
+    prev = {}
+    if os.path.exists(a.out):
+        prev = json.load(open(a.out))
+    prev[a.device] = {"rows": rows, "target": ">= 0.98", "time": time.strftime("%Y-%m-%d %H:%M:%S")}
+    json.dump(prev, open(a.out, "w"), indent=2)
+    print(f"wrote {a.out}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,134 @@
+"""`runx report <dir>`: one table for a run or a whole sweep, plus PNG plots.
+
+A run dir holds config.yaml + summary.json + metrics.jsonl; a sweep dir holds run dirs (one per job).
+The table shows the config keys that differ between runs and the final metrics, sorted by the objective.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+
+def find_runs(root: str) -> list[str]:
+    runs = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        if "config.yaml" in filenames and ("summary.json" in filenames or "metrics.jsonl" in filenames):
+            runs.append(dirpath)
+            dirnames[:] = []  # a run's own subfolders are not runs
+        else:
+            dirnames[:] = sorted(d for d in dirnames if d not in ("ckpt", "wandb", "export", ".hydra", ".runx"))
+    return sorted(runs, key=lambda p: (len(p), p))
+
+
+def _flatten(d, prefix=""):
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def collect(root: str) -> tuple[list[dict], list[str]]:
+    """Rows of {run, config..., metrics...} and the config keys that differ across runs."""
+    from omegaconf import OmegaConf
+
+    from runx.trainers.tracking import read_metrics, read_summary
+    rows, configs = [], []
+    for run in find_runs(root):
+        cfg = _flatten(OmegaConf.to_container(OmegaConf.load(os.path.join(run, "config.yaml"))))
+        summary = read_summary(run)
+        if not summary:  # a run that did not finish: its last logged metrics
+            hist = read_metrics(run)
+            summary = {k: v for k, v in (hist[-1] if hist else {}).items()}
+            summary["unfinished"] = 1
+        rows.append({"run": os.path.relpath(run, root) or ".", "_cfg": cfg, "_path": run, **summary})
+        configs.append(cfg)
+    keys = sorted({k for c in configs for k in c})
+    varying = [k for k in keys if len({json.dumps(c.get(k), sort_keys=True, default=str) for c in configs}) > 1
+               and not k.startswith(("run_dir", "trainer.nvme_path"))]
+    return rows, varying
+
+
+def report(root: str, objective: str | None = None, minimize: bool = False, plots: bool = True) -> int:
+    from rich.console import Console
+    from rich.table import Table
+    rows, varying = collect(root)
+    if not rows:
+        print(f"runx report: no runs under {root} (a run dir has config.yaml and summary.json)")
+        return 1
+    metric_keys = sorted({k for r in rows for k, v in r.items() if not k.startswith("_") and k != "run"
+                          and isinstance(v, (int, float))})
+    if objective is None:
+        objective = next((k for k in ("eval/accuracy", "eval/loss", "final_loss") if k in metric_keys), None)
+        minimize = objective != "eval/accuracy" if objective else minimize
+    if objective:
+        missing = float("inf") if minimize else float("-inf")
+        rows.sort(key=lambda r: r.get(objective, missing), reverse=not minimize)
+    shown = [k for k in metric_keys if k in (objective,) or k in ("final_loss", "eval/loss", "eval/accuracy", "steps",
+                                                                   "samples_per_s", "train_wall_s", "peak_mem_gb")]
+    t = Table(title=f"runx report — {root} ({len(rows)} run{'s' if len(rows) != 1 else ''})", header_style="bold")
+    t.add_column("run")
+    for k in varying:
+        t.add_column(k)
+    for k in shown:
+        t.add_column(k + (" ↓" if k == objective and minimize else " ↑" if k == objective else ""), justify="right")
+    for r in rows:
+        cells = [r["run"]] + [str(r["_cfg"].get(k)) for k in varying]
+        cells += [f"{r[k]:.4g}" if isinstance(r.get(k), float) else str(r.get(k, "")) for k in shown]
+        t.add_row(*cells)
+    Console().print(t)
+    table_rows = [{"run": r["run"], **{k: r["_cfg"].get(k) for k in varying},
+                   **{k: r.get(k) for k in metric_keys}} for r in rows]
+    with open(os.path.join(root, "report.json"), "w") as f:
+        json.dump({"objective": objective, "minimize": minimize, "varying": varying, "rows": table_rows}, f,
+                  indent=2, default=str)
+    if plots:
+        for path in make_plots(root, rows, varying, objective):
+            print(f"wrote {path}")
+    return 0
+
+
+def make_plots(root: str, rows: list[dict], varying: list[str], objective: str | None) -> list[str]:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from runx.trainers.tracking import read_metrics
+    written = []
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for r in rows:
+        hist = read_metrics(r["_path"])
+        label = r["run"] if not varying else ", ".join(f"{k.split('.')[-1]}={r['_cfg'].get(k)}" for k in varying)
+        steps = [h["step"] for h in hist if "loss" in h]
+        axes[0].plot(steps, [h["loss"] for h in hist if "loss" in h], label=label)
+        ev = [(h["step"], h[objective]) for h in hist if objective and objective in h]
+        if ev:
+            axes[1].plot(*zip(*ev), marker="o", label=label)
+    axes[0].set(title="training loss", xlabel="step", ylabel="loss")
+    axes[1].set(title=objective or "objective", xlabel="step")
+    if len(rows) <= 12:
+        axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    p = os.path.join(root, "report_curves.png")
+    fig.savefig(p, dpi=110)
+    plt.close(fig)
+    written.append(p)
+    if objective and varying:
+        numeric = [k for k in varying if all(isinstance(r["_cfg"].get(k), (int, float)) for r in rows)]
+        if numeric:
+            fig, axes = plt.subplots(1, len(numeric), figsize=(4.5 * len(numeric), 3.6), squeeze=False)
+            for ax, k in zip(axes[0], numeric):
+                pts = sorted((r["_cfg"][k], r[objective]) for r in rows if objective in r)
+                ax.scatter(*zip(*pts)) if pts else None
+                ax.set(xlabel=k, ylabel=objective)
+                if pts and min(p[0] for p in pts) > 0 and max(p[0] for p in pts) / min(p[0] for p in pts) > 20:
+                    ax.set_xscale("log")
+            fig.tight_layout()
+            p = os.path.join(root, "report_sweep.png")
+            fig.savefig(p, dpi=110)
+            plt.close(fig)
+            written.append(p)
+    return written
