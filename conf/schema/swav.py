@@ -22,7 +22,7 @@ class SwAVConfig:
     crops_for_assign: list = field(default_factory=lambda: [0, 1])
     # per-crop augmentation (each applied independently to every crop)
     flip_prob: float = 0.5
-    color_jitter_strength: float = 1.0     # ColorJitter(0.8s, 0.8s, 0.8s, 0.2s)
+    color_jitter: list = field(default_factory=lambda: [0.8, 0.8, 0.8, 0.2])  # brightness, contrast, saturation, hue
     color_jitter_prob: float = 0.8
     grayscale_prob: float = 0.2
     blur_prob: float = 0.5
@@ -34,6 +34,7 @@ class SwAVConfig:
     hidden_mlp: int = 2048                # 0 = a single linear projection
     feat_dim: int = 128
     nmb_prototypes: int = 3000
+    backbone_width: int = 32             # small_cnn channels: w, 2w, 4w, 4w
     head_bn: bool = True                  # BatchNorm in the projection MLP (a collapse remedy is to drop it)
     # small_cnn normalisation layers; "group" keeps samples independent (exact multi-process equivalence on CPU)
     backbone_norm: Literal["batch", "group", "none"] = "batch"

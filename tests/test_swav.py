@@ -1,0 +1,368 @@
+"""SwAV recipe: loss, Sinkhorn codes, prototypes, multi-crop data, data-parallel equivalence, CLI smoke."""
+from __future__ import annotations
+
+import math
+import os
+import socket
+
+import numpy as np
+import pytest
+import torch
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+from runx.cli.config import compose  # noqa: E402
+from runx.recipes import swav as S  # noqa: E402
+from runx.recipes import swav_data  # noqa: E402
+
+# small everywhere: 2x16 px + 2x8 px crops, a 8-wide CNN, 16 prototypes
+TINY = ["recipe=swav", "recipe.size_crops=[16,8]", "recipe.nmb_crops=[2,2]", "recipe.backbone_width=8",
+        "recipe.hidden_mlp=32", "recipe.feat_dim=16", "recipe.nmb_prototypes=16", "recipe.generated_image_size=16",
+        "recipe.generated_train_size=64", "recipe.generated_eval_size=32", "recipe.probe_train_samples=64",
+        "recipe.linear_probe_steps=10", "logger.backend=none"]
+
+
+def cfg(*overrides):
+    return compose(TINY + list(overrides))
+
+
+class FixedScores(torch.nn.Module):
+    """A stand-in network whose forward returns given per-crop scores (and unit embeddings)."""
+
+    def __init__(self, scores: list):
+        super().__init__()
+        self.scores = [torch.as_tensor(s, dtype=torch.float64) for s in scores]
+        self.queue = None
+
+    def forward(self, crops, freeze_prototypes=False, with_queue=False):
+        s = torch.cat(self.scores)
+        return torch.nn.functional.normalize(torch.ones(len(s), 2), dim=1), s, None
+
+
+def batch_of(n_crops: int, b: int):
+    return {"crops": [torch.zeros(b, 3, 4, 4, dtype=torch.uint8)] * n_crops, "label": torch.zeros(b, dtype=torch.long)}
+
+
+# ------------------------------------------------------------------------------------------------ loss
+def test_loss_equals_hand_computed_value_symmetric_example():
+    # B = 2 images, K = 2 prototypes, 2 crops. Scores [[a, b], [b, a]] are symmetric, so Sinkhorn's row and
+    # column sums are equal from the start and the codes are the plain softmax with eps:
+    #   Q = [[s, 1-s], [1-s, s]],  s = e^{a/eps} / (e^{a/eps} + e^{b/eps}).
+    a, b, c, d, eps, T = 0.3, -0.2, 0.6, 0.1, 0.05, 0.1
+    s0 = math.exp(a / eps) / (math.exp(a / eps) + math.exp(b / eps))
+    s1 = math.exp(c / eps) / (math.exp(c / eps) + math.exp(d / eps))
+    p0 = math.exp(a / T) / (math.exp(a / T) + math.exp(b / T))   # softmax(scores / T) of crop 0, its max entry
+    p1 = math.exp(c / T) / (math.exp(c / T) + math.exp(d / T))
+    # crop 0's codes predicted from crop 1, and crop 1's from crop 0; each image contributes the same
+    l01 = -(s0 * math.log(p1) + (1 - s0) * math.log(1 - p1))
+    l10 = -(s1 * math.log(p0) + (1 - s1) * math.log(1 - p0))
+    expected = (l01 + l10) / 2
+    rec = S.SwAV(cfg("recipe.nmb_crops=[2]", "recipe.size_crops=[16]", "recipe.min_scale_crops=[0.4]",
+                     "recipe.max_scale_crops=[1.0]", "recipe.nmb_prototypes=2"), "/tmp/unused")
+    model = FixedScores([[[a, b], [b, a]], [[c, d], [d, c]]])
+    loss, metrics = rec.loss(model, batch_of(2, 2), step=0)
+    assert float(loss) == pytest.approx(expected, rel=1e-5)
+    assert metrics["code_entropy"] == pytest.approx(1.0, abs=1e-6)   # equipartitioned by symmetry
+
+
+def reference_sinkhorn(scores: np.ndarray, eps: float, iters: int) -> np.ndarray:
+    """SwAV's `distributed_sinkhorn` (one process), written out in float64."""
+    q = np.exp(scores / eps).T            # K x B
+    q /= q.sum()
+    k, b = q.shape
+    for _ in range(iters):
+        q /= q.sum(axis=1, keepdims=True)
+        q /= k
+        q /= q.sum(axis=0, keepdims=True)
+        q /= b
+    q *= b
+    return q.T
+
+
+def test_loss_equals_reference_on_asymmetric_example():
+    rng = np.random.default_rng(0)
+    n_crops, b, k = 4, 5, 7
+    scores = [np.tanh(rng.normal(size=(b, k))) for _ in range(n_crops)]
+    expected = 0.0
+    for a in (0, 1):                       # crops_for_assign
+        q = reference_sinkhorn(scores[a], 0.05, 3)
+        sub = 0.0
+        for v in range(n_crops):
+            if v == a:
+                continue
+            x = scores[v] / 0.1
+            logp = x - np.log(np.exp(x).sum(axis=1, keepdims=True))
+            sub -= float((q * logp).sum(axis=1).mean())
+        expected += sub / (n_crops - 1)
+    expected /= 2
+    rec = S.SwAV(cfg(f"recipe.nmb_prototypes={k}"), "/tmp/unused")
+    loss, _ = rec.loss(FixedScores(scores), batch_of(n_crops, b), step=0)
+    assert float(loss) == pytest.approx(expected, rel=1e-5)
+
+
+def test_codes_have_the_required_marginals():
+    torch.manual_seed(0)
+    b, k = 64, 16
+    cos = torch.nn.functional.normalize(torch.randn(b, 8), dim=1) @ \
+        torch.nn.functional.normalize(torch.randn(k, 8), dim=1).T
+    rc = cfg().recipe
+    for scores in (cos, 0.1 * cos):   # widely spread scores (|s / eps| up to 20) and early-training ones
+        q = S.compute_codes(scores, rc)
+        assert q.shape == (b, k)
+        assert torch.allclose(q.sum(1), torch.ones(b), atol=1e-5)   # each image's code is a distribution
+        # SwAV's 3 iterations exactly (the reference loop in float64) ...
+        assert torch.allclose(q.double(), torch.from_numpy(reference_sinkhorn(scores.double().numpy(), 0.05, 3)),
+                              atol=1e-5)
+    # ... give near-equipartition for early-training scores: each prototype within 1% of B/K (softmax: 35%)
+    assert torch.allclose(q.sum(0), torch.full((k,), b / k), rtol=0.01)
+    assert not torch.allclose(torch.softmax(0.1 * cos / 0.05, 1).sum(0), torch.full((k,), b / k), rtol=0.3)
+    # and with enough iterations the prototype marginals are exact for any scores
+    rc.sinkhorn_iterations = 100
+    assert torch.allclose(S.compute_codes(cos, rc).sum(0), torch.full((k,), b / k), rtol=1e-4)
+    # the ablation (no equipartition) does not balance the prototypes
+    rc.codes = "softmax"
+    assert not torch.allclose(S.compute_codes(cos, rc).sum(0), torch.full((k,), b / k), rtol=0.3)
+
+
+def test_queue_fills_fifo_and_is_used_only_when_full():
+    c = cfg("recipe.queue_length=8", "recipe.queue_start_epoch=0", "trainer.micro_batch_size=4")
+    rec = S.SwAV(c, "/tmp/unused")
+    torch.manual_seed(0)
+    model = rec.build_model()
+    train, _ = rec.build_data()
+    assert model.queue.shape == (2, 8, 16)
+    batches = [rec.collate([train[i] for i in range(j, j + 4)]) for j in (0, 4, 8)]
+    used = []
+    orig = S.compute_codes
+    S.compute_codes = lambda s, rc: (used.append(len(s)), orig(s, rc))[1]
+    try:
+        for step, bt in enumerate(batches):
+            rec.loss(model, bt, step)
+    finally:
+        S.compute_codes = orig
+    # 2 assigned crops per step; steps 0-1 fill the queue (8 = 2 batches of 4), step 2 uses it: 8 + 4 rows
+    assert used == [4, 4, 4, 4, 12, 12]
+    assert bool(model.queue_in_use)
+    with torch.no_grad():   # newest batch first: queue[i, :4] holds the last batch's assigned-crop embeddings
+        z, _, _ = model(batches[2]["crops"])
+    assert torch.allclose(model.queue[0, :4], z[:4], atol=1e-5)
+    assert torch.allclose(model.queue[1, :4], z[4:8], atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------ prototypes
+def test_prototypes_are_unit_norm_and_frozen_prototypes_get_no_gradient():
+    rec = S.SwAV(cfg("recipe.freeze_prototypes_steps=2"), "/tmp/unused")
+    torch.manual_seed(0)
+    model = rec.build_model()
+    train, _ = rec.build_data()
+    with torch.no_grad():
+        model.prototypes.weight.mul_(3.0)
+    S.normalize_prototypes_(model)
+    assert torch.allclose(model.prototypes.weight.norm(dim=1), torch.ones(16), atol=1e-6)
+    bt = rec.collate([train[i] for i in range(8)])
+    loss, _ = rec.loss(model, bt, step=1)      # frozen
+    loss.backward()
+    assert model.prototypes.weight.grad is None
+    assert model.head[0].weight.grad is not None and model.head[0].weight.grad.abs().sum() > 0
+    loss, _ = rec.loss(model, bt, step=2)      # no longer frozen
+    loss.backward()
+    assert model.prototypes.weight.grad.abs().sum() > 0
+
+
+class RecordingSwAV(S.SwAV):
+    """Records the prototypes at each step start (after renormalisation) and scales them at build time,
+    so that a missing renormalisation of DeepSpeed's fp32 master copy would show."""
+
+    def build_model(self):
+        model = super().build_model()
+        with torch.no_grad():
+            model.prototypes.weight.mul_(3.0)
+        self.seen = []
+        return model
+
+    def on_step_start(self, trainer, engine, step):
+        super().on_step_start(trainer, engine, step)
+        self.seen.append(engine.module.prototypes.weight.detach().clone())
+
+
+@pytest.mark.parametrize("stage", [0, 2])
+def test_prototypes_do_not_move_while_frozen_under_deepspeed(tmp_path, stage):
+    from runx.trainers.deepspeed_trainer import Trainer
+    c = cfg(f"trainer.zero_stage={stage}", "trainer.max_steps=4", "trainer.micro_batch_size=8",
+            "trainer.eval_every=0", "trainer.ckpt_every=0", "trainer.progress=false", "optim.name=sgd",
+            "optim.lr=0.5", "optim.weight_decay=0", "recipe.freeze_prototypes_steps=2", "resume=never")
+    rec = RecordingSwAV(c, str(tmp_path))
+    trainer = Trainer(c, str(tmp_path))
+    trainer.fit(rec)
+    w = rec.seen
+    for x in w:   # renormalised every step, also in DeepSpeed's master copy (else the norm would go back to 3)
+        assert torch.allclose(x.norm(dim=1), torch.ones(len(x)), atol=1e-5)
+    assert torch.allclose(w[0], w[1], atol=1e-6) and torch.allclose(w[1], w[2], atol=1e-6)  # steps 0, 1 frozen
+    assert not torch.allclose(w[2], w[3], atol=1e-4)                                        # step 2 trains them
+    after = trainer.engine.module.prototypes.weight.detach()
+    assert not torch.allclose(after, w[3])
+
+
+# ------------------------------------------------------------------------------------------------ data
+def test_multicrop_batches_have_the_configured_shapes():
+    rec = S.SwAV(cfg("recipe.nmb_crops=[2,3]", "recipe.size_crops=[16,8]", "recipe.min_scale_crops=[0.3,0.05]",
+                     "recipe.max_scale_crops=[1.0,0.3]"), "/tmp/unused")
+    train, evalset = rec.build_data()
+    bt = rec.collate([train[i] for i in range(5)])
+    assert [tuple(x.shape) for x in bt["crops"]] == [(5, 3, 16, 16)] * 2 + [(5, 3, 8, 8)] * 3
+    assert all(x.dtype == torch.uint8 for x in bt["crops"]) and bt["label"].shape == (5,)
+    assert not torch.equal(bt["crops"][0], bt["crops"][1])   # independent augmentations
+    ev = rec.collate([evalset[i] for i in range(4)])
+    assert tuple(ev["image"].shape) == (4, 3, 16, 16)
+    model = rec.build_model()
+    z, scores, _ = model(bt["crops"])
+    assert z.shape == (25, 16) and scores.shape == (25, 16)
+    assert torch.allclose(z.norm(dim=1), torch.ones(25), atol=1e-5)
+
+
+def _batches(train, collate, seed, workers):
+    torch.manual_seed(seed)          # what the trainer's seed_everything does before it builds the loader
+    dl = torch.utils.data.DataLoader(train, batch_size=8, shuffle=True, collate_fn=collate, num_workers=workers)
+    return [b["crops"] for _, b in zip(range(2), dl)]
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_dataloader_is_deterministic_for_a_seed(workers):
+    rec = S.SwAV(cfg(), "/tmp/unused")
+    train, _ = rec.build_data()
+    a, b, c = (_batches(train, rec.collate, s, workers) for s in (1, 1, 2))
+    assert all(torch.equal(x, y) for ba, bb in zip(a, b) for x, y in zip(ba, bb))
+    assert not all(torch.equal(x, y) for ba, bc in zip(a, c) for x, y in zip(ba, bc))
+
+
+def test_generated_data_is_a_function_of_the_seed():
+    a, b, c = swav_data.generate_shapes(20, 16, 0), swav_data.generate_shapes(20, 16, 0), \
+        swav_data.generate_shapes(20, 16, 1)
+    assert torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels)
+    assert not torch.equal(a.images, c.images)
+    assert sorted(a.labels.tolist()) == sorted([i % 10 for i in range(20)])
+
+
+def test_imagefolder_and_hf_sources(tmp_path):
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for cls in ("a", "b"):
+            os.makedirs(tmp_path / "folder" / split / cls)
+            for i in range(3):
+                Image.fromarray(rng.integers(0, 255, (20, 24, 3), dtype=np.uint8)).save(
+                    tmp_path / "folder" / split / cls / f"{i}.png")
+    rec = S.SwAV(cfg("data.kind=imagefolder", f"data.path={tmp_path / 'folder'}", "data.eval_split=val"), "x")
+    train, ev = rec.build_data()
+    assert len(train) == 6 and len(ev) == 6
+    assert [tuple(x.shape) for x in rec.collate([train[0], train[5]])["crops"]] == \
+        [(2, 3, 16, 16)] * 2 + [(2, 3, 8, 8)] * 2
+    e = rec.collate([ev[0], ev[5]])
+    assert tuple(e["image"].shape) == (2, 3, 16, 16) and e["label"].tolist() == [0, 1]
+
+    import datasets
+    imgs = [Image.fromarray(rng.integers(0, 255, (20, 20, 3), dtype=np.uint8)) for _ in range(4)]
+    feats = datasets.Features({"img": datasets.Image(), "label": datasets.Value("int64")})
+    dd = datasets.DatasetDict({s: datasets.Dataset.from_dict({"img": imgs, "label": [0, 1, 2, 3]}, features=feats)
+                               for s in ("train", "test")})
+    dd.save_to_disk(str(tmp_path / "hf"))
+    rec = S.SwAV(cfg("data.kind=hf", f"data.path={tmp_path / 'hf'}", "data.eval_split=test",
+                     "recipe.image_field=img"), "x")
+    train, ev = rec.build_data()
+    assert len(train) == 4 and ev[3][1] == 3 and tuple(ev[0][0].shape) == (3, 16, 16)
+    with pytest.raises(KeyError, match="recipe.image_field='image'.*columns"):
+        S.SwAV(cfg("data.kind=hf", f"data.path={tmp_path / 'hf'}", "data.eval_split=test"), "x").build_data()
+
+
+def test_bad_config_names_key_and_choices():
+    with pytest.raises(ValueError, match=r"recipe.size_crops=\[16\].*one entry per crop group"):
+        S.SwAV(cfg("recipe.size_crops=[16]"), "x")
+    with pytest.raises(ValueError, match="crops_for_assign.*valid crop indices are 0..3"):
+        S.SwAV(cfg("recipe.crops_for_assign=[0,7]"), "x")
+    with pytest.raises(ValueError, match="needs a vision model.*small_cnn"):
+        S.SwAV(cfg("model=minilm"), "x")
+    with pytest.raises(ValueError, match="data.name='nope'.*shapes, digits"):
+        S.SwAV(cfg("data.name=nope"), "x").build_data()
+
+
+# ------------------------------------------------------------------------------------------------ evaluation
+def test_knn_linear_probe_and_collapse_monitor():
+    g = torch.Generator().manual_seed(0)
+    centers = torch.randn(4, 16, generator=g) * 3
+    y = torch.arange(200) % 4
+    f = centers[y] + torch.randn(200, 16, generator=g)
+    assert S.weighted_knn_accuracy(f[:100], y[:100], f[100:], y[100:], k=10, temperature=0.07) > 0.95
+    assert S.linear_probe_accuracy(f[:100], y[:100], f[100:], y[100:], steps=50, l2=1e-4) > 0.95
+    noise = torch.randn(200, 16, generator=g)
+    assert S.weighted_knn_accuracy(noise[:100], y[:100], noise[100:], y[100:], k=10, temperature=0.07) < 0.5
+    assert S.assignment_entropy(torch.full((10, 8), 1 / 8)) == pytest.approx(1.0)
+    assert S.assignment_entropy(torch.eye(8)[[3] * 10]) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_evaluate_reports_knn_probe_and_collapse_metrics():
+    rec = S.SwAV(cfg(), "/tmp/unused")
+    torch.manual_seed(0)
+    model = rec.build_model()
+    _, ev = rec.build_data()
+    dl = torch.utils.data.DataLoader(ev, batch_size=16, collate_fn=rec.collate)
+    out = rec.evaluate(model, dl)
+    assert set(out) == {"knn_acc", "linear_acc", "assign_entropy", "prototypes_used", "z_std", "feature_std"}
+    assert 0 <= out["knn_acc"] <= 1 and 1 <= out["prototypes_used"] <= 16
+    assert model.training   # restored
+
+
+# ------------------------------------------------------------------------------------------------ 2 processes
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _dp_worker(rank, world, port, overrides, out):
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    loss = _first_step_loss(overrides, rank, world)
+    t = torch.tensor([loss], dtype=torch.float64)
+    dist.all_reduce(t)                                   # the trainer logs the mean over processes
+    if rank == 0:
+        torch.save(float(t) / world, out)
+    dist.destroy_process_group()
+
+
+def _first_step_loss(overrides, rank, world, global_batch=16):
+    rec = S.SwAV(cfg(*overrides), "/tmp/unused")
+    torch.manual_seed(0)
+    model = rec.build_model()
+    train, _ = rec.build_data()
+    torch.manual_seed(1)
+    items = [train[i] for i in range(global_batch)]      # the same global batch, augmented identically
+    per = global_batch // world
+    bt = rec.collate(items[rank * per:(rank + 1) * per])
+    loss, _ = rec.loss(model, bt, step=0)
+    return float(loss)
+
+
+def test_two_processes_give_the_first_step_loss_of_one(tmp_path):
+    # GroupNorm and no BN in the head: samples interact only through Sinkhorn's (all-reduced) sums
+    overrides = ["recipe.backbone_norm=group", "recipe.head_bn=false"]
+    single = _first_step_loss(overrides, 0, 1)
+    out = str(tmp_path / "loss.pt")
+    torch.multiprocessing.spawn(_dp_worker, args=(2, _free_port(), overrides, out), nprocs=2, join=True)
+    two = torch.load(out)
+    assert two == pytest.approx(single, rel=1e-5)
+    # without the cross-process sums each half gets its own equipartition: a different loss
+    halves = [_first_step_loss(overrides, r, 2) for r in range(2)]
+    assert sum(halves) / 2 != pytest.approx(single, rel=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------ end to end
+def test_cli_smoke_trains_end_to_end(tmp_path):
+    from conftest import read_metrics, run_cli
+    run_dir = tmp_path / "run"
+    run_cli(["train", "recipe=swav", "debug=smoke", f"run_dir={run_dir}"], timeout=300)
+    rows = read_metrics(run_dir)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert all(math.isfinite(r["loss"]) for r in rows)
+    assert {"eval/knn_acc", "eval/linear_acc", "eval/assign_entropy", "eval/z_std"} <= set(rows[-1])
+    assert all(k in rows[0] for k in ("assign_entropy", "code_entropy", "z_std", "samples_per_s"))
