@@ -12,8 +12,8 @@ and with G = U·S·Vᵀ the choice below makes the bracket c²·G_2r, G_2r = sum
 Algorithm (paper Alg. 1/2; `LoRAGA.prepare`, run once before the DeepSpeed engine is built):
 
   1. G_l = mean over `grad_batches` batches of dL/dW_l at the pretrained point, for every target layer l
-     (`estimate_full_gradients`: per-weight hooks consume each gradient as soon as it exists, so at most one
-     layer's full gradient is alive; fp32 running sums; all-reduced across ranks)
+     (`estimate_full_gradients`: per-weight hooks consume each gradient as soon as it exists, so about one
+     layer's full gradient is alive; fp64 running sums, each kept by one "owner" rank)
   2. U, S, V = svd(G_l), top 2r (`gradient_svd`: randomized as the reference, or exact)
   3. A0 = V[:, :r]ᵀ · m^(1/4)/sqrt(gamma);  B0 = U[:, r:2r] · m^(1/4)/sqrt(gamma)            (Alg. 1 l. 7-8)
   4. eta = alpha/sqrt(r);  W_l <- W_l - eta·B0·A0  in fp32, so the model's output is unchanged     (l. 10)
@@ -23,12 +23,15 @@ The LoRA layers are peft's. The base weight is shifted, so an adapter alone is n
 (A0, B0, eta) is saved next to the run and in every export, which also writes a plain rank-2r peft adapter
 for the original base ([A_f; A0], [B_f, -B0]) and merged full weights (`export`).
 
-ZeRO-3 / offload. `prepare` runs before the engine, so with ZeRO 0-3 and CPU offload every rank holds the
-full, un-partitioned model: each rank estimates on its own share of the global batches and the per-layer
-sums are all-reduced (the same G as one process over all batches). A model already partitioned when built
-(zero.Init, e.g. NVMe parameter offload) gets DeepSpeed's own fetch/release hooks for the estimation pass
-(no optimizer, removed afterwards); the gradient hook then sees the gathered full weight's full gradient,
-and the init writes the shifted weights through GatheredParameters.
+Several ranks, ZeRO-3, offload. `prepare` runs before the engine. Each rank runs its share of every global
+batch (the trainer's data order); the gradient hook reduces each layer's gradient onto the rank that owns
+that layer (layers spread by size), which keeps the fp64 running sum, so host memory for the sums is 1/world
+of the target weights, and the owner later does that layer's SVD and broadcasts A0, B0 (SVDs run in
+parallel). fp64 sums do not depend on the order of additions: 1 and 2 processes give the same init. With ZeRO
+0-3 and CPU offload the model is not yet partitioned at prepare; a model that already is (built under
+zero.Init, e.g. NVMe parameter offload) gets DeepSpeed's own fetch/release hooks for the estimation pass (no
+optimizer, removed afterwards): the gradient hook then sees the gathered weight's full gradient, and the init
+writes the shifted weights through GatheredParameters.
 """
 from __future__ import annotations
 
@@ -59,7 +62,8 @@ def lora_ga_targets(model) -> dict:
     out = {}
     for name, module in model.named_modules():
         if isinstance(module, LoraLayer) and ADAPTER in getattr(module, "lora_A", {}):
-            if not hasattr(module.get_base_layer(), "weight") or module.get_base_layer().weight.dim() != 2:
+            w = getattr(module.get_base_layer(), "weight", None)
+            if w is None or len(_weight_shape(w)) != 2:
                 raise ValueError(f"LoRA-GA initialises linear layers only; {name!r} wraps "
                                  f"{type(module.get_base_layer()).__name__} (recipe.target_modules)")
             out[name] = module
@@ -109,16 +113,29 @@ def _zero3_fetch_hooks(model, trainer):
         offload.destroy()
 
 
-def estimate_full_gradients(model, weights: dict, batches, loss_fn, accumulate_on: str = "cpu",
-                            mode: str = "eval") -> tuple[dict, int]:
-    """Sum over `batches` of dL/dW for each weight in `weights` (name -> parameter), in fp32.
+def assign_owners(shapes: dict, world: int) -> dict:
+    """name -> rank that accumulates, and later decomposes, that layer's gradient (greedy by size)."""
+    load, owner = [0] * world, {}
+    for name in sorted(shapes, key=lambda n: (-shapes[n][0] * shapes[n][1], n)):
+        k = min(range(world), key=lambda i: (load[i], i))
+        owner[name] = k
+        load[k] += shapes[name][0] * shapes[name][1]
+    return owner
 
-    Only the target weights require grad during the pass (nothing else is computed or kept), and a
-    post-accumulate hook moves each weight's gradient into its fp32 running sum the moment autograd writes
-    it, then frees it: the device holds at most about one layer's full gradient at a time. Returns
-    (sums, number of batches seen); the caller averages (and all-reduces across ranks). Leaves no gradient,
-    hook or requires_grad change behind.
+
+def estimate_full_gradients(model, weights: dict, batches, loss_fn, accumulate_on: str = "cpu",
+                            mode: str = "eval", owners: dict | None = None) -> tuple[dict, int]:
+    """Sum over `batches` (and over ranks) of dL/dW for each weight in `weights` (name -> parameter).
+
+    Only the target weights require grad during the pass, and a post-accumulate hook consumes each weight's
+    gradient the moment autograd writes it, then frees it: the device holds about one layer's full gradient
+    at a time. With several ranks (`owners`: name -> rank) the hook reduces that gradient onto the layer's
+    owner, which alone keeps the running sum: each rank holds 1/world of the sums. Sums are fp64, so they do
+    not depend on the order of the additions (1 process == 2 processes). Returns (this rank's sums,
+    micro-batches seen by this rank). Leaves no gradient, hook or requires_grad change behind.
     """
+    world = dist.get_world_size() if owners is not None and dist.is_initialized() else 1
+    rank = dist.get_rank() if world > 1 else 0
     params = dict(model.named_parameters())
     saved_flags = {n: p.requires_grad for n, p in params.items()}
     was_training = model.training
@@ -127,14 +144,17 @@ def estimate_full_gradients(model, weights: dict, batches, loss_fn, accumulate_o
 
     def consume(name):
         def hook(p):
-            g = p.grad.detach().float()
-            if accumulate_on == "cpu":
-                g = g.cpu()
+            g = p.grad.detach().to(torch.float64)
+            p.grad = None
+            if world > 1:
+                dist.reduce(g, dst=owners[name])     # same hook order on every rank: same graph
+                if rank != owners[name]:
+                    return
+            g = g.cpu() if accumulate_on == "cpu" else g
             if name in sums:
                 sums[name].add_(g)
             else:
-                sums[name] = g.clone()
-            p.grad = None
+                sums[name] = g
         return hook
 
     n_batches = 0
@@ -159,7 +179,8 @@ def estimate_full_gradients(model, weights: dict, batches, loss_fn, accumulate_o
             p.grad = None
             p.requires_grad_(saved_flags[n])
         model.train(was_training)
-    missing = [n for n in weights if n not in sums]
+    mine = [n for n in weights if owners is None or owners[n] == rank]
+    missing = [n for n in mine if n not in sums]
     if n_batches and missing:
         raise RuntimeError(f"LoRA-GA: no gradient reached {missing[:3]} (unused by the loss?)")
     return sums, n_batches
@@ -252,6 +273,25 @@ def lora_eta(layer) -> float:
     return float(layer.scaling[ADAPTER])
 
 
+def _broadcast(t: torch.Tensor, src: int, trainer) -> torch.Tensor:
+    dev = trainer.device if str(trainer.device) != "cpu" else "cpu"
+    t = t.float().contiguous().to(dev)
+    dist.broadcast(t, src=src)
+    return t
+
+
+def _check_same_on_all_ranks(A: dict, B: dict, world: int) -> None:
+    """Every rank must have computed the same init (same all-reduced G, same seeded SVD)."""
+    if world == 1:
+        return
+    s = torch.tensor([sum(float(t.double().abs().sum()) for t in d.values()) for d in (A, B)], dtype=torch.float64)
+    hi, lo = s.clone(), s.clone()
+    dist.all_reduce(hi, op=dist.ReduceOp.MAX)
+    dist.all_reduce(lo, op=dist.ReduceOp.MIN)
+    if not torch.equal(hi, lo):
+        raise RuntimeError(f"LoRA-GA: ranks computed different inits (checksums {lo.tolist()} .. {hi.tolist()})")
+
+
 # ============================================================================ the recipe
 class LoRAGA(LoRA):
     """`lora` with the gradient-SVD init (above) and exports that account for the shifted base weight."""
@@ -306,56 +346,72 @@ class LoRAGA(LoRA):
             log.info("LoRA-GA: init re-applied from %s", self._saved_init_dir())
             return model
         rc = self.cfg.recipe
+        r = int(rc.rank)
         t0 = time.perf_counter()
         world = dist.get_world_size() if dist.is_initialized() else 1
+        rank = dist.get_rank() if world > 1 else 0
         targets = lora_ga_targets(model)
         weights = {n: l.get_base_layer().weight for n, l in targets.items()}
+        owners = assign_owners({n: _weight_shape(w) for n, w in weights.items()}, world)
 
-        # 1. G = mean_b dL/dW over grad_batches global batches; each rank runs its share of them
-        batches = (trainer.to_device(b) for b in trainer.train_loader_for_estimation(int(rc.grad_batches)))
-        with _zero3_fetch_hooks(model, trainer):
-            sums, n_local = estimate_full_gradients(
-                model, weights, batches, lambda b: self.loss(model, b, 0)[0],
-                accumulate_on=rc.grad_accumulator, mode=rc.estimation_mode)
-        n_total = torch.tensor([n_local], dtype=torch.float64)
-        if world > 1:
-            dist.all_reduce(n_total)
-        n_total = int(n_total.item())
+        # 1. G = mean over grad_batches global batches of dL/dW; each rank runs its share of every batch
+        batches = [trainer.to_device(b) for b in trainer.train_loader_for_estimation(int(rc.grad_batches))]
+        counts = torch.tensor([len(batches), -len(batches)], dtype=torch.float64)
+        if world > 1:   # the hooks reduce per micro-batch: every rank must run the same number of them
+            dist.all_reduce(counts, op=dist.ReduceOp.MAX)
+            if counts[0] != -counts[1]:
+                raise RuntimeError(f"LoRA-GA: ranks got {int(-counts[1])}..{int(counts[0])} estimation batches")
+        n_total = len(batches) * world
         if n_total == 0:
             raise RuntimeError("LoRA-GA: the estimation loader yielded no batch (is the training set empty?)")
+        with _zero3_fetch_hooks(model, trainer):
+            sums, _ = estimate_full_gradients(
+                model, weights, batches, lambda b: self.loss(model, b, 0)[0],
+                accumulate_on=rc.grad_accumulator, mode=rc.estimation_mode, owners=owners)
+        del batches
         t1 = time.perf_counter()
 
-        # 2-4. per layer: all-reduce the sum, average, SVD, A0/B0, offset; then drop that layer's G
-        comm_device = trainer.device if str(trainer.device) != "cpu" else "cpu"
-        init_A, init_B, captured = {}, {}, []
-        r = int(rc.rank)
+        # 2-3. each owner: average, SVD, A0/B0 for its layers (the SVDs run in parallel across ranks)
+        factors, stats = {}, torch.zeros(2, dtype=torch.float64)
         for i, (name, layer) in enumerate(targets.items()):
-            G = sums.pop(name).to(comm_device)
-            if world > 1:
-                dist.all_reduce(G)
-            G /= n_total
+            if owners[name] != rank:
+                continue
+            G = (sums.pop(name) / n_total).float()
+            G = G.to(trainer.device) if str(trainer.device) != "cpu" else G
             if getattr(layer, "fan_in_fan_out", False):
                 G = G.T
-            U, S, V = gradient_svd(G, 2 * r, rc.svd, int(rc.svd_niter), seed=int(self.cfg.seed) * 7919 + i)
-            A, B = lora_ga_factors(U, V, r, rc.direction, rc.scale, float(rc.stable_gamma),
-                                   seed=int(self.cfg.seed) * 7919 + i)
-            apply_lora_ga_init(layer, A, B, lora_eta(layer))
-            captured.append(float(S.square().sum().sqrt() / G.norm().clamp_min(1e-30)))
-            init_A[name], init_B[name] = A.cpu(), B.cpu()
+            seed = int(self.cfg.seed) * 7919 + i
+            U, S, V = gradient_svd(G, 2 * r, rc.svd, int(rc.svd_niter), seed=seed)
+            factors[name] = lora_ga_factors(U, V, r, rc.direction, rc.scale, float(rc.stable_gamma), seed=seed)
+            # ||G_2r|| / ||G||: the cosine between the first LoRA-GA step and the full fine-tuning step
+            stats += torch.tensor([float(S.square().sum().sqrt() / G.norm().clamp_min(1e-30)), 1.0])
             del G
+        # 4. every rank: receive A0/B0 from the owner, write lora_A, lora_B and W - eta·B0·A0
+        init_A, init_B = {}, {}
+        for name, layer in targets.items():
+            m, n = _weight_shape(weights[name])
+            if getattr(layer, "fan_in_fan_out", False):
+                m, n = n, m
+            A, B = factors.pop(name) if owners[name] == rank else (torch.empty(r, n), torch.empty(m, r))
+            if world > 1:
+                A, B = _broadcast(A, owners[name], trainer), _broadcast(B, owners[name], trainer)
+            apply_lora_ga_init(layer, A, B, lora_eta(layer))
+            init_A[name], init_B[name] = A.cpu(), B.cpu()
+        if world > 1:
+            dist.all_reduce(stats)
         t2 = time.perf_counter()
 
         self.timings = {"lora_ga/estimate_s": t1 - t0, "lora_ga/svd_init_s": t2 - t1, "lora_ga/init_s": t2 - t0}
-        # ||G_2r|| / ||G||: the cosine between the first LoRA-GA step and the full fine-tuning step (per layer)
-        self.init_stats = {"lora_ga/grad_energy_2r": sum(captured) / len(captured),
-                           "lora_ga/grad_batches_seen": n_total}
-        if rc.save_init and (not dist.is_initialized() or dist.get_rank() == 0):
+        self.init_stats = {"lora_ga/grad_energy_2r": float(stats[0] / stats[1]),
+                           "lora_ga/grad_micro_batches": n_total}
+        _check_same_on_all_ranks(init_A, init_B, world)
+        if rc.save_init and rank == 0:
             save_lora_ga_init(os.path.join(self.run_dir, INIT_DIR), targets, init_A, init_B,
                               {**self._meta(), "batches_seen": n_total})
         if dist.is_initialized():
             dist.barrier()
         self._init_applied = True
-        log.info("LoRA-GA init: %d layers, %d batches, %.2fs (estimate %.2fs), captured %.3f of ||G||",
+        log.info("LoRA-GA init: %d layers, %d micro-batches, %.2fs (estimate %.2fs), ||G_2r||/||G|| = %.3f",
                  len(targets), n_total, t2 - t0, t1 - t0, self.init_stats["lora_ga/grad_energy_2r"])
         return model
 

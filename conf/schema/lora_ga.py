@@ -22,8 +22,9 @@ class LoRAGAConfig(LoRAConfig):
     # eval: dropout off while estimating G (deterministic, the same G for any number of processes);
     # train: dropout on, as the reference code does.
     estimation_mode: Literal["eval", "train"] = "eval"
-    # Where the fp32 running sum of each target weight's gradient lives between batches. The device only ever
-    # holds one layer's gradient (consumed by a hook as soon as it exists); "cpu" keeps the sums in host RAM.
+    # Where the fp64 running sum of each target weight's gradient lives between batches (on the rank owning
+    # that layer: 1/world of the sums per rank). The device only holds about one layer's gradient at a time
+    # (a hook consumes it as soon as it exists); "cpu" keeps the sums in host RAM.
     grad_accumulator: Literal["cpu", "device"] = "cpu"
     # Which singular vectors A and B take (paper: ArB2r = A <- top-r right singular vectors, B <- left singular
     # vectors r+1..2r). Every choice splits the top 2r indices between A and B; the others are ablations.
