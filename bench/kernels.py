@@ -1,0 +1,380 @@
+"""Benchmark runx.kernels: fused linear log-prob and Sinkhorn vs eager torch (issue #3).
+
+GPU (default when CUDA is present): LLM-head shapes (bf16, H=4096, tokens 8k-32k, vocab
+32k-152k) for linear_logprob (Triton, torch-chunked, eager ``log_softmax(h@W.T).gather``
+and Liger's FusedLinearCrossEntropy with reduction='none' when importable), fwd+bwd and
+forward-only; SwAV Sinkhorn (Triton, torch, eager SwAV loop) at K=3000.
+CPU: small shapes, reference paths only.
+
+Methods are run in alternating rounds (A B C A B C ...) and the median is reported.
+Memory is the peak *extra* over what was allocated before the call (CUDA allocator
+stats; on CPU the peak RSS delta, sampled by a thread).  Every case is wrapped so an
+OOM records "OOM" and the run goes on.  Results: bench/results/kernels.json.
+
+    python bench/kernels.py [--quick] [--device cuda|cpu] [--out PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _import_kernels():
+    """Import runx.kernels; without an install, through a symlink tree under /tmp."""
+    try:
+        import runx.kernels as rk  # noqa: F401
+
+        return rk
+    except ImportError:
+        import tempfile
+
+        root = Path(tempfile.mkdtemp(prefix="runx_kernels_"))
+        (root / "runx").mkdir()
+        (root / "runx" / "kernels").symlink_to(REPO / "kernels")
+        sys.path.insert(0, str(root))
+        import runx.kernels as rk
+
+        return rk
+
+
+rk = _import_kernels()
+
+
+# ----------------------------------------------------------------------------------------
+# Measurement
+# ----------------------------------------------------------------------------------------
+
+
+class _RssPeak:
+    """Peak resident-set growth of this process while the block runs (CPU memory)."""
+
+    def __init__(self, interval=0.001):
+        import psutil
+
+        self.proc, self.interval = psutil.Process(), interval
+
+    def __enter__(self):
+        self.base = self.peak = self.proc.memory_info().rss
+        self._stop = threading.Event()
+        self._thr = threading.Thread(target=self._poll, daemon=True)
+        self._thr.start()
+        return self
+
+    def _poll(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.proc.memory_info().rss)
+            time.sleep(self.interval)
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thr.join()
+        self.peak = max(self.peak, self.proc.memory_info().rss)
+        self.extra = self.peak - self.base
+
+
+def _measure(fn, device):
+    """(seconds, peak extra bytes) of one call of ``fn``."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end) / 1e3, torch.cuda.max_memory_allocated() - base
+    _malloc_trim()
+    with _RssPeak() as rss:
+        t0 = time.perf_counter()
+        fn()
+        dt = time.perf_counter() - t0
+    return dt, rss.extra
+
+
+def _is_oom(exc):
+    return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
+
+
+def _run_case(methods: dict, device: str, rounds: int, warmup: int = 1):
+    """Alternate the methods for ``rounds`` rounds; median time and max peak memory."""
+    res = {name: {"times": [], "mem": 0, "status": "ok"} for name in methods}
+    for name, fn in methods.items():  # warm-up (compiles Triton kernels, cuBLAS handles)
+        for _ in range(warmup):
+            try:
+                fn()
+            except Exception as exc:  # recorded, the run goes on
+                res[name]["status"] = "OOM" if _is_oom(exc) else f"error: {type(exc).__name__}: {exc}"[:300]
+                break
+            finally:
+                _cleanup(device)
+    for _ in range(rounds):
+        for name, fn in methods.items():
+            if res[name]["status"] != "ok":
+                continue
+            try:
+                dt, mem = _measure(fn, device)
+                res[name]["times"].append(dt)
+                res[name]["mem"] = max(res[name]["mem"], mem)
+            except Exception as exc:
+                res[name]["status"] = "OOM" if _is_oom(exc) else f"error: {type(exc).__name__}: {exc}"[:300]
+            finally:
+                _cleanup(device)
+    out = {}
+    for name, r in res.items():
+        if r["status"] == "ok" and r["times"]:
+            out[name] = {"status": "ok", "ms": 1e3 * statistics.median(r["times"]),
+                         "peak_extra_mb": r["mem"] / 2**20, "rounds": len(r["times"])}
+        else:
+            out[name] = {"status": r["status"]}
+    return out
+
+
+def _cleanup(device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+    else:
+        _malloc_trim()
+
+
+def _malloc_trim():
+    """Hand freed heap pages back to the OS so the next RSS delta sees new allocations
+    (glibc otherwise recycles them silently and RSS under-reports the peak)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except Exception:
+        pass
+
+
+# ----------------------------------------------------------------------------------------
+# linear_logprob
+# ----------------------------------------------------------------------------------------
+
+
+def _eager_logprob(h, w, t):
+    # fp32 log-softmax, as RL frameworks need for accurate log-probs of bf16 logits
+    return torch.log_softmax((h @ w.T).float(), dim=-1).gather(1, t[:, None]).squeeze(1)
+
+
+def _liger_loss():
+    try:
+        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+    except Exception:
+        return None
+    return LigerFusedLinearCrossEntropyLoss(reduction="none")
+
+
+def bench_logprob(n, hsz, v, dtype, device, rounds, with_fwd, chunk=None):
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    h0 = torch.randn(n, hsz, generator=gen).to(device=device, dtype=dtype)
+    w0 = (torch.randn(v, hsz, generator=gen) * hsz**-0.5).to(device=device, dtype=dtype)
+    t = torch.randint(0, v, (n,), generator=gen).to(device)
+    h = h0.clone().requires_grad_()
+    w = w0.clone().requires_grad_()
+
+    def fwd_bwd(f):
+        def run():
+            h.grad = w.grad = None
+            f().sum().backward()
+            h.grad = w.grad = None  # gradients are the same size for every method
+
+        return run
+
+    backends = ["triton", "torch"] if device == "cuda" else ["torch"]
+    methods = {"eager": fwd_bwd(lambda: _eager_logprob(h, w, t))}
+    for b in backends:
+        methods[f"runx_{b}"] = fwd_bwd(lambda b=b: rk.linear_logprob(h, w, t, chunk=chunk, backend=b))
+    liger = _liger_loss() if device == "cuda" else None
+    if liger is not None:
+        methods["liger_flce"] = fwd_bwd(lambda: -liger(w, h, t))
+    case = {"kind": "linear_logprob", "N": n, "H": hsz, "V": v, "dtype": str(dtype).replace("torch.", ""),
+            "chunk": rk.chunk_rows(n, v, chunk),
+            "fwd_bwd": _run_case(methods, device, rounds)}
+    if liger is None and device == "cuda":
+        case["fwd_bwd"]["liger_flce"] = {"status": "not installed"}
+    if with_fwd:
+        fwd = {"eager": lambda: _eager_logprob(h0, w0, t)}
+        for b in backends:
+            fwd[f"runx_{b}"] = lambda b=b: rk.linear_logprob(h0, w0, t, chunk=chunk, backend=b)
+        with torch.no_grad():
+            case["fwd_only"] = _run_case(fwd, device, rounds)
+    # Accuracy of each runx path against the fp32 eager reference (same bf16 inputs).
+    try:
+        with torch.no_grad():
+            ref = _eager_logprob(h0, w0, t)
+            case["max_abs_err_vs_eager"] = {
+                f"runx_{b}": (rk.linear_logprob(h0, w0, t, backend=b) - ref).abs().max().item() for b in backends}
+            case["max_logp"] = {f"runx_{b}": rk.linear_logprob(h0, w0, t, backend=b).max().item() for b in backends}
+            del ref
+    except Exception as exc:
+        case["max_abs_err_vs_eager"] = "OOM" if _is_oom(exc) else f"error: {exc}"[:200]
+    case["gemm_tflop_6NHV"] = 6 * n * hsz * v / 1e12
+    del h, w, h0, w0
+    _cleanup(device)
+    return case
+
+
+# ----------------------------------------------------------------------------------------
+# Sinkhorn
+# ----------------------------------------------------------------------------------------
+
+
+def _eager_swav(scores, eps=0.05, iters=3):
+    """SwAV's distributed_sinkhorn (world size 1), fp32, as in main_swav.py."""
+    q = torch.exp(scores.float() / eps).t()
+    q /= q.sum()
+    k, b = q.shape
+    for _ in range(iters):
+        q /= q.sum(dim=1, keepdim=True)
+        q /= k
+        q /= q.sum(dim=0, keepdim=True)
+        q /= b
+    q *= b
+    return q.t()
+
+
+def bench_sinkhorn(b, k, device, rounds, inner):
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    feats = torch.nn.functional.normalize(torch.randn(b, 128, generator=gen), dim=1)
+    protos = torch.nn.functional.normalize(torch.randn(k, 128, generator=gen), dim=1)
+    scores = (feats @ protos.T).to(device)
+
+    def repeat(f):
+        def run():
+            for _ in range(inner):  # sub-ms calls: time a batch of them
+                f()
+
+        return run
+
+    backends = ["triton", "torch"] if device == "cuda" else ["torch"]
+    methods = {"eager": repeat(lambda: _eager_swav(scores))}
+    for bk in backends:
+        methods[f"runx_{bk}"] = repeat(lambda bk=bk: rk.sinkhorn(scores, backend=bk))
+    with torch.no_grad():
+        res = _run_case(methods, device, rounds)
+    for r in res.values():
+        if r["status"] == "ok":
+            r["ms"] /= inner
+    case = {"kind": "sinkhorn", "B": b, "K": k, "eps": 0.05, "iters": 3, "calls_per_timing": inner, "res": res}
+    with torch.no_grad():
+        ref = _eager_swav(scores.double()).float()
+        case["max_abs_err_vs_eager_fp64"] = {
+            f"runx_{bk}": (rk.sinkhorn(scores, backend=bk) - ref).abs().max().item() for bk in backends}
+    return case
+
+
+# ----------------------------------------------------------------------------------------
+# Report
+# ----------------------------------------------------------------------------------------
+
+
+def _rows(case, key):
+    base = case[key].get("eager", {})
+    for name, r in case[key].items():
+        if r.get("status") != "ok":
+            yield name, r.get("status"), "", "", ""
+            continue
+        t_ratio = m_ratio = ""
+        if base.get("status") == "ok":
+            t_ratio = f"{base['ms'] / r['ms']:.2f}x"  # speed-up over eager (>1 = faster)
+            m_ratio = f"{r['peak_extra_mb'] / max(base['peak_extra_mb'], 1e-9):.3f}"
+        yield name, f"{r['ms']:.3f}", f"{r['peak_extra_mb']:.1f}", t_ratio, m_ratio
+
+
+def print_table(cases):
+    hdr = f"{'case':<34} {'method':<12} {'ms':>10} {'peak MB':>10} {'speedup':>8} {'mem/eager':>9}"
+    print(hdr)
+    print("-" * len(hdr))
+    for c in cases:
+        if c["kind"] == "linear_logprob":
+            parts = [("fwd_bwd", "fwd+bwd"), ("fwd_only", "fwd")]
+            label = f"logprob N={c['N']} V={c['V']} H={c['H']}"
+        else:
+            parts = [("res", "")]
+            label = f"sinkhorn B={c['B']} K={c['K']}"
+        for key, tag in parts:
+            if key not in c:
+                continue
+            for name, ms, mb, tr, mr in _rows(c, key):
+                print(f"{(label + ' ' + tag):<34} {name:<12} {ms:>10} {mb:>10} {tr:>8} {mr:>9}")
+        if "max_abs_err_vs_eager" in c:
+            print(f"{'':<34} max|logp - eager| = {c['max_abs_err_vs_eager']}")
+        if "max_abs_err_vs_eager_fp64" in c:
+            print(f"{'':<34} max|Q - fp64| = {c['max_abs_err_vs_eager_fp64']}")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="fewer shapes and rounds")
+    ap.add_argument("--device", choices=["cuda", "cpu"], default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--out", default=str(REPO / "bench" / "results" / "kernels.json"))
+    args = ap.parse_args(argv)
+    device = args.device
+    if device == "cuda" and not torch.cuda.is_available():
+        ap.error("--device cuda but CUDA is unavailable")
+
+    if device == "cuda":
+        hsz, dtype, chunk = 4096, torch.bfloat16, None
+        lp_shapes = [(8192, 32000), (8192, 151936)]
+        if not args.quick:
+            lp_shapes += [(16384, 128256), (32768, 151936)]
+        sk_shapes = [(4096, 3000), (256 * 8, 3000)]
+        rounds, sk_inner = (3, 10) if args.quick else (5, 20)
+    else:
+        hsz, dtype, chunk = 256, torch.float32, 128  # small chunk: the default would be all rows
+        lp_shapes = [(1024, 8000)] if args.quick else [(1024, 8000), (2048, 32000)]
+        sk_shapes = [(512, 300)] if args.quick else [(512, 300), (2048, 3000)]
+        rounds, sk_inner = (3, 2) if args.quick else (5, 3)
+
+    t_start = time.time()
+    cases = []
+    for n, v in lp_shapes:
+        try:
+            cases.append(bench_logprob(n, hsz, v, dtype, device, rounds, with_fwd=True, chunk=chunk))
+        except Exception as exc:  # setup itself failed (e.g. inputs do not fit)
+            cases.append({"kind": "linear_logprob", "N": n, "H": hsz, "V": v, "error": str(exc)[:300]})
+        print(f"[{time.time() - t_start:6.1f}s] logprob N={n} V={v} done", flush=True)
+    for b, k in sk_shapes:
+        try:
+            cases.append(bench_sinkhorn(b, k, device, rounds, sk_inner))
+        except Exception as exc:
+            cases.append({"kind": "sinkhorn", "B": b, "K": k, "error": str(exc)[:300]})
+        print(f"[{time.time() - t_start:6.1f}s] sinkhorn B={b} K={k} done", flush=True)
+
+    env = {"device": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
+           "torch": torch.__version__, "python": platform.python_version(), "quick": args.quick,
+           "wall_s": round(time.time() - t_start, 1)}
+    try:
+        import triton
+
+        env["triton"] = triton.__version__
+    except Exception:
+        env["triton"] = None
+    ok = [c for c in cases if "error" not in c]
+    print_table(ok)
+    for c in cases:
+        if "error" in c:
+            print("case failed:", c)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"env": env, "cases": cases}, indent=2))
+    print(f"wrote {out} in {env['wall_s']} s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,57 @@
+"""Backend selection shared by the kernels in this package.
+
+Triton is imported lazily and only when a Triton backend is actually chosen, so that
+``import runx.kernels`` stays cheap and works on machines whose triton install has no
+usable driver (CPU-only CI).  The Triton kernels run on CUDA tensors, or on CPU tensors
+through Triton's interpreter when ``TRITON_INTERPRET=1`` is set *before* the kernel
+modules are imported (``triton.jit`` reads it at decoration time).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+BACKENDS = ("auto", "torch", "triton")
+
+
+def interpret_mode() -> bool:
+    """True when Triton kernels will run in the (CPU, numpy-based) interpreter."""
+    return os.environ.get("TRITON_INTERPRET", "0").strip() not in ("", "0")
+
+
+@functools.lru_cache(maxsize=None)
+def triton_import_error() -> str | None:
+    """None if ``import triton`` works, else the reason (cached: import is slow)."""
+    try:
+        import triton  # noqa: F401
+        import triton.language  # noqa: F401
+    except Exception as exc:  # broad on purpose: broken driver setups raise odd errors
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+def resolve_backend(backend: str, tensor: torch.Tensor) -> str:
+    """Map ``backend`` ('auto' | 'torch' | 'triton') to the implementation to run.
+
+    'auto' picks Triton for CUDA tensors when triton imports, the torch reference
+    otherwise (it never picks the slow interpreter).  An explicit 'triton' that cannot
+    run raises instead of silently falling back, so benchmarks and tests cannot lie.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "torch":
+        return "torch"
+    if backend == "auto":
+        return "triton" if tensor.is_cuda and triton_import_error() is None else "torch"
+    if not (tensor.is_cuda or interpret_mode()):
+        raise RuntimeError(
+            "backend='triton' needs CUDA tensors, or TRITON_INTERPRET=1 (set before the "
+            "first triton kernel import) to run CPU tensors in Triton's interpreter"
+        )
+    err = triton_import_error()
+    if err is not None:
+        raise RuntimeError(f"backend='triton' requested but triton is unusable: {err}")
+    return "triton"

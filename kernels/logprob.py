@@ -1,0 +1,416 @@
+"""Per-token log-probabilities of an LM head without materialising the [N, V] logits.
+
+    logp[i]    = log_softmax((hidden[i] @ weight.T + bias) / temperature)[targets[i]]
+    entropy[i] = -sum_j p_ij log p_ij          (optional)
+
+Why: for N = 32k tokens and a 152k vocabulary the bf16 logits alone are 10 GB, the fp32
+log_softmax another 20 GB and their gradient as much again, for an output of N floats.
+
+Design (one ``torch.autograd.Function`` for both backends):
+
+* Forward keeps only per-row statistics (logsumexp, and entropy when asked): O(N) memory.
+  The torch path does it chunk by chunk over rows ([chunk, V] fp32 logits at a time);
+  the Triton path fuses the GEMM with an online softmax over vocab tiles, so it never
+  writes logits at all.
+* Backward *recomputes* the logits block by block from (hidden, weight, lse) instead of
+  stashing gradients computed in forward as Liger's FLCE does.  Trade-off: 8·N·H·V
+  FLOPs instead of 6·N·H·V (about 1.33x the GEMM work), but it supports an arbitrary
+  per-token upstream gradient (policy-gradient weights, masks, entropy bonus), which a
+  Liger-style "grad in forward" cannot do for ``reduction='none'`` (the weight gradient
+  sums over tokens, so the upstream per-token weights must be known in forward), and a
+  forward-only call (reference log-probs, rewards) costs no gradient work and O(N) memory.
+  Peak extra memory in backward: one block of d_logits of chunk·V elements plus one fp32
+  gradient accumulator.  The torch path walks row chunks [chunk, V] (fp32) and sums dW
+  over them (fp32 [V, H] when the weight is bf16/fp16: bf16 accumulation would drift by
+  ~0.4% per chunk).  The Triton path walks vocabulary slices [N, chunk·V/N] (input
+  dtype): each slice's dW rows come out of one GEMM over all tokens, and dH is summed in
+  fp32 [N, H], which is V/N times fewer bytes to accumulate than dW for LLM heads.
+* The gradient of the entropy is exact too (d H / d z_j = -p_j (log p_j + H)), so an
+  entropy bonus can be back-propagated through the same pass.
+* Rows whose target equals ``ignore_index`` get log-prob 0 and entropy 0 and contribute
+  no gradient.  Other targets must lie in [0, V) (not checked on CUDA: a check would
+  force a host sync).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+
+from ._backend import resolve_backend
+
+# Default budget for one chunk of logits, in elements (2**27 fp32 = 512 MiB).
+DEFAULT_CHUNK_ELEMS = 1 << 27
+
+
+def chunk_rows(n_rows: int, vocab: int, chunk: int | None = None) -> int:
+    """Rows per chunk: ``chunk`` if given, else as many as fit DEFAULT_CHUNK_ELEMS.
+
+    The largest logits block any path materialises is ``chunk_rows(...) * vocab``
+    elements; tests assert this bound.
+    """
+    if chunk is not None:
+        if int(chunk) < 1:
+            raise ValueError(f"chunk must be >= 1, got {chunk}")
+        return max(1, min(int(chunk), n_rows))
+    rows = max(1, DEFAULT_CHUNK_ELEMS // max(vocab, 1))
+    if rows >= 128:
+        rows -= rows % 128  # GEMM-friendly multiple of the tile size
+    return max(1, min(rows, n_rows))
+
+
+# ----------------------------------------------------------------------------------------
+# Mixed-precision matmul helpers (fp32 accumulation *and* fp32 output for bf16/fp16 input)
+# ----------------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_out_dtype_ok(device_index: int) -> bool:
+    """Whether ``torch.mm(..., out_dtype=torch.float32)`` works for bf16 on this GPU."""
+    try:
+        a = torch.ones(16, 16, device=f"cuda:{device_index}", dtype=torch.bfloat16)
+        return torch.mm(a, a, out_dtype=torch.float32).dtype == torch.float32
+    except (TypeError, RuntimeError):
+        return False
+
+
+class _Operands:
+    """Holds the weight in the form the chunk GEMMs need.
+
+    bf16/fp16 on CUDA: keep the weight as is and ask cuBLAS for fp32 output.  Anywhere
+    else (CPU, or an old torch): one fp32 copy of the weight per call; this is the
+    reference path, where exactness matters more than V·H·4 bytes.
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+        self.weight = weight
+        self.low_precision = weight.dtype in (torch.float16, torch.bfloat16)
+        self.native = (not self.low_precision) or (
+            weight.is_cuda and _cuda_out_dtype_ok(weight.device.index or 0)
+        )
+        self._w32 = None
+        self.b32 = None if bias is None else bias.float()
+
+    @property
+    def w32(self) -> torch.Tensor:
+        if self._w32 is None:
+            self._w32 = self.weight.float()
+        return self._w32
+
+    def logits(self, h_c: torch.Tensor, inv_temp: float) -> torch.Tensor:
+        """fp32 scaled logits of one chunk of rows: ((h_c @ W.T) + b) * inv_temp."""
+        if not self.low_precision:
+            z = h_c @ self.weight.T
+        elif self.native:
+            z = torch.mm(h_c, self.weight.T, out_dtype=torch.float32)
+        else:
+            z = h_c.float() @ self.w32.T
+        if self.b32 is not None:
+            z += self.b32
+        if inv_temp != 1.0:
+            z *= inv_temp
+        return z
+
+
+# ----------------------------------------------------------------------------------------
+# Torch reference path (chunked, exact) -- the spec every other path is tested against
+# ----------------------------------------------------------------------------------------
+
+
+def _torch_forward(hidden, weight, bias, targets, valid, inv_temp, chunk, want_ent):
+    n = hidden.shape[0]
+    ops = _Operands(weight, bias)
+    lse = torch.empty(n, dtype=torch.float32, device=hidden.device)
+    tgt = torch.zeros(n, dtype=torch.float32, device=hidden.device)
+    ent = torch.empty(n, dtype=torch.float32, device=hidden.device) if want_ent else None
+    safe_t = torch.where(valid, targets, 0)
+    for s in range(0, n, chunk):
+        e = min(s + chunk, n)
+        z = ops.logits(hidden[s:e], inv_temp)  # the only [chunk, V] buffer
+        lse_c = torch.logsumexp(z, dim=-1)
+        lse[s:e] = lse_c
+        tgt[s:e] = z.gather(1, safe_t[s:e, None]).squeeze(1)
+        if want_ent:
+            z -= lse_c[:, None]  # z now holds log p
+            # H = -sum p log p; torch.special.xlogy would also do, this keeps one temp.
+            ent[s:e] = -(z.exp() * z).sum(-1)
+        del z
+    return tgt, lse, ent
+
+
+def _torch_dlogits(ops, h_c, t_c, lse_c, g_c, ge_c, ent_c, inv_temp):
+    """d loss / d (h W^T + b) for one chunk, fp32 [c, V]."""
+    z = ops.logits(h_c, inv_temp)
+    z -= lse_c[:, None]  # log p
+    p = z.exp()
+    if ge_c is not None:
+        # dz_j = -p_j (g + ge (log p_j + H)) + g [j == t]
+        z += ent_c[:, None]
+        z *= ge_c[:, None]
+        z += g_c[:, None]
+        p *= z
+        p.neg_()
+    else:
+        p *= -g_c[:, None]
+    rows = torch.arange(h_c.shape[0], device=h_c.device)
+    p[rows, t_c] += g_c  # ignored rows have g == 0 and a safe target 0
+    if inv_temp != 1.0:
+        p *= inv_temp
+    return p
+
+
+# ----------------------------------------------------------------------------------------
+# Backward drivers
+# ----------------------------------------------------------------------------------------
+
+
+def _addmm_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """acc += a @ b, where acc may be fp32 while a, b are bf16/fp16 (fp32 accumulation
+    inside the GEMM, no rounding of the partial product to low precision)."""
+    if acc.dtype == a.dtype:
+        acc.addmm_(a, b)
+    elif a.is_cuda and _cuda_out_dtype_ok(a.device.index or 0):
+        acc += torch.mm(a, b, out_dtype=torch.float32)
+    else:
+        acc += a.float() @ b.float()
+
+
+class _GradAccumulator:
+    """dH (written per chunk), dW and db (summed over chunks, in fp32 when needed)."""
+
+    def __init__(self, hidden, weight, bias, n_chunks, need_h, need_w, need_b):
+        self.weight, self.n_chunks = weight, n_chunks
+        self.dh = torch.empty_like(hidden) if need_h else None
+        self.dw = None
+        if need_w:
+            # One chunk: a single GEMM writes dW with one rounding. Several chunks of a
+            # low-precision weight: accumulate in fp32 and round once at the end.
+            acc_dtype = torch.float32 if n_chunks > 1 else weight.dtype
+            self.dw = torch.zeros(weight.shape, dtype=acc_dtype, device=weight.device)
+        self.db = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if need_b else None
+
+    def add(self, s, e, h_c, dx, w32=None):
+        """Consume d_logits ``dx`` [c, V] of rows s:e (fp32, or the weight's dtype)."""
+        if self.db is not None:
+            self.db += dx.sum(0, dtype=torch.float32)
+        if dx.dtype == torch.float32 and self.weight.dtype != torch.float32:
+            if w32 is not None:  # CPU reference: keep everything in fp32
+                if self.dh is not None:
+                    self.dh[s:e] = dx @ w32
+                if self.dw is not None:
+                    self._acc_w(dx.T @ h_c.float())
+                return
+            dx = dx.to(self.weight.dtype)
+        if self.dh is not None:
+            torch.mm(dx, self.weight, out=self.dh[s:e])
+        if self.dw is not None:
+            _addmm_(self.dw, dx.T, h_c)
+
+    def _acc_w(self, contrib):
+        self.dw += contrib
+
+    def result(self):
+        dw = None if self.dw is None else self.dw.to(self.weight.dtype)
+        db = None if self.db is None else self.db
+        return self.dh, dw, db
+
+
+def _torch_backward(hidden, weight, bias, safe_t, lse, g, ge, ent, inv_temp, chunk, need_h, need_w, need_b):
+    """Row chunks: recompute [chunk, V] logits, dH rows complete, dW/db summed over chunks."""
+    n = hidden.shape[0]
+    acc = _GradAccumulator(hidden, weight, bias, math.ceil(n / chunk), need_h, need_w, need_b)
+    ops = _Operands(weight, bias)
+    w32 = None if ops.native else ops.w32
+    for s in range(0, n, chunk):
+        e = min(s + chunk, n)
+        dx = _torch_dlogits(ops, hidden[s:e], safe_t[s:e], lse[s:e], g[s:e],
+                            None if ge is None else ge[s:e], None if ge is None else ent[s:e], inv_temp)
+        acc.add(s, e, hidden[s:e], dx, w32=w32)
+        del dx
+    return acc.result()
+
+
+def vocab_slice(n_rows: int, vocab: int, chunk_rows_: int) -> int:
+    """Columns per vocabulary slice in the Triton backward: [N, slice] holds at most
+    chunk_rows * V elements, the same bound as the torch path's row chunks."""
+    cols = max(1, (chunk_rows_ * vocab) // max(n_rows, 1))
+    if cols >= 256:
+        cols -= cols % 128  # whole GEMM / kernel tiles
+    return min(cols, vocab)
+
+
+def _triton_backward(hidden, weight, bias, safe_t, lse, g, ge, ent, inv_temp, chunk, need_h, need_w, need_b):
+    """Vocabulary slices: a Triton kernel recomputes the logits of all rows for a slice of
+    the vocabulary and writes d_logits [N, slice] (input dtype); cuBLAS then gives that
+    slice's dW rows *completely* (a GEMM over all N tokens, no cross-chunk accumulation)
+    and adds the slice's share of dH into an fp32 [N, H] accumulator.  Accumulating dH
+    (N*H) instead of dW (V*H) moves ~V/N times fewer bytes, the win for LLM heads where
+    V (32k-152k) exceeds the tokens per micro-batch.
+    """
+    from . import _triton_logprob as tk
+
+    n, v = hidden.shape[0], weight.shape[0]
+    cols = vocab_slice(n, v, chunk)
+    n_slices = math.ceil(v / cols)
+    buf = torch.empty((n, cols), dtype=hidden.dtype, device=hidden.device)
+    dh = dw = db = None
+    if need_h:
+        dh = torch.empty_like(hidden) if n_slices == 1 else torch.zeros(hidden.shape, dtype=torch.float32,
+                                                                          device=hidden.device)
+    if need_w:
+        dw = torch.empty_like(weight)
+    if need_b:
+        db = torch.empty(v, dtype=torch.float32, device=hidden.device)
+    for v0 in range(0, v, cols):
+        v1 = min(v0 + cols, v)
+        dx = tk.dlogits(hidden, weight[v0:v1], None if bias is None else bias[v0:v1], safe_t - v0, lse, g, ge, ent,
+                        inv_temp, out=buf[:, : v1 - v0])
+        if need_w:
+            torch.mm(dx.T, hidden, out=dw[v0:v1])
+        if need_b:
+            db[v0:v1] = dx.sum(0, dtype=torch.float32)
+        if need_h:
+            if n_slices == 1:
+                torch.mm(dx, weight, out=dh)
+            else:
+                _addmm_(dh, dx, weight[v0:v1])
+    if need_h and dh.dtype != hidden.dtype:
+        dh = dh.to(hidden.dtype)
+    return dh, dw, db
+
+
+# ----------------------------------------------------------------------------------------
+# autograd.Function
+# ----------------------------------------------------------------------------------------
+
+
+class _LinearLogprob(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, inv_temp, ignore_index, chunk, want_ent, impl):
+        valid = targets != ignore_index
+        if impl == "triton":
+            from . import _triton_logprob as tk
+
+            tgt, lse, ent = tk.forward(hidden, weight, bias, targets, inv_temp, want_ent)
+        else:
+            tgt, lse, ent = _torch_forward(hidden, weight, bias, targets, valid, inv_temp, chunk, want_ent)
+        zero = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        logp = torch.where(valid, tgt - lse, zero)
+        if ent is not None:
+            ent = torch.where(valid, ent, zero)
+        ctx.save_for_backward(hidden, weight, bias, targets, valid, lse, ent)
+        ctx.inv_temp, ctx.chunk, ctx.impl = inv_temp, chunk, impl
+        ctx.set_materialize_grads(False)
+        return logp, ent
+
+    @staticmethod
+    def backward(ctx, g_logp, g_ent):
+        # .backward() may be called inside an autocast region (CPU runs it on that thread).
+        with torch.autocast(ctx.saved_tensors[0].device.type, enabled=False):
+            return _LinearLogprob._backward(ctx, g_logp, g_ent)
+
+    @staticmethod
+    def _backward(ctx, g_logp, g_ent):
+        hidden, weight, bias, targets, valid, lse, ent = ctx.saved_tensors
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        if g_logp is None and g_ent is None or not (need_h or need_w or need_b):
+            return (None,) * 9
+        n, inv_temp, chunk = hidden.shape[0], ctx.inv_temp, ctx.chunk
+        zero = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        # Ignored rows: zero upstream gradient, safe target (the onehot term is g*[j==t]).
+        g = zero.expand(n) if g_logp is None else g_logp.float()
+        g = torch.where(valid, g, zero).contiguous()
+        ge = None
+        if g_ent is not None:
+            ge = torch.where(valid, g_ent.float(), zero).contiguous()
+        safe_t = torch.where(valid, targets, 0)
+        ent_arg = None if ge is None else ent
+        if ctx.impl == "triton":
+            dh, dw, db = _triton_backward(hidden, weight, bias, safe_t, lse, g, ge, ent_arg, inv_temp, chunk,
+                                          need_h, need_w, need_b and bias is not None)
+        else:
+            dh, dw, db = _torch_backward(hidden, weight, bias, safe_t, lse, g, ge, ent_arg, inv_temp, chunk,
+                                         need_h, need_w, need_b and bias is not None)
+        if db is not None:
+            db = db.to(bias.dtype)
+        return dh, dw, db, None, None, None, None, None, None
+
+
+# ----------------------------------------------------------------------------------------
+# Public entry point
+# ----------------------------------------------------------------------------------------
+
+
+def linear_logprob(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    chunk: int | None = None,
+    return_entropy: bool = False,
+    backend: str = "auto",
+    ignore_index: int = -100,
+):
+    """Log-probability of ``targets`` under ``softmax((hidden @ weight.T + bias) / T)``.
+
+    Args:
+        hidden: [..., H] activations (fp32, bf16 or fp16).
+        weight: [V, H] LM-head weight.  Under autocast, hidden/weight/bias are cast to the
+            autocast dtype (as ``F.linear`` would); otherwise weight/bias are cast to
+            ``hidden.dtype``.  Accumulation is always fp32.
+        targets: [...] integer token ids; entries equal to ``ignore_index`` give 0.
+        bias: optional [V].
+        temperature: T > 0; logits are divided by it (as RL samplers do).
+        chunk: rows per chunk of logits (default: ~2**27 logits per chunk).  The torch
+            path never holds more than one [chunk, V] block; the Triton forward holds
+            none, its backward one.
+        return_entropy: also return the entropy of each row's distribution (0 for
+            ignored rows).  Its gradient is exact, like the log-prob's.
+        backend: 'auto' (Triton on CUDA, torch elsewhere), 'torch' or 'triton'.
+        ignore_index: target value that marks padding.
+
+    Returns:
+        logp [...] fp32 (always <= 0), or (logp, entropy) if ``return_entropy``.
+        Differentiable w.r.t. hidden, weight and bias.
+    """
+    if hidden.shape[-1] != weight.shape[-1] or weight.dim() != 2:
+        raise ValueError(f"hidden [..., H] and weight [V, H] mismatch: {tuple(hidden.shape)} vs {tuple(weight.shape)}")
+    if targets.shape != hidden.shape[:-1]:
+        raise ValueError(f"targets shape {tuple(targets.shape)} != hidden.shape[:-1] {tuple(hidden.shape[:-1])}")
+    if targets.dtype.is_floating_point or targets.dtype == torch.bool:
+        raise TypeError("targets must be an integer tensor")
+    if not (hidden.dtype.is_floating_point and weight.dtype.is_floating_point):
+        raise TypeError("hidden and weight must be floating tensors")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    # Operand dtype: like F.linear, follow autocast when it is on; otherwise weight and
+    # bias follow hidden (a differentiable cast, so gradients reach the original dtype).
+    dev_type = hidden.device.type
+    dtype = hidden.dtype
+    if torch.is_autocast_enabled(dev_type):
+        dtype = torch.get_autocast_dtype(dev_type)
+    hidden, weight = hidden.to(dtype), weight.to(dtype)
+    bias = None if bias is None else bias.to(dtype)
+    lead = hidden.shape[:-1]
+    h2 = hidden.reshape(-1, hidden.shape[-1])
+    if h2.stride(-1) != 1:
+        h2 = h2.contiguous()
+    t1 = targets.reshape(-1).long()
+    w = weight if weight.stride(-1) == 1 else weight.contiguous()
+    b = None if bias is None else bias.contiguous()
+    impl = resolve_backend(backend, h2)
+    n, v = h2.shape[0], w.shape[0]
+    rows = chunk_rows(n, v, chunk)
+    if n == 0:
+        out = h2.new_zeros(lead, dtype=torch.float32)
+        return (out, out.clone()) if return_entropy else out
+    with torch.autocast(dev_type, enabled=False):  # our matmuls pick their own precision
+        logp, ent = _LinearLogprob.apply(h2, w, b, t1, 1.0 / float(temperature), int(ignore_index), rows,
+                                         bool(return_entropy), impl)
+    logp = logp.reshape(lead)
+    if return_entropy:
+        return logp, ent.reshape(lead)
+    return logp

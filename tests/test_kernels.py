@@ -1,0 +1,561 @@
+"""Tests for runx.kernels: linear_logprob and sinkhorn (issue #3).
+
+CPU tests check the torch reference paths against fp64 references.  The Triton kernels
+are checked on CPU through Triton's interpreter in a subprocess (TRITON_INTERPRET must be
+set before triton kernels are defined); those tests fail, never skip, if the interpreter
+cannot run.  Tests marked ``gpu`` run the same checks on CUDA and skip without it.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from runx.kernels import chunk_rows, linear_logprob, sinkhorn
+
+IGNORE = -100
+
+
+# ----------------------------------------------------------------------------------------
+# References and shared checkers (also run inside the interpreter subprocess and on GPU)
+# ----------------------------------------------------------------------------------------
+
+
+def _ref_logprob(h, w, t, b, temperature):
+    """fp64 log_softmax(h @ W.T / T).gather and entropy; ignored rows are 0."""
+    z = h.double() @ w.double().T
+    if b is not None:
+        z = z + b.double()
+    lp = torch.log_softmax(z / temperature, dim=-1)
+    valid = t != IGNORE
+    out = lp.gather(1, torch.where(valid, t, 0)[:, None]).squeeze(1)
+    ent = -(lp.exp() * lp).sum(-1)
+    zero = torch.zeros((), dtype=torch.float64, device=h.device)
+    return torch.where(valid, out, zero), torch.where(valid, ent, zero)
+
+
+def _rel(a, r):
+    a, r = a.double().cpu(), r.double().cpu()
+    assert torch.isfinite(a).all(), "non-finite values"
+    return ((a - r).norm() / r.norm().clamp_min(1e-30)).item()
+
+
+def _check_logprob(n, hsz, v, dtype, *, device="cpu", backend="torch", bias=True, temperature=1.0,
+                   chunk=None, entropy=True, ignore_frac=0.2, scale=1.0, seed=0, grad_tol=None):
+    """Values and gradients against fp64 autograd; returns the measured errors."""
+    gen = torch.Generator().manual_seed(seed)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    h = (torch.randn(n, hsz, generator=gen) * scale).to(dtype).to(device)
+    w = (torch.randn(v, hsz, generator=gen) / hsz**0.5 * 3).to(dtype).to(device)
+    b = (torch.randn(v, generator=gen)).to(dtype).to(device) if bias else None
+    t = torch.randint(0, v, (n,), generator=gen)
+    t[torch.rand(n, generator=gen) < ignore_frac] = IGNORE
+    t = t.to(device)
+    g_lp = torch.randn(n, generator=gen).to(device)  # arbitrary per-token upstream grads
+    g_ent = torch.randn(n, generator=gen).to(device)
+
+    leaves = [x.clone().requires_grad_() for x in (h, w) + ((b,) if bias else ())]
+    out = linear_logprob(leaves[0], leaves[1], t, bias=leaves[2] if bias else None, temperature=temperature,
+                         chunk=chunk, return_entropy=entropy, backend=backend)
+    lp, ent = out if entropy else (out, None)
+    assert lp.dtype == torch.float32 and lp.shape == (n,)
+    loss = (lp * g_lp).sum() + ((ent * g_ent).sum() if entropy else 0.0)
+    loss.backward()
+
+    ref_leaves = [x.detach().double().requires_grad_() for x in leaves]
+    rlp, rent = _ref_logprob(ref_leaves[0], ref_leaves[1], t, ref_leaves[2] if bias else None, temperature)
+    rloss = (rlp * g_lp.double()).sum() + ((rent * g_ent.double()).sum() if entropy else 0.0)
+    rloss.backward()
+
+    errs = {"logp": _rel(lp.detach(), rlp.detach())}
+    assert (lp <= 0).all(), f"positive log-prob {lp.max().item()}"
+    valid = t != IGNORE
+    assert (lp[~valid] == 0).all()
+    if entropy:
+        errs["entropy"] = _rel(ent.detach(), rent.detach())
+        assert (ent[~valid] == 0).all()
+        assert (ent[valid] >= -1e-4).all() and (ent[valid] <= torch.log(torch.tensor(float(v))) + 1e-3).all()
+    for name, mine, ref in zip(["d_hidden", "d_weight", "d_bias"], leaves, ref_leaves):
+        assert mine.grad is not None and mine.grad.dtype == dtype, name
+        errs[name] = _rel(mine.grad, ref.grad)
+    tols = {k: (grad_tol if grad_tol is not None and k.startswith("d_") else tol) for k in errs}
+    # Ignored rows contribute nothing: their hidden-state gradient is exactly zero.
+    assert (leaves[0].grad[~valid] == 0).all()
+    bad = {k: e for k, e in errs.items() if not e <= tols[k]}
+    assert not bad, f"errors above {tols}: {bad} (all: {errs})"
+    return errs
+
+
+def _swav_reference(scores, eps, iters, dtype=torch.float64):
+    """SwAV's distributed_sinkhorn for one process, verbatim (fp64 unless told)."""
+    q = torch.exp(scores.to(dtype) / eps).t()
+    q /= q.sum()
+    k, b = q.shape
+    for _ in range(iters):
+        q /= q.sum(dim=1, keepdim=True)
+        q /= k
+        q /= q.sum(dim=0, keepdim=True)
+        q /= b
+    q *= b
+    return q.t()
+
+
+def _cosine_scores(b, k, dim=32, seed=0, device="cpu"):
+    gen = torch.Generator().manual_seed(seed)
+    feats = F.normalize(torch.randn(b, dim, generator=gen), dim=1)
+    protos = F.normalize(torch.randn(k, dim, generator=gen), dim=1)
+    return (feats @ protos.T).to(device)
+
+
+def _check_sinkhorn(b, k, eps, *, backend="torch", device="cpu", dtype=torch.float32, iters=3, seed=0,
+                    scale=1.0):
+    scores = (_cosine_scores(b, k, seed=seed) * scale).to(dtype).to(device)
+    q = sinkhorn(scores, eps=eps, iters=iters, backend=backend)
+    assert q.shape == (b, k) and q.dtype == torch.float32
+    assert torch.isfinite(q).all()
+    ref = _swav_reference(scores.cpu(), eps, iters)
+    diff = (q.double().cpu() - ref).abs().max().item()
+    assert diff <= 1e-4, f"max |Q - Q_swav| = {diff}"
+    assert (q.sum(1).double().cpu() - 1).abs().max().item() <= 1e-5
+    return diff
+
+
+# ----------------------------------------------------------------------------------------
+# linear_logprob, torch reference path
+# ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    "n,hsz,v,bias,temperature,chunk",
+    [
+        (1, 8, 5, False, 1.0, None),
+        (37, 24, 101, True, 0.7, 10),  # odd sizes, several chunks (fp32 dW accumulation)
+        (64, 33, 257, False, 1.3, 64),
+        (19, 16, 1000, True, 1.0, 7),
+    ],
+)
+def test_logprob_matches_fp64(n, hsz, v, bias, temperature, chunk, dtype):
+    _check_logprob(n, hsz, v, dtype, bias=bias, temperature=temperature, chunk=chunk)
+
+
+def test_logprob_large_logits_stay_finite_and_nonpositive():
+    # Logits of magnitude ~1e3: a naive exp overflows, log-softmax must not.  In fp32,
+    # p = exp(z - lse) with z ~ 1e3 carries ~1e-4 relative error, hence grad_tol.  (Entropy
+    # is ~0 here, so only its absolute error is meaningful: checked separately below.)
+    errs = _check_logprob(23, 16, 77, torch.float32, scale=300.0, chunk=5, entropy=False, grad_tol=1e-3)
+    assert errs["logp"] < 1e-5
+    h, w = torch.randn(23, 16) * 300, torch.randn(77, 16) / 4 * 3
+    t = torch.randint(0, 77, (23,))
+    _, ent = linear_logprob(h, w, t, return_entropy=True, chunk=5)
+    _, rent = _ref_logprob(h, w, t, None, 1.0)
+    assert torch.isfinite(ent).all() and (ent.double() - rent).abs().max() < 1e-3
+
+
+def test_logprob_without_entropy_and_leading_dims():
+    torch.manual_seed(1)
+    h = torch.randn(2, 5, 12, requires_grad=True)
+    w = torch.randn(31, 12, requires_grad=True)
+    t = torch.randint(0, 31, (2, 5))
+    lp = linear_logprob(h, w, t, chunk=3)
+    assert lp.shape == (2, 5)
+    ref = torch.log_softmax(h.double() @ w.double().T, -1).gather(-1, t[..., None]).squeeze(-1)
+    assert _rel(lp.detach(), ref.detach()) < 1e-6
+    lp.sum().backward()
+    ref.sum().backward()
+    assert h.grad is not None and w.grad is not None
+
+
+def test_logprob_follows_autocast_and_mixed_dtypes():
+    torch.manual_seed(4)
+    h = torch.randn(13, 16, requires_grad=True)
+    w = torch.randn(40, 16, requires_grad=True)
+    t = torch.randint(0, 40, (13,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        lp = linear_logprob(h, w, t, chunk=4)
+        lp.sum().backward()
+    assert lp.dtype == torch.float32 and h.grad.dtype == torch.float32 and w.grad.dtype == torch.float32
+    ref, _ = _ref_logprob(h.detach().bfloat16(), w.detach().bfloat16(), t, None, 1.0)
+    assert _rel(lp.detach(), ref) < 1e-5  # bf16 operands, fp32 accumulation
+    # fp32 weight with bf16 hidden (no autocast): the weight follows hidden's dtype.
+    w.grad = None
+    lp2 = linear_logprob(h.detach().bfloat16(), w, t)
+    lp2.sum().backward()
+    assert w.grad.dtype == torch.float32 and _rel(lp2.detach(), ref) < 1e-5
+
+
+def test_logprob_all_ignored_gives_zero_and_no_grad():
+    h = torch.randn(6, 8, requires_grad=True)
+    w = torch.randn(11, 8, requires_grad=True)
+    t = torch.full((6,), IGNORE)
+    lp, ent = linear_logprob(h, w, t, return_entropy=True)
+    assert (lp == 0).all() and (ent == 0).all()
+    (lp.sum() + ent.sum()).backward()
+    assert (h.grad == 0).all() and (w.grad == 0).all()
+
+
+def test_logprob_chunk_size_does_not_change_result():
+    torch.manual_seed(2)
+    h, w = torch.randn(29, 10), torch.randn(45, 10)
+    t = torch.randint(0, 45, (29,))
+    outs = [linear_logprob(h, w, t, chunk=c, return_entropy=True) for c in (1, 4, 29, None)]
+    for lp, ent in outs[1:]:
+        torch.testing.assert_close(lp, outs[0][0], rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(ent, outs[0][1], rtol=1e-6, atol=1e-6)
+
+
+def test_logprob_forward_only_under_no_grad():
+    h, w = torch.randn(9, 6), torch.randn(13, 6)
+    t = torch.randint(0, 13, (9,))
+    with torch.no_grad():
+        lp = linear_logprob(h, w, t)
+    assert not lp.requires_grad
+    ref, _ = _ref_logprob(h, w, t, None, 1.0)
+    assert _rel(lp, ref) < 1e-6
+
+
+def test_logprob_rejects_bad_inputs():
+    h, w = torch.randn(4, 6), torch.randn(7, 6)
+    with pytest.raises(ValueError):
+        linear_logprob(h, w, torch.zeros(5, dtype=torch.long))
+    with pytest.raises(TypeError):
+        linear_logprob(h, w, torch.zeros(4))
+    with pytest.raises(ValueError):
+        linear_logprob(h, w, torch.zeros(4, dtype=torch.long), temperature=0.0)
+    with pytest.raises(ValueError):
+        linear_logprob(h, w, torch.zeros(4, dtype=torch.long), backend="cuda")
+    if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+        # An explicit Triton request on CPU without the interpreter must not silently fall back.
+        with pytest.raises(RuntimeError):
+            linear_logprob(h, w, torch.zeros(4, dtype=torch.long), backend="triton")
+
+
+def test_vocab_slice_helper():
+    from runx.kernels.logprob import vocab_slice
+
+    assert vocab_slice(37, 101, 10) == 27  # 37 * 27 <= 10 * 101
+    assert vocab_slice(32768, 151936, 883) % 128 == 0
+    assert vocab_slice(32768, 151936, 883) * 32768 <= 883 * 151936
+    assert vocab_slice(4, 100, 8) == 100
+
+
+def test_chunk_rows_helper():
+    assert chunk_rows(100, 50, 7) == 7
+    assert chunk_rows(5, 50, 7) == 5
+    assert chunk_rows(10**6, 152064) * 152064 <= 1 << 27
+    assert chunk_rows(10**6, 152064) % 128 == 0
+    assert chunk_rows(3, 10) == 3
+    with pytest.raises(ValueError):
+        chunk_rows(3, 10, 0)
+
+
+class _MaxBytes(TorchDispatchMode):
+    """Records the largest tensor (in bytes) produced by any aten op, forward and backward."""
+
+    def __init__(self):
+        super().__init__()
+        self.max_bytes = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for o in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(o, torch.Tensor):
+                self.max_bytes = max(self.max_bytes, o.numel() * o.element_size())
+        return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_logprob_torch_path_never_materialises_full_logits(dtype):
+    n, hsz, v, chunk = 256, 8, 4000, 16  # N*V = 1.02M >> chunk*V = 64k > V*H = 32k elements
+    h = torch.randn(n, hsz).to(dtype).requires_grad_()
+    w = torch.randn(v, hsz).to(dtype).requires_grad_()
+    b = torch.randn(v).to(dtype).requires_grad_()
+    t = torch.randint(0, v, (n,))
+    with _MaxBytes() as probe:
+        lp, ent = linear_logprob(h, w, t, bias=b, chunk=chunk, return_entropy=True, backend="torch")
+        (lp.sum() + ent.sum()).backward()
+    assert h.grad is not None and w.grad is not None and b.grad is not None
+    # Largest buffer: one fp32 chunk of logits (or an fp32 copy/accumulator of the weight).
+    assert probe.max_bytes <= 4 * max(chunk * v, v * hsz), probe.max_bytes
+    # ...and the probe does see a full materialisation when there is one.
+    with _MaxBytes() as probe_eager:
+        torch.log_softmax(h @ w.T, -1).gather(1, t[:, None]).sum().backward()
+    assert probe_eager.max_bytes >= n * v * w.element_size()
+
+
+# ----------------------------------------------------------------------------------------
+# sinkhorn, torch reference path
+# ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("b,k", [(37, 19), (64, 50), (130, 33), (48, 3000)])
+@pytest.mark.parametrize("eps", [0.05, 0.03])
+def test_sinkhorn_matches_swav_fp64(b, k, eps):
+    _check_sinkhorn(b, k, eps)
+
+
+def test_sinkhorn_prototype_marginals_converge():
+    b, k = 96, 24
+    q = sinkhorn(_cosine_scores(b, k, seed=3), eps=0.05, iters=300)
+    assert (q.sum(1) - 1).abs().max() <= 1e-5
+    assert (q.sum(0) - b / k).abs().max() <= 1e-3
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("eps", [0.01, 0.02])
+def test_sinkhorn_low_precision_small_eps_is_finite(dtype, eps):
+    # Scores up to ~2.5 (unnormalised prototypes): scores/eps reaches 250, so a naive exp
+    # overflows even in fp32 / bf16 at eps=0.02.
+    scores = (_cosine_scores(64, 40, dim=4, seed=4) * 2.5).to(dtype)
+    naive = _swav_reference(scores, eps, 3, dtype=torch.float32)  # SwAV's code as is, fp32
+    assert torch.isinf(torch.exp(scores.float() / eps)).any()
+    assert not torch.isfinite(naive).all()
+    q = sinkhorn(scores, eps=eps, iters=3)
+    assert torch.isfinite(q).all()
+    assert (q.double() - _swav_reference(scores, eps, 3)).abs().max() <= 1e-4
+    assert (q.sum(1) - 1).abs().max() <= 1e-5
+
+
+def test_sinkhorn_outlier_sample_does_not_underflow():
+    # One sample far below every prototype's best match: exp(x - max) underflows to 0 for
+    # its whole column in a max-shifted linear-domain implementation (0/0 = NaN).
+    scores = _cosine_scores(32, 16, seed=5)
+    scores[7] = -1.0
+    q = sinkhorn(scores, eps=0.01, iters=3)
+    assert torch.isfinite(q).all()
+    assert (q.double() - _swav_reference(scores, 0.01, 3)).abs().max() <= 1e-4
+
+
+def test_sinkhorn_rejects_bad_args():
+    s = torch.randn(4, 3)
+    with pytest.raises(ValueError):
+        sinkhorn(s, iters=0)
+    with pytest.raises(ValueError):
+        sinkhorn(s, eps=0.0)
+    with pytest.raises(ValueError):
+        sinkhorn(s, world_sums="nccl")
+
+
+def test_sinkhorn_callable_world_sums_with_threads():
+    """Two threads act as ranks; the callable all-reduces through a barrier."""
+    scores = _cosine_scores(50, 30, seed=6)
+    parts = [scores[:20], scores[20:]]  # unequal local batches: B_global is summed
+    barrier = threading.Barrier(2)
+    slots: list = [None, None]
+    results: list = [None, None]
+    errors: list = []
+
+    def make_reduce(rank):
+        def reduce(t, op):
+            slots[rank] = t.clone()
+            barrier.wait()
+            out = torch.maximum(slots[0], slots[1]) if op == "max" else slots[0] + slots[1]
+            barrier.wait()  # both read before the next call overwrites the slots
+            return out
+
+        return reduce
+
+    def worker(rank):
+        try:
+            results[rank] = sinkhorn(parts[rank], eps=0.05, iters=3, world_sums=make_reduce(rank))
+        except Exception as exc:  # pragma: no cover - surfaced below
+            errors.append(exc)
+            barrier.abort()
+
+    threads = [threading.Thread(target=worker, args=(r,)) for r in range(2)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(60)
+    assert not errors, errors
+    full = sinkhorn(scores, eps=0.05, iters=3)
+    torch.testing.assert_close(torch.cat(results), full, rtol=0, atol=1e-6)
+
+
+def _gloo_worker(rank, world, init_file, out_dir, scores):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        local = scores.chunk(world)[rank]
+        q = sinkhorn(local, eps=0.05, iters=3, world_sums="auto")
+        torch.save(q, os.path.join(out_dir, f"q{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_sinkhorn_gloo_two_processes_match_single_process(tmp_path):
+    import torch.multiprocessing as mp
+
+    scores = _cosine_scores(64, 40, seed=7)
+    mp.spawn(_gloo_worker, args=(2, str(tmp_path / "init"), str(tmp_path), scores), nprocs=2, join=True)
+    q = torch.cat([torch.load(tmp_path / f"q{r}.pt") for r in range(2)])
+    full = sinkhorn(scores, eps=0.05, iters=3)
+    torch.testing.assert_close(q, full, rtol=0, atol=1e-6)
+    assert (q.double() - _swav_reference(scores, 0.05, 3)).abs().max() <= 1e-4
+
+
+# ----------------------------------------------------------------------------------------
+# Triton kernels through the interpreter (CPU).  TRITON_INTERPRET must be set before the
+# kernels are defined, so these run in a fresh interpreter process.  No skipping: if the
+# interpreter cannot run here the test fails with its output.
+# ----------------------------------------------------------------------------------------
+
+
+def _interp_logprob_checks():
+    from runx.kernels._backend import interpret_mode
+
+    assert interpret_mode(), "TRITON_INTERPRET not set in child"
+    for dtype in (torch.float32, torch.bfloat16):
+        # V=101 is not a multiple of BLOCK_V=32; H=24 not of BLOCK_H=16 (masked K loop);
+        # chunk=16 with N=37 makes 3 backward chunks (fp32 dW accumulator).
+        _check_logprob(37, 24, 101, dtype, backend="triton", bias=True, temperature=0.7, chunk=16)
+        _check_logprob(20, 32, 70, dtype, backend="triton", bias=False, entropy=False, chunk=None, seed=1)
+    _check_logprob(9, 16, 40, torch.float32, backend="triton", scale=300.0, seed=2, entropy=False,
+                   grad_tol=1e-3)  # huge logits
+    # The Triton path's largest buffer is bounded by chunk * V too (vocab slices in backward).
+    n, hsz, v, chunk = 96, 8, 1500, 8
+    h = torch.randn(n, hsz, requires_grad=True)
+    w = torch.randn(v, hsz, requires_grad=True)
+    t = torch.randint(0, v, (n,))
+    with _MaxBytes() as probe:  # (the interpreter's own argument copies are byte views)
+        lp, ent = linear_logprob(h, w, t, chunk=chunk, return_entropy=True, backend="triton")
+        (lp.sum() + ent.sum()).backward()
+    assert probe.max_bytes <= 4 * max(chunk * v, v * hsz), probe.max_bytes
+    # Same numbers as the torch path.
+    h, w = torch.randn(21, 16), torch.randn(53, 16)
+    t = torch.randint(0, 53, (21,))
+    a = linear_logprob(h, w, t, return_entropy=True, backend="triton")
+    r = linear_logprob(h, w, t, return_entropy=True, backend="torch")
+    torch.testing.assert_close(a, r, rtol=1e-5, atol=1e-5)
+    print("INTERP-OK logprob")
+
+
+def _interp_sinkhorn_checks():
+    from runx.kernels._backend import interpret_mode
+
+    assert interpret_mode(), "TRITON_INTERPRET not set in child"
+    _check_sinkhorn(37, 19, 0.05, backend="triton")
+    _check_sinkhorn(70, 45, 0.03, backend="triton", seed=1)
+    q = _check_sinkhorn(40, 33, 0.01, backend="triton", dtype=torch.bfloat16, scale=2.5, seed=2)
+    assert q <= 1e-4
+    scores = _cosine_scores(30, 20, seed=3)
+    ref = sinkhorn(scores, backend="torch")
+    torch.testing.assert_close(sinkhorn(scores, backend="triton"), ref, rtol=0, atol=1e-6)
+    # A (trivial, world size 1) reducer takes the unfused path used with several processes.
+    torch.testing.assert_close(sinkhorn(scores, backend="triton", world_sums=lambda t, op: t), ref,
+                               rtol=0, atol=1e-6)
+    print("INTERP-OK sinkhorn")
+
+
+_INTERP_TESTS = {
+    "test_triton_logprob_interpreter": "_interp_logprob_checks",
+    "test_triton_sinkhorn_interpreter": "_interp_sinkhorn_checks",
+}
+
+
+def _start_in_interpreter(fn_name: str):
+    code = (
+        "import importlib.util, sys\n"
+        "import runx.kernels\n"
+        "assert 'triton' not in sys.modules, 'import runx.kernels imported triton eagerly'\n"
+        f"spec = importlib.util.spec_from_file_location('kernel_tests_child', {__file__!r})\n"
+        "mod = importlib.util.module_from_spec(spec)\n"
+        "spec.loader.exec_module(mod)\n"
+        f"mod.{fn_name}()\n"
+    )
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONWARNINGS="ignore")
+    log = tempfile.TemporaryFile(mode="w+")  # a file, not a pipe: no buffer deadlock
+    proc = subprocess.Popen([sys.executable, "-c", code], env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
+    return proc, log
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _interpreter_children(request):
+    """Start the (slow, single-threaded) interpreter runs when the module starts, so they
+    overlap with the in-process tests; each interpreter test then waits for its child."""
+    selected = {item.originalname for item in request.session.items}
+    children = {t: _start_in_interpreter(fn) for t, fn in _INTERP_TESTS.items() if t in selected}
+    yield children
+    for proc, log in children.values():
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        log.close()
+
+
+def _wait_for_child(children, test_name):
+    proc, log = children[test_name]
+    try:
+        rc = proc.wait(timeout=600)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        rc = "timeout"
+    log.seek(0)
+    out = log.read()
+    assert rc == 0, f"interpreter run failed (rc={rc}):\n{out[-8000:]}"
+    assert "INTERP-OK" in out, out[-8000:]
+
+
+def test_triton_logprob_interpreter(_interpreter_children):
+    _wait_for_child(_interpreter_children, "test_triton_logprob_interpreter")
+
+
+def test_triton_sinkhorn_interpreter(_interpreter_children):
+    _wait_for_child(_interpreter_children, "test_triton_sinkhorn_interpreter")
+
+
+# ----------------------------------------------------------------------------------------
+# Real CUDA
+# ----------------------------------------------------------------------------------------
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_logprob(backend, dtype):
+    _check_logprob(300, 256, 5003, dtype, device="cuda", backend=backend, bias=True, temperature=0.8, chunk=128)
+    _check_logprob(77, 128, 1000, dtype, device="cuda", backend=backend, bias=False, entropy=False, seed=1)
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_gpu_logprob_peak_memory_is_chunked():
+    n, hsz, v, chunk = 4096, 512, 50000, 256
+    h = torch.randn(n, hsz, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    w = torch.randn(v, hsz, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    t = torch.randint(0, v, (n,), device="cuda")
+    for backend in ("triton", "torch"):
+        h.grad = w.grad = None
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        linear_logprob(h, w, t, chunk=chunk, backend=backend).sum().backward()
+        torch.cuda.synchronize()
+        extra = torch.cuda.max_memory_allocated() - base
+        full_logits_fp32 = n * v * 4
+        assert extra < 0.5 * full_logits_fp32, (backend, extra, full_logits_fp32)
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_gpu_sinkhorn(backend):
+    _check_sinkhorn(512, 3000, 0.05, backend=backend, device="cuda")
+    _check_sinkhorn(256, 300, 0.01, backend=backend, device="cuda", dtype=torch.bfloat16, scale=2.5, seed=1)
+    scores = _cosine_scores(1000, 700, seed=2, device="cuda")
+    ref = sinkhorn(scores, backend="torch")
+    torch.testing.assert_close(sinkhorn(scores, backend="triton"), ref, rtol=0, atol=1e-5)
+    torch.testing.assert_close(sinkhorn(scores, backend="triton", world_sums=lambda t, op: t), ref,
+                               rtol=0, atol=1e-5)
