@@ -1,78 +1,192 @@
-"""ZeRO-Infinity (NVMe offload) settings derived from the model instead of guessed.
+"""ZeRO-Infinity (NVMe offload) settings derived from the model and the disk instead of guessed.
 
-Raw DeepSpeed with hand-set buffers died with "Not enough buffers 0 for swapping 1" (shared/research/
-measured.md, on an H100 and on CPU). The parameter swapper needs a pinned buffer for every parameter
-that is in flight at once: each buffer must hold the largest parameter (partition), and the count must
-cover the parameters live under `stage3_max_live_parameters` / prefetch plus the ones a module's
-forward holds simultaneously. Tensors under 1 MiB are never swapped (MIN_AIO_BYTES in DeepSpeed).
+Why raw DeepSpeed crashed with "Not enough buffers 0 for swapping 1" (shared/research/measured.md, on an
+H100 and on CPU), read from deepspeed/runtime/zero/partitioned_param_coordinator.py (0.19.8):
+
+* A parameter partition on NVMe is read into one of `buffer_count` pinned buffers of `buffer_size`
+  elements, and that buffer stays taken until the parameter is *released* (re-partitioned).
+* Step 0 records the module trace and releases every parameter right after its module ran, so a handful
+  of buffers suffices — which is why hand-set counts survive step 0.
+* From step 1 on (complete trace) a parameter is kept, and so is its buffer, while its next use lies
+  within `stage3_max_reuse_distance` parameter elements (default 1e9). Everything used in the forward
+  pass and reused in the backward pass within that distance stays resident at the forward/backward turn.
+  For a model under ~0.5e9 parameters that is every swappable parameter; buffer_count 5/6/16 runs dry.
+* The NVMe prefetcher takes only free buffers, in trace order, so it never starves the module being run.
+
+So the live set at any moment is: parameters retained under the reuse distance R, plus the swappable
+parameters of the module being fetched; buffer_count must cover it (+1 for the single-parameter swap-in
+the optimizer does at start-up, +1 slack). Tensors whose partition is under max(1 MiB, aio.block_size)
+are never swapped (MIN_AIO_BYTES in DeepSpeed) and need no buffer. `buffer_size` must hold the largest
+swappable partition, rounded up to the I/O alignment.
+
+The aio block (block size, queue depth, threads) comes from a short read/write probe of nvme_path with
+DeepSpeed's own aio handle (O_DIRECT), cached per path and device in ~/.cache/runx/aio_probe.json.
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import time
 
-MIN_AIO_BYTES = 1024 ** 2
+MIN_AIO_BYTES = 1024 ** 2          # deepspeed/runtime/swap_tensor/utils.py
+AIO_ALIGNED_BYTES = 1024           # ditto: per-thread I/O alignment
+DEEPSPEED_DEFAULT_REUSE = 1e9      # stage3_max_reuse_distance default
+DEEPSPEED_AIO_DEFAULTS = {"block_size": 1048576, "queue_depth": 8, "intra_op_parallelism": 1,
+                          "single_submit": False, "overlap_events": True}
 
 
+# ----------------------------------------------------------------------------------- model statistics
 def param_stats(model, world_size: int = 1) -> dict:
-    numels = [getattr(p, "ds_numel", p.numel()) for p in model.parameters()]
-    numels.sort(reverse=True)
+    """Sizes of a model's parameters (ZeRO-3 aware: `ds_numel` when partitioned), largest first, plus the
+    forward-order sizes and, per module, how many parameters one fetch brings in."""
+    seen, order = set(), []
+    for p in model.parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        order.append(int(getattr(p, "ds_numel", p.numel())))
+    per_module = [sum(1 for _ in m.parameters(recurse=False)) for m in model.modules()]
+    numels = sorted(order, reverse=True)
     return {"n_params": sum(numels), "largest": numels[0] if numels else 0, "count": len(numels),
-            "numels": numels, "world_size": world_size}
+            "numels": numels, "forward_numels": order, "module_max_params": max(per_module or [1]),
+            "world_size": world_size}
 
 
-def derive_param_buffers(stats: dict, bytes_per_elem: int, max_live: float, prefetch: float) -> tuple[int, int]:
-    """(buffer_count, buffer_size in elements) for offload_param=nvme."""
-    world = max(1, stats["world_size"])
-    largest_part = -(-stats["largest"] // world)
-    # buffer size: >= the largest parameter partition, aligned to the aio block
-    align = MIN_AIO_BYTES // bytes_per_elem
-    size = max(align, -(-largest_part // align) * align)
-    swappable = [-(-n // world) for n in stats["numels"] if -(-n // world) * bytes_per_elem >= MIN_AIO_BYTES]
-    # live set: enough buffers for the parameters that can be resident at once (max_live + prefetch
-    # elements), counted with the smallest swappable tensors (worst case = most tensors), plus slack
-    # for the module being computed and the one being prefetched.
-    budget = max_live + prefetch
-    live, acc = 0, 0
+def _partition(numel: int, world: int) -> int:
+    return -(-numel // max(1, world))
+
+
+def swappable_partitions(stats: dict, bytes_per_elem: int, block_size: int = MIN_AIO_BYTES) -> list[int]:
+    """Per-rank partition sizes (elements, forward order) of the parameters DeepSpeed swaps to NVMe."""
+    threshold = max(MIN_AIO_BYTES, int(block_size))
+    world = stats.get("world_size", 1)
+    return [_partition(n, world) for n in stats.get("forward_numels", stats["numels"])
+            if _partition(n, world) * bytes_per_elem >= threshold]
+
+
+def retained_under_reuse(swappable: list[int], reuse_distance: float) -> int:
+    """Most swappable parameters kept resident at once under stage3_max_reuse_distance = R.
+
+    At the forward/backward turn a parameter at forward position x (of F elements) is next used after
+    about 2(F - x) traversed elements, so it is kept iff it lies in the last R/2 elements of the forward
+    order. We bound it by the *most* swappable tensors fitting in R elements (smallest first): safe for
+    any order, tied weights and activation-checkpoint re-forwards.
+    """
+    kept, acc = 0, 0
     for n in sorted(swappable):
-        if acc + n > budget:
+        if acc + n > reuse_distance:
             break
         acc += n
-        live += 1
-    count = max(8, min(len(swappable), live) + 4)
-    # never fewer than all swappable params of the biggest module pair: cap at total swappable + 4
-    count = min(count, len(swappable) + 4) if swappable else 8
-    return count, size
+        kept += 1
+    return kept
 
 
-def check_nvme_path(path: str, need_bytes: int) -> None:
-    """Fail fast (before any model is built) on an unwritable or too-full nvme_path."""
-    try:
-        os.makedirs(path, exist_ok=True)
-        probe = os.path.join(path, ".runx_write_probe")
-        with open(probe, "wb") as f:
-            f.write(b"x" * 4096)
-        os.unlink(probe)
-    except OSError as e:
-        raise RuntimeError(f"trainer.nvme_path={path!r} is not writable ({e.strerror}); "
-                           f"ZeRO-Infinity needs {need_bytes / 2**30:.2f} GiB there. "
-                           f"Point trainer.nvme_path at a writable local NVMe folder.") from None
-    free = shutil.disk_usage(path).free
-    if free < need_bytes:
-        raise RuntimeError(f"trainer.nvme_path={path!r} has {free / 2**30:.2f} GiB free but ZeRO-Infinity "
-                           f"needs {need_bytes / 2**30:.2f} GiB (params + optimizer states). "
-                           f"Free space or choose another trainer.nvme_path.")
+def derive_param_buffers(stats: dict, bytes_per_elem: int, max_live: float, prefetch: float,
+                         max_reuse_distance: float = DEEPSPEED_DEFAULT_REUSE,
+                         block_size: int = MIN_AIO_BYTES) -> tuple[int, int]:
+    """(buffer_count, buffer_size in elements) for offload_param=nvme that cannot run out of buffers.
+
+    `max_live` / `prefetch` bound the gathered parameters and the prefetch, not the held buffers (the
+    NVMe prefetcher only takes free buffers), so the count follows the reuse distance; they are kept in
+    the signature for callers that pass the trainer's ZeRO-3 knobs.
+    """
+    swappable = swappable_partitions(stats, bytes_per_elem, block_size)
+    align = max(1, AIO_ALIGNED_BYTES // bytes_per_elem)
+    largest = max(swappable, default=MIN_AIO_BYTES // bytes_per_elem)
+    size = -(-largest // align) * align
+    module_max = min(len(swappable), int(stats.get("module_max_params", 2))) or 1
+    count = retained_under_reuse(swappable, max_reuse_distance) + module_max + 2
+    return int(count), int(size)
 
 
-def nvme_bytes_needed(n_params: int, offload_param: bool, offload_optimizer: bool, param_bytes: int) -> int:
+def reuse_distance_for_buffers(stats: dict, bytes_per_elem: int, buffer_count: int,
+                               block_size: int = MIN_AIO_BYTES) -> float:
+    """The largest stage3_max_reuse_distance whose live set fits `buffer_count` buffers (0 = release every
+    parameter after use). Raises when even that cannot fit (fewer buffers than one module needs)."""
+    swappable = swappable_partitions(stats, bytes_per_elem, block_size)
+    module_max = min(len(swappable), int(stats.get("module_max_params", 2))) or 1
+    room = int(buffer_count) - module_max - 2
+    if room < 0:
+        raise ValueError(f"trainer.nvme_buffer_count={buffer_count} is too small: one module fetch needs "
+                         f"{module_max} NVMe buffers plus 2 (start-up swap-in, slack); use >= {module_max + 2} "
+                         f"or 'auto'")
+    return float(sum(sorted(swappable)[:room]))
+
+
+def nvme_param_settings(stats: dict, bytes_per_elem: int, buffer_count="auto", buffer_size="auto",
+                        block_size: int = MIN_AIO_BYTES, max_reuse_distance: float | None = None) -> dict:
+    """The offload_param block plus the ZeRO-3 reuse distance that keeps it from running dry.
+
+    buffer_count="auto": DeepSpeed's reuse distance (or the one given) and enough buffers for it.
+    buffer_count=N: the reuse distance shrunk until the live set fits N buffers.
+    """
+    if buffer_count == "auto":
+        R = DEEPSPEED_DEFAULT_REUSE if max_reuse_distance is None else float(max_reuse_distance)
+        count, size = derive_param_buffers(stats, bytes_per_elem, 0, 0, R, block_size)
+    else:
+        count = int(buffer_count)
+        R = reuse_distance_for_buffers(stats, bytes_per_elem, count, block_size)
+        if max_reuse_distance is not None:
+            R = min(R, float(max_reuse_distance))
+        _, size = derive_param_buffers(stats, bytes_per_elem, 0, 0, R, block_size)
+    if buffer_size != "auto":
+        need = max(swappable_partitions(stats, bytes_per_elem, block_size), default=0)
+        if int(float(buffer_size)) < need:
+            raise ValueError(f"trainer.nvme_buffer_size={buffer_size} is smaller than the largest swapped "
+                             f"parameter partition ({need} elements); use >= {need} or 'auto'")
+        size = int(float(buffer_size))
+    return {"buffer_count": int(count), "buffer_size": int(size), "max_in_cpu": 0,
+            "stage3_max_reuse_distance": float(R)}
+
+
+def param_buffer_bytes(count: int, size: int, bytes_per_elem: int) -> int:
+    return int(count) * int(size) * int(bytes_per_elem)
+
+
+# ----------------------------------------------------------------------------------- disk space
+def nvme_bytes_needed(n_params: int, offload_param: bool, offload_optimizer: bool, param_bytes: int,
+                      optimizer_state_bytes: int = 8) -> int:
+    """Bytes ZeRO-Infinity writes under nvme_path (all ranks of this node together).
+
+    params: one `param_bytes` copy each; optimizer: fp32 master (4) + optimizer states (Adam: 8) + the
+    fp32 gradient partition DeepSpeed swaps with them (4). 10% + 64 MiB headroom for alignment padding.
+    """
     need = 0
     if offload_param:
         need += n_params * param_bytes
     if offload_optimizer:
-        need += n_params * 4 * 3  # fp32 master, exp_avg, exp_avg_sq
+        need += n_params * (4 + optimizer_state_bytes + 4)
     return int(need * 1.1) + 64 * MIN_AIO_BYTES
 
 
+def _gib(b: float) -> str:
+    return f"{b / 2**30:.2f} GiB"
+
+
+def check_nvme_path(path: str, need_bytes: int) -> None:
+    """Fail fast (before any model is built) on an unwritable or too-full nvme_path, naming the path and
+    the space needed."""
+    try:
+        os.makedirs(path, exist_ok=True)
+        probe = os.path.join(path, f".runx_write_probe.{os.getpid()}")
+        with open(probe, "wb") as f:
+            f.write(b"x" * 4096)
+            f.flush()
+            os.fsync(f.fileno())
+        os.unlink(probe)
+    except OSError as e:
+        raise RuntimeError(f"trainer.nvme_path={path!r} is not writable ({e.strerror or e}); ZeRO-Infinity needs "
+                           f"{_gib(need_bytes)} there. Point trainer.nvme_path at a writable local NVMe "
+                           f"folder.") from None
+    free = shutil.disk_usage(path).free
+    if free < need_bytes:
+        raise RuntimeError(f"trainer.nvme_path={path!r} has {_gib(free)} free but ZeRO-Infinity needs "
+                           f"{_gib(need_bytes)} there (parameters + optimizer states). Free space or choose "
+                           f"another trainer.nvme_path.")
+
+
+# ----------------------------------------------------------------------------------- the async_io op
 def build_async_io() -> bool:
     """JIT-build (or load the cached) DeepSpeed async_io op; True when it loads."""
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -93,9 +207,113 @@ def aio_available() -> bool:
         return False
 
 
+# ----------------------------------------------------------------------------------- aio probe
+PROBE_GRID = {"block_size": [262144, 1048576, 4194304], "queue_depth": [8, 32], "intra_op_parallelism": [1, 4]}
+
+
+def _cache_file() -> str:
+    root = os.environ.get("RUNX_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "runx"))
+    return os.path.join(root, "aio_probe.json")
+
+
+def _cache_key(path: str) -> str:
+    real = os.path.realpath(path)
+    return f"{real}|dev={os.stat(real).st_dev}"
+
+
+def cached_probe(path: str) -> dict | None:
+    try:
+        with open(_cache_file()) as f:
+            return json.load(f).get(_cache_key(path))
+    except (OSError, ValueError):
+        return None
+
+
+def probe_aio(path: str, size_mb: int = 64, grid: dict | None = None, refresh: bool = False,
+              time_budget_s: float = 30.0) -> dict:
+    """Read/write `size_mb` with DeepSpeed's aio handle (O_DIRECT) under each grid point; keep the fastest
+    (read + write time). Cached per (path, device). Returns the aio block plus the measured GB/s."""
+    os.makedirs(path, exist_ok=True)
+    if not refresh:
+        hit = cached_probe(path)
+        if hit is not None:
+            return hit
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import torch
+    from deepspeed.ops.op_builder import AsyncIOBuilder
+    aio = AsyncIOBuilder().load(verbose=False)
+    grid = grid or PROBE_GRID
+    numel = size_mb * 2**20 // 4
+    fname = os.path.join(path, f".runx_aio_probe.{os.getpid()}")
+    trials, t_start = [], time.perf_counter()
+    owner = aio.aio_handle(1048576, 8, False, True, 1)  # owns the page-locked buffer for the whole probe
+    buf = owner.new_cpu_locked_tensor(numel, torch.empty(0, dtype=torch.float32))
+    buf.uniform_()
+    try:
+        for bs in grid["block_size"]:
+            for qd in grid["queue_depth"]:
+                for th in grid["intra_op_parallelism"]:
+                    if trials and time.perf_counter() - t_start > time_budget_s:
+                        break
+                    h = aio.aio_handle(bs, qd, False, True, th)
+                    t0 = time.perf_counter()
+                    assert h.sync_pwrite(buf, fname) >= 0
+                    t1 = time.perf_counter()
+                    assert h.sync_pread(buf, fname) >= 0
+                    t2 = time.perf_counter()
+                    nbytes = numel * 4
+                    trials.append({"block_size": bs, "queue_depth": qd, "intra_op_parallelism": th,
+                                   "write_GBps": nbytes / (t1 - t0) / 1e9, "read_GBps": nbytes / (t2 - t1) / 1e9,
+                                   "seconds": t2 - t0})
+    finally:
+        owner.free_cpu_locked_tensor(buf)
+        if os.path.exists(fname):
+            os.unlink(fname)
+    best = min(trials, key=lambda t: t["seconds"])
+    default = next((t for t in trials if t["block_size"] == 1048576 and t["queue_depth"] == 8
+                    and t["intra_op_parallelism"] == 1), None)
+    result = {"block_size": best["block_size"], "queue_depth": best["queue_depth"],
+              "intra_op_parallelism": best["intra_op_parallelism"], "single_submit": False,
+              "overlap_events": True, "read_GBps": round(best["read_GBps"], 3),
+              "write_GBps": round(best["write_GBps"], 3), "probe_mb": size_mb, "trials": len(trials),
+              "default_seconds": default["seconds"] if default else None, "best_seconds": best["seconds"],
+              "path": os.path.realpath(path), "time": time.strftime("%Y-%m-%d %H:%M:%S")}
+    _store(path, result)
+    return result
+
+
+def _store(path: str, result: dict) -> None:
+    f = _cache_file()
+    os.makedirs(os.path.dirname(f), exist_ok=True)
+    try:
+        with open(f) as fh:
+            data = json.load(fh)
+    except (OSError, ValueError):
+        data = {}
+    data[_cache_key(path)] = result
+    tmp = f"{f}.{os.getpid()}.tmp"
+    with open(tmp, "w") as fh:
+        json.dump(data, fh, indent=1)
+    os.replace(tmp, f)
+
+
+def resolve_aio(tcfg) -> dict:
+    """The `aio` block for a trainer config: the user's values when they differ from DeepSpeed's defaults,
+    else the probe's (cached) choice for trainer.nvme_path."""
+    from omegaconf import OmegaConf
+    user = OmegaConf.to_container(tcfg.aio, resolve=True) if not isinstance(tcfg.aio, dict) else dict(tcfg.aio)
+    if any(user.get(k) != v for k, v in DEEPSPEED_AIO_DEFAULTS.items()):
+        return {**user, "use_gds": False}
+    probed = probe_aio(str(tcfg.nvme_path))
+    return {k: probed[k] for k in DEEPSPEED_AIO_DEFAULTS} | {"use_gds": False}
+
+
 if __name__ == "__main__":
     import sys
     if "--build-aio" in sys.argv:
         ok = build_async_io()
         print("async_io", "ready" if ok else "NOT compatible (install libaio-dev)")
         sys.exit(0 if ok else 1)
+    if "--probe" in sys.argv:
+        target = sys.argv[sys.argv.index("--probe") + 1]
+        print(json.dumps(probe_aio(target, refresh="--refresh" in sys.argv), indent=1))
