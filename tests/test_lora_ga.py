@@ -332,3 +332,33 @@ def test_same_init_with_zero3_cpu_offload_and_with_a_partitioned_model(tmp_path)
     # DeepSpeed's ZeRO-3 linear computes the weight gradient with its own kernel: round-off level only
     assert max_init_diff(ref, part) <= 1e-5
     assert_export_matches_engine(part, exports=("export_live",))
+
+
+# ============================================================================ the CLI, end to end
+def test_cli_smoke_on_the_embedded_default(tmp_path):
+    """`runx train recipe=lora_ga debug=smoke`: pretrained MiniLM classifier; the init is saved and logged."""
+    run = tmp_path / "run"
+    p = run_cli(["train", "recipe=lora_ga", "debug=smoke", f"run_dir={run}", "trainer.max_steps=2",
+                 "trainer.eval_every=2", "trainer.ckpt_every=2", "trainer.progress=false", "recipe.grad_batches=2"])
+    import json
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["steps"] == 2 and summary["lora_ga/grad_micro_batches"] == 2
+    assert 0 < summary["lora_ga/init_s"] < summary["lora_ga/init_s"] + summary["train_wall_s"]
+    assert 0.0 < summary["lora_ga/grad_energy_2r"] <= 1.0
+    tensors, meta = read_lora_ga_init(run / "lora_ga_init")
+    assert meta["rank"] == 8 and meta["direction"] == "ArB2r" and len(tensors) == 2 * len(meta["eta"])
+
+
+@pytest.mark.slow
+def test_resume_skips_the_init_and_continues_exactly(tmp_path):
+    args = [*MP, "trainer=zero3", "trainer.max_steps=4", "trainer.ckpt_every=2", "optim.scheduler=constant",
+            "optim.warmup_ratio=0", "optim.lr=1e-3"]
+    run_cli(["train", *args, f"run_dir={tmp_path / 'full'}"])
+    run_cli(["train", *args, "trainer.max_steps=2", f"run_dir={tmp_path / 'part'}"])
+    init = tmp_path / "part" / "lora_ga_init" / "init.safetensors"
+    stamp = init.stat().st_mtime_ns
+    p = run_cli(["train", *args, f"run_dir={tmp_path / 'part'}"])
+    assert "LoRA-GA init:" not in p.stdout + p.stderr and init.stat().st_mtime_ns == stamp
+    from conftest import losses
+    full, part = losses(tmp_path / "full"), losses(tmp_path / "part")
+    assert sorted(part) == [1, 2, 3, 4] and all(abs(full[s] - part[s]) <= 1e-6 for s in full)
