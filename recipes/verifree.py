@@ -1,0 +1,669 @@
+"""VeriFree: reinforcing general reasoning without verifiers (Zhou et al. 2025, arXiv 2505.21493).
+
+x question, z reasoning trace, y answer, y* reference answer. With a unique correct answer string the
+verifier's expected reward given z is the policy's own probability of y*:
+
+    J(theta) = E_{z ~ pi(.|x)} [ pi(y*|x,z) ]                                              (eq. 1)
+    grad J   = E_z [ R(z) (grad log pi(z|x) + grad log pi(y*|x,z)) ],   R(z) = pi(y*|x,z)   (eq. 2)
+
+One step on a micro-batch of prompts (VeriFree.loss, top to bottom):
+  1. rollout: G traces per question, sampled until the closing answer tag            (sample_responses)
+  2. cut each trace before the ">" of "<answer", append the reference answer        (build_verifree_sequences)
+     -> tokens(z + answer) == tokens(z) + tokens(answer): the trained z are the sampled z
+  3. one forward: per-token log-probs of z and of the answer from the final hidden states with the
+     fused kernel, no [tokens x vocab] logits                                        (sequence_logprobs)
+  4. R_i = exp(sum_answer log pi) in [0, 1]; 0 without an answer tag or when truncated  (verifree_rewards)
+  5. loss = mean_i [ -(R_i - b_i) sum_z log pi  -  R_i sum_answer log pi ],  b_i = RLOO baseline
+                                                                                      (verifree_loss)
+     whose gradient is minus the estimator of eq. 2:
+         g = 1/G sum_i [ (R_i - b_i) grad log pi(z_i|x) + R_i grad log pi(y*|x,z_i) ]
+  The trainer then does one on-policy optimizer step (grad clipping in the DeepSpeed config).
+
+`reward=verifier` is the baseline the paper compares with: the same loop with the answer sampled too,
+R_i = 1{boxed answer == y*}, and the (RLOO / Dr. GRPO) advantage on the whole response (verifier_loss).
+Its gradient has the same mean as VeriFree's and a larger variance: VeriFree's estimator is its
+Rao-Blackwellisation over y (Theorem 1).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import re
+from dataclasses import dataclass
+
+import torch
+
+from runx.recipes.verifree_task import ArithmeticTask, QADataset, read_hf, read_jsonl, split_rows
+from runx.trainers.recipe import TrainingRecipe
+
+log = logging.getLogger("runx.verifree")
+
+
+# =====================================================================================================
+# Templates and the answer boundary
+# =====================================================================================================
+
+def fill(template: str, **values: str) -> str:
+    """Replace the literal placeholders {question} / {answer}; other braces (\\boxed{}) stay as they are."""
+    for key, val in values.items():
+        template = template.replace("{" + key + "}", val)
+    return template
+
+
+def split_before_answer(text: str, split: str) -> str | None:
+    """The reasoning z of a sampled response: everything up to and including `split` ("<answer"),
+    or None when the response never opened the answer tag. Splitting before the ">" (not after
+    "<answer>") keeps tokenisation additive at the boundary: the patched answer starts with ">"."""
+    idx = text.find(split)
+    return None if idx < 0 else text[:idx] + split
+
+
+_BOXED = re.compile(r"\\boxed\{(.*)\}", re.S)
+
+
+def extract_answer(response: str, split: str, stop: str) -> str | None:
+    """The answer a response gives: the \\boxed{...} content after the opening answer tag (None if absent)."""
+    idx = response.find(split)
+    if idx < 0:
+        return None
+    seg = response[idx + len(split):]
+    end = seg.find(stop)
+    if end >= 0:
+        seg = seg[:end]
+    m = _BOXED.search(seg)
+    return m.group(1).strip() if m else None
+
+
+# =====================================================================================================
+# The estimator (eq. 2) on per-sequence token sums. Pure tensor code: the toy-policy test uses it too.
+# =====================================================================================================
+
+def group_baseline(rewards: torch.Tensor, group_size: int, kind: str) -> torch.Tensor:
+    """b_i from the other samples of the same question (rows are grouped G at a time).
+    rloo: mean of the other G-1 rewards (unbiased: b_i independent of sample i)
+    grpo: the group mean, including i (Dr. GRPO's advantage, no std division)
+    naive: 0"""
+    if kind == "naive":
+        return torch.zeros_like(rewards)
+    r = rewards.view(-1, group_size)
+    if kind == "rloo":
+        if group_size < 2:
+            raise ValueError("recipe.advantage=rloo needs recipe.group_size >= 2")
+        b = (r.sum(1, keepdim=True) - r) / (group_size - 1)
+    elif kind == "grpo":
+        b = r.mean(1, keepdim=True).expand_as(r)
+    else:
+        raise ValueError(f"recipe.advantage={kind!r}: valid choices are 'rloo', 'grpo', 'naive'")
+    return b.reshape(-1)
+
+
+def verifree_rewards(answer_logp_sum: torch.Tensor, has_answer: torch.Tensor) -> torch.Tensor:
+    """R_i = pi(y*|x,z_i) = exp(sum of the answer tokens' log-probs); 0 for traces without a usable
+    answer (no tag, truncated, too long). Detached: R is a weight, not a path for the gradient."""
+    lp = answer_logp_sum.detach().float()
+    return torch.where(has_answer, lp.clamp(max=0.0).exp(), torch.zeros_like(lp))
+
+
+def verifree_loss(think_logp_sum: torch.Tensor, answer_logp_sum: torch.Tensor, rewards: torch.Tensor,
+                  group_size: int, advantage: str = "rloo", answer_weight: str = "reward",
+                  valid: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+    """mean_i valid_i * [ -A_i * sum_z log pi  -  w_i * sum_answer log pi ]   (the reference's token sums)
+
+    A_i = R_i - b_i (baseline on the reasoning term only); w_i = R_i (paper), 1, or A_i."""
+    adv = rewards - group_baseline(rewards, group_size, advantage)
+    w = {"reward": rewards, "one": torch.ones_like(rewards), "advantage": adv}.get(answer_weight)
+    if w is None:
+        raise ValueError(f"recipe.answer_weight={answer_weight!r}: valid choices are 'reward', 'one', 'advantage'")
+    valid = torch.ones_like(rewards) if valid is None else valid.to(rewards.dtype)
+    pg = -(adv.detach() * think_logp_sum)                 # REINFORCE on z with the leave-one-out baseline
+    ans = -(w.detach() * answer_logp_sum)                 # R-weighted log-likelihood of the reference answer
+    loss = (valid * (pg + ans)).sum() / rewards.numel()
+    return loss, {"loss_pg": float((valid * pg).detach().sum() / rewards.numel()),
+                  "loss_answer": float((valid * ans).detach().sum() / rewards.numel())}
+
+
+def verifier_loss(response_logp_sum: torch.Tensor, rewards: torch.Tensor, group_size: int,
+                  advantage: str = "rloo", valid: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+    """mean_i valid_i * [ -A_i * sum_{z,y} log pi ],  A_i = r_i - b_i: REINFORCE with a binary verifier."""
+    adv = rewards - group_baseline(rewards, group_size, advantage)
+    valid = torch.ones_like(rewards) if valid is None else valid.to(rewards.dtype)
+    pg = -(adv.detach() * response_logp_sum)
+    loss = (valid * pg).sum() / rewards.numel()
+    return loss, {"loss_pg": float(loss.detach())}
+
+
+# =====================================================================================================
+# Rollout: G samples per question with HF generate (KV cache), stopping at the closing answer tag
+# =====================================================================================================
+
+@dataclass
+class Response:
+    prompt_index: int      # which question of the micro-batch
+    ids: list              # sampled token ids (through the stop string / eos; pads removed)
+    text: str              # decoded response, cut after the first stop string
+    finish: str            # "stop" (closing tag), "eos", or "length" (hit max_new_tokens: truncated)
+
+
+def unwrap(model):
+    """The HF model inside a DeepSpeed engine (or the model itself)."""
+    return getattr(model, "module", model)
+
+
+def is_zero3_partitioned(module) -> bool:
+    return any(hasattr(p, "ds_id") for p in module.parameters())
+
+
+class StopOnString:
+    """Per-sequence stopping criterion: true once the decoded tail contains the stop string."""
+
+    def __init__(self, tokenizer, stop: str, prompt_len: int):
+        self.tokenizer, self.stop, self.prompt_len = tokenizer, stop, prompt_len
+        self.tail = max(1, len(stop))
+
+    def __call__(self, input_ids: torch.Tensor, scores=None, **kwargs) -> torch.Tensor:
+        gen = input_ids[:, self.prompt_len:]
+        if gen.shape[1] == 0:
+            return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        tails = self.tokenizer.batch_decode(gen[:, -self.tail:], skip_special_tokens=True)
+        return torch.tensor([self.stop in t for t in tails], dtype=torch.bool, device=input_ids.device)
+
+
+@torch.no_grad()
+def sample_responses(policy, tokenizer, prompts: list[str], group_size: int, temperature: float, top_p: float,
+                     max_new_tokens: int, stop: str, chunk: int = 0) -> list[Response]:
+    """G responses per prompt, in prompt order (rows g*G .. g*G+G-1 belong to prompt g).
+
+    On a ZeRO-3 partitioned policy every rank must run the same number of forward passes, so
+    generation keeps stepping until all ranks finish (synced_gpus) when more than one rank exists."""
+    import torch.distributed as dist
+    from transformers import StoppingCriteriaList
+
+    device = next(policy.parameters()).device
+    synced = is_zero3_partitioned(policy) and dist.is_available() and dist.is_initialized() \
+        and dist.get_world_size() > 1
+    was_training = policy.training
+    policy.eval()
+    pad_id = tokenizer.pad_token_id
+    eos_id = tokenizer.eos_token_id
+    end_ids = {i for i in (pad_id, eos_id) if i is not None}
+    per_call = max(1, (chunk or len(prompts) * group_size) // group_size)
+    out: list[Response] = []
+    try:
+        for start in range(0, len(prompts), per_call):
+            part = prompts[start:start + per_call]
+            enc = tokenizer(part, return_tensors="pt", padding=True, padding_side="left")
+            input_ids, attn = enc.input_ids.to(device), enc.attention_mask.to(device)
+            plen = input_ids.shape[1]
+            sampling = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0) \
+                if temperature > 0 else dict(do_sample=False)
+            seqs = policy.generate(
+                input_ids=input_ids, attention_mask=attn, max_new_tokens=max_new_tokens,
+                num_return_sequences=group_size, use_cache=True, pad_token_id=pad_id, eos_token_id=eos_id,
+                stopping_criteria=StoppingCriteriaList([StopOnString(tokenizer, stop, plen)]),
+                synced_gpus=synced, **sampling)
+            for row, gen in enumerate(seqs[:, plen:].tolist()):
+                ids, finish = [], "length"
+                for t in gen:
+                    if t in end_ids:
+                        if t == eos_id:
+                            ids.append(t)
+                        finish = "eos"
+                        break
+                    ids.append(t)
+                text = tokenizer.decode(ids, skip_special_tokens=True)
+                cut = text.find(stop)
+                if cut >= 0:
+                    text, finish = text[:cut + len(stop)], "stop"
+                out.append(Response(start + row // group_size, ids, text, finish))
+    finally:
+        policy.train(was_training)
+    return out
+
+
+# =====================================================================================================
+# Sequences: prompt + z + reference answer (VeriFree) or prompt + sampled response (verifier)
+# =====================================================================================================
+
+THINK, ANSWER = 1, 2   # token roles: which sum a scored token belongs to
+
+
+@dataclass
+class ScoredBatch:
+    input_ids: torch.Tensor      # [N, T] right-padded
+    attention_mask: torch.Tensor
+    role: torch.Tensor           # [N, T] 0 = prompt/pad (not scored), THINK, ANSWER: role of token t
+    has_answer: torch.Tensor     # [N] bool: a usable answer segment (R may be > 0)
+    truncated: torch.Tensor      # [N] bool
+
+
+def _encode(tokenizer, texts: list[str]) -> list[list[int]]:
+    return tokenizer(texts, add_special_tokens=False).input_ids if texts else []
+
+
+def pack(prompt_ids: list[list[int]], segments: list[list[tuple[list[int], int]]], pad_id: int) -> tuple:
+    """Right-padded [prompt | seg_1 | seg_2 ...] rows and the per-token role tensor."""
+    rows, roles = [], []
+    for p, segs in zip(prompt_ids, segments):
+        ids, role = list(p), [0] * len(p)
+        for seg, r in segs:
+            ids += seg
+            role += [r] * len(seg)
+        rows.append(ids)
+        roles.append(role)
+    T = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
+    attn = torch.zeros((len(rows), T), dtype=torch.long)
+    role = torch.zeros((len(rows), T), dtype=torch.long)
+    for i, (ids, rl) in enumerate(zip(rows, roles)):
+        input_ids[i, :len(ids)] = torch.tensor(ids)
+        attn[i, :len(ids)] = 1
+        role[i, :len(rl)] = torch.tensor(rl)
+    return input_ids, attn, role
+
+
+def build_verifree_sequences(tokenizer, prompts: list[str], responses: list[Response], references: list[str],
+                             answer_template: str, split: str, max_new_tokens: int) -> ScoredBatch:
+    """prompt + z_i + patched reference answer, as the reference implementation builds them:
+    z_i = response text up to and including "<answer", re-tokenised from text; answer = "> \\boxed{y*} </answer>".
+    A response that never opened the tag keeps its sampled ids as z and has no answer (R=0); one that hit
+    max_new_tokens, or whose z + answer is longer than max_new_tokens, is truncated (R=0)."""
+    thinks = [split_before_answer(r.text, split) for r in responses]
+    with_tag = [i for i, t in enumerate(thinks) if t is not None]
+    think_ids = dict(zip(with_tag, _encode(tokenizer, [thinks[i] for i in with_tag])))
+    ans_ids = dict(zip(with_tag, _encode(tokenizer, [fill(answer_template, answer=references[responses[i].prompt_index])
+                                                     for i in with_tag])))
+    prompt_ids = tokenizer(prompts).input_ids
+    segs, has_answer, truncated = [], [], []
+    for i, r in enumerate(responses):
+        trunc = r.finish == "length"
+        if i in think_ids:
+            z, a = think_ids[i], ans_ids[i]
+            trunc = trunc or len(z) + len(a) > max_new_tokens
+            segs.append([(z, THINK), (a, ANSWER)])
+            has_answer.append(not trunc)
+        else:
+            segs.append([(list(r.ids), THINK)])
+            has_answer.append(False)
+        truncated.append(trunc)
+    input_ids, attn, role = pack([prompt_ids[r.prompt_index] for r in responses], segs, tokenizer.pad_token_id)
+    return ScoredBatch(input_ids, attn, role, torch.tensor(has_answer), torch.tensor(truncated))
+
+
+def build_response_sequences(tokenizer, prompts: list[str], responses: list[Response]) -> ScoredBatch:
+    """prompt + the sampled response ids, all scored as one segment (the verifier baseline)."""
+    prompt_ids = tokenizer(prompts).input_ids
+    segs = [[(list(r.ids), THINK)] for r in responses]
+    input_ids, attn, role = pack([prompt_ids[r.prompt_index] for r in responses], segs, tokenizer.pad_token_id)
+    trunc = torch.tensor([r.finish == "length" for r in responses])
+    return ScoredBatch(input_ids, attn, role, ~trunc, trunc)
+
+
+# =====================================================================================================
+# Log-probs of given tokens from the final hidden states (no full-vocab logits over the sequence)
+# =====================================================================================================
+
+def _head_logprob(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor, temperature: float,
+                  chunk: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """linear_logprob through the LM-head *module*: calling the module (not reading head.weight) lets
+    ZeRO-3 gather the partitioned weight for the call and route its gradient back to the partition."""
+    from runx.kernels import linear_logprob
+
+    def forward(h):
+        return linear_logprob(h, head.weight, targets, bias=getattr(head, "bias", None),
+                              temperature=temperature, chunk=chunk, return_entropy=True)
+    original = head.forward
+    head.forward = forward
+    try:
+        return head(hidden)
+    finally:
+        head.forward = original
+
+
+def sequence_logprobs(policy, batch: ScoredBatch, temperature: float = 1.0, fused: bool = True,
+                      chunk: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """log pi(token_t | prefix) and the entropy of that distribution for every scored token, as [N, T]
+    (0 elsewhere; position t holds the log-prob of input_ids[:, t]).
+
+    fused: final hidden states -> runx.kernels.linear_logprob at the scored positions only;
+    otherwise the model's full logits (the unfused baseline, [N, T, V] in memory)."""
+    device = next(policy.parameters()).device
+    ids, attn = batch.input_ids.to(device), batch.attention_mask.to(device)
+    scored = batch.role[:, 1:].to(device) > 0            # token t+1 is predicted from position t
+    targets = ids[:, 1:][scored]
+    if fused:
+        hidden = policy.get_decoder()(input_ids=ids, attention_mask=attn).last_hidden_state
+        h = hidden[:, :-1][scored]
+        lp, ent = _head_logprob(policy.get_output_embeddings(), h, targets, temperature, chunk)
+    else:
+        logits = policy(input_ids=ids, attention_mask=attn).logits[:, :-1].float() / temperature
+        logz = torch.log_softmax(logits, dim=-1)
+        lp = logz[scored].gather(-1, targets[:, None]).squeeze(-1)
+        ent = -(logz[scored].exp() * logz[scored]).sum(-1)
+    logp = torch.zeros(ids.shape, dtype=torch.float32, device=device)
+    entropy = torch.zeros(ids.shape, dtype=torch.float32, device=device)
+    pad = torch.zeros((ids.shape[0], 1), dtype=torch.bool, device=device)
+    where = torch.cat([pad, scored], dim=1)
+    logp = logp.masked_scatter(where, lp.float())
+    entropy = entropy.masked_scatter(where, ent.detach().float())
+    return logp, entropy
+
+
+# =====================================================================================================
+# Supervised warm-up on worked traces (cached), then the recipe
+# =====================================================================================================
+
+def warmup_texts(rows: list[dict], cfg) -> tuple[list[str], list[str]]:
+    """(prompt, target) pairs of the worked traces: target = trace + "<answer" + patched answer, the same
+    segmentation the RL sequences use."""
+    prompts, targets = [], []
+    for r in rows:
+        if "trace" not in r:
+            raise ValueError("recipe.warmup_steps > 0 needs worked traces: a 'trace' field in the data "
+                             "(the generated task has one; set recipe.warmup_steps=0 for data without)")
+        prompts.append(fill(cfg.prompt_template, question=r["question"]))
+        targets.append(r["trace"] + cfg.answer_split + fill(cfg.answer_template, answer=r["answer"]))
+    return prompts, targets
+
+
+class VeriFree(TrainingRecipe):
+    throughput_unit = "tokens"
+
+    def __init__(self, cfg, run_dir: str):
+        super().__init__(cfg, run_dir)
+        self.rc = cfg.recipe
+        rc = self.rc
+        if cfg.get("smoke"):
+            # debug=smoke: the same pipeline in seconds (tiny data, a few warm-up steps, short rollouts)
+            from omegaconf import open_dict
+            with open_dict(rc):
+                rc.warmup_steps = min(rc.warmup_steps, 10)
+                rc.warmup_examples = min(rc.warmup_examples, 32)
+                rc.warmup_batch_size = min(rc.warmup_batch_size, 8)
+                rc.task_train_size = min(rc.task_train_size, 64)
+                rc.task_eval_size = min(rc.task_eval_size, 8)
+                rc.group_size = min(rc.group_size, 4)
+                rc.max_new_tokens = min(rc.max_new_tokens, 32)
+        if rc.group_size < 1 or (rc.advantage == "rloo" and rc.group_size < 2):
+            raise ValueError(f"recipe.group_size={rc.group_size}: must be >= 2 with recipe.advantage=rloo")
+        if not rc.temperature > 0:
+            raise ValueError(f"recipe.temperature={rc.temperature}: RL sampling needs a temperature > 0")
+        if "{question}" not in rc.prompt_template:
+            raise ValueError("recipe.prompt_template must contain the placeholder {question}")
+        if "{answer}" not in rc.answer_template:
+            raise ValueError("recipe.answer_template must contain the placeholder {answer}")
+        if cfg.model.kind != "causal_lm":
+            raise ValueError(f"model.kind={cfg.model.kind!r}: verifree needs a causal_lm")
+        from runx.trainers.hf import load_tokenizer
+        self.tokenizer = load_tokenizer(cfg.model)
+        if self.tokenizer.pad_token_id is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self._tokens = 0
+        self._ref_model = None
+        self._vllm = None
+
+    # ---- building --------------------------------------------------------------------------------
+    def build_model(self):
+        from runx.trainers.hf import load_model
+        return load_model(self.cfg.model, tokenizer=self.tokenizer)
+
+    def build_data(self):
+        rc, data = self.rc, self.cfg.data
+        if data.kind in ("generated", "builtin"):
+            task = self.task()
+            train = task.generate(rc.task_train_size, "train")
+            held_out = task.generate(rc.task_eval_size, "eval")
+        elif data.kind == "jsonl":
+            if os.path.isdir(data.path) and os.path.exists(os.path.join(data.path, f"{data.train_split}.jsonl")):
+                train = read_jsonl(os.path.join(data.path, f"{data.train_split}.jsonl"), rc.question_field,
+                                   rc.answer_field)
+                ev = os.path.join(data.path, f"{data.eval_split}.jsonl")
+                held_out = read_jsonl(ev, rc.question_field, rc.answer_field) if os.path.exists(ev) else None
+            else:
+                train, held_out = read_jsonl(data.path, rc.question_field, rc.answer_field), None
+            if held_out is None:
+                train, held_out = split_rows(train, data.val_fraction, int(self.cfg.seed))
+        elif data.kind == "hf":
+            src = data.hf_name or data.path
+            train = read_hf(src, data.train_split, rc.question_field, rc.answer_field)
+            try:
+                held_out = read_hf(src, data.eval_split, rc.question_field, rc.answer_field)
+            except (KeyError, ValueError):
+                train, held_out = split_rows(train, data.val_fraction, int(self.cfg.seed))
+        else:
+            raise ValueError(f"data.kind={data.kind!r}: verifree reads 'generated' (the arithmetic task), "
+                             "'jsonl' or 'hf' data with question/answer fields")
+        if data.max_train_samples:
+            train = train[:data.max_train_samples]
+        if data.max_eval_samples:
+            held_out = held_out[:data.max_eval_samples]
+        self._warmup_rows = train[:self.rc.warmup_examples]
+        return QADataset(train), QADataset(held_out)
+
+    def task(self) -> ArithmeticTask:
+        rc = self.rc
+        return ArithmeticTask(steps=rc.task_steps, max_operand=rc.task_max_operand, seed=rc.task_seed)
+
+    def collate(self, examples: list) -> list:
+        return list(examples)             # a batch is a set of prompts
+
+    # ---- supervised warm-up, cached --------------------------------------------------------------
+    def warmup_cache_file(self) -> str:
+        """Keyed by everything that determines the warmed-up weights except the RL seed, so runs sharing
+        recipe.warmup_cache (an absolute path) start from the same policy."""
+        rc = self.rc
+        from omegaconf import OmegaConf
+        key = json.dumps({"model": OmegaConf.to_container(self.cfg.model, resolve=True),
+                          "data": [self.cfg.data.kind, self.cfg.data.path, self.cfg.data.hf_name],
+                          "warmup": [rc.warmup_steps, rc.warmup_examples, rc.warmup_batch_size, rc.warmup_lr],
+                          "task": [rc.task_steps, rc.task_max_operand, rc.task_seed, rc.task_train_size],
+                          "templates": [rc.prompt_template, rc.answer_template, rc.answer_split]},
+                         sort_keys=True, default=str)
+        root = rc.warmup_cache if os.path.isabs(rc.warmup_cache) else os.path.join(self.run_dir, rc.warmup_cache)
+        return os.path.join(root, hashlib.sha1(key.encode()).hexdigest()[:12], "model.safetensors")
+
+    def prepare(self, trainer, model):
+        if self.rc.warmup_steps <= 0:
+            return model
+        if is_zero3_partitioned(model):
+            raise ValueError("the supervised warm-up needs unpartitioned weights (it runs before the DeepSpeed "
+                             "engine); warm up once without parameter offload and point recipe.warmup_cache at it")
+        import torch.distributed as dist
+        from safetensors.torch import load_file
+        path = self.warmup_cache_file()
+        rank0 = not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+        if not os.path.exists(path) and rank0:
+            self.supervised_warmup(model, path)
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()
+        model.load_state_dict(load_file(path), strict=True)
+        log.info("warm-started policy from %s", path)
+        return model
+
+    def supervised_warmup(self, model, path: str) -> None:
+        """Next-token loss on (prompt -> worked trace + answer) pairs, prompt tokens masked; AdamW with a
+        cosine decay. Writes the weights atomically plus a log next to them."""
+        from safetensors.torch import save_file
+        from runx.trainers.datajob import atomic_path, atomic_write_json
+        rc = self.rc
+        prompts, targets = warmup_texts(self._warmup_rows, rc)
+        if not prompts:
+            raise ValueError("recipe.warmup_examples=0 but recipe.warmup_steps > 0")
+        device = next(model.parameters()).device
+        prompt_ids = self.tokenizer(prompts).input_ids
+        target_ids = _encode(self.tokenizer, targets)
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=rc.warmup_lr,
+                                weight_decay=0.0)
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda s: 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(s, rc.warmup_steps) / rc.warmup_steps)))
+        g = torch.Generator().manual_seed(rc.task_seed)
+        order = torch.randperm(len(prompts), generator=g).tolist()
+        pos, losses = 0, []
+        model.train()
+        for step in range(rc.warmup_steps):
+            idx = []
+            while len(idx) < rc.warmup_batch_size:
+                if pos == len(order):
+                    order, pos = torch.randperm(len(prompts), generator=g).tolist(), 0
+                idx.append(order[pos])
+                pos += 1
+            ids, attn, role = pack([prompt_ids[i] for i in idx], [[(target_ids[i], THINK)] for i in idx],
+                                   self.tokenizer.pad_token_id)
+            logp, _ = sequence_logprobs(model, ScoredBatch(ids, attn, role, None, None), 1.0, self.rc.fused_logprob,
+                                        self.rc.logprob_chunk)
+            loss = -logp.sum() / (role > 0).sum()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            losses.append(float(loss.detach()))
+            if step % 50 == 0 or step == rc.warmup_steps - 1:
+                log.info("warm-up step %d/%d: loss %.4f", step + 1, rc.warmup_steps, losses[-1])
+        with atomic_path(path) as tmp:
+            save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, tmp)
+        atomic_write_json(os.path.join(os.path.dirname(path), "warmup_log.json"),
+                          {"steps": rc.warmup_steps, "examples": len(prompts), "loss_first": losses[0],
+                           "loss_last": sum(losses[-10:]) / len(losses[-10:])})
+
+    def after_engine(self, trainer, engine) -> None:
+        if self.rc.kl_coef > 0:
+            # the KL anchor: the policy RL starts from (warm-up weights if any), frozen, outside the engine
+            ref = self.build_model()
+            if self.rc.warmup_steps > 0:
+                from safetensors.torch import load_file
+                ref.load_state_dict(load_file(self.warmup_cache_file()))
+            self._ref_model = ref.to(next(unwrap(engine).parameters()).device).eval().requires_grad_(False)
+
+    # ---- one step: rollout, patch, score, loss ---------------------------------------------------
+    def rollout(self, policy, prompts: list[str], group_size: int, temperature: float,
+                max_new_tokens: int) -> list[Response]:
+        rc = self.rc
+        if rc.rollout_backend == "vllm":
+            return self.vllm_rollout(policy, prompts, group_size, temperature, max_new_tokens)
+        return sample_responses(policy, self.tokenizer, prompts, group_size, temperature, rc.top_p,
+                                max_new_tokens, rc.stop_string, rc.rollout_chunk)
+
+    def loss(self, model, batch, step: int):
+        rc, G = self.rc, self.rc.group_size
+        policy = unwrap(model)
+        prompts = [fill(rc.prompt_template, question=ex["question"]) for ex in batch]
+        refs = [str(ex["answer"]).strip() for ex in batch]
+
+        # 1. rollout: z_i (and y_i) ~ pi(.|x), G per question
+        responses = self.rollout(policy, prompts, G, rc.temperature, rc.max_new_tokens)
+        sampled = [extract_answer(r.text, rc.answer_split, rc.stop_string) for r in responses]
+        correct = torch.tensor([a is not None and a == refs[r.prompt_index] for a, r in zip(sampled, responses)],
+                               dtype=torch.float32)
+
+        # 2. sequences: x + z_i + y* (split before ">" of "<answer") or x + z_i + y_i (verifier)
+        if rc.reward == "verifree":
+            seqs = build_verifree_sequences(self.tokenizer, prompts, responses, refs, rc.answer_template,
+                                            rc.answer_split, rc.max_new_tokens)
+        else:
+            seqs = build_response_sequences(self.tokenizer, prompts, responses)
+
+        # 3. log pi of every z / y token in one forward (fused log-prob, temperature-scaled like the sampler)
+        logp, entropy = sequence_logprobs(policy, seqs, rc.temperature, rc.fused_logprob, rc.logprob_chunk)
+        device = logp.device
+        role = seqs.role.to(device)
+        think_lp = (logp * (role == THINK)).sum(1)
+        answer_lp = (logp * (role == ANSWER)).sum(1)
+        norm = float(rc.max_new_tokens) if rc.loss_norm == "max_len" else 1.0
+        valid = ~seqs.truncated.to(device) if rc.ignore_truncated else None
+
+        # 4-5. rewards and the loss whose gradient is the estimator
+        if rc.reward == "verifree":
+            R = verifree_rewards(answer_lp, seqs.has_answer.to(device))
+            loss, parts = verifree_loss(think_lp / norm, answer_lp / norm, R, G, rc.advantage, rc.answer_weight,
+                                        valid)
+        else:
+            R = correct.to(device) * seqs.has_answer.to(device)
+            loss, parts = verifier_loss((think_lp + answer_lp) / norm, R, G, rc.advantage, valid)
+
+        # optional KL to the starting policy (k3 estimator, mean over each sequence's scored tokens)
+        if rc.kl_coef > 0:
+            with torch.no_grad():
+                ref_lp, _ = sequence_logprobs(self._ref_model, seqs, rc.temperature, rc.fused_logprob,
+                                              rc.logprob_chunk)
+            mask = (role > 0).float()
+            d = (ref_lp - logp) * mask
+            k3 = ((d.exp() - d - 1) * mask).sum(1) / mask.sum(1).clamp(min=1)
+            loss = loss + rc.kl_coef * k3.mean()
+            parts["kl"] = float(k3.mean())
+
+        scored = role > 0
+        self._tokens = int(seqs.attention_mask.sum())
+        no_tag = torch.tensor([split_before_answer(r.text, rc.answer_split) is None for r in responses],
+                              dtype=torch.float32)
+        metrics = {"reward": float(R.mean()), "acc": float(correct.mean()),
+                   "response_len": float(sum(len(r.ids) for r in responses) / len(responses)),
+                   "no_tag_frac": float(no_tag.mean()), "truncated_frac": float(seqs.truncated.float().mean()),
+                   "entropy": float(entropy[scored].mean()) if scored.any() else 0.0, **parts}
+        return loss, metrics
+
+    # ---- evaluation: held-out exact match --------------------------------------------------------
+    def evaluate(self, model, loader) -> dict:
+        import torch.distributed as dist
+        rc = self.rc
+        policy = unwrap(model)
+        max_new = rc.eval_max_new_tokens or rc.max_new_tokens
+        n = correct = no_tag = length = 0.0
+        for batch in loader:
+            prompts = [fill(rc.prompt_template, question=ex["question"]) for ex in batch]
+            if rc.eval_temperature > 0:
+                responses = sample_responses(policy, self.tokenizer, prompts, 1, rc.eval_temperature, rc.top_p,
+                                             max_new, rc.stop_string, rc.rollout_chunk)
+            else:
+                responses = sample_responses(policy, self.tokenizer, prompts, 1, 0.0, 1.0, max_new,
+                                             rc.stop_string, rc.rollout_chunk)
+            for r in responses:
+                ans = extract_answer(r.text, rc.answer_split, rc.stop_string)
+                correct += float(ans is not None and ans == str(batch[r.prompt_index]["answer"]).strip())
+                no_tag += float(split_before_answer(r.text, rc.answer_split) is None)
+                length += len(r.ids)
+                n += 1
+        tot = torch.tensor([n, correct, no_tag, length], dtype=torch.float64)
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(tot)
+        n = max(tot[0].item(), 1.0)
+        return {"acc": tot[1].item() / n, "no_tag_frac": tot[2].item() / n, "response_len": tot[3].item() / n}
+
+    # ---- throughput accounting -------------------------------------------------------------------
+    def batch_size(self, batch) -> int:
+        return len(batch)
+
+    def batch_tokens(self, batch) -> int:
+        """Tokens of the last update's sequences (the trainer asks after loss())."""
+        return self._tokens
+
+    # ---- optional vLLM rollout -------------------------------------------------------------------
+    def vllm_rollout(self, policy, prompts, group_size, temperature, max_new_tokens) -> list[Response]:
+        """Generation with vLLM (rollout_backend=vllm): a colocated engine whose weights are refreshed from the
+        policy before each rollout. Needs `vllm` and an unpartitioned policy (ZeRO 0-2)."""
+        try:
+            import vllm
+        except ImportError:
+            raise ImportError("recipe.rollout_backend=vllm needs the vllm package (pip install vllm); "
+                              "valid choices: 'hf' (default, always available), 'vllm'") from None
+        if is_zero3_partitioned(policy):
+            raise ValueError("recipe.rollout_backend=vllm needs the full weights on each rank: use ZeRO 0-2 "
+                             "or recipe.rollout_backend=hf")
+        if self._vllm is None:
+            folder = os.path.join(self.run_dir, "vllm_init")
+            policy.save_pretrained(folder)
+            self.tokenizer.save_pretrained(folder)
+            self._vllm = vllm.LLM(model=folder, gpu_memory_utilization=0.3, enable_prefix_caching=True)
+        weights = [(k, v.detach()) for k, v in policy.state_dict().items()]
+        self._vllm.llm_engine.model_executor.driver_worker.model_runner.model.load_weights(weights)
+        params = vllm.SamplingParams(n=group_size, temperature=temperature, top_p=self.rc.top_p,
+                                     max_tokens=max_new_tokens, stop=[self.rc.stop_string],
+                                     include_stop_str_in_output=True)
+        out = []
+        for i, res in enumerate(self._vllm.generate(prompts, params, use_tqdm=False)):
+            for o in res.outputs:
+                finish = "length" if o.finish_reason == "length" else "stop"
+                out.append(Response(i, list(o.token_ids), o.text, finish))
+        return out

@@ -1,0 +1,159 @@
+"""Question/answer data for VeriFree: the generated arithmetic reasoning task and JSONL / HF loading.
+
+Every example is a dict with `question` and `answer` (a short reference string, the y* of the paper);
+the generated task also carries `trace`, a worked reasoning trace used only by the supervised warm-up
+(RL itself sees question + reference answer only).
+
+The generated task: multi-step arithmetic word problems from templates, e.g.
+
+    question  "Ann has 7 pens. She buys 5. She loses 3. How many pens now?"
+    trace     "7+5=12. 12-3=9. "
+    answer    "9"
+
+Each problem is a start value and `steps` (+/- operand) updates; the held-out split is by the numeric
+signature (start, ops, operands), so an evaluation problem never appears in training under another name.
+"""
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import os
+import random
+from dataclasses import dataclass
+
+NAMES = [("Ann", "She"), ("Tom", "He"), ("Mia", "She"), ("Sam", "He"), ("Eva", "She"), ("Max", "He"),
+         ("Zoe", "She"), ("Leo", "He")]
+ITEMS = ["pens", "cups", "apples", "coins", "books", "stamps", "cards", "shells"]
+GAIN = ["buys {n}", "finds {n}", "gets {n}", "wins {n}"]
+LOSE = ["loses {n}", "gives away {n}", "sells {n}", "drops {n}"]
+
+
+@dataclass(frozen=True)
+class ArithmeticTask:
+    """Generator of arithmetic word problems with a deterministic train / held-out split."""
+    steps: int = 2             # number of +/- updates after the start value
+    max_operand: int = 9       # start value and operands are drawn from 1..max_operand
+    eval_fraction: float = 0.2  # fraction of numeric signatures reserved for evaluation
+    seed: int = 1234
+
+    def signature_is_eval(self, sig: tuple) -> bool:
+        h = int(hashlib.sha1(repr((self.seed, sig)).encode()).hexdigest()[:8], 16)
+        return (h % 10_000) < self.eval_fraction * 10_000
+
+    def sample(self, rng: random.Random) -> dict:
+        value = rng.randint(1, self.max_operand)
+        start, ops, trace = value, [], []
+        for _ in range(self.steps):
+            # subtract only when it keeps the running value >= 0, so answers stay natural numbers
+            if value >= 1 and rng.random() < 0.5:
+                n = rng.randint(1, min(value, self.max_operand))
+                trace.append(f"{value}-{n}={value - n}. ")
+                value, op = value - n, "-"
+            else:
+                n = rng.randint(1, self.max_operand)
+                trace.append(f"{value}+{n}={value + n}. ")
+                value, op = value + n, "+"
+            ops.append((op, n))
+        name, pron = rng.choice(NAMES)
+        item = rng.choice(ITEMS)
+        sents = [f"{name} has {start} {item}."]
+        for op, n in ops:
+            sents.append(f"{pron} " + rng.choice(GAIN if op == "+" else LOSE).format(n=n) + ".")
+        sents.append(f"How many {item} now?")
+        return {"question": " ".join(sents), "answer": str(value), "trace": "".join(trace),
+                "signature": repr((start, tuple(ops)))}
+
+    def generate(self, n: int, split: str, seed: int | None = None) -> list[dict]:
+        """n problems of one split ("train" or "eval"); eval problems have distinct signatures."""
+        if split not in ("train", "eval"):
+            raise ValueError(f"split={split!r}: valid choices are 'train', 'eval'")
+        rng = random.Random(f"{self.seed if seed is None else seed}-{split}")
+        out, seen, tries = [], set(), 0
+        want_eval = split == "eval"
+        while len(out) < n:
+            tries += 1
+            if tries > 200 * n + 10_000:
+                raise ValueError(f"cannot draw {n} {split} problems with steps={self.steps}, "
+                                 f"max_operand={self.max_operand}: the problem space is too small")
+            ex = self.sample(rng)
+            if self.signature_is_eval(ex["signature"]) != want_eval:
+                continue
+            if want_eval:  # held-out problems are distinct so accuracy is over distinct questions
+                if ex["signature"] in seen:
+                    continue
+                seen.add(ex["signature"])
+            out.append(ex)
+        return out
+
+
+# ---- external data: JSONL files / folders, HF datasets -------------------------------------------
+
+def _check_fields(row, source: str, question_field: str, answer_field: str) -> dict:
+    if not isinstance(row, dict):
+        raise ValueError(f"{source}: expected a JSON object, got {type(row).__name__}")
+    missing = [f for f in (question_field, answer_field) if f not in row]
+    if missing:
+        raise ValueError(f"{source}: missing field(s) {missing}; has {sorted(row)} "
+                         f"(set recipe.question_field / recipe.answer_field)")
+    out = {"question": str(row[question_field]), "answer": str(row[answer_field]).strip()}
+    if "trace" in row:
+        out["trace"] = str(row["trace"])
+    return out
+
+
+def read_jsonl(path: str, question_field: str = "question", answer_field: str = "answer") -> list[dict]:
+    """Rows of one .jsonl file, or of every *.jsonl in a folder (sorted); errors name file and line."""
+    files = sorted(glob.glob(os.path.join(path, "*.jsonl"))) if os.path.isdir(path) else [path]
+    if not files:
+        raise FileNotFoundError(f"data.path={path!r}: no .jsonl files there")
+    rows = []
+    for fname in files:
+        if not os.path.exists(fname):
+            raise FileNotFoundError(f"data.path={fname!r} does not exist")
+        with open(fname, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{fname}:{lineno}: not valid JSON ({e.msg})") from None
+                rows.append(_check_fields(row, f"{fname}:{lineno}", question_field, answer_field))
+    return rows
+
+
+def read_hf(name_or_path: str, split: str, question_field: str = "question",
+            answer_field: str = "answer") -> list[dict]:
+    """One split of a HF dataset: a `save_to_disk` folder (as the reference's webdata) or a hub/cache name."""
+    import datasets
+    if os.path.isdir(name_or_path) and os.path.exists(os.path.join(name_or_path, "dataset_dict.json")):
+        ds = datasets.load_from_disk(name_or_path)[split]
+    elif os.path.isdir(name_or_path) and os.path.exists(os.path.join(name_or_path, "dataset_info.json")):
+        ds = datasets.load_from_disk(name_or_path)
+    else:
+        ds = datasets.load_dataset(name_or_path, split=split)
+    return [_check_fields(row, f"{name_or_path}[{split}] row {i}", question_field, answer_field)
+            for i, row in enumerate(ds)]
+
+
+def split_rows(rows: list[dict], val_fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
+    """Deterministic train / held-out split of one list of rows."""
+    idx = list(range(len(rows)))
+    random.Random(seed).shuffle(idx)
+    n_eval = max(1, int(round(val_fraction * len(rows)))) if rows else 0
+    ev = set(idx[:n_eval])
+    return [r for i, r in enumerate(rows) if i not in ev], [r for i, r in enumerate(rows) if i in ev]
+
+
+class QADataset:
+    """A map-style dataset of {question, answer[, trace]} dicts (torch's DataLoader accepts it)."""
+
+    def __init__(self, rows: list[dict]):
+        self.rows = rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> dict:
+        return self.rows[i]

@@ -1,0 +1,377 @@
+"""VeriFree (issue #5): the estimator on a toy policy with a closed-form objective, the tokenisation split,
+reward / log-prob ranges, rollout and loss on a tiny model, data loading, and `runx train` end to end."""
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from runx.recipes import verifree as vf
+from runx.recipes.verifree_task import ArithmeticTask, read_jsonl
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# A local stand-in for runx.kernels.linear_logprob, used only if the kernels package lacks it
+# ---------------------------------------------------------------------------------------------------------
+
+def _reference_linear_logprob(hidden, weight, targets, bias=None, temperature=1.0, chunk=None,
+                              return_entropy=False, backend="auto", ignore_index=-100):
+    logits = (hidden.float() @ weight.float().T + (0 if bias is None else bias.float())) / temperature
+    logz = torch.log_softmax(logits, -1)
+    keep = targets != ignore_index
+    lp = logz.gather(-1, torch.where(keep, targets, 0)[..., None]).squeeze(-1) * keep
+    if return_entropy:
+        return lp, -(logz.exp() * logz).sum(-1) * keep
+    return lp
+
+
+@pytest.fixture(autouse=True)
+def _kernel_available(monkeypatch):
+    try:
+        from runx.kernels import linear_logprob  # noqa: F401
+    except ImportError:
+        import types
+        mod = types.ModuleType("runx.kernels")
+        mod.linear_logprob = _reference_linear_logprob
+        monkeypatch.setitem(sys.modules, "runx.kernels", mod)
+    yield
+
+
+def _cfg(*overrides):
+    """The composed default config with `key=value` overrides applied (values parsed as YAML)."""
+    import yaml
+    from omegaconf import OmegaConf, open_dict
+
+    from runx.cli.config import compose
+    cfg = compose(["recipe=verifree", "logger=none"])
+    with open_dict(cfg):
+        for ov in overrides:
+            key, value = ov.split("=", 1)
+            OmegaConf.update(cfg, key, yaml.safe_load(value), merge=False)
+    return cfg
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 1. The estimator on a two-token toy policy: unbiased for grad E_z[pi(y*|x,z)], and Rao-Blackwell
+# ---------------------------------------------------------------------------------------------------------
+
+class TwoTokenPolicy:
+    """pi(z) = softmax(a) over 2 reasoning tokens, pi(y|z) = softmax(b[z]) over 2 answers; y* = 1.
+    J(theta) = sum_z pi(z) pi(y*|z), so grad J is exact by autograd."""
+    Y_STAR = 1
+
+    def __init__(self):
+        g = torch.Generator().manual_seed(0)
+        self.a = torch.randn(2, generator=g).requires_grad_()
+        self.b = torch.randn(2, 2, generator=g).requires_grad_()
+
+    def params(self):
+        return [self.a, self.b]
+
+    def exact_grad(self) -> torch.Tensor:
+        J = (torch.softmax(self.a, 0) * torch.softmax(self.b, 1)[:, self.Y_STAR]).sum()
+        return torch.cat([g.flatten() for g in torch.autograd.grad(J, self.params())])
+
+    def estimators(self, draws: int, G: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """[draws, 6] VeriFree gradients and verifier-RLOO gradients, each draw from the same G sampled z
+        (the verifier also samples y). All draws in one backward: draw m reads its own copy of theta, so the
+        gradient w.r.t. copy m is that draw's estimate (times 1/draws, from the mean over rows)."""
+        def run(loss_fn):
+            a = self.a.detach().expand(draws, 2).clone().requires_grad_()
+            b = self.b.detach().expand(draws, 2, 2).clone().requires_grad_()
+            loss = loss_fn(torch.log_softmax(a, 1).gather(1, z), torch.log_softmax(b, 2))
+            ga, gb = torch.autograd.grad(loss, [a, b])
+            # the loss is minimised: the ascent direction on J is minus its gradient
+            return -draws * torch.cat([ga, gb.flatten(1)], 1)
+
+        with torch.no_grad():
+            z = torch.multinomial(torch.softmax(self.a, 0).expand(draws, 2), G, replacement=True, generator=gen)
+            py = torch.softmax(self.b, 1)[z]                                     # [draws, G, 2]
+            y = torch.multinomial(py.reshape(-1, 2), 1, generator=gen).view(draws, G)
+
+        def verifree(logp_z, logp_b):
+            answer_lp = logp_b.gather(1, z[..., None].expand(-1, -1, 2))[..., self.Y_STAR]   # log pi(y*|x,z_i)
+            R = vf.verifree_rewards(answer_lp.flatten(), torch.ones(draws * G, dtype=torch.bool))
+            return vf.verifree_loss(logp_z.flatten(), answer_lp.flatten(), R, G, "rloo", "reward")[0]
+
+        def verifier(logp_z, logp_b):
+            logp_y = logp_b.gather(1, z[..., None].expand(-1, -1, 2)).gather(2, y[..., None]).squeeze(2)
+            r = (y == self.Y_STAR).float().flatten()                            # binary verifier reward
+            return vf.verifier_loss((logp_z + logp_y).flatten(), r, G, "rloo")[0]
+
+        return run(verifree), run(verifier)
+
+
+def test_gradient_unbiased_and_lower_variance_than_verifier_on_two_token_policy():
+    pol = TwoTokenPolicy()
+    exact = pol.exact_grad()
+    draws = 20000
+    g_vf, g_v = pol.estimators(draws, 4, torch.Generator().manual_seed(1))
+    # Monte-Carlo mean within 3 standard errors of the exact gradient, every component
+    se = g_vf.std(0) / draws ** 0.5
+    assert torch.all((g_vf.mean(0) - exact).abs() <= 3 * se + 1e-7), (g_vf.mean(0), exact, se)
+    assert exact.abs().max() > 10 * se.max()          # the test has power: the gradient is far from 0
+    # the verifier estimator is unbiased too (same target), with more variance: Rao-Blackwell over y
+    se_v = g_v.std(0) / draws ** 0.5
+    assert torch.all((g_v.mean(0) - exact).abs() <= 3 * se_v + 1e-7)
+    var_vf, var_v = g_vf.var(0).sum(), g_v.var(0).sum()
+    assert var_vf <= var_v, (var_vf, var_v)
+
+
+def test_a_wrong_estimator_fails_the_toy_check():
+    """Power check of the test above: dropping the answer term (pure REINFORCE on z) is biased."""
+    pol = TwoTokenPolicy()
+    exact = pol.exact_grad()
+    draws, G = 20000, 4
+    gen = torch.Generator().manual_seed(1)
+    z = torch.multinomial(torch.softmax(pol.a, 0).detach().expand(draws, 2), G, replacement=True, generator=gen)
+    b = pol.b.detach().expand(draws, 2, 2).clone().requires_grad_()
+    a = pol.a.detach().expand(draws, 2).clone().requires_grad_()
+    answer_lp = torch.log_softmax(b, 2).gather(1, z[..., None].expand(-1, -1, 2))[..., 1].flatten()
+    R = vf.verifree_rewards(answer_lp, torch.ones(draws * G, dtype=torch.bool))
+    loss, _ = vf.verifree_loss(torch.log_softmax(a, 1).gather(1, z).flatten(), 0 * answer_lp, R, G)
+    ga, gb = torch.autograd.grad(loss, [a, b], allow_unused=True)
+    g = -draws * torch.cat([ga, torch.zeros(draws, 4)], 1)
+    se = g.std(0) / draws ** 0.5
+    assert not torch.all((g.mean(0) - exact).abs() <= 3 * se + 1e-7)
+
+
+def test_rloo_baseline_is_leave_one_out_and_naive_estimator_is_still_unbiased():
+    R = torch.tensor([0.2, 0.4, 0.9, 0.1, 1.0, 0.0])
+    b = vf.group_baseline(R, 3, "rloo")
+    assert torch.allclose(b, torch.tensor([0.65, 0.55, 0.3, 0.5, 0.05, 0.55]))
+    assert torch.allclose(vf.group_baseline(R, 3, "grpo"), torch.tensor([0.5] * 3 + [1.1 / 3] * 3))
+    with pytest.raises(ValueError, match="advantage"):
+        vf.group_baseline(R, 3, "bogus")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 2. Tokenisation at the split: tokens(z + answer) == tokens(z) + tokens(answer)
+# ---------------------------------------------------------------------------------------------------------
+
+def _random_text(rng: random.Random, n: int) -> str:
+    alphabet = "abcxyz0123456789 +-=.<>/\\{}\n" + "éü€中😀"
+    return "".join(rng.choice(alphabet) for _ in range(n))
+
+
+def test_tokenisation_is_additive_at_the_split_for_the_default_tokenizer():
+    from runx.trainers.hf import load_tokenizer
+    cfg = _cfg()
+    rc = cfg.recipe
+    tok = load_tokenizer(cfg.model)
+    rng = random.Random(0)
+    for _ in range(300):
+        response = _random_text(rng, rng.randint(0, 40)) + "<answer> \\boxed{" + _random_text(rng, 3) + "} </answer>"
+        think = vf.split_before_answer(response, rc.answer_split)
+        assert think is not None and think.endswith("<answer") and not think.endswith(">")
+        answer = vf.fill(rc.answer_template, answer=_random_text(rng, rng.randint(1, 6)))
+        assert answer.startswith(">")
+        enc = lambda s: tok(s, add_special_tokens=False).input_ids  # noqa: E731
+        assert enc(think + answer) == enc(think) + enc(answer)
+
+
+def test_built_sequences_equal_tokenised_prompt_think_answer():
+    from runx.trainers.hf import load_tokenizer
+    cfg = _cfg()
+    rc = cfg.recipe
+    tok = load_tokenizer(cfg.model)
+    prompts = [vf.fill(rc.prompt_template, question="Ann has 2 pens. She buys 3. How many pens now?")]
+    resp = [vf.Response(0, [], "2+3=5. <answer> \\boxed{6} </answer>", "stop"),
+            vf.Response(0, tok("2+3=5. I give up", add_special_tokens=False).input_ids, "2+3=5. I give up", "eos")]
+    seqs = vf.build_verifree_sequences(tok, prompts, resp, ["5"], rc.answer_template, rc.answer_split,
+                                       rc.max_new_tokens)
+    full = prompts[0] + "2+3=5. <answer> \\boxed{5} </answer>"       # the reference answer is patched in
+    n = len(tok(full).input_ids)
+    assert seqs.input_ids[0, :n].tolist() == tok(full).input_ids
+    answer_ids = seqs.input_ids[0][seqs.role[0] == vf.ANSWER].tolist()
+    assert tok.decode(answer_ids) == vf.fill(rc.answer_template, answer="5")
+    assert tok.decode(seqs.input_ids[0][seqs.role[0] == vf.THINK].tolist()) == "2+3=5. <answer"
+    assert seqs.has_answer.tolist() == [True, False]
+    assert (seqs.role[1] == vf.ANSWER).sum() == 0
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 3. Ranges: R in [0, 1], log-probs <= 0, no tag -> R = 0; the whole loss on a tiny random model
+# ---------------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    cfg = _cfg("recipe.warmup_steps=0", "recipe.group_size=4", "recipe.max_new_tokens=48",
+               "recipe.task_train_size=64", "recipe.task_eval_size=8")
+    torch.manual_seed(0)
+    recipe = vf.VeriFree(cfg, str(tmp_path_factory.mktemp("vf")))
+    model = recipe.build_model()
+    train, held_out = recipe.build_data()
+    return recipe, model, train, held_out
+
+
+def test_rewards_in_unit_interval_logprobs_nonpositive_and_no_tag_gets_zero(tiny):
+    recipe, model, _, _ = tiny
+    rc, tok = recipe.rc, recipe.tokenizer
+    prompts = [vf.fill(rc.prompt_template, question="Tom has 1 cup. He finds 1. How many cups now?")]
+    texts = ["1+1=2. <answer> \\boxed{2} </answer>", "1+1=3. <answer> \\boxed{3} </answer>",
+             "1+1=2. no tag here", "1+1=2. <answer> \\box"]
+    finishes = ["stop", "stop", "eos", "length"]
+    resp = [vf.Response(0, tok(t, add_special_tokens=False).input_ids, t, f) for t, f in zip(texts, finishes)]
+    seqs = vf.build_verifree_sequences(tok, prompts, resp, ["2"], rc.answer_template, rc.answer_split, 64)
+    logp, ent = vf.sequence_logprobs(model, seqs)
+    assert torch.all(logp <= 0) and torch.all(ent >= 0)
+    assert torch.all(logp[seqs.role > 0] < 0)                  # a random model is never certain
+    answer_lp = (logp * (seqs.role == vf.ANSWER)).sum(1)
+    R = vf.verifree_rewards(answer_lp, seqs.has_answer)
+    assert torch.all((R >= 0) & (R <= 1))
+    assert answer_lp[2] == 0 and R[2] == 0                      # no tag: no answer tokens, yet R = 0 (not e^0)
+    assert answer_lp[3] < 0 and R[3] == 0                       # truncated -> 0
+    assert torch.allclose(R[:2], answer_lp[:2].exp())           # R = pi(y*|x,z) = exp(sum of answer log-probs)
+    # the fused path equals the full-logits path
+    logp_full, _ = vf.sequence_logprobs(model, seqs, fused=False)
+    assert torch.allclose(logp, logp_full, atol=1e-5)
+
+
+class Scripted(torch.nn.Module):
+    """A policy whose generate() writes fixed continuations (one per sampled row, cycling), stepping the
+    stopping criterion like HF generate; log-probs come from the wrapped tiny model."""
+
+    def __init__(self, inner, tok, texts):
+        super().__init__()
+        self.inner = inner
+        self.scripts = [tok(t, add_special_tokens=False).input_ids for t in texts]
+        self.pad = tok.pad_token_id
+
+    def get_decoder(self):
+        return self.inner.get_decoder()
+
+    def get_output_embeddings(self):
+        return self.inner.get_output_embeddings()
+
+    def forward(self, *args, **kwargs):
+        return self.inner(*args, **kwargs)
+
+    def generate(self, input_ids, max_new_tokens, num_return_sequences, stopping_criteria, **kw):
+        ids = input_ids.repeat_interleave(num_return_sequences, 0)
+        rows = [self.scripts[i % len(self.scripts)] for i in range(ids.shape[0])]
+        done = torch.zeros(ids.shape[0], dtype=torch.bool)
+        for t in range(max_new_tokens):
+            nxt = torch.tensor([r[t] if t < len(r) and not d else self.pad for r, d in zip(rows, done)])
+            ids = torch.cat([ids, nxt[:, None]], 1)
+            done |= stopping_criteria[0](ids) | torch.tensor([t + 1 >= len(r) for r in rows])
+            if done.all():
+                break
+        return ids
+
+
+def test_loss_runs_rollout_and_backprops_for_both_rewards(tiny):
+    recipe, model, _, _ = tiny
+    rc = recipe.rc
+    rc.answer_template = ">{answer}"          # short, so a random model's R does not underflow to 0
+    texts = ["1+2=3. <answer>\\boxed{3} </answer>", "1+2=4. <answer>\\boxed{4} </answer>",
+             "1+2=3. no tag", "1+2=3. <answer>\\boxed{3} </answer>"]
+    policy = Scripted(model, recipe.tokenizer, texts)
+    batch = [{"question": "Ann has 1 pen. She buys 2. How many pens now?", "answer": "3"}] * 2
+    try:
+        for reward in ("verifree", "verifier"):
+            rc.reward = reward
+            model.zero_grad()
+            loss, metrics = recipe.loss(policy, batch, 0)
+            loss.backward()
+            assert torch.isfinite(loss)
+            assert metrics["acc"] == 0.5 and metrics["no_tag_frac"] == 0.25 and metrics["truncated_frac"] == 0
+            if reward == "verifier":
+                assert metrics["reward"] == 0.5
+            else:
+                assert 0 < metrics["reward"] < 1
+            assert metrics["entropy"] > 0
+            assert metrics["response_len"] == sum(len(s) for s in policy.scripts) / 4
+            grads = [p.grad for p in model.parameters() if p.grad is not None]
+            assert grads and all(torch.isfinite(g).all() for g in grads)
+            assert any(g.abs().sum() > 0 for g in grads)
+    finally:
+        rc.reward, rc.answer_template = "verifree", "> \\boxed{{answer}} </answer>"
+
+
+def test_rollout_from_the_model_and_metrics(tiny):
+    recipe, model, train, _ = tiny
+    loss, metrics = recipe.loss(model, [train[0], train[1]], 0)   # a random model: real HF generate path
+    loss.backward()
+    assert torch.isfinite(loss) and 0 <= metrics["reward"] <= 1
+    assert 0 < metrics["response_len"] <= recipe.rc.max_new_tokens
+
+
+def test_rollout_stops_at_closing_tag_and_groups_by_prompt(tiny):
+    recipe, model, _, _ = tiny
+    tok = recipe.tokenizer
+    pol = Scripted(model, tok, ["3+4=7. <answer> \\boxed{7} </answer> and more text"])
+    out = vf.sample_responses(pol, tok, ["Q: a\nA: ", "Q: bb\nA: "], 3, 1.0, 1.0, 64, "</answer>")
+    assert [r.prompt_index for r in out] == [0, 0, 0, 1, 1, 1]
+    assert all(r.text == "3+4=7. <answer> \\boxed{7} </answer>" and r.finish == "stop" for r in out)
+    short = vf.sample_responses(pol, tok, ["Q: a\nA: "], 2, 1.0, 1.0, 10, "</answer>")
+    assert all(r.finish == "length" and len(r.ids) == 10 for r in short)
+
+
+def test_bad_config_values_are_named():
+    with pytest.raises(ValueError, match="group_size"):
+        vf.VeriFree(_cfg("recipe.group_size=1"), "/tmp")
+    with pytest.raises(ValueError, match="prompt_template"):
+        vf.VeriFree(_cfg("recipe.prompt_template=no_placeholder"), "/tmp")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 4. Data: the generated task's held-out split, JSONL loading with file:line errors
+# ---------------------------------------------------------------------------------------------------------
+
+def test_generated_task_traces_are_correct_and_held_out_is_disjoint():
+    task = ArithmeticTask(steps=2, max_operand=9, seed=3)
+    train, held = task.generate(500, "train"), task.generate(50, "eval")
+    assert not {r["signature"] for r in train} & {r["signature"] for r in held}
+    for r in train[:100]:
+        last = r["trace"].strip().split(" ")[-1].rstrip(".")
+        assert last.split("=")[1] == r["answer"] and int(r["answer"]) >= 0
+        assert eval(last.split("=")[0]) == int(r["answer"])   # noqa: S307 (digits and +/- only)
+    assert len({r["signature"] for r in held}) == 50
+
+
+def test_jsonl_loading_names_file_and_line(tmp_path):
+    p = tmp_path / "d.jsonl"
+    p.write_text('{"question": "q1", "answer": "a1"}\n\n{"question": "q2", "answer": 7}\n')
+    assert read_jsonl(str(p)) == [{"question": "q1", "answer": "a1"}, {"question": "q2", "answer": "7"}]
+    p.write_text('{"question": "q1", "answer": "a1"}\n{"question": "q2"}\n')
+    with pytest.raises(ValueError, match=r"d\.jsonl:2: missing field"):
+        read_jsonl(str(p))
+    p.write_text('{"question": "q1", "answer": "a1"}\n{oops\n')
+    with pytest.raises(ValueError, match=r"d\.jsonl:2: not valid JSON"):
+        read_jsonl(str(p))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 5. End to end through the CLI
+# ---------------------------------------------------------------------------------------------------------
+
+def _train(run_dir, *overrides, timeout=600):
+    env = dict(os.environ, DS_ACCELERATOR="cpu", WANDB_MODE="disabled")
+    cmd = [sys.executable, "-m", "runx.cli.main", "train", "recipe=verifree", "debug=smoke",
+           f"run_dir={run_dir}", *overrides]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
+    return rows
+
+
+def test_runx_train_verifree_smoke_end_to_end(tmp_path):
+    rows = _train(tmp_path / "run")
+    assert rows and all(0 <= r["reward"] <= 1 for r in rows if "reward" in r)
+    assert any("eval/acc" in r for r in rows)
+    assert {"reward", "acc", "response_len", "no_tag_frac", "entropy"} <= set(rows[0])
+    assert any(os.scandir(tmp_path / "run" / "warmup"))          # the warm-up is cached in the run dir
+
+
+@pytest.mark.slow
+def test_runx_train_verifier_baseline_on_zero3_smoke(tmp_path):
+    rows = _train(tmp_path / "run", "recipe.reward=verifier", "trainer=zero3")
+    assert rows and all(r["reward"] in (0.0,) or 0 <= r["reward"] <= 1 for r in rows)
