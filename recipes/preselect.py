@@ -377,6 +377,34 @@ def positive_probability(model, texts: list[str]) -> np.ndarray:
                        dtype=np.float64, count=len(texts))
 
 
+_FASTTEXT_TRAIN = """
+import json, sys
+import fasttext
+args = json.loads(sys.argv[1])
+fasttext.train_supervised(input=args.pop("input"), **args["kwargs"]).save_model(args["output"])
+"""
+
+
+def train_fasttext_clean_process(train_file: str, out_path: str, kwargs: dict) -> None:
+    """fastText's supervised training in a fresh interpreter, the model saved atomically to `out_path`.
+
+    The installed fastText build leaves its input matrix's memory uninitialised (only the first 10% of rows
+    per thread are drawn; the rest is whatever the allocator hands back): in a process whose heap already
+    held large freed arrays, the matrix starts with garbage (we saw 1e25 entries and NaN losses), so the
+    classifier would depend on what ran before. A fresh process, with large allocations forced to fresh
+    (zeroed) pages, gives the same model for the same file and seed every time."""
+    import subprocess
+    import sys
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", OMP_NUM_THREADS="1")
+    with atomic_path(out_path) as tmp:
+        proc = subprocess.run([sys.executable, "-c", _FASTTEXT_TRAIN,
+                               json.dumps({"input": train_file, "output": tmp, "kwargs": kwargs})],
+                              capture_output=True, text=True, env=env)
+        if proc.returncode != 0:
+            raise RuntimeError(f"fastText training on {train_file} failed (exit {proc.returncode}):\n"
+                               f"{proc.stderr[-3000:]}")
+
+
 def prefix_closest_to(chars_in_order: np.ndarray, target: float) -> int:
     """How many documents, taken in this order, make a character count closest to `target` (within one doc)."""
     cum = np.concatenate([[0], np.cumsum(chars_in_order, dtype=np.int64)])
@@ -429,6 +457,8 @@ SMOKE_WORLD = {"num_facts": 120, "pool_shards": 3, "docs_per_pool_shard": 150, "
 
 
 def _all_at_once(ctx: JobContext) -> list[str]:
+    # A one-shard stage: shard index 0 belongs to task 0 and runs in-process; the other array tasks see the
+    # stage incomplete until task 0's marker exists, and wait. (Stage(parallel=False) would let them run on.)
     return ["all"]
 
 
@@ -556,14 +586,14 @@ class PreSelect(DataJob):
             Stage("sample", self.sample_keys, self.read_sample_shard),
             Stage("bpc", self.bpc_keys, self.bpc_shard),
             Stage("score", self.sample_keys, self.score_shard),
-            Stage("label", _all_at_once, self.make_labels, parallel=False),
-            Stage("train", _all_at_once, self.train_classifier, parallel=False),
+            Stage("label", _all_at_once, self.make_labels),
+            Stage("train", _all_at_once, self.train_classifier),
             Stage("filter_score", self.pool_keys, self.score_pool_shard),
-            Stage("filter_threshold", _all_at_once, self.compute_threshold, parallel=False),
+            Stage("filter_threshold", _all_at_once, self.compute_threshold),
             Stage("filter", self.pool_keys, self.filter_pool_shard),
         ]
         if self.builtin and self.rc.evaluate:
-            stages.append(Stage("students", _all_at_once, self.train_students, parallel=False))
+            stages.append(Stage("students", _all_at_once, self.train_students))
         return stages
 
     # ---- stage world: the generated pool, BPC sample and benchmark (embedded default) ----------------------
@@ -728,12 +758,12 @@ class PreSelect(DataJob):
     def train_classifier(self, ctx: JobContext, _key: str) -> dict:
         import fasttext
         rc, d = self.rc, ctx.stage_dir("train")
-        model = fasttext.train_supervised(
-            input=os.path.join(ctx.stage_dir("label"), "train.txt"), wordNgrams=int(rc.ft_word_ngrams),
-            epoch=int(rc.ft_epoch), lr=float(rc.ft_lr), dim=int(rc.ft_dim), minCount=int(rc.ft_min_count),
-            bucket=int(rc.ft_bucket), thread=int(rc.ft_threads), seed=self.seed, loss="softmax", verbose=0)
-        with atomic_path(os.path.join(d, "classifier.bin")) as tmp:
-            model.save_model(tmp)
+        out = os.path.join(d, "classifier.bin")
+        train_fasttext_clean_process(os.path.join(ctx.stage_dir("label"), "train.txt"), out, dict(
+            wordNgrams=int(rc.ft_word_ngrams), epoch=int(rc.ft_epoch), lr=float(rc.ft_lr), dim=int(rc.ft_dim),
+            minCount=int(rc.ft_min_count), bucket=int(rc.ft_bucket), thread=int(rc.ft_threads), seed=self.seed,
+            loss="softmax", verbose=0))
+        model = fasttext.load_model(out)
         return {"labels": list(model.get_labels()), **_heldout_metrics(
             model, os.path.join(ctx.stage_dir("label"), "heldout.txt"))}
 
@@ -784,9 +814,12 @@ class PreSelect(DataJob):
             last = order[n_keep - 1]
             thr.update(score=float(score[last]), shard=int(shard[last]), line=int(line[last]))
         kept_chars = int(chars[order[:n_keep]].sum())
+        # bins over the observed range: a classifier trained briefly on few labels keeps scores near 0.5
         bins = int(self.rc.histogram_bins)
-        docs_hist, edges = np.histogram(score, bins=bins, range=(0.0, 1.0))
-        chars_hist, _ = np.histogram(score, bins=bins, range=(0.0, 1.0), weights=chars)
+        lo, hi = (float(score.min()), float(score.max())) if len(score) else (0.0, 1.0)
+        span = (lo, hi) if hi > lo else (lo - 0.5e-3, hi + 0.5e-3)
+        docs_hist, edges = np.histogram(score, bins=bins, range=span)
+        chars_hist, _ = np.histogram(score, bins=bins, range=span, weights=chars)
         os.makedirs(self.out_dir, exist_ok=True)
         _plot_histogram(os.path.join(self.out_dir, "score_histogram.png"), edges, docs_hist, chars_hist,
                         thr["score"], float(self.rc.keep_fraction))
@@ -878,6 +911,8 @@ class PreSelect(DataJob):
 
     # ---- the run's summary and the output manifest ----------------------------------------------------------
     def summary(self, ctx: JobContext) -> dict:
+        if not all(ctx.is_done("filter", k) for k in self.pool_keys(ctx)):
+            return {}  # a partial run (`only=[...]`): nothing final to report yet
         thr = ctx.read_marker("filter_threshold", "all")
         shards = []
         bad = 0
@@ -967,8 +1002,13 @@ def _write_kept(path: str, out: str, keep: set, out_fmt: str, out_comp: str, tex
     import pyarrow as pa
     import pyarrow.parquet as pq
     rows = sorted(keep)
-    if in_fmt == "parquet":
+    if in_fmt == "parquet" and rows:
         table = pq.read_table(path).take(pa.array([r - 1 for r in rows], type=pa.int64()))
+    elif in_fmt == "parquet":  # nothing kept (maybe an unreadable file, reported in pass 1): an empty shard
+        try:
+            table = pq.read_schema(path).empty_table()
+        except Exception:  # noqa: BLE001
+            table = pa.table({text_field: pa.array([], pa.string())})
     else:
         table = pa.Table.from_pylist([json.loads(line) for n, line in _numbered_lines(path, in_comp) if n in keep])
     if out_fmt == "parquet":
@@ -998,9 +1038,10 @@ def _plot_histogram(path: str, edges, docs, chars, threshold, keep_fraction: flo
     for a, values, what in ((ax[0], docs, "documents"), (ax[1], chars, "characters")):
         a.bar(centers, values, width=width, color="#4c72b0")
         if threshold is not None:
-            a.axvline(threshold, color="#c44e52", lw=1.5, label=f"threshold {threshold:.4f}")
+            a.axvline(threshold, color="#c44e52", lw=1.5, label=f"threshold {threshold:.6g}")
             a.legend(loc="upper center")
         a.set_xlabel("fastText P(label 1)")
+        a.ticklabel_format(axis="x", useOffset=False)
         a.set_ylabel(what)
         a.set_yscale("log")
     fig.suptitle(f"PreSelect pool scores — keep top {keep_fraction:.1%} of characters")

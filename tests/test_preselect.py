@@ -1,0 +1,447 @@
+"""PreSelect: predictive strength, BPC, the char n-gram LM, exact top-fraction filtering, resumability, splitting,
+bad shards, and the CLI end to end (debug=smoke)."""
+from __future__ import annotations
+
+import gzip
+import itertools
+import json
+import logging
+import math
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+from omegaconf import OmegaConf
+
+from runx.recipes import preselect as P
+from runx.recipes.preselect_ngram import CharNgramLM
+
+
+def smoke_cfg(**recipe) -> "OmegaConf":
+    return OmegaConf.create({"seed": 0, "smoke": True, "recipe": {"name": "preselect", **recipe}})
+
+
+def snapshot(folder: str) -> dict:
+    out = {}
+    for root, _, files in os.walk(folder):
+        for f in files:
+            p = os.path.join(root, f)
+            with open(p, "rb") as fh:
+                out[os.path.relpath(p, folder)] = fh.read()
+    return out
+
+
+def output_docs(out_dir: str) -> list[dict]:
+    docs = []
+    for name in sorted(os.listdir(out_dir)):
+        if name.startswith("part-"):
+            docs += P._read_jsonl_objects(os.path.join(out_dir, name))
+    return docs
+
+
+# ------------------------------------------------------------------------------------------ Eq. (2): S(d)
+def brute_force_strength(losses: np.ndarray, ability: np.ndarray) -> np.ndarray:
+    n = len(ability)
+    out = []
+    for row in losses:
+        agree = 0
+        for i in range(n):
+            for j in range(i + 1, n):
+                if ability[i] > ability[j] and row[i] < row[j]:
+                    agree += 1
+                elif ability[i] < ability[j] and row[i] > row[j]:
+                    agree += 1
+        out.append(agree / (n * (n - 1) / 2))
+    return np.array(out)
+
+
+def test_strength_matches_brute_force_pair_count_with_ties():
+    rng = np.random.default_rng(0)
+    for n_models in (2, 3, 6, 7):
+        losses = rng.integers(0, 3, size=(300, n_models)).astype(float)     # many loss ties
+        ability = rng.integers(0, 4, size=n_models).astype(float)           # ability ties too
+        S, agree = P.predictive_strength(losses, ability)
+        np.testing.assert_allclose(S, brute_force_strength(losses, ability))
+        np.testing.assert_array_equal(agree, np.round(S * n_models * (n_models - 1) / 2).astype(int))
+    # direction: the abler model must have the *lower* loss
+    S, _ = P.predictive_strength(np.array([[3.0, 2.0, 1.0], [1.0, 2.0, 3.0]]), np.array([1.0, 2.0, 3.0]))
+    np.testing.assert_array_equal(S, [1.0, 0.0])
+
+
+def test_strength_is_kendall_tau_without_ties():
+    from scipy.stats import kendalltau
+    rng = np.random.default_rng(1)
+    for n_models in (3, 6, 9):
+        ability = rng.permutation(n_models).astype(float) + rng.random(n_models) * 0.1
+        losses = rng.normal(size=(200, n_models))
+        S, _ = P.predictive_strength(losses, ability)
+        tau = np.array([kendalltau(ability, -row).statistic for row in losses])
+        np.testing.assert_allclose(S, (tau + 1) / 2, atol=1e-12)
+
+
+def test_labels_positives_perfect_negatives_lowest():
+    S = np.array([1.0, 0.2, 1.0, 0.0, 0.6, 0.2, 1.0, 0.4])
+    agree = np.round(S * 5).astype(int)
+    pos, neg = P.choose_labels(S, agree, 5, "perfect", 0.1, seed=0)
+    np.testing.assert_array_equal(pos, [0, 2, 6])
+    assert sorted(S[neg]) == [0.0, 0.2, 0.2]
+    pos_q, neg_q = P.choose_labels(S, agree, 5, "quantile", 0.5, seed=0)
+    assert set(pos_q) >= {0, 2, 6} and len(neg_q) == len(pos_q) and not set(pos_q) & set(neg_q)
+
+
+# ------------------------------------------------------------------------------------------ Eq. (1): BPC
+def brute_force_witten_bell(train: list[str], order: int, text: str) -> float:
+    from collections import Counter, defaultdict
+    pad = "\0" * (order - 1)
+    joint, ctx, types = Counter(), Counter(), defaultdict(set)
+    for t in train:
+        s = pad + t
+        for i in range(order - 1, len(s)):
+            for k in range(order):
+                c = s[i - k:i]
+                joint[(c, s[i])] += 1
+                ctx[c] += 1
+                types[c].add(s[i])
+    s, bits = pad + text, 0.0
+    for i in range(order - 1, len(s)):
+        p = 1.0 / 128
+        for k in range(order):
+            c = s[i - k:i]
+            if ctx[c]:
+                p = (joint[(c, s[i])] + len(types[c]) * p) / (ctx[c] + len(types[c]))
+        bits -= math.log2(p)
+    return bits
+
+
+def test_char_ngram_matches_brute_force_witten_bell_and_normalises():
+    train = ["the cat sat on the mat.", "the dog sat.", "a cat and a dog", "zz top"]
+    tests = ["the cat sat.", "a dog and the cat", "qqq unseen!", "", "t"]
+    for order in (1, 3, 5):
+        lm = CharNgramLM(order).fit(train)
+        got = lm.doc_bits(tests)
+        want = [brute_force_witten_bell(train, order, t) for t in tests]
+        np.testing.assert_allclose(got, want, rtol=1e-10)
+        # the conditional distribution after a context sums to one over the 128 codes
+        prompts = ["the ca"] * 127
+        conts = [chr(c) for c in range(1, 128)]
+        total = np.sum(2.0 ** -lm.continuation_bits(prompts, conts))
+        # code 0 (the document-start pad) is never a target: at most the 1/128 base mass is lost to it
+        assert 1.0 - 1.0 / 128 <= total <= 1.0 + 1e-9
+
+
+@pytest.fixture(scope="module")
+def tiny_llamas(tmp_path_factory):
+    """Three randomly initialised tiny Llamas saved as local HF folders, with the byte tokenizer."""
+    import torch
+    import transformers
+    from runx.trainers.hf import byte_tokenizer
+    tok = byte_tokenizer()
+    paths = []
+    for seed in range(3):
+        torch.manual_seed(seed)
+        conf = transformers.LlamaConfig(vocab_size=260, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=96,
+                                        pad_token_id=256, bos_token_id=257, eos_token_id=258)
+        model = transformers.AutoModelForCausalLM.from_config(conf)
+        d = str(tmp_path_factory.mktemp(f"llama{seed}"))
+        model.save_pretrained(d)
+        tok.save_pretrained(d)
+        paths.append(d)
+    return paths
+
+
+def hf_guide_nats(model, ids: list[int], window: int, stride: int) -> float:
+    """The Hugging Face perplexity guide's sliding window, one document at a time, via the model's own loss."""
+    import torch
+    x = torch.tensor([ids])
+    total, prev_end = 0.0, 0
+    for begin in range(0, len(ids), stride):
+        end = min(begin + window, len(ids))
+        trg_len = end - prev_end
+        inp = x[:, begin:end]
+        labels = inp.clone()
+        labels[:, :-trg_len] = -100
+        n = int((labels[:, 1:] != -100).sum())
+        if n:
+            with torch.no_grad():
+                total += float(model(inp, labels=labels).loss) * n
+        prev_end = end
+        if end == len(ids):
+            break
+    return total
+
+
+@pytest.fixture
+def one_torch_thread():
+    import torch
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matmuls: threads only add contention on a busy 2-core machine
+    yield
+    torch.set_num_threads(n)
+
+
+def test_hf_bpc_sliding_window_matches_the_hf_guide_and_is_batch_invariant(tiny_llamas, one_torch_thread):
+    from runx.trainers.hf import load_tokenizer
+    import transformers
+    path = tiny_llamas[0]
+    tok = load_tokenizer(OmegaConf.create({"path": path, "tokenizer": None, "trust_remote_code": False}))
+    model = transformers.AutoModelForCausalLM.from_pretrained(path).eval()
+    texts = ["short.", "a somewhat longer document that needs several windows " * 3, "x", "mid length text here"]
+    ids = [[tok.bos_token_id] + tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+    for window, stride in ((96, 95), (16, 5), (12, 11)):
+        got = P.causal_lm_doc_nats(model, tok, texts, window, stride, batch_size=1, device="cpu")
+        want = [hf_guide_nats(model, i, window, stride) for i in ids]
+        np.testing.assert_allclose(got, want, rtol=2e-5)
+        batched = P.causal_lm_doc_nats(model, tok, texts, window, stride, batch_size=5, device="cpu")
+        np.testing.assert_allclose(batched, got, rtol=2e-5)
+    # full context for a short doc: one forward pass over BOS + tokens
+    import torch
+    with torch.no_grad():
+        logp = model(torch.tensor([ids[1][:40]])).logits[0].log_softmax(-1)
+    full = -sum(float(logp[t - 1, ids[1][t]]) for t in range(1, 40))
+    text40 = tok.decode(ids[1][1:40])
+    np.testing.assert_allclose(P.causal_lm_doc_nats(model, tok, [text40], 96, 32, 4, "cpu"), [full], rtol=2e-5)
+    with pytest.raises(ValueError, match="bpc_stride"):
+        P.causal_lm_doc_nats(model, tok, texts, 16, 16, 1, "cpu")
+
+
+# ------------------------------------------------------------------------------------------ exact threshold
+def test_rank_order_and_pass2_mask_agree_and_keep_fraction_within_one_doc():
+    rng = np.random.default_rng(3)
+    for trial in range(20):
+        n = int(rng.integers(1, 400))
+        score = rng.integers(0, 6, size=n) / 5.0                        # heavy ties
+        shard = np.sort(rng.integers(0, 4, size=n))
+        line = np.concatenate([np.arange(1, (shard == s).sum() + 1) for s in range(4)])
+        chars = rng.integers(0, 500, size=n)
+        fraction = float(rng.uniform(0.01, 1.0))
+        order = P.rank_order(score, shard, line)
+        k = P.prefix_closest_to(chars[order], fraction * chars.sum())
+        thr = {"keep_none": k == 0, "score": None, "shard": None, "line": None}
+        if k:
+            last = order[k - 1]
+            thr.update(score=float(score[last]), shard=int(shard[last]), line=int(line[last]))
+        mask = np.zeros(n, bool)
+        for s in range(4):
+            sel = shard == s
+            mask[sel] = P.kept_mask(score[sel], s, line[sel], thr)
+        assert mask.sum() == k and set(np.flatnonzero(mask)) == set(order[:k].tolist())
+        kept = chars[mask].sum()
+        assert abs(kept - fraction * chars.sum()) <= max(chars.max(), 1) / 2 + 1e-9
+
+
+# ------------------------------------------------------------------------------------------ the job
+@pytest.fixture(scope="module")
+def smoke_job(tmp_path_factory):
+    """The embedded default under smoke, run up to the global threshold (the filter stage not yet run)."""
+    run_dir = str(tmp_path_factory.mktemp("preselect_smoke"))
+    job = P.PreSelect(smoke_cfg(), run_dir)
+    before = [s.name for s in job.stages()]
+    job.run(only=before[: before.index("filter")])
+    return run_dir
+
+
+def test_filter_killed_midway_then_rerun_is_byte_identical(smoke_job, tmp_path):
+    run_dir = str(tmp_path / "job")
+    shutil.copytree(smoke_job, run_dir)
+    job = P.PreSelect(smoke_cfg(), run_dir)
+    job.run(only=["filter"])
+    uninterrupted = {**snapshot(os.path.join(run_dir, "output")), **{
+        "filter/" + k: v for k, v in snapshot(os.path.join(run_dir, "filter")).items()}}
+    shutil.rmtree(os.path.join(run_dir, "filter"))
+    for f in os.listdir(os.path.join(run_dir, "output")):
+        if f.startswith("part-") or f == "manifest.json":
+            os.unlink(os.path.join(run_dir, "output", f))
+    # a separate process writes shard 0, starts shard 1, and is SIGKILLed halfway through writing it
+    cfg_path = tmp_path / "cfg.json"
+    cfg_path.write_text(json.dumps(OmegaConf.to_container(smoke_cfg())))
+    script = textwrap.dedent(f"""
+        import json, os, signal
+        from omegaconf import OmegaConf
+        import runx.recipes.preselect as P
+        real = P.write_shard_lines
+        calls = []
+        def dying(path, lines, compression):
+            calls.append(path)
+            if len(calls) == 2:
+                def half():
+                    for i, line in enumerate(lines):
+                        if i == 3:
+                            os.kill(os.getpid(), signal.SIGKILL)
+                        yield line
+                return real(path, half(), compression)
+            return real(path, lines, compression)
+        P.write_shard_lines = dying
+        cfg = OmegaConf.create(json.load(open({str(cfg_path)!r})))
+        P.PreSelect(cfg, {run_dir!r}).run(only=["filter"])
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -9, proc.stderr[-3000:]
+    done = [f for f in os.listdir(os.path.join(run_dir, "filter")) if f.endswith(".done.json")]
+    assert done == ["00000.done.json"]                       # killed midway: one shard finished, not all
+    assert any(f.startswith(".tmp-") for f in os.listdir(os.path.join(run_dir, "output")))  # half-written temp
+    P.PreSelect(smoke_cfg(), run_dir).run(only=["filter"])
+    resumed = {**snapshot(os.path.join(run_dir, "output")), **{
+        "filter/" + k: v for k, v in snapshot(os.path.join(run_dir, "filter")).items()}}
+    assert sorted(resumed) == sorted(uninterrupted)
+    for k in uninterrupted:
+        assert resumed[k] == uninterrupted[k], k
+
+
+def test_kept_character_fraction_within_one_document(smoke_job, tmp_path):
+    run_dir = str(tmp_path / "job")
+    shutil.copytree(smoke_job, run_dir)
+    for fraction in (0.1, 0.37):
+        shutil.rmtree(os.path.join(run_dir, "filter_threshold"), ignore_errors=True)
+        shutil.rmtree(os.path.join(run_dir, "filter"), ignore_errors=True)
+        P.PreSelect(smoke_cfg(keep_fraction=fraction), run_dir).run(only=["filter_threshold", "filter"])
+        pool = [d for p in sorted(os.listdir(os.path.join(run_dir, "world", "pool")))
+                for d in P._read_jsonl_objects(os.path.join(run_dir, "world", "pool", p))]
+        total = sum(len(d["text"]) for d in pool)
+        kept = output_docs(os.path.join(run_dir, "output"))
+        kept_chars = sum(len(d["text"]) for d in kept)
+        longest = max(len(d["text"]) for d in pool)
+        assert abs(kept_chars - fraction * total) <= longest, (kept_chars, fraction * total)
+        manifest = json.load(open(os.path.join(run_dir, "output", "manifest.json")))
+        assert manifest["kept_chars"] == kept_chars and manifest["kept_docs"] == len(kept)
+        assert manifest["total_chars"] == total
+        # the kept documents are exactly the top of the global score ranking
+        scores = {}
+        for k in ("00000", "00001", "00002"):
+            z = np.load(os.path.join(run_dir, "filter_score", f"{k}.npz"))
+            scores.update({(int(k), int(l)): float(s) for l, s in zip(z["line"], z["score"])})
+        thr = manifest["threshold"]["score"]
+        kept_ids = {d["id"] for d in kept}
+        assert all(d["id"] in kept_ids for d in pool if scores[(int(d["id"].split("-")[1]),
+                                                                int(d["id"].split("-")[2]) + 1)] > thr)
+
+
+def test_split_across_tasks_and_workers_gives_identical_outputs(tmp_path):
+    cfg = smoke_cfg(world={"compression": "gz"}, evaluate=False)
+    one = str(tmp_path / "one")
+    P.PreSelect(cfg, one).run(num_workers=2)
+    two = str(tmp_path / "two")
+    results = {}
+    for _ in range(20):  # two SLURM array tasks taking turns until both finish
+        for t in (1, 0):
+            results[t] = P.PreSelect(cfg, two).run(task_index=t, num_tasks=2)
+        if all("incomplete_stage" not in r for r in results.values()):
+            break
+    assert all("incomplete_stage" not in r for r in results.values())
+    a, b = snapshot(os.path.join(one, "output")), snapshot(os.path.join(two, "output"))
+    parts = [k for k in a if k.startswith("part-")]
+    assert parts and all(k.endswith(".jsonl.gz") for k in parts)
+    for k in parts + ["score_histogram.png"]:
+        assert a[k] == b[k], k
+    assert snapshot(os.path.join(one, "train")) == snapshot(os.path.join(two, "train"))
+    # rerunning a finished job redoes nothing and changes nothing
+    again = P.PreSelect(cfg, one).run()
+    assert snapshot(os.path.join(one, "output")) == a and again["kept_docs"] == results[0]["kept_docs"]
+
+
+def write_pool_with_bad_shards(folder: str, rng) -> dict:
+    """Good shards in every format, plus bad lines and unreadable files. Returns the expected bad count."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    words = "the quick brown fox jumps over a lazy dog while cats sleep and birds sing".split()
+
+    def doc(i):
+        return {"id": f"d{i}", "text": " ".join(rng.choice(words, size=int(rng.integers(5, 40))))}
+    os.makedirs(folder)
+    docs = [doc(i) for i in range(240)]
+    lines = [json.dumps(d) for d in docs[:60]]
+    lines.insert(5, '{"id": "broken", "text": "no closing brace"')            # invalid JSON
+    lines.insert(9, json.dumps({"id": "x", "body": "wrong field"}))            # missing text field
+    lines.insert(12, json.dumps({"id": "y", "text": 42}))                      # text not a string
+    lines.insert(20, "")                                                       # empty line
+    with open(os.path.join(folder, "a.jsonl"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    with gzip.open(os.path.join(folder, "b.jsonl.gz"), "wt") as f:
+        f.write("".join(json.dumps(d) + "\n" for d in docs[60:120]))
+    import zstandard
+    with open(os.path.join(folder, "c.jsonl.zst"), "wb") as f:
+        f.write(zstandard.ZstdCompressor().compress("".join(json.dumps(d) + "\n" for d in docs[120:180]).encode()))
+    table = pa.Table.from_pylist(docs[180:240] + [{"id": "n", "text": None}])  # one null text row
+    pq.write_table(table, os.path.join(folder, "d.parquet"))
+    good_gz = gzip.compress("".join(json.dumps(d) + "\n" for d in docs[:50]).encode())
+    with open(os.path.join(folder, "e.jsonl.gz"), "wb") as f:                   # truncated gzip
+        f.write(good_gz[: len(good_gz) // 2])
+    with open(os.path.join(folder, "f.parquet"), "wb") as f:                    # not a parquet file at all
+        f.write(b"this is not parquet")
+    return {"a.jsonl": 4, "d.parquet": 1, "e.jsonl.gz": 1, "f.parquet": 1}
+
+
+def test_bad_shards_are_reported_with_path_and_line_and_counted(tiny_llamas, tmp_path, caplog, one_torch_thread):
+    rng = np.random.default_rng(0)
+    pool = str(tmp_path / "pool")
+    expected = write_pool_with_bad_shards(pool, rng)
+    sample = str(tmp_path / "sample")
+    write_pool_with_bad_shards(sample, np.random.default_rng(1))
+    refs = [{"name": f"llama{i}", "kind": "hf", "path": p, "score": float(i)} for i, p in enumerate(tiny_llamas)]
+    cfg = OmegaConf.create({"seed": 0, "smoke": False, "recipe": {
+        "name": "preselect", "pool": pool, "sample": sample, "references": refs, "bpc_window": 64,
+        "bpc_stride": 32, "positives": "quantile", "positive_quantile": 0.3, "ft_bucket": 5000, "keep_fraction": 0.25, "output_format": "jsonl",
+        "output_compression": "none"}})
+    run_dir = str(tmp_path / "run")
+    with caplog.at_level(logging.WARNING, logger="runx.preselect"):
+        result = P.PreSelect(cfg, run_dir).run(num_workers=1)
+    assert "incomplete_stage" not in result
+    manifest = json.load(open(os.path.join(run_dir, "output", "manifest.json")))
+    assert manifest["bad_lines"] == sum(expected.values()) == result["pool_bad_lines"]
+    assert result["sample_bad_lines"] == sum(expected.values())
+    bad = {}
+    for f in sorted(os.listdir(os.path.join(run_dir, "filter_score"))):
+        if f.endswith(".bad.jsonl"):
+            for line in open(os.path.join(run_dir, "filter_score", f)):
+                b = json.loads(line)
+                bad.setdefault(os.path.basename(b["path"]), []).append((b["line"], b["error"]))
+    assert {k: len(v) for k, v in bad.items()} == expected
+    a_lines = dict(bad["a.jsonl"])
+    assert "invalid JSON" in a_lines[6] and "missing field 'text'" in a_lines[10]
+    assert "is int, expected a string" in a_lines[13] and a_lines[21] == "empty line"
+    assert "unreadable" in bad["e.jsonl.gz"][0][1] and "parquet" in bad["f.parquet"][0][1]
+    assert "null" in bad["d.parquet"][0][1] and bad["d.parquet"][0][0] == 61
+    assert any("a.jsonl:6" in r.getMessage() for r in caplog.records)
+    # every good document was scored: 56 + 60 + 60 + 60 + the readable head of the truncated gzip
+    assert manifest["total_docs"] >= 236 and manifest["kept_docs"] > 0
+    assert abs(manifest["kept_chars"] - 0.25 * manifest["total_chars"]) <= max(
+        len(d["text"]) for d in output_docs(os.path.join(run_dir, "output")))
+
+
+def test_config_errors_name_the_key(tmp_path):
+    with pytest.raises(ValueError, match=r"recipe.keep_fraction=1.5"):
+        P.PreSelect(smoke_cfg(keep_fraction=1.5), str(tmp_path))
+    with pytest.raises(ValueError, match=r"recipe.references\[0\].kind=ngram: .*recipe.pool=builtin"):
+        P.PreSelect(smoke_cfg(pool=str(tmp_path), sample=str(tmp_path)), str(tmp_path))
+    with pytest.raises(ValueError, match=r"recipe.references\[1\].score=None: kind=hf needs"):
+        P.PreSelect(smoke_cfg(references=[{"name": "a", "kind": "hf", "path": "x", "score": 1},
+                                          {"name": "b", "kind": "hf", "path": "y"}]), str(tmp_path))
+    with pytest.raises(ValueError, match=r"recipe.bpc_stride=10: must be in \[1, bpc_window-1\]"):
+        P.PreSelect(smoke_cfg(bpc_window=10, bpc_stride=10), str(tmp_path))
+    with pytest.raises(FileNotFoundError, match=r"recipe.pool='/nonexistent/\*.jsonl': no shards found"):
+        P.list_shards("/nonexistent/*.jsonl", "pool")
+
+
+# ------------------------------------------------------------------------------------------ end to end
+def test_cli_smoke_end_to_end(tmp_path):
+    run_dir = str(tmp_path / "run")
+    env = dict(os.environ, DS_ACCELERATOR="cpu", HF_HUB_OFFLINE="1", WANDB_MODE="offline")
+    p = subprocess.run([sys.executable, "-m", "runx.cli.main", "train", "recipe=preselect", "debug=smoke",
+                        f"run_dir={run_dir}"], capture_output=True, text=True, timeout=600, env=env)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-5000:]
+    summary = json.load(open(os.path.join(run_dir, "summary.json")))
+    for stage in ("world", "references", "sample", "bpc", "score", "label", "train", "filter_score",
+                  "filter_threshold", "filter", "students"):
+        assert json.load(open(os.path.join(run_dir, stage, "manifest.json")))["complete"], stage
+    manifest = json.load(open(os.path.join(run_dir, "output", "manifest.json")))
+    assert os.path.getsize(os.path.join(run_dir, "output", "score_histogram.png")) > 1000
+    assert abs(summary["kept_char_fraction"] - 0.1) * manifest["total_chars"] <= max(
+        len(d["text"]) for d in output_docs(os.path.join(run_dir, "output")))
+    # the students exist and PreSelect's selection is mostly the benchmark-aligned domain
+    students = json.load(open(os.path.join(run_dir, "students", "all.done.json")))["students"]
+    assert students["preselect"]["mix"]["facts"] > 0.5
+    assert summary["acc_preselect"] > summary["acc_random_x1"]
