@@ -90,6 +90,12 @@ class Trainer:
                 raise ValueError(f"trainer.{key}={dev} needs trainer.zero_stage "
                                  f"{'3' if kind == 'param' else '>= 1'} (got {t.zero_stage})")
             block = {"device": dev, "pin_memory": pin}
+            if dev == "nvme" and not getattr(self, "_nvme_checked", False):
+                from runx.trainers.nvme import check_nvme_path, nvme_bytes_needed, param_stats
+                n = param_stats(model, self.world_size)["n_params"]
+                check_nvme_path(str(t.nvme_path), nvme_bytes_needed(
+                    n, t.offload_param == "nvme", t.offload_optimizer == "nvme", 2 if t.precision == "bf16" else 4))
+                self._nvme_checked = True
             if dev == "nvme":
                 block["nvme_path"] = str(t.nvme_path)
                 if kind == "param":
@@ -133,22 +139,38 @@ class Trainer:
             size = int(float(t.nvme_buffer_size))
         return count, size
 
-    def _model_context(self, recipe):
-        """ZeRO-Infinity needs the model built under zero.Init (a DeepSpeed dtype bug otherwise)."""
-        if self.tcfg.zero_stage == 3 and self.tcfg.offload_param == "nvme":
+    def _build_model(self, recipe):
+        """The recipe's model; for ZeRO-Infinity, built already partitioned onto NVMe.
+
+        Parameters on NVMe need the model built under zero.Init (on CPU a DeepSpeed dtype bug strikes
+        otherwise, and a model larger than memory never exists whole). Hugging Face models do this
+        themselves while a `HfDeepSpeedConfig` is alive: `from_config` / `from_pretrained` build under
+        zero.Init and initialise / load each partition (an external zero.Init breaks HF's weight init).
+        The NVMe buffers in that config are derived from the parameter shapes. A randomly initialised
+        model (model.from_config) is built once normally and copied in, so that every ZeRO config of a
+        seed starts from the same weights."""
+        if not (self.tcfg.zero_stage == 3 and self.tcfg.offload_param == "nvme"):
+            with recipe.model_init_context(self):
+                return recipe.build_model()
+        from transformers.integrations import HfDeepSpeedConfig
+        random_init = bool(self.cfg.model.get("from_config"))
+        if random_init:
+            reference = recipe.build_model()
+        else:
+            with torch.device("meta"):
+                reference = recipe.build_model()
+        self._hf_ds_config = HfDeepSpeedConfig(self.build_ds_config(reference))  # must stay referenced
+        runtime.seed_everything(int(self.cfg.seed))
+        model = recipe.build_model()
+        if random_init:
             import deepspeed
-            from runx.trainers.nvme import check_nvme_path
-            check_nvme_path(str(self.tcfg.nvme_path), 64 * 2**20)
-            pre = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {
-                "stage": 3, "offload_param": {"device": "nvme", "nvme_path": str(self.tcfg.nvme_path),
-                                              "buffer_count": 64, "buffer_size": 2 ** 24, "max_in_cpu": 0,
-                                              "pin_memory": False}},
-                "aio": OmegaConf.to_container(self.tcfg.aio, resolve=True)}
-            if self.tcfg.precision == "bf16":
-                pre["bf16"] = {"enabled": True}
-            dtype = torch.bfloat16 if self.tcfg.precision == "bf16" else torch.float32
-            return deepspeed.zero.Init(config_dict_or_path=pre, dtype=dtype, remote_device="nvme")
-        return recipe.model_init_context(self)
+            ref = dict(reference.named_parameters())
+            for name, p in model.named_parameters():
+                with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
+                    if self.rank == 0:
+                        p.data.copy_(ref[name].data.to(p.dtype))
+        del reference
+        return model
 
     # ---------------------------------------------------------------- checkpoints
     @property
@@ -228,8 +250,7 @@ class Trainer:
         t = self.tcfg
         self.recipe = recipe
         runtime.seed_everything(int(self.cfg.seed))
-        with self._model_context(recipe):
-            model = recipe.build_model()
+        model = self._build_model(recipe)
         train_ds, eval_ds = recipe.build_data()
         self._train_ds = train_ds
         resume = self.find_resume()
