@@ -283,12 +283,9 @@ class SwAV(TrainingRecipe):
             queue_shape = (len(rc.crops_for_assign), self.queue_length_local, int(rc.feat_dim))
         model = SwAVNet(backbone, int(rc.hidden_mlp), int(rc.feat_dim), int(rc.nmb_prototypes), bool(rc.head_bn),
                         list(rc.normalize_mean), list(rc.normalize_std), queue_shape)
-        if self._on_cuda():
-            if rc.sync_bn and world > 1:
-                model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-            if m.arch != "small_cnn":
-                model = model.to(memory_format=torch.channels_last)
-                model.channels_last = True
+        if self._on_cuda() and rc.sync_bn and world > 1:
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        # (no channels_last weights: DeepSpeed's broadcast views every parameter as bytes, needs stride(-1) == 1)
         return model
 
     @staticmethod
@@ -311,12 +308,14 @@ class SwAV(TrainingRecipe):
     def build_data(self):
         cfg, rc, d = self.cfg, self.rc, self.cfg.data
         train_src, eval_src, resize = swav_data.load_sources(cfg)
-        n_train = d.max_train_samples
-        n_eval = d.max_eval_samples
-        train_idx = swav_data.first(n_train, len(train_src))
-        eval_idx = swav_data.first(n_eval, len(eval_src))
         size = int(rc.size_crops[0])
-        train = swav_data.TransformedImages(train_src, swav_data.MultiCrop(rc), train_idx)
+        eval_idx = swav_data.first(d.max_eval_samples, len(eval_src))
+        if train_src is None:    # data.name=synthetic: ready-made crops; the eval images double as probe set
+            train = swav_data.SyntheticCrops(int(d.max_train_samples or rc.generated_train_size), rc, int(cfg.seed))
+            train_src, train_idx = eval_src, eval_idx
+        else:
+            train_idx = swav_data.first(d.max_train_samples, len(train_src))
+            train = swav_data.TransformedImages(train_src, swav_data.MultiCrop(rc), train_idx)
         evalset = swav_data.TransformedImages(eval_src, swav_data.eval_pipeline(rc, size, resize), eval_idx)
         # held-out labels of (un-augmented) training images: the kNN bank and linear-probe training set
         probe_idx = train_idx[:int(rc.probe_train_samples)]
@@ -344,6 +343,18 @@ class SwAV(TrainingRecipe):
             return [{"params": adapt, "weight_decay": float(o.weight_decay)},
                     {"params": plain, "weight_decay": 0.0, "lars_exclude": True}]
         return [{"params": [p for _, p in params], "weight_decay": float(o.weight_decay)}]
+
+    def after_engine(self, trainer, engine) -> None:
+        """DeepSpeed bf16 casts parameters but keeps buffers fp32; BatchNorm needs its running statistics in the
+        dtype of its weight (else: "expected scalar type BFloat16 but found Float")."""
+        module = engine.module
+        dtype = module.prototypes.weight.dtype
+        if dtype == torch.float32:
+            return
+        for m in module.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None:
+                m.running_mean = m.running_mean.to(dtype)
+                m.running_var = m.running_var.to(dtype)
 
     # ---- the loop ---------------------------------------------------------------------------------------
     def on_step_start(self, trainer, engine, step: int) -> None:
@@ -452,15 +463,28 @@ class SwAV(TrainingRecipe):
 
 @torch.no_grad()
 def normalize_prototypes_(engine_or_module) -> None:
-    """Step 0: c_k <- c_k / ||c_k|| in place. DeepSpeed ZeRO 1-2 and bf16 keep an fp32 master copy that the
-    optimizer steps and copies back, so the master copy is normalised too (else the next step undoes it)."""
+    """Step 0: c_k <- c_k / ||c_k|| in place. Under DeepSpeed mixed precision or ZeRO 1-2 the optimizer steps an
+    fp32 master copy and copies it back over the module's weights, so the master copy is normalised too (else
+    the next step undoes the normalisation)."""
     module = getattr(engine_or_module, "module", engine_or_module)
     w = module.prototypes.weight
-    master = None
-    if getattr(w, "_hp_mapping", None) is not None:
+    if getattr(w, "_hp_mapping", None) is not None:        # ZeRO 1-2 (any precision), bf16 optimizer
         from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param
-        master = safe_get_full_fp32_param(w)
+        wn = F.normalize(safe_get_full_fp32_param(w).float(), dim=1)
+        safe_set_full_fp32_param(w, wn)
+        w.copy_(wn.to(device=w.device, dtype=w.dtype))
+        return
+    master = _unfused_master_copy(getattr(engine_or_module, "optimizer", None), w)
     wn = F.normalize((master if master is not None else w).float(), dim=1)
     w.copy_(wn.to(w.dtype))
-    if master is not None:
-        safe_set_full_fp32_param(w, wn.to(master.device))
+    if master is not None:                                  # ZeRO 0 + bf16/fp16: FP16_UnfusedOptimizer
+        master.copy_(wn)
+
+
+def _unfused_master_copy(optimizer, w):
+    """The fp32 master tensor DeepSpeed's FP16_UnfusedOptimizer keeps for low-precision parameter w, if any."""
+    for lp_group, hp_group in zip(getattr(optimizer, "fp16_groups", ()), getattr(optimizer, "fp32_groups", ())):
+        for lp, hp in zip(lp_group, hp_group):
+            if lp is w:
+                return hp
+    return None

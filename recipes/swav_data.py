@@ -5,6 +5,8 @@ Sources (the `data:` section):
                                           size, rotation, stroke and noise (labels are held out: used only
                                           by the kNN / linear-probe evaluation). No download.
   data.kind=generated, data.name=digits   scikit-learn's 8x8 digits, upscaled (ships with scikit-learn).
+  data.kind=generated, data.name=synthetic   random uint8 crops of the configured sizes, no augmentation:
+                                          a throughput probe of the model step only (bench/swav_small.py --gpu).
   data.kind=imagefolder, data.path=ROOT   torchvision ImageFolder: ROOT/<train_split>/<class>/*.jpg and
                                           ROOT/<eval_split>/<class>/*.jpg.
   data.kind=hf, data.hf_name=... or data.path=<save_to_disk folder>   a Hugging Face `datasets` image set;
@@ -130,14 +132,23 @@ class TensorImages:
         return self.images[i], int(self.labels[i])
 
 
-def _draw_shape(cls: int, rng: np.random.Generator, size: int) -> np.ndarray:
-    """One RGB uint8 image [size, size, 3] of shape class `cls`, drawn at 4x and box-downsampled."""
+def _draw_shape(cls: int, rng: np.random.Generator, size: int, palette: str = "colour") -> np.ndarray:
+    """One RGB uint8 image [size, size, 3] of shape class `cls`, drawn at 4x and box-downsampled.
+    palette: colour (random foreground and background colours), gray (random grey levels), mono (white on black)."""
     from PIL import Image, ImageDraw
     s = 4 * size
-    bg = rng.integers(0, 256, 3)
-    fg = rng.integers(0, 256, 3)
-    while np.abs(fg.astype(int) - bg.astype(int)).sum() < 200:   # keep the shape visible
+    if palette == "mono":
+        bg, fg = np.zeros(3, int), np.full(3, 255)
+    elif palette == "gray":
+        bg = np.full(3, rng.integers(0, 256))
+        fg = np.full(3, rng.integers(0, 256))
+        while abs(int(fg[0]) - int(bg[0])) < 80:
+            fg = np.full(3, rng.integers(0, 256))
+    else:
+        bg = rng.integers(0, 256, 3)
         fg = rng.integers(0, 256, 3)
+        while np.abs(fg.astype(int) - bg.astype(int)).sum() < 200:   # keep the shape visible
+            fg = rng.integers(0, 256, 3)
     img = Image.new("RGB", (s, s), tuple(int(c) for c in bg))
     d = ImageDraw.Draw(img)
     r = rng.uniform(0.2, 0.36) * s
@@ -190,12 +201,12 @@ def _draw_shape(cls: int, rng: np.random.Generator, size: int) -> np.ndarray:
     return np.clip(arr, 0, 255).astype(np.uint8)
 
 
-def generate_shapes(n: int, size: int, seed: int) -> TensorImages:
-    """n images, classes balanced (i % 10), deterministic in (n, size, seed)."""
+def generate_shapes(n: int, size: int, seed: int, palette: str = "colour") -> TensorImages:
+    """n images, classes balanced (i % 10), deterministic in (n, size, seed, palette)."""
     rng = np.random.default_rng(seed)
     labels = np.arange(n) % len(SHAPE_CLASSES)
     rng.shuffle(labels)
-    imgs = np.stack([_draw_shape(int(c), rng, size) for c in labels])
+    imgs = np.stack([_draw_shape(int(c), rng, size, palette) for c in labels])
     return TensorImages(torch.from_numpy(imgs).permute(0, 3, 1, 2).contiguous(), torch.from_numpy(labels))
 
 
@@ -269,6 +280,24 @@ def _load_hf_split(dcfg, split: str):
     return datasets.load_dataset(name, split=split)
 
 
+class SyntheticCrops(Dataset):
+    """n items of ready-made random uint8 crops (a bank of 32 distinct items, repeated): no decode, no
+    augmentation, so the loader costs only the batch copy. For measuring the training step's throughput."""
+
+    def __init__(self, n: int, rc, seed: int, bank: int = 32):
+        g = torch.Generator().manual_seed(seed)
+        sizes = [int(s) for n_c, s in zip(rc.nmb_crops, rc.size_crops) for _ in range(int(n_c))]
+        self.bank = [[torch.randint(0, 256, (3, s, s), dtype=torch.uint8, generator=g) for s in sizes]
+                     for _ in range(bank)]
+        self.n = n
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        return self.bank[i % len(self.bank)], i % 10
+
+
 def load_sources(cfg) -> tuple:
     """(train source, eval source, resize_for_eval) for the configured `data:` section."""
     d, rc = cfg.data, cfg.recipe
@@ -288,7 +317,13 @@ def load_sources(cfg) -> tuple:
             ev, tr = perm[:n_eval], perm[n_eval:]
             return (TensorImages(allimg.images[tr], allimg.labels[tr]),
                     TensorImages(allimg.images[ev], allimg.labels[ev]), False)
-        raise ValueError(f"data.name={d.name!r} with data.kind=generated: valid choices are shapes, digits")
+        if d.name == "synthetic":
+            n_eval = min(int(rc.generated_eval_size), int(d.max_eval_samples or 1 << 62))
+            images = torch.randint(0, 256, (n_eval, 3, int(rc.size_crops[0]), int(rc.size_crops[0])),
+                                   dtype=torch.uint8, generator=torch.Generator().manual_seed(int(cfg.seed)))
+            return None, TensorImages(images, torch.arange(n_eval) % 10), False
+        raise ValueError(f"data.name={d.name!r} with data.kind=generated: valid choices are shapes, digits, "
+                         f"synthetic")
     if d.kind == "imagefolder":
         return (FolderImages(os.path.join(d.path, d.train_split)),
                 FolderImages(os.path.join(d.path, d.eval_split)), True)
