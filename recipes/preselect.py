@@ -929,14 +929,17 @@ class PreSelect(DataJob):
                     "bad_lines": bad, "histogram": {"png": "score_histogram.png", **thr["histogram"]},
                     "shards": shards}
         atomic_write_json(os.path.join(self.out_dir, "manifest.json"), manifest)
-        sample_bad = sum(ctx.read_marker("sample", k)["bad_lines"] for k in self.sample_keys(ctx))
-        label, train = ctx.read_marker("label", "all"), ctx.read_marker("train", "all")
         out = {"kept_docs": kept_docs, "kept_chars": kept_chars, "kept_char_fraction": manifest["kept_char_fraction"],
-               "threshold_score": thr["threshold"]["score"], "pool_bad_lines": bad, "sample_bad_lines": sample_bad,
-               "positives": label["positives"], "negatives": label["negatives"],
-               "classifier_precision": train["precision"], "classifier_recall": train["recall"],
-               "classifier_accuracy": train["accuracy"], "classifier_auc": train["auc"],
-               "output_dir": self.out_dir}
+               "threshold_score": thr["threshold"]["score"], "pool_bad_lines": bad, "output_dir": self.out_dir}
+        sample_keys = self.sample_keys(ctx)
+        if all(ctx.is_done("sample", k) for k in sample_keys):
+            out["sample_bad_lines"] = sum(ctx.read_marker("sample", k)["bad_lines"] for k in sample_keys)
+        if ctx.is_done("label", "all"):
+            label = ctx.read_marker("label", "all")
+            out.update(positives=label["positives"], negatives=label["negatives"])
+        if ctx.is_done("train", "all"):
+            train = ctx.read_marker("train", "all")
+            out.update({f"classifier_{k}": train[k] for k in ("precision", "recall", "accuracy", "auc")})
         if self.builtin and self.rc.evaluate and ctx.is_done("students", "all"):
             st = ctx.read_marker("students", "all")
             out["compute_multiplier"] = st["compute_multiplier"]
