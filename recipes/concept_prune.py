@@ -182,16 +182,24 @@ def digits_embedding(X: np.ndarray, dim: int) -> np.ndarray:
 def spherical_kmeans(x: np.ndarray, k: int, niter: int, seed: int, device: str = "cpu") -> np.ndarray:
     """Unit-norm centroids of Lloyd iterations on cosine similarity (faiss.Kmeans(spherical=True)).
     `x` is the (already subsampled) training set; deterministic for a seed."""
-    import faiss
     x = np.ascontiguousarray(x, dtype=np.float32)
     k = min(k, len(x))
-    faiss_gpu = device == "cuda" and hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
+    faiss_gpu = device == "cuda" and _faiss_has_gpu()
     if device == "cuda" and not faiss_gpu:
         return _spherical_kmeans_torch(x, k, niter, seed, device)
+    import faiss
     km = faiss.Kmeans(x.shape[1], k, niter=niter, seed=int(seed) % (2 ** 31), spherical=True, gpu=faiss_gpu,
                       max_points_per_centroid=len(x) // k + 1, min_points_per_centroid=1, verbose=False)
     km.train(x)
     return l2_normalize(km.centroids, "k-means centroids")
+
+
+def _faiss_has_gpu() -> bool:
+    try:
+        import faiss
+    except ImportError:
+        return False
+    return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
 
 
 def _spherical_kmeans_torch(x: np.ndarray, k: int, niter: int, seed: int, device: str) -> np.ndarray:
@@ -250,21 +258,28 @@ def within_cluster_order(dist: np.ndarray, rows: np.ndarray, rule: str, seed: in
 def semdedup_cluster(emb, epsilon: float, device: str = "cpu", block_elems: int = 1 << 24) -> np.ndarray:
     """Removed-mask of one cluster whose rows are in keep order: x_j goes iff
     M_j = max_{i<j} cos(x_i, x_j) > 1 - epsilon. Comparisons include earlier removed items (as the
-    reference does), so the first item of each near-duplicate group survives. Tiled: memory
-    <= block_elems floats whatever the cluster size."""
-    import torch
+    reference does), so the first item of each near-duplicate group survives. Tiled by row blocks:
+    memory <= block_elems similarities whatever the cluster size."""
     n = len(emb)
     removed = np.zeros(n, dtype=bool)
     if n < 2:
         return removed
-    E = torch.as_tensor(np.asarray(emb, dtype=np.float32)).to(device)
-    step = max(1, min(n, block_elems // n))
+    # row blocks of >= 256 (GEMM-efficient) and <= n/4 (skips ~3/8 of the square above the diagonal)
+    step = max(1, min(n, block_elems // n, max(256, -(-n // 4))))
+    if device == "cuda":
+        import torch
+        E = torch.as_tensor(np.asarray(emb, dtype=np.float32)).to(device)
+        later = torch.ones(step, step, dtype=torch.bool, device=device).triu()   # i >= j: not earlier
+    else:  # numpy: single-threaded elementwise work, BLAS for the product (no thread-pool wakeups per op)
+        E = np.ascontiguousarray(emb, dtype=np.float32)
+        later = np.triu(np.ones((step, step), dtype=bool))
     for a in range(0, n, step):
         b = min(n, a + step)
-        S = E[a:b] @ E[:b].T                                           # rows j in [a, b), columns i < b
-        S[:, a:b] = S[:, a:b].masked_fill(
-            torch.ones(b - a, b - a, dtype=torch.bool, device=S.device).triu(), -2.0)  # keep only i < j
-        removed[a:b] = (S.max(1).values > 1.0 - epsilon).cpu().numpy()
+        S = E[a:b] @ E[:b].T                          # rows j in [a, b) against every i < b
+        S[:, a:b][later[:b - a, :b - a]] = -2.0       # keep only i < j
+        M = S.max(1)
+        M = M.values.cpu().numpy() if device == "cuda" else M
+        removed[a:b] = M > 1.0 - epsilon
     return removed
 
 
@@ -305,34 +320,44 @@ def quota_probabilities(complexity: np.ndarray, sizes: np.ndarray, temperature: 
     return p / p.sum()
 
 
-def allocate_quotas(probs: np.ndarray, sizes: np.ndarray, n_keep: int, balance: float) -> np.ndarray:
-    """Integer N_j with sum N_j = n_keep exactly and lb_j <= N_j <= n_j, closest to n_keep * P in L2:
-
-        N_j = clip(n_keep P_j + lambda, lb_j, n_j),   lb_j = min(floor(n_keep / k_live * balance), n_j)
-
-    A cluster smaller than its share is taken whole and its excess goes equally (the same lambda
-    shift) to the others: the reference's box-constrained QP in closed form. Rounding: floors plus
-    one extra for the largest fractional parts."""
+def quota_bounds(sizes: np.ndarray, n_keep: int, balance: float) -> tuple[np.ndarray, np.ndarray]:
+    """lb_j = min(floor(n_keep / k_live * balance), n_j) (the reference's cls_bal_ratio floor), ub_j = n_j."""
     sizes = np.asarray(sizes, dtype=np.int64)
-    total = int(sizes.sum())
-    if not 0 <= n_keep <= total:
-        raise ValueError(f"cannot keep {n_keep} of {total} samples")
     k_live = max(1, int((sizes > 0).sum()))
-    lb = np.minimum(math.floor(n_keep / k_live * balance), sizes).astype(np.float64)
-    ub = sizes.astype(np.float64)
-    t = n_keep * np.asarray(probs, dtype=np.float64)
+    return np.minimum(math.floor(n_keep / k_live * balance), sizes), sizes
+
+
+def project_quotas(target: np.ndarray, lb: np.ndarray, ub: np.ndarray, total: float) -> np.ndarray:
+    """argmin_x ||x - target||^2  s.t.  sum x = total, lb <= x <= ub  (the reference's QP) in closed form:
+    x_j = clip(target_j + lambda, lb_j, ub_j), lambda found by bisection (the sum is monotone in lambda),
+    then solved exactly on the final set of unclipped clusters. A capped cluster's excess therefore goes
+    to the others additively and equally, not in proportion."""
+    t, lb, ub = (np.asarray(v, dtype=np.float64) for v in (target, lb, ub))
+    if not lb.sum() - 1e-9 <= total <= ub.sum() + 1e-9:
+        raise ValueError(f"infeasible quotas: the total {total} is outside [{lb.sum()}, {ub.sum()}]")
     lo, hi = float((lb - t).min()) - 1.0, float((ub - t).max()) + 1.0
-    for _ in range(200):                       # sum_j clip(t_j + lambda, lb_j, ub_j) is monotone in lambda
+    for _ in range(200):
         lam = 0.5 * (lo + hi)
-        if np.clip(t + lam, lb, ub).sum() < n_keep:
+        if np.clip(t + lam, lb, ub).sum() < total:
             lo = lam
         else:
             hi = lam
     x = np.clip(t + hi, lb, ub)
     free = (x > lb) & (x < ub)
-    if free.any():                              # exact lambda on the final active set
-        lam = (n_keep - x[~free].sum() - t[free].sum()) / free.sum()
+    if free.any():
+        lam = (total - x[~free].sum() - t[free].sum()) / free.sum()
         x = np.where(free, np.clip(t + lam, lb, ub), x)
+    return x
+
+
+def allocate_quotas(probs: np.ndarray, sizes: np.ndarray, n_keep: int, balance: float) -> np.ndarray:
+    """Integer quotas N_j: sum N_j = n_keep exactly, lb_j <= N_j <= n_j, N_j within 1 of the projection of
+    n_keep * P (floors, plus one for the largest fractional parts; ties to the lower cluster id)."""
+    sizes = np.asarray(sizes, dtype=np.int64)
+    if not 0 <= n_keep <= int(sizes.sum()):
+        raise ValueError(f"cannot keep {n_keep} of {int(sizes.sum())} samples")
+    lb, ub = quota_bounds(sizes, n_keep, balance)
+    x = project_quotas(n_keep * np.asarray(probs, dtype=np.float64), lb, ub, n_keep)
     q = np.clip(np.floor(x + 1e-9), lb, ub).astype(np.int64)
     short = n_keep - int(q.sum())
     frac = x - q
@@ -513,15 +538,16 @@ class ConceptPrune(DataJob):
 
     def stages(self) -> list[Stage]:
         all_ = lambda ctx: ["all"]  # noqa: E731  (a global step; the base runs it once, on task 0)
-        st = [Stage("embed", self.embed_shards, self.embed_shard),
+        w = self._in_worker
+        st = [Stage("embed", self.embed_shards, w(self.embed_shard)),
               Stage("kmeans", all_, self.kmeans_all),
-              Stage("assign", self.embed_keys, self.assign_shard),
-              Stage("dedup", self.dedup_groups, self.dedup_group)]
+              Stage("assign", self.embed_keys, w(self.assign_shard)),
+              Stage("dedup", self.dedup_groups, w(self.dedup_group))]
         if not self.shared_clustering:
             st += [Stage("recluster", all_, self.recluster_all),
-                   Stage("reassign", self.embed_keys, self.reassign_shard)]
+                   Stage("reassign", self.embed_keys, w(self.reassign_shard))]
         st += [Stage("quota", all_, self.quota_all),
-               Stage("prune", self.concept_groups, self.prune_group),
+               Stage("prune", self.concept_groups, w(self.prune_group)),
                Stage("write", all_, self.write_all)]
         if self.rc.input == "digits":
             st.append(Stage("evaluate", all_, self.evaluate_all))
@@ -529,7 +555,33 @@ class ConceptPrune(DataJob):
 
     def run(self, num_workers: int = 1, **kw) -> dict:
         self._pin_settings()
+        if num_workers > 1 and self.device == "cuda":
+            log.warning("num_workers=%d with device=cuda: CUDA cannot be used in forked workers; using 1", num_workers)
+            num_workers = 1
+        self._parent_pid = os.getpid()
         return super().run(num_workers=num_workers, **kw)
+
+    def _in_worker(self, fn):
+        return _OneThreadPerWorker(self, fn.__name__)
+
+    def _one_thread_if_forked(self):
+        """Shards run in forked worker processes (num_workers > 1) use one thread each: the parent's
+        OpenMP pool (faiss, torch) does not survive fork, and GOMP_parallel in the child would wait forever
+        on threads that no longer exist; one thread per process is also the right split of the cores."""
+        if os.getpid() != getattr(self, "_parent_pid", os.getpid()) and not self._cache.get("one_thread"):
+            import faiss
+            import torch
+            from threadpoolctl import threadpool_limits
+            faiss.omp_set_num_threads(1)
+            torch.set_num_threads(1)
+            threadpool_limits(1)
+            self._cache["one_thread"] = True
+
+    def __getstate__(self):  # sent to worker processes: not the loaded encoder
+        state = dict(self.__dict__)
+        state["_encoder"] = None
+        state["_cache"] = {k: v for k, v in self._cache.items() if k != "one_thread"}
+        return state
 
     # ---- 1. embed ------------------------------------------------------------------------------
     def digits(self) -> dict:
@@ -693,10 +745,13 @@ class ConceptPrune(DataJob):
         return {"rows": int(len(labels))}
 
     def _counts(self, stage: str) -> np.ndarray:
+        if f"counts:{stage}" in self._cache:
+            return self._cache[f"counts:{stage}"]
         tot = None
         for key in self.embed_keys(None):
             with np.load(os.path.join(self.run_dir, stage, f"{key}.npz")) as z:
                 tot = z["counts"].astype(np.int64) if tot is None else tot + z["counts"]
+        self._cache[f"counts:{stage}"] = tot
         return tot
 
     def _groups(self, stage: str) -> list[list[int]]:
@@ -954,6 +1009,8 @@ class ConceptPrune(DataJob):
         return {"accuracy_full": res["accuracy_full"], "accuracy_kept": res["accuracy_kept"]}
 
     def summary(self, ctx: JobContext) -> dict:
+        if not ctx.is_done("write", "all"):  # a partial run (`only=[...]`)
+            return {}
         out = dict(ctx.read_marker("write", "all"))
         out["kept_fraction"] = out["kept"] / out["n_input"]
         if ctx.is_done("evaluate", "all"):
@@ -964,6 +1021,17 @@ class ConceptPrune(DataJob):
                 for fr, acc in zip(ev["fractions"], accs):
                     out[f"accuracy_{name}@{fr:g}"] = acc
         return out
+
+
+class _OneThreadPerWorker:
+    """A stage's run_shard that first drops to one thread when it runs in a forked worker (picklable)."""
+
+    def __init__(self, job: ConceptPrune, method: str):
+        self.job, self.method = job, method
+
+    def __call__(self, ctx, key):
+        self.job._one_thread_if_forked()
+        return getattr(self.job, self.method)(ctx, key)
 
 
 # =====================================================================================================

@@ -1,0 +1,411 @@
+"""concept_prune: DBP quotas, SemDeDup, spherical k-means, the data job (determinism, resume, split),
+inputs and their errors, and `runx train recipe=concept_prune debug=smoke` end to end."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import asdict
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from omegaconf import OmegaConf
+
+from runx.conf.schema.concept_prune import ConceptPruneConfig
+from runx.recipes import concept_prune as cp
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def make_cfg(seed=0, smoke=False, **kw):
+    return OmegaConf.create({"recipe": asdict(ConceptPruneConfig(**kw)), "seed": seed, "smoke": smoke})
+
+
+def run_job(run_dir, seed=0, smoke=False, **kw):
+    job = cp.ConceptPrune(make_cfg(seed, smoke, **kw), str(run_dir))
+    return job, job.run()
+
+
+def kept_rows(run_dir):
+    return pq.read_table(os.path.join(run_dir, "pruned", "kept_ids.parquet")).to_pydict()
+
+
+def planted_embeddings(n_base=600, d=24, n_exact=60, n_near=60, seed=0):
+    """Clustered unit vectors plus exact and near copies of some of them. Returns (X, group) where
+    group[i] is the index of the base point row i copies (its own index for base points)."""
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((8, d))
+    base = centres[rng.integers(0, 8, n_base)] + 0.9 * rng.standard_normal((n_base, d))
+    src = rng.choice(n_base, n_exact + n_near, replace=False)
+    copies = base[src].copy()
+    copies[n_exact:] += 0.01 * rng.standard_normal((n_near, d))        # cos ~ 0.9999
+    X = np.concatenate([base, copies])
+    group = np.concatenate([np.arange(n_base), src])
+    perm = rng.permutation(len(X))
+    X, group = X[perm], group[perm]
+    return (X / np.linalg.norm(X, axis=1, keepdims=True)).astype(np.float32), group
+
+
+# =================================================================================== quotas (step 4)
+def test_quotas_sum_exactly_and_never_exceed_cluster_size():
+    rng = np.random.default_rng(0)
+    for trial in range(300):
+        k = int(rng.integers(1, 40))
+        sizes = rng.integers(0, 50, k) * (rng.random(k) < 0.9)            # some empty clusters
+        sizes[rng.integers(0, k)] += 1
+        total = int(sizes.sum())
+        n_keep = int(rng.integers(0, total + 1)) if trial % 10 else total
+        C = rng.random(k) * 0.2
+        probs = cp.quota_probabilities(C, sizes, float(rng.choice([0.01, 0.1, 1.0])), "dintra_dinter")
+        balance = float(rng.choice([0.0, 0.5, 1.0]))
+        q = cp.allocate_quotas(probs, sizes, n_keep, balance)
+        lb, _ = cp.quota_bounds(sizes, n_keep, balance)
+        assert q.sum() == n_keep
+        assert (q <= sizes).all() and (q >= lb).all() and (q >= 0).all()
+        assert (q[sizes == 0] == 0).all()
+    with pytest.raises(ValueError, match="cannot keep"):
+        cp.allocate_quotas(np.ones(3) / 3, np.array([1, 2, 3]), 7, 0.5)
+
+
+def test_quotas_become_uniform_as_temperature_grows():
+    rng = np.random.default_rng(1)
+    sizes = rng.integers(200, 400, 25)
+    C = rng.random(25) * 0.3
+    n_keep = 2000
+    q_cold = cp.allocate_quotas(cp.quota_probabilities(C, sizes, 0.01, "dintra_dinter"), sizes, n_keep, 0.0)
+    q_hot = cp.allocate_quotas(cp.quota_probabilities(C, sizes, 1e9, "dintra_dinter"), sizes, n_keep, 0.0)
+    q_uniform = cp.allocate_quotas(cp.quota_probabilities(C, sizes, 1.0, "uniform"), sizes, n_keep, 0.0)
+    assert q_hot.max() - q_hot.min() <= 1 and abs(q_hot - n_keep / 25).max() < 1
+    np.testing.assert_array_equal(q_hot, q_uniform)
+    assert q_cold.max() - q_cold.min() > 50                                 # the cold end is not uniform
+    # spread shrinks monotonically with temperature (clusters large enough that no cap binds)
+    big = sizes * 10
+    spreads = [np.ptp(cp.allocate_quotas(cp.quota_probabilities(C, big, t, "dintra_dinter"), big, n_keep, 0))
+               for t in (0.02, 0.05, 0.2, 1.0, 10.0)]
+    assert spreads == sorted(spreads, reverse=True)
+    # with caps: the uniform share of a tiny cluster goes to the others, all equal up to rounding
+    sizes2 = np.array([5, 1000, 1000, 1000])
+    q = cp.allocate_quotas(cp.quota_probabilities(C[:4], sizes2, 1e9, "dintra_dinter"), sizes2, 800, 0.0)
+    assert q[0] == 5 and q[1:].max() - q[1:].min() <= 1 and q.sum() == 800
+
+
+def reference_quotas(target, lb, ub, total, iters=20000):
+    """The reference code's QP, min 1/2||x - target||^2 s.t. sum x = total, lb <= x <= ub, i.e. the
+    projection of `target` onto (hyperplane n box), by Dykstra's alternating projections: an iterative
+    method that knows nothing of the closed form."""
+    x, p, q = target.astype(float), np.zeros(len(target)), np.zeros(len(target))
+    for _ in range(iters):
+        y = np.clip(x + p, lb, ub)
+        p = x + p - y
+        x_new = (y + q) + (total - (y + q).sum()) / len(y)
+        q = y + q - x_new
+        if np.abs(x_new - x).max() < 1e-10:
+            x = x_new
+            break
+        x = x_new
+    return np.clip(x, lb, ub)
+
+
+def test_quotas_match_reference_qp_on_random_inputs():
+    rng = np.random.default_rng(2)
+    for _ in range(25):
+        k = int(rng.integers(2, 30))
+        sizes = rng.integers(1, 120, k)
+        n_keep = int(rng.integers(1, sizes.sum()))
+        d_intra, d_inter = rng.uniform(0.05, 0.4, k), rng.uniform(0.2, 0.8, k)
+        probs = cp.quota_probabilities(d_intra * d_inter, sizes, float(rng.choice([0.02, 0.1, 0.5])), "dintra_dinter")
+        # softmax reference
+        z = np.exp(d_intra * d_inter / 1.0)
+        assert np.isclose(cp.quota_probabilities(d_intra * d_inter, sizes, 1.0, "dintra_dinter"), z / z.sum()).all()
+        lb, ub = cp.quota_bounds(sizes, n_keep, 0.5)
+        x = cp.project_quotas(n_keep * probs, lb, ub, n_keep)
+        ref = reference_quotas(n_keep * probs, lb.astype(float), ub.astype(float), n_keep)
+        np.testing.assert_allclose(x, ref, atol=1e-3 * max(1, n_keep / k))
+        q = cp.allocate_quotas(probs, sizes, n_keep, 0.5)
+        assert np.abs(q - x).max() < 1 + 1e-6
+
+
+def test_cluster_complexity_matches_a_direct_computation():
+    rng = np.random.default_rng(3)
+    C = rng.standard_normal((12, 8))
+    C /= np.linalg.norm(C, axis=1, keepdims=True)
+    sizes = np.array([10, 1, 5, 7, 0, 9, 3, 4, 8, 2, 6, 11])
+    d_intra = rng.uniform(0.1, 0.3, 12)
+    d_inter, complexity = cp.cluster_complexity(sizes, d_intra, C.astype(np.float32), num_neighbors=4)
+    for j in range(12):
+        dist = sorted(1 - C[j] @ C[l] for l in range(12) if l != j)
+        assert d_inter[j] == pytest.approx(np.mean(dist[:4]), abs=1e-5)
+    big = sizes >= 2
+    np.testing.assert_allclose(complexity[big], (d_intra * d_inter)[big], rtol=1e-6)
+    assert np.allclose(complexity[~big], (d_intra * d_inter)[big].mean())  # reference's nanmean fill
+
+
+# ====================================================================================== SemDeDup (step 2)
+def test_semdedup_cluster_rule_and_tiling():
+    e = np.eye(4, dtype=np.float32)
+    a, c = e[0], e[1]
+    b = (a + 0.01 * e[2]) / np.linalg.norm(a + 0.01 * e[2])
+    d = (c + 0.01 * e[3]) / np.linalg.norm(c + 0.01 * e[3])
+    # order: a, b~a, c, d~c, a again (exact copy): first of each group survives
+    removed = cp.semdedup_cluster(np.stack([a, b, c, d, a]), epsilon=0.01)
+    assert removed.tolist() == [False, True, False, True, True]
+    # tiled == brute force on random data, for several block sizes
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((300, 16)).astype(np.float32)
+    X[150:] = X[:150] + 0.2 * rng.standard_normal((150, 16)).astype(np.float32)
+    X /= np.linalg.norm(X, axis=1, keepdims=True)
+    S = X @ X.T
+    brute = np.array([S[j, :j].max() > 0.9 if j else False for j in range(300)])
+    for block in (1, 300 * 7, 300 * 64, 1 << 24):
+        np.testing.assert_array_equal(cp.semdedup_cluster(X, 0.1, block_elems=block), brute)
+
+
+def test_semdedup_keeps_the_member_farthest_from_the_centroid():
+    dist = np.array([0.3, 0.1, 0.3, 0.5])
+    rows = np.array([7, 3, 2, 9])
+    assert rows[cp.within_cluster_order(dist, rows, "hard", 0, 0)].tolist() == [9, 2, 7, 3]
+    assert rows[cp.within_cluster_order(dist, rows, "easy", 0, 0)].tolist() == [3, 2, 7, 9]
+    r1 = cp.within_cluster_order(dist, rows, "random", 5, 1)
+    assert sorted(r1.tolist()) == [0, 1, 2, 3]
+    assert (r1 == cp.within_cluster_order(dist, rows, "random", 5, 1)).all()
+
+
+def test_semdedup_removes_planted_exact_and_near_duplicates(tmp_path):
+    X, group = planted_embeddings()
+    np.save(tmp_path / "emb.npy", X)
+    job, res = run_job(tmp_path / "job", input="embeddings", path=str(tmp_path / "emb.npy"), num_clusters=6,
+                       epsilon=0.01, keep_fraction=1.0, budget_of="deduplicated", shard_size=256)
+    removed = set(job.removed_rows().tolist())
+    first = {}
+    for i, g in enumerate(group):
+        first.setdefault(g, []).append(i)
+    # a removal is right if its group still has another member: true positives per group = min(removed, size - 1)
+    tp = sum(min(sum(i in removed for i in rows), len(rows) - 1) for rows in first.values())
+    n_planted = sum(len(rows) - 1 for rows in first.values())
+    assert n_planted == 120
+    precision, recall = tp / max(1, len(removed)), tp / n_planted
+    assert precision >= 0.95 and recall >= 0.95, (precision, recall)
+    survivors_per_group = [sum(i not in removed for i in rows) for rows in first.values() if len(rows) > 1]
+    assert min(survivors_per_group) >= 1                                  # never lose a whole group
+    assert np.mean(np.array(survivors_per_group) == 1) >= 0.95
+    assert res["dedup_removed"] == len(removed)
+    with open(tmp_path / "job" / "pruned" / "manifest.json") as f:
+        assert json.load(f)["dedup_removed"] == len(removed)
+    # the survivor of each duplicate group is the one farthest from its cluster's centroid ("hard")
+    C = np.load(tmp_path / "job" / "kmeans" / "centroids.npy")
+    for rows in first.values():
+        if len(rows) > 1:
+            alive = [i for i in rows if i not in removed]
+            lab = np.argmax(X[rows] @ C.T, axis=1)
+            if len(alive) == 1 and len(set(lab)) == 1:
+                cos = X[rows] @ C[lab[0]]
+                assert cos[rows.index(alive[0])] <= cos.min() + 1e-6
+
+
+# ======================================================================== k-means + job determinism
+def test_spherical_kmeans_is_deterministic_for_a_seed():
+    X, _ = planted_embeddings(seed=4)
+    a = cp.spherical_kmeans(X, 10, 10, seed=7)
+    b = cp.spherical_kmeans(X, 10, 10, seed=7)
+    c = cp.spherical_kmeans(X, 10, 10, seed=8)
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c)
+    np.testing.assert_allclose(np.linalg.norm(a, axis=1), 1, atol=1e-5)   # spherical: unit centroids
+    lab, cos = cp.assign_to_centroids(X, a)
+    np.testing.assert_array_equal(lab, np.argmax(X @ a.T, axis=1))
+    np.testing.assert_allclose(cos, (X @ a.T).max(1), atol=1e-5)
+
+
+def test_job_is_deterministic_resumable_and_splittable(tmp_path):
+    X, _ = planted_embeddings(seed=5)
+    np.save(tmp_path / "emb.npy", X)
+    kw = dict(input="embeddings", path=str(tmp_path / "emb.npy"), num_clusters=6, epsilon=0.01,
+              keep_fraction=0.4, shard_size=200, keep="random", dedup_keep="random")
+    run_job(tmp_path / "a", seed=3, **kw)
+    ref = kept_rows(tmp_path / "a")
+    assert len(ref["row"]) == round(0.4 * len(X))
+    # same seed, fresh dir: identical output
+    run_job(tmp_path / "b", seed=3, **kw)
+    assert kept_rows(tmp_path / "b") == ref
+    # another seed: another subset
+    run_job(tmp_path / "c", seed=4, **kw)
+    assert kept_rows(tmp_path / "c")["row"] != ref["row"]
+    # killed after k-means, then resumed: earlier shards are skipped, output identical
+    job = cp.ConceptPrune(make_cfg(3, **kw), str(tmp_path / "d"))
+    job.run(only=["embed", "kmeans"])
+    mtime = os.path.getmtime(tmp_path / "d" / "embed" / "00000.npy")
+    cp.ConceptPrune(make_cfg(3, **kw), str(tmp_path / "d")).run()
+    assert os.path.getmtime(tmp_path / "d" / "embed" / "00000.npy") == mtime
+    assert kept_rows(tmp_path / "d") == ref
+    # split across two array tasks (each rerun until its share of every stage is done)
+    pending = {0, 1}
+    for _ in range(20):
+        for t in sorted(pending, reverse=True):
+            r = cp.ConceptPrune(make_cfg(3, **kw), str(tmp_path / "e")).run(task_index=t, num_tasks=2)
+            if "incomplete_stage" not in r:
+                pending.discard(t)
+        if 0 not in pending:
+            break
+    assert kept_rows(tmp_path / "e") == ref
+    # two worker processes
+    cp.ConceptPrune(make_cfg(3, **kw), str(tmp_path / "f")).run(num_workers=2)
+    assert kept_rows(tmp_path / "f") == ref
+    # a run dir refuses other settings
+    with pytest.raises(ValueError, match="keep_fraction"):
+        cp.ConceptPrune(make_cfg(3, **dict(kw, keep_fraction=0.5)), str(tmp_path / "a")).run()
+
+
+def test_job_outputs_hard_pruning_and_quotas(tmp_path):
+    X, _ = planted_embeddings(n_base=800, seed=6)
+    np.save(tmp_path / "emb.npy", X)
+    job, res = run_job(tmp_path / "j", input="embeddings", path=str(tmp_path / "emb.npy"), num_clusters=8,
+                       epsilon=0.01, keep_fraction=0.3, temperature=0.05, shard_size=300)
+    out = tmp_path / "j" / "pruned"
+    for f in ("kept_ids.parquet", "clusters.parquet", "manifest.json", "quota_vs_size.png"):
+        assert (out / f).stat().st_size > 0, f
+    assert (out / "quota_vs_size.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    kept = pq.read_table(out / "kept_ids.parquet").to_pandas()
+    table = pq.read_table(out / "clusters.parquet").to_pandas()
+    n_keep = round(0.3 * len(X))
+    assert len(kept) == n_keep == res["kept"] == table["quota"].sum()
+    assert (table["kept"] == table["quota"]).all() and (table["quota"] <= table["size"]).all()
+    assert table["size"].sum() == len(X) - res["dedup_removed"]
+    assert not set(kept["row"]) & set(job.removed_rows().tolist())
+    np.testing.assert_array_equal(kept["id"], kept["row"])              # .npy input: ids are row numbers
+    # hard: inside every cluster, every kept sample is at least as far from the centroid as any dropped one
+    for g in job.concept_groups(None):
+        m = job.concept_members(g)
+        for c, lo, hi in cp._cluster_runs(m["cluster"]):
+            is_kept = np.isin(m["rows"][lo:hi], kept["row"])
+            if is_kept.any() and (~is_kept).any():
+                assert m["dist"][lo:hi][is_kept].min() >= m["dist"][lo:hi][~is_kept].max() - 1e-6
+    # DBP gives more to complex clusters than SSP's uniform quotas would
+    assert np.corrcoef(table["complexity"], table["quota"] / table["size"].clip(1))[0, 1] > 0
+
+
+def test_separate_dedup_clustering_and_float16_shards(tmp_path):
+    X, group = planted_embeddings(seed=7)
+    np.save(tmp_path / "emb.npy", X)
+    job, res = run_job(tmp_path / "j", input="embeddings", path=str(tmp_path / "emb.npy"), num_clusters=5,
+                       dedup_clusters=12, epsilon=0.01, keep_fraction=0.5, budget_of="deduplicated",
+                       embed_dtype="float16", shard_size=250)
+    assert np.load(tmp_path / "j" / "embed" / "00000.npy", mmap_mode="r").dtype == np.float16
+    assert (tmp_path / "j" / "recluster" / "centroids.npy").exists()
+    assert res["dedup_removed"] >= 110
+    n_dedup = len(X) - res["dedup_removed"]
+    assert res["kept"] == round(0.5 * n_dedup)
+    table = pq.read_table(tmp_path / "j" / "pruned" / "clusters.parquet").to_pandas()
+    assert len(table) == 5 and table["size"].sum() == n_dedup
+
+
+# =========================================================================== inputs and their errors
+def test_parquet_embeddings_keep_their_ids_and_bad_rows_are_named(tmp_path):
+    X, _ = planted_embeddings(n_base=200, n_exact=10, n_near=10, seed=8)
+    ids = [f"doc-{i}" for i in range(len(X))]
+    pq.write_table(pa.table({"id": ids, "embedding": [list(map(float, x)) for x in X]}), tmp_path / "e.parquet")
+    run_job(tmp_path / "j", input="embeddings", path=str(tmp_path), num_clusters=4, epsilon=0.01,
+            keep_fraction=0.5)
+    kept = kept_rows(tmp_path / "j")
+    assert kept["id"] == [ids[r] for r in kept["row"]]
+    bad = [list(map(float, x)) for x in X[:5]]
+    bad[3] = bad[3][:-1]
+    pq.write_table(pa.table({"embedding": bad}), tmp_path / "bad.parquet")
+    with pytest.raises(ValueError, match=r"bad\.parquet: row 3"):
+        run_job(tmp_path / "k", input="embeddings", path=str(tmp_path / "bad.parquet"), num_clusters=2)
+    np.save(tmp_path / "flat.npy", np.ones(10, np.float32))
+    with pytest.raises(ValueError, match=r"flat\.npy: expected a 2-D array"):
+        run_job(tmp_path / "l", input="embeddings", path=str(tmp_path / "flat.npy"))
+    zero = X[:20].copy()
+    zero[7] = 0
+    np.save(tmp_path / "zero.npy", zero)
+    with pytest.raises(ValueError, match=r"zero\.npy.*row 7"):
+        run_job(tmp_path / "m", input="embeddings", path=str(tmp_path / "zero.npy"), num_clusters=2)
+
+
+def test_config_errors_name_the_key(tmp_path):
+    with pytest.raises(ValueError, match=r"recipe.keep_fraction=1.5"):
+        cp.ConceptPrune(make_cfg(keep_fraction=1.5), str(tmp_path))
+    with pytest.raises(ValueError, match=r"recipe.path is empty"):
+        cp.ConceptPrune(make_cfg(input="text"), str(tmp_path))
+    with pytest.raises(FileNotFoundError, match=r"recipe.path=/nonexistent"):
+        run_job(tmp_path / "x", input="embeddings", path="/nonexistent/e.npy")
+
+
+def test_text_encoder_minilm_mean_pooling(tmp_path):
+    texts = ["a cat sits on the mat", "a kitten is sitting on a rug", "stock markets fell sharply today",
+             "the cat sat on the mat"]
+    enc = cp.TextEncoder("builtin:minilm", "mean", 64, batch_size=4, device="cpu")
+    batched = np.concatenate(list(enc(texts)))
+    alone = np.concatenate([np.concatenate(list(enc([t]))) for t in texts])   # no padding involved
+    np.testing.assert_allclose(batched, alone, atol=1e-5)                   # padding is masked out
+    np.testing.assert_allclose(np.linalg.norm(batched, axis=1), 1, atol=1e-5)
+    S = batched @ batched.T
+    assert S[0, 3] > S[0, 1] > S[0, 2]
+    # bad JSONL names file and line
+    (tmp_path / "d.jsonl").write_text('{"text": "fine"}\n\n{"text": 3}\n')
+    with pytest.raises(ValueError, match=r"d\.jsonl:3: no text field"):
+        cp.read_texts(str(tmp_path / "d.jsonl"), 0, 2, ConceptPruneConfig())
+    (tmp_path / "e.jsonl").write_text('{"text": "fine"}\n{oops\n')
+    with pytest.raises(ValueError, match=r"e\.jsonl:2: not valid JSON"):
+        cp.read_texts(str(tmp_path / "e.jsonl"), 0, 2, ConceptPruneConfig())
+
+
+def test_text_and_image_inputs_run_the_job(tmp_path):
+    from PIL import Image
+    rows = [{"id": 100 + i, "text": t} for i, t in enumerate(
+        ["the cat sat on the mat", "the cat sat on the mat", "a dog runs in the park", "dogs run in parks",
+         "interest rates rise again", "the central bank raised rates", "a recipe for tomato soup",
+         "how to cook tomato soup"] * 2)]
+    (tmp_path / "t.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    _, res = run_job(tmp_path / "jt", input="text", path=str(tmp_path / "t.jsonl"), num_clusters=3,
+                     epsilon=0.01, keep_fraction=0.25, budget_of="deduplicated", max_length=32)
+    assert res["dedup_removed"] >= 8                           # every text appears twice (exact copies)
+    kept = kept_rows(tmp_path / "jt")
+    assert all(i == 100 + r for i, r in zip(kept["id"], kept["row"]))
+    img = tmp_path / "imgs"
+    img.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(6):
+        arr = (rng.random((20, 20, 3)) * 255).astype(np.uint8)
+        Image.fromarray(arr).save(img / f"{i}.png")
+        if i < 2:
+            Image.fromarray(arr).save(img / f"{i}_copy.png")
+    _, res = run_job(tmp_path / "ji", input="images", path=str(img), encoder="torchvision:resnet18",
+                     image_size=32, num_clusters=2, epsilon=0.001, keep_fraction=0.5, budget_of="deduplicated")
+    assert res["dedup_removed"] == 2
+    assert all(str(i).endswith(".png") for i in kept_rows(tmp_path / "ji")["id"])
+
+
+# ================================================================================ embedded default + CLI
+def test_digits_default_plants_duplicates_and_a_fixed_test_split():
+    a = cp.digits_with_planted_duplicates(0, 0.4, 20, 0.2)
+    b = cp.digits_with_planted_duplicates(1, 0.4, 20, 0.2)
+    np.testing.assert_array_equal(a["X_test"], b["X_test"])            # never depends on the seed
+    assert len(a["X_train"]) > 2 * a["n_unique"]
+    assert len(np.unique(a["origin"])) == a["n_unique"]
+    E = cp.digits_embedding(a["X_train"], 32)
+    first = {}
+    for i, o in enumerate(a["origin"]):
+        first.setdefault(o, i)
+    rep = np.array([first[o] for o in a["origin"]])
+    assert ((E * E[rep]).sum(1) > 0.97).all()                           # copies sit within epsilon=0.03
+
+
+def test_cli_smoke_end_to_end(tmp_path):
+    run_dir = tmp_path / "run"
+    env = dict(os.environ, DS_ACCELERATOR="cpu", WANDB_MODE="disabled")
+    out = subprocess.run([sys.executable, "-m", "runx.cli.main", "train", "recipe=concept_prune", "debug=smoke",
+                          f"run_dir={run_dir}"], capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    manifest = json.loads((run_dir / "pruned" / "manifest.json").read_text())
+    ev = json.loads((run_dir / "pruned" / "eval.json").read_text())
+    assert summary["kept"] == manifest["kept"] == round(0.3 * manifest["n_input"])
+    assert manifest["dedup_removed"] > 0.5 * (manifest["n_input"] - ev["n_unique"])
+    assert set(ev["accuracy"]) == {"random", "dedup_random", "ssp", "dbp"}
+    assert 0.5 < ev["accuracy_full"] <= 1 and 0.5 < summary["accuracy_kept"] <= 1
+    for stage in ("embed", "kmeans", "assign", "dedup", "quota", "prune", "write", "evaluate"):
+        assert json.loads((run_dir / stage / "manifest.json").read_text())["complete"], stage
