@@ -86,7 +86,9 @@ def test_installed_wheel_ships_configs(tmp_path):
     import zipfile
     names = zipfile.ZipFile(whl).namelist()
     tops = {n.split("/")[0] for n in names if not n.split("/")[0].endswith((".dist-info", ".data"))}
-    assert tops == {"runx"}, tops
+    # hydra_plugins is Hydra's own namespace package for plugin discovery (our launcher lives under it)
+    assert tops <= {"runx", "hydra_plugins"}, tops
+    assert all(n.startswith("hydra_plugins/runx_") for n in names if n.startswith("hydra_plugins/")), names
     assert "runx/conf/config.yaml" in names and "runx/conf/trainer/zero3_nvme.yaml" in names
     assert "runx/conf/hydra/job_logging/rich.yaml" in names and "runx/recipes/assets/stdlib_topics.jsonl" in names
     target = tmp_path / "site"
