@@ -115,15 +115,22 @@ def reuse_distance_for_buffers(stats: dict, bytes_per_elem: int, buffer_count: i
 
 
 def nvme_param_settings(stats: dict, bytes_per_elem: int, buffer_count="auto", buffer_size="auto",
-                        block_size: int = MIN_AIO_BYTES, max_reuse_distance: float | None = None) -> dict:
+                        block_size: int = MIN_AIO_BYTES, max_reuse_distance: float | None = None,
+                        buffer_budget_bytes: int | None = None) -> dict:
     """The offload_param block plus the ZeRO-3 reuse distance that keeps it from running dry.
 
-    buffer_count="auto": DeepSpeed's reuse distance (or the one given) and enough buffers for it.
+    buffer_count="auto": DeepSpeed's reuse distance (or the one given) and enough buffers for it; if those
+    pinned buffers would exceed `buffer_budget_bytes`, fewer buffers and a shorter reuse distance.
     buffer_count=N: the reuse distance shrunk until the live set fits N buffers.
     """
     if buffer_count == "auto":
         R = DEEPSPEED_DEFAULT_REUSE if max_reuse_distance is None else float(max_reuse_distance)
         count, size = derive_param_buffers(stats, bytes_per_elem, 0, 0, R, block_size)
+        if buffer_budget_bytes is not None and count * size * bytes_per_elem > buffer_budget_bytes:
+            module_max = min(len(swappable_partitions(stats, bytes_per_elem, block_size)),
+                             int(stats.get("module_max_params", 2))) or 1
+            count = max(module_max + 2, int(buffer_budget_bytes // (size * bytes_per_elem)))
+            R = reuse_distance_for_buffers(stats, bytes_per_elem, count, block_size)
     else:
         count = int(buffer_count)
         R = reuse_distance_for_buffers(stats, bytes_per_elem, count, block_size)

@@ -136,11 +136,15 @@ def _trace_activations(model, cfg) -> int:
     gradient that exists at the start of backward."""
     import torch
     b, s = int(cfg.trainer.micro_batch_size), int(cfg.data.max_length)
+    # saved tensors, one entry per storage (views share it); weights saved for backward are not activations
+    weights = {p.untyped_storage()._cdata for p in model.parameters()}
     saved: dict[int, int] = {}
 
     def pack(t):
         if isinstance(t, torch.Tensor):
-            saved[id(t)] = t.numel() * t.element_size()
+            st = t.untyped_storage()
+            if st._cdata not in weights:
+                saved[st._cdata] = max(saved.get(st._cdata, 0), st.nbytes())
         return t
     model.train()
     ids = torch.zeros(b, s, dtype=torch.long, device="meta")
@@ -275,6 +279,8 @@ def model_states(lay: Layout, psi: int, largest_layer: int, gpus_per_node: int =
             gpu["grads"] = (g16 + g32) * t // N
             gpu["master"] = master * t // N
             gpu["optimizer"] = opt_bytes * t // N
+            # DeepSpeed: CPU 4 Psi per local rank — the fp32 model each rank loads before the engine
+            cpu["model load (4 B x local ranks)"] = 4 * psi * gpus_per_node
         for k in cpu:
             cpu[k] = int(cpu[k] * buffer_factor)
         return {"gpu": gpu, "cpu": cpu, "nvme": nvme}
@@ -501,8 +507,10 @@ def estimate(cfg, facts: ModelFacts, machine: Machine, lay: Layout) -> Row:
                       buffer_factor=1.0, trainable=tr)
     row = Row(lay)
     row.gpu = {f"model states: {k}": v for k, v in ms["gpu"].items() if v}
+    # on a CPU-only run the "host copy" terms are the compute-side tensors themselves
+    host_terms = ("zero.Init", "model load")
     row.cpu = {f"model states: {k}": v for k, v in ms["cpu"].items()
-               if v and not (machine.device == "cpu" and k.startswith("zero.Init"))}
+               if v and not (machine.device == "cpu" and k.startswith(host_terms))}
     row.nvme = {f"model states: {k}": v for k, v in ms["nvme"].items() if v}
     z = _zero_knobs(t, OmegaConf.to_container(t.ds_overrides, resolve=True))
     zero_init = lay.stage == 3 and lay.offload_param == "nvme"   # the trainer builds under zero.Init then
@@ -522,13 +530,18 @@ def estimate(cfg, facts: ModelFacts, machine: Machine, lay: Layout) -> Row:
         target = row.cpu if opt_dev == "cpu" else row.gpu
         per = tr if lay.stage == 0 or opt_dev == "cpu" else tr // N
         target["optimizer step temporaries"] = 4 * (min(per, int(z["sub_group"])) if lay.stage == 3 else per)
+        if lay.stage == 3:
+            # ZeRO-3 flattens the sub-group's gradient partition into a new fp32 tensor for the step
+            # (stage3._prepare_fp32_grad_for_sub_group); in mixed precision that copy is the states' 4 B grads
+            target["flattened grad partition (step)"] = 4 * min(tr // N, int(z["sub_group"]))
     row.gpu["activations (1 micro-batch)"] = facts.activation_bytes
 
     # ---- host side: the model as built before the engine takes it over
     if not zero_init:
         if machine.device == "cuda":
-            # every local rank builds the full model in host memory before it moves to the GPU
-            row.cpu["model built on host (init)"] = p * psi * G
+            if not any(k.startswith("model load") for k in ms["cpu"]):
+                # every local rank builds the full model in host memory before it moves to the GPU
+                row.cpu["model built on host (init)"] = p * psi * G
         elif lay.stage >= 1:
             # on CPU the engine copies the weights into flat (ZeRO-1/2) or partitioned + flat (ZeRO-3)
             # buffers; the per-parameter tensors it frees stay in the process heap (glibc keeps them)

@@ -1,0 +1,232 @@
+"""Scale (issue #9): `runx plan` against DeepSpeed's estimators and measured peaks, the pre-flight check,
+NVMe settings derivation, sweeps (2x2 multirun + report, Optuna preset, the parallel local launcher)."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+
+import pytest
+
+from conftest import run_cli
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+LLAMA = ["recipe=sft", "model=llama_m", "data=tiny_text", "logger=none", "trainer.progress=false",
+         "trainer.micro_batch_size=4", "trainer.ckpt_every=0", "trainer.eval_every=0",
+         "data.max_train_samples=64", "++model.from_config.num_hidden_layers=4",
+         "++model.from_config.intermediate_size=2048", "++model.from_config.num_attention_heads=8",
+         "++model.from_config.num_key_value_heads=8"]
+
+
+def cli(args, **kw):
+    """`runx` from the repo root (so the in-tree hydra_plugins/ joins Hydra's plugin namespace)."""
+    kw.setdefault("env", {})
+    cwd = os.getcwd()
+    os.chdir(REPO)
+    try:
+        return run_cli(args, **kw)
+    finally:
+        os.chdir(cwd)
+
+
+# ------------------------------------------------------------------------------------------ plan: formulas
+@pytest.mark.parametrize("gpus,nodes", [(1, 1), (8, 1), (4, 2)])
+def test_model_states_match_deepspeed_estimators(gpus, nodes):
+    """Mixed precision + Adam: params + grads + optimizer states per GPU and per node's CPU equal
+    DeepSpeed's estimate_zero2/zero3_model_states_mem_needs for every layout they cover."""
+    from runx.trainers.plan import LAYOUTS, deepspeed_reference, model_states
+    psi, largest = 1_364_000_000, 65_536_000
+    covered = 0
+    for lay in LAYOUTS:
+        ref = deepspeed_reference(lay, psi, largest, gpus, nodes)
+        if ref is None:
+            continue
+        covered += 1
+        ms = model_states(lay, psi, largest, gpus, nodes, mixed=True, opt_bytes=8, buffer_factor=1.5)
+        assert sum(ms["gpu"].values()) == pytest.approx(ref[1], rel=1e-6, abs=16), (lay, ms, ref)
+        assert sum(ms["cpu"].values()) == pytest.approx(ref[0], rel=1e-6, abs=16), (lay, ms, ref)
+    assert covered >= 5
+
+
+def test_fp32_formula():
+    """fp32 (our CPU runs), per rank: ZeRO-0 16 B/param, ZeRO-1/2 4 + 20/N, ZeRO-3 16/N; ZeRO-3 with params and
+    optimizer offloaded keeps 20 B/param on the CPU (the fp32 master is a separate copy there)."""
+    from runx.trainers.plan import Layout, model_states
+    psi = 10_000_000
+    ms = lambda lay, n=1: model_states(lay, psi, 0, n, 1, mixed=False, buffer_factor=1.0)
+    assert sum(ms(Layout("z0", 0))["gpu"].values()) == 16 * psi
+    assert sum(ms(Layout("z2", 2), 4)["gpu"].values()) == 4 * psi + 20 * psi // 4
+    assert sum(ms(Layout("z3", 3), 4)["gpu"].values()) == 16 * psi // 4
+    off = ms(Layout("z3o", 3, "cpu", "cpu"))
+    assert sum(off["cpu"].values()) == 20 * psi and sum(off["gpu"].values()) == 0
+
+
+# ------------------------------------------------------------------------------------------ NVMe derivation
+def _llama_m_stats():
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from runx.trainers.nvme import param_stats
+    conf = LlamaConfig(vocab_size=4096, hidden_size=256, intermediate_size=1024, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=False)
+    with torch.device("meta"):
+        return param_stats(LlamaForCausalLM(conf))
+
+
+def test_nvme_buffers_cover_the_live_set():
+    """Under DeepSpeed's default reuse distance every swappable llama_m matrix is live at the forward/backward
+    turn (8 of them >= 1 MiB), so 5 hand-set buffers cannot work; the derived count covers them, and a
+    hand-set count gets a reuse distance that fits it."""
+    from runx.trainers.nvme import (derive_param_buffers, nvme_param_settings, reuse_distance_for_buffers,
+                                    swappable_partitions)
+    st = _llama_m_stats()
+    sw = swappable_partitions(st, 4)
+    assert len(sw) == 8 and max(sw) == 4096 * 256
+    count, size = derive_param_buffers(st, 4, 1e9, 5e7)
+    assert count >= len(sw) + 1 and size >= max(sw)
+    s = nvme_param_settings(st, 4, buffer_count=5)
+    assert s["buffer_count"] == 5 and s["max_in_cpu"] == 0 and s["stage3_max_reuse_distance"] < sum(sw)
+    with pytest.raises(ValueError, match="nvme_buffer_count=2 is too small"):
+        reuse_distance_for_buffers(st, 4, 2)
+    with pytest.raises(ValueError, match="nvme_buffer_size"):
+        nvme_param_settings(st, 4, buffer_size=1000)
+    budget = nvme_param_settings(st, 4, buffer_budget_bytes=6 * size * 4)
+    assert budget["buffer_count"] == 6 and budget["stage3_max_reuse_distance"] < 1e9
+
+
+# ------------------------------------------------------------------------------------------ plan: CLI + check
+def test_plan_cli_prints_and_writes_table(tmp_path):
+    p = cli(["plan", *LLAMA, "trainer=zero3_nvme", f"trainer.nvme_path={tmp_path / 'nv'}",
+             f"run_dir={tmp_path / 'plan'}"], env={"COLUMNS": "200"})
+    text = (tmp_path / "plan" / "plan.txt").read_text()
+    for s in ("zero0", "zero3 + params,optimizer->nvme", "GPU / rank", "CPU / node", "NVMe / node",
+              "derived NVMe settings", "baseline"):
+        assert s in text, s
+    assert "zero3 + params,optimizer->nvme" in p.stdout
+    plan = json.loads((tmp_path / "plan" / "plan.json").read_text())
+    cfgd = plan["configured"]
+    assert cfgd["layout"] == "zero3 + params,optimizer->nvme" and cfgd["nvme_total"] > 20 * plan["model"]["n_params"]
+    assert cfgd["nvme_settings"]["buffer_count"] >= 9 and plan["cheapest"] == "zero0"
+
+
+BIG = ["recipe=sft", "model=tiny_llama", "++model.from_config.hidden_size=4096",
+       "++model.from_config.intermediate_size=11008", "++model.from_config.num_hidden_layers=32",
+       "++model.from_config.num_attention_heads=32", "++model.from_config.num_key_value_heads=32",
+       "++model.from_config.vocab_size=32000", "data=tiny_text", "trainer.micro_batch_size=1"]
+
+
+def test_plan_described_machine_picks_cheapest_that_fits():
+    """A 7B Llama (bf16) on a described 8 x 80 GB node: ZeRO-0 (~20 B/param) does not fit a GPU, ZeRO-1
+    (2 + 18/8 B/param) does and is the cheapest; on one 24 GB GPU only optimizer offload fits."""
+    from runx.cli.config import compose
+    from runx.trainers.plan import make_plan, model_facts
+    base = BIG + ["trainer.precision=bf16", "plan.cpu_mem=1TB", "plan.nvme_free=4TB"]
+    facts = model_facts(compose(base))
+    assert 6.5e9 < facts.n_params < 7e9 and facts.activation_bytes < 2 * 2**30
+    plan = make_plan(compose(base + ["plan.gpus=8", "plan.gpu_mem=80GB"]), facts=facts)
+    fits = {r.layout.name: r.fits for r in plan.rows}
+    assert not plan.current.fits and not fits["zero0"] and fits["zero1"] and plan.cheapest.layout.name == "zero1"
+    plan = make_plan(compose(base + ["plan.gpus=1", "plan.gpu_mem=24GB"]), facts=facts)
+    fits = {r.layout.name: r.fits for r in plan.rows}
+    assert not any(fits[k] for k in ("zero0", "zero1", "zero2", "zero3"))
+    assert plan.cheapest.layout.name == "zero2 + optimizer->cpu" and fits["zero3 + params,optimizer->nvme"]
+
+
+def test_train_stops_before_building_when_it_cannot_fit(tmp_path):
+    """`runx train` runs the same check first: a 7B fp32 ZeRO-0 run on this machine stops with the memory it
+    needs (and the cheapest config that fits, if any) before any weights exist."""
+    p = cli(["train", *BIG, f"run_dir={tmp_path / 'r'}", "logger=none", f"trainer.nvme_path={tmp_path / 'nv'}"],
+            check=False)
+    assert p.returncode == 2, p.stderr[-3000:]
+    assert "does not fit" in p.stderr and "CPU needs" in p.stderr
+    assert "cheapest config that fits" in p.stderr or "No ZeRO / offload config fits" in p.stderr
+    assert not (tmp_path / "r" / "metrics.jsonl").exists()
+
+
+def test_nvme_path_unwritable_or_full_fails_fast(tmp_path, capsys):
+    """Unwritable nvme_path (through `runx train`), and a disk without room for the model's swap files (the
+    same pre-flight check in-process): both stop before any model is built, naming the path and the space
+    needed."""
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    bad = blocker / "nvme"  # a folder under a regular file cannot be created
+    common = ["recipe=sft", "model=llama_m", "data=tiny_text", "trainer=zero3_nvme", "logger=none",
+              "trainer.progress=false"]
+    p = cli(["train", *common, f"trainer.nvme_path={bad}", f"run_dir={tmp_path / 'r1'}"], check=False)
+    assert p.returncode == 2 and str(bad) in p.stderr and "not writable" in p.stderr and "GiB" in p.stderr, p.stderr
+    assert not (tmp_path / "r1" / "metrics.jsonl").exists()
+    # a model whose swap files need about twice the free space on the disk of tmp_path
+    from runx.cli.config import compose
+    from runx.trainers.plan import check_fits
+    free = shutil.disk_usage(tmp_path).free
+    vocab = int(2 * free / (20 * 2 * 4096)) + 1
+    cfg = compose(common + [f"trainer.nvme_path={tmp_path / 'nv'}", f"++model.from_config.vocab_size={vocab}",
+                            "++model.from_config.hidden_size=4096", "++model.from_config.num_attention_heads=32",
+                            "++model.from_config.num_key_value_heads=32"])
+    with pytest.raises(SystemExit) as e:
+        check_fits(cfg)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and str(tmp_path / "nv") in err and "free but ZeRO-Infinity needs" in err, err
+    need = float(err.split("needs ")[1].split(" GiB")[0])
+    assert need * 2**30 > free
+
+
+# ------------------------------------------------------------------------------------------ sweeps
+def test_2x2_parallel_multirun_report_and_plan_vs_measured_peak(tmp_path):
+    """One 2x2 sweep (two Llama sizes x ZeRO-0/ZeRO-3) through the parallel local launcher, 2 jobs at once:
+    4 run dirs, jobs that overlap in time, one `runx report` table, and for every run the plan's CPU total
+    within 15% of the peak RSS the trainer measured."""
+    sweep = tmp_path / "sweep"
+    p = cli(["train", "-m", "hydra/launcher=runx_parallel", "hydra.launcher.n_jobs=2", f"hydra.sweep.dir={sweep}",
+             *LLAMA, "trainer.max_steps=2", "++model.from_config.hidden_size=384,768", "trainer=zero0,zero3",
+             "objective=final_loss"], env={"RUNX_CACHE": str(tmp_path / "cache")}, timeout=900)
+    runs = sorted(d for d in os.listdir(sweep) if d.isdigit())
+    assert runs == ["0", "1", "2", "3"], (runs, p.stderr[-3000:])
+    jobs = json.loads((sweep / "launcher_jobs.json").read_text())
+    assert [j["returncode"] for j in jobs] == [0, 0, 0, 0]
+    # overlap: job 1 started before job 0 ended (also from the runs' own files: config written at start)
+    a, b = jobs[0], jobs[1]
+    assert b["start"] < a["end"] and a["start"] < b["end"], jobs
+    assert os.path.getmtime(sweep / "1" / "config.yaml") < os.path.getmtime(sweep / "0" / "summary.json")
+
+    r = cli(["report", str(sweep), "--no-plots"], env={"COLUMNS": "250"})
+    assert "4 runs" in r.stdout and r.stdout.count("zero3") >= 2
+    rep = json.loads((sweep / "report.json").read_text())
+    assert len(rep["rows"]) == 4 and "trainer.name" in rep["varying"]
+
+    # plan vs measured peak RSS, each run with its own overrides
+    from runx.cli.config import compose
+    from runx.trainers.plan import make_plan
+    os.environ["RUNX_CACHE"] = str(tmp_path / "cache")
+    try:
+        errors = {}
+        for j in jobs:
+            cfg = compose(list(j["overrides"]))
+            plan = make_plan(cfg)
+            predicted = plan.current.total("cpu")
+            measured = json.loads((sweep / str(j["idx"]) / "summary.json").read_text())["peak_mem_gb"] * 2**30
+            errors[" ".join(o for o in j["overrides"] if "hidden_size" in o or "trainer=" in o)] = \
+                round(predicted / measured - 1, 3)
+    finally:
+        os.environ.pop("RUNX_CACHE", None)
+    print("plan / measured - 1:", errors)
+    assert all(abs(e) <= 0.15 for e in errors.values()), errors
+
+
+def test_optuna_preset_runs_4_trials_on_the_default_job(tmp_path):
+    sweep = tmp_path / "optuna"
+    cli(["train", "-m", "hydra/sweeper=runx_optuna", "hydra.sweeper.n_trials=4", f"hydra.sweep.dir={sweep}",
+         "objective=eval/accuracy", "trainer.max_steps=1", "trainer.eval_every=1", "trainer.ckpt_every=0",
+         "trainer.micro_batch_size=4", "data.max_train_samples=32", "data.max_eval_samples=16", "logger=none",
+         "trainer.progress=false"], timeout=900)
+    runs = sorted(d for d in os.listdir(sweep) if d.isdigit())
+    assert runs == ["0", "1", "2", "3"]
+    import yaml
+    res = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
+    lrs = {json.load(open(sweep / r / "summary.json"))["eval/accuracy"] for r in runs}
+    assert res["best_value"] == max(lrs)
+    lr_used = {yaml.safe_load(open(sweep / r / "config.yaml"))["optim"]["lr"] for r in runs}
+    assert len(lr_used) == 4 and all(1e-5 <= lr <= 1e-3 for lr in lr_used)
