@@ -436,7 +436,8 @@ def measure_baseline(device: str, refresh: bool = False) -> dict:
 
 
 def _baseline_child(device: str) -> None:
-    """Runs in the measuring subprocess: the trainer's imports and set-up with a toy model, one step."""
+    """Runs in the measuring subprocess: the trainer's imports and set-up (ZeRO-3 engine, the superset of the
+    stages' code) with a toy model, one step."""
     import resource
 
     import runx.cli.train  # noqa: F401  (Hydra, rich: what `runx train` has loaded)
@@ -452,7 +453,8 @@ def _baseline_child(device: str) -> None:
                        num_attention_heads=2, num_key_value_heads=2)
     model = LlamaForCausalLM(conf)
     ds = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1, "steps_per_print": 10**9,
-          "zero_optimization": {"stage": 0}, "zero_allow_untested_optimizer": True,
+          "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},  # the ZeRO-3 machinery too
+          "zero_allow_untested_optimizer": True,
           "zero_force_ds_cpu_optimizer": False}
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=ds)
