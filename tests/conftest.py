@@ -16,7 +16,12 @@ os.environ.update(OFFLINE_ENV)
 
 
 def run_cli(args: list[str], timeout: int = 600, env: dict | None = None, check: bool = True):
-    e = dict(os.environ, **OFFLINE_ENV, **(env or {}))
+    e = dict(os.environ, **OFFLINE_ENV)
+    for k, v in (env or {}).items():  # None removes a variable
+        if v is None:
+            e.pop(k, None)
+        else:
+            e[k] = v
     e.pop("RANK", None), e.pop("WORLD_SIZE", None), e.pop("LOCAL_RANK", None), e.pop("MASTER_PORT", None)
     p = subprocess.run([sys.executable, "-m", "runx.cli.main", *args], capture_output=True, text=True,
                        timeout=timeout, env=e)

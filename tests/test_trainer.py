@@ -18,8 +18,11 @@ NO_DROPOUT = ["++model.from_config.hidden_dropout_prob=0.0", "++model.from_confi
 def test_default_job_learns(tmp_path):
     """The embedded default (pretrained MiniLM, stdlib_topics) — loss falls and held-out accuracy beats chance."""
     run = tmp_path / "run"
-    run_cli(["train", f"run_dir={run}", "trainer.max_steps=24", "trainer.eval_every=24", "trainer.ckpt_every=0",
-             "optim.lr=1e-4", "logger=none", "trainer.progress=false"])
+    p = run_cli(["train", f"run_dir={run}", "trainer.max_steps=24", "trainer.eval_every=24", "trainer.ckpt_every=0",
+                 "optim.lr=1e-4", "trainer.progress=false"], env={"WANDB_MODE": None, "WANDB_API_KEY": None})
+    # W&B offline by default: a local run folder and the sync command printed for later upload
+    assert "wandb sync" in p.stdout, p.stdout[-2000:]
+    assert any(d.startswith("offline-run-") for d in os.listdir(run / "wandb"))
     m = read_metrics(run)
     first = sum(r["loss"] for r in m[:4]) / 4
     last = sum(r["loss"] for r in m[-4:]) / 4

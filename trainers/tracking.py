@@ -15,6 +15,7 @@ import re
 import subprocess
 import sys
 import time
+import uuid
 
 from runx.trainers.datajob import atomic_write_bytes, atomic_write_json
 
@@ -119,7 +120,7 @@ class WandbRun:
         if mode == "auto":
             mode = "online" if os.environ.get("WANDB_API_KEY") else "offline"
         id_file = os.path.join(run_dir, "wandb_run_id.txt")
-        run_id = open(id_file).read().strip() if os.path.exists(id_file) else wandb.util.generate_id()
+        run_id = open(id_file).read().strip() if os.path.exists(id_file) else uuid.uuid4().hex[:8]
         atomic_write_bytes(id_file, run_id.encode())
         os.environ.setdefault("WANDB_SILENT", "true")
         self.run = wandb.init(project=lcfg.project, entity=lcfg.entity, name=lcfg.name or run_name,
