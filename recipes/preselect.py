@@ -25,6 +25,7 @@ counted in the manifests, and skipped: never silently dropped, never fatal to th
 """
 from __future__ import annotations
 
+import dataclasses
 import glob
 import gzip
 import io
@@ -37,203 +38,15 @@ from dataclasses import dataclass
 from typing import Iterator
 
 import numpy as np
+from omegaconf import OmegaConf
 
+from runx.conf.schema.preselect import PreSelectConfig, PreSelectWorldConfig
 from runx.trainers.datajob import DataJob, JobContext, Stage, atomic_path, atomic_write_bytes, atomic_write_json
 
 log = logging.getLogger("runx.preselect")
 
 LN2 = math.log(2.0)
 FT_POSITIVE, FT_NEGATIVE = "__label__1", "__label__0"
-
-
-# =============================================================================================================
-# Shards: JSONL (.jsonl/.json/.ndjson, optionally .gz/.zst) and Parquet, read line by line, bad lines reported
-# =============================================================================================================
-_JSONL = (".jsonl", ".json", ".ndjson")
-_COMPRESSION_SUFFIX = {".gz": "gz", ".zst": "zst", ".zstd": "zst"}
-
-
-def shard_format(path: str) -> tuple[str, str] | None:
-    """(format, compression) of a shard from its name, or None if it is not a shard."""
-    name, comp = path.lower(), "none"
-    for suffix, c in _COMPRESSION_SUFFIX.items():
-        if name.endswith(suffix):
-            name, comp = name[: -len(suffix)], c
-            break
-    if name.endswith(".parquet"):
-        return ("parquet", "none") if comp == "none" else None
-    if name.endswith(_JSONL):
-        return "jsonl", comp
-    return None
-
-
-def list_shards(spec: str, key: str) -> list[str]:
-    """The shard files of `spec` (a file, a folder or a glob), sorted: shard index = position in this list."""
-    path = os.path.expanduser(spec)
-    if os.path.isdir(path):
-        files = [os.path.join(path, f) for f in os.listdir(path)]
-    elif any(ch in path for ch in "*?["):
-        files = glob.glob(path, recursive=True)
-    else:
-        files = [path] if os.path.exists(path) else []
-    shards = sorted(f for f in files if os.path.isfile(f) and shard_format(f))
-    if not shards:
-        raise FileNotFoundError(f"recipe.{key}={spec!r}: no shards found. Give a file, a folder or a glob of "
-                                f"JSONL (.jsonl/.json/.ndjson, optionally .gz/.zst) or .parquet files.")
-    return shards
-
-
-def _open_read(path: str, compression: str):
-    f = open(path, "rb")
-    if compression == "gz":
-        return gzip.GzipFile(fileobj=f, mode="rb")
-    if compression == "zst":
-        import zstandard
-        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(f, closefd=True))
-    return f
-
-
-class _Writer:
-    """A deterministic byte sink for a shard: gzip without timestamp/name, zstd at a fixed level."""
-
-    def __init__(self, f, compression: str):
-        self.raw = f
-        if compression == "gz":
-            self.out = gzip.GzipFile(filename="", mode="wb", fileobj=f, mtime=0, compresslevel=6)
-        elif compression == "zst":
-            import zstandard
-            self.out = zstandard.ZstdCompressor(level=3).stream_writer(f, closefd=False)
-        else:
-            self.out = f
-
-    def write(self, b: bytes) -> None:
-        self.out.write(b)
-
-    def close(self) -> None:
-        if self.out is not self.raw:
-            self.out.close()
-        self.raw.flush()
-        os.fsync(self.raw.fileno())
-        self.raw.close()
-
-
-def write_shard_lines(path: str, lines, compression: str) -> None:
-    """Write byte lines to `path` atomically (a killed writer leaves only a hidden temp file)."""
-    _remove_stale_temps(path)
-    with atomic_path(path) as tmp:
-        w = _Writer(open(tmp, "wb"), compression)
-        for line in lines:
-            w.write(line if line.endswith(b"\n") else line + b"\n")
-        w.close()
-
-
-def _remove_stale_temps(path: str) -> None:
-    """Temp files of this output left by a killed run (only this shard's owner writes this name)."""
-    folder, base = os.path.split(os.path.abspath(path))
-    if os.path.isdir(folder):
-        for f in os.listdir(folder):
-            if f.startswith(".tmp-") and f.endswith("-" + base):
-                os.unlink(os.path.join(folder, f))
-
-
-@dataclass
-class BadLine:
-    path: str
-    line: int       # 1-based line (JSONL) or row (Parquet); 0 = the file as a whole
-    error: str
-
-    def as_dict(self) -> dict:
-        return {"path": self.path, "line": self.line, "error": self.error}
-
-
-def read_docs(path: str, text_field: str, id_field: str, raw: bool = False) -> Iterator:
-    """Yield (line, id, text, raw_line_or_None) per document and BadLine per bad line; never raises on bad data.
-
-    JSONL: one object per line with a string `text_field`. Parquet: a string column `text_field`."""
-    fmt = shard_format(path)
-    if fmt is None:
-        yield BadLine(path, 0, "not a JSONL or Parquet shard")
-        return
-    if fmt[0] == "parquet":
-        yield from _read_parquet(path, text_field, id_field)
-        return
-    base = os.path.basename(path)
-    n = 0
-    try:
-        f = _open_read(path, fmt[1])
-    except OSError as e:
-        yield BadLine(path, 0, f"unreadable file: {e}")
-        return
-    try:
-        with f:
-            for n, line in enumerate(f, 1):
-                try:
-                    obj = json.loads(line)
-                except UnicodeDecodeError as e:
-                    yield BadLine(path, n, f"invalid UTF-8: {e.reason} at byte {e.start}")
-                    continue
-                except ValueError as e:
-                    msg = e.msg if isinstance(e, json.JSONDecodeError) else str(e)
-                    yield BadLine(path, n, "empty line" if not line.strip() else f"invalid JSON: {msg}")
-                    continue
-                if not isinstance(obj, dict):
-                    yield BadLine(path, n, f"expected a JSON object, got {type(obj).__name__}")
-                    continue
-                text = obj.get(text_field)
-                if not isinstance(text, str):
-                    yield BadLine(path, n, f"missing field {text_field!r} (fields: {sorted(obj)[:8]})"
-                                  if text is None else
-                                  f"field {text_field!r} is {type(text).__name__}, expected a string")
-                    continue
-                doc_id = obj.get(id_field)
-                yield n, (f"{base}:{n}" if doc_id is None else str(doc_id)), text, (line if raw else None)
-    except Exception as e:  # noqa: BLE001 — truncated gzip, corrupt zstd frame, I/O error: the rest is unreadable
-        yield BadLine(path, n + 1, f"unreadable from here on: {type(e).__name__}: {e}")
-
-
-def _read_parquet(path: str, text_field: str, id_field: str) -> Iterator:
-    import pyarrow.parquet as pq
-    base = os.path.basename(path)
-    try:
-        pf = pq.ParquetFile(path)
-        names = pf.schema_arrow.names
-        if text_field not in names:
-            yield BadLine(path, 0, f"missing column {text_field!r} (columns: {names[:8]})")
-            return
-        cols = [text_field] + ([id_field] if id_field in names else [])
-        row = 0
-        for batch in pf.iter_batches(columns=cols, batch_size=8192):
-            texts = batch.column(0).to_pylist()
-            ids = batch.column(1).to_pylist() if len(cols) == 2 else [None] * len(texts)
-            for text, doc_id in zip(texts, ids):
-                row += 1
-                if not isinstance(text, str):
-                    yield BadLine(path, row, f"row {row}: column {text_field!r} is "
-                                             f"{'null' if text is None else type(text).__name__}, expected a string")
-                    continue
-                yield row, (f"{base}:{row}" if doc_id is None else str(doc_id)), text, None
-    except Exception as e:  # noqa: BLE001 — pyarrow raises many types for a corrupt file
-        yield BadLine(path, 0, f"unreadable parquet file: {type(e).__name__}: {e}")
-
-
-class BadLineLog:
-    """Collects a shard's bad lines: warns with path:line (first few), writes them all next to the output."""
-
-    def __init__(self, shown: int = 5):
-        self.items: list[dict] = []
-        self.shown = shown
-
-    def add(self, bad: BadLine) -> None:
-        if len(self.items) < self.shown:
-            log.warning("bad input %s:%d: %s", bad.path, bad.line, bad.error)
-        self.items.append(bad.as_dict())
-
-    def save(self, path: str) -> dict:
-        if self.items:
-            atomic_write_bytes(path, "".join(json.dumps(b) + "\n" for b in self.items).encode())
-        elif os.path.exists(path):
-            os.unlink(path)
-        return {"bad_lines": len(self.items), "bad_examples": self.items[: self.shown]}
 
 
 # =============================================================================================================
@@ -290,7 +103,6 @@ class HFReference:
 
     def __init__(self, ref: dict, rc, seed: int):
         import torch
-        from omegaconf import OmegaConf
         from runx.trainers.hf import load_model, load_tokenizer
         cuda = torch.cuda.is_available()
         self.device = torch.device("cuda" if rc.bpc_device == "cuda" or (rc.bpc_device == "auto" and cuda)
@@ -462,28 +274,29 @@ def _all_at_once(ctx: JobContext) -> list[str]:
     return ["all"]
 
 
+def _shrink_for_smoke(rc: dict) -> dict:
+    """debug=smoke: a smaller world, three of the n-gram references, a small fastText table: seconds."""
+    rc["world"] = {k: (min(v, SMOKE_WORLD[k]) if k in SMOKE_WORLD else v) for k, v in rc["world"].items()}
+    ngram = [r for r in rc["references"] if r.get("kind") == "ngram"]
+    if len(ngram) > 3:  # keep the weakest, a middle and the strongest of the family
+        keep = {id(ngram[0]), id(ngram[len(ngram) // 2]), id(ngram[-1])}
+        rc["references"] = [r for r in rc["references"] if r.get("kind") != "ngram" or id(r) in keep]
+    rc["ft_bucket"] = min(int(rc["ft_bucket"]), 20000)
+    rc["random_budget_multiples"] = list(rc["random_budget_multiples"])[:2]
+    rc["min_positives"] = min(int(rc["min_positives"]), 2)
+    return rc
+
+
 class PreSelect(DataJob):
     def __init__(self, cfg, run_dir: str):
         super().__init__(cfg, run_dir)
-        from omegaconf import OmegaConf
-        rc = OmegaConf.to_container(cfg.recipe, resolve=True)
-        from runx.conf.schema.preselect import PreSelectConfig, PreSelectWorldConfig
-        import dataclasses
-        base = dataclasses.asdict(PreSelectConfig())
-        base.update(rc)
-        base["world"] = {**dataclasses.asdict(PreSelectWorldConfig()), **(rc.get("world") or {})}
+        # the schema's defaults under whatever the config gives (also when built from Python without Hydra)
+        given = OmegaConf.to_container(cfg.recipe, resolve=True)
+        rc = {**dataclasses.asdict(PreSelectConfig()), **given}
+        rc["world"] = {**dataclasses.asdict(PreSelectWorldConfig()), **(given.get("world") or {})}
         self.seed = int(cfg.get("seed", 0) or 0)
         self.smoke = bool(cfg.get("smoke", False))
-        if self.smoke:
-            base["world"] = {k: (min(v, SMOKE_WORLD[k]) if k in SMOKE_WORLD else v) for k, v in base["world"].items()}
-            ngram = [r for r in base["references"] if r.get("kind") == "ngram"]
-            if len(ngram) > 3:  # keep the weakest, a middle and the strongest of the family
-                keep = {id(ngram[0]), id(ngram[len(ngram) // 2]), id(ngram[-1])}
-                base["references"] = [r for r in base["references"] if r.get("kind") != "ngram" or id(r) in keep]
-            base["ft_bucket"] = min(int(base["ft_bucket"]), 20000)
-            base["random_budget_multiples"] = list(base["random_budget_multiples"])[:2]
-            base["min_positives"] = min(int(base["min_positives"]), 2)
-        self.rc = OmegaConf.create(base)
+        self.rc = OmegaConf.create(_shrink_for_smoke(rc) if self.smoke else rc)
         self.references = self._check_config()
         self.builtin = self.rc.pool == "builtin"
         self.out_dir = os.path.abspath(self.rc.output_dir) if self.rc.output_dir else \
@@ -508,6 +321,10 @@ class PreSelect(DataJob):
             problems.append(f"recipe.heldout_fraction={rc.heldout_fraction}: must be in [0, 1)")
         if not 0.0 < float(rc.positive_quantile) < 1.0:
             problems.append(f"recipe.positive_quantile={rc.positive_quantile}: must be in (0, 1)")
+        names_given = [r.get("name") for r in (rc.references or [])]
+        if rc.perplexity_reference is not None and rc.perplexity_reference not in names_given:
+            problems.append(f"recipe.perplexity_reference={rc.perplexity_reference}: not a reference name; "
+                            f"valid choices: {', '.join(map(str, names_given))} (or null = the ablest)")
         if rc.positives not in ("perfect", "quantile"):
             problems.append(f"recipe.positives={rc.positives}: valid choices are perfect, quantile")
         if rc.pool != "builtin" and not rc.sample:
@@ -952,6 +769,196 @@ class PreSelect(DataJob):
 
 
 # =============================================================================================================
+# Shards: JSONL (.jsonl/.json/.ndjson, optionally .gz/.zst) and Parquet, read line by line, bad lines reported
+# =============================================================================================================
+_JSONL = (".jsonl", ".json", ".ndjson")
+_COMPRESSION_SUFFIX = {".gz": "gz", ".zst": "zst", ".zstd": "zst"}
+
+
+def shard_format(path: str) -> tuple[str, str] | None:
+    """(format, compression) of a shard from its name, or None if it is not a shard."""
+    name, comp = path.lower(), "none"
+    for suffix, c in _COMPRESSION_SUFFIX.items():
+        if name.endswith(suffix):
+            name, comp = name[: -len(suffix)], c
+            break
+    if name.endswith(".parquet"):
+        return ("parquet", "none") if comp == "none" else None
+    if name.endswith(_JSONL):
+        return "jsonl", comp
+    return None
+
+
+def list_shards(spec: str, key: str) -> list[str]:
+    """The shard files of `spec` (a file, a folder or a glob), sorted: shard index = position in this list."""
+    path = os.path.expanduser(spec)
+    if os.path.isdir(path):
+        files = [os.path.join(path, f) for f in os.listdir(path)]
+    elif any(ch in path for ch in "*?["):
+        files = glob.glob(path, recursive=True)
+    else:
+        files = [path] if os.path.exists(path) else []
+    shards = sorted(f for f in files if os.path.isfile(f) and shard_format(f))
+    if not shards:
+        raise FileNotFoundError(f"recipe.{key}={spec!r}: no shards found. Give a file, a folder or a glob of "
+                                f"JSONL (.jsonl/.json/.ndjson, optionally .gz/.zst) or .parquet files.")
+    return shards
+
+
+def _open_read(path: str, compression: str):
+    f = open(path, "rb")
+    if compression == "gz":
+        return gzip.GzipFile(fileobj=f, mode="rb")
+    if compression == "zst":
+        import zstandard
+        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(f, closefd=True))
+    return f
+
+
+class _Writer:
+    """A deterministic byte sink for a shard: gzip without timestamp/name, zstd at a fixed level."""
+
+    def __init__(self, f, compression: str):
+        self.raw = f
+        if compression == "gz":
+            self.out = gzip.GzipFile(filename="", mode="wb", fileobj=f, mtime=0, compresslevel=6)
+        elif compression == "zst":
+            import zstandard
+            self.out = zstandard.ZstdCompressor(level=3).stream_writer(f, closefd=False)
+        else:
+            self.out = f
+
+    def write(self, b: bytes) -> None:
+        self.out.write(b)
+
+    def close(self) -> None:
+        if self.out is not self.raw:
+            self.out.close()
+        self.raw.flush()
+        os.fsync(self.raw.fileno())
+        self.raw.close()
+
+
+def write_shard_lines(path: str, lines, compression: str) -> None:
+    """Write byte lines to `path` atomically (a killed writer leaves only a hidden temp file)."""
+    _remove_stale_temps(path)
+    with atomic_path(path) as tmp:
+        w = _Writer(open(tmp, "wb"), compression)
+        for line in lines:
+            w.write(line if line.endswith(b"\n") else line + b"\n")
+        w.close()
+
+
+def _remove_stale_temps(path: str) -> None:
+    """Temp files of this output left by a killed run (only this shard's owner writes this name)."""
+    folder, base = os.path.split(os.path.abspath(path))
+    if os.path.isdir(folder):
+        for f in os.listdir(folder):
+            if f.startswith(".tmp-") and f.endswith("-" + base):
+                os.unlink(os.path.join(folder, f))
+
+
+@dataclass
+class BadLine:
+    path: str
+    line: int       # 1-based line (JSONL) or row (Parquet); 0 = the file as a whole
+    error: str
+
+    def as_dict(self) -> dict:
+        return {"path": self.path, "line": self.line, "error": self.error}
+
+
+def read_docs(path: str, text_field: str, id_field: str, raw: bool = False) -> Iterator:
+    """Yield (line, id, text, raw_line_or_None) per document and BadLine per bad line; never raises on bad data.
+
+    JSONL: one object per line with a string `text_field`. Parquet: a string column `text_field`."""
+    fmt = shard_format(path)
+    if fmt is None:
+        yield BadLine(path, 0, "not a JSONL or Parquet shard")
+        return
+    if fmt[0] == "parquet":
+        yield from _read_parquet(path, text_field, id_field)
+        return
+    base = os.path.basename(path)
+    n = 0
+    try:
+        f = _open_read(path, fmt[1])
+    except OSError as e:
+        yield BadLine(path, 0, f"unreadable file: {e}")
+        return
+    try:
+        with f:
+            for n, line in enumerate(f, 1):
+                try:
+                    obj = json.loads(line)
+                except UnicodeDecodeError as e:
+                    yield BadLine(path, n, f"invalid UTF-8: {e.reason} at byte {e.start}")
+                    continue
+                except ValueError as e:
+                    msg = e.msg if isinstance(e, json.JSONDecodeError) else str(e)
+                    yield BadLine(path, n, "empty line" if not line.strip() else f"invalid JSON: {msg}")
+                    continue
+                if not isinstance(obj, dict):
+                    yield BadLine(path, n, f"expected a JSON object, got {type(obj).__name__}")
+                    continue
+                text = obj.get(text_field)
+                if not isinstance(text, str):
+                    yield BadLine(path, n, f"missing field {text_field!r} (fields: {sorted(obj)[:8]})"
+                                  if text is None else
+                                  f"field {text_field!r} is {type(text).__name__}, expected a string")
+                    continue
+                doc_id = obj.get(id_field)
+                yield n, (f"{base}:{n}" if doc_id is None else str(doc_id)), text, (line if raw else None)
+    except Exception as e:  # noqa: BLE001 — truncated gzip, corrupt zstd frame, I/O error: the rest is unreadable
+        yield BadLine(path, n + 1, f"unreadable from here on: {type(e).__name__}: {e}")
+
+
+def _read_parquet(path: str, text_field: str, id_field: str) -> Iterator:
+    import pyarrow.parquet as pq
+    base = os.path.basename(path)
+    try:
+        pf = pq.ParquetFile(path)
+        names = pf.schema_arrow.names
+        if text_field not in names:
+            yield BadLine(path, 0, f"missing column {text_field!r} (columns: {names[:8]})")
+            return
+        cols = [text_field] + ([id_field] if id_field in names else [])
+        row = 0
+        for batch in pf.iter_batches(columns=cols, batch_size=8192):
+            texts = batch.column(0).to_pylist()
+            ids = batch.column(1).to_pylist() if len(cols) == 2 else [None] * len(texts)
+            for text, doc_id in zip(texts, ids):
+                row += 1
+                if not isinstance(text, str):
+                    yield BadLine(path, row, f"row {row}: column {text_field!r} is "
+                                             f"{'null' if text is None else type(text).__name__}, expected a string")
+                    continue
+                yield row, (f"{base}:{row}" if doc_id is None else str(doc_id)), text, None
+    except Exception as e:  # noqa: BLE001 — pyarrow raises many types for a corrupt file
+        yield BadLine(path, 0, f"unreadable parquet file: {type(e).__name__}: {e}")
+
+
+class BadLineLog:
+    """Collects a shard's bad lines: warns with path:line (first few), writes them all next to the output."""
+
+    def __init__(self, shown: int = 5):
+        self.items: list[dict] = []
+        self.shown = shown
+
+    def add(self, bad: BadLine) -> None:
+        if len(self.items) < self.shown:
+            log.warning("bad input %s:%d: %s", bad.path, bad.line, bad.error)
+        self.items.append(bad.as_dict())
+
+    def save(self, path: str) -> dict:
+        if self.items:
+            atomic_write_bytes(path, "".join(json.dumps(b) + "\n" for b in self.items).encode())
+        elif os.path.exists(path):
+            os.unlink(path)
+        return {"bad_lines": len(self.items), "bad_examples": self.items[: self.shown]}
+
+
+# =============================================================================================================
 # Small pieces the stages share
 # =============================================================================================================
 def _save_npz(path: str, **arrays) -> None:
@@ -1048,7 +1055,7 @@ def _plot_histogram(path: str, edges, docs, chars, threshold, keep_fraction: flo
         a.set_ylabel(what)
         a.set_yscale("log")
     fig.suptitle(f"PreSelect pool scores — keep top {keep_fraction:.1%} of characters")
-    fig.tight_layout()
+    fig.subplots_adjust(left=0.08, right=0.98, bottom=0.15, top=0.86, wspace=0.25)
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=90, metadata={"Software": None})
     plt.close(fig)
