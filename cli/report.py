@@ -62,8 +62,12 @@ def report(root: str, objective: str | None = None, minimize: bool = False, plot
     metric_keys = sorted({k for r in rows for k, v in r.items() if not k.startswith("_") and k != "run"
                           and isinstance(v, (int, float))})
     if objective is None:
-        objective = next((k for k in ("eval/accuracy", "eval/loss", "final_loss") if k in metric_keys), None)
-        minimize = objective != "eval/accuracy" if objective else minimize
+        # the sweep's own objective (objective=<metric> in the runs' config), else a sensible default
+        declared = {r["_cfg"].get("objective") for r in rows} - {None}
+        objective = declared.pop() if len(declared) == 1 and next(iter(declared)) in metric_keys else \
+            next((k for k in ("eval/accuracy", "eval/loss", "final_loss") if k in metric_keys), None)
+        minimize = bool(objective) and not any(w in objective for w in ("accuracy", "acc", "f1", "auc",
+                                                                        "score", "reward", "tflops", "per_s"))
     if objective:
         missing = float("inf") if minimize else float("-inf")
         rows.sort(key=lambda r: r.get(objective, missing), reverse=not minimize)
@@ -85,10 +89,30 @@ def report(root: str, objective: str | None = None, minimize: bool = False, plot
     with open(os.path.join(root, "report.json"), "w") as f:
         json.dump({"objective": objective, "minimize": minimize, "varying": varying, "rows": table_rows}, f,
                   indent=2, default=str)
-    if plots:
-        for path in make_plots(root, rows, varying, objective):
-            print(f"wrote {path}")
+    written = make_plots(root, rows, varying, objective) if plots else []
+    for path in written:
+        print(f"wrote {path}")
+    url = log_to_wandb(root, table_rows, written)
+    if url:
+        print(f"logged to W&B: {url}")
     return 0
+
+
+def log_to_wandb(root: str, table_rows: list[dict], images: list[str]) -> str | None:
+    """The table and plots as one W&B run (job_type=report) when W&B is online (WANDB_API_KEY set and
+    WANDB_MODE not offline/disabled); nothing otherwise."""
+    if not os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_MODE", "online") in ("offline", "disabled"):
+        return None
+    import wandb
+    cols = sorted({k for r in table_rows for k in r}, key=lambda k: (k != "run", k))
+    run = wandb.init(project=os.environ.get("WANDB_PROJECT", "runx"), job_type="report",
+                     name=f"report-{os.path.basename(os.path.abspath(root))}", dir=root,
+                     settings=wandb.Settings(silent=True, console="off"))
+    run.log({"report": wandb.Table(columns=cols, data=[[r.get(c) for c in cols] for r in table_rows]),
+             **{os.path.basename(p)[:-4]: wandb.Image(p) for p in images}})
+    url = run.url
+    run.finish()
+    return url
 
 
 def make_plots(root: str, rows: list[dict], varying: list[str], objective: str | None) -> list[str]:

@@ -192,10 +192,13 @@ def test_2x2_parallel_multirun_report_and_plan_vs_measured_peak(tmp_path):
     assert b["start"] < a["end"] and a["start"] < b["end"], jobs
     assert os.path.getmtime(sweep / "1" / "config.yaml") < os.path.getmtime(sweep / "0" / "summary.json")
 
-    r = cli(["report", str(sweep), "--no-plots"], env={"COLUMNS": "250"})
+    r = cli(["report", str(sweep)], env={"COLUMNS": "250"})
     assert "4 runs" in r.stdout and r.stdout.count("zero3") >= 2
     rep = json.loads((sweep / "report.json").read_text())
     assert len(rep["rows"]) == 4 and "trainer.name" in rep["varying"]
+    assert rep["objective"] == "final_loss" and rep["minimize"]  # the sweep's own objective, sorted ascending
+    assert [row["final_loss"] for row in rep["rows"]] == sorted(row["final_loss"] for row in rep["rows"])
+    assert (sweep / "report_curves.png").stat().st_size > 0 and (sweep / "report_sweep.png").stat().st_size > 0
 
     # plan vs measured peak RSS, each run with its own overrides
     from runx.cli.config import compose
@@ -230,3 +233,19 @@ def test_optuna_preset_runs_4_trials_on_the_default_job(tmp_path):
     assert res["best_value"] == max(lrs)
     lr_used = {yaml.safe_load(open(sweep / r / "config.yaml"))["optim"]["lr"] for r in runs}
     assert len(lr_used) == 4 and all(1e-5 <= lr <= 1e-3 for lr in lr_used)
+
+
+def test_cluster_presets_compose():
+    """hydra/launcher=runx_slurm (submitit), hydra/sweeper=runx_optuna and hydra/launcher=runx_parallel compose."""
+    from hydra import compose as hcompose
+    from hydra import initialize_config_module
+    with initialize_config_module(config_module="runx.conf", version_base="1.3"):
+        cfg = hcompose("config", overrides=["hydra/launcher=runx_slurm", "hydra.launcher.partition=gpu"],
+                       return_hydra_config=True)
+        assert cfg.hydra.launcher._target_.endswith("submitit_launcher.SlurmLauncher")
+        assert cfg.hydra.launcher.partition == "gpu" and cfg.hydra.launcher.nodes == 1
+        cfg = hcompose("config", overrides=["hydra/sweeper=runx_optuna"], return_hydra_config=True)
+        assert cfg.hydra.sweeper.direction == "maximize" and "optim.lr" in cfg.hydra.sweeper.params
+        cfg = hcompose("config", overrides=["hydra/launcher=runx_parallel", "hydra.launcher.n_jobs=3"],
+                       return_hydra_config=True)
+        assert cfg.hydra.launcher._target_.endswith("RunxParallelLauncher") and cfg.hydra.launcher.n_jobs == 3

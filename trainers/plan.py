@@ -539,6 +539,10 @@ def estimate(cfg, facts: ModelFacts, machine: Machine, lay: Layout) -> Row:
     row.gpu["activations (1 micro-batch)"] = facts.activation_bytes
 
     # ---- host side: the model as built before the engine takes it over
+    if zero_init and cfg.model.get("from_config"):
+        # a randomly initialised model is built whole once (the same start as the other ZeRO configs) and
+        # copied into the partitioned one
+        row.cpu["reference model (random init)"] = p * psi * G
     if not zero_init:
         if machine.device == "cuda":
             if not any(k.startswith("model load") for k in ms["cpu"]):

@@ -1,0 +1,348 @@
+"""Offload benchmark (issue #9): GPU-only, CPU offload and NVMe offload, runx vs raw DeepSpeed with its
+documented example settings, on the same model and batches; plus the disk-bandwidth floor of nvme_path,
+measured in the same run.
+
+Arms (each in its own process, so memory and pinned buffers never leak between them):
+  gpu_only           ZeRO-3, nothing offloaded                  raw: DeepSpeed's ZeRO-3 example block
+  cpu_offload        params + optimizer -> CPU                  raw: + offload_* {device: cpu, pin_memory}
+  nvme_optimizer     optimizer -> NVMe, params -> CPU           raw: the documented ZeRO-Infinity block
+                                                                     (buffer_count 5, buffer_size 1e8,
+                                                                     max_in_cpu 1e9: params end up in CPU)
+  nvme_params        params + optimizer -> NVMe (max_in_cpu 0)  raw: the same block with max_in_cpu 0
+                     runx: derived buffers / reuse distance          (hand-set buffers: crashes at step 1)
+  nvme_optimizer_ga  optimizer -> NVMe, params on the device, grad_accum G chosen from the measured floor
+                     so that compute covers the optimizer's I/O (runx only)
+Both sides use torch's AdamW (no JIT-built DeepSpeed CPU Adam) and the sft recipe's model, data and loss.
+Step time = median after warm-up; model TFLOPS = 6 * params * tokens / step time. The NVMe optimizer step
+(DeepSpeedEngine._take_model_step, timed) is compared with the I/O floor 16N/R + 12N/W (+ 2-4N/W when
+parameters live on NVMe), R and W from DeepSpeed's aio on nvme_path with the probe's best settings.
+
+    python bench/offload.py --quick                    # CPU rows (llama_m, fp32)
+    python bench/offload.py --device cuda --quick      # GPU rows, ~2 min on one H100 (bf16 ~0.13B Llama)
+Writes bench/results/offload.json (one entry per device).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+
+CPU_MODEL = ["model=llama_m", "data.max_length=64", "trainer.micro_batch_size=4"]
+GPU_MODEL = [  # ~0.13B Llama from a config (no download), bf16, 8 x 1024 tokens per micro-batch
+    "model=tiny_llama", "++model.from_config.hidden_size=768", "++model.from_config.intermediate_size=2048",
+    "++model.from_config.num_hidden_layers=12", "++model.from_config.num_attention_heads=12",
+    "++model.from_config.num_key_value_heads=12", "++model.from_config.vocab_size=32000",
+    "++model.from_config.max_position_embeddings=1024", "trainer.precision=bf16", "data.max_length=1024",
+    "trainer.micro_batch_size=8", "data.max_train_samples=4096",
+]
+LAYOUT = {  # runx trainer overrides per arm
+    "gpu_only": ["trainer=zero3"],
+    "cpu_offload": ["trainer=zero3_cpu_offload"],
+    "nvme_optimizer": ["trainer=zero3", "trainer.offload_param=cpu", "trainer.offload_optimizer=nvme"],
+    "nvme_params": ["trainer=zero3_nvme"],
+    "nvme_optimizer_ga": ["trainer=zero3", "trainer.offload_optimizer=nvme"],
+}
+
+
+# =========================================================================================== raw DeepSpeed
+def raw_ds_config(arm: str, cfg, nvme_path: str, pin: bool) -> dict:
+    """DeepSpeed's documented example blocks (docs/_pages/config-json.md, the HF DeepSpeed ZeRO-3 example)."""
+    t = cfg.trainer
+    zero = {"stage": 3, "overlap_comm": True, "contiguous_gradients": True, "sub_group_size": 1e9,
+            "reduce_bucket_size": 5e8, "stage3_prefetch_bucket_size": 5e7,
+            "stage3_param_persistence_threshold": float(t.stage3_param_persistence_threshold),
+            "stage3_max_live_parameters": 1e9, "stage3_max_reuse_distance": 1e9,
+            "stage3_gather_16bit_weights_on_model_save": True}
+    if arm == "cpu_offload":
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": pin}
+        zero["offload_param"] = {"device": "cpu", "pin_memory": pin}
+    if arm in ("nvme_optimizer", "nvme_params"):
+        zero["offload_optimizer"] = {"device": "nvme", "nvme_path": nvme_path, "pin_memory": pin,
+                                     "buffer_count": 4, "fast_init": False}
+        zero["offload_param"] = {"device": "nvme", "nvme_path": nvme_path, "pin_memory": pin, "buffer_count": 5,
+                                 "buffer_size": 1e8, "max_in_cpu": 1e9 if arm == "nvme_optimizer" else 0}
+    ds = {"train_micro_batch_size_per_gpu": int(t.micro_batch_size), "gradient_accumulation_steps": int(t.grad_accum),
+          "train_batch_size": int(t.micro_batch_size) * int(t.grad_accum), "gradient_clipping": float(t.grad_clip),
+          "steps_per_print": 10 ** 9, "zero_optimization": zero, "zero_allow_untested_optimizer": True,
+          "zero_force_ds_cpu_optimizer": False}
+    if t.precision == "bf16":
+        ds["bf16"] = {"enabled": True}
+    if "nvme" in arm:
+        ds["aio"] = {"block_size": 1048576, "queue_depth": 8, "intra_op_parallelism": 1, "single_submit": False,
+                     "overlap_events": True}
+    return ds
+
+
+def raw_arm(arm: str, cfg, nvme_path: str) -> dict:
+    """The loop a user writes around deepspeed.initialize: same model, batches, loss and optimizer as runx."""
+    import torch
+
+    from runx.recipes.sft import SFT
+    from runx.trainers import runtime
+    dev = runtime.pick_device(cfg.trainer.device)
+    runtime.init_distributed(dev)
+    import deepspeed
+    ds = raw_ds_config(arm, cfg, nvme_path, pin=dev == "cuda")
+    runtime.seed_everything(int(cfg.seed))
+    recipe = SFT(cfg, tempfile.mkdtemp(prefix="runx_bench_"))
+    keep = None
+    if "nvme" in arm:  # parameters on NVMe: built partitioned (HF initialises the partitions)
+        from transformers.integrations import HfDeepSpeedConfig
+        keep = HfDeepSpeedConfig(ds)  # noqa: F841
+    model = recipe.build_model()
+    n_params = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=float(cfg.optim.lr))
+    engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=ds)
+    train, _ = recipe.build_data()
+    g = torch.Generator().manual_seed(int(cfg.seed))
+    loader = torch.utils.data.DataLoader(train, batch_size=int(cfg.trainer.micro_batch_size), shuffle=True,
+                                         generator=g, collate_fn=recipe.collate, drop_last=True)
+    it, times, tokens, losses = iter(loader), [], [], []
+    for _ in range(int(cfg.trainer.max_steps)):
+        t0, tok = time.perf_counter(), 0
+        for _m in range(int(cfg.trainer.grad_accum)):
+            try:
+                batch = next(it)
+            except StopIteration:
+                it = iter(loader)
+                batch = next(it)
+            batch = {k: v.to(engine.device) for k, v in batch.items()}
+            loss = recipe.lm_loss(engine, batch)
+            engine.backward(loss)
+            engine.step()
+            tok += int(batch["attention_mask"].sum())
+        losses.append(float(loss))
+        if dev == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+        tokens.append(tok)
+        print(f"raw {arm} step {len(times)}: {times[-1]:.3f}s loss {losses[-1]:.4f}", flush=True)
+    return {"step_s": times, "tokens": tokens, "losses": losses, "n_params": n_params}
+
+
+# =========================================================================================== runx
+def runx_arm(arm: str, cfg, run_dir: str) -> dict:
+    from runx.cli.train import launch
+    from runx.trainers.tracking import read_metrics
+    launch(cfg, run_dir)
+    hist = read_metrics(run_dir)
+    from runx.trainers.plan import model_facts
+    n = model_facts(cfg).n_trainable
+    return {"step_s": [h["step_time_s"] for h in hist], "tokens": [h.get("tokens_per_s", 0) * h["step_time_s"]
+                                                                    for h in hist],
+            "losses": [h["loss"] for h in hist], "n_params": n}
+
+
+def child(impl: str, arm: str, overrides: list[str], out: str) -> None:
+    """One arm in this process; the optimizer step (at the accumulation boundary) is timed on the side."""
+    import deepspeed.runtime.engine as eng
+
+    from runx.cli.config import compose
+    import torch
+    opt_times: list[float] = []
+    orig = eng.DeepSpeedEngine._take_model_step
+
+    def timed(self, *a, **k):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        r = orig(self, *a, **k)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        opt_times.append(time.perf_counter() - t0)
+        return r
+    eng.DeepSpeedEngine._take_model_step = timed
+    cfg = compose(overrides)
+    try:
+        res = runx_arm(arm, cfg, str(cfg.run_dir)) if impl == "runx" else raw_arm(arm, cfg, str(cfg.trainer.nvme_path))
+        res["ok"] = True
+    except BaseException as e:  # a crash is a result (raw DeepSpeed with hand-set NVMe buffers)
+        res = {"ok": False, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"}
+    res["opt_step_s"] = opt_times
+    with open(out, "w") as f:
+        json.dump(res, f)
+    os._exit(0)  # skip DeepSpeed's atexit/aio teardown
+
+
+# =========================================================================================== orchestration
+def run_arm(impl, arm, overrides, timeout) -> dict:
+    out = tempfile.mktemp(prefix=f"offload_{impl}_{arm}_", suffix=".json")
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT"):
+        env.pop(k, None)
+    t0 = time.time()
+    try:
+        p = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", impl, arm, out, "--", *overrides],
+                           capture_output=True, text=True, env=env, timeout=timeout, cwd=REPO)
+        tail = (p.stdout + p.stderr)[-1500:]
+    except subprocess.TimeoutExpired:
+        return {"ok": False, "error": f"timed out after {timeout:.0f}s", "wall_s": time.time() - t0}
+    if not os.path.exists(out):
+        return {"ok": False, "error": f"exit {p.returncode}: {tail}", "wall_s": time.time() - t0}
+    res = json.load(open(out))
+    res["wall_s"] = round(time.time() - t0, 1)
+    if not res.get("ok"):
+        if "Not enough buffers" in tail and "Not enough buffers" not in res.get("error", ""):
+            res["error"] += " (Not enough buffers)"
+    return res
+
+
+def summarize(res: dict, warmup: int) -> dict:
+    if not res.get("ok") or len(res.get("step_s", [])) <= warmup:
+        return res
+    st, tok = res["step_s"][warmup:], res["tokens"][warmup:]
+    step = statistics.median(st)
+    res["step_median_s"] = step
+    res["tokens_per_step"] = statistics.median(tok)
+    res["model_tflops"] = 6.0 * res["n_params"] * res["tokens_per_step"] / step / 1e12
+    ot = res.get("opt_step_s", [])[warmup:]
+    if ot:
+        res["opt_step_median_s"] = statistics.median(ot)
+    return res
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--nvme-path", default=None)
+    ap.add_argument("--steps", type=int, default=None)
+    ap.add_argument("--budget-s", type=float, default=None,
+                    help="stop starting arms after this many seconds (default: 125 for --quick on cuda)")
+    ap.add_argument("--out", default=os.path.join(HERE, "results", "offload.json"))
+    a = ap.parse_args()
+    t_start = time.time()
+    # the GPU session is time-boxed (bench/gpu_check.sh gives this script 150 s); the CPU rows are not
+    budget = a.budget_s or ((125.0 if a.device == "cuda" else 480.0) if a.quick else 1200.0)
+    if a.device == "cpu":
+        os.environ["DS_ACCELERATOR"] = "cpu"
+    nvme = a.nvme_path or os.path.join(os.environ.get("TMPDIR", "/tmp"), "runx_bench_nvme")
+    os.makedirs(nvme, exist_ok=True)
+    steps = a.steps or (4 if a.quick else 8)
+    warmup = 1
+    model = CPU_MODEL if a.device == "cpu" else GPU_MODEL
+    common = ["recipe=sft", "data=tiny_text", *model, f"trainer.device={a.device}", "logger=none",
+              "trainer.progress=false", "trainer.ckpt_every=0", "trainer.eval_every=0", "optim.warmup_ratio=0",
+              "plan.check=false", f"trainer.nvme_path={nvme}"]
+
+    # 1. the async_io op (JIT) and the disk floor, measured first, in this run
+    from runx.trainers.nvme import build_async_io, probe_aio
+    t0 = time.time()
+    aio_ok = build_async_io()
+    aio_build_s = time.time() - t0
+    probe = probe_aio(nvme, size_mb=256 if a.device == "cuda" else 32, refresh=True) if aio_ok else None
+    print(f"async_io {'ready' if aio_ok else 'MISSING'} ({aio_build_s:.0f}s); disk at {nvme}: "
+          + (f"read {probe['read_GBps']:.2f} GB/s, write {probe['write_GBps']:.2f} GB/s (aio block "
+             f"{probe['block_size']}, qd {probe['queue_depth']}, threads {probe['intra_op_parallelism']})"
+             if probe else "-"), flush=True)
+    aio = [f"trainer.aio.{k}={probe[k]}" for k in ("block_size", "queue_depth", "intra_op_parallelism")] \
+        if probe else []
+
+    rows: dict = {}
+    plan = [("gpu_only", "raw"), ("gpu_only", "runx"), ("cpu_offload", "raw"), ("cpu_offload", "runx"),
+            ("nvme_optimizer", "raw"), ("nvme_optimizer", "runx"), ("nvme_params", "raw"), ("nvme_params", "runx"),
+            ("nvme_optimizer_ga", "runx")]
+    for arm, impl in plan:
+        left = budget - (time.time() - t_start)
+        if left < 15:
+            rows.setdefault(arm, {})[impl] = {"ok": False, "error": "skipped: time budget"}
+            continue
+        if "nvme" in arm and not aio_ok:
+            rows.setdefault(arm, {})[impl] = {"ok": False, "error": "async_io unavailable (install libaio-dev)"}
+            continue
+        over = common + LAYOUT[arm] + [f"trainer.max_steps={steps}", f"run_dir={tempfile.mkdtemp(prefix='runx_b_')}"]
+        if "nvme" in arm and impl == "runx":
+            over += aio
+        if arm == "nvme_optimizer_ga":
+            # enough micro-steps that compute covers the optimizer's I/O floor (>= 0.5x GPU-only TFLOPS)
+            g = rows.get("gpu_only", {}).get("runx", {})
+            floor = rows.get("_floor_s", {}).get("nvme_optimizer")
+            micro = g.get("step_median_s")
+            ga = max(2, min(256, int(2 * floor / micro) + 1)) if (floor and micro) else 8
+            over += [f"trainer.grad_accum={ga}", "trainer.max_steps=2"]
+        res = summarize(run_arm(impl, arm, over, timeout=max(15, left)), warmup)
+        rows.setdefault(arm, {})[impl] = res
+        if res.get("ok") and "n_params" in res and "_floor_s" not in rows and probe:
+            N = res["n_params"]
+            R, W = probe["read_GBps"] * 1e9, probe["write_GBps"] * 1e9
+            pbytes = 2 if a.device == "cuda" else 4
+            rows["_floor_s"] = {"nvme_optimizer": 16 * N / R + 12 * N / W,
+                                "nvme_params": 16 * N / R + (12 + pbytes) * N / W,
+                                "nvme_optimizer_ga": 16 * N / R + 12 * N / W}
+        msg = (f"{arm:>18} {impl:>4}: " + (f"{res['step_median_s'] * 1e3:9.1f} ms/step  {res['model_tflops']:8.3f} "
+                                           f"TFLOPS" + (f"  opt step {res['opt_step_median_s']:.3f}s"
+                                                        if 'opt_step_median_s' in res else "")
+                                           if res.get("step_median_s") else f"FAILED {res.get('error', '')[:150]}")
+               + f"  ({res.get('wall_s', 0):.0f}s wall)")
+        print(msg, flush=True)
+
+    # ratios
+    floor = rows.pop("_floor_s", {})
+    table = []
+    gpu_tflops = rows.get("gpu_only", {}).get("runx", {}).get("model_tflops")
+    for arm, impls in rows.items():
+        r, w = impls.get("runx", {}), impls.get("raw", {})
+        row = {"arm": arm, "runx_step_s": r.get("step_median_s"), "raw_step_s": w.get("step_median_s"),
+               "runx_tflops": r.get("model_tflops"), "raw_tflops": w.get("model_tflops"),
+               "raw_error": None if w.get("ok", True) else w.get("error"),
+               "runx_error": None if r.get("ok", True) else r.get("error")}
+        if r.get("step_median_s") and w.get("step_median_s"):
+            row["runx_over_raw_throughput"] = w["step_median_s"] / r["step_median_s"]
+        if arm in floor and r.get("opt_step_median_s"):
+            row["opt_step_s"] = r["opt_step_median_s"]
+            row["io_floor_s"] = floor[arm]
+            row["opt_step_over_floor"] = r["opt_step_median_s"] / floor[arm]
+        if gpu_tflops and r.get("model_tflops"):
+            row["tflops_vs_gpu_only"] = r["model_tflops"] / gpu_tflops
+        if arm == "nvme_optimizer_ga" and r.get("tokens_per_step"):
+            row["tokens_per_step"] = r["tokens_per_step"]
+        if r.get("losses") and w.get("losses"):
+            row["loss_step1_runx_raw"] = [r["losses"][0], w["losses"][0]]
+        table.append(row)
+
+    print("\narm                 runx ms/step   raw ms/step  runx/raw  TFLOPS(runx)  vs GPU-only  opt step / I/O floor")
+    for row in table:
+        f = lambda v, s="{:.1f}": (s.format(v) if isinstance(v, (int, float)) else "-")
+        print(f"{row['arm']:<18} {f(row['runx_step_s'] and row['runx_step_s'] * 1e3):>12} "
+              f"{f(row['raw_step_s'] and row['raw_step_s'] * 1e3):>12} {f(row.get('runx_over_raw_throughput'), '{:.3f}'):>9}"
+              f" {f(row['runx_tflops'], '{:.3f}'):>13} {f(row.get('tflops_vs_gpu_only'), '{:.3f}'):>12} "
+              f"{f(row.get('opt_step_over_floor'), '{:.2f}'):>10}"
+              + (f"   raw: {row['raw_error'][:80]}" if row.get("raw_error") else "")
+              + (f"   runx: {row['runx_error'][:80]}" if row.get("runx_error") else ""))
+    result = {"device": a.device, "quick": a.quick, "model": model, "steps": steps, "warmup": warmup,
+              "aio_build_s": round(aio_build_s, 1), "disk": probe, "io_floor_s": floor, "rows": table,
+              "raw": {arm: {k: v for k, v in impls.get("raw", {}).items() if k not in ("losses",)}
+                      for arm, impls in rows.items()},
+              "targets": {"runx_over_raw_throughput": ">= 1.0 where raw runs", "opt_step_over_floor": "<= 1.3",
+                          "nvme_optimizer_ga tflops_vs_gpu_only": ">= 0.5"},
+              "wall_s": round(time.time() - t_start, 1), "time": time.strftime("%Y-%m-%d %H:%M:%S")}
+    try:
+        import torch
+        if a.device == "cuda" and torch.cuda.is_available():
+            result["gpu"] = torch.cuda.get_device_name()
+    except Exception:
+        pass
+    os.makedirs(os.path.dirname(a.out), exist_ok=True)
+    prev = json.load(open(a.out)) if os.path.exists(a.out) else {}
+    prev[a.device] = result
+    with open(a.out, "w") as f:
+        json.dump(prev, f, indent=1, default=str)
+    print(f"wrote {a.out} ({result['wall_s']:.0f}s)")
+    return 0
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "--child":
+        impl, arm, out = sys.argv[2:5]
+        if "trainer.device=cpu" in sys.argv:
+            os.environ["DS_ACCELERATOR"] = "cpu"
+        child(impl, arm, sys.argv[sys.argv.index("--") + 1:], out)
+    sys.exit(main())
