@@ -716,16 +716,17 @@ class ConceptPrune(DataJob):
         return self.gather(take)
 
     def gather(self, rows: np.ndarray) -> np.ndarray:
-        """float32 embeddings of sorted global `rows`."""
-        out, dim = [], None
+        """float32 embeddings of global `rows` (any order), read shard by shard from the memory maps."""
+        out = np.empty((len(rows), self.input_dim()), dtype=np.float32)
+        order = np.argsort(rows, kind="stable")
+        srt = rows[order]
         for p in self.input_plan():
-            lo, hi = np.searchsorted(rows, [p["offset"], p["offset"] + p["stop"] - p["start"]])
+            lo, hi = np.searchsorted(srt, [p["offset"], p["offset"] + p["stop"] - p["start"]])
             if hi > lo:
                 E = self.embeddings(p["key"])
-                out.append(np.asarray(E[rows[lo:hi] - p["offset"]], dtype=np.float32))
-                dim = E.shape[1]
+                out[order[lo:hi]] = E[srt[lo:hi] - p["offset"]]
                 del E
-        return np.concatenate(out) if out else np.zeros((0, dim or 0), np.float32)
+        return out
 
     # ---- 2./3. k-means + assignment ------------------------------------------------------------
     def kmeans_all(self, ctx: JobContext, key: str) -> dict:
@@ -786,13 +787,14 @@ class ConceptPrune(DataJob):
         rc = self.rc
         clusters = self._groups("assign")[int(key[1:])]
         m = self._members("assign", clusters)
-        E = self.gather_unsorted(m["rows"])
+        E = self.gather(m["rows"])
         removed = np.zeros(len(m["rows"]), dtype=bool)
         new_cos = np.full(len(m["rows"]), np.nan, dtype=np.float32)
         centroids = np.load(os.path.join(ctx.job_dir, "kmeans", "centroids.npy"))[clusters].copy()
-        for j, (c, lo, hi) in enumerate(self._runs_for(m["cluster"], clusters)):
+
+        def one_cluster(j: int, c: int, lo: int, hi: int) -> None:      # writes disjoint slices only
             if hi == lo:
-                continue
+                return
             order = lo + within_cluster_order(1.0 - m["cos"][lo:hi], m["rows"][lo:hi], rc.dedup_keep, self.seed, c)
             if rc.dedup and rc.epsilon > 0:
                 removed[order] = semdedup_cluster(E[order], rc.epsilon, self.device)
@@ -802,20 +804,31 @@ class ConceptPrune(DataJob):
                 s = E[keep].astype(np.float64).sum(0)
                 centroids[j] = s / np.linalg.norm(s)
                 new_cos[keep] = E[keep] @ centroids[j].astype(np.float32)
+
+        runs = [(j, c, lo, hi) for j, (c, lo, hi) in enumerate(self._runs_for(m["cluster"], clusters))]
+        threads = 1 if self.device == "cuda" or self._cache.get("one_thread") else len(os.sched_getaffinity(0))
+        if threads == 1:
+            for r in runs:
+                one_cluster(*r)
+        else:
+            # Clusters in parallel on single-threaded BLAS (numpy releases the GIL in the products): no
+            # per-product thread barriers, which cost 10x on a busy machine for cluster-sized products.
+            from concurrent.futures import ThreadPoolExecutor
+
+            from threadpoolctl import threadpool_limits
+            runs.sort(key=lambda r: -(r[3] - r[2]))                      # largest first
+            with threadpool_limits(1), ThreadPoolExecutor(threads) as pool:
+                list(pool.map(lambda r: one_cluster(*r), runs))
         with atomic_path(os.path.join(ctx.stage_dir("dedup"), f"{key}.npz")) as tmp:
             with open(tmp, "wb") as f:
                 np.savez(f, rows=m["rows"], cluster=m["cluster"], cos=m["cos"], removed=removed, new_cos=new_cos,
                          clusters=np.asarray(clusters, dtype=np.int64), centroids=centroids.astype(np.float32))
         return {"members": int(len(removed)), "removed": int(removed.sum()), "clusters": len(clusters)}
 
-    def gather_unsorted(self, rows: np.ndarray) -> np.ndarray:
-        order = np.argsort(rows, kind="stable")
-        E = np.empty((len(rows), self.input_dim()), dtype=np.float32)
-        E[order] = self.gather(rows[order])
-        return E
-
     def input_dim(self) -> int:
-        return int(self.embeddings(self.input_plan()[0]["key"]).shape[1])
+        if "dim" not in self._cache:
+            self._cache["dim"] = int(self.embeddings(self.input_plan()[0]["key"]).shape[1])
+        return self._cache["dim"]
 
     @staticmethod
     def _runs_for(labels_sorted: np.ndarray, clusters: list[int]):
@@ -1132,10 +1145,11 @@ def read_texts(file: str, a: int, b: int, rc):
 
 
 def plot_quota_vs_size(cols: dict, path: str) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(6, 4.5))
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure                   # no pyplot: no GUI backend, faster import
+    fig = Figure(figsize=(6, 4.5))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
     sc = ax.scatter(cols["size"], cols["quota"], c=cols["complexity"], s=12, cmap="viridis")
     n, q = cols["size"].sum(), cols["quota"].sum()
     lim = max(1, int(cols["size"].max()))
@@ -1149,4 +1163,3 @@ def plot_quota_vs_size(cols: dict, path: str) -> None:
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
