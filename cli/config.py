@@ -103,7 +103,8 @@ def _explain_hydra_error(e: Exception, overrides: list[str]) -> str:
     if m:
         full = m.group(1)
         parent, _, leaf = full.rpartition(".")
-        valid = _schema_keys(parent)
+        recipe = next((o.partition("=")[2] for o in overrides if o.partition("=")[0] == "recipe"), None)
+        valid = _schema_keys(parent, recipe)
         value = next((o.partition("=")[2] for o in overrides if o.lstrip("+~").partition("=")[0] == full), "?")
         hint = difflib.get_close_matches(leaf, valid, n=1)
         return (f"{full}={value}: '{leaf}' is not a key of '{parent or '<root>'}'. "

@@ -132,9 +132,10 @@ class DataJob:
                 continue
             t0 = time.perf_counter()
             keys = stage.shards(ctx)
-            if not stage.parallel:
-                keys = keys if task_index == 0 else []
-            mine = [k for i, k in enumerate(keys) if i % num_tasks == task_index]
+            if stage.parallel:
+                mine = [k for i, k in enumerate(keys) if i % num_tasks == task_index]
+            else:  # task 0 runs it; other tasks wait for its markers (the completeness check below)
+                mine = keys if task_index == 0 else []
             todo = [k for k in mine if not ctx.is_done(stage.name, k)]
             skipped = len(mine) - len(todo)
             log.info("stage %-10s %d shard(s), %d already done", stage.name, len(mine), skipped)
