@@ -36,12 +36,25 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 
 CPU_MODEL = ["model=llama_m", "data.max_length=64", "trainer.micro_batch_size=4"]
+
+
+def packed_text(path: str, chars: int, rows: int = 4096) -> str:
+    """A JSONL of the stdlib docstrings packed into rows of `chars` bytes (byte tokenizer: every sequence fills
+    data.max_length, so each micro-batch does the same, full work)."""
+    from runx.recipes.text_data import ASSETS, _read_jsonl
+    texts = [r["text"] for r in _read_jsonl(os.path.join(ASSETS, "stdlib_topics.jsonl"))]
+    blob = "\n\n".join(texts)
+    with open(path, "w") as f:
+        for i in range(rows):
+            start = (i * chars * 7) % max(1, len(blob) - chars)
+            f.write(json.dumps({"text": blob[start:start + chars]}) + "\n")
+    return path
 GPU_MODEL = [  # ~0.13B Llama from a config (no download), bf16, 8 x 1024 tokens per micro-batch
     "model=tiny_llama", "++model.from_config.hidden_size=768", "++model.from_config.intermediate_size=2048",
     "++model.from_config.num_hidden_layers=12", "++model.from_config.num_attention_heads=12",
     "++model.from_config.num_key_value_heads=12", "++model.from_config.vocab_size=32000",
     "++model.from_config.max_position_embeddings=1024", "trainer.precision=bf16", "data.max_length=1024",
-    "trainer.micro_batch_size=8", "data.max_train_samples=4096",
+    "trainer.micro_batch_size=8",
 ]
 LAYOUT = {  # runx trainer overrides per arm
     "gpu_only": ["trainer=zero3"],
@@ -209,6 +222,51 @@ def summarize(res: dict, warmup: int) -> dict:
     return res
 
 
+def floors(n_params: int, probe: dict, param_bytes: int) -> dict:
+    """Seconds of disk I/O an NVMe optimizer step cannot beat: read fp32 master + m + v + grads (16 B/param),
+    write master + m + v (12 B/param), plus the updated parameters when they live on NVMe."""
+    R, W = probe["read_GBps"] * 1e9, probe["write_GBps"] * 1e9
+    opt = 16 * n_params / R + 12 * n_params / W
+    return {"nvme_optimizer": opt, "nvme_optimizer_ga": opt, "nvme_params": opt + param_bytes * n_params / W}
+
+
+def table_of(rows: dict, floor: dict) -> list[dict]:
+    table = []
+    gpu_tflops = rows.get("gpu_only", {}).get("runx", {}).get("model_tflops")
+    for arm in LAYOUT:
+        impls = rows.get(arm)
+        if not impls:
+            continue
+        r, w = impls.get("runx", {}), impls.get("raw", {})
+        row = {"arm": arm, "runx_step_s": r.get("step_median_s"), "raw_step_s": w.get("step_median_s"),
+               "runx_tflops": r.get("model_tflops"), "raw_tflops": w.get("model_tflops"),
+               "raw_error": None if w.get("ok", True) else w.get("error"),
+               "runx_error": None if r.get("ok", True) else r.get("error")}
+        if r.get("step_median_s") and w.get("step_median_s"):
+            row["runx_over_raw_throughput"] = w["step_median_s"] / r["step_median_s"]
+        if arm in floor and r.get("opt_step_median_s"):
+            row.update(opt_step_s=r["opt_step_median_s"], io_floor_s=floor[arm],
+                       opt_step_over_floor=r["opt_step_median_s"] / floor[arm])
+        if gpu_tflops and r.get("model_tflops"):
+            row["tflops_vs_gpu_only"] = r["model_tflops"] / gpu_tflops
+        if r.get("grad_accum"):
+            row["grad_accum"] = r["grad_accum"]
+        table.append(row)
+    return table
+
+
+def print_table(table: list[dict]) -> None:
+    f = lambda v, s="{:.1f}": s.format(v) if isinstance(v, (int, float)) else "-"
+    print("\narm                 runx ms/step   raw ms/step  runx/raw  TFLOPS(runx)  vs GPU-only  opt step/IO floor")
+    for row in table:
+        print(f"{row['arm']:<18} {f(row['runx_step_s'] and row['runx_step_s'] * 1e3):>12} "
+              f"{f(row['raw_step_s'] and row['raw_step_s'] * 1e3):>12} "
+              f"{f(row.get('runx_over_raw_throughput'), '{:.3f}'):>9} {f(row['runx_tflops'], '{:.3f}'):>13} "
+              f"{f(row.get('tflops_vs_gpu_only'), '{:.3f}'):>12} {f(row.get('opt_step_over_floor'), '{:.2f}'):>10}"
+              + (f"   raw: {row['raw_error'][:90]}" if row.get("raw_error") else "")
+              + (f"   runx: {row['runx_error'][:90]}" if row.get("runx_error") else ""), flush=True)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
@@ -216,22 +274,24 @@ def main() -> int:
     ap.add_argument("--nvme-path", default=None)
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--budget-s", type=float, default=None,
-                    help="stop starting arms after this many seconds (default: 125 for --quick on cuda)")
+                    help="start no arm after this many seconds (default: 125 for --quick on cuda)")
     ap.add_argument("--out", default=os.path.join(HERE, "results", "offload.json"))
     a = ap.parse_args()
     t_start = time.time()
     # the GPU session is time-boxed (bench/gpu_check.sh gives this script 150 s); the CPU rows are not
-    budget = a.budget_s or ((125.0 if a.device == "cuda" else 480.0) if a.quick else 1200.0)
+    budget = a.budget_s or ((125.0 if a.device == "cuda" else 600.0) if a.quick else 1800.0)
     if a.device == "cpu":
         os.environ["DS_ACCELERATOR"] = "cpu"
     nvme = a.nvme_path or os.path.join(os.environ.get("TMPDIR", "/tmp"), "runx_bench_nvme")
     os.makedirs(nvme, exist_ok=True)
-    steps = a.steps or (4 if a.quick else 8)
+    steps = a.steps or ((5 if a.device == "cpu" else 3) if a.quick else 8)
     warmup = 1
     model = CPU_MODEL if a.device == "cpu" else GPU_MODEL
-    common = ["recipe=sft", "data=tiny_text", *model, f"trainer.device={a.device}", "logger=none",
-              "trainer.progress=false", "trainer.ckpt_every=0", "trainer.eval_every=0", "optim.warmup_ratio=0",
-              "plan.check=false", f"trainer.nvme_path={nvme}"]
+    seq = 64 if a.device == "cpu" else 1024
+    data = packed_text(os.path.join(tempfile.mkdtemp(prefix="runx_bench_data_"), "packed.jsonl"), seq + 16)
+    common = ["recipe=sft", "data=jsonl", f"data.path={data}", "data.val_fraction=0.01", *model,
+              f"trainer.device={a.device}", "logger=none", "trainer.progress=false", "trainer.ckpt_every=0",
+              "trainer.eval_every=0", "optim.warmup_ratio=0", "plan.check=false", f"trainer.nvme_path={nvme}"]
 
     # 1. the async_io op (JIT) and the disk floor, measured first, in this run
     from runx.trainers.nvme import build_async_io, probe_aio
@@ -247,12 +307,35 @@ def main() -> int:
         if probe else []
 
     rows: dict = {}
-    plan = [("gpu_only", "raw"), ("gpu_only", "runx"), ("cpu_offload", "raw"), ("cpu_offload", "runx"),
-            ("nvme_optimizer", "raw"), ("nvme_optimizer", "runx"), ("nvme_params", "raw"), ("nvme_params", "runx"),
-            ("nvme_optimizer_ga", "runx")]
-    for arm, impl in plan:
+    floor: dict = {}
+    gpu_name = None
+    if a.device == "cuda":
+        import torch
+        gpu_name = torch.cuda.get_device_name() if torch.cuda.is_available() else None
+
+    def write() -> list[dict]:
+        table = table_of(rows, floor)
+        result = {"device": a.device, "gpu": gpu_name, "quick": a.quick, "model": model, "steps": steps,
+                  "warmup": warmup, "aio_build_s": round(aio_build_s, 1), "disk": probe, "io_floor_s": floor,
+                  "rows": table, "arms": {arm: {impl: {k: v for k, v in res.items() if k != "losses"}
+                                                for impl, res in impls.items()} for arm, impls in rows.items()},
+                  "targets": {"runx_over_raw_throughput": ">= 1.0 where raw runs", "opt_step_over_floor": "<= 1.3",
+                              "nvme_optimizer_ga tflops_vs_gpu_only": ">= 0.5"},
+                  "wall_s": round(time.time() - t_start, 1), "time": time.strftime("%Y-%m-%d %H:%M:%S")}
+        os.makedirs(os.path.dirname(a.out), exist_ok=True)
+        prev = json.load(open(a.out)) if os.path.exists(a.out) else {}
+        prev[a.device] = result
+        with open(a.out, "w") as fh:
+            json.dump(prev, fh, indent=1, default=str)
+        return table
+
+    # most informative first: the time box may cut the tail
+    order = [("gpu_only", "runx"), ("gpu_only", "raw"), ("nvme_params", "runx"), ("nvme_optimizer_ga", "runx"),
+             ("nvme_optimizer", "runx"), ("nvme_optimizer", "raw"), ("cpu_offload", "runx"), ("cpu_offload", "raw"),
+             ("nvme_params", "raw")]
+    for arm, impl in order:
         left = budget - (time.time() - t_start)
-        if left < 15:
+        if left < 20:
             rows.setdefault(arm, {})[impl] = {"ok": False, "error": "skipped: time budget"}
             continue
         if "nvme" in arm and not aio_ok:
@@ -261,81 +344,28 @@ def main() -> int:
         over = common + LAYOUT[arm] + [f"trainer.max_steps={steps}", f"run_dir={tempfile.mkdtemp(prefix='runx_b_')}"]
         if "nvme" in arm and impl == "runx":
             over += aio
+        ga = None
         if arm == "nvme_optimizer_ga":
-            # enough micro-steps that compute covers the optimizer's I/O floor (>= 0.5x GPU-only TFLOPS)
-            g = rows.get("gpu_only", {}).get("runx", {})
-            floor = rows.get("_floor_s", {}).get("nvme_optimizer")
-            micro = g.get("step_median_s")
-            ga = max(2, min(256, int(2 * floor / micro) + 1)) if (floor and micro) else 8
+            # enough micro-steps that compute is ~2x the optimizer's I/O floor (target >= 0.5x GPU-only TFLOPS)
+            micro = rows.get("gpu_only", {}).get("runx", {}).get("step_median_s")
+            f_opt = floor.get("nvme_optimizer")
+            ga = max(2, min(256, int(2 * f_opt / micro) + 1)) if (f_opt and micro) else 8
             over += [f"trainer.grad_accum={ga}", "trainer.max_steps=2"]
-        res = summarize(run_arm(impl, arm, over, timeout=max(15, left)), warmup)
+        res = summarize(run_arm(impl, arm, over, timeout=max(20, left)), warmup)
+        if ga:
+            res["grad_accum"] = ga
         rows.setdefault(arm, {})[impl] = res
-        if res.get("ok") and "n_params" in res and "_floor_s" not in rows and probe:
-            N = res["n_params"]
-            R, W = probe["read_GBps"] * 1e9, probe["write_GBps"] * 1e9
-            pbytes = 2 if a.device == "cuda" else 4
-            rows["_floor_s"] = {"nvme_optimizer": 16 * N / R + 12 * N / W,
-                                "nvme_params": 16 * N / R + (12 + pbytes) * N / W,
-                                "nvme_optimizer_ga": 16 * N / R + 12 * N / W}
-        msg = (f"{arm:>18} {impl:>4}: " + (f"{res['step_median_s'] * 1e3:9.1f} ms/step  {res['model_tflops']:8.3f} "
-                                           f"TFLOPS" + (f"  opt step {res['opt_step_median_s']:.3f}s"
-                                                        if 'opt_step_median_s' in res else "")
-                                           if res.get("step_median_s") else f"FAILED {res.get('error', '')[:150]}")
-               + f"  ({res.get('wall_s', 0):.0f}s wall)")
-        print(msg, flush=True)
-
-    # ratios
-    floor = rows.pop("_floor_s", {})
-    table = []
-    gpu_tflops = rows.get("gpu_only", {}).get("runx", {}).get("model_tflops")
-    for arm, impls in rows.items():
-        r, w = impls.get("runx", {}), impls.get("raw", {})
-        row = {"arm": arm, "runx_step_s": r.get("step_median_s"), "raw_step_s": w.get("step_median_s"),
-               "runx_tflops": r.get("model_tflops"), "raw_tflops": w.get("model_tflops"),
-               "raw_error": None if w.get("ok", True) else w.get("error"),
-               "runx_error": None if r.get("ok", True) else r.get("error")}
-        if r.get("step_median_s") and w.get("step_median_s"):
-            row["runx_over_raw_throughput"] = w["step_median_s"] / r["step_median_s"]
-        if arm in floor and r.get("opt_step_median_s"):
-            row["opt_step_s"] = r["opt_step_median_s"]
-            row["io_floor_s"] = floor[arm]
-            row["opt_step_over_floor"] = r["opt_step_median_s"] / floor[arm]
-        if gpu_tflops and r.get("model_tflops"):
-            row["tflops_vs_gpu_only"] = r["model_tflops"] / gpu_tflops
-        if arm == "nvme_optimizer_ga" and r.get("tokens_per_step"):
-            row["tokens_per_step"] = r["tokens_per_step"]
-        if r.get("losses") and w.get("losses"):
-            row["loss_step1_runx_raw"] = [r["losses"][0], w["losses"][0]]
-        table.append(row)
-
-    print("\narm                 runx ms/step   raw ms/step  runx/raw  TFLOPS(runx)  vs GPU-only  opt step / I/O floor")
-    for row in table:
-        f = lambda v, s="{:.1f}": (s.format(v) if isinstance(v, (int, float)) else "-")
-        print(f"{row['arm']:<18} {f(row['runx_step_s'] and row['runx_step_s'] * 1e3):>12} "
-              f"{f(row['raw_step_s'] and row['raw_step_s'] * 1e3):>12} {f(row.get('runx_over_raw_throughput'), '{:.3f}'):>9}"
-              f" {f(row['runx_tflops'], '{:.3f}'):>13} {f(row.get('tflops_vs_gpu_only'), '{:.3f}'):>12} "
-              f"{f(row.get('opt_step_over_floor'), '{:.2f}'):>10}"
-              + (f"   raw: {row['raw_error'][:80]}" if row.get("raw_error") else "")
-              + (f"   runx: {row['runx_error'][:80]}" if row.get("runx_error") else ""))
-    result = {"device": a.device, "quick": a.quick, "model": model, "steps": steps, "warmup": warmup,
-              "aio_build_s": round(aio_build_s, 1), "disk": probe, "io_floor_s": floor, "rows": table,
-              "raw": {arm: {k: v for k, v in impls.get("raw", {}).items() if k not in ("losses",)}
-                      for arm, impls in rows.items()},
-              "targets": {"runx_over_raw_throughput": ">= 1.0 where raw runs", "opt_step_over_floor": "<= 1.3",
-                          "nvme_optimizer_ga tflops_vs_gpu_only": ">= 0.5"},
-              "wall_s": round(time.time() - t_start, 1), "time": time.strftime("%Y-%m-%d %H:%M:%S")}
-    try:
-        import torch
-        if a.device == "cuda" and torch.cuda.is_available():
-            result["gpu"] = torch.cuda.get_device_name()
-    except Exception:
-        pass
-    os.makedirs(os.path.dirname(a.out), exist_ok=True)
-    prev = json.load(open(a.out)) if os.path.exists(a.out) else {}
-    prev[a.device] = result
-    with open(a.out, "w") as f:
-        json.dump(prev, f, indent=1, default=str)
-    print(f"wrote {a.out} ({result['wall_s']:.0f}s)")
+        if res.get("ok") and res.get("n_params") and not floor and probe:
+            floor.update(floors(res["n_params"], probe, 2 if a.device == "cuda" else 4))
+        print(f"{arm:>18} {impl:>4}: "
+              + (f"{res['step_median_s'] * 1e3:9.1f} ms/step  {res['model_tflops']:8.3f} TFLOPS"
+                 + (f"  opt step {res['opt_step_median_s']:.3f}s" if "opt_step_median_s" in res else "")
+                 if res.get("step_median_s") else f"FAILED {res.get('error', '')[:150]}")
+              + f"  ({res.get('wall_s', 0):.0f}s wall)", flush=True)
+        write()
+    table = write()
+    print_table(table)
+    print(f"wrote {a.out} ({time.time() - t_start:.0f}s)")
     return 0
 
 

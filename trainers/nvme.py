@@ -194,9 +194,18 @@ def check_nvme_path(path: str, need_bytes: int) -> None:
 
 
 # ----------------------------------------------------------------------------------- the async_io op
+def default_accelerator() -> None:
+    """DeepSpeed's CPU accelerator on a machine without CUDA (no probing noise); never forced where a GPU is
+    visible, since a trainer in this same process may be about to use it."""
+    if "DS_ACCELERATOR" not in os.environ:
+        import torch
+        if not torch.cuda.is_available():
+            os.environ["DS_ACCELERATOR"] = "cpu"
+
+
 def build_async_io() -> bool:
     """JIT-build (or load the cached) DeepSpeed async_io op; True when it loads."""
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    default_accelerator()
     from deepspeed.ops.op_builder import AsyncIOBuilder
     builder = AsyncIOBuilder()
     if not builder.is_compatible(verbose=False):
@@ -207,7 +216,7 @@ def build_async_io() -> bool:
 
 def aio_available() -> bool:
     try:
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        default_accelerator()
         from deepspeed.ops.op_builder import AsyncIOBuilder
         return AsyncIOBuilder().is_compatible(verbose=False)
     except Exception:
@@ -216,7 +225,8 @@ def aio_available() -> bool:
 
 # ----------------------------------------------------------------------------------- aio probe
 # Blocks above 1 MiB would also raise DeepSpeed's swap threshold (max(1 MiB, block_size)) and keep smaller
-# matrices in RAM, so the probe stays at <= 1 MiB (the DeepNVMe tutorial's best was 1 MiB, qd 32).
+# matrices in RAM — and with a 4 MiB block DeepSpeed 0.19.8 died here with "param 20 already assigned swap
+# buffer" on llama_m — so the probe stays at <= 1 MiB (the DeepNVMe tutorial's best was 1 MiB, qd 32).
 PROBE_GRID = {"block_size": [262144, 1048576], "queue_depth": [8, 32, 128], "intra_op_parallelism": [1, 4]}
 
 
@@ -247,7 +257,7 @@ def probe_aio(path: str, size_mb: int = 64, grid: dict | None = None, refresh: b
         hit = cached_probe(path)
         if hit is not None:
             return hit
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    default_accelerator()
     import logging
 
     import torch

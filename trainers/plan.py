@@ -173,7 +173,8 @@ def _analytic_activations(model, cfg, bytes_per: int) -> int:
 
 def model_facts(cfg) -> ModelFacts:
     """Parameter counts, the largest layer and the activation estimate for the composed config."""
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    from runx.trainers.nvme import default_accelerator
+    default_accelerator()
     import torch._dynamo  # noqa: F401  (before any zero.Init, as the trainer does)
     model, recipe, source = _build_on_meta(cfg)
     seen, numels, trainable = set(), [], 0
@@ -312,7 +313,8 @@ def model_states(lay: Layout, psi: int, largest_layer: int, gpus_per_node: int =
 
 def deepspeed_reference(lay: Layout, psi: int, largest_layer: int, gpus_per_node=1, nodes=1) -> tuple | None:
     """DeepSpeed's own estimator for this layout: (cpu_bytes, gpu_bytes), or None where it has none."""
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    from runx.trainers.nvme import default_accelerator
+    default_accelerator()
     if lay.stage in (1, 2) and lay.offload_param == "none" and lay.offload_optimizer in ("none", "cpu"):
         from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
         return estimate_zero2_model_states_mem_needs(psi, gpus_per_node, nodes,
