@@ -6,7 +6,9 @@ Side by side in one run, on the same generated JSONL shards and the same classif
   runx     the recipe's two per-shard passes on that shard, as a worker runs them (load the classifier, pass 1:
            score + store line/score/chars, pass 2: copy the kept lines to the output shard);
   scaling  the whole filter (filter_score, filter_threshold, filter stages, with the job's fixed costs: stage
-           bookkeeping, the global sort, the histogram plot, the manifest) over all shards, num_workers=1 vs 2.
+           bookkeeping, the global sort, the histogram plot, the manifest) over all shards, num_workers=1 vs 2,
+           next to bare fastText processes over the same shards (1 vs 2): the machine's own ceiling.
+On a shared machine wall-clock ratios are noisy; CPU-time ratios are printed too.
 Targets (issue #6): runx >= 0.9x bare per process; 2 processes >= 1.8x one.
 
     python bench/preselect_throughput.py [--quick] [--shards 4] [--docs 20000]
@@ -56,6 +58,39 @@ def make_classifier(path: str, seed: int, bucket: int) -> None:
             f.write(f"{FT_POSITIVE if r['domain'] == 'facts' else FT_NEGATIVE} {fasttext_text(r['text'])}\n")
     train_fasttext_clean_process(train, path, dict(wordNgrams=2, epoch=3, lr=0.1, dim=100, minCount=1,
                                                    bucket=bucket, thread=1, seed=0, loss="softmax", verbose=0))
+
+
+def bare_chunk(args) -> int:
+    """The bare loop over several shards with one model load (what one bare worker process would do)."""
+    import fasttext
+    model_path, shards, batch = args
+    model = fasttext.load_model(model_path)
+    n = 0
+    for shard in shards:
+        buf = []
+        with open(shard, "rb") as f:
+            for line in f:
+                buf.append(" ".join(json.loads(line)["text"].split()))
+                if len(buf) == batch:
+                    model.predict(buf, k=1)
+                    n += len(buf)
+                    buf = []
+        if buf:
+            model.predict(buf, k=1)
+            n += len(buf)
+    return n
+
+
+def bare_processes(model_path: str, shards: list[str], workers: int, batch: int) -> float:
+    """docs/s of bare fastText workers over all shards, split like the DataJob splits them (shards[w::n])."""
+    import multiprocessing as mp
+    t0 = time.perf_counter()
+    if workers == 1:
+        n = bare_chunk((model_path, shards, batch))
+    else:
+        with mp.get_context("fork").Pool(workers) as pool:
+            n = sum(pool.map(bare_chunk, [(model_path, shards[w::workers], batch) for w in range(workers)]))
+    return n / (time.perf_counter() - t0)
 
 
 def cpu_seconds() -> float:
@@ -145,7 +180,7 @@ def main() -> None:
         os.makedirs(one)
         shutil.copy(shards[0], one)
         mb = os.path.getsize(shards[0]) / 2**20
-        bare, ours, w1, w2, cbare, cours, c1, c2 = [], [], [], [], [], [], [], []
+        bare, ours, w1, w2, cbare, cours, c1, c2, b1, b2 = [], [], [], [], [], [], [], [], [], []
         for _ in range(repeats):  # interleaved, best of each: the machine may be shared
             t, c, n = bare_loop(model, shards[0], args.batch)
             bare.append(n / t)
@@ -159,6 +194,8 @@ def main() -> None:
             t, r2, cpu2 = runx_filter(model, pool, os.path.join(tmp, "runB"), 2, args.batch)
             w2.append(len(shards) * docs / t)
             c2.append(cpu2)
+            b1.append(bare_processes(model, shards, 1, args.batch))
+            b2.append(bare_processes(model, shards, 2, args.batch))
         same = all(open(os.path.join(tmp, "runA", "output", f), "rb").read() ==
                    open(os.path.join(tmp, "runB", "output", f), "rb").read()
                    for f in os.listdir(os.path.join(tmp, "runA", "output")) if f.startswith("part-"))
@@ -177,6 +214,9 @@ def main() -> None:
             "per_process_ratio_cpu_time": max(cours) / max(cbare),
             "runx_docs_per_s_1worker_all_shards": max(w1), "runx_docs_per_s_2workers_all_shards": max(w2),
             "scaling_2_vs_1": max(w2) / max(w1), "cpu_seconds_1worker": best1, "cpu_seconds_2workers": best2,
+            "bare_docs_per_s_1proc_all_shards": max(b1), "bare_docs_per_s_2procs_all_shards": max(b2),
+            "bare_scaling_2_vs_1": max(b2) / max(b1), "scaling_vs_bare_scaling": (max(w2) / max(w1)) /
+                                                                                 (max(b2) / max(b1)),
             "scaling_2_vs_1_cpu_time_estimate": est_scaling, "outputs_identical_1_vs_2_workers": same,
             "kept_char_fraction": r2["kept_char_fraction"],
             "targets": {"per_process_ratio": 0.9, "scaling_2_vs_1": 1.8},
@@ -191,6 +231,10 @@ def main() -> None:
         print(f"runx, {len(shards)} shards, 1 worker {res['runx_docs_per_s_1worker_all_shards']:10.0f} docs/s")
         print(f"runx, {len(shards)} shards, 2 workers{res['runx_docs_per_s_2workers_all_shards']:10.0f} docs/s   "
               f"scaling {res['scaling_2_vs_1']:.3f}x  (target >= 1.8x)   outputs identical: {same}")
+        print(f"bare fastText, same shards: 1 process {res['bare_docs_per_s_1proc_all_shards']:.0f} docs/s, "
+              f"2 processes {res['bare_docs_per_s_2procs_all_shards']:.0f} docs/s: scaling "
+              f"{res['bare_scaling_2_vs_1']:.3f}x (this machine's ceiling); runx / bare scaling "
+              f"{res['scaling_vs_bare_scaling']:.3f}")
         print(f"CPU time: bare {res['bare_docs_per_cpu_s']:.0f} docs/cpu-s, runx {res['runx_docs_per_cpu_s']:.0f} "
               f"docs/cpu-s, ratio {res['per_process_ratio_cpu_time']:.3f}x; 2-process scaling on two free cores "
               f"(serial parent + half the workers' CPU) {est_scaling:.3f}x")

@@ -339,7 +339,9 @@ def test_split_across_tasks_and_workers_gives_identical_outputs(tmp_path):
         assert a[k] == b[k], k
     assert snapshot(os.path.join(one, "train")) == snapshot(os.path.join(two, "train"))
     # rerunning a finished job redoes nothing and changes nothing
-    again = P.PreSelect(cfg, one).run()
+    redone = []
+    again = P.PreSelect(cfg, one).run(progress=lambda stage, todo, skipped, secs: redone.append((stage, todo)))
+    assert [todo for _, todo in redone] == [0] * len(redone) and len(redone) >= 9
     assert snapshot(os.path.join(one, "output")) == a and again["kept_docs"] == results[0]["kept_docs"]
 
 
@@ -445,3 +447,15 @@ def test_cli_smoke_end_to_end(tmp_path):
     students = json.load(open(os.path.join(run_dir, "students", "all.done.json")))["students"]
     assert students["preselect"]["mix"]["facts"] > 0.5
     assert summary["acc_preselect"] > summary["acc_random_x1"]
+
+
+def test_recipe_yaml_lists_every_schema_key_and_the_default_family():
+    import dataclasses
+    from importlib import resources
+    from runx.conf.schema.preselect import PreSelectConfig, PreSelectWorldConfig, default_references
+    yaml = OmegaConf.to_container(OmegaConf.create(
+        resources.files("runx.conf").joinpath("recipe", "preselect.yaml").read_text()))["recipe"]
+    assert set(yaml) == {f.name for f in dataclasses.fields(PreSelectConfig)}   # every key overridable from the CLI
+    assert set(yaml["world"]) == {f.name for f in dataclasses.fields(PreSelectWorldConfig)}
+    assert yaml["references"] == default_references()
+    assert (yaml["ft_word_ngrams"], yaml["ft_epoch"], yaml["ft_lr"]) == (2, 3, 0.1)
