@@ -93,6 +93,22 @@ def test_init_output_equals_base(tmp_path, overrides):
     assert diff <= 1e-5, diff
 
 
+def test_bf16_model_gets_its_offset_computed_in_fp32(tmp_path):
+    recipe = make_recipe(tmp_path, TINY_LLAMA + ["model.dtype=bf16", "recipe.grad_batches=2"])
+    batches = fixed_batches(recipe, 3, 4)
+    base, model = build_pair(recipe)
+    W0 = {n: l.get_base_layer().weight.detach().clone() for n, l in lora_ga_targets(model).items()}
+    model = recipe.prepare(EstimationTrainer(batches[:2]), model)
+    for name, layer in lora_ga_targets(model).items():
+        W = layer.get_base_layer().weight
+        assert W.dtype == torch.bfloat16
+        A, B = layer.lora_A["default"].weight.float(), layer.lora_B["default"].weight.float()
+        want = (W0[name].float() - layer.scaling["default"] * (B @ A)).to(torch.bfloat16)
+        assert torch.equal(W, want), name          # one rounding, from the fp32 result
+    diff = (logits(model, batches[2]) - logits(base, batches[2])).abs().max().item()
+    assert diff <= 0.1, diff                       # bf16 rounding of W_init only
+
+
 def test_estimation_keeps_one_gradient_alive(tmp_path):
     recipe = make_recipe(tmp_path, TINY_LLAMA)
     batches = fixed_batches(recipe, 2, 4)
@@ -158,8 +174,11 @@ def _first_step_cosines(recipe, batches, lr, vanilla=False):
     bkeys = {n: n.replace("base_model.model.", "") + ".weight" for n in names}
     loss_of(base.eval()).backward()
     G2r = {}
+    layers = lora_ga_targets(model)
     for n in names:
-        U, S, Vh = torch.linalg.svd(bparams[bkeys[n]].grad.double(), full_matrices=False)
+        G = bparams[bkeys[n]].grad.double()
+        G = G.T if layers[n].fan_in_fan_out else G            # HF Conv1D (GPT-2) stores W as [in, out]
+        U, S, Vh = torch.linalg.svd(G, full_matrices=False)
         G2r[n] = U[:, :2 * r] @ torch.diag(S[:2 * r]) @ Vh[:2 * r]
     if not vanilla:
         model = recipe.prepare(EstimationTrainer(batches), model)
@@ -180,13 +199,14 @@ def _first_step_cosines(recipe, batches, lr, vanilla=False):
     return cos
 
 
-def test_first_sgd_step_follows_rank_2r_full_gradient(tmp_path):
-    recipe = make_recipe(tmp_path, TINY_LLAMA + ["recipe.rank=4", "recipe.alpha=16", "recipe.grad_batches=2"])
+@pytest.mark.parametrize("arch", [[], ["++model.from_config.model_type=gpt2"]], ids=["llama", "gpt2_conv1d"])
+def test_first_sgd_step_follows_rank_2r_full_gradient(tmp_path, arch):
+    recipe = make_recipe(tmp_path, TINY_LLAMA + arch + ["recipe.rank=4", "recipe.alpha=16", "recipe.grad_batches=2"])
     batches = fixed_batches(recipe, 2, 4)
     cos = _first_step_cosines(recipe, batches, lr=1e-3)
     assert min(cos.values()) >= 0.99, cos
     # the same probe separates vanilla LoRA (B = 0: the first step only moves B, along G·A0ᵀA0 random-ish)
-    vanilla = _first_step_cosines(make_recipe(tmp_path / "vanilla", TINY_LLAMA + ["recipe.rank=4"]), batches,
+    vanilla = _first_step_cosines(make_recipe(tmp_path / "vanilla", TINY_LLAMA + arch + ["recipe.rank=4"]), batches,
                                   lr=1e-3, vanilla=True)
     assert sum(vanilla.values()) / len(vanilla) < 0.9, vanilla
 

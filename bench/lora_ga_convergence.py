@@ -1,0 +1,243 @@
+"""LoRA-GA's convergence claim in miniature: full fine-tuning vs vanilla LoRA vs LoRA-GA on the embedded
+task (pretrained MiniLM, stdlib_topics 4-way classification), same rank, each at its best learning rate.
+
+Each method's grid (learning rates x seeds) is ONE Hydra multirun of the real CLI:
+
+    runx train -m recipe=<sft|lora|lora_ga> optim.lr=<grid> seed=<seeds> <common overrides>
+
+Best lr per method = lowest mean final validation loss over seeds. Target = the worst final validation
+loss among vanilla LoRA's seeds at its best lr (so every LoRA seed reaches it by the last step); for each
+method and seed: the first evaluated step whose validation loss <= target. Ratio = median LoRA-GA steps /
+median LoRA steps (the paper: 2-4x faster, i.e. <= 0.5). Also: final accuracy, LoRA-GA's init time as a
+share of its run's wall time, and its init time against peft's own LoRA-GA preprocessing
+(`preprocess_loraga` + `get_peft_model(init_lora_weights="lora_ga")`) on the same model and batches,
+alternating A/B rounds in this process.
+
+    python bench/lora_ga_convergence.py            # lr grids x 3 seeds, 150 steps
+    python bench/lora_ga_convergence.py --quick    # the grids' best lrs x 3 seeds, 50 shorter steps (< 5 min)
+Writes bench/results/lora_ga_convergence[_quick].json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+METHODS = ("sft", "lora", "lora_ga")
+# grids around each method's usual lr; LoRA-GA is tuned like full fine-tuning (its authors, issue #12)
+GRIDS = {"sft": [3e-5, 1e-4, 3e-4], "lora": [3e-4, 1e-3, 3e-3], "lora_ga": [3e-5, 1e-4, 3e-4]}
+# --quick runs one lr per method: the best of the grids above in a full run of this script
+QUICK_LR = {"sft": 1e-4, "lora": 1e-3, "lora_ga": 1e-4}
+
+
+def common_overrides(steps: int, eval_every: int, quick: bool) -> list[str]:
+    o = ["logger=none", "trainer.progress=false", "trainer.ckpt_every=0", f"trainer.max_steps={steps}",
+         f"trainer.eval_every={eval_every}", "optim.warmup_ratio=0.05", "optim.scheduler=linear",
+         "recipe.rank=8", "recipe.alpha=16"]
+    if quick:
+        o += ["data.max_length=32", "trainer.micro_batch_size=8", "data.max_eval_samples=96", "recipe.grad_batches=4"]
+    else:
+        o += ["data.max_length=48", "trainer.micro_batch_size=16", "data.max_eval_samples=160", "recipe.grad_batches=4"]
+    return o
+
+
+def run_sweep(method: str, lrs: list[float], seeds: list[int], common: list[str], root: str) -> tuple[str, float]:
+    sweep_dir = os.path.join(root, method)
+    o = [x for x in common if not (method == "sft" and x.startswith("recipe.") and x.split("=")[0] != "recipe.name")]
+    if method == "lora":
+        o = [x for x in o if not x.startswith("recipe.grad_batches")]
+    cmd = [sys.executable, "-m", "runx.cli.main", "train", "-m", f"recipe={method}",
+           "optim.lr=" + ",".join(str(x) for x in lrs), "seed=" + ",".join(str(s) for s in seeds), *o,
+           f"hydra.sweep.dir={sweep_dir}"]
+    env = dict(os.environ, DS_ACCELERATOR="cpu", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", WANDB_MODE="disabled")
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT"):
+        env.pop(k, None)
+    t0 = time.perf_counter()
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if p.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)}\nexited {p.returncode}\n{p.stdout[-3000:]}\n{p.stderr[-5000:]}")
+    return sweep_dir, time.perf_counter() - t0
+
+
+def read_runs(sweep_dir: str) -> list[dict]:
+    from omegaconf import OmegaConf
+    runs = []
+    for d in sorted(os.listdir(sweep_dir)):
+        run = os.path.join(sweep_dir, d)
+        if not os.path.exists(os.path.join(run, "summary.json")):
+            continue
+        cfg = OmegaConf.load(os.path.join(run, "config.yaml"))
+        with open(os.path.join(run, "summary.json")) as f:
+            summary = json.load(f)
+        with open(os.path.join(run, "metrics.jsonl")) as f:
+            evals = [(r["step"], r["eval/loss"]) for r in map(json.loads, f) if "eval/loss" in r]
+        runs.append({"lr": float(cfg.optim.lr), "seed": int(cfg.seed), "summary": summary, "evals": evals})
+    return runs
+
+
+def steps_to(evals: list, target: float):
+    return next((s for s, l in evals if l <= target), None)
+
+
+def median(xs):
+    xs = [x for x in xs if x is not None]
+    return statistics.median(xs) if xs else None
+
+
+def time_inits(rounds: int, grad_batches: int, micro: int, max_length: int) -> dict:
+    """Our prepare (estimate + SVD + init) vs peft's preprocess_loraga + get_peft_model, same batches."""
+    import copy
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import torch
+    from peft import LoraConfig, LoraGAConfig, TaskType, get_peft_model, preprocess_loraga
+
+    import runx.conf  # noqa: F401
+    from runx.cli.config import compose
+    from runx.recipes.lora import lora_target_modules
+    from runx.recipes.lora_ga import LoRAGA
+    from runx.recipes.sft import SFT
+
+    cfg = compose(["recipe=lora_ga", "logger=none", f"recipe.grad_batches={grad_batches}",
+                   f"trainer.micro_batch_size={micro}", f"data.max_length={max_length}"])
+    tmp = tempfile.mkdtemp()
+    recipe = LoRAGA(cfg, tmp)
+    train, _ = recipe.build_data()
+    batches = [recipe.collate([train[i * micro + j] for j in range(micro)]) for i in range(grad_batches)]
+    torch.manual_seed(0)
+    base = SFT.build_model(recipe)
+
+    class Batches:  # the trainer surface prepare uses
+        device = "cpu"
+
+        def train_loader_for_estimation(self, n, batch_size=None):
+            return batches
+
+        def to_device(self, b):
+            return b
+
+    def ours():
+        m = copy.deepcopy(base)
+        t0 = time.perf_counter()
+        model = get_peft_model(m, recipe.peft_config())
+        recipe._init_applied = False
+        recipe.cfg.recipe.save_init = False
+        recipe.prepare(Batches(), model)
+        return time.perf_counter() - t0
+
+    def theirs():
+        m = copy.deepcopy(base)
+        pc = LoraConfig(r=8, lora_alpha=16, target_modules=lora_target_modules(cfg.recipe.target_modules),
+                        task_type=TaskType.SEQ_CLS, use_rslora=True, init_lora_weights="lora_ga",
+                        lora_ga_config=LoraGAConfig(direction="ArB2r", scale="stable", stable_gamma=16))
+        t0 = time.perf_counter()
+
+        def train_step():
+            for b in batches:
+                out = m(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
+                torch.nn.functional.cross_entropy(out.logits, b["labels"]).backward()
+        m.eval()
+        preprocess_loraga(m, pc, train_step)
+        get_peft_model(m, pc)
+        return time.perf_counter() - t0
+
+    a, b = [], []
+    for _ in range(rounds):
+        a.append(ours())
+        b.append(theirs())
+    return {"runx_init_s": statistics.median(a), "peft_preprocess_loraga_s": statistics.median(b),
+            "ratio_runx_over_peft": statistics.median(a) / statistics.median(b), "rounds": rounds,
+            "grad_batches": grad_batches, "micro_batch": micro}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=None)
+    ap.add_argument("--eval-every", type=int, default=None)
+    ap.add_argument("--workdir", default=None)
+    a = ap.parse_args()
+    steps = a.steps or (50 if a.quick else 150)
+    eval_every = a.eval_every or (5 if a.quick else 10)
+    seeds = list(range(a.seeds))
+    grids = {m: [QUICK_LR[m]] for m in METHODS} if a.quick else GRIDS
+    root = a.workdir or tempfile.mkdtemp(prefix="lora_ga_bench_")
+    common = common_overrides(steps, eval_every, a.quick)
+    t_start = time.perf_counter()
+
+    runs, sweep_wall = {}, {}
+    for m in METHODS:
+        print(f"[{m}] runx train -m recipe={m} optim.lr={','.join(map(str, grids[m]))} "
+              f"seed={','.join(map(str, seeds))} ...", flush=True)
+        d, sweep_wall[m] = run_sweep(m, grids[m], seeds, common, root)
+        runs[m] = read_runs(d)
+        print(f"    {len(runs[m])} runs in {sweep_wall[m]:.0f}s", flush=True)
+
+    # best lr per method: lowest mean final validation loss over seeds
+    best = {}
+    for m in METHODS:
+        by_lr = {}
+        for r in runs[m]:
+            by_lr.setdefault(r["lr"], []).append(r)
+        best[m] = min(by_lr, key=lambda lr: statistics.mean(x["summary"]["eval/loss"] for x in by_lr[lr]))
+        runs[m] = [r for r in runs[m] if r["lr"] == best[m]]
+    target = max(r["summary"]["eval/loss"] for r in runs["lora"])
+    rows = {}
+    for m in METHODS:
+        st = [steps_to(r["evals"], target) for r in runs[m]]
+        rows[m] = {"best_lr": best[m], "seeds": len(runs[m]), "steps_to_target": st,
+                   "median_steps_to_target": median(st),
+                   "final_eval_loss": statistics.mean(r["summary"]["eval/loss"] for r in runs[m]),
+                   "final_accuracy": statistics.mean(r["summary"]["eval/accuracy"] for r in runs[m]),
+                   "final_accuracy_per_seed": [r["summary"]["eval/accuracy"] for r in runs[m]],
+                   "train_wall_s": statistics.median(r["summary"]["train_wall_s"] for r in runs[m])}
+    ga = runs["lora_ga"]
+    shares = [r["summary"]["lora_ga/init_s"] / (r["summary"]["lora_ga/init_s"] + r["summary"]["train_wall_s"])
+              for r in ga]
+    rows["lora_ga"].update(init_s=statistics.median(r["summary"]["lora_ga/init_s"] for r in ga),
+                           init_share_of_wall=statistics.median(shares),
+                           grad_energy_2r=statistics.mean(r["summary"]["lora_ga/grad_energy_2r"] for r in ga))
+    ratio = (rows["lora_ga"]["median_steps_to_target"] / rows["lora"]["median_steps_to_target"]
+             if rows["lora_ga"]["median_steps_to_target"] and rows["lora"]["median_steps_to_target"] else None)
+
+    print("timing the init against peft's preprocess_loraga ...", flush=True)
+    mb = 8 if a.quick else 16
+    init_cmp = time_inits(rounds=2 if a.quick else 3, grad_batches=4, micro=mb, max_length=32 if a.quick else 48)
+
+    print(f"\nvalidation-loss target {target:.4f} (worst vanilla-LoRA seed at its best lr, step {steps})")
+    print(f"{'method':8s} {'best lr':>8s} {'steps to target (per seed)':>28s} {'median':>7s} "
+          f"{'final loss':>10s} {'final acc':>9s}")
+    for m in METHODS:
+        r = rows[m]
+        print(f"{m:8s} {r['best_lr']:8.0e} {str(r['steps_to_target']):>28s} {str(r['median_steps_to_target']):>7s} "
+              f"{r['final_eval_loss']:10.4f} {r['final_accuracy']:9.3f}")
+    print(f"\nLoRA-GA / LoRA steps to target: {ratio if ratio is None else round(ratio, 3)} (target <= 0.5)")
+    print(f"LoRA-GA init share of run wall time: {rows['lora_ga']['init_share_of_wall']:.3%} (target <= 3%)")
+    print(f"LoRA-GA init {init_cmp['runx_init_s']:.2f}s vs peft preprocess_loraga+get_peft_model "
+          f"{init_cmp['peft_preprocess_loraga_s']:.2f}s: ratio {init_cmp['ratio_runx_over_peft']:.2f} (target <= 1.0)")
+
+    import platform
+    import torch
+    result = {"quick": a.quick, "steps": steps, "eval_every": eval_every, "seeds": seeds, "grids": grids,
+              "common_overrides": common, "target_eval_loss": target, "methods": rows,
+              "ratio_steps_lora_ga_over_lora": ratio, "init_vs_peft": init_cmp, "sweep_wall_s": sweep_wall,
+              "total_wall_s": time.perf_counter() - t_start,
+              "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__,
+                          "load_avg_1m_at_end": os.getloadavg()[0]},
+              "command": "python bench/lora_ga_convergence.py" + (" --quick" if a.quick else "")}
+    out = os.path.join(HERE, "results", f"lora_ga_convergence{'_quick' if a.quick else ''}.json")
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    with open(out, "w") as f:
+        json.dump(result, f, indent=1)
+    print(f"\nwrote {out} (total {result['total_wall_s']:.0f}s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
