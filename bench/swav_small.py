@@ -120,7 +120,7 @@ def plain_loop_step_times(cfg, steps: int, device: str, amp_bf16: bool) -> list[
         loss.backward()
         opt.step()
         sched.step()
-        float(loss)   # the runner reads the loss every step too
+        float(loss.detach())   # the runner reads the loss every step too
         if device == "cuda":
             torch.cuda.synchronize()
         now = time.perf_counter()
@@ -161,8 +161,8 @@ def mean_sd(xs):
 
 
 def cpu_bench(args) -> dict:
-    steps = args.steps or (80 if args.quick else None)
-    over = [] if steps is None else [f"trainer.max_steps={steps}"]
+    steps = args.steps or (60 if args.quick else 150)
+    over = [f"trainer.max_steps={steps}"]
     if args.quick:
         over += ["recipe.generated_train_size=2000", "recipe.generated_eval_size=500", "recipe.probe_train_samples=2000",
                  "recipe.freeze_prototypes_steps=15"]

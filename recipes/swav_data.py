@@ -1,9 +1,11 @@
 """Images for SwAV: multi-crop augmentation (torchvision.transforms.v2) and the datasets it reads.
 
 Sources (the `data:` section):
-  data.kind=generated, data.name=shapes   procedurally drawn shapes, 10 classes, random colour, position,
-                                          size, rotation, stroke and noise (labels are held out: used only
-                                          by the kNN / linear-probe evaluation). No download.
+  data.kind=generated, data.name=shapes   procedurally drawn shapes, 10 classes, white on black, random
+                                          position, size, rotation, stroke and noise (labels are held out: used
+                                          only by the kNN / linear-probe evaluation). No download.
+                                          shapes_gray: random grey levels; shapes_colour: random colours (a
+                                          colour shortcut that only strong colour augmentation removes).
   data.kind=generated, data.name=digits   scikit-learn's 8x8 digits, upscaled (ships with scikit-learn).
   data.kind=generated, data.name=synthetic   random uint8 crops of the configured sizes, no augmentation:
                                           a throughput probe of the model step only (bench/swav_small.py --gpu).
@@ -30,6 +32,8 @@ import torch
 from torch.utils.data import Dataset, default_collate
 from torchvision.transforms import v2
 
+# data.name -> palette of the generated shapes
+SHAPE_PALETTES = {"shapes": "mono", "shapes_gray": "gray", "shapes_colour": "colour"}
 SHAPE_CLASSES = ("disk", "ring", "square", "square_outline", "triangle", "triangle_outline", "cross",
                  "star", "crescent", "half_disk")
 
@@ -132,7 +136,7 @@ class TensorImages:
         return self.images[i], int(self.labels[i])
 
 
-def _draw_shape(cls: int, rng: np.random.Generator, size: int, palette: str = "colour") -> np.ndarray:
+def _draw_shape(cls: int, rng: np.random.Generator, size: int, palette: str = "mono") -> np.ndarray:
     """One RGB uint8 image [size, size, 3] of shape class `cls`, drawn at 4x and box-downsampled.
     palette: colour (random foreground and background colours), gray (random grey levels), mono (white on black)."""
     from PIL import Image, ImageDraw
@@ -201,7 +205,7 @@ def _draw_shape(cls: int, rng: np.random.Generator, size: int, palette: str = "c
     return np.clip(arr, 0, 255).astype(np.uint8)
 
 
-def generate_shapes(n: int, size: int, seed: int, palette: str = "colour") -> TensorImages:
+def generate_shapes(n: int, size: int, seed: int, palette: str = "mono") -> TensorImages:
     """n images, classes balanced (i % 10), deterministic in (n, size, seed, palette)."""
     rng = np.random.default_rng(seed)
     labels = np.arange(n) % len(SHAPE_CLASSES)
@@ -303,12 +307,12 @@ def load_sources(cfg) -> tuple:
     d, rc = cfg.data, cfg.recipe
     size = int(rc.generated_image_size)
     if d.kind == "generated":
-        if d.name == "shapes":   # draw only what data.max_*_samples will keep
-            seed = int(cfg.seed)
+        if d.name in SHAPE_PALETTES:   # draw only what data.max_*_samples will keep
+            seed, palette = int(cfg.seed), SHAPE_PALETTES[d.name]
             n_train = min(int(rc.generated_train_size), int(d.max_train_samples or 1 << 62))
             n_eval = min(int(rc.generated_eval_size), int(d.max_eval_samples or 1 << 62))
-            train = generate_shapes(n_train, size, seed=10_007 + seed)
-            test = generate_shapes(n_eval, size, seed=20_011 + seed)
+            train = generate_shapes(n_train, size, seed=10_007 + seed, palette=palette)
+            test = generate_shapes(n_eval, size, seed=20_011 + seed, palette=palette)
             return train, test, False
         if d.name == "digits":
             allimg = load_digits_images(size)
@@ -322,8 +326,8 @@ def load_sources(cfg) -> tuple:
             images = torch.randint(0, 256, (n_eval, 3, int(rc.size_crops[0]), int(rc.size_crops[0])),
                                    dtype=torch.uint8, generator=torch.Generator().manual_seed(int(cfg.seed)))
             return None, TensorImages(images, torch.arange(n_eval) % 10), False
-        raise ValueError(f"data.name={d.name!r} with data.kind=generated: valid choices are shapes, digits, "
-                         f"synthetic")
+        raise ValueError(f"data.name={d.name!r} with data.kind=generated: valid choices are "
+                         f"{', '.join(SHAPE_PALETTES)}, digits, synthetic")
     if d.kind == "imagefolder":
         return (FolderImages(os.path.join(d.path, d.train_split)),
                 FolderImages(os.path.join(d.path, d.eval_split)), True)

@@ -289,7 +289,7 @@ def test_bad_config_names_key_and_choices():
         S.SwAV(cfg("recipe.crops_for_assign=[0,7]"), "x")
     with pytest.raises(ValueError, match="needs a vision model.*small_cnn"):
         S.SwAV(cfg("model=minilm"), "x")
-    with pytest.raises(ValueError, match="data.name='nope'.*shapes, digits"):
+    with pytest.raises(ValueError, match="data.name='nope'.*shapes, shapes_gray, shapes_colour, digits, synthetic"):
         S.SwAV(cfg("data.name=nope"), "x").build_data()
 
 
@@ -348,7 +348,7 @@ def _first_step_loss(overrides, rank, world, global_batch=16):
     per = global_batch // world
     bt = rec.collate(items[rank * per:(rank + 1) * per])
     loss, _ = rec.loss(model, bt, step=0)
-    return float(loss)
+    return float(loss.detach())
 
 
 def test_two_processes_give_the_first_step_loss_of_one(tmp_path):
