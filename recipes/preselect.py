@@ -677,7 +677,7 @@ class PreSelect(DataJob):
         from runx.recipes.preselect_world import DOMAINS, benchmark_accuracy
         world = self._world()
         bench = world.benchmark(int(self.rc.world.benchmark_items))
-        pool = [d for p in self.pool_paths() for d in _read_jsonl_objects(p)]
+        pool = [d for p in self.pool_paths() for d in _read_objects(p)]
         chars = np.array([len(d["text"]) for d in pool], dtype=np.int64)
         budget = int(ctx.read_marker("filter_threshold", "all")["kept_chars"])
         order_n = int(self.rc.student_order)
@@ -693,8 +693,7 @@ class PreSelect(DataJob):
             return order[: prefix_closest_to(chars[order], target)]
 
         # PreSelect: exactly the documents the filter stage wrote
-        kept = [d for m in self._filter_entries(ctx) for d in _read_jsonl_objects(os.path.join(self.out_dir,
-                                                                                                  m["output"]))]
+        kept = [d for m in self._filter_entries(ctx) for d in _read_objects(os.path.join(self.out_dir, m["output"]))]
         by_id = {d["id"]: i for i, d in enumerate(pool)}
         results = {"preselect": student([by_id[d["id"]] for d in kept])}
         # perplexity filter: the lowest BPC under the ablest reference (or the one named in the config)
@@ -703,7 +702,7 @@ class PreSelect(DataJob):
         bpc = self._reference(best).doc_bits([d["text"] for d in pool]) / np.maximum(chars, 1)
         results["perplexity_filter"] = {**student(take(np.lexsort((np.arange(len(pool)), bpc)), budget)),
                                         "reference": best}
-        # oracle: only `facts` documents, the upper bound of any selector
+        # oracle: only `facts` documents (the domain the benchmark asks about), a reference point
         facts = np.flatnonzero([d.get("domain") == "facts" for d in pool])
         results["oracle_facts"] = student(take(facts[np.random.default_rng([self.seed, 13]).permutation(len(facts))],
                                                budget))
@@ -967,9 +966,13 @@ def _save_npz(path: str, **arrays) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
-def _read_jsonl_objects(path: str) -> list[dict]:
-    fmt = shard_format(path)
-    with _open_read(path, fmt[1]) as f:
+def _read_objects(path: str) -> list[dict]:
+    """All records of a (trusted, self-written) shard."""
+    fmt, comp = shard_format(path)
+    if fmt == "parquet":
+        import pyarrow.parquet as pq
+        return pq.read_table(path).to_pylist()
+    with _open_read(path, comp) as f:
         return [json.loads(line) for line in f]
 
 

@@ -39,7 +39,7 @@ def output_docs(out_dir: str) -> list[dict]:
     docs = []
     for name in sorted(os.listdir(out_dir)):
         if name.startswith("part-"):
-            docs += P._read_jsonl_objects(os.path.join(out_dir, name))
+            docs += P._read_objects(os.path.join(out_dir, name))
     return docs
 
 
@@ -295,12 +295,15 @@ def test_filter_killed_midway_then_rerun_is_byte_identical(smoke_job, tmp_path):
 def test_kept_character_fraction_within_one_document(smoke_job, tmp_path):
     run_dir = str(tmp_path / "job")
     shutil.copytree(smoke_job, run_dir)
-    for fraction in (0.1, 0.37):
-        shutil.rmtree(os.path.join(run_dir, "filter_threshold"), ignore_errors=True)
-        shutil.rmtree(os.path.join(run_dir, "filter"), ignore_errors=True)
-        P.PreSelect(smoke_cfg(keep_fraction=fraction), run_dir).run(only=["filter_threshold", "filter"])
+    for fraction, fmt in ((0.1, "same"), (0.37, "parquet")):
+        for d in ("filter_threshold", "filter", "output"):
+            shutil.rmtree(os.path.join(run_dir, d), ignore_errors=True)
+        P.PreSelect(smoke_cfg(keep_fraction=fraction, output_format=fmt), run_dir).run(
+            only=["filter_threshold", "filter"])
+        assert all(f.endswith(".parquet" if fmt == "parquet" else ".jsonl.zst")
+                   for f in os.listdir(os.path.join(run_dir, "output")) if f.startswith("part-"))
         pool = [d for p in sorted(os.listdir(os.path.join(run_dir, "world", "pool")))
-                for d in P._read_jsonl_objects(os.path.join(run_dir, "world", "pool", p))]
+                for d in P._read_objects(os.path.join(run_dir, "world", "pool", p))]
         total = sum(len(d["text"]) for d in pool)
         kept = output_docs(os.path.join(run_dir, "output"))
         kept_chars = sum(len(d["text"]) for d in kept)
