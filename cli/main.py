@@ -79,6 +79,7 @@ def _train(rest: list[str]) -> int:
         problems = _check_group_overrides(overrides)
         if problems:
             return _fail(problems)
+    _find_hydra_plugins()
     from runx.cli.train import hydra_main
     sys.argv = ["runx train"] + rest
     try:
@@ -87,6 +88,18 @@ def _train(rest: list[str]) -> int:
         return int(e.code or 0)
     from runx.cli import train
     return train.LAST_EXIT_CODE
+
+
+def _find_hydra_plugins() -> None:
+    """Editable installs map runx.* by path; make Hydra's plugin namespace see runx's launcher too."""
+    try:
+        import hydra_plugins
+        import runx.cli
+        src = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(runx.cli.__file__))), "hydra_plugins")
+        if os.path.isdir(os.path.join(src, "runx_launcher")) and src not in list(hydra_plugins.__path__):
+            hydra_plugins.__path__.append(src)
+    except ImportError:
+        pass
 
 
 # ------------------------------------------------------------------------------------------ ls / show / validate

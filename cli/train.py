@@ -28,6 +28,14 @@ def run_dir_for(cfg) -> str:
 def objective_value(result: dict, cfg) -> float | None:
     key = cfg.get("objective") or None
     if key is None:
+        from hydra.core.hydra_config import HydraConfig
+        try:
+            sweeper = HydraConfig.get().sweeper._target_
+        except Exception:
+            sweeper = ""
+        if "optuna" in str(sweeper).lower():
+            raise ValueError("hydra/sweeper=runx_optuna needs objective=<final metric>, e.g. objective=eval/accuracy "
+                             f"(the run's final metrics: {', '.join(sorted(result))})")
         return None
     if key not in result:
         raise KeyError(f"objective={key!r} is not among the run's final metrics: {sorted(result)}")

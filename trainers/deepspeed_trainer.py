@@ -99,8 +99,9 @@ class Trainer:
             if dev == "nvme":
                 block["nvme_path"] = str(t.nvme_path)
                 if kind == "param":
-                    count, size = self._nvme_param_buffers(model)
-                    block.update(buffer_count=count, buffer_size=size, max_in_cpu=0)
+                    settings = self._nvme_param_settings(model)
+                    zero["stage3_max_reuse_distance"] = settings.pop("stage3_max_reuse_distance")
+                    block.update(settings)
                 else:
                     block.update(buffer_count=4, fast_init=False)
             zero[key] = block
@@ -118,7 +119,8 @@ class Trainer:
         if t.precision == "bf16":
             cfg["bf16"] = {"enabled": True}
         if "nvme" in (t.offload_param, t.offload_optimizer):
-            cfg["aio"] = {**OmegaConf.to_container(t.aio, resolve=True), "use_gds": False}
+            from runx.trainers.nvme import resolve_aio
+            cfg["aio"] = self._aio = getattr(self, "_aio", None) or resolve_aio(t)  # probe-tuned unless set
         for k, v in OmegaConf.to_container(t.ds_overrides, resolve=True).items():
             node = cfg
             *parents, leaf = k.split(".")
@@ -127,17 +129,13 @@ class Trainer:
             node[leaf] = v
         return cfg
 
-    def _nvme_param_buffers(self, model) -> tuple[int, int]:
-        from runx.trainers.nvme import derive_param_buffers, param_stats
+    def _nvme_param_settings(self, model) -> dict:
+        """offload_param buffers + the ZeRO-3 reuse distance that cannot run out of buffers (trainers/nvme.py)."""
+        from runx.trainers.nvme import nvme_param_settings, param_stats, resolve_aio
         t = self.tcfg
-        bpe = 2 if t.precision == "bf16" else 4
-        count, size = derive_param_buffers(param_stats(model, self.world_size), bpe,
-                                           float(t.stage3_max_live_parameters), float(t.stage3_prefetch_bucket_size))
-        if t.nvme_buffer_count != "auto":
-            count = int(t.nvme_buffer_count)
-        if t.nvme_buffer_size != "auto":
-            size = int(float(t.nvme_buffer_size))
-        return count, size
+        self._aio = getattr(self, "_aio", None) or resolve_aio(t)
+        return nvme_param_settings(param_stats(model, self.world_size), 2 if t.precision == "bf16" else 4,
+                                   t.nvme_buffer_count, t.nvme_buffer_size, self._aio["block_size"])
 
     def _build_model(self, recipe):
         """The recipe's model; for ZeRO-Infinity, built already partitioned onto NVMe.
