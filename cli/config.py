@@ -58,6 +58,26 @@ def _check_group_overrides(overrides: list[str]) -> list[str]:
     return problems
 
 
+def normalize_recipe_overrides(overrides: list[str]) -> list[str]:
+    """`recipe.<key>=v` for a key of the chosen recipe's schema becomes `++recipe.<key>=v`: recipe YAML files
+    state only what differs from the schema, and the schema's defaults are merged in after composition, so
+    Hydra would otherwise reject a key the YAML does not mention. Unknown keys stay as they are (an error)."""
+    from runx.recipes import RECIPES
+    names = [v for o in overrides for k, _, v in [o.partition("=")] if k == "recipe"]
+    names = [n for v in names for n in v.split(",")] or ["sft"]
+    fields = set()
+    for n in names:
+        if n.strip() in RECIPES:
+            fields |= {f.name for f in dataclasses.fields(RECIPES[n.strip()].load_schema())}
+    out = []
+    for o in overrides:
+        key = o.partition("=")[0]
+        if key.startswith("recipe.") and key.split(".")[1] in fields:
+            o = "++" + o
+        out.append(o)
+    return out
+
+
 def compose(overrides: list[str], return_hydra_config: bool = False):
     """Compose the config tree with these overrides; Hydra's errors become a ConfigError."""
     from hydra import compose as hydra_compose
@@ -68,6 +88,7 @@ def compose(overrides: list[str], return_hydra_config: bool = False):
     problems = _check_group_overrides(overrides)
     if problems:
         raise ConfigError(problems)
+    overrides = normalize_recipe_overrides(overrides)
     try:
         with initialize_config_module(config_module="runx.conf", version_base="1.3"):
             cfg = hydra_compose(config_name="config", overrides=list(overrides),

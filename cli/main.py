@@ -81,7 +81,8 @@ def _train(rest: list[str]) -> int:
             return _fail(problems)
     _find_hydra_plugins()
     from runx.cli.train import hydra_main
-    sys.argv = ["runx train"] + rest
+    from runx.cli.config import normalize_recipe_overrides
+    sys.argv = ["runx train"] + normalize_recipe_overrides(rest)
     try:
         hydra_main()
     except SystemExit as e:
