@@ -212,28 +212,37 @@ def test_first_sgd_step_follows_rank_2r_full_gradient(tmp_path, arch):
 
 
 # ============================================================================ exports
-def test_export_rank2r_adapter_and_merged_weights_reproduce_logits(tmp_path):
-    """Offline export pieces: after training moves A and B, the merged weights and the rank-2r adapter on the
-    ORIGINAL base give the fine-tuned model's logits."""
+@pytest.mark.parametrize("overrides", [TINY_LLAMA, ["model=tiny_bert"]], ids=["causal_lm", "classifier_with_head"])
+def test_export_rank2r_adapter_and_merged_weights_reproduce_logits(tmp_path, overrides):
+    """Offline export pieces: after training moves A, B (and the head), the merged weights, the adapter on the
+    rebuilt offset base, and the rank-2r adapter on the ORIGINAL base give the fine-tuned model's logits."""
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-    recipe = make_recipe(tmp_path, TINY_LLAMA + ["recipe.grad_batches=2"])
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+    from runx.recipes.lora_ga import load_lora_ga_init
+    recipe = make_recipe(tmp_path, overrides + ["recipe.grad_batches=2"])
     batches = fixed_batches(recipe, 3, 4)
     base, model = build_pair(recipe)
     pristine = copy.deepcopy(base)
     model = recipe.prepare(EstimationTrainer(batches[:2]), model)
     with torch.no_grad():  # stand-in for training: move every LoRA factor
         for n, p in model.named_parameters():
-            if "lora_" in n:
+            if "lora_" in n or "modules_to_save" in n:
                 p.add_(0.05 * torch.randn_like(p))
     want = logits(model, batches[2])
     sd = {k: v.detach().float().clone() for k, v in model.state_dict().items()}
     out = tmp_path / "export"
     recipe.export(model, sd, str(out))
-    merged = AutoModelForCausalLM.from_pretrained(out / "merged")
+    auto = AutoModelForCausalLM if recipe.task == "lm" else AutoModelForSequenceClassification
+    merged = auto.from_pretrained(out / "merged")
     assert (logits(merged, batches[2]) - want).abs().max().item() <= 1e-5
-    portable = PeftModel.from_pretrained(pristine, out / "adapter_rank2r")
+    portable = PeftModel.from_pretrained(copy.deepcopy(pristine), out / "adapter_rank2r")
     assert (logits(portable, batches[2]) - want).abs().max().item() <= 1e-5
+    # the rank-r adapter on the offset base rebuilt from the original base + lora_ga_init/
+    from peft import get_peft_model
+    offset = get_peft_model(copy.deepcopy(pristine), recipe.peft_config())
+    load_lora_ga_init(offset, out / "lora_ga_init")
+    rebuilt = PeftModel.from_pretrained(offset.unload(), out / "adapter")
+    assert (logits(rebuilt, batches[2]) - want).abs().max().item() <= 1e-5
     tensors, meta = read_lora_ga_init(out / "lora_ga_init")
     assert meta["rank"] == 8 and len(tensors) == 2 * len(lora_ga_targets(model))
 
