@@ -374,3 +374,34 @@ def test_cli_smoke_trains_end_to_end(tmp_path):
     assert all(math.isfinite(r["loss"]) for r in rows)
     assert {"eval/knn_acc", "eval/linear_acc", "eval/assign_entropy", "eval/z_std"} <= set(rows[-1])
     assert all(k in rows[0] for k in ("assign_entropy", "code_entropy", "z_std", "samples_per_s"))
+
+
+def test_recipe_yaml_lists_every_schema_key():
+    import dataclasses
+
+    import yaml
+    from runx.conf.schema.swav import SwAVConfig
+    here = os.path.dirname(os.path.abspath(__file__))
+    with open(os.path.join(here, "..", "conf", "recipe", "swav.yaml")) as f:
+        section = yaml.safe_load(f)["recipe"]
+    assert set(section) == {f.name for f in dataclasses.fields(SwAVConfig)}
+
+
+def test_export_then_model_path_restores_the_backbone(tmp_path):
+    rec = S.SwAV(cfg(), "x")
+    torch.manual_seed(0)
+    model = rec.build_model()
+    rec.export(model, {k: v.detach().clone() for k, v in model.state_dict().items()}, str(tmp_path))
+    torch.manual_seed(1)
+    again = S.SwAV(cfg(f"model.path={tmp_path / 'backbone.safetensors'}"), "x").build_model()
+    for (n, a), b in zip(model.backbone.state_dict().items(), again.backbone.state_dict().values()):
+        assert torch.equal(a, b), n
+    with pytest.raises(FileNotFoundError, match="model.path='/nope'"):
+        S.SwAV(cfg("model.path=/nope"), "x").build_model()
+
+
+def test_digits_source():
+    rec = S.SwAV(cfg("data=digits"), "x")
+    train, ev = rec.build_data()
+    assert len(train) + len(ev) == 1797 and len(ev) == round(0.2 * 1797)
+    assert tuple(ev[0][0].shape) == (3, 16, 16)
