@@ -32,11 +32,12 @@ import logging
 import math
 import os
 import re
+import time
 from dataclasses import dataclass
 
 import torch
 
-from runx.recipes.verifree_task import ArithmeticTask, QADataset, read_hf, read_jsonl, split_rows
+from runx.recipes.verifree_task import ArithmeticTask, QADataset, corrupt_trace, read_hf, read_jsonl, split_rows
 from runx.trainers.recipe import TrainingRecipe
 
 log = logging.getLogger("runx.verifree")
@@ -355,11 +356,15 @@ def sequence_logprobs(policy, batch: ScoredBatch, temperature: float = 1.0, fuse
 # Supervised warm-up on worked traces (cached), then the recipe
 # =====================================================================================================
 
-def warmup_texts(rows: list[dict], cfg) -> tuple[list[str], list[str]]:
+def warmup_texts(rows: list[dict], cfg, seed: int = 0) -> tuple[list[str], list[str]]:
     """(prompt, target) pairs of the worked traces: target = trace + "<answer" + patched answer, the same
-    segmentation the RL sequences use."""
+    segmentation the RL sequences use. A fraction cfg.warmup_corrupt_fraction get one arithmetic slip."""
+    import random
+    rng = random.Random(seed)
     prompts, targets = [], []
     for r in rows:
+        if cfg.warmup_corrupt_fraction > 0 and "trace" in r and rng.random() < cfg.warmup_corrupt_fraction:
+            r = corrupt_trace(r, rng, cfg.warmup_corrupt_kind)
         if "trace" not in r:
             raise ValueError("recipe.warmup_steps > 0 needs worked traces: a 'trace' field in the data "
                              "(the generated task has one; set recipe.warmup_steps=0 for data without)")
@@ -379,13 +384,14 @@ class VeriFree(TrainingRecipe):
             # debug=smoke: the same pipeline in seconds (tiny data, a few warm-up steps, short rollouts)
             from omegaconf import open_dict
             with open_dict(rc):
-                rc.warmup_steps = min(rc.warmup_steps, 10)
-                rc.warmup_examples = min(rc.warmup_examples, 32)
-                rc.warmup_batch_size = min(rc.warmup_batch_size, 8)
+                rc.warmup_steps = min(rc.warmup_steps, 5)
+                rc.warmup_examples = min(rc.warmup_examples, 16)
+                rc.warmup_batch_size = min(rc.warmup_batch_size, 4)
                 rc.task_train_size = min(rc.task_train_size, 64)
                 rc.task_eval_size = min(rc.task_eval_size, 8)
-                rc.group_size = min(rc.group_size, 4)
-                rc.max_new_tokens = min(rc.max_new_tokens, 32)
+                rc.group_size = min(rc.group_size, 2)
+                rc.max_new_tokens = min(rc.max_new_tokens, 24)
+                rc.eval_samples = min(rc.eval_samples, 1)
         if rc.group_size < 1 or (rc.advantage == "rloo" and rc.group_size < 2):
             raise ValueError(f"recipe.group_size={rc.group_size}: must be >= 2 with recipe.advantage=rloo")
         if not rc.temperature > 0:
@@ -457,7 +463,8 @@ class VeriFree(TrainingRecipe):
         from omegaconf import OmegaConf
         key = json.dumps({"model": OmegaConf.to_container(self.cfg.model, resolve=True),
                           "data": [self.cfg.data.kind, self.cfg.data.path, self.cfg.data.hf_name],
-                          "warmup": [rc.warmup_steps, rc.warmup_examples, rc.warmup_batch_size, rc.warmup_lr],
+                          "warmup": [rc.warmup_steps, rc.warmup_examples, rc.warmup_batch_size, rc.warmup_lr,
+                                     rc.warmup_corrupt_fraction, rc.warmup_corrupt_kind],
                           "task": [rc.task_steps, rc.task_max_operand, rc.task_seed, rc.task_train_size],
                           "templates": [rc.prompt_template, rc.answer_template, rc.answer_split]},
                          sort_keys=True, default=str)
@@ -465,22 +472,38 @@ class VeriFree(TrainingRecipe):
         return os.path.join(root, hashlib.sha1(key.encode()).hexdigest()[:12], "model.safetensors")
 
     def prepare(self, trainer, model):
-        if self.rc.warmup_steps <= 0:
-            return model
-        if is_zero3_partitioned(model):
-            raise ValueError("the supervised warm-up needs unpartitioned weights (it runs before the DeepSpeed "
-                             "engine); warm up once without parameter offload and point recipe.warmup_cache at it")
+        """Warm-start (cached supervised warm-up), and with kl_coef > 0 keep the starting weights as the KL
+        anchor (the trainer skips prepare on resume: both files are then already in place)."""
         import torch.distributed as dist
-        from safetensors.torch import load_file
-        path = self.warmup_cache_file()
-        rank0 = not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
-        if not os.path.exists(path) and rank0:
-            self.supervised_warmup(model, path)
-        if dist.is_available() and dist.is_initialized():
-            dist.barrier()
-        model.load_state_dict(load_file(path), strict=True)
-        log.info("warm-started policy from %s", path)
+        from safetensors.torch import load_file, save_file
+        from runx.trainers.datajob import atomic_path
+        distributed = dist.is_available() and dist.is_initialized()
+        rank0 = not distributed or dist.get_rank() == 0
+        if self.rc.warmup_steps > 0:
+            if is_zero3_partitioned(model):
+                raise ValueError("the supervised warm-up needs unpartitioned weights (it runs before the DeepSpeed "
+                                 "engine); warm up once without parameter offload and point recipe.warmup_cache "
+                                 "at it")
+            path = self.warmup_cache_file()
+            if not os.path.exists(path) and rank0:
+                self.supervised_warmup(model, path)
+            if distributed:
+                dist.barrier()
+            model.load_state_dict(load_file(path), strict=True)
+            log.info("warm-started policy from %s", path)
+        if self.rc.kl_coef > 0:
+            if is_zero3_partitioned(model):
+                raise ValueError("recipe.kl_coef > 0 keeps a full reference copy; it needs unpartitioned weights "
+                                 "at build time (no zero.Init / NVMe parameter offload)")
+            if rank0:
+                with atomic_path(self.kl_reference_file()) as tmp:
+                    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, tmp)
+            if distributed:
+                dist.barrier()
         return model
+
+    def kl_reference_file(self) -> str:
+        return os.path.join(self.run_dir, "kl_reference.safetensors")
 
     def supervised_warmup(self, model, path: str) -> None:
         """Next-token loss on (prompt -> worked trace + answer) pairs, prompt tokens masked; AdamW with a
@@ -488,7 +511,7 @@ class VeriFree(TrainingRecipe):
         from safetensors.torch import save_file
         from runx.trainers.datajob import atomic_path, atomic_write_json
         rc = self.rc
-        prompts, targets = warmup_texts(self._warmup_rows, rc)
+        prompts, targets = warmup_texts(self._warmup_rows, rc, rc.task_seed)
         if not prompts:
             raise ValueError("recipe.warmup_examples=0 but recipe.warmup_steps > 0")
         device = next(model.parameters()).device
@@ -530,11 +553,10 @@ class VeriFree(TrainingRecipe):
 
     def after_engine(self, trainer, engine) -> None:
         if self.rc.kl_coef > 0:
-            # the KL anchor: the policy RL starts from (warm-up weights if any), frozen, outside the engine
+            # the KL anchor: the policy RL starts from (saved by prepare), frozen, outside the engine
+            from safetensors.torch import load_file
             ref = self.build_model()
-            if self.rc.warmup_steps > 0:
-                from safetensors.torch import load_file
-                ref.load_state_dict(load_file(self.warmup_cache_file()))
+            ref.load_state_dict(load_file(self.kl_reference_file()))
             self._ref_model = ref.to(next(unwrap(engine).parameters()).device).eval().requires_grad_(False)
 
     # ---- one step: rollout, patch, score, loss ---------------------------------------------------
@@ -553,7 +575,9 @@ class VeriFree(TrainingRecipe):
         refs = [str(ex["answer"]).strip() for ex in batch]
 
         # 1. rollout: z_i (and y_i) ~ pi(.|x), G per question
+        t0 = time.perf_counter()
         responses = self.rollout(policy, prompts, G, rc.temperature, rc.max_new_tokens)
+        t1 = time.perf_counter()
         sampled = [extract_answer(r.text, rc.answer_split, rc.stop_string) for r in responses]
         correct = torch.tensor([a is not None and a == refs[r.prompt_index] for a, r in zip(sampled, responses)],
                                dtype=torch.float32)
@@ -596,6 +620,9 @@ class VeriFree(TrainingRecipe):
 
         scored = role > 0
         self._tokens = int(seqs.attention_mask.sum())
+        # for throughput reports: rollout time / generated tokens, scoring-forward time / sequence tokens
+        self.last_timing = {"rollout_s": t1 - t0, "rollout_tokens": sum(len(r.ids) for r in responses),
+                            "forward_s": time.perf_counter() - t1, "update_tokens": self._tokens}
         no_tag = torch.tensor([split_before_answer(r.text, rc.answer_split) is None for r in responses],
                               dtype=torch.float32)
         metrics = {"reward": float(R.mean()), "acc": float(correct.mean()),
@@ -606,30 +633,34 @@ class VeriFree(TrainingRecipe):
 
     # ---- evaluation: held-out exact match --------------------------------------------------------
     def evaluate(self, model, loader) -> dict:
+        """Held-out exact match: greedy ("acc"), and with recipe.eval_samples > 0 the mean over that many
+        samples per question at the rollout temperature ("acc_sampled")."""
         import torch.distributed as dist
         rc = self.rc
         policy = unwrap(model)
         max_new = rc.eval_max_new_tokens or rc.max_new_tokens
-        n = correct = no_tag = length = 0.0
+        tot = torch.zeros(6, dtype=torch.float64)   # n, correct, no_tag, length, n_sampled, correct_sampled
         for batch in loader:
             prompts = [fill(rc.prompt_template, question=ex["question"]) for ex in batch]
-            if rc.eval_temperature > 0:
-                responses = sample_responses(policy, self.tokenizer, prompts, 1, rc.eval_temperature, rc.top_p,
-                                             max_new, rc.stop_string, rc.rollout_chunk)
-            else:
-                responses = sample_responses(policy, self.tokenizer, prompts, 1, 0.0, 1.0, max_new,
-                                             rc.stop_string, rc.rollout_chunk)
-            for r in responses:
-                ans = extract_answer(r.text, rc.answer_split, rc.stop_string)
-                correct += float(ans is not None and ans == str(batch[r.prompt_index]["answer"]).strip())
-                no_tag += float(split_before_answer(r.text, rc.answer_split) is None)
-                length += len(r.ids)
-                n += 1
-        tot = torch.tensor([n, correct, no_tag, length], dtype=torch.float64)
+            refs = [str(ex["answer"]).strip() for ex in batch]
+            for r in sample_responses(policy, self.tokenizer, prompts, 1, 0.0, 1.0, max_new, rc.stop_string,
+                                      rc.rollout_chunk):
+                tot[0] += 1
+                tot[1] += float(extract_answer(r.text, rc.answer_split, rc.stop_string) == refs[r.prompt_index])
+                tot[2] += float(split_before_answer(r.text, rc.answer_split) is None)
+                tot[3] += len(r.ids)
+            if rc.eval_samples > 0:
+                for r in sample_responses(policy, self.tokenizer, prompts, rc.eval_samples, rc.temperature,
+                                          rc.top_p, max_new, rc.stop_string, rc.rollout_chunk):
+                    tot[4] += 1
+                    tot[5] += float(extract_answer(r.text, rc.answer_split, rc.stop_string) == refs[r.prompt_index])
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(tot)
         n = max(tot[0].item(), 1.0)
-        return {"acc": tot[1].item() / n, "no_tag_frac": tot[2].item() / n, "response_len": tot[3].item() / n}
+        out = {"acc": tot[1].item() / n, "no_tag_frac": tot[2].item() / n, "response_len": tot[3].item() / n}
+        if rc.eval_samples > 0:
+            out["acc_sampled"] = tot[5].item() / max(tot[4].item(), 1.0)
+        return out
 
     # ---- throughput accounting -------------------------------------------------------------------
     def batch_size(self, batch) -> int:

@@ -87,6 +87,41 @@ class ArithmeticTask:
         return out
 
 
+def corrupt_trace(example: dict, rng: random.Random, kind: str = "early_stop") -> dict:
+    """A flawed worked trace whose answer follows the flaw (a noisy demonstration):
+    early_stop: the reasoning stops after a random proper prefix of its steps and answers that intermediate
+        value (the policy then often answers prematurely: RL has to learn to finish the reasoning);
+    slip: one step's result is off by 1-2, later steps carry the wrong value on correctly."""
+    steps = [s for s in example["trace"].split(". ") if s.strip()]
+    parsed = []
+    for s in steps:
+        lhs, res = s.rstrip(".").split("=")
+        op = "+" if "+" in lhs else "-"
+        a, b = lhs.split(op)
+        parsed.append([int(a), op, int(b), int(res)])
+    if kind == "early_stop":
+        if len(parsed) < 2:
+            return example
+        parsed = parsed[:rng.randrange(1, len(parsed))]
+    elif kind == "slip":
+        k = rng.randrange(len(parsed))
+        value = None
+        for i, st in enumerate(parsed):
+            if value is not None:
+                st[0] = value
+            exact = st[0] + st[2] if st[1] == "+" else st[0] - st[2]
+            st[3] = exact
+            if i == k:
+                st[3] = max(0, exact + rng.choice([-2, -1, 1, 2]))
+                if st[3] == exact:
+                    st[3] += 1
+            value = st[3]
+    else:
+        raise ValueError(f"recipe.warmup_corrupt_kind={kind!r}: valid choices are 'early_stop', 'slip'")
+    trace = "".join(f"{a}{op}{b}={r}. " for a, op, b, r in parsed)
+    return {**example, "trace": trace, "answer": str(parsed[-1][3])}
+
+
 # ---- external data: JSONL files / folders, HF datasets -------------------------------------------
 
 def _check_fields(row, source: str, question_field: str, answer_field: str) -> dict:

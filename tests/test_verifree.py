@@ -315,6 +315,44 @@ def test_rollout_stops_at_closing_tag_and_groups_by_prompt(tiny):
     assert all(r.finish == "length" and len(r.ids) == 10 for r in short)
 
 
+def test_kl_to_the_starting_policy_is_zero_at_start_and_grows_after_a_step(tiny, tmp_path):
+    recipe, model, _, _ = tiny
+    rc = recipe.rc
+    policy = Scripted(model, recipe.tokenizer, ["1+2=3. <answer>\\boxed{3} </answer>", "1+2=4. no tag"])
+    batch = [{"question": "Ann has 1 pen. She buys 2. How many pens now?", "answer": "3"}]
+    old = (recipe.run_dir, rc.kl_coef)
+    recipe.run_dir, rc.kl_coef = str(tmp_path), 0.5
+    try:
+        recipe.prepare(None, model)                       # saves the starting weights as the KL anchor
+        recipe.after_engine(None, model)
+        loss, metrics = recipe.loss(policy, batch, 0)
+        assert abs(metrics["kl"]) < 1e-6 and torch.isfinite(loss)
+        with torch.no_grad():                             # move the policy away from the anchor
+            for p in model.parameters():
+                p += 0.05 * torch.randn_like(p)
+        loss2, metrics = recipe.loss(policy, batch, 1)
+        assert metrics["kl"] > 1e-3
+        loss2.backward()                                  # the KL term has a gradient pulling back
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+    finally:
+        with torch.no_grad():                             # restore the shared fixture's weights
+            from safetensors.torch import load_file
+            model.load_state_dict(load_file(recipe.kl_reference_file()))
+        recipe.run_dir, rc.kl_coef = old
+        model.zero_grad()
+
+
+def test_vllm_backend_is_optional_and_says_how_to_get_it(tiny, monkeypatch):
+    recipe, model, _, _ = tiny
+    monkeypatch.setitem(sys.modules, "vllm", None)       # as if vllm were not installed
+    recipe.rc.rollout_backend = "vllm"
+    try:
+        with pytest.raises(ImportError, match="rollout_backend=vllm needs the vllm package"):
+            recipe.loss(model, [{"question": "q", "answer": "1"}], 0)
+    finally:
+        recipe.rc.rollout_backend = "hf"
+
+
 def test_bad_config_values_are_named():
     with pytest.raises(ValueError, match="group_size"):
         vf.VeriFree(_cfg("recipe.group_size=1"), "/tmp")
@@ -337,6 +375,22 @@ def test_generated_task_traces_are_correct_and_held_out_is_disjoint():
     assert len({r["signature"] for r in held}) == 50
 
 
+def test_flawed_warmup_traces_answer_what_their_reasoning_says():
+    from runx.recipes.verifree_task import corrupt_trace
+    task = ArithmeticTask(steps=3, max_operand=9, seed=3)
+    rng = random.Random(0)
+    for ex in task.generate(50, "train"):
+        full = [s for s in ex["trace"].split(". ") if s.strip()]
+        early = corrupt_trace(ex, rng, "early_stop")
+        steps = [s for s in early["trace"].split(". ") if s.strip()]
+        assert 1 <= len(steps) < len(full) and steps == full[:len(steps)]
+        assert early["answer"] == steps[-1].split("=")[1].rstrip(".")
+        slip = corrupt_trace(ex, rng, "slip")
+        steps = [s.rstrip(".") for s in slip["trace"].split(". ") if s.strip()]
+        wrong = [s for s in steps if eval(s.split("=")[0]) != int(s.split("=")[1])]   # noqa: S307
+        assert len(wrong) == 1 and slip["answer"] == steps[-1].split("=")[1] != ex["answer"]
+
+
 def test_jsonl_loading_names_file_and_line(tmp_path):
     p = tmp_path / "d.jsonl"
     p.write_text('{"question": "q1", "answer": "a1"}\n\n{"question": "q2", "answer": 7}\n')
@@ -349,8 +403,77 @@ def test_jsonl_loading_names_file_and_line(tmp_path):
         read_jsonl(str(p))
 
 
+
 # ---------------------------------------------------------------------------------------------------------
-# 5. End to end through the CLI
+# 5. ZeRO-3: rollout on a partitioned policy, and one update through the fused log-prob equals the same
+#    update on an unpartitioned copy (the LM head is called as a module so ZeRO-3 gathers its weight)
+# ---------------------------------------------------------------------------------------------------------
+
+ZERO3_SCRIPT = r"""
+import copy, json
+import torch
+from runx.trainers import runtime
+from runx.cli.config import compose
+from runx.recipes import verifree as vf
+
+runtime.init_distributed("cpu")
+import deepspeed
+recipe = vf.VeriFree(compose(["recipe=verifree", "logger=none"]), "/tmp")
+torch.manual_seed(0)
+model = recipe.build_model()
+ref, init = copy.deepcopy(model), copy.deepcopy(model)
+ds = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1, "train_batch_size": 1,
+      "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}, "gradient_clipping": 0.0,
+      "zero_allow_untested_optimizer": True, "zero_force_ds_cpu_optimizer": False, "steps_per_print": 10**9}
+engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.5), config=ds)
+policy = vf.unwrap(engine)
+tok = recipe.tokenizer
+out = vf.sample_responses(policy, tok, ["Q: 1+1\nA: ", "Q: 2+2\nA: "], 2, 1.0, 1.0, 6, "</answer>")
+resp = [vf.Response(0, [], "2+3=5. <answer> \\boxed{5} </answer>", "stop"),
+        vf.Response(0, [], "2+3=6. <answer> \\boxed{6} </answer>", "stop")]
+seqs = vf.build_verifree_sequences(tok, ["Q: 2+3\nA: "], resp, ["5"], ">{answer}", "<answer", 64)
+
+def loss_of(pol):
+    lp, _ = vf.sequence_logprobs(pol, seqs)
+    think, ans = (lp * (seqs.role == vf.THINK)).sum(1), (lp * (seqs.role == vf.ANSWER)).sum(1)
+    return vf.verifree_loss(think, ans, torch.tensor([0.9, 0.1]), 2)[0]
+
+partitioned = vf.is_zero3_partitioned(policy) and policy.get_output_embeddings().weight.numel() == 0
+loss = loss_of(policy)
+engine.backward(loss)
+engine.step()
+ref_loss = loss_of(ref)
+ref_loss.backward()
+with torch.no_grad():
+    for p in ref.parameters():
+        p -= 0.5 * p.grad
+    with deepspeed.zero.GatheredParameters(list(policy.parameters())):
+        diff = max(float((p - q).abs().max()) for p, q in zip(policy.parameters(), ref.parameters()))
+        step = min(float((q - q0).abs().max()) for q, q0 in zip(ref.parameters(), init.parameters()))
+print(json.dumps({"partitioned": partitioned, "n_rollouts": len(out),
+                  "lens": [len(r.ids) for r in out], "loss": float(loss), "ref_loss": float(ref_loss),
+                  "max_param_diff": diff, "min_ref_step": step}))
+"""
+
+
+def test_zero3_partitioned_rollout_and_update_match_unpartitioned():
+    import socket
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = dict(os.environ, DS_ACCELERATOR="cpu", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+               RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
+    proc = subprocess.run([sys.executable, "-c", ZERO3_SCRIPT], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert res["partitioned"]
+    assert res["n_rollouts"] == 4 and all(0 < n <= 6 for n in res["lens"])
+    assert abs(res["loss"] - res["ref_loss"]) < 1e-5
+    assert res["min_ref_step"] > 1e-4                  # every parameter moved ...
+    assert res["max_param_diff"] < 1e-5                # ... exactly as without partitioning
+
+# ---------------------------------------------------------------------------------------------------------
+# 6. End to end through the CLI
 # ---------------------------------------------------------------------------------------------------------
 
 def _train(run_dir, *overrides, timeout=600):

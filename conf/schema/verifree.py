@@ -61,7 +61,9 @@ class VeriFreeConfig:
     logprob_chunk: Optional[int] = None
 
     # ---- evaluation ------------------------------------------------------------------------------
-    eval_temperature: float = 0.0     # 0 = greedy
+    # held-out accuracy is greedy ("acc"); with eval_samples > 0 also the mean over that many samples per
+    # question at the rollout temperature ("acc_sampled", an estimate of J on held-out questions)
+    eval_samples: int = 0
     eval_max_new_tokens: Optional[int] = None   # None = max_new_tokens
 
     # ---- supervised warm-up on worked traces (cached in the run dir) -------------------------------
@@ -69,6 +71,11 @@ class VeriFreeConfig:
     warmup_examples: int = 256        # the number of distinct worked traces it sees
     warmup_batch_size: int = 32
     warmup_lr: float = 1e-3
+    # fraction of warm-up traces that are flawed, the answer following the flaw (generated task only):
+    # early_stop = the reasoning stops after a proper prefix of its steps; slip = one result off by 1-2.
+    # A policy that knows how to reason but often errs: the regime where RL has something to fix.
+    warmup_corrupt_fraction: float = 0.0
+    warmup_corrupt_kind: Literal["early_stop", "slip"] = "early_stop"
     # where the warmed-up weights are cached: relative to the run dir, or an absolute path shared by runs
     warmup_cache: str = "warmup"
 
