@@ -13,8 +13,8 @@ share of its run's wall time, and its init time against peft's own LoRA-GA prepr
 (`preprocess_loraga` + `get_peft_model(init_lora_weights="lora_ga")`) on the same model and batches,
 alternating A/B rounds in this process.
 
-    python bench/lora_ga_convergence.py            # lr grids x 3 seeds, 150 steps
-    python bench/lora_ga_convergence.py --quick    # the grids' best lrs x 3 seeds, 50 shorter steps (< 5 min)
+    python bench/lora_ga_convergence.py            # lr grids x 3 seeds, 100 steps of 16
+    python bench/lora_ga_convergence.py --quick    # the grids' best lrs x 3 seeds, 40 steps of 8 (< 5 min)
 Writes bench/results/lora_ga_convergence[_quick].json.
 """
 from __future__ import annotations
@@ -37,21 +37,22 @@ QUICK_LR = {"sft": 1e-4, "lora": 1e-3, "lora_ga": 1e-4}
 
 
 def common_overrides(steps: int, eval_every: int, quick: bool) -> list[str]:
+    """Shared by every arm. LoRA-GA estimates G over 4 micro-batches (64 samples; 32 in --quick): between the
+    reference's legacy 8 and its newer 128 samples."""
     o = ["logger=none", "trainer.progress=false", "trainer.ckpt_every=0", f"trainer.max_steps={steps}",
          f"trainer.eval_every={eval_every}", "optim.warmup_ratio=0.05", "optim.scheduler=linear",
-         "recipe.rank=8", "recipe.alpha=16"]
+         "data.max_length=32", "recipe.rank=8", "recipe.alpha=16", "recipe.grad_batches=4"]
     if quick:
-        o += ["data.max_length=32", "trainer.micro_batch_size=8", "data.max_eval_samples=96", "recipe.grad_batches=4"]
+        o += ["trainer.micro_batch_size=8", "data.max_eval_samples=64"]
     else:
-        o += ["data.max_length=48", "trainer.micro_batch_size=16", "data.max_eval_samples=160", "recipe.grad_batches=4"]
+        o += ["trainer.micro_batch_size=16", "data.max_eval_samples=128"]
     return o
 
 
 def run_sweep(method: str, lrs: list[float], seeds: list[int], common: list[str], root: str) -> tuple[str, float]:
     sweep_dir = os.path.join(root, method)
-    o = [x for x in common if not (method == "sft" and x.startswith("recipe.") and x.split("=")[0] != "recipe.name")]
-    if method == "lora":
-        o = [x for x in o if not x.startswith("recipe.grad_batches")]
+    keys = {"sft": (), "lora": ("recipe.rank", "recipe.alpha"), "lora_ga": None}[method]  # None: all
+    o = [x for x in common if not x.startswith("recipe.") or keys is None or x.split("=")[0] in keys]
     cmd = [sys.executable, "-m", "runx.cli.main", "train", "-m", f"recipe={method}",
            "optim.lr=" + ",".join(str(x) for x in lrs), "seed=" + ",".join(str(s) for s in seeds), *o,
            f"hydra.sweep.dir={sweep_dir}"]
@@ -99,8 +100,7 @@ def time_inits(rounds: int, grad_batches: int, micro: int, max_length: int) -> d
 
     import runx.conf  # noqa: F401
     from runx.cli.config import compose
-    from runx.recipes.lora import lora_target_modules
-    from runx.recipes.lora_ga import LoRAGA
+    from runx.recipes.lora_ga import LoRAGA, lora_ga_targets
     from runx.recipes.sft import SFT
 
     cfg = compose(["recipe=lora_ga", "logger=none", f"recipe.grad_batches={grad_batches}",
@@ -111,6 +111,9 @@ def time_inits(rounds: int, grad_batches: int, micro: int, max_length: int) -> d
     batches = [recipe.collate([train[i * micro + j] for j in range(micro)]) for i in range(grad_batches)]
     torch.manual_seed(0)
     base = SFT.build_model(recipe)
+    # the same layers as ours (peft resolves "all-linear" only inside get_peft_model, preprocess_loraga needs names)
+    ours_targets = [n.removeprefix("base_model.model.") for n in
+                    lora_ga_targets(get_peft_model(copy.deepcopy(base), recipe.peft_config()))]
 
     class Batches:  # the trainer surface prepare uses
         device = "cpu"
@@ -128,11 +131,13 @@ def time_inits(rounds: int, grad_batches: int, micro: int, max_length: int) -> d
         recipe._init_applied = False
         recipe.cfg.recipe.save_init = False
         recipe.prepare(Batches(), model)
-        return time.perf_counter() - t0
+        dt = time.perf_counter() - t0
+        phases.append(dict(recipe.timings))
+        return dt
 
     def theirs():
         m = copy.deepcopy(base)
-        pc = LoraConfig(r=8, lora_alpha=16, target_modules=lora_target_modules(cfg.recipe.target_modules),
+        pc = LoraConfig(r=8, lora_alpha=16, target_modules=ours_targets,
                         task_type=TaskType.SEQ_CLS, use_rslora=True, init_lora_weights="lora_ga",
                         lora_ga_config=LoraGAConfig(direction="ArB2r", scale="stable", stable_gamma=16))
         t0 = time.perf_counter()
@@ -146,12 +151,13 @@ def time_inits(rounds: int, grad_batches: int, micro: int, max_length: int) -> d
         get_peft_model(m, pc)
         return time.perf_counter() - t0
 
-    a, b = [], []
+    a, b, phases = [], [], []
     for _ in range(rounds):
         a.append(ours())
         b.append(theirs())
     return {"runx_init_s": statistics.median(a), "peft_preprocess_loraga_s": statistics.median(b),
             "ratio_runx_over_peft": statistics.median(a) / statistics.median(b), "rounds": rounds,
+            "runx_phases": phases, "runx_rounds_s": a, "peft_rounds_s": b,
             "grad_batches": grad_batches, "micro_batch": micro}
 
 
@@ -163,8 +169,8 @@ def main() -> int:
     ap.add_argument("--eval-every", type=int, default=None)
     ap.add_argument("--workdir", default=None)
     a = ap.parse_args()
-    steps = a.steps or (50 if a.quick else 150)
-    eval_every = a.eval_every or (5 if a.quick else 10)
+    steps = a.steps or (40 if a.quick else 100)
+    eval_every = a.eval_every or (4 if a.quick else 5)
     seeds = list(range(a.seeds))
     grids = {m: [QUICK_LR[m]] for m in METHODS} if a.quick else GRIDS
     root = a.workdir or tempfile.mkdtemp(prefix="lora_ga_bench_")
@@ -208,7 +214,7 @@ def main() -> int:
 
     print("timing the init against peft's preprocess_loraga ...", flush=True)
     mb = 8 if a.quick else 16
-    init_cmp = time_inits(rounds=2 if a.quick else 3, grad_batches=4, micro=mb, max_length=32 if a.quick else 48)
+    init_cmp = time_inits(rounds=2 if a.quick else 3, grad_batches=4, micro=mb, max_length=32)
 
     print(f"\nvalidation-loss target {target:.4f} (worst vanilla-LoRA seed at its best lr, step {steps})")
     print(f"{'method':8s} {'best lr':>8s} {'steps to target (per seed)':>28s} {'median':>7s} "
