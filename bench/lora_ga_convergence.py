@@ -13,8 +13,8 @@ share of its run's wall time, and its init time against peft's own LoRA-GA prepr
 (`preprocess_loraga` + `get_peft_model(init_lora_weights="lora_ga")`) on the same model and batches,
 alternating A/B rounds in this process.
 
-    python bench/lora_ga_convergence.py            # lr grids x 3 seeds, 100 steps of 16
-    python bench/lora_ga_convergence.py --quick    # the grids' best lrs x 3 seeds, 40 steps of 8 (< 5 min)
+    python bench/lora_ga_convergence.py            # lr grids x 3 seeds, 60 steps of 8 samples
+    python bench/lora_ga_convergence.py --quick    # the grids' best lrs x 3 seeds, 40 steps (< 5 min)
 Writes bench/results/lora_ga_convergence[_quick].json.
 """
 from __future__ import annotations
@@ -37,33 +37,40 @@ QUICK_LR = {"sft": 1e-4, "lora": 1e-3, "lora_ga": 1e-4}
 
 
 def common_overrides(steps: int, eval_every: int, quick: bool) -> list[str]:
-    """Shared by every arm. LoRA-GA estimates G over 4 micro-batches (64 samples; 32 in --quick): between the
+    """Shared by every arm. LoRA-GA estimates G over 4 micro-batches of 8 (32 samples): between the
     reference's legacy 8 and its newer 128 samples."""
     o = ["logger=none", "trainer.progress=false", "trainer.ckpt_every=0", f"trainer.max_steps={steps}",
          f"trainer.eval_every={eval_every}", "optim.warmup_ratio=0.05", "optim.scheduler=linear",
          "data.max_length=32", "recipe.rank=8", "recipe.alpha=16", "recipe.grad_batches=4"]
-    if quick:
-        o += ["trainer.micro_batch_size=8", "data.max_eval_samples=64"]
-    else:
-        o += ["trainer.micro_batch_size=16", "data.max_eval_samples=128"]
+    o += ["trainer.micro_batch_size=8", "data.max_eval_samples=64" if quick else "data.max_eval_samples=128"]
     return o
 
 
-def run_sweep(method: str, lrs: list[float], seeds: list[int], common: list[str], root: str) -> tuple[str, float]:
-    sweep_dir = os.path.join(root, method)
+def sweep_command(method: str, lrs: list[float], seeds: list[int], common: list[str], sweep_dir: str) -> list[str]:
     keys = {"sft": (), "lora": ("recipe.rank", "recipe.alpha"), "lora_ga": None}[method]  # None: all
     o = [x for x in common if not x.startswith("recipe.") or keys is None or x.split("=")[0] in keys]
-    cmd = [sys.executable, "-m", "runx.cli.main", "train", "-m", f"recipe={method}",
-           "optim.lr=" + ",".join(str(x) for x in lrs), "seed=" + ",".join(str(s) for s in seeds), *o,
-           f"hydra.sweep.dir={sweep_dir}"]
-    env = dict(os.environ, DS_ACCELERATOR="cpu", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", WANDB_MODE="disabled")
+    return [sys.executable, "-m", "runx.cli.main", "train", "-m", f"recipe={method}",
+            "optim.lr=" + ",".join(str(x) for x in lrs), "seed=" + ",".join(str(s) for s in seeds), *o,
+            f"hydra.sweep.dir={sweep_dir}"]
+
+
+def run_sweeps(cmds: dict, threads: int) -> dict:
+    """The methods' multiruns side by side, `threads` torch threads each (one per core on 2 cores: no
+    OpenMP oversubscription), each job's wall time measured inside its own run."""
+    env = dict(os.environ, DS_ACCELERATOR="cpu", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+               WANDB_MODE="disabled", OMP_NUM_THREADS=str(threads))
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT"):
         env.pop(k, None)
     t0 = time.perf_counter()
-    p = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    if p.returncode != 0:
-        raise SystemExit(f"{' '.join(cmd)}\nexited {p.returncode}\n{p.stdout[-3000:]}\n{p.stderr[-5000:]}")
-    return sweep_dir, time.perf_counter() - t0
+    procs = {m: subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+             for m, c in cmds.items()}
+    wall = {}
+    for m, p in procs.items():
+        out, err = p.communicate()
+        wall[m] = time.perf_counter() - t0
+        if p.returncode != 0:
+            raise SystemExit(f"{' '.join(cmds[m])}\nexited {p.returncode}\n{out[-3000:]}\n{err[-5000:]}")
+    return wall
 
 
 def read_runs(sweep_dir: str) -> list[dict]:
@@ -91,11 +98,12 @@ def median(xs):
     return statistics.median(xs) if xs else None
 
 
-def time_inits(rounds: int, grad_batches: int, micro: int, max_length: int) -> dict:
+def time_inits(rounds: int, grad_batches: int, micro: int, max_length: int, threads: int) -> dict:
     """Our prepare (estimate + SVD + init) vs peft's preprocess_loraga + get_peft_model, same batches."""
     import copy
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import torch
+    torch.set_num_threads(threads)
     from peft import LoraConfig, LoraGAConfig, TaskType, get_peft_model, preprocess_loraga
 
     import runx.conf  # noqa: F401
@@ -168,8 +176,9 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--eval-every", type=int, default=None)
     ap.add_argument("--workdir", default=None)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads per sweep process (3 run side by side)")
     a = ap.parse_args()
-    steps = a.steps or (40 if a.quick else 100)
+    steps = a.steps or (40 if a.quick else 60)
     eval_every = a.eval_every or (4 if a.quick else 5)
     seeds = list(range(a.seeds))
     grids = {m: [QUICK_LR[m]] for m in METHODS} if a.quick else GRIDS
@@ -177,13 +186,13 @@ def main() -> int:
     common = common_overrides(steps, eval_every, a.quick)
     t_start = time.perf_counter()
 
-    runs, sweep_wall = {}, {}
+    cmds = {m: sweep_command(m, grids[m], seeds, common, os.path.join(root, m)) for m in METHODS}
     for m in METHODS:
-        print(f"[{m}] runx train -m recipe={m} optim.lr={','.join(map(str, grids[m]))} "
-              f"seed={','.join(map(str, seeds))} ...", flush=True)
-        d, sweep_wall[m] = run_sweep(m, grids[m], seeds, common, root)
-        runs[m] = read_runs(d)
-        print(f"    {len(runs[m])} runs in {sweep_wall[m]:.0f}s", flush=True)
+        print("runx " + " ".join(cmds[m][4:]), flush=True)
+    sweep_wall = run_sweeps(cmds, a.threads)
+    runs = {m: read_runs(os.path.join(root, m)) for m in METHODS}
+    for m in METHODS:
+        print(f"    {m}: {len(runs[m])} runs, sweep done after {sweep_wall[m]:.0f}s", flush=True)
 
     # best lr per method: lowest mean final validation loss over seeds
     best = {}
@@ -213,8 +222,7 @@ def main() -> int:
              if rows["lora_ga"]["median_steps_to_target"] and rows["lora"]["median_steps_to_target"] else None)
 
     print("timing the init against peft's preprocess_loraga ...", flush=True)
-    mb = 8 if a.quick else 16
-    init_cmp = time_inits(rounds=2 if a.quick else 3, grad_batches=4, micro=mb, max_length=32)
+    init_cmp = time_inits(rounds=2 if a.quick else 3, grad_batches=4, micro=8, max_length=32, threads=a.threads)
 
     print(f"\nvalidation-loss target {target:.4f} (worst vanilla-LoRA seed at its best lr, step {steps})")
     print(f"{'method':8s} {'best lr':>8s} {'steps to target (per seed)':>28s} {'median':>7s} "
