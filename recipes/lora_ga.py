@@ -5,7 +5,7 @@ LoRA-GA picks A0, B0 so that the first LoRA step is the best rank-2r approximati
 step. With G = dL/dW (W in R^{m x n}, m = d_out, nn.Linear layout) one SGD step of size lr changes the
 effective weight by
 
-    d(eta·B·A) = -lr·eta²·(B0·B0ᵀ·G + G·A0ᵀ·A0) + O(lr²)                                          (paper eq. 6)
+    d(eta·B·A) = -lr·eta²·(B0·B0ᵀ·G + G·A0ᵀ·A0) + O(lr²)
 
 and with G = U·S·Vᵀ the choice below makes the bracket c²·G_2r, G_2r = sum_{i<=2r} s_i·u_i·v_iᵀ.
 
@@ -15,8 +15,8 @@ Algorithm (paper Alg. 1/2; `LoRAGA.prepare`, run once before the DeepSpeed engin
      (`estimate_full_gradients`: per-weight hooks consume each gradient as soon as it exists, so about one
      layer's full gradient is alive; fp64 running sums, each kept by one "owner" rank)
   2. U, S, V = svd(G_l), top 2r (`gradient_svd`: randomized as the reference, or exact)
-  3. A0 = V[:, :r]ᵀ · m^(1/4)/sqrt(gamma);  B0 = U[:, r:2r] · m^(1/4)/sqrt(gamma)            (Alg. 1 l. 7-8)
-  4. eta = alpha/sqrt(r);  W_l <- W_l - eta·B0·A0  in fp32, so the model's output is unchanged     (l. 10)
+  3. A0 = V[:, :r]ᵀ · m^(1/4)/sqrt(gamma);  B0 = U[:, r:2r] · m^(1/4)/sqrt(gamma)     (Alg. 1, "stable" scale)
+  4. eta = alpha/sqrt(r);  W_l <- W_l - eta·B0·A0  in fp32, so the model's output is unchanged    (Alg. 1)
   5. train as ordinary LoRA (everything else is the `lora` recipe).
 
 The LoRA layers are peft's. The base weight is shifted, so an adapter alone is not portable: the init
@@ -100,12 +100,16 @@ def _zero3_fetch_hooks(model, trainer):
     from deepspeed.runtime.config import DeepSpeedConfig
     from deepspeed.runtime.zero.parameter_offload import DeepSpeedZeRoOffload
     from deepspeed.utils.timer import NoopTimer
-    ds_cfg = DeepSpeedConfig({"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3}})
+    # the run's own ZeRO-3 settings (offload device, NVMe buffers, live-parameter limits) when the trainer has them
+    raw = trainer.build_ds_config(model) if hasattr(trainer, "build_ds_config") else \
+        {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3}}
+    ds_cfg = DeepSpeedConfig(raw)
     zc = ds_cfg.zero_config
     offload = DeepSpeedZeRoOffload(model, timers=NoopTimer(), ds_config=ds_cfg,
                                    overlap_comm=False, prefetch_bucket_size=zc.prefetch_bucket_size,
                                    max_live_parameters=zc.max_live_parameters,
-                                   param_persistence_threshold=0, offload_param_config=zc.offload_param)
+                                   param_persistence_threshold=zc.param_persistence_threshold,
+                                   offload_param_config=zc.offload_param)
     try:
         yield
     finally:
@@ -273,18 +277,23 @@ def lora_eta(layer) -> float:
     return float(layer.scaling[ADAPTER])
 
 
+def _comm_device(trainer) -> torch.device:
+    """Where collectives run: the trainer's device (NCCL needs CUDA tensors; gloo takes CPU ones)."""
+    return torch.device(str(getattr(trainer, "device", "cpu")))
+
+
 def _broadcast(t: torch.Tensor, src: int, trainer) -> torch.Tensor:
-    dev = trainer.device if str(trainer.device) != "cpu" else "cpu"
-    t = t.float().contiguous().to(dev)
+    t = t.float().contiguous().to(_comm_device(trainer))
     dist.broadcast(t, src=src)
     return t
 
 
-def _check_same_on_all_ranks(A: dict, B: dict, world: int) -> None:
-    """Every rank must have computed the same init (same all-reduced G, same seeded SVD)."""
+def _check_same_on_all_ranks(A: dict, B: dict, world: int, trainer) -> None:
+    """Every rank must have written the same init (A0, B0 are broadcast from each layer's owner)."""
     if world == 1:
         return
-    s = torch.tensor([sum(float(t.double().abs().sum()) for t in d.values()) for d in (A, B)], dtype=torch.float64)
+    s = torch.tensor([sum(float(t.double().abs().sum()) for t in d.values()) for d in (A, B)],
+                     dtype=torch.float64, device=_comm_device(trainer))
     hi, lo = s.clone(), s.clone()
     dist.all_reduce(hi, op=dist.ReduceOp.MAX)
     dist.all_reduce(lo, op=dist.ReduceOp.MIN)
@@ -356,7 +365,7 @@ class LoRAGA(LoRA):
 
         # 1. G = mean over grad_batches global batches of dL/dW; each rank runs its share of every batch
         batches = [trainer.to_device(b) for b in trainer.train_loader_for_estimation(int(rc.grad_batches))]
-        counts = torch.tensor([len(batches), -len(batches)], dtype=torch.float64)
+        counts = torch.tensor([len(batches), -len(batches)], dtype=torch.float64, device=_comm_device(trainer))
         if world > 1:   # the hooks reduce per micro-batch: every rank must run the same number of them
             dist.all_reduce(counts, op=dist.ReduceOp.MAX)
             if counts[0] != -counts[1]:
@@ -372,19 +381,20 @@ class LoRAGA(LoRA):
         t1 = time.perf_counter()
 
         # 2-3. each owner: average, SVD, A0/B0 for its layers (the SVDs run in parallel across ranks)
-        factors, stats = {}, torch.zeros(2, dtype=torch.float64)
+        factors, stats = {}, torch.zeros(2, dtype=torch.float64, device=_comm_device(trainer))
         for i, (name, layer) in enumerate(targets.items()):
             if owners[name] != rank:
                 continue
             G = (sums.pop(name) / n_total).float()
-            G = G.to(trainer.device) if str(trainer.device) != "cpu" else G
+            G = G.to(_comm_device(trainer))
             if getattr(layer, "fan_in_fan_out", False):
                 G = G.T
             seed = int(self.cfg.seed) * 7919 + i
             U, S, V = gradient_svd(G, 2 * r, rc.svd, int(rc.svd_niter), seed=seed)
             factors[name] = lora_ga_factors(U, V, r, rc.direction, rc.scale, float(rc.stable_gamma), seed=seed)
             # ||G_2r|| / ||G||: the cosine between the first LoRA-GA step and the full fine-tuning step
-            stats += torch.tensor([float(S.square().sum().sqrt() / G.norm().clamp_min(1e-30)), 1.0])
+            stats[0] += float(S.square().sum().sqrt() / G.norm().clamp_min(1e-30))
+            stats[1] += 1
             del G
         # 4. every rank: receive A0/B0 from the owner, write lora_A, lora_B and W - eta·B0·A0
         init_A, init_B = {}, {}
@@ -404,7 +414,7 @@ class LoRAGA(LoRA):
         self.timings = {"lora_ga/estimate_s": t1 - t0, "lora_ga/svd_init_s": t2 - t1, "lora_ga/init_s": t2 - t0}
         self.init_stats = {"lora_ga/grad_energy_2r": float(stats[0] / stats[1]),
                            "lora_ga/grad_micro_batches": n_total}
-        _check_same_on_all_ranks(init_A, init_B, world)
+        _check_same_on_all_ranks(init_A, init_B, world, trainer)
         if rc.save_init and rank == 0:
             save_lora_ga_init(os.path.join(self.run_dir, INIT_DIR), targets, init_A, init_B,
                               {**self._meta(), "batches_seen": n_total})
