@@ -468,7 +468,9 @@ def normalize_prototypes_(engine_or_module) -> None:
     the next step undoes the normalisation)."""
     module = getattr(engine_or_module, "module", engine_or_module)
     w = module.prototypes.weight
-    if getattr(w, "_hp_mapping", None) is not None:        # ZeRO 1-2 (any precision), bf16 optimizer
+    # ZeRO 1-2 (any precision), bf16 optimizer. The attribute exists on every rank, None where this rank's
+    # partition holds none of w; the get is a collective, so every rank must take this branch.
+    if hasattr(w, "_hp_mapping"):
         from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param
         wn = F.normalize(safe_get_full_fp32_param(w).float(), dim=1)
         safe_set_full_fp32_param(w, wn)

@@ -291,8 +291,10 @@ class SyntheticCrops(Dataset):
     def __init__(self, n: int, rc, seed: int, bank: int = 32):
         g = torch.Generator().manual_seed(seed)
         sizes = [int(s) for n_c, s in zip(rc.nmb_crops, rc.size_crops) for _ in range(int(n_c))]
-        self.bank = [[torch.randint(0, 256, (3, s, s), dtype=torch.uint8, generator=g) for s in sizes]
-                     for _ in range(bank)]
+        self.bank = []
+        for _ in range(bank):   # noise in a random intensity range per item, so that items look different
+            lo, hi = sorted(torch.randint(0, 256, (2,), generator=g).tolist())
+            self.bank.append([(lo + torch.rand(3, s, s, generator=g) * (hi - lo)).to(torch.uint8) for s in sizes])
         self.n = n
 
     def __len__(self):
