@@ -9,7 +9,8 @@ verifier's expected reward given z is the policy's own probability of y*:
 One step on a micro-batch of prompts (VeriFree.loss, top to bottom):
   1. rollout: G traces per question, sampled until the closing answer tag            (sample_responses)
   2. cut each trace before the ">" of "<answer", append the reference answer        (build_verifree_sequences)
-     -> tokens(z + answer) == tokens(z) + tokens(answer): the trained z are the sampled z
+     -> tokens(z + answer) == tokens(z) + tokens(answer): the boundary tokens are the ones a model
+        sampling the reference answer would produce (z is re-tokenised from text, as in the reference)
   3. one forward: per-token log-probs of z and of the answer from the final hidden states with the
      fused kernel, no [tokens x vocab] logits                                        (sequence_logprobs)
   4. R_i = exp(sum_answer log pi) in [0, 1]; 0 without an answer tag or when truncated  (verifree_rewards)
@@ -407,6 +408,8 @@ class VeriFree(TrainingRecipe):
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self._tokens = 0
+        self._held_out = None
+        self._start_metrics: dict = {}
         self._ref_model = None
         self._vllm = None
 
@@ -446,7 +449,8 @@ class VeriFree(TrainingRecipe):
         if data.max_eval_samples:
             held_out = held_out[:data.max_eval_samples]
         self._warmup_rows = train[:self.rc.warmup_examples]
-        return QADataset(train), QADataset(held_out)
+        self._held_out = QADataset(held_out)
+        return QADataset(train), self._held_out
 
     def task(self) -> ArithmeticTask:
         rc = self.rc
@@ -491,6 +495,12 @@ class VeriFree(TrainingRecipe):
                 dist.barrier()
             model.load_state_dict(load_file(path), strict=True)
             log.info("warm-started policy from %s", path)
+        if self.rc.eval_before_rl and self._held_out is not None and len(self._held_out):
+            loader = torch.utils.data.DataLoader(self._held_out, batch_size=int(self.cfg.trainer.micro_batch_size),
+                                                 collate_fn=self.collate)
+            with torch.no_grad():
+                self._start_metrics = {f"start/{k}": v for k, v in self.evaluate(model, loader).items()}
+            log.info("before RL: %s", self._start_metrics)
         if self.rc.kl_coef > 0:
             if is_zero3_partitioned(model):
                 raise ValueError("recipe.kl_coef > 0 keeps a full reference copy; it needs unpartitioned weights "
@@ -669,6 +679,10 @@ class VeriFree(TrainingRecipe):
     def batch_tokens(self, batch) -> int:
         """Tokens of the last update's sequences (the trainer asks after loss())."""
         return self._tokens
+
+    def final_metrics(self) -> dict:
+        """The starting policy's held-out numbers next to the trainer's final eval/* ones."""
+        return dict(self._start_metrics)
 
     # ---- optional vLLM rollout -------------------------------------------------------------------
     def vllm_rollout(self, policy, prompts, group_size, temperature, max_new_tokens) -> list[Response]:

@@ -65,6 +65,8 @@ class VeriFreeConfig:
     # question at the rollout temperature ("acc_sampled", an estimate of J on held-out questions)
     eval_samples: int = 0
     eval_max_new_tokens: Optional[int] = None   # None = max_new_tokens
+    # evaluate the starting (warmed-up) policy once before RL; reported as start/* in the run summary
+    eval_before_rl: bool = True
 
     # ---- supervised warm-up on worked traces (cached in the run dir) -------------------------------
     warmup_steps: int = 0             # 0 = start RL from the model as built / loaded
