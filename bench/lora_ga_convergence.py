@@ -8,13 +8,16 @@ Each method's grid (learning rates x seeds) is ONE Hydra multirun of the real CL
 Best lr per method = lowest mean final validation loss over seeds. Target = the worst final validation
 loss among vanilla LoRA's seeds at its best lr (so every LoRA seed reaches it by the last step); for each
 method and seed: the first evaluated step whose validation loss <= target. Ratio = median LoRA-GA steps /
-median LoRA steps (the paper: 2-4x faster, i.e. <= 0.5). Also: final accuracy, LoRA-GA's init time as a
+median LoRA steps (the paper: 2-4x faster, i.e. <= 0.5). The paper itself compares the methods at one
+shared lr; that regime is reported too: LoRA at LoRA-GA's best lr, target = LoRA's worst final loss there.
+Also: final accuracy, the grid's mean final loss per lr, LoRA-GA's init time as a
 share of its run's wall time, and its init time against peft's own LoRA-GA preprocessing
 (`preprocess_loraga` + `get_peft_model(init_lora_weights="lora_ga")`) on the same model and batches,
 alternating A/B rounds in this process.
 
-    python bench/lora_ga_convergence.py            # lr grids x 3 seeds, 60 steps of 8 samples
-    python bench/lora_ga_convergence.py --quick    # the grids' best lrs x 3 seeds, 40 steps (< 5 min)
+    python bench/lora_ga_convergence.py            # 4 lrs x 3 seeds x 3 methods, 60 steps of 8 samples
+    python bench/lora_ga_convergence.py --quick    # the full run's best lrs x 3 seeds, 40 steps (< 5 min)
+The three sweeps run side by side with one torch thread each (--threads).
 Writes bench/results/lora_ga_convergence[_quick].json.
 """
 from __future__ import annotations
@@ -30,10 +33,14 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 METHODS = ("sft", "lora", "lora_ga")
-# grids around each method's usual lr; LoRA-GA is tuned like full fine-tuning (its authors, issue #12)
-GRIDS = {"sft": [3e-5, 1e-4, 3e-4], "lora": [3e-4, 1e-3, 3e-3], "lora_ga": [3e-5, 1e-4, 3e-4]}
-# --quick runs one lr per method: the best of the grids above in a full run of this script
-QUICK_LR = {"sft": 1e-4, "lora": 1e-3, "lora_ga": 1e-4}
+# one grid for all three: it spans full fine-tuning's / LoRA-GA's usual lr (the authors tune LoRA-GA like full
+# FT, issue #12) up to vanilla LoRA's ~10x larger one, so that the paper's own regime (every method at the
+# same lr) can be read off the same runs. (A first pass also ran 3e-5 (all methods) and 1e-2 (LoRA): the
+# three arms diverge or crawl there.)
+GRID = [1e-4, 3e-4, 1e-3, 3e-3]
+# --quick: the best lrs of a full run of this script (bench/results/lora_ga_convergence.json), plus LoRA at
+# LoRA-GA's lr for the equal-lr comparison
+QUICK = {"sft": [3e-4], "lora": [3e-4, 3e-3], "lora_ga": [3e-4]}
 
 
 def common_overrides(steps: int, eval_every: int, quick: bool) -> list[str]:
@@ -54,7 +61,7 @@ def sweep_command(method: str, lrs: list[float], seeds: list[int], common: list[
             f"hydra.sweep.dir={sweep_dir}"]
 
 
-def run_sweeps(cmds: dict, threads: int) -> dict:
+def run_sweeps(cmds: dict, threads: int) -> float:
     """The methods' multiruns side by side, `threads` torch threads each (one per core on 2 cores: no
     OpenMP oversubscription), each job's wall time measured inside its own run."""
     env = dict(os.environ, DS_ACCELERATOR="cpu", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
@@ -64,13 +71,11 @@ def run_sweeps(cmds: dict, threads: int) -> dict:
     t0 = time.perf_counter()
     procs = {m: subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
              for m, c in cmds.items()}
-    wall = {}
     for m, p in procs.items():
         out, err = p.communicate()
-        wall[m] = time.perf_counter() - t0
         if p.returncode != 0:
             raise SystemExit(f"{' '.join(cmds[m])}\nexited {p.returncode}\n{out[-3000:]}\n{err[-5000:]}")
-    return wall
+    return time.perf_counter() - t0
 
 
 def read_runs(sweep_dir: str) -> list[dict]:
@@ -181,7 +186,7 @@ def main() -> int:
     steps = a.steps or (40 if a.quick else 60)
     eval_every = a.eval_every or (4 if a.quick else 5)
     seeds = list(range(a.seeds))
-    grids = {m: [QUICK_LR[m]] for m in METHODS} if a.quick else GRIDS
+    grids = QUICK if a.quick else {m: GRID for m in METHODS}
     root = a.workdir or tempfile.mkdtemp(prefix="lora_ga_bench_")
     common = common_overrides(steps, eval_every, a.quick)
     t_start = time.perf_counter()
@@ -191,17 +196,18 @@ def main() -> int:
         print("runx " + " ".join(cmds[m][4:]), flush=True)
     sweep_wall = run_sweeps(cmds, a.threads)
     runs = {m: read_runs(os.path.join(root, m)) for m in METHODS}
-    for m in METHODS:
-        print(f"    {m}: {len(runs[m])} runs, sweep done after {sweep_wall[m]:.0f}s", flush=True)
+    print(f"    {sum(len(r) for r in runs.values())} runs in {sweep_wall:.0f}s", flush=True)
 
     # best lr per method: lowest mean final validation loss over seeds
-    best = {}
+    best, all_runs = {}, runs
     for m in METHODS:
         by_lr = {}
         for r in runs[m]:
             by_lr.setdefault(r["lr"], []).append(r)
         best[m] = min(by_lr, key=lambda lr: statistics.mean(x["summary"]["eval/loss"] for x in by_lr[lr]))
-        runs[m] = [r for r in runs[m] if r["lr"] == best[m]]
+    grid_table = {m: {str(lr): statistics.mean(x["summary"]["eval/loss"] for x in all_runs[m] if x["lr"] == lr)
+                      for lr in sorted({x["lr"] for x in all_runs[m]})} for m in METHODS}
+    runs = {m: [r for r in all_runs[m] if r["lr"] == best[m]] for m in METHODS}
     target = max(r["summary"]["eval/loss"] for r in runs["lora"])
     rows = {}
     for m in METHODS:
@@ -221,6 +227,18 @@ def main() -> int:
     ratio = (rows["lora_ga"]["median_steps_to_target"] / rows["lora"]["median_steps_to_target"]
              if rows["lora_ga"]["median_steps_to_target"] and rows["lora"]["median_steps_to_target"] else None)
 
+    # the paper's regime: LoRA at LoRA-GA's (full-FT-like) lr; target = LoRA's worst final loss there
+    equal = None
+    same = [r for r in all_runs["lora"] if r["lr"] == best["lora_ga"]]
+    if same:
+        t_eq = max(r["summary"]["eval/loss"] for r in same)
+        s_lora = [steps_to(r["evals"], t_eq) for r in same]
+        s_ga = [steps_to(r["evals"], t_eq) for r in runs["lora_ga"]]
+        equal = {"lr": best["lora_ga"], "target_eval_loss": t_eq, "lora_steps": s_lora, "lora_ga_steps": s_ga,
+                 "lora_final_eval_loss": statistics.mean(r["summary"]["eval/loss"] for r in same),
+                 "ratio_steps_lora_ga_over_lora": (median(s_ga) / median(s_lora)
+                                                   if median(s_ga) and median(s_lora) else None)}
+
     print("timing the init against peft's preprocess_loraga ...", flush=True)
     init_cmp = time_inits(rounds=2 if a.quick else 3, grad_batches=4, micro=8, max_length=32, threads=a.threads)
 
@@ -231,7 +249,14 @@ def main() -> int:
         r = rows[m]
         print(f"{m:8s} {r['best_lr']:8.0e} {str(r['steps_to_target']):>28s} {str(r['median_steps_to_target']):>7s} "
               f"{r['final_eval_loss']:10.4f} {r['final_accuracy']:9.3f}")
-    print(f"\nLoRA-GA / LoRA steps to target: {ratio if ratio is None else round(ratio, 3)} (target <= 0.5)")
+    print(f"\nLoRA-GA / LoRA steps to target, each at its best lr: {ratio if ratio is None else round(ratio, 3)} "
+          f"(target <= 0.5)")
+    if equal:
+        print(f"at the same lr {equal['lr']:.0e} (the paper's setting): target {equal['target_eval_loss']:.4f}, "
+              f"LoRA steps {equal['lora_steps']}, LoRA-GA steps {equal['lora_ga_steps']}, ratio "
+              f"{equal['ratio_steps_lora_ga_over_lora'] if equal['ratio_steps_lora_ga_over_lora'] is None else round(equal['ratio_steps_lora_ga_over_lora'], 3)}")
+    print("mean final validation loss per lr: " + "; ".join(
+        f"{m} " + ", ".join(f"{lr}: {v:.3f}" for lr, v in grid_table[m].items()) for m in METHODS))
     print(f"LoRA-GA init share of run wall time: {rows['lora_ga']['init_share_of_wall']:.3%} (target <= 3%)")
     print(f"LoRA-GA init {init_cmp['runx_init_s']:.2f}s vs peft preprocess_loraga+get_peft_model "
           f"{init_cmp['peft_preprocess_loraga_s']:.2f}s: ratio {init_cmp['ratio_runx_over_peft']:.2f} (target <= 1.0)")
@@ -240,7 +265,8 @@ def main() -> int:
     import torch
     result = {"quick": a.quick, "steps": steps, "eval_every": eval_every, "seeds": seeds, "grids": grids,
               "common_overrides": common, "target_eval_loss": target, "methods": rows,
-              "ratio_steps_lora_ga_over_lora": ratio, "init_vs_peft": init_cmp, "sweep_wall_s": sweep_wall,
+              "ratio_steps_lora_ga_over_lora": ratio, "equal_lr": equal, "final_eval_loss_per_lr": grid_table,
+              "init_vs_peft": init_cmp, "sweeps_wall_s": sweep_wall,
               "total_wall_s": time.perf_counter() - t_start,
               "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__,
                           "load_avg_1m_at_end": os.getloadavg()[0]},
