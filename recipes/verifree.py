@@ -700,9 +700,14 @@ class VeriFree(TrainingRecipe):
             folder = os.path.join(self.run_dir, "vllm_init")
             policy.save_pretrained(folder)
             self.tokenizer.save_pretrained(folder)
-            self._vllm = vllm.LLM(model=folder, gpu_memory_utilization=0.3, enable_prefix_caching=True)
+            self._vllm = vllm.LLM(model=folder, gpu_memory_utilization=self.rc.vllm_gpu_memory_utilization,
+                                  enable_prefix_caching=True)
+        # refresh the engine's weights from the policy (on-policy sampling)
         weights = [(k, v.detach()) for k, v in policy.state_dict().items()]
-        self._vllm.llm_engine.model_executor.driver_worker.model_runner.model.load_weights(weights)
+        if hasattr(self._vllm, "apply_model"):                  # vLLM >= 0.8 (V1 engine, in-process)
+            self._vllm.apply_model(lambda model: model.load_weights(weights))
+        else:                                                    # older engines
+            self._vllm.llm_engine.model_executor.driver_worker.model_runner.model.load_weights(weights)
         params = vllm.SamplingParams(n=group_size, temperature=temperature, top_p=self.rc.top_p,
                                      max_tokens=max_new_tokens, stop=[self.rc.stop_string],
                                      include_stop_str_in_output=True)

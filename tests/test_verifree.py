@@ -354,6 +354,11 @@ def test_vllm_backend_is_optional_and_says_how_to_get_it(tiny, monkeypatch):
 
 
 def test_bad_config_values_are_named():
+    from conftest import run_cli
+    p = run_cli(["validate", "recipe=verifree", "recipe.reward=bogus", "recipe.advantage=rlo"], check=False)
+    assert p.returncode != 0
+    assert "recipe.reward=bogus" in p.stdout + p.stderr and "verifree, verifier" in p.stdout + p.stderr
+    assert "rloo, grpo, naive" in p.stdout + p.stderr
     with pytest.raises(ValueError, match="group_size"):
         vf.VeriFree(_cfg("recipe.group_size=1"), "/tmp")
     with pytest.raises(ValueError, match="prompt_template"):
@@ -402,6 +407,24 @@ def test_jsonl_loading_names_file_and_line(tmp_path):
     with pytest.raises(ValueError, match=r"d\.jsonl:2: not valid JSON"):
         read_jsonl(str(p))
 
+
+
+def test_recipe_reads_jsonl_and_hf_datasets_with_configurable_fields(tmp_path):
+    import datasets
+    rows = [{"problem": f"q{i}", "solution": str(i)} for i in range(20)]
+    (tmp_path / "train.jsonl").write_text("\n".join(json.dumps(r) for r in rows[:15]))
+    (tmp_path / "validation.jsonl").write_text("\n".join(json.dumps(r) for r in rows[15:]))
+    cfg = _cfg("data.kind=jsonl", f"data.path={tmp_path}", "recipe.question_field=problem",
+               "recipe.answer_field=solution", "recipe.warmup_steps=0", "data.max_eval_samples=null")
+    train, held = vf.VeriFree(cfg, str(tmp_path)).build_data()
+    assert len(train) == 15 and held[0] == {"question": "q15", "answer": "15"}
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(rows)}).save_to_disk(str(tmp_path / "hf"))
+    cfg = _cfg("data.kind=hf", f"data.path={tmp_path / 'hf'}", "recipe.question_field=problem",
+               "recipe.answer_field=solution", "recipe.warmup_steps=0", "data.val_fraction=0.25",
+               "data.max_eval_samples=null")
+    train, held = vf.VeriFree(cfg, str(tmp_path)).build_data()
+    assert len(train) == 15 and len(held) == 5            # no validation split: a held-out fraction
+    assert {r["question"] for r in train.rows} | {r["question"] for r in held.rows} == {r["problem"] for r in rows}
 
 
 # ---------------------------------------------------------------------------------------------------------

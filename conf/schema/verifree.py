@@ -52,6 +52,7 @@ class VeriFreeConfig:
     max_new_tokens: int = 3000
     # hf: model.generate with KV cache (works on ZeRO-3 partitioned policies); vllm: needs vllm installed
     rollout_backend: Literal["hf", "vllm"] = "hf"
+    vllm_gpu_memory_utilization: float = 0.3    # the colocated vLLM engine's share of GPU memory
     # at most this many sequences per generate call (0 = the whole micro-batch x G at once)
     rollout_chunk: int = 0
 
