@@ -626,9 +626,9 @@ class VeriFree(TrainingRecipe):
             d = (ref_lp - logp) * mask
             k3 = ((d.exp() - d - 1) * mask).sum(1) / mask.sum(1).clamp(min=1)
             loss = loss + rc.kl_coef * k3.mean()
-            parts["kl"] = float(k3.mean())
+            parts["kl"] = float(k3.detach().mean())
 
-        scored = role > 0
+        sampled_tokens = role == THINK          # tokens the policy sampled (the patched answer is the reference)
         self._tokens = int(seqs.attention_mask.sum())
         # for throughput reports: rollout time / generated tokens, scoring-forward time / sequence tokens
         self.last_timing = {"rollout_s": t1 - t0, "rollout_tokens": sum(len(r.ids) for r in responses),
@@ -638,7 +638,7 @@ class VeriFree(TrainingRecipe):
         metrics = {"reward": float(R.mean()), "acc": float(correct.mean()),
                    "response_len": float(sum(len(r.ids) for r in responses) / len(responses)),
                    "no_tag_frac": float(no_tag.mean()), "truncated_frac": float(seqs.truncated.float().mean()),
-                   "entropy": float(entropy[scored].mean()) if scored.any() else 0.0, **parts}
+                   "entropy": float(entropy[sampled_tokens].mean()) if sampled_tokens.any() else 0.0, **parts}
         return loss, metrics
 
     # ---- evaluation: held-out exact match --------------------------------------------------------
