@@ -450,7 +450,8 @@ class LoRAGA(LoRA):
             state_dict = {k: v.detach().float().cpu() for k, v in model.state_dict().items()}
         os.makedirs(out_dir, exist_ok=True)
         super().export(model, dict(state_dict), os.path.join(out_dir, "adapter"))
-        init_dir = self._saved_init_dir()
+        own = os.path.join(self.run_dir, INIT_DIR)     # this run's init, whatever its resume setting
+        init_dir = own if os.path.exists(os.path.join(own, INIT_META)) else self._saved_init_dir()
         if init_dir is None:
             raise FileNotFoundError(f"LoRA-GA export needs the init saved at prepare "
                                     f"({os.path.join(self.run_dir, INIT_DIR)}); was recipe.save_init false?")
@@ -550,7 +551,7 @@ def export_merged(model, state_dict: dict, out_dir: str) -> None:
     lora = _lora_key_prefixes(state_dict)
     merged = {}
     for k, v in state_dict.items():
-        if ".lora_A." in k or ".lora_B." in k or ".original_module." in k or ".lora_" in k:
+        if ".lora_" in k or ".original_module." in k:     # LoRA factors (merged below), the untrained head copy
             continue
         key = k
         if ".base_layer." in k:
