@@ -16,7 +16,7 @@ data loader, optimiser, schedule; no DeepSpeed), run in alternating rounds so bo
 --gpu: ResNet-50, 2x224 + 6x96 crops, batch 256, bf16, on ready-made synthetic crops (model step only), the
 runner vs the plain loop (torch.autocast bf16), side by side on the GPU. Finishes in about a minute.
 
-    python bench/swav_small.py [--quick] [--seeds 3] [--gpu]
+    python bench/swav_small.py [--quick] [--seeds 3] [--throughput-only [--rounds N]] [--gpu]
 Writes bench/results/swav_small.json (--gpu: bench/results/swav_small_gpu.json).
 """
 from __future__ import annotations
@@ -136,17 +136,21 @@ def runner_step_times(cfg, run_dir) -> list[float]:
 
 
 def throughput(overrides, rounds: int, steps: int, tmp: str, device: str, amp_bf16: bool) -> dict:
-    """Alternating rounds runner / plain loop; the first 2 steps of each run (warm-up) are dropped."""
+    """Alternating rounds runner / plain loop (the order flips every round, so that a drift in machine load
+    hits both alike); the first 2 steps of each run (warm-up) are dropped."""
     runner, plain = [], []
     for r in range(rounds):
         run_dir = tempfile.mkdtemp(dir=tmp)
         cfg = make_cfg(overrides + [f"trainer.max_steps={steps}", "trainer.eval_every=0", f"run_dir={run_dir}"])
-        runner += runner_step_times(cfg, run_dir)[2:]
-        if device == "cuda":
-            import gc
-            gc.collect()
-            torch.cuda.empty_cache()
-        plain += plain_loop_step_times(cfg, steps, device, amp_bf16)[2:]
+        for which in (("runner", "plain") if r % 2 == 0 else ("plain", "runner")):
+            if which == "runner":
+                runner += runner_step_times(cfg, run_dir)[2:]
+            else:
+                plain += plain_loop_step_times(cfg, steps, device, amp_bf16)[2:]
+            if device == "cuda":
+                import gc
+                gc.collect()
+                torch.cuda.empty_cache()
     batch = int(cfg.trainer.micro_batch_size)
     r_med, p_med = statistics.median(runner), statistics.median(plain)
     return {"runner_images_per_s": batch / r_med, "plain_images_per_s": batch / p_med,
@@ -187,8 +191,8 @@ def cpu_bench(args) -> dict:
     for name, res in arms.items():
         summary[name] = {k: mean_sd([r.get(k) for r in res])
                          for k in ("knn_acc", "linear_acc", "assign_entropy", "prototypes_used", "z_std")}
-    thr = throughput(over, rounds=2 if args.quick else 3, steps=10 if args.quick else 20, tmp=tmp, device="cpu",
-                     amp_bf16=False)
+    thr = throughput(over, rounds=args.rounds or (2 if args.quick else 3), steps=10 if args.quick else 20, tmp=tmp,
+                     device="cpu", amp_bf16=False)
     swav_knn, rand_knn = summary["swav"]["knn_acc"][0], summary["random"]["knn_acc"][0]
     result = {
         "config": {"steps": steps, "seeds": seeds, "overrides": over, "quick": args.quick,
@@ -216,6 +220,16 @@ def cpu_bench(args) -> dict:
           f"(overhead {thr['overhead_pct']:+.1f}%)")
     print(" checks:", json.dumps(result["checks"]))
     return result
+
+
+def cpu_throughput(args) -> dict:
+    thr = throughput([], rounds=args.rounds or 3, steps=args.steps or 20, tmp=tempfile.mkdtemp(prefix="swav_thr_"),
+                     device="cpu", amp_bf16=False)
+    print(f"throughput (batch {thr['batch']}): runner {thr['runner_images_per_s']:.1f} img/s, plain loop "
+          f"{thr['plain_images_per_s']:.1f} img/s, runner/plain step time {thr['runner_over_plain_step_time']:.3f} "
+          f"(overhead {thr['overhead_pct']:+.1f}%)")
+    return {"config": {"machine": f"{os.cpu_count()} CPU cores, torch {torch.__version__}", "rounds": args.rounds or 3},
+            "throughput": thr}
 
 
 def gpu_bench(args) -> dict:
@@ -263,6 +277,8 @@ def main():
     ap.add_argument("--quick", action="store_true", help="1 seed, 80 steps, 2000 images: a few minutes")
     ap.add_argument("--seeds", type=int, default=None, help="seeds (default 3; --quick: 1)")
     ap.add_argument("--steps", type=int, default=None, help="training steps (default: the recipe's max_steps)")
+    ap.add_argument("--throughput-only", action="store_true", help="only the runner vs plain-loop images/s (CPU)")
+    ap.add_argument("--rounds", type=int, default=None, help="throughput rounds (default 3; --quick: 2)")
     ap.add_argument("--gpu", action="store_true", help="ResNet-50 multi-crop throughput on a GPU")
     ap.add_argument("--gpu-batch", type=int, default=256)
     ap.add_argument("--gpu-large", type=int, default=224)
@@ -274,8 +290,13 @@ def main():
     args = ap.parse_args()
     if args.seeds is None:
         args.seeds = 1 if args.quick else 3
-    result = gpu_bench(args) if args.gpu else cpu_bench(args)
-    out = args.out or os.path.join(HERE, "results", "swav_small_gpu.json" if args.gpu else "swav_small.json")
+    if args.gpu:
+        result, name = gpu_bench(args), "swav_small_gpu.json"
+    elif args.throughput_only:
+        result, name = cpu_throughput(args), "swav_small_throughput.json"
+    else:
+        result, name = cpu_bench(args), "swav_small.json"
+    out = args.out or os.path.join(HERE, "results", name)
     os.makedirs(os.path.dirname(out), exist_ok=True)
     with open(out, "w") as f:
         json.dump(result, f, indent=1, default=str)
