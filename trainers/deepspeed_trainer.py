@@ -326,7 +326,9 @@ class Trainer:
                 if self.device == "cuda":
                     torch.cuda.synchronize()
                 dt = time.perf_counter() - step_t0
-                red = torch.tensor([acc_loss / t.grad_accum, samples, tokens], dtype=torch.float64)
+                # on the device: NCCL cannot reduce CPU tensors
+                red = torch.tensor([acc_loss / t.grad_accum, samples, tokens], dtype=torch.float64,
+                                   device=self.device if self.device == "cpu" else torch.cuda.current_device())
                 dist.all_reduce(red)
                 rec = {"step": self.global_step, "loss": red[0].item() / self.world_size,
                        "lr": scheduler.get_last_lr()[0] if scheduler is not None else float(self.cfg.optim.lr),
