@@ -11,7 +11,11 @@ Memory is the peak *extra* over what was allocated before the call (CUDA allocat
 stats; on CPU the peak RSS delta, sampled by a thread).  Every case is wrapped so an
 OOM records "OOM" and the run goes on.  Results: bench/results/kernels.json.
 
-    python bench/kernels.py [--quick] [--device cuda|cpu] [--out PATH]
+    python bench/kernels.py [--quick] [--device cuda|cpu] [--only logprob|sinkhorn] [--out PATH]
+
+``--only sinkhorn`` times just the Sinkhorn cases (seconds on a GPU); write those to another
+``--out`` so the full results file is kept.  ``RUNX_SINKHORN_SPLIT=n`` forces the row split
+of the Triton prototype pass (recorded in the results' env).
 """
 
 from __future__ import annotations
@@ -322,6 +326,8 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="fewer shapes and rounds")
     ap.add_argument("--device", choices=["cuda", "cpu"], default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--only", choices=["logprob", "sinkhorn"], default=None,
+                    help="run only the linear_logprob or only the Sinkhorn cases")
     ap.add_argument("--out", default=str(REPO / "bench" / "results" / "kernels.json"))
     args = ap.parse_args(argv)
     device = args.device
@@ -341,6 +347,11 @@ def main(argv=None):
         sk_shapes = [(512, 300)] if args.quick else [(512, 300), (2048, 3000)]
         rounds, sk_inner = (3, 2) if args.quick else (5, 3)
 
+    if args.only == "sinkhorn":
+        lp_shapes = []
+    elif args.only == "logprob":
+        sk_shapes = []
+
     t_start = time.time()
     cases = []
     for n, v in lp_shapes:
@@ -358,6 +369,8 @@ def main(argv=None):
 
     env = {"device": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
            "torch": torch.__version__, "python": platform.python_version(), "quick": args.quick,
+           "only": args.only, "sinkhorn_split": os.environ.get("RUNX_SINKHORN_SPLIT") or "auto",
+           "kernels_from": str(Path(rk.__file__).resolve().parent),
            "wall_s": round(time.time() - t_start, 1)}
     try:
         import triton
