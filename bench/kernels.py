@@ -14,8 +14,7 @@ OOM records "OOM" and the run goes on.  Results: bench/results/kernels.json.
     python bench/kernels.py [--quick] [--device cuda|cpu] [--only logprob|sinkhorn] [--out PATH]
 
 ``--only sinkhorn`` times just the Sinkhorn cases (seconds on a GPU); write those to another
-``--out`` so the full results file is kept.  ``RUNX_SINKHORN_SPLIT=n`` forces the row split
-of the Triton prototype pass (recorded in the results' env).
+``--out`` so the full results file is kept.
 """
 
 from __future__ import annotations
@@ -369,7 +368,7 @@ def main(argv=None):
 
     env = {"device": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
            "torch": torch.__version__, "python": platform.python_version(), "quick": args.quick,
-           "only": args.only, "sinkhorn_split": os.environ.get("RUNX_SINKHORN_SPLIT") or "auto",
+           "only": args.only,
            "kernels_from": str(Path(rk.__file__).resolve().parent),
            "wall_s": round(time.time() - t_start, 1)}
     try:

@@ -225,7 +225,9 @@ def summarize(res: dict, warmup: int) -> dict:
 def floors(n_params: int, probe: dict, param_bytes: int) -> dict:
     """Seconds of disk I/O an NVMe optimizer step cannot beat: read fp32 master + m + v + grads (16 B/param),
     write master + m + v (12 B/param), plus the updated parameters when they live on NVMe."""
-    R, W = probe["read_GBps"] * 1e9, probe["write_GBps"] * 1e9
+    # the disk's best measured rates over the probe grid (not only the chosen setting's): the strictest floor
+    R = probe.get("fastest_read_GBps", probe["read_GBps"]) * 1e9
+    W = probe.get("fastest_write_GBps", probe["write_GBps"]) * 1e9
     opt = 16 * n_params / R + 12 * n_params / W
     return {"nvme_optimizer": opt, "nvme_optimizer_ga": opt, "nvme_params": opt + param_bytes * n_params / W}
 

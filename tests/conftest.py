@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 
 import pytest
 
@@ -13,6 +14,8 @@ OFFLINE_ENV = {
     "WANDB_MODE": "offline", "WANDB_SILENT": "true", "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false",
 }
 os.environ.update(OFFLINE_ENV)
+# the aio probe / plan caches of a test session stay out of ~/.cache/runx
+os.environ.setdefault("RUNX_CACHE", tempfile.mkdtemp(prefix="runx_test_cache_"))
 
 
 def run_cli(args: list[str], timeout: int = 600, env: dict | None = None, check: bool = True):

@@ -453,41 +453,7 @@ def _interp_sinkhorn_checks():
     # A (trivial, world size 1) reducer takes the unfused path used with several processes.
     torch.testing.assert_close(sinkhorn(scores, backend="triton", world_sums=lambda t, op: t), ref,
                                rtol=0, atol=1e-6)
-    _interp_sinkhorn_split_checks()
     print("INTERP-OK sinkhorn")
-
-
-def _interp_sinkhorn_split_checks():
-    """The prototype pass split over rows: partials merged in the sample kernel (fused)
-    or in torch (proto_stats); odd B and K, every SPLIT the same result."""
-    from runx.kernels import _triton_sinkhorn as ts
-    from runx.kernels.sinkhorn import _TorchOps
-
-    b, k = 77, 45  # interpreter tiles are 8 x 16: ragged last split and column block
-    scores = _cosine_scores(b, k, seed=4) * 1.5
-    assert ts._rows_per_split(scores, 8, 16)[1] > 1  # the default split is exercised
-    _check_sinkhorn(9, 19, 0.05, backend="triton")  # too few rows: SPLIT = 1, f written directly
-    ref = sinkhorn(scores, eps=0.03, backend="torch")
-    g = torch.randn(b, generator=torch.Generator().manual_seed(5))
-    m_ref, s_ref = _TorchOps.proto_stats(scores, 1 / 0.03, g)
-    old = os.environ.get("RUNX_SINKHORN_SPLIT")
-    try:
-        for forced, want in (("1", 1), ("2", 2), ("3", 3), ("8", 5)):  # 8 -> 5 splits of 16 rows
-            os.environ["RUNX_SINKHORN_SPLIT"] = forced
-            assert ts._rows_per_split(scores, 8, 16)[1] == want
-            part = ts.proto_potential(scores, 1 / 0.03, g, 0.0)
-            assert part.shape == ((k,) if want == 1 else (2, want, k))
-            m, s = ts.proto_stats(scores, 1 / 0.03, g)
-            torch.testing.assert_close(m, m_ref, rtol=0, atol=0)
-            torch.testing.assert_close(s, s_ref, rtol=1e-5, atol=0)
-            for ws in (None, lambda t, op: t):
-                q = sinkhorn(scores, eps=0.03, backend="triton", world_sums=ws)
-                torch.testing.assert_close(q, ref, rtol=0, atol=2e-6)
-    finally:
-        if old is None:
-            os.environ.pop("RUNX_SINKHORN_SPLIT", None)
-        else:
-            os.environ["RUNX_SINKHORN_SPLIT"] = old
 
 
 _INTERP_TESTS = {

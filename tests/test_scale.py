@@ -203,6 +203,7 @@ def test_2x2_parallel_multirun_report_and_plan_vs_measured_peak(tmp_path):
     # plan vs measured peak RSS, each run with its own overrides
     from runx.cli.config import compose
     from runx.trainers.plan import make_plan
+    old_cache = os.environ.get("RUNX_CACHE")
     os.environ["RUNX_CACHE"] = str(tmp_path / "cache")
     try:
         errors = {}
@@ -214,7 +215,7 @@ def test_2x2_parallel_multirun_report_and_plan_vs_measured_peak(tmp_path):
             errors[" ".join(o for o in j["overrides"] if "hidden_size" in o or "trainer=" in o)] = \
                 round(predicted / measured - 1, 3)
     finally:
-        os.environ.pop("RUNX_CACHE", None)
+        os.environ.pop("RUNX_CACHE", None) if old_cache is None else os.environ.update(RUNX_CACHE=old_cache)
     print("plan / measured - 1:", errors)
     assert all(abs(e) <= 0.15 for e in errors.values()), errors
 

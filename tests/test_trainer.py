@@ -112,3 +112,39 @@ def test_export_gives_engine_logits(tmp_path, recipe, zero):
         from_engine = load(run / "export")(**batch).logits  # written in-process from the live engine
     assert torch.allclose(from_ckpt, from_engine, atol=1e-5), (from_ckpt, from_engine)
     assert from_ckpt.abs().sum() > 0
+
+
+def test_amp_bf16_autocasts_fp32_weights(tmp_path):
+    """trainer.precision=amp_bf16: DeepSpeed's torch_autocast block. The forward runs in bf16 (losses differ
+    from fp32 in the low bits, so autocast is really on) while weights and optimizer stay fp32 (losses track
+    the fp32 run closely, and the exported weights are fp32)."""
+    common = TINY + NO_DROPOUT + ["trainer=zero0", "trainer.max_steps=4", "trainer.ckpt_every=4",
+                                  "trainer.micro_batch_size=8"]
+    run_cli(["train", f"run_dir={tmp_path / 'fp32'}", *common])
+    run_cli(["train", f"run_dir={tmp_path / 'amp'}", "trainer.precision=amp_bf16", *common])
+    a, b = losses(tmp_path / "fp32"), losses(tmp_path / "amp")
+    assert sorted(a) == sorted(b) == [1, 2, 3, 4]
+    assert any(a[s] != b[s] for s in a), "amp_bf16 gave bit-identical fp32 losses: autocast was not applied"
+    for s in a:
+        assert abs(a[s] - b[s]) <= 2e-2 * abs(a[s]), (s, a[s], b[s])
+    import torch
+    sd = torch.load(tmp_path / "amp" / "ckpt" / "step_4" / "mp_rank_00_model_states.pt", weights_only=False)
+    dtypes = {v.dtype for v in sd["module"].values() if torch.is_tensor(v) and v.is_floating_point()}
+    assert dtypes == {torch.float32}, dtypes
+
+
+def test_nested_ds_overrides_merge_key_by_key(tmp_path):
+    """`++trainer.ds_overrides.zero_optimization.reduce_bucket_size=...` reaches Hydra as a nested dict: it must
+    set that one key, not replace the generated zero_optimization block (which silently meant ZeRO-0)."""
+    import torch
+
+    from runx.cli.config import compose
+    from runx.trainers.deepspeed_trainer import Trainer
+    cfg = compose(["trainer=zero3", "trainer.device=cpu", f"run_dir={tmp_path}",
+                   "++trainer.ds_overrides.zero_optimization.reduce_bucket_size=12345",
+                   "++trainer.ds_overrides={gradient_clipping: 0.5, aio.queue_depth: 16}"])
+    ds = Trainer(cfg, str(tmp_path)).build_ds_config(torch.nn.Linear(4, 4))
+    z = ds["zero_optimization"]
+    assert z["stage"] == 3 and z["reduce_bucket_size"] == 12345
+    assert z["stage3_prefetch_bucket_size"] == cfg.trainer.stage3_prefetch_bucket_size
+    assert ds["gradient_clipping"] == 0.5 and ds["aio"] == {"queue_depth": 16}

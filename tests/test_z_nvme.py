@@ -123,8 +123,24 @@ def test_zero_infinity_trains_llama_with_loss_parity_to_zero3(aio_ready, tmp_pat
     assert len(params) == 8 and len(states) == 2, (params, states)
 
 
+def test_zero_infinity_bf16_survives_duplicate_nvme_prefetch(aio_ready, tmp_path):
+    """bf16 llama_m with parameters on NVMe: DeepSpeed 0.19.8's NVMe prefetcher lists the LM head twice (its
+    forward use is followed at once by its backward use) and, unpatched, dies at step 2 with "param N already
+    assigned swap buffer id B" (an H100 run hit it the same way). With trainers/ds_patches.py the run
+    matches bf16 ZeRO-3 (same partitioned bf16 arithmetic)."""
+    bf16 = [*LLAMA_M, "trainer.precision=bf16"]
+    run_cli(["train", *bf16, "trainer=zero3", f"run_dir={tmp_path / 'z3'}"])
+    run_cli(["train", *bf16, "trainer=zero3_nvme", f"trainer.nvme_path={tmp_path / 'nvme'}",
+             f"run_dir={tmp_path / 'nv'}"])
+    a, b = losses(tmp_path / "z3"), losses(tmp_path / "nv")
+    assert sorted(a) == sorted(b) == [1, 2, 3, 4, 5]
+    for s in a:
+        assert abs(a[s] - b[s]) <= 1e-3 * abs(a[s]), (s, a[s], b[s])
+
+
 def test_aio_probe_is_cached_and_sane(aio_ready, tmp_path):
     from runx.trainers.nvme import cached_probe, probe_aio
+    old_cache = os.environ.get("RUNX_CACHE")
     os.environ["RUNX_CACHE"] = str(tmp_path / "cache")
     try:
         t0 = time.time()
@@ -133,10 +149,14 @@ def test_aio_probe_is_cached_and_sane(aio_ready, tmp_path):
         first = time.time() - t0
         assert r["trials"] == 8 and r["read_GBps"] > 0.01 and r["write_GBps"] > 0.01
         assert r["block_size"] in (262144, 1048576) and r["queue_depth"] in (8, 32)
-        assert r["best_seconds"] <= r["default_seconds"]
+        assert r["fastest_seconds"] <= r["best_seconds"] <= r["default_seconds"]
+        if r["chosen"] == "deepspeed_default":  # the defaults stay unless another point is >= 10% faster
+            assert (r["block_size"], r["queue_depth"], r["intra_op_parallelism"]) == (1048576, 8, 1)
+        else:
+            assert r["default_seconds"] > 1.1 * r["best_seconds"]
         assert cached_probe(str(tmp_path / "disk")) == r
         t0 = time.time()
         assert probe_aio(str(tmp_path / "disk"), size_mb=16) == r and time.time() - t0 < first
         assert not [f for f in os.listdir(tmp_path / "disk") if f.startswith(".runx_aio_probe")]
     finally:
-        os.environ.pop("RUNX_CACHE", None)
+        os.environ.pop("RUNX_CACHE", None) if old_cache is None else os.environ.update(RUNX_CACHE=old_cache)

@@ -17,6 +17,7 @@ import torch
 from omegaconf import OmegaConf
 
 from runx.trainers import runtime
+from runx.trainers.runtime import flatten_overrides
 from runx.trainers.datajob import atomic_write_bytes, atomic_write_json
 from runx.trainers.optim import build_optimizer, default_param_groups, lr_lambda
 from runx.trainers.tracking import MetricsLog, WandbRun, console, summary_table, write_summary
@@ -118,10 +119,12 @@ class Trainer:
         }
         if t.precision == "bf16":
             cfg["bf16"] = {"enabled": True}
+        elif t.precision == "amp_bf16":
+            cfg["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
         if "nvme" in (t.offload_param, t.offload_optimizer):
             from runx.trainers.nvme import resolve_aio
             cfg["aio"] = self._aio = getattr(self, "_aio", None) or resolve_aio(t)  # probe-tuned unless set
-        for k, v in OmegaConf.to_container(t.ds_overrides, resolve=True).items():
+        for k, v in flatten_overrides(OmegaConf.to_container(t.ds_overrides, resolve=True)).items():
             node = cfg
             *parents, leaf = k.split(".")
             for p in parents:
@@ -151,6 +154,9 @@ class Trainer:
             with recipe.model_init_context(self):
                 return recipe.build_model()
         from transformers.integrations import HfDeepSpeedConfig
+
+        from runx.trainers import ds_patches
+        ds_patches.apply()  # NVMe prefetch may list a parameter twice (trainers/ds_patches.py)
         random_init = bool(self.cfg.model.get("from_config"))
         if random_init:
             reference = recipe.build_model()

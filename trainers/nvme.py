@@ -248,10 +248,16 @@ def cached_probe(path: str) -> dict | None:
         return None
 
 
+# A grid point replaces DeepSpeed's documented defaults only when it is clearly faster: single 32-64 MB transfers
+# are noisy, and a 3% "win" of 256 KiB blocks here once made the real optimizer swap 35% slower than 1 MiB.
+PROBE_MIN_GAIN = 1.10
+
+
 def probe_aio(path: str, size_mb: int = 64, grid: dict | None = None, refresh: bool = False,
-              time_budget_s: float = 30.0) -> dict:
-    """Read/write `size_mb` with DeepSpeed's aio handle (O_DIRECT) under each grid point; keep the fastest
-    (read + write time). Cached per (path, device). Returns the aio block plus the measured GB/s."""
+              time_budget_s: float = 30.0, repeats: int = 2) -> dict:
+    """Read/write `size_mb` with DeepSpeed's aio handle (O_DIRECT) under each grid point, `repeats` times (best
+    of); keep the fastest (read + write time) if it beats DeepSpeed's defaults by PROBE_MIN_GAIN, else the
+    defaults. Cached per (path, device). Returns the aio block plus the measured GB/s."""
     os.makedirs(path, exist_ok=True)
     if not refresh:
         hit = cached_probe(path)
@@ -279,27 +285,34 @@ def probe_aio(path: str, size_mb: int = 64, grid: dict | None = None, refresh: b
                     if trials and time.perf_counter() - t_start > time_budget_s:
                         break
                     h = aio.aio_handle(bs, qd, False, True, th)
-                    t0 = time.perf_counter()
-                    assert h.sync_pwrite(buf, fname) >= 0
-                    t1 = time.perf_counter()
-                    assert h.sync_pread(buf, fname) >= 0
-                    t2 = time.perf_counter()
+                    w = r = float("inf")
+                    for _ in range(max(1, repeats)):
+                        t0 = time.perf_counter()
+                        assert h.sync_pwrite(buf, fname) >= 0
+                        t1 = time.perf_counter()
+                        assert h.sync_pread(buf, fname) >= 0
+                        t2 = time.perf_counter()
+                        w, r = min(w, t1 - t0), min(r, t2 - t1)
                     nbytes = numel * 4
                     trials.append({"block_size": bs, "queue_depth": qd, "intra_op_parallelism": th,
-                                   "write_GBps": nbytes / (t1 - t0) / 1e9, "read_GBps": nbytes / (t2 - t1) / 1e9,
-                                   "seconds": t2 - t0})
+                                   "write_GBps": nbytes / w / 1e9, "read_GBps": nbytes / r / 1e9,
+                                   "seconds": w + r})
     finally:
         owner.free_cpu_locked_tensor(buf)
         if os.path.exists(fname):
             os.unlink(fname)
-    best = min(trials, key=lambda t: t["seconds"])
-    default = next((t for t in trials if t["block_size"] == 1048576 and t["queue_depth"] == 8
-                    and t["intra_op_parallelism"] == 1), None)
+    fastest = min(trials, key=lambda t: t["seconds"])
+    default = next((t for t in trials if all(t[k] == DEEPSPEED_AIO_DEFAULTS[k]
+                                              for k in ("block_size", "queue_depth", "intra_op_parallelism"))), None)
+    keep_default = default is not None and default["seconds"] <= PROBE_MIN_GAIN * fastest["seconds"]
+    best = default if keep_default else fastest
     result = {"block_size": best["block_size"], "queue_depth": best["queue_depth"],
               "intra_op_parallelism": best["intra_op_parallelism"], "single_submit": False,
               "overlap_events": True, "read_GBps": round(best["read_GBps"], 3),
               "write_GBps": round(best["write_GBps"], 3), "probe_mb": size_mb, "trials": len(trials),
               "default_seconds": default["seconds"] if default else None, "best_seconds": best["seconds"],
+              "fastest_seconds": fastest["seconds"], "fastest_read_GBps": round(max(t["read_GBps"] for t in trials), 3),
+              "fastest_write_GBps": round(max(t["write_GBps"] for t in trials), 3), "chosen": "deepspeed_default" if keep_default else "probe",
               "path": os.path.realpath(path), "time": time.strftime("%Y-%m-%d %H:%M:%S")}
     _store(path, result)
     return result
@@ -325,7 +338,8 @@ def resolve_aio(tcfg) -> dict:
     else the probe's (cached) choice for trainer.nvme_path."""
     from omegaconf import OmegaConf
     user = OmegaConf.to_container(tcfg.aio, resolve=True) if not isinstance(tcfg.aio, dict) else dict(tcfg.aio)
-    if any(user.get(k) != v for k, v in DEEPSPEED_AIO_DEFAULTS.items()):
+    tune = user.pop("tune", True)
+    if not tune or any(user.get(k) != v for k, v in DEEPSPEED_AIO_DEFAULTS.items()):
         return {**user, "use_gds": False}
     probed = probe_aio(str(tcfg.nvme_path))
     return {k: probed[k] for k in DEEPSPEED_AIO_DEFAULTS} | {"use_gds": False}

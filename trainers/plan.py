@@ -519,7 +519,8 @@ def estimate(cfg, facts: ModelFacts, machine: Machine, lay: Layout) -> Row:
     row.cpu = {f"model states: {k}": v for k, v in ms["cpu"].items()
                if v and not (machine.device == "cpu" and k.startswith(host_terms))}
     row.nvme = {f"model states: {k}": v for k, v in ms["nvme"].items() if v}
-    z = _zero_knobs(t, OmegaConf.to_container(t.ds_overrides, resolve=True))
+    from runx.trainers.runtime import flatten_overrides
+    z = _zero_knobs(t, flatten_overrides(OmegaConf.to_container(t.ds_overrides, resolve=True)))
     zero_init = lay.stage == 3 and lay.offload_param == "nvme"   # the trainer builds under zero.Init then
     G = machine.gpus_per_node
 

@@ -120,3 +120,17 @@ def device_peak_tflops() -> float:
         return 0.0
     name = torch.cuda.get_device_name()
     return next((v for k, v in PEAK_TFLOPS.items() if k in name), 0.0)
+
+
+def flatten_overrides(d: dict, prefix: str = "") -> dict:
+    """trainer.ds_overrides as dotted leaves, so that a nested block ({zero_optimization: {offload_param:
+    {max_in_cpu: 1e9}}}, as Hydra builds it from `++trainer.ds_overrides.zero_optimization...=`) is merged
+    key by key into the generated config instead of replacing the whole block."""
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(flatten_overrides(v, key + "."))
+        else:
+            out[key] = v
+    return out

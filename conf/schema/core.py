@@ -54,6 +54,9 @@ class AioConfig:
     intra_op_parallelism: int = 1
     single_submit: bool = False
     overlap_events: bool = True
+    # with DeepSpeed's defaults above left as they are, probe nvme_path once (cached) and take a clearly faster
+    # setting; false: use the values above as written
+    tune: bool = True
 
 
 @dataclass
@@ -68,7 +71,9 @@ class TrainerConfig:
     nvme_buffer_count: Any = "auto"
     nvme_buffer_size: Any = "auto"
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    precision: Literal["fp32", "bf16"] = "fp32"
+    # fp32; bf16 = DeepSpeed bf16 (bf16 weights, fp32 master copy in the optimizer); amp_bf16 = fp32 weights and
+    # optimizer, forward under torch.autocast(bf16) through DeepSpeed's `torch_autocast` block (apex-O1 style)
+    precision: Literal["fp32", "bf16", "amp_bf16"] = "fp32"
     micro_batch_size: int = 16
     grad_accum: int = 1
     max_steps: int = 100
