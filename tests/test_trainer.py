@@ -127,6 +127,8 @@ def test_amp_bf16_autocasts_fp32_weights(tmp_path):
     assert any(a[s] != b[s] for s in a), "amp_bf16 gave bit-identical fp32 losses: autocast was not applied"
     for s in a:
         assert abs(a[s] - b[s]) <= 2e-2 * abs(a[s]), (s, a[s], b[s])
+    ds = json.load(open(tmp_path / "amp" / "ds_config.json"))  # the exact DeepSpeed config, in the run dir
+    assert ds["torch_autocast"] == {"enabled": True, "dtype": "bfloat16"} and "bf16" not in ds
     import torch
     sd = torch.load(tmp_path / "amp" / "ckpt" / "step_4" / "mp_rank_00_model_states.pt", weights_only=False)
     dtypes = {v.dtype for v in sd["module"].values() if torch.is_tensor(v) and v.is_floating_point()}

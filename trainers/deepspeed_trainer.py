@@ -262,6 +262,8 @@ class Trainer:
             runtime.seed_everything(int(self.cfg.seed) + 1)
             model = recipe.prepare(self, model)
         self.ds_config = self.build_ds_config(model)
+        if self.is_main:  # the exact DeepSpeed config this run used, next to config.yaml
+            atomic_write_json(os.path.join(self.run_dir, "ds_config.json"), self.ds_config)
         groups = recipe.param_groups(model) or default_param_groups(model, float(self.cfg.optim.weight_decay))
         optimizer = build_optimizer(self.cfg.optim, groups)
         max_steps = int(t.max_steps)
