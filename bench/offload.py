@@ -115,30 +115,8 @@ def raw_arm(arm: str, cfg, nvme_path: str) -> dict:
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=float(cfg.optim.lr))
     engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=ds)
     train, _ = recipe.build_data()
-    g = torch.Generator().manual_seed(int(cfg.seed))
-    loader = torch.utils.data.DataLoader(train, batch_size=int(cfg.trainer.micro_batch_size), shuffle=True,
-                                         generator=g, collate_fn=recipe.collate, drop_last=True)
-    it, times, tokens, losses = iter(loader), [], [], []
-    for _ in range(int(cfg.trainer.max_steps)):
-        t0, tok = time.perf_counter(), 0
-        for _m in range(int(cfg.trainer.grad_accum)):
-            try:
-                batch = next(it)
-            except StopIteration:
-                it = iter(loader)
-                batch = next(it)
-            batch = {k: v.to(engine.device) for k, v in batch.items()}
-            loss = recipe.lm_loss(engine, batch)
-            engine.backward(loss)
-            engine.step()
-            tok += int(batch["attention_mask"].sum())
-        losses.append(float(loss))
-        if dev == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-        tokens.append(tok)
-        print(f"raw {arm} step {len(times)}: {times[-1]:.3f}s loss {losses[-1]:.4f}", flush=True)
-    return {"step_s": times, "tokens": tokens, "losses": losses, "n_params": n_params}
+    from _raw_deepspeed import raw_steps
+    return {**raw_steps(engine, recipe, train, cfg, label=arm), "n_params": n_params}
 
 
 # =========================================================================================== runx

@@ -57,30 +57,8 @@ def raw_round(cfg, ds_config):
     fn = lr_lambda(cfg.optim, int(cfg.trainer.max_steps))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=ds_config,
                                            lr_scheduler=lambda o: torch.optim.lr_scheduler.LambdaLR(o, fn))
-    g = torch.Generator().manual_seed(int(cfg.seed))
-    loader = torch.utils.data.DataLoader(train, batch_size=int(cfg.trainer.micro_batch_size), shuffle=True,
-                                         generator=g, collate_fn=recipe.collate, drop_last=True)
-    dev = "cuda" if torch.cuda.is_available() and cfg.trainer.device != "cpu" else "cpu"
-    times, it = [], iter(loader)
-    for _ in range(int(cfg.trainer.max_steps)):
-        t0 = time.perf_counter()
-        for _m in range(int(cfg.trainer.grad_accum)):
-            try:
-                batch = next(it)
-            except StopIteration:
-                it = iter(loader)
-                batch = next(it)
-            batch = {k: v.to(dev) for k, v in batch.items()}
-            out = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-            logits = out.logits[:, :-1].float()
-            loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
-                                                     batch["labels"][:, 1:].reshape(-1), ignore_index=-100)
-            engine.backward(loss)
-            engine.step()
-        if dev == "cuda":
-            torch.cuda.synchronize()
-        float(loss)
-        times.append(time.perf_counter() - t0)
+    from _raw_deepspeed import raw_steps
+    times = raw_steps(engine, recipe, train, cfg)["step_s"]
     engine.destroy()
     return times
 
