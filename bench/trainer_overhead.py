@@ -51,6 +51,10 @@ def raw_round(cfg, ds_config):
     from runx.trainers.optim import build_optimizer, default_param_groups, lr_lambda
     runtime.seed_everything(int(cfg.seed))
     recipe = SFT(cfg, tempfile.mkdtemp())
+    keep = None
+    if cfg.trainer.offload_param == "nvme":  # parameters on NVMe: built partitioned, as DeepSpeed documents
+        from transformers.integrations import HfDeepSpeedConfig
+        keep = HfDeepSpeedConfig(ds_config)  # noqa: F841
     model = recipe.build_model()
     train, _ = recipe.build_data()
     opt = build_optimizer(cfg.optim, default_param_groups(model, float(cfg.optim.weight_decay)))

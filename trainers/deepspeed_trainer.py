@@ -333,7 +333,10 @@ class Trainer:
                 micro_in_step = 0
                 if self.device == "cuda":
                     torch.cuda.synchronize()
-                dt = time.perf_counter() - step_t0
+                now = time.perf_counter()
+                # wall time between step ends: the previous step's bookkeeping (all-reduce, logging, progress)
+                # counts, evaluation and checkpoint time below do not
+                dt, step_t0 = now - step_t0, now
                 # on the device: NCCL cannot reduce CPU tensors
                 red = torch.tensor([acc_loss / t.grad_accum, samples, tokens], dtype=torch.float64,
                                    device=self.device if self.device == "cpu" else torch.cuda.current_device())
@@ -355,11 +358,13 @@ class Trainer:
                 rec["peak_mem_gb"] = runtime.peak_memory_bytes(self.device) / 2**30
                 if t.eval_every and eval_dl is not None and (self.global_step % t.eval_every == 0
                                                              or self.global_step == max_steps):
+                    t_aside = time.perf_counter()
                     engine.eval()
                     with torch.no_grad():
                         last_eval = {f"eval/{k}": v for k, v in recipe.evaluate(engine, eval_dl).items()}
                     engine.train()
                     rec.update(last_eval)
+                    step_t0 += time.perf_counter() - t_aside
                 if self.is_main and (self.global_step % max(1, t.log_every) == 0 or last_eval):
                     metrics_log.log(rec)
                     wb.log(rec, self.global_step)
@@ -367,11 +372,12 @@ class Trainer:
                     progress.update(task, completed=self.global_step,
                                     info=f"loss {rec['loss']:.4f} | {rec['samples_per_s']:.1f} samples/s")
                 if t.ckpt_every and (self.global_step % t.ckpt_every == 0 or self.global_step == max_steps):
+                    t_aside = time.perf_counter()
                     self.save_checkpoint(engine, self.global_step)
+                    step_t0 += time.perf_counter() - t_aside
                 if os.environ.get("RUNX_CRASH_AFTER_STEP") == str(self.global_step):
                     os._exit(17)  # a hard kill at a known point, for resume tests (no cleanup runs)
                 acc_loss, acc_metrics, samples, tokens = 0.0, {}, 0, 0
-                step_t0 = time.perf_counter()
         finally:
             if progress is not None:
                 progress.stop()
