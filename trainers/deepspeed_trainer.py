@@ -282,9 +282,6 @@ class Trainer:
             if self.is_main else None
         wb = WandbRun(self.cfg.logger, self.cfg, self.run_dir, os.path.basename(self.run_dir.rstrip("/"))) \
             if self.is_main else None
-        if self.is_main and start == 0:
-            # the fresh run's initial state: a reference for comparing runs and resume
-            pass
         loader = self.loader(train_ds, recipe, start, max_steps)
         eval_dl = self.eval_loader(eval_ds, recipe) if eval_ds is not None else None
         flops_per_token = recipe.flops_per_token(getattr(engine, "module", engine))
