@@ -10,8 +10,8 @@ loss among vanilla LoRA's seeds at its best lr (so every LoRA seed reaches it by
 method and seed: the first evaluated step whose validation loss <= target. Ratio = median LoRA-GA steps /
 median LoRA steps (the paper: 2-4x faster, i.e. <= 0.5). The paper itself compares the methods at one
 shared lr; that regime is reported too: LoRA at LoRA-GA's best lr, target = LoRA's worst final loss there.
-Also: final accuracy, the grid's mean final loss per lr, LoRA-GA's init time as a
-share of its run's wall time, and its init time against peft's own LoRA-GA preprocessing
+Also: final accuracy, the grid's mean final loss per lr, every run's validation-loss curve (`curves`),
+LoRA-GA's init time as a share of its run's wall time, and its init time against peft's own LoRA-GA preprocessing
 (`preprocess_loraga` + `get_peft_model(init_lora_weights="lora_ga")`) on the same model and batches,
 alternating A/B rounds in this process.
 
@@ -101,6 +101,16 @@ def steps_to(evals: list, target: float):
 def median(xs):
     xs = [x for x in xs if x is not None]
     return statistics.median(xs) if xs else None
+
+
+def curves(runs: dict) -> dict:
+    """method -> lr -> seed -> [[step, eval loss], ...] (to see where an arm plateaus or diverges)."""
+    out = {}
+    for m, rs in runs.items():
+        for r in sorted(rs, key=lambda x: (x["lr"], x["seed"])):
+            out.setdefault(m, {}).setdefault(str(r["lr"]), {})[str(r["seed"])] = \
+                [[int(s), round(float(l), 4)] for s, l in r["evals"]]
+    return out
 
 
 def time_inits(rounds: int, grad_batches: int, micro: int, max_length: int, threads: int) -> dict:
@@ -267,6 +277,8 @@ def main() -> int:
               "common_overrides": common, "target_eval_loss": target, "methods": rows,
               "ratio_steps_lora_ga_over_lora": ratio, "equal_lr": equal, "final_eval_loss_per_lr": grid_table,
               "init_vs_peft": init_cmp, "sweeps_wall_s": sweep_wall,
+              # every run's validation-loss curve: method -> lr -> seed -> [[step, eval loss], ...]
+              "curves": curves(all_runs),
               "total_wall_s": time.perf_counter() - t_start,
               "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__,
                           "load_avg_1m_at_end": os.getloadavg()[0]},

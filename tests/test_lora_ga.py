@@ -391,3 +391,53 @@ def test_resume_skips_the_init_and_continues_exactly(tmp_path):
     from conftest import losses
     full, part = losses(tmp_path / "full"), losses(tmp_path / "part")
     assert sorted(part) == [1, 2, 3, 4] and all(abs(full[s] - part[s]) <= 1e-6 for s in full)
+
+
+# ============================================================================ the benchmark's comparison
+def test_benchmark_lora_and_lora_ga_arms_train_the_same_parameters_at_the_papers_scale(tmp_path):
+    """bench/lora_ga_convergence.py: vanilla LoRA and LoRA-GA differ only in the init and eta (LoRA: alpha/r,
+    LoRA-GA: alpha/sqrt(r), paper Alg. 1): same rank, alpha, dropout, target layers and trainable head, the
+    same head init per seed. LoRA-GA's offset W - W_init = eta·B0·A0 has all r singular values equal to
+    eta·c² = (alpha/sqrt(r))·sqrt(d_out)/gamma (stable scale, c = d_out^(1/4)/sqrt(gamma) on A0 and B0)."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(
+        "lora_ga_bench", os.path.join(os.path.dirname(__file__), "..", "bench", "lora_ga_convergence.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    common = bench.common_overrides(4, 2, quick=True)
+
+    def arm(method):
+        cmd = bench.sweep_command(method, [3e-4], [0], common, str(tmp_path / method))
+        over = [x for x in cmd[cmd.index(f"recipe={method}"):] if not x.startswith(("optim.lr=", "seed=",
+                                                                                        "hydra."))]
+        recipe = LoRAGA(compose(over), str(tmp_path / method)) if method == "lora_ga" else None
+        if recipe is None:
+            from runx.recipes.lora import LoRA
+            recipe = LoRA(compose(over), str(tmp_path / method))
+        torch.manual_seed(0)
+        return recipe, recipe.build_model()
+
+    (lora, m_lora), (ga, m_ga) = arm("lora"), arm("lora_ga")
+    trainable = lambda m: {n: tuple(p.shape) for n, p in m.named_parameters() if p.requires_grad}
+    assert trainable(m_lora) == trainable(m_ga)
+    assert any("classifier" in n for n in trainable(m_ga))                 # the new head trains in both arms
+    head = lambda m: {n: p.detach() for n, p in m.named_parameters() if "classifier" in n}
+    assert all(torch.equal(head(m_lora)[n], head(m_ga)[n]) for n in head(m_ga))
+    c_lora, c_ga = lora.peft_config(), ga.peft_config()
+    assert (c_lora.r, c_lora.lora_alpha, c_lora.lora_dropout) == (c_ga.r, c_ga.lora_alpha, c_ga.lora_dropout) \
+        == (8, 16.0, 0.0)
+    assert not c_lora.use_rslora and c_ga.use_rslora
+    lora_layers, ga_layers = lora_ga_targets(m_lora), lora_ga_targets(m_ga)
+    assert list(lora_layers) == list(ga_layers)
+    assert all(l.scaling["default"] == pytest.approx(16 / 8) for l in lora_layers.values())
+    # the init: offset magnitude and sign at MiniLM's shapes (d_out 384 and 1536)
+    W0 = {n: l.get_base_layer().weight.detach().clone() for n, l in ga_layers.items()}
+    ga.prepare(EstimationTrainer(fixed_batches(ga, 2, 8)), m_ga)
+    eta, gamma = 16 / 8 ** 0.5, 16.0
+    for name, layer in lora_ga_targets(m_ga).items():
+        d_out = W0[name].shape[0]
+        offset = W0[name] - layer.get_base_layer().weight.detach()
+        sv = torch.linalg.svdvals(offset.double())
+        torch.testing.assert_close(sv[:8], torch.full((8,), eta * d_out ** 0.5 / gamma, dtype=torch.float64),
+                                   rtol=1e-4, atol=1e-5)
+        assert sv[8] <= 1e-4 * sv[0]
