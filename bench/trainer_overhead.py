@@ -57,7 +57,7 @@ def raw_round(cfg, ds_config):
         keep = HfDeepSpeedConfig(ds_config)  # noqa: F841
     model = recipe.build_model()
     train, _ = recipe.build_data()
-    opt = build_optimizer(cfg.optim, default_param_groups(model, float(cfg.optim.weight_decay)))
+    opt = build_optimizer(cfg.optim, default_param_groups(model, float(cfg.optim.weight_decay), str(cfg.optim.name)))
     fn = lr_lambda(cfg.optim, int(cfg.trainer.max_steps))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=ds_config,
                                            lr_scheduler=lambda o: torch.optim.lr_scheduler.LambdaLR(o, fn))

@@ -150,3 +150,18 @@ def test_nested_ds_overrides_merge_key_by_key(tmp_path):
     assert z["stage"] == 3 and z["reduce_bucket_size"] == 12345
     assert z["stage3_prefetch_bucket_size"] == cfg.trainer.stage3_prefetch_bucket_size
     assert ds["gradient_clipping"] == 0.5 and ds["aio"] == {"queue_depth": 16}
+
+
+def test_param_groups_split_only_when_it_changes_the_math():
+    """Decay/no-decay groups only with weight decay (or LARS): under ZeRO-3 each group is an optimizer sub-group,
+    one more NVMe swap round-trip per step when the optimizer lives on disk."""
+    import torch
+
+    from runx.trainers.optim import default_param_groups
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
+    one = default_param_groups(model, 0.0)
+    assert len(one) == 1 and len(one[0]["params"]) == 4
+    two = default_param_groups(model, 0.1)
+    assert [len(g["params"]) for g in two] == [1, 3] and [g["weight_decay"] for g in two] == [0.1, 0.0]
+    lars = default_param_groups(model, 0.0, "lars")
+    assert len(lars) == 2 and lars[1].get("lars_exclude")

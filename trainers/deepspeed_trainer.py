@@ -264,7 +264,8 @@ class Trainer:
         self.ds_config = self.build_ds_config(model)
         if self.is_main:  # the exact DeepSpeed config this run used, next to config.yaml
             atomic_write_json(os.path.join(self.run_dir, "ds_config.json"), self.ds_config)
-        groups = recipe.param_groups(model) or default_param_groups(model, float(self.cfg.optim.weight_decay))
+        groups = recipe.param_groups(model) or default_param_groups(model, float(self.cfg.optim.weight_decay),
+                                                                        str(self.cfg.optim.name))
         optimizer = build_optimizer(self.cfg.optim, groups)
         max_steps = int(t.max_steps)
         sched_fn = lr_lambda(self.cfg.optim, max_steps)
