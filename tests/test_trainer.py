@@ -165,3 +165,19 @@ def test_param_groups_split_only_when_it_changes_the_math():
     assert [len(g["params"]) for g in two] == [1, 3] and [g["weight_decay"] for g in two] == [0.1, 0.0]
     lars = default_param_groups(model, 0.0, "lars")
     assert len(lars) == 2 and lars[1].get("lars_exclude")
+
+
+def test_aio_block_user_values_or_defaults_skip_the_probe(tmp_path):
+    """trainer.aio: values the user set are used as written, and tune=false keeps DeepSpeed's documented
+    defaults; neither probes the disk (the probe would write a cache entry under RUNX_CACHE)."""
+    from omegaconf import OmegaConf
+
+    from runx.trainers.nvme import DEEPSPEED_AIO_DEFAULTS, cached_probe, resolve_aio
+    nvme = tmp_path / "nvme"
+    nvme.mkdir()
+    base = dict(DEEPSPEED_AIO_DEFAULTS, tune=True)
+    user = resolve_aio(OmegaConf.create({"nvme_path": str(nvme), "aio": dict(base, queue_depth=32)}))
+    assert user == dict(DEEPSPEED_AIO_DEFAULTS, queue_depth=32, use_gds=False)
+    pinned = resolve_aio(OmegaConf.create({"nvme_path": str(nvme), "aio": dict(base, tune=False)}))
+    assert pinned == dict(DEEPSPEED_AIO_DEFAULTS, use_gds=False)
+    assert cached_probe(str(nvme)) is None
