@@ -1,5 +1,6 @@
 """The plain training loop a user writes around `deepspeed.initialize`, shared by bench/trainer_overhead.py and
-bench/offload.py: the sft recipe's data (same seed, shuffling DataLoader) and loss (`lm_loss`), no runx trainer."""
+bench/offload.py: the sft recipe's data (the micro-batches runx would draw, in its order) and loss (`lm_loss`), no
+runx trainer."""
 from __future__ import annotations
 
 import time
@@ -9,9 +10,14 @@ def raw_steps(engine, recipe, train, cfg, label: str = "") -> dict:
     """cfg.trainer.max_steps optimizer steps of cfg.trainer.grad_accum micro-batches each; per step: wall time
     (device-synchronised), tokens and loss."""
     import torch
-    g = torch.Generator().manual_seed(int(cfg.seed))
-    loader = torch.utils.data.DataLoader(train, batch_size=int(cfg.trainer.micro_batch_size), shuffle=True,
-                                         generator=g, collate_fn=recipe.collate, drop_last=True)
+
+    from runx.trainers.deepspeed_trainer import StepBatchSampler
+    t = cfg.trainer
+    # the same micro-batches, in the same order, as the runx run it is compared with: with variable-length text a
+    # different shuffle means different padded lengths, i.e. different work per step
+    sampler = StepBatchSampler(len(train), int(t.micro_batch_size), int(t.grad_accum), 1, 0, int(cfg.seed), 0,
+                               int(t.max_steps))
+    loader = torch.utils.data.DataLoader(train, batch_sampler=sampler, collate_fn=recipe.collate)
     cuda = engine.device.type == "cuda" if hasattr(engine.device, "type") else str(engine.device).startswith("cuda")
     it, times, tokens, losses = iter(loader), [], [], []
     for _ in range(int(cfg.trainer.max_steps)):

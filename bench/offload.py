@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -302,7 +303,7 @@ def main() -> int:
     data = packed_text(os.path.join(tempfile.mkdtemp(prefix="runx_bench_data_"), "packed.jsonl"), seq + 16)
     common = ["recipe=sft", "data=jsonl", f"data.path={data}", "data.val_fraction=0.01", *model,
               f"trainer.device={a.device}", "logger=none", "trainer.progress=false", "trainer.ckpt_every=0",
-              "trainer.eval_every=0", "optim.warmup_ratio=0", "plan.check=false", f"trainer.nvme_path={nvme}"]
+              "trainer.eval_every=0", "optim.warmup_ratio=0", "plan.check=false"]
 
     # 1. the async_io op (JIT) and the disk floor, measured first, in this run
     from runx.trainers.nvme import build_async_io, probe_aio
@@ -314,8 +315,9 @@ def main() -> int:
           + (f"read {probe['read_GBps']:.2f} GB/s, write {probe['write_GBps']:.2f} GB/s (aio block "
              f"{probe['block_size']}, qd {probe['queue_depth']}, threads {probe['intra_op_parallelism']})"
              if probe else "-"), flush=True)
+    # the probe's choice, pinned (tune=false): the per-run folders below must not trigger a probe each
     aio = [f"trainer.aio.{k}={probe[k]}" for k in ("block_size", "queue_depth", "intra_op_parallelism")] \
-        if probe else []
+        + ["trainer.aio.tune=false"] if probe else []
 
     rows: dict = {}
     floor: dict = {}
@@ -365,7 +367,10 @@ def main() -> int:
         if "nvme" in arm and not aio_ok:
             rows.setdefault(arm, {})[impl] = {"ok": False, "error": "async_io unavailable (install libaio-dev)"}
             continue
-        over = common + LAYOUT[arm] + [f"trainer.max_steps={steps}", f"run_dir={tempfile.mkdtemp(prefix='runx_b_')}"]
+        # every run swaps into a fresh folder on the probed disk (no file reuse between runs), removed after it
+        nvme_run = tempfile.mkdtemp(prefix=f"{arm}_{impl}_", dir=nvme)
+        over = common + LAYOUT[arm] + [f"trainer.max_steps={steps}", f"run_dir={tempfile.mkdtemp(prefix='runx_b_')}",
+                                       f"trainer.nvme_path={nvme_run}"]
         if "nvme" in arm and impl == "runx":
             over += aio
         ga = None
@@ -376,6 +381,7 @@ def main() -> int:
             ga = max(2, min(256, int(2 * f_opt / micro) + 1)) if (f_opt and micro) else 8
             over += [f"trainer.grad_accum={ga}", "trainer.max_steps=2"]
         one = run_arm(impl, arm, over, timeout=max(20, left))
+        shutil.rmtree(nvme_run, ignore_errors=True)
         runs = raw_runs.setdefault((arm, impl), [])
         runs.append(one)
         res = merge_runs(runs, warmup)

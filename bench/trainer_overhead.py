@@ -1,7 +1,8 @@
 """runx's training step vs a plain `deepspeed.initialize` loop: identical DeepSpeed config, model, batches, seed.
 
 Both run in this process, alternating A/B rounds; each round builds a fresh engine and times N steps.
-The ratio is median(raw step time) / median(runx step time): >= 0.98 means runx adds <= 2%.
+The ratio is median(raw step time) / median(runx step time): >= 0.98 means runx adds <= 2%. Both sides draw the
+same micro-batches in the same order from the same initial weights, and the bench reports how far their losses differ.
 
     python bench/trainer_overhead.py --quick                         # CPU: tiny Llama, ZeRO-0 and ZeRO-3
     python bench/trainer_overhead.py --device cuda --trainers zero3,zero3_cpu_offload,zero3_nvme --model gpu_llama
@@ -39,7 +40,8 @@ def runx_round(cfg, run_dir):
     tr = Trainer(cfg, run_dir)
     tr.fit(SFT(cfg, run_dir))
     from runx.trainers.tracking import read_metrics
-    return [r["step_time_s"] for r in read_metrics(run_dir)]
+    m = read_metrics(run_dir)
+    return [r["step_time_s"] for r in m], [r["loss"] for r in m]
 
 
 def raw_round(cfg, ds_config):
@@ -62,9 +64,9 @@ def raw_round(cfg, ds_config):
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=ds_config,
                                            lr_scheduler=lambda o: torch.optim.lr_scheduler.LambdaLR(o, fn))
     from _raw_deepspeed import raw_steps
-    times = raw_steps(engine, recipe, train, cfg)["step_s"]
+    res = raw_steps(engine, recipe, train, cfg)
     engine.destroy()
-    return times
+    return res["step_s"], res["losses"]
 
 
 def main():
@@ -91,23 +93,28 @@ def main():
         if a.device == "cuda" and a.model == "gpu_llama":
             base += ["trainer.micro_batch_size=8", "data.max_length=512"]
         from runx.trainers.deepspeed_trainer import Trainer
-        A, B = [], []
+        A, B, worst = [], [], 0.0
         for r in range(rounds):
             run_dir = tempfile.mkdtemp(prefix="runx_bench_")
             cfg = compose(base + [f"run_dir={run_dir}"])
-            A += runx_round(cfg, run_dir)[2:]  # drop warm-up steps
+            ta, la = runx_round(cfg, run_dir)
+            A += ta[2:]  # drop warm-up steps
             tr = Trainer(cfg, run_dir)  # same config builder -> identical DeepSpeed config
             from runx.recipes.sft import SFT
             m = SFT(cfg, run_dir).build_model()
             ds_config = tr.build_ds_config(m)
             del m
-            B += raw_round(cfg, ds_config)[2:]
+            tb, lb = raw_round(cfg, ds_config)
+            B += tb[2:]
+            # the same work on both sides: same batches, same init, same losses (up to float noise in offload)
+            worst = max(worst, max(abs(x - y) / max(abs(x), 1e-12) for x, y in zip(la, lb)))
         ra, rb = statistics.median(A), statistics.median(B)
         row = {"trainer": trainer, "device": a.device, "model": a.model, "steps_per_round": steps, "rounds": rounds,
-               "runx_step_s": ra, "raw_deepspeed_step_s": rb, "throughput_ratio_runx_over_raw": rb / ra}
+               "runx_step_s": ra, "raw_deepspeed_step_s": rb, "throughput_ratio_runx_over_raw": rb / ra,
+               "max_rel_loss_diff_runx_vs_raw": worst}
         rows.append(row)
-        print(f"{trainer:>18}  runx {ra*1e3:8.1f} ms/step   raw DeepSpeed {rb*1e3:8.1f} ms/step   ratio {rb/ra:.3f}",
-              flush=True)
+        print(f"{trainer:>18}  runx {ra*1e3:8.1f} ms/step   raw DeepSpeed {rb*1e3:8.1f} ms/step   ratio {rb/ra:.3f}"
+              f"   (losses differ by <= {worst:.1e} relative)", flush=True)
         write(a, rows)  # after every row: a time-boxed GPU run keeps what it measured
 
 
