@@ -18,16 +18,12 @@ def raw_steps(engine, recipe, train, cfg, label: str = "") -> dict:
     sampler = StepBatchSampler(len(train), int(t.micro_batch_size), int(t.grad_accum), 1, 0, int(cfg.seed), 0,
                                int(t.max_steps))
     loader = torch.utils.data.DataLoader(train, batch_sampler=sampler, collate_fn=recipe.collate)
-    cuda = engine.device.type == "cuda" if hasattr(engine.device, "type") else str(engine.device).startswith("cuda")
-    it, times, tokens, losses = iter(loader), [], [], []
-    for _ in range(int(cfg.trainer.max_steps)):
+    cuda = torch.device(engine.device).type == "cuda"
+    it, times, tokens, losses = iter(loader), [], [], []  # the sampler yields exactly max_steps x grad_accum
+    for _ in range(int(t.max_steps)):
         t0, tok = time.perf_counter(), 0
-        for _m in range(int(cfg.trainer.grad_accum)):
-            try:
-                batch = next(it)
-            except StopIteration:
-                it = iter(loader)
-                batch = next(it)
+        for _m in range(int(t.grad_accum)):
+            batch = next(it)
             batch = {k: v.to(engine.device) for k, v in batch.items()}
             loss = recipe.lm_loss(engine, batch)
             engine.backward(loss)

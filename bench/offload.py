@@ -7,7 +7,8 @@ Arms (each in its own process, so memory and pinned buffers never leak between t
   cpu_offload        params + optimizer -> CPU                  raw: + offload_* {device: cpu, pin_memory}
   nvme_optimizer     optimizer -> NVMe, params -> CPU           raw: the documented ZeRO-Infinity block
                                                                      (buffer_count 5, buffer_size 1e8,
-                                                                     max_in_cpu 1e9: params end up in CPU)
+                                                                     max_in_cpu 1e9; DeepSpeed still writes
+                                                                     the parameter partitions to nvme_path)
   nvme_params        params + optimizer -> NVMe (max_in_cpu 0)  raw: the same block with max_in_cpu 0
                      runx: derived buffers / reuse distance          (hand-set buffers: crashes at step 1)
   nvme_optimizer_docblock  runx given raw's offload_param block through trainer.ds_overrides (params "nvme"
@@ -328,8 +329,8 @@ def main() -> int:
 
     def write() -> list[dict]:
         table = table_of(rows, floor)
-        result = {"device": a.device, "gpu": gpu_name, "quick": a.quick, "model": model, "steps": steps, "rounds": rounds,
-                  "warmup": warmup, "aio_build_s": round(aio_build_s, 1), "disk": probe, "io_floor_s": floor,
+        result = {"device": a.device, "gpu": gpu_name, "quick": a.quick, "model": model, "steps": steps,
+                  "rounds": rounds, "warmup": warmup, "aio_build_s": round(aio_build_s, 1), "disk": probe, "io_floor_s": floor,
                   "rows": table, "arms": {arm: {impl: {k: v for k, v in res.items() if k != "losses"}
                                                 for impl, res in impls.items()} for arm, impls in rows.items()},
                   "targets": {"runx_over_raw_throughput": ">= 1.0 where raw runs", "opt_step_over_floor": "<= 1.3",
@@ -344,9 +345,10 @@ def main() -> int:
 
     # most informative first: the time box may cut the tail
     order = [("gpu_only", "runx"), ("gpu_only", "raw"), ("nvme_params", "runx"), ("nvme_optimizer_ga", "runx"),
-             ("nvme_optimizer", "runx"), ("nvme_optimizer", "raw"), ("nvme_optimizer_docblock", "runx"), ("cpu_offload", "runx"), ("cpu_offload", "raw"),
-             ("nvme_params", "raw")]
-    raw_runs: dict = {}  # (arm, impl) -> run results with warm-up steps dropped, over rounds
+             ("nvme_optimizer", "runx"), ("nvme_optimizer", "raw"), ("nvme_optimizer_docblock", "runx"),
+             ("cpu_offload", "runx"), ("cpu_offload", "raw"), ("nvme_params", "raw")]
+    runs_of: dict = {}  # (arm, impl) -> that arm's run results, one per round (merged by merge_runs)
+
     def round_order(r: int) -> list[tuple[str, str]]:
         """Odd rounds run raw before runx within each arm; raw's crashing nvme_params runs once."""
         out = []
@@ -382,7 +384,7 @@ def main() -> int:
             over += [f"trainer.grad_accum={ga}", "trainer.max_steps=2"]
         one = run_arm(impl, arm, over, timeout=max(20, left))
         shutil.rmtree(nvme_run, ignore_errors=True)
-        runs = raw_runs.setdefault((arm, impl), [])
+        runs = runs_of.setdefault((arm, impl), [])
         runs.append(one)
         res = merge_runs(runs, warmup)
         if ga:

@@ -311,8 +311,10 @@ def probe_aio(path: str, size_mb: int = 64, grid: dict | None = None, refresh: b
               "overlap_events": True, "read_GBps": round(best["read_GBps"], 3),
               "write_GBps": round(best["write_GBps"], 3), "probe_mb": size_mb, "trials": len(trials),
               "default_seconds": default["seconds"] if default else None, "best_seconds": best["seconds"],
-              "fastest_seconds": fastest["seconds"], "fastest_read_GBps": round(max(t["read_GBps"] for t in trials), 3),
-              "fastest_write_GBps": round(max(t["write_GBps"] for t in trials), 3), "chosen": "deepspeed_default" if keep_default else "probe",
+              "fastest_seconds": fastest["seconds"],
+              "fastest_read_GBps": round(max(t["read_GBps"] for t in trials), 3),
+              "fastest_write_GBps": round(max(t["write_GBps"] for t in trials), 3),
+              "chosen": "deepspeed_default" if keep_default else "probe",
               "path": os.path.realpath(path), "time": time.strftime("%Y-%m-%d %H:%M:%S")}
     _store(path, result)
     return result

@@ -495,8 +495,7 @@ def _zero_knobs(tcfg, overrides: dict) -> dict:
          "max_live": float(tcfg.stage3_max_live_parameters)}
     for k, key in (("reuse", "stage3_max_reuse_distance"), ("reduce_bucket", "reduce_bucket_size"),
                    ("sub_group", "sub_group_size")):
-        v = overrides.get(f"zero_optimization.{key}", overrides.get("zero_optimization", {}).get(key)
-                          if isinstance(overrides.get("zero_optimization"), dict) else None)
+        v = overrides.get(f"zero_optimization.{key}")  # overrides arrive flattened (runtime.flatten_overrides)
         if v is not None:
             z[k] = float(v)
     return z
