@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import statistics
@@ -233,6 +234,50 @@ def bench_logprob(n, hsz, v, dtype, device, rounds, with_fwd, chunk=None):
 
 
 # ----------------------------------------------------------------------------------------
+# linear_logprob variants at the largest shape (--logprob-sweep): vocabulary-slice budget and Triton tile
+# configs, each fwd+bwd, alternating with the default and Liger in the same rounds
+LOGPROB_SWEEP = {"chunk x2": {"chunk_mult": 2}, "chunk x4": {"chunk_mult": 4},
+                 "stages4": {"config": (128, 256, 64, 8, 4)}, "256x128x64": {"config": (256, 128, 64, 8, 3)}}
+
+
+def sweep_logprob(n, hsz, v, dtype, rounds):
+    from runx.kernels import _triton_logprob as tlp
+
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    h = torch.randn(n, hsz, generator=gen).to(device="cuda", dtype=dtype).requires_grad_()
+    w = (torch.randn(v, hsz, generator=gen) * hsz**-0.5).to(device="cuda", dtype=dtype).requires_grad_()
+    t = torch.randint(0, v, (n,), generator=gen).to("cuda")
+    base_chunk = rk.chunk_rows(n, v, None)
+
+    def run(chunk=None, config=None):
+        def f():
+            tlp.CONFIG_OVERRIDE = config
+            try:
+                h.grad = w.grad = None
+                rk.linear_logprob(h, w, t, chunk=chunk, backend="triton").sum().backward()
+                h.grad = w.grad = None
+            finally:
+                tlp.CONFIG_OVERRIDE = None
+        return f
+
+    methods = {"runx_triton": run()}
+    for name, o in LOGPROB_SWEEP.items():
+        methods[name] = run(chunk=base_chunk * o["chunk_mult"] if "chunk_mult" in o else None, config=o.get("config"))
+    liger = _liger_loss()
+    if liger is not None:
+        def lg():
+            h.grad = w.grad = None
+            (-liger(w, h, t)).sum().backward()
+            h.grad = w.grad = None
+        methods["liger_flce"] = lg
+    res = _run_case(methods, "cuda", rounds)
+    del h, w
+    _cleanup("cuda")
+    return {"kind": "linear_logprob_sweep", "N": n, "H": hsz, "V": v, "dtype": str(dtype).replace("torch.", ""),
+            "default_chunk": base_chunk, "variants": LOGPROB_SWEEP, "fwd_bwd": res}
+
+
+# ----------------------------------------------------------------------------------------
 # Sinkhorn
 # ----------------------------------------------------------------------------------------
 
@@ -251,7 +296,20 @@ def _eager_swav(scores, eps=0.05, iters=3):
     return q.t()
 
 
-def bench_sinkhorn(b, k, device, rounds, inner):
+# launch-parameter variants of the fused single-process path (--sinkhorn-sweep), each timed in the same
+# alternating rounds as the default; keys override runx.kernels._triton_sinkhorn.FUSED_CFG["cuda"]
+SINKHORN_SWEEP = {
+    "rows8,bb2,w4": {"rows": 8, "block_b": 2, "warps": 4},
+    "rows16,bb2,w8": {"rows": 16, "block_b": 2, "warps": 8},
+    "rows16,bb1,w4": {"rows": 16, "block_b": 1, "warps": 4},
+    "rows32,bb2,w8": {"rows": 32, "block_b": 2, "warps": 8},
+    "rows16,bb4,w16": {"rows": 16, "block_b": 4, "warps": 16},
+    "part128x128": {"part_rows": 128, "part_block_b": 32},
+    "part32x256": {"part_rows": 32, "part_block_k": 256, "part_block_b": 8},
+}
+
+
+def bench_sinkhorn(b, k, device, rounds, inner, sweep=False):
     gen = torch.Generator(device="cpu").manual_seed(0)
     feats = torch.nn.functional.normalize(torch.randn(b, 128, generator=gen), dim=1)
     protos = torch.nn.functional.normalize(torch.randn(k, 128, generator=gen), dim=1)
@@ -268,6 +326,21 @@ def bench_sinkhorn(b, k, device, rounds, inner):
     methods = {"eager": repeat(lambda: _eager_swav(scores))}
     for bk in backends:
         methods[f"runx_{bk}"] = repeat(lambda bk=bk: rk.sinkhorn(scores, backend=bk))
+    if device == "cuda":
+        from runx.kernels import _triton_sinkhorn as ts
+
+        def strips():  # the earlier single-process path: one program per 32-prototype column strip
+            ts.FUSED = False
+            try:
+                rk.sinkhorn(scores, backend="triton")
+            finally:
+                ts.FUSED = True
+
+        methods["runx_triton_strips"] = repeat(strips)
+        inv_eps, log_k, log_b = 1 / 0.05, math.log(k), math.log(b)
+        for name, over in (SINKHORN_SWEEP if sweep else {}).items():
+            cfg = {**ts.FUSED_CFG["cuda"], **over}
+            methods[f"fused[{name}]"] = repeat(lambda cfg=cfg: ts.fused(scores, inv_eps, 3, log_k, log_b, cfg=cfg))
     with torch.no_grad():
         res = _run_case(methods, device, rounds)
     for r in res.values():
@@ -278,6 +351,11 @@ def bench_sinkhorn(b, k, device, rounds, inner):
         ref = _eager_swav(scores.double()).float()
         case["max_abs_err_vs_eager_fp64"] = {
             f"runx_{bk}": (rk.sinkhorn(scores, backend=bk) - ref).abs().max().item() for bk in backends}
+        for name in res:
+            if name.startswith("fused["):
+                cfg = {**ts.FUSED_CFG["cuda"], **SINKHORN_SWEEP[name[6:-1]]}
+                case["max_abs_err_vs_eager_fp64"][name] = (ts.fused(scores, inv_eps, 3, log_k, log_b, cfg=cfg)
+                                                           - ref).abs().max().item()
     return case
 
 
@@ -304,6 +382,16 @@ def print_table(cases):
     print(hdr)
     print("-" * len(hdr))
     for c in cases:
+        if c["kind"] == "linear_logprob_sweep":
+            lg = c["fwd_bwd"].get("liger_flce", {})
+            for name, r in c["fwd_bwd"].items():
+                label = f"logprob sweep N={c['N']} V={c['V']}"
+                if r.get("status") != "ok":
+                    print(f"{label:<34} {name:<12} {r.get('status')}")
+                    continue
+                vs = f"{lg['ms'] / r['ms']:.2f}x liger" if lg.get("status") == "ok" else ""
+                print(f"{label:<34} {name:<12} {r['ms']:>10.3f} {r['peak_extra_mb']:>10.1f} {vs:>14}")
+            continue
         if c["kind"] == "linear_logprob":
             parts = [("fwd_bwd", "fwd+bwd"), ("fwd_only", "fwd")]
             label = f"logprob N={c['N']} V={c['V']} H={c['H']}"
@@ -327,6 +415,10 @@ def main(argv=None):
     ap.add_argument("--device", choices=["cuda", "cpu"], default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--only", choices=["logprob", "sinkhorn"], default=None,
                     help="run only the linear_logprob or only the Sinkhorn cases")
+    ap.add_argument("--logprob-sweep", action="store_true",
+                    help="also time linear_logprob variants (slice budget, tile configs) vs Liger at 32k x 152k (CUDA)")
+    ap.add_argument("--sinkhorn-sweep", action="store_true",
+                    help="also time launch-parameter variants of the fused Sinkhorn path (CUDA)")
     ap.add_argument("--out", default=str(REPO / "bench" / "results" / "kernels.json"))
     args = ap.parse_args(argv)
     device = args.device
@@ -359,9 +451,15 @@ def main(argv=None):
         except Exception as exc:  # setup itself failed (e.g. inputs do not fit)
             cases.append({"kind": "linear_logprob", "N": n, "H": hsz, "V": v, "error": str(exc)[:300]})
         print(f"[{time.time() - t_start:6.1f}s] logprob N={n} V={v} done", flush=True)
+    if args.logprob_sweep and device == "cuda" and args.only != "sinkhorn":
+        try:
+            cases.append(sweep_logprob(32768, hsz, 151936, dtype, rounds))
+        except Exception as exc:
+            cases.append({"kind": "linear_logprob_sweep", "error": str(exc)[:300]})
+        print(f"[{time.time() - t_start:6.1f}s] logprob sweep done", flush=True)
     for b, k in sk_shapes:
         try:
-            cases.append(bench_sinkhorn(b, k, device, rounds, sk_inner))
+            cases.append(bench_sinkhorn(b, k, device, rounds, sk_inner, sweep=args.sinkhorn_sweep))
         except Exception as exc:
             cases.append({"kind": "sinkhorn", "B": b, "K": k, "error": str(exc)[:300]})
         print(f"[{time.time() - t_start:6.1f}s] sinkhorn B={b} K={k} done", flush=True)

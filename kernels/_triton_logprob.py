@@ -153,8 +153,15 @@ def _num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
+# (BLOCK_N, BLOCK_V, BLOCK_H, num_warps, num_stages) for bf16/fp16 on CUDA instead of the
+# default below; set by bench/kernels.py --logprob-sweep to time alternatives side by side.
+CONFIG_OVERRIDE: tuple | None = None
+
+
 def _config(t: torch.Tensor, hidden_size: int):
     """(BLOCK_N, BLOCK_V, BLOCK_H, num_warps, num_stages, UPCAST, PREC)."""
+    if CONFIG_OVERRIDE is not None and t.is_cuda and t.dtype in (torch.bfloat16, torch.float16):
+        return (*CONFIG_OVERRIDE, False, "tf32")
     if interpret_mode() and not t.is_cuda:
         # Tiny tiles keep the numpy interpreter fast; fp32 dot sidesteps its bf16 bug.
         return 16, 32, 16, 4, 1, True, "ieee"

@@ -1,6 +1,23 @@
 """Triton kernels for ``sinkhorn`` (imported only when the Triton backend runs).
 
-Same three passes as ``sinkhorn._TorchOps`` but each is one launch and one read of
+Single process (``fused``, the default): 2 + iters launches, every one of them row- or
+tile-parallel (no program walks a whole column):
+
+* first prototype step: per-(row block, prototype) online (max, sum exp) partials, then a
+  tiny merge into f_1 = -log K - logsumexp_b(x_bk);
+* iteration t = 1 .. iters-1: one launch per block of samples does the sample step for its
+  rows (g_b = -log B - logsumexp_k(x_bk + f_k)) *and* its share of the next prototype
+  step.  No column max is needed there: right after a sample step x_bk + f_k + g_b <= -log B
+  for every b, so m_k = -log B - f_k bounds column k and
+      f'_k = -log K - m_k - log sum_b exp(x_bk + g_b - m_k)
+           = f_k + log B - log K - log sum_b exp(x_bk + f_k - lse_b),
+  a sum of terms <= 1 that is >= 1/K (a prototype's mass after a sample step is at least
+  its previous 1/K over B), so it can neither overflow nor underflow.  Each block adds its
+  column sums into a K-vector with atomics; the next launch forms f' on the fly;
+* last launch: the final sample step written as Q[b] = softmax_k(x_bk + f_k).
+When K fits one tile (K <= ONE_TILE_MAX) a block of rows is read once per launch.
+
+Distributed (``proto_stats`` / ``sample_lse`` / ``assign``): the three passes below as ``sinkhorn._TorchOps`` but each is one launch and one read of
 ``scores`` in its own dtype (bf16 scores are read as bf16 and upcast in registers), with
 exp, the 1/eps scale, the potentials and the max-shifted reductions fused in.  Q itself is
 written once, at the end: 2 * iters launches in all for one process.  The eager reference
@@ -83,6 +100,158 @@ def _sample_kernel(s_ptr, f_ptr, out_ptr, B, K, stride_b, stride_o, inv_eps, off
 @functools.lru_cache(maxsize=None)
 def _num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+# ------------------------------------------------------------------ fused single process
+# Launch parameters of the fused path, per device kind; the GPU values come from the
+# H100 sweep in bench/kernels.py (--sinkhorn-sweep).  ``FUSED = False`` selects the older
+# column-strip path (kept for that comparison).
+FUSED = True
+ONE_TILE_MAX = 4096
+FUSED_CFG = {"cuda": {"part_rows": 64, "part_block_b": 16, "part_block_k": 128, "part_warps": 4,
+                      "rows": 16, "block_b": 4, "warps": 8},
+             "cpu": {"part_rows": 16, "part_block_b": 8, "part_block_k": 16, "part_warps": 1,
+                     "rows": 8, "block_b": 4, "warps": 1}}
+
+
+@triton.jit
+def _col_partial_kernel(s_ptr, pm_ptr, ps_ptr, B, K, stride_b, inv_eps,
+                        ROWS: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Partial (max, sum exp(x - max)) of x = s / eps over ROWS samples, per prototype."""
+    r = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    col_ok = cols < K
+    m = tl.full((BLOCK_K,), -1.0e30, tl.float32)
+    acc = tl.zeros((BLOCK_K,), tl.float32)
+    for b0 in range(0, ROWS, BLOCK_B):
+        rows = r * ROWS + b0 + tl.arange(0, BLOCK_B)
+        row_ok = rows < B
+        x = tl.load(s_ptr + rows[:, None].to(tl.int64) * stride_b + cols[None, :],
+                    mask=row_ok[:, None] & col_ok[None, :], other=float("-inf")).to(tl.float32) * inv_eps
+        m_new = tl.maximum(m, tl.max(x, axis=0))
+        acc = acc * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new[None, :]), axis=0)
+        m = m_new
+    tl.store(pm_ptr + r * K + cols, m, mask=col_ok)
+    tl.store(ps_ptr + r * K + cols, acc, mask=col_ok)
+
+
+@triton.jit
+def _col_merge_kernel(pm_ptr, ps_ptr, f_ptr, zero_ptr, R, K, n_zero, log_k, BLOCK: tl.constexpr):
+    """f_k = -log K - logsumexp over the R partials; also zeroes the atomic column sums."""
+    cols = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = cols < K
+    m = tl.full((BLOCK,), -1.0e30, tl.float32)
+    acc = tl.zeros((BLOCK,), tl.float32)
+    for r in range(0, R):
+        pm = tl.load(pm_ptr + r * K + cols, mask=ok, other=-1.0e30)
+        ps = tl.load(ps_ptr + r * K + cols, mask=ok, other=0.0)
+        m_new = tl.maximum(m, pm)
+        acc = acc * tl.exp(m - m_new) + ps * tl.exp(pm - m_new)
+        m = m_new
+    tl.store(f_ptr + cols, -log_k - m - tl.log(tl.where(ok, acc, 1.0)), mask=ok)
+    for j in range(0, n_zero):
+        tl.store(zero_ptr + j * K + cols, tl.zeros((BLOCK,), tl.float32), mask=ok)
+
+
+@triton.jit
+def _potential(fb_ptr, ain_ptr, cols, col_ok, shift, HAS_AIN: tl.constexpr):
+    """f_k for this launch: the stored f, or the previous f plus the column-sum update."""
+    f = tl.load(fb_ptr + cols, mask=col_ok, other=0.0)
+    if HAS_AIN:
+        f += shift - tl.log(tl.load(ain_ptr + cols, mask=col_ok, other=1.0))
+    return f
+
+
+@triton.jit
+def _row_kernel(s_ptr, fb_ptr, ain_ptr, fout_ptr, aout_ptr, q_ptr, B, K, stride_b, stride_q, inv_eps, shift,
+                HAS_AIN: tl.constexpr, WRITE_F: tl.constexpr, ACC_OUT: tl.constexpr, WRITE_Q: tl.constexpr,
+                ONE_TILE: tl.constexpr, ROWS: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr):
+    """For ROWS samples: lse_b = logsumexp_k(x_bk + f_k); then either the column sums
+    sum_b exp(x_bk + f_k - lse_b) atomically added to aout (ACC_OUT), or Q (WRITE_Q)."""
+    pid = tl.program_id(0)
+    if ONE_TILE:  # all K prototypes in one tile: each row block is read once
+        cols = tl.arange(0, BLOCK_K)
+        col_ok = cols < K
+        f = _potential(fb_ptr, ain_ptr, cols, col_ok, shift, HAS_AIN)
+        if WRITE_F:
+            tl.store(fout_ptr + cols, f, mask=col_ok & (pid == 0))
+        csum = tl.zeros((BLOCK_K,), tl.float32)
+        for b0 in range(0, ROWS, BLOCK_B):
+            rows = pid * ROWS + b0 + tl.arange(0, BLOCK_B)
+            row_ok = rows < B
+            mask = row_ok[:, None] & col_ok[None, :]
+            x = tl.load(s_ptr + rows[:, None].to(tl.int64) * stride_b + cols[None, :], mask=mask,
+                        other=float("-inf")).to(tl.float32) * inv_eps + f[None, :]
+            mx = tl.where(row_ok, tl.max(x, axis=1), 0.0)  # padded rows: no (-inf) - (-inf)
+            e = tl.exp(x - mx[:, None])
+            p = e / tl.where(row_ok, tl.sum(e, axis=1), 1.0)[:, None]
+            if ACC_OUT:
+                csum += tl.sum(p, axis=0)
+            if WRITE_Q:
+                tl.store(q_ptr + rows[:, None].to(tl.int64) * stride_q + cols[None, :], p, mask=mask)
+        if ACC_OUT:
+            tl.atomic_add(aout_ptr + cols, csum, mask=col_ok)
+    else:  # K in chunks: an online logsumexp pass, then a second pass over the same rows
+        rows = pid * BLOCK_B + tl.arange(0, BLOCK_B)
+        row_ok = rows < B
+        row_off = rows[:, None].to(tl.int64) * stride_b
+        m = tl.full((BLOCK_B,), -1.0e30, tl.float32)
+        acc = tl.zeros((BLOCK_B,), tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            cols = k0 + tl.arange(0, BLOCK_K)
+            col_ok = cols < K
+            f = _potential(fb_ptr, ain_ptr, cols, col_ok, shift, HAS_AIN)
+            if WRITE_F:
+                tl.store(fout_ptr + cols, f, mask=col_ok & (pid == 0))
+            x = tl.load(s_ptr + row_off + cols[None, :], mask=row_ok[:, None] & col_ok[None, :],
+                        other=float("-inf")).to(tl.float32) * inv_eps + f[None, :]
+            m_new = tl.maximum(m, tl.max(x, axis=1))
+            acc = acc * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new[:, None]), axis=1)
+            m = m_new
+        lse = m + tl.log(tl.where(row_ok, acc, 1.0))
+        for k0 in range(0, K, BLOCK_K):
+            cols = k0 + tl.arange(0, BLOCK_K)
+            col_ok = cols < K
+            mask = row_ok[:, None] & col_ok[None, :]
+            f = _potential(fb_ptr, ain_ptr, cols, col_ok, shift, HAS_AIN)
+            x = tl.load(s_ptr + row_off + cols[None, :], mask=mask, other=float("-inf")).to(tl.float32) * inv_eps
+            p = tl.exp(x + f[None, :] - lse[:, None])
+            if ACC_OUT:
+                tl.atomic_add(aout_ptr + cols, tl.sum(tl.where(mask, p, 0.0), axis=0), mask=col_ok)
+            if WRITE_Q:
+                tl.store(q_ptr + rows[:, None].to(tl.int64) * stride_q + cols[None, :], p, mask=mask)
+
+
+def fused(scores: torch.Tensor, inv_eps: float, iters: int, log_k: float, log_b: float,
+          cfg: dict | None = None) -> torch.Tensor:
+    """Single-process Sinkhorn: Q [B, K] fp32 in 2 + iters launches (see the module docstring)."""
+    scores = _prep(scores)
+    b, k = scores.shape
+    c = cfg or FUSED_CFG["cuda" if scores.is_cuda and not _small() else "cpu"]
+    dev = scores.device
+    r_blocks = triton.cdiv(b, c["part_rows"])
+    part = torch.empty((2, r_blocks, k), dtype=torch.float32, device=dev)
+    pot = torch.empty((iters, k), dtype=torch.float32, device=dev)       # f_1 .. f_{iters}
+    sums = torch.empty((max(iters - 1, 1), k), dtype=torch.float32, device=dev)  # column sums per step
+    _col_partial_kernel[(r_blocks, triton.cdiv(k, c["part_block_k"]))](
+        scores, part[0], part[1], b, k, scores.stride(0), inv_eps,
+        ROWS=c["part_rows"], BLOCK_B=c["part_block_b"], BLOCK_K=c["part_block_k"], num_warps=c["part_warps"])
+    _col_merge_kernel[(triton.cdiv(k, 1024 if scores.is_cuda else 64),)](
+        part[0], part[1], pot[0], sums, r_blocks, k, iters - 1, log_k, BLOCK=1024 if scores.is_cuda else 64)
+    one_tile = k <= ONE_TILE_MAX
+    block_k = triton.next_power_of_2(k) if one_tile else 512
+    rows = c["rows"] if one_tile else c["block_b"]
+    q = torch.empty((b, k), dtype=torch.float32, device=dev)
+    shift = log_b - log_k
+    for it in range(1, iters + 1):
+        last = it == iters
+        fb = pot[max(it - 2, 0)]
+        _row_kernel[(triton.cdiv(b, rows),)](
+            scores, fb, sums[max(it - 2, 0)], pot[it - 1], sums[it - 1] if not last else sums[0], q,
+            b, k, scores.stride(0), q.stride(0), inv_eps, shift,
+            HAS_AIN=it >= 2, WRITE_F=it >= 2 and not last, ACC_OUT=not last, WRITE_Q=last, ONE_TILE=one_tile,
+            ROWS=rows, BLOCK_B=c["block_b"], BLOCK_K=block_k, num_warps=c["warps"])
+    return q
 
 
 def _small() -> bool:

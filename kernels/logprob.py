@@ -166,11 +166,27 @@ def _torch_dlogits(ops, h_c, t_c, lse_c, g_c, ge_c, ent_c, inv_temp):
 # ----------------------------------------------------------------------------------------
 
 
+@functools.lru_cache(maxsize=None)
+def _cuda_addmm_dtype_ok(device_index: int) -> bool:
+    """Whether ``torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)`` accumulates bf16
+    products into an fp32 ``acc`` in place on this GPU (cuBLAS beta=1: no [N, H] temporary)."""
+    try:
+        dev = f"cuda:{device_index}"
+        a = torch.full((16, 16), 2.0, device=dev, dtype=torch.bfloat16)
+        acc = torch.ones(16, 16, device=dev)
+        torch.addmm(acc, a, a, out_dtype=torch.float32, out=acc)
+        return acc.dtype == torch.float32 and bool((acc == 65.0).all())
+    except (TypeError, RuntimeError):
+        return False
+
+
 def _addmm_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
     """acc += a @ b, where acc may be fp32 while a, b are bf16/fp16 (fp32 accumulation
     inside the GEMM, no rounding of the partial product to low precision)."""
     if acc.dtype == a.dtype:
         acc.addmm_(a, b)
+    elif a.is_cuda and _cuda_addmm_dtype_ok(a.device.index or 0):
+        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)  # in place, beta = 1
     elif a.is_cuda and _cuda_out_dtype_ok(a.device.index or 0):
         acc += torch.mm(a, b, out_dtype=torch.float32)
     else:

@@ -135,9 +135,11 @@ def sinkhorn(
     inv_eps = 1.0 / float(eps)
     log_k = math.log(k)
     log_b = math.log(max(b_local, 1))
+    if reduce is None and getattr(ops, "FUSED", False):  # Triton, single process
+        return ops.fused(scores, inv_eps, int(iters), log_k, log_b)
     g = None
     f = None
-    fused = reduce is None and hasattr(ops, "proto_potential")  # Triton, single process
+    fused = reduce is None and hasattr(ops, "proto_potential")  # Triton, single process (column strips)
     for it in range(int(iters)):
         # Prototype step: f_k = -log K - logsumexp over the global batch of (x_bk + g_b).
         if fused:

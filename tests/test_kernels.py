@@ -453,6 +453,18 @@ def _interp_sinkhorn_checks():
     # A (trivial, world size 1) reducer takes the unfused path used with several processes.
     torch.testing.assert_close(sinkhorn(scores, backend="triton", world_sums=lambda t, op: t), ref,
                                rtol=0, atol=1e-6)
+    # the fused single-process path at 1, 2 and 5 iterations, and with K split into chunks
+    from runx.kernels import _triton_sinkhorn as ts
+
+    for iters in (1, 2, 5):
+        torch.testing.assert_close(sinkhorn(scores, iters=iters, backend="triton"),
+                                   sinkhorn(scores, iters=iters, backend="torch"), rtol=0, atol=1e-6)
+    one_tile, ts.ONE_TILE_MAX = ts.ONE_TILE_MAX, 8
+    try:
+        _check_sinkhorn(37, 19, 0.05, backend="triton")
+        _check_sinkhorn(40, 33, 0.01, backend="triton", dtype=torch.bfloat16, scale=2.5, seed=2)
+    finally:
+        ts.ONE_TILE_MAX = one_tile
     print("INTERP-OK sinkhorn")
 
 
@@ -559,3 +571,7 @@ def test_gpu_sinkhorn(backend):
     torch.testing.assert_close(sinkhorn(scores, backend="triton"), ref, rtol=0, atol=1e-5)
     torch.testing.assert_close(sinkhorn(scores, backend="triton", world_sums=lambda t, op: t), ref,
                                rtol=0, atol=1e-5)
+    if backend == "triton":  # K larger than one tile: the chunked fused path
+        wide = _cosine_scores(300, 5000, seed=4, device="cuda")
+        torch.testing.assert_close(sinkhorn(wide, backend="triton"), sinkhorn(wide, backend="torch"),
+                                   rtol=0, atol=1e-5)
