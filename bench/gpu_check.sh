@@ -4,8 +4,9 @@
 # benchmarks, each under its own time limit, most important first, and print a short table. Results land in
 # bench/results/ (GPU files end in _gpu.json or hold a "cuda" entry) and, when $OUT is set, are copied there
 # after every step, so a cut-off run still returns what it measured.
-#   bash bench/gpu_check.sh [all|kernels|scale]   (on a machine with a CUDA GPU; DEADLINE=540 s by default)
-#   OFFLOAD_ARMS=a,b  TO_TRAINERS=zero3,zero3_nvme  TO_STEPS=4  pick what a second, shorter call re-runs
+#   bash bench/gpu_check.sh [tests,kernels,sinkhorn,overhead,offload]   (default: all but sinkhorn;
+#        DEADLINE=540 s by default). A second, shorter call picks what to re-run:
+#   OFFLOAD_ARMS=a,b  TO_TRAINERS=zero3,zero3_nvme  TO_ROUNDS=1  TO_STEPS=4
 set -uo pipefail
 cd "$(dirname "$0")/.."
 T0=$(date +%s)
@@ -30,16 +31,16 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | 
 python3 -c "import torch, triton, deepspeed, transformers, peft; print('torch', torch.__version__, 'triton', triton.__version__, 'deepspeed', deepspeed.__version__, 'transformers', transformers.__version__)" 2>&1 | tail -1 | tee -a "$LOG"
 
 # $OUT returns at most 8 files: the GPU results only
-GPU_FILES="kernels.json trainer_overhead.json offload.json"
+GPU_FILES="kernels.json kernels_sinkhorn_gpu.json trainer_overhead.json offload.json"
 save() { [ -n "${OUT:-}" ] || return 0; for f in $GPU_FILES; do [ -f "bench/results/$f" ] && cp "bench/results/$f" "$OUT"/; done
          cp "$LOG" "$OUT"/; true; }
 # one device session is time-boxed: DEADLINE (seconds after start) caps every step and the offload budget
 DEADLINE="${DEADLINE:-540}"
 left() { echo $(( DEADLINE - ($(date +%s) - T0) )); }
-ONLY="${1:-all}"   # all | kernels | scale (trainer overhead + offload)
+ONLY=",${1:-tests,kernels,overhead,offload},"   # comma list of: tests kernels sinkhorn overhead offload
 step() {  # step GROUP NAME SECONDS CMD...
   local group=$1 name=$2 limit=$3; shift 3
-  case "$ONLY:$group" in all:*|kernels:kernels|scale:scale) ;; *) return 0 ;; esac
+  case "$ONLY" in *",$group,"*) ;; *) return 0 ;; esac
   local l=$(( $(left) - 5 ))
   [ "$l" -lt 20 ] && { echo "=== $name skipped (deadline)" | tee -a "$LOG"; RESULTS+=("$name skipped"); return 0; }
   [ "$limit" -gt "$l" ] && limit=$l
@@ -52,18 +53,21 @@ step() {  # step GROUP NAME SECONDS CMD...
   save
 }
 RESULTS=()
-step kernels "gpu kernel tests" 90 python3 -m pytest -q -x -m gpu tests/test_kernels.py -p no:cacheprovider
+step tests "gpu kernel tests" 90 python3 -m pytest -q -x -m gpu tests/test_kernels.py -p no:cacheprovider
 # logprob at 4 LLM shapes + variants at 32k x 152k vs Liger; Sinkhorn fused vs column-strip path vs eager + variants
 step kernels "kernels bench" 180 python3 bench/kernels.py --device cuda --logprob-sweep --sinkhorn-sweep \
   --out bench/results/kernels.json
+# Sinkhorn alone (seconds): the fused path's launch variants, wall and GPU-only time
+step sinkhorn "sinkhorn bench" 60 python3 bench/kernels.py --device cuda --only sinkhorn --sinkhorn-sweep \
+  --out bench/results/kernels_sinkhorn_gpu.json
 wait $AIO_PID; echo "async_io build: $(tail -1 /tmp/aio_build.log)" | tee -a "$LOG"
+OFF_BUDGET="${OFFLOAD_BUDGET:-$(( $(left) - 40 ))}"
+step offload "offload (GPU)" $(( OFF_BUDGET + 30 )) python3 bench/offload.py --device cuda --quick --merge \
+  --budget-s "$OFF_BUDGET" ${OFFLOAD_ARMS:+--arms "$OFFLOAD_ARMS"}
 # measured 2026-11-26 on an H100: zero3 + zero3_cpu_offload took ~115 s (rounds 2, steps 6); a zero3_nvme step
 # moves ~5 GB through the disk (0.3B bf16 params + fp32 states), so it gets its own row with fewer steps
-step scale "trainer overhead (GPU)" 150 python3 bench/trainer_overhead.py --device cuda --model gpu_llama \
-  --trainers "${TO_TRAINERS:-zero3_nvme}" --rounds 2 --steps "${TO_STEPS:-4}"
-OFF_BUDGET=$(( $(left) - 40 ))
-step scale "offload (GPU)" $(( OFF_BUDGET + 30 )) python3 bench/offload.py --device cuda --quick --merge \
-  --budget-s "$OFF_BUDGET" ${OFFLOAD_ARMS:+--arms "$OFFLOAD_ARMS"}
+step overhead "trainer overhead (GPU)" 150 python3 bench/trainer_overhead.py --device cuda --model gpu_llama \
+  --trainers "${TO_TRAINERS:-zero3_nvme}" --rounds "${TO_ROUNDS:-2}" --steps "${TO_STEPS:-4}"
 
 echo; echo "summary ($(( $(date +%s) - T0 ))s total):" | tee -a "$LOG"
 for r in "${RESULTS[@]}"; do echo "  $r" | tee -a "$LOG"; done

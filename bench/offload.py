@@ -315,6 +315,11 @@ def main() -> int:
               f"trainer.device={a.device}", "logger=none", "trainer.progress=false", "trainer.ckpt_every=0",
               "trainer.eval_every=0", "optim.warmup_ratio=0", "plan.check=false"]
 
+    rows: dict = {}
+    floor: dict = {}
+    if a.merge and os.path.exists(a.out):
+        earlier = json.load(open(a.out)).get(a.device, {})
+        rows = {arm: impls for arm, impls in earlier.get("arms", {}).items() if arm not in chosen}
     # 1. the async_io op (JIT) and the disk floor, measured first, in this run
     from runx.trainers.nvme import build_async_io, probe_aio
     t0 = time.time()
@@ -325,15 +330,14 @@ def main() -> int:
           + (f"read {probe['read_GBps']:.2f} GB/s, write {probe['write_GBps']:.2f} GB/s (aio block "
              f"{probe['block_size']}, qd {probe['queue_depth']}, threads {probe['intra_op_parallelism']})"
              if probe else "-"), flush=True)
+    # merged rows from an earlier call give the model size now: the floor (and the GA arm's G) need it first
+    known_n = next((impls[i]["n_params"] for impls in rows.values() for i in impls if impls[i].get("n_params")), None)
+    if known_n and probe:
+        floor.update(floors(known_n, probe, 2 if a.device == "cuda" else 4))
     # the probe's choice, pinned (tune=false): the per-run folders below must not trigger a probe each
     aio = [f"trainer.aio.{k}={probe[k]}" for k in ("block_size", "queue_depth", "intra_op_parallelism")] \
         + ["trainer.aio.tune=false"] if probe else []
 
-    rows: dict = {}
-    floor: dict = {}
-    if a.merge and os.path.exists(a.out):
-        earlier = json.load(open(a.out)).get(a.device, {})
-        rows = {arm: impls for arm, impls in earlier.get("arms", {}).items() if arm not in chosen}
     gpu_name = None
     if a.device == "cuda":
         import torch

@@ -108,8 +108,8 @@ def _num_sms(device_index: int) -> int:
 # column-strip path (kept for that comparison).
 FUSED = True
 ONE_TILE_MAX = 4096
-FUSED_CFG = {"cuda": {"part_rows": 64, "part_block_b": 16, "part_block_k": 128, "part_warps": 4,
-                      "rows": 16, "block_b": 4, "warps": 8},
+FUSED_CFG = {"cuda": {"part_rows": 32, "part_block_b": 8, "part_block_k": 256, "part_warps": 4,
+                      "rows": 16, "block_b": 2, "warps": 8},
              "cpu": {"part_rows": 16, "part_block_b": 8, "part_block_k": 16, "part_warps": 1,
                      "rows": 8, "block_b": 4, "warps": 1}}
 
@@ -230,9 +230,13 @@ def fused(scores: torch.Tensor, inv_eps: float, iters: int, log_k: float, log_b:
     c = cfg or FUSED_CFG["cuda" if scores.is_cuda and not _small() else "cpu"]
     dev = scores.device
     r_blocks = triton.cdiv(b, c["part_rows"])
-    part = torch.empty((2, r_blocks, k), dtype=torch.float32, device=dev)
-    pot = torch.empty((iters, k), dtype=torch.float32, device=dev)       # f_1 .. f_{iters}
-    sums = torch.empty((max(iters - 1, 1), k), dtype=torch.float32, device=dev)  # column sums per step
+    n_sums = max(iters - 1, 1)
+    # one allocation (these calls are short enough for allocator and launch overheads to show):
+    # 2 x r_blocks partial rows, f_1 .. f_iters, the column sums of each prototype step
+    work = torch.empty((2 * r_blocks + iters + n_sums, k), dtype=torch.float32, device=dev)
+    part = work[: 2 * r_blocks].view(2, r_blocks, k)
+    pot = work[2 * r_blocks: 2 * r_blocks + iters]
+    sums = work[2 * r_blocks + iters:]
     _col_partial_kernel[(r_blocks, triton.cdiv(k, c["part_block_k"]))](
         scores, part[0], part[1], b, k, scores.stride(0), inv_eps,
         ROWS=c["part_rows"], BLOCK_B=c["part_block_b"], BLOCK_K=c["part_block_k"], num_warps=c["part_warps"])
