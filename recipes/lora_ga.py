@@ -148,17 +148,18 @@ def estimate_full_gradients(model, weights: dict, batches, loss_fn, accumulate_o
 
     def consume(name):
         def hook(p):
-            g = p.grad.detach().to(torch.float64)
+            g = p.grad.detach()
             p.grad = None
             if world > 1:
+                g = g.to(torch.float64)
                 dist.reduce(g, dst=owners[name])     # same hook order on every rank: same graph
                 if rank != owners[name]:
                     return
             g = g.cpu() if accumulate_on == "cpu" else g
             if name in sums:
-                sums[name].add_(g)
+                sums[name].add_(g)                   # computed in fp64 (the sum's dtype): no fp64 copy of g
             else:
-                sums[name] = g
+                sums[name] = g.to(torch.float64, copy=True)
         return hook
 
     n_batches = 0
