@@ -314,10 +314,10 @@ def _eager_swav(scores, eps=0.05, iters=3):
 # launch-parameter variants of the fused single-process path (--sinkhorn-sweep), each timed in the same
 # alternating rounds as the default; keys override runx.kernels._triton_sinkhorn.FUSED_CFG["cuda"]
 SINKHORN_SWEEP = {
-    "rows16,bb4,w8,part64x128": {"block_b": 4, "part_rows": 64, "part_block_b": 16, "part_block_k": 128},
-    "rows16,bb4,w16": {"block_b": 4, "warps": 16},
-    "rows32,bb2,w8": {"rows": 32},
-    "part128x128": {"part_rows": 128, "part_block_b": 32, "part_block_k": 128},
+    "part32x256": {"part_rows": 32, "part_block_b": 8, "part_block_k": 256},
+    "part64x128": {"part_rows": 64, "part_block_b": 16, "part_block_k": 128},
+    "rows16,bb4": {"block_b": 4},
+    "rows32": {"rows": 32},
 }
 
 
@@ -341,14 +341,6 @@ def bench_sinkhorn(b, k, device, rounds, inner, sweep=False):
     if device == "cuda":
         from runx.kernels import _triton_sinkhorn as ts
 
-        def strips():  # the earlier single-process path: one program per 32-prototype column strip
-            ts.FUSED = False
-            try:
-                rk.sinkhorn(scores, backend="triton")
-            finally:
-                ts.FUSED = True
-
-        methods["runx_triton_strips"] = repeat(strips)
         inv_eps, log_k, log_b = 1 / 0.05, math.log(k), math.log(b)
         for name, over in (SINKHORN_SWEEP if sweep else {}).items():
             cfg = {**ts.FUSED_CFG["cuda"], **over}

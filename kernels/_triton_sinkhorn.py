@@ -17,11 +17,12 @@ tile-parallel (no program walks a whole column):
 * last launch: the final sample step written as Q[b] = softmax_k(x_bk + f_k).
 When K fits one tile (K <= ONE_TILE_MAX) a block of rows is read once per launch.
 
-Distributed (``proto_stats`` / ``sample_lse`` / ``assign``): the three passes below as ``sinkhorn._TorchOps`` but each is one launch and one read of
-``scores`` in its own dtype (bf16 scores are read as bf16 and upcast in registers), with
-exp, the 1/eps scale, the potentials and the max-shifted reductions fused in.  Q itself is
-written once, at the end: 2 * iters launches in all for one process.  The eager reference
-instead writes and re-reads a K x B fp32 matrix ~6 times per iteration.
+Several processes (``proto_stats`` / ``sample_lse`` / ``assign``, between all-reduces): the
+three passes of ``sinkhorn._TorchOps``, each one launch.
+
+Every launch reads ``scores`` in its own dtype (bf16 is upcast in registers) with exp, the
+1/eps scale, the potentials and the max-shifted reductions fused in; Q is written once, at
+the end.  The eager reference writes and re-reads a K x B fp32 matrix ~6 times per iteration.
 """
 
 from __future__ import annotations
@@ -36,13 +37,11 @@ from ._backend import interpret_mode
 
 
 @triton.jit
-def _proto_kernel(s_ptr, g_ptr, m_ptr, sum_ptr, f_ptr, B, K, stride_b, inv_eps, log_k,
-                  HAS_G: tl.constexpr, TO_POTENTIAL: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr):
+def _proto_kernel(s_ptr, g_ptr, m_ptr, sum_ptr, B, K, stride_b, inv_eps,
+                  HAS_G: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr):
     """Per prototype column k, over all local samples: online (max, sum exp(x - max)) of
-    x_bk = s_bk / eps + g_b.  TO_POTENTIAL (single process) writes the potential
-    f_k = -log K - max - log(sum) directly; otherwise (max, sum) for the cross-process merge.
-    One program owns a narrow column strip and walks every row: no partials to merge, and
-    one launch per prototype step (these calls are launch-bound at SwAV sizes)."""
+    x_bk = s_bk / eps + g_b, for the cross-process merge.  One program owns a narrow column
+    strip and walks every row: no partials to merge."""
     cols = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
     col_ok = cols < K
     m = tl.full((BLOCK_K,), -1.0e30, tl.float32)  # finite: no (-inf) - (-inf)
@@ -57,18 +56,14 @@ def _proto_kernel(s_ptr, g_ptr, m_ptr, sum_ptr, f_ptr, B, K, stride_b, inv_eps, 
         m_new = tl.maximum(m, tl.max(x, axis=0))
         acc = acc * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new[None, :]), axis=0)
         m = m_new
-    if TO_POTENTIAL:
-        tl.store(f_ptr + cols, -log_k - m - tl.log(tl.where(col_ok, acc, 1.0)), mask=col_ok)
-    else:
-        tl.store(m_ptr + cols, m, mask=col_ok)
-        tl.store(sum_ptr + cols, acc, mask=col_ok)
+    tl.store(m_ptr + cols, m, mask=col_ok)
+    tl.store(sum_ptr + cols, acc, mask=col_ok)
 
 
 @triton.jit
-def _sample_kernel(s_ptr, f_ptr, out_ptr, B, K, stride_b, stride_o, inv_eps, offset,
+def _sample_kernel(s_ptr, f_ptr, out_ptr, B, K, stride_b, stride_o, inv_eps,
                    WRITE_Q: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Per sample: lse_b = logsumexp_k(x_bk + f_k); writes offset - lse_b (the sample
-    potential g_b with offset = -log B), or with WRITE_Q Q_bk = exp(x_bk + f_k - lse_b)."""
+    """Per sample: lse_b = logsumexp_k(x_bk + f_k), or with WRITE_Q Q_bk = exp(x_bk + f_k - lse_b)."""
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     row_ok = rows < B
     row_off = rows[:, None].to(tl.int64) * stride_b
@@ -90,11 +85,11 @@ def _sample_kernel(s_ptr, f_ptr, out_ptr, B, K, stride_b, stride_o, inv_eps, off
             cols = k0 + tl.arange(0, BLOCK_K)
             col_ok = cols < K
             mask = row_ok[:, None] & col_ok[None, :]
-            x = tl.load(s_ptr + row_off + cols[None, :], mask=mask, other=0.0).to(tl.float32) * inv_eps
+            x = tl.load(s_ptr + row_off + cols[None, :], mask=mask, other=float("-inf")).to(tl.float32) * inv_eps
             x += tl.load(f_ptr + cols, mask=col_ok, other=0.0)[None, :]
             tl.store(out_ptr + o_off + cols[None, :], tl.exp(x - lse[:, None]), mask=mask)
     else:
-        tl.store(out_ptr + rows, offset - lse, mask=row_ok)
+        tl.store(out_ptr + rows, lse, mask=row_ok)
 
 
 @functools.lru_cache(maxsize=None)
@@ -103,12 +98,11 @@ def _num_sms(device_index: int) -> int:
 
 
 # ------------------------------------------------------------------ fused single process
-# Launch parameters of the fused path, per device kind; the GPU values come from the
-# H100 sweep in bench/kernels.py (--sinkhorn-sweep).  ``FUSED = False`` selects the older
-# column-strip path (kept for that comparison).
-FUSED = True
+# Launch parameters of the fused path, per device kind.  GPU values: the fastest of the
+# variants timed side by side on an H100 (bench/kernels.py --sinkhorn-sweep, K=3000,
+# B=2048 and 4096; bench/results/kernels_sinkhorn_gpu.json).
 ONE_TILE_MAX = 4096
-FUSED_CFG = {"cuda": {"part_rows": 32, "part_block_b": 8, "part_block_k": 256, "part_warps": 4,
+FUSED_CFG = {"cuda": {"part_rows": 128, "part_block_b": 32, "part_block_k": 128, "part_warps": 4,
                       "rows": 16, "block_b": 2, "warps": 8},
              "cpu": {"part_rows": 16, "part_block_b": 8, "part_block_k": 16, "part_warps": 1,
                      "rows": 8, "block_b": 4, "warps": 1}}
@@ -266,31 +260,21 @@ def _prep(scores: torch.Tensor) -> torch.Tensor:
     return scores if scores.stride(1) == 1 else scores.contiguous()
 
 
-def _proto_launch(scores, inv_eps, g, log_k, to_potential):
+def proto_stats(scores, inv_eps, g):
+    """Local per-prototype (max, sum exp(x - max)) for the cross-process merge."""
     scores = _prep(scores)
     b, k = scores.shape
     # GPU: 32-column strips (128-byte rows, coalesced) give ~K/32 programs, ~94 for K=3000.
     block_b, block_k, warps = (64, 32, 4) if scores.is_cuda and not _small() else (8, 16, 1)
-    out = torch.empty((1 if to_potential else 2, k), dtype=torch.float32, device=scores.device)
+    out = torch.empty((2, k), dtype=torch.float32, device=scores.device)
     _proto_kernel[(triton.cdiv(k, block_k),)](
-        scores, g if g is not None else out, out[0], out[-1], out[0], b, k, scores.stride(0), inv_eps, log_k,
-        HAS_G=g is not None, TO_POTENTIAL=to_potential, BLOCK_B=block_b, BLOCK_K=block_k, num_warps=warps,
+        scores, g if g is not None else out, out[0], out[1], b, k, scores.stride(0), inv_eps,
+        HAS_G=g is not None, BLOCK_B=block_b, BLOCK_K=block_k, num_warps=warps,
     )
-    return out
-
-
-def proto_stats(scores, inv_eps, g):
-    """Local per-prototype (max, sum exp(x - max)) for the cross-process merge."""
-    out = _proto_launch(scores, inv_eps, g, 0.0, False)
     return out[0], out[1]
 
 
-def proto_potential(scores, inv_eps, g, log_k):
-    """Single process: f_k = -log K - logsumexp_b(x_bk + g_b) in one launch."""
-    return _proto_launch(scores, inv_eps, g, log_k, True)[0]
-
-
-def _sample_launch(scores, inv_eps, f, write_q, offset=0.0):
+def _sample_launch(scores, inv_eps, f, write_q):
     scores = _prep(scores)
     b, k = scores.shape
     if scores.is_cuda and not _small():
@@ -302,19 +286,14 @@ def _sample_launch(scores, inv_eps, f, write_q, offset=0.0):
     else:
         out = torch.empty(b, dtype=torch.float32, device=scores.device)
     _sample_kernel[(triton.cdiv(b, block_b),)](
-        scores, f, out, b, k, scores.stride(0), out.stride(0), inv_eps, offset,
+        scores, f, out, b, k, scores.stride(0), out.stride(0), inv_eps,
         WRITE_Q=write_q, BLOCK_B=block_b, BLOCK_K=block_k, num_warps=warps,
     )
     return out
 
 
 def sample_lse(scores, inv_eps, f):
-    return -_sample_launch(scores, inv_eps, f, False)
-
-
-def sample_potential(scores, inv_eps, f, log_b):
-    """g_b = -log B - logsumexp_k(x_bk + f_k) in one launch (log_b a Python float)."""
-    return _sample_launch(scores, inv_eps, f, False, offset=-log_b)
+    return _sample_launch(scores, inv_eps, f, False)
 
 
 def assign(scores, inv_eps, f):

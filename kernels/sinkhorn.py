@@ -135,32 +135,25 @@ def sinkhorn(
     inv_eps = 1.0 / float(eps)
     log_k = math.log(k)
     log_b = math.log(max(b_local, 1))
-    if reduce is None and getattr(ops, "FUSED", False):  # Triton, single process
+    if reduce is None and impl == "triton":  # single process: the fused launches
         return ops.fused(scores, inv_eps, int(iters), log_k, log_b)
     g = None
     f = None
-    fused = reduce is None and hasattr(ops, "proto_potential")  # Triton, single process (column strips)
     for it in range(int(iters)):
         # Prototype step: f_k = -log K - logsumexp over the global batch of (x_bk + g_b).
-        if fused:
-            f = ops.proto_potential(scores, inv_eps, g, log_k)
-        else:
-            m, s = ops.proto_stats(scores, inv_eps, g)
-            if reduce is not None:
-                m_glob = reduce(m.clone(), "max")
-                s = s * torch.exp(m - m_glob)
-                if it == 0:  # piggy-back the global batch size on the first sum
-                    packed = reduce(torch.cat([s, s.new_tensor([float(b_local)])]), "sum")
-                    s, log_b = packed[:-1], torch.log(packed[-1])  # stays on device: no sync
-                else:
-                    s = reduce(s, "sum")
-                m = m_glob
-            f = -log_k - m - torch.log(s)
+        m, s = ops.proto_stats(scores, inv_eps, g)
+        if reduce is not None:
+            m_glob = reduce(m.clone(), "max")
+            s = s * torch.exp(m - m_glob)
+            if it == 0:  # piggy-back the global batch size on the first sum
+                packed = reduce(torch.cat([s, s.new_tensor([float(b_local)])]), "sum")
+                s, log_b = packed[:-1], torch.log(packed[-1])  # stays on device: no sync
+            else:
+                s = reduce(s, "sum")
+            m = m_glob
+        f = -log_k - m - torch.log(s)
         if it + 1 < iters:
             # Sample step: g_b = -log B - logsumexp_k(x_bk + f_k)  (rows live on one rank).
-            if fused:
-                g = ops.sample_potential(scores, inv_eps, f, log_b)
-            else:
-                g = -log_b - ops.sample_lse(scores, inv_eps, f)
+            g = -log_b - ops.sample_lse(scores, inv_eps, f)
     # The last sample step followed by "* B" is a softmax over prototypes.
     return ops.assign(scores, inv_eps, f)
