@@ -6,16 +6,17 @@ Arms (each in its own process, so memory and pinned buffers never leak between t
   gpu_only           ZeRO-3, nothing offloaded                  raw: DeepSpeed's ZeRO-3 example block
   cpu_offload        params + optimizer -> CPU                  raw: + offload_* {device: cpu, pin_memory}
   nvme_optimizer     optimizer -> NVMe, params -> CPU           raw: the documented ZeRO-Infinity block
+                     runx: derived optimizer swapper (pipelined over
+                     sub-groups when its pinned buffers fit)
                                                                      (buffer_count 5, buffer_size 1e8,
                                                                      max_in_cpu 1e9; DeepSpeed still writes
                                                                      the parameter partitions to nvme_path)
   nvme_params        params + optimizer -> NVMe (max_in_cpu 0)  raw: the same block with max_in_cpu 0
                      runx: derived buffers / reuse distance          (hand-set buffers: crashes at step 1)
-  nvme_optimizer_docblock  runx given raw's offload_param block through trainer.ds_overrides (params "nvme"
-                     with max_in_cpu 1e9, buffer_count 5, buffer_size 1e8, reuse distance 1e9): the same
-                     layout as raw's nvme_optimizer, so runx/raw isolates runx itself (compared with that raw run).
-                     Measured on CPU: runx's own spelling of this layout (offload_param=cpu) makes DeepSpeed's
-                     optimizer step ~1.7x slower than the documented block; with the block, runx == raw.
+  nvme_optimizer_docblock  runx given raw's whole block through trainer.ds_overrides (params "nvme" with
+                     max_in_cpu 1e9, buffer_count 5, buffer_size 1e8, reuse distance 1e9; serial optimizer
+                     swapper, one sub-group): the same DeepSpeed config as raw's nvme_optimizer, so runx/raw
+                     isolates runx itself (compared with that raw run).
   nvme_optimizer_ga  optimizer -> NVMe, params on the device, grad_accum G chosen from the measured floor
                      so that compute covers the optimizer's I/O (runx only)
 Both sides use torch's AdamW (no JIT-built DeepSpeed CPU Adam) and the sft recipe's model, data and loss.
@@ -72,7 +73,12 @@ LAYOUT = {  # runx trainer overrides per arm
                                 "++trainer.ds_overrides.zero_optimization.offload_param.max_in_cpu=1e9",
                                 "++trainer.ds_overrides.zero_optimization.offload_param.buffer_count=5",
                                 "++trainer.ds_overrides.zero_optimization.offload_param.buffer_size=1e8",
-                                "++trainer.ds_overrides.zero_optimization.stage3_max_reuse_distance=1e9"],
+                                "++trainer.ds_overrides.zero_optimization.stage3_max_reuse_distance=1e9",
+                                # and raw's serial optimizer swapper (runx would derive a pipelined one)
+                                "++trainer.ds_overrides.zero_optimization.sub_group_size=1e9",
+                                "++trainer.ds_overrides.zero_optimization.offload_optimizer.buffer_count=4",
+                                "++trainer.ds_overrides.zero_optimization.offload_optimizer.pipeline_read=false",
+                                "++trainer.ds_overrides.zero_optimization.offload_optimizer.pipeline_write=false"],
     "nvme_optimizer_ga": ["trainer=zero3", "trainer.offload_optimizer=nvme"],
 }
 

@@ -97,6 +97,26 @@ def test_nvme_buffers_cover_the_live_set():
     assert budget["buffer_count"] == 6 and budget["stage3_max_reuse_distance"] < 1e9
 
 
+def test_nvme_optimizer_swapper_pipelines_when_its_buffers_fit():
+    """Optimizer states on NVMe: llama_m (4.2M params) gets >= 2 swappable sub-groups and the pipelined
+    swapper with enough buffers for three sub-groups in flight; a model too small for two >= 1 MiB
+    sub-groups, or a pinned budget too small for the buffers, keeps DeepSpeed's serial swapper."""
+    from runx.trainers.nvme import MIN_AIO_BYTES, nvme_optimizer_settings, optimizer_swap_buffers
+    st = _llama_m_stats()
+    s = nvme_optimizer_settings(st, n_states=2, pin_budget_bytes=2 ** 30)
+    assert s["pipelined"] and s["block"]["pipeline_read"] and s["block"]["pipeline_write"]
+    assert s["block"]["buffer_count"] == optimizer_swap_buffers(2) == 14
+    assert MIN_AIO_BYTES // 4 <= s["sub_group_size"] <= st["n_params"] // 2
+    assert s["pinned_bytes"] == 14 * 4 * (s["sub_group_size"] + st["largest"])
+    tight = nvme_optimizer_settings(st, n_states=2, pin_budget_bytes=s["pinned_bytes"] - 1)
+    assert not tight["pipelined"] and tight["block"] == {"buffer_count": 4, "fast_init": False}
+    assert tight["sub_group_size"] is None
+    tiny = nvme_optimizer_settings({"n_params": 300_000, "largest": 100_000}, pin_budget_bytes=2 ** 30)
+    assert not tiny["pipelined"]
+    two_ranks = nvme_optimizer_settings({**st, "world_size": 2}, pin_budget_bytes=2 ** 30)
+    assert two_ranks["sub_group_size"] <= s["sub_group_size"]
+
+
 # ------------------------------------------------------------------------------------------ plan: CLI + check
 def test_plan_cli_prints_and_writes_table(tmp_path):
     p = cli(["plan", *LLAMA, "trainer=zero3_nvme", f"trainer.nvme_path={tmp_path / 'nv'}",

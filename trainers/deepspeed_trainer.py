@@ -91,8 +91,10 @@ class Trainer:
                 raise ValueError(f"trainer.{key}={dev} needs trainer.zero_stage "
                                  f"{'3' if kind == 'param' else '>= 1'} (got {t.zero_stage})")
             block = {"device": dev, "pin_memory": pin}
+            if dev == "nvme":
+                from runx.trainers.nvme import param_stats
             if dev == "nvme" and not getattr(self, "_nvme_checked", False):
-                from runx.trainers.nvme import check_nvme_path, nvme_bytes_needed, param_stats
+                from runx.trainers.nvme import check_nvme_path, nvme_bytes_needed
                 n = param_stats(model, self.world_size)["n_params"]
                 check_nvme_path(str(t.nvme_path), nvme_bytes_needed(
                     n, t.offload_param == "nvme", t.offload_optimizer == "nvme", 2 if t.precision == "bf16" else 4))
@@ -104,7 +106,12 @@ class Trainer:
                     zero["stage3_max_reuse_distance"] = settings.pop("stage3_max_reuse_distance")
                     block.update(settings)
                 else:
-                    block.update(buffer_count=4, fast_init=False)
+                    from runx.trainers.nvme import nvme_optimizer_settings
+                    opt = nvme_optimizer_settings(param_stats(model, self.world_size, trainable_only=True),
+                                                  n_states=2 if self.cfg.optim.name == "adamw" else 1)
+                    block.update(opt["block"])
+                    if opt["sub_group_size"]:
+                        zero["sub_group_size"] = opt["sub_group_size"]
             zero[key] = block
         cfg = {
             "train_micro_batch_size_per_gpu": int(t.micro_batch_size),

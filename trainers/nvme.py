@@ -37,12 +37,12 @@ DEEPSPEED_AIO_DEFAULTS = {"block_size": 1048576, "queue_depth": 8, "intra_op_par
 
 
 # ----------------------------------------------------------------------------------- model statistics
-def param_stats(model, world_size: int = 1) -> dict:
+def param_stats(model, world_size: int = 1, trainable_only: bool = False) -> dict:
     """Sizes of a model's parameters (ZeRO-3 aware: `ds_numel` when partitioned), largest first, plus the
     forward-order sizes and, per module, how many parameters one fetch brings in."""
     seen, order = set(), []
     for p in model.parameters():
-        if id(p) in seen:
+        if id(p) in seen or (trainable_only and not p.requires_grad):
             continue
         seen.add(id(p))
         order.append(int(getattr(p, "ds_numel", p.numel())))
@@ -145,6 +145,55 @@ def nvme_param_settings(stats: dict, bytes_per_elem: int, buffer_count="auto", b
         size = int(float(buffer_size))
     return {"buffer_count": int(count), "buffer_size": int(size), "max_in_cpu": 0,
             "stage3_max_reuse_distance": float(R)}
+
+
+# ------------------------------------------------------------------------- optimizer states on NVMe
+OPT_SERIAL_BUFFERS = 4   # DeepSpeed's documented offload_optimizer.buffer_count
+OPT_SUB_GROUPS = 8       # sub-groups per rank when the swapper pipelines
+
+
+def optimizer_swap_buffers(n_states: int) -> int:
+    """Pinned buffers DeepSpeed's pipelined optimizer swapper holds at once: three sub-groups in flight (the
+    previous one being written, the current one stepping, the next one being read), each with its fp32
+    partition, its optimizer states and its gradient; plus the states a first step creates unpinned (the
+    swap-out copies them into new buffers). Adam: 14 (12 ran on CPU, 8 ran out)."""
+    return 3 * (n_states + 2) + n_states
+
+
+def default_pin_budget() -> int:
+    """Host memory the pipelined optimizer swapper may pin: 5% of RAM, at most 8 GiB."""
+    import psutil
+    return int(min(8 * 2 ** 30, 0.05 * psutil.virtual_memory().total))
+
+
+def nvme_optimizer_settings(stats: dict, n_states: int = 2, pin_budget_bytes: int | None = None,
+                            sub_groups: int = OPT_SUB_GROUPS) -> dict:
+    """The offload_optimizer block and ZeRO-3 sub_group_size for optimizer states on NVMe.
+
+    DeepSpeed's default swapper reads one sub-group's fp32 partition, optimizer states and gradient, steps
+    it, and writes it back; with the default sub_group_size (1e9) that is the whole partition of most
+    models, so the disk idles while the optimizer computes and the other way round. With pipeline_read /
+    pipeline_write it reads the next sub-group and writes the previous one while the current one steps.
+    That needs several sub-groups and `optimizer_swap_buffers` pinned buffers, each as large as the largest
+    sub-group (a sub-group closes at the first parameter that takes it to sub_group_size, so it can exceed
+    it by up to one parameter). Sub-groups are kept >= MIN_AIO_BYTES so that DeepSpeed swaps them at all.
+    Pipelined when that fits `pin_budget_bytes`, else DeepSpeed's serial swapper (buffer_count 4).
+    Measured on CPU (llama_m, optimizer step): 0.05-0.06 s pipelined vs 0.07-0.10 s serial."""
+    world = stats.get("world_size", 1)
+    per_rank = _partition(int(stats["n_params"]), world)
+    largest = _partition(int(stats["largest"]), world)
+    serial = {"block": {"buffer_count": OPT_SERIAL_BUFFERS, "fast_init": False}, "sub_group_size": None,
+              "pipelined": False, "pinned_bytes": OPT_SERIAL_BUFFERS * 4 * per_rank}
+    group = max(-(-per_rank // max(1, int(sub_groups))), MIN_AIO_BYTES // 4)
+    if per_rank < 2 * group:  # a single sub-group: nothing to overlap
+        return serial
+    count = optimizer_swap_buffers(n_states)
+    pinned = count * 4 * (group + largest)
+    budget = default_pin_budget() if pin_budget_bytes is None else int(pin_budget_bytes)
+    if pinned > budget:
+        return serial
+    return {"block": {"buffer_count": count, "fast_init": False, "pipeline_read": True, "pipeline_write": True},
+            "sub_group_size": int(group), "pipelined": True, "pinned_bytes": int(pinned)}
 
 
 def param_buffer_bytes(count: int, size: int, bytes_per_elem: int) -> int:

@@ -520,6 +520,15 @@ def estimate(cfg, facts: ModelFacts, machine: Machine, lay: Layout) -> Row:
     row.nvme = {f"model states: {k}": v for k, v in ms["nvme"].items() if v}
     from runx.trainers.runtime import flatten_overrides
     z = _zero_knobs(t, flatten_overrides(OmegaConf.to_container(t.ds_overrides, resolve=True)))
+    opt_nvme = None
+    if lay.offload_optimizer == "nvme":  # the trainer derives the swapper (and maybe the sub-group size)
+        from runx.trainers.nvme import nvme_optimizer_settings
+        N_ = machine.gpus_per_node * machine.nodes
+        opt_nvme = nvme_optimizer_settings({"n_params": tr, "largest": min(facts.largest_param, tr),
+                                            "world_size": N_}, n_states=2 if cfg.optim.name == "adamw" else 1)
+        if opt_nvme["sub_group_size"] and "zero_optimization.sub_group_size" not in flatten_overrides(
+                OmegaConf.to_container(t.ds_overrides, resolve=True)):
+            z["sub_group"] = float(opt_nvme["sub_group_size"])
     zero_init = lay.stage == 3 and lay.offload_param == "nvme"   # the trainer builds under zero.Init then
     G = machine.gpus_per_node
 
@@ -571,8 +580,10 @@ def estimate(cfg, facts: ModelFacts, machine: Machine, lay: Layout) -> Row:
                                                                              p) * G
             row.cpu["partitioned-param swap buffer"] = p * facts.largest_param * G
         if lay.offload_optimizer == "nvme":
-            largest_group = int(min(z["sub_group"], -(-tr // N)))
-            row.cpu["optimizer swap buffers (4 x sub-group, pinned)"] = 4 * 4 * largest_group * G
+            largest_group = int(min(z["sub_group"] + (facts.largest_param if opt_nvme["pipelined"] else 0),
+                                    -(-tr // N)))
+            count = opt_nvme["block"]["buffer_count"]
+            row.cpu[f"optimizer swap buffers ({count} x sub-group, pinned)"] = count * 4 * largest_group * G
             row.cpu["fp32 sub-group staging (init)"] = 4 * largest_group * G
         row.nvme["alignment / padding"] = int(0.1 * sum(row.nvme.values())) + 64 * 2**20
 
