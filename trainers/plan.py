@@ -519,15 +519,14 @@ def estimate(cfg, facts: ModelFacts, machine: Machine, lay: Layout) -> Row:
                if v and not (machine.device == "cpu" and k.startswith(host_terms))}
     row.nvme = {f"model states: {k}": v for k, v in ms["nvme"].items() if v}
     from runx.trainers.runtime import flatten_overrides
-    z = _zero_knobs(t, flatten_overrides(OmegaConf.to_container(t.ds_overrides, resolve=True)))
+    overrides = flatten_overrides(OmegaConf.to_container(t.ds_overrides, resolve=True))
+    z = _zero_knobs(t, overrides)
     opt_nvme = None
     if lay.offload_optimizer == "nvme":  # the trainer derives the swapper (and maybe the sub-group size)
         from runx.trainers.nvme import nvme_optimizer_settings
-        N_ = machine.gpus_per_node * machine.nodes
         opt_nvme = nvme_optimizer_settings({"n_params": tr, "largest": min(facts.largest_param, tr),
-                                            "world_size": N_}, n_states=2 if cfg.optim.name == "adamw" else 1)
-        if opt_nvme["sub_group_size"] and "zero_optimization.sub_group_size" not in flatten_overrides(
-                OmegaConf.to_container(t.ds_overrides, resolve=True)):
+                                            "world_size": N}, n_states=2 if cfg.optim.name == "adamw" else 1)
+        if opt_nvme["sub_group_size"] and "zero_optimization.sub_group_size" not in overrides:
             z["sub_group"] = float(opt_nvme["sub_group_size"])
     zero_init = lay.stage == 3 and lay.offload_param == "nvme"   # the trainer builds under zero.Init then
     G = machine.gpus_per_node
