@@ -7,7 +7,8 @@ Arms (each in its own process, so memory and pinned buffers never leak between t
   cpu_offload        params + optimizer -> CPU                  raw: + offload_* {device: cpu, pin_memory}
   nvme_optimizer     optimizer -> NVMe, params -> CPU           raw: the documented ZeRO-Infinity block
                      runx: derived optimizer swapper (pipelined over
-                     sub-groups when its pinned buffers fit)
+                     sub-groups when its pinned buffers fit); params
+                     handed to DeepSpeed as "nvme" + max_in_cpu = all
                                                                      (buffer_count 5, buffer_size 1e8,
                                                                      max_in_cpu 1e9; DeepSpeed still writes
                                                                      the parameter partitions to nvme_path)

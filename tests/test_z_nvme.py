@@ -128,6 +128,24 @@ def test_zero_infinity_trains_llama_with_loss_parity_to_zero3(aio_ready, tmp_pat
     assert len(params) == 8 and len(groups) >= 2 and len(states) == 2 * len(groups), (params, states)
 
 
+def test_params_in_cpu_with_optimizer_on_nvme_use_the_documented_block(aio_ready, tmp_path):
+    """offload_param=cpu + offload_optimizer=nvme is handed to DeepSpeed as ZeRO-Infinity's documented block
+    (parameters "nvme" with max_in_cpu covering all of them: written once at start-up, then kept in CPU
+    memory; trainers/nvme.py: deepspeed_param_device) and trains with ZeRO-3's losses."""
+    nv = tmp_path / "nvme"
+    run_cli(["train", *LLAMA_M, "trainer=zero3", f"run_dir={tmp_path / 'z3'}"])
+    run_cli(["train", *LLAMA_M, "trainer=zero3", "trainer.offload_param=cpu", "trainer.offload_optimizer=nvme",
+             f"trainer.nvme_path={nv}", f"run_dir={tmp_path / 'ic'}"])
+    a, b = losses(tmp_path / "z3"), losses(tmp_path / "ic")
+    assert sorted(a) == sorted(b) == [1, 2, 3, 4, 5]
+    for s in a:
+        assert abs(a[s] - b[s]) <= 1e-3 * abs(a[s]), (s, a[s], b[s])
+    zero = json.loads((tmp_path / "ic" / "ds_config.json").read_text())["zero_optimization"]
+    assert zero["offload_param"]["device"] == "nvme" and zero["offload_optimizer"]["device"] == "nvme"
+    assert zero["offload_param"]["max_in_cpu"] > 4_000_000  # llama_m: 4.2M parameters, all of them
+    assert list((nv / "zero_stage_3" / "optimizer" / "rank0").glob("exp_avg*.swp"))
+
+
 def test_zero_infinity_bf16_survives_duplicate_nvme_prefetch(aio_ready, tmp_path):
     """bf16 llama_m with parameters on NVMe: DeepSpeed 0.19.8's NVMe prefetcher lists the LM head twice (its
     forward use is followed at once by its backward use) and, unpatched, dies at step 2 with "param N already

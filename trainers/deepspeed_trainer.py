@@ -83,6 +83,7 @@ class Trainer:
                         stage3_prefetch_bucket_size=t.stage3_prefetch_bucket_size,
                         stage3_gather_16bit_weights_on_model_save=True)
         pin = self.device == "cuda"
+        param_dev = self.param_device()
         for kind, key in (("param", "offload_param"), ("optimizer", "offload_optimizer")):
             dev = getattr(t, key)
             if dev == "none":
@@ -90,6 +91,8 @@ class Trainer:
             if t.zero_stage < (3 if kind == "param" else 1):
                 raise ValueError(f"trainer.{key}={dev} needs trainer.zero_stage "
                                  f"{'3' if kind == 'param' else '>= 1'} (got {t.zero_stage})")
+            in_cpu = kind == "param" and param_dev == "nvme_in_cpu"
+            dev = "nvme" if in_cpu else dev
             block = {"device": dev, "pin_memory": pin}
             if dev == "nvme":
                 from runx.trainers.nvme import param_stats
@@ -97,13 +100,18 @@ class Trainer:
                 from runx.trainers.nvme import check_nvme_path, nvme_bytes_needed
                 n = param_stats(model, self.world_size)["n_params"]
                 check_nvme_path(str(t.nvme_path), nvme_bytes_needed(
-                    n, t.offload_param == "nvme", t.offload_optimizer == "nvme", 2 if t.precision == "bf16" else 4))
+                    n, param_dev.startswith("nvme"), t.offload_optimizer == "nvme",
+                    2 if t.precision == "bf16" else 4))
                 self._nvme_checked = True
             if dev == "nvme":
                 block["nvme_path"] = str(t.nvme_path)
                 if kind == "param":
+                    # the derived buffers also serve "nvme_in_cpu": until the engine moves the parameters
+                    # into CPU memory (a LoRA-GA estimate runs before that) they are read from NVMe
                     settings = self._nvme_param_settings(model)
                     zero["stage3_max_reuse_distance"] = settings.pop("stage3_max_reuse_distance")
+                    if in_cpu:
+                        settings["max_in_cpu"] = int(param_stats(model, self.world_size)["n_params"]) + 1
                     block.update(settings)
                 else:
                     from runx.trainers.nvme import nvme_optimizer_settings
@@ -139,6 +147,12 @@ class Trainer:
             node[leaf] = v
         return cfg
 
+    def param_device(self) -> str:
+        """DeepSpeed's placement of the parameters: none | cpu | nvme | nvme_in_cpu (trainers/nvme.py)."""
+        from runx.trainers.nvme import deepspeed_param_device
+        t = self.tcfg
+        return deepspeed_param_device(int(t.zero_stage), str(t.offload_param), str(t.offload_optimizer))
+
     def _nvme_param_settings(self, model) -> dict:
         """offload_param buffers + the ZeRO-3 reuse distance that cannot run out of buffers (trainers/nvme.py)."""
         from runx.trainers.nvme import nvme_param_settings, param_stats, resolve_aio
@@ -157,7 +171,7 @@ class Trainer:
         The NVMe buffers in that config are derived from the parameter shapes. A randomly initialised
         model (model.from_config) is built once normally and copied in, so that every ZeRO config of a
         seed starts from the same weights."""
-        if not (self.tcfg.zero_stage == 3 and self.tcfg.offload_param == "nvme"):
+        if not self.param_device().startswith("nvme"):
             with recipe.model_init_context(self):
                 return recipe.build_model()
         from transformers.integrations import HfDeepSpeedConfig

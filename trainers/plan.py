@@ -528,7 +528,10 @@ def estimate(cfg, facts: ModelFacts, machine: Machine, lay: Layout) -> Row:
                                             "world_size": N}, n_states=2 if cfg.optim.name == "adamw" else 1)
         if opt_nvme["sub_group_size"] and "zero_optimization.sub_group_size" not in overrides:
             z["sub_group"] = float(opt_nvme["sub_group_size"])
-    zero_init = lay.stage == 3 and lay.offload_param == "nvme"   # the trainer builds under zero.Init then
+    from runx.trainers.nvme import deepspeed_param_device
+    # parameters that pass through NVMe ("nvme", or "nvme_in_cpu": written once, then kept in CPU memory)
+    param_dev = deepspeed_param_device(lay.stage, lay.offload_param, lay.offload_optimizer)
+    zero_init = param_dev.startswith("nvme")   # the trainer builds under zero.Init then
     G = machine.gpus_per_node
 
     # ---- runtime buffers on the compute device
@@ -570,10 +573,14 @@ def estimate(cfg, facts: ModelFacts, machine: Machine, lay: Layout) -> Row:
     # ---- NVMe: swap buffers and the swapper's pinned buffers
     if "nvme" in (lay.offload_param, lay.offload_optimizer):
         from runx.trainers.nvme import nvme_param_settings, param_buffer_bytes
-        if lay.offload_param == "nvme":
+        if param_dev == "nvme_in_cpu":
+            row.nvme["params (written at start-up, read into CPU memory)"] = p * psi
+        if param_dev.startswith("nvme"):
             s = nvme_param_settings(facts.nvme_stats(N), p, str(t.nvme_buffer_count), str(t.nvme_buffer_size),
                                     int(t.aio.block_size),
                                     z["reuse"] if t.nvme_buffer_count == "auto" else None)
+            if param_dev == "nvme_in_cpu":
+                s = {**s, "max_in_cpu": int(psi) + 1}
             row.nvme_settings = s
             row.cpu["NVMe param swap buffers (pinned)"] = param_buffer_bytes(s["buffer_count"], s["buffer_size"],
                                                                              p) * G
@@ -736,7 +743,9 @@ def check_fits(cfg) -> None:
         return
     if uses_nvme:
         from runx.trainers.nvme import check_nvme_path, nvme_bytes_needed
-        need = nvme_bytes_needed(facts.n_params, t.offload_param == "nvme", t.offload_optimizer == "nvme",
+        from runx.trainers.nvme import deepspeed_param_device
+        param_dev = deepspeed_param_device(int(t.zero_stage), str(t.offload_param), str(t.offload_optimizer))
+        need = nvme_bytes_needed(facts.n_params, param_dev.startswith("nvme"), t.offload_optimizer == "nvme",
                                  facts.param_bytes, optimizer_state_bytes(cfg.optim.name, float(cfg.optim.momentum)))
         try:
             check_nvme_path(str(t.nvme_path), need)
