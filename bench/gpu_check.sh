@@ -7,6 +7,10 @@
 #   bash bench/gpu_check.sh [tests,kernels,sinkhorn,overhead,offload]   (default: all but sinkhorn;
 #        DEADLINE=540 s by default). A second, shorter call picks what to re-run:
 #   OFFLOAD_ARMS=a,b  TO_TRAINERS=zero3,zero3_nvme  TO_ROUNDS=1  TO_STEPS=4
+# Still unmeasured on a GPU after 2026-11-26 (see bench/results/*.json): the offload arms nvme_optimizer(_ga,
+# _docblock) with the derived NVMe optimizer swapper and parameter block, and trainer overhead zero3_nvme:
+#   OFFLOAD_ARMS=nvme_optimizer_ga,nvme_optimizer,nvme_optimizer_docblock OFFLOAD_BUDGET=300 bash bench/gpu_check.sh offload
+#   TO_ROUNDS=1 bash bench/gpu_check.sh overhead        (one round of 0.3B zero3_nvme: ~35-40 s a side)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 T0=$(date +%s)
