@@ -18,7 +18,8 @@ tile-parallel (no program walks a whole column):
 When K fits one tile (K <= ONE_TILE_MAX) a block of rows is read once per launch.
 
 Several processes (``proto_stats`` / ``sample_lse`` / ``assign``, between all-reduces): the
-three passes of ``sinkhorn._TorchOps``, each one launch.
+three passes of ``sinkhorn._TorchOps``, each one launch (``assign`` is the fused path's last
+launch with f given).
 
 Every launch reads ``scores`` in its own dtype (bf16 is upcast in registers) with exp, the
 1/eps scale, the potentials and the max-shifted reductions fused in; Q is written once, at
@@ -26,8 +27,6 @@ the end.  The eager reference writes and re-reads a K x B fp32 matrix ~6 times p
 """
 
 from __future__ import annotations
-
-import functools
 
 import torch
 import triton
@@ -61,40 +60,13 @@ def _proto_kernel(s_ptr, g_ptr, m_ptr, sum_ptr, B, K, stride_b, inv_eps,
 
 
 @triton.jit
-def _sample_kernel(s_ptr, f_ptr, out_ptr, B, K, stride_b, stride_o, inv_eps,
-                   WRITE_Q: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Per sample: lse_b = logsumexp_k(x_bk + f_k), or with WRITE_Q Q_bk = exp(x_bk + f_k - lse_b)."""
+def _sample_kernel(s_ptr, f_ptr, out_ptr, B, K, stride_b, inv_eps, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Per sample: lse_b = logsumexp_k(x_bk + f_k)."""
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     row_ok = rows < B
-    row_off = rows[:, None].to(tl.int64) * stride_b
-    m = tl.full((BLOCK_B,), -1.0e30, tl.float32)
-    acc = tl.zeros((BLOCK_B,), tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        cols = k0 + tl.arange(0, BLOCK_K)
-        col_ok = cols < K
-        x = tl.load(s_ptr + row_off + cols[None, :], mask=row_ok[:, None] & col_ok[None, :],
-                    other=float("-inf")).to(tl.float32) * inv_eps
-        x += tl.load(f_ptr + cols, mask=col_ok, other=0.0)[None, :]
-        m_new = tl.maximum(m, tl.max(x, axis=1))
-        acc = acc * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new[:, None]), axis=1)
-        m = m_new
-    lse = m + tl.log(tl.where(row_ok, acc, 1.0))  # padded rows: avoid log(0)
-    if WRITE_Q:
-        o_off = rows[:, None].to(tl.int64) * stride_o
-        for k0 in range(0, K, BLOCK_K):
-            cols = k0 + tl.arange(0, BLOCK_K)
-            col_ok = cols < K
-            mask = row_ok[:, None] & col_ok[None, :]
-            x = tl.load(s_ptr + row_off + cols[None, :], mask=mask, other=float("-inf")).to(tl.float32) * inv_eps
-            x += tl.load(f_ptr + cols, mask=col_ok, other=0.0)[None, :]
-            tl.store(out_ptr + o_off + cols[None, :], tl.exp(x - lse[:, None]), mask=mask)
-    else:
-        tl.store(out_ptr + rows, lse, mask=row_ok)
-
-
-@functools.lru_cache(maxsize=None)
-def _num_sms(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
+    lse = _row_lse(s_ptr, f_ptr, f_ptr, f_ptr, rows[:, None].to(tl.int64) * stride_b, row_ok, False, K, inv_eps,
+                   0.0, False, False, BLOCK_B, BLOCK_K)
+    tl.store(out_ptr + rows, lse, mask=row_ok)
 
 
 # ------------------------------------------------------------------ fused single process
@@ -157,6 +129,27 @@ def _potential(fb_ptr, ain_ptr, cols, col_ok, shift, HAS_AIN: tl.constexpr):
 
 
 @triton.jit
+def _row_lse(s_ptr, fb_ptr, ain_ptr, fout_ptr, row_off, row_ok, store_f, K, inv_eps, shift,
+             HAS_AIN: tl.constexpr, WRITE_F: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr):
+    """lse_b = logsumexp_k(x_bk + f_k) for a block of rows, online over K in BLOCK_K chunks (f from
+    `_potential`; with WRITE_F it is also stored to fout where `store_f`)."""
+    m = tl.full((BLOCK_B,), -1.0e30, tl.float32)  # finite: no (-inf) - (-inf)
+    acc = tl.zeros((BLOCK_B,), tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        cols = k0 + tl.arange(0, BLOCK_K)
+        col_ok = cols < K
+        f = _potential(fb_ptr, ain_ptr, cols, col_ok, shift, HAS_AIN)
+        if WRITE_F:
+            tl.store(fout_ptr + cols, f, mask=col_ok & store_f)
+        x = tl.load(s_ptr + row_off + cols[None, :], mask=row_ok[:, None] & col_ok[None, :],
+                    other=float("-inf")).to(tl.float32) * inv_eps + f[None, :]
+        m_new = tl.maximum(m, tl.max(x, axis=1))
+        acc = acc * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new[:, None]), axis=1)
+        m = m_new
+    return m + tl.log(tl.where(row_ok, acc, 1.0))  # padded rows: avoid log(0)
+
+
+@triton.jit
 def _row_kernel(s_ptr, fb_ptr, ain_ptr, fout_ptr, aout_ptr, q_ptr, B, K, stride_b, stride_q, inv_eps, shift,
                 HAS_AIN: tl.constexpr, WRITE_F: tl.constexpr, ACC_OUT: tl.constexpr, WRITE_Q: tl.constexpr,
                 ONE_TILE: tl.constexpr, ROWS: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -189,20 +182,8 @@ def _row_kernel(s_ptr, fb_ptr, ain_ptr, fout_ptr, aout_ptr, q_ptr, B, K, stride_
         rows = pid * BLOCK_B + tl.arange(0, BLOCK_B)
         row_ok = rows < B
         row_off = rows[:, None].to(tl.int64) * stride_b
-        m = tl.full((BLOCK_B,), -1.0e30, tl.float32)
-        acc = tl.zeros((BLOCK_B,), tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            cols = k0 + tl.arange(0, BLOCK_K)
-            col_ok = cols < K
-            f = _potential(fb_ptr, ain_ptr, cols, col_ok, shift, HAS_AIN)
-            if WRITE_F:
-                tl.store(fout_ptr + cols, f, mask=col_ok & (pid == 0))
-            x = tl.load(s_ptr + row_off + cols[None, :], mask=row_ok[:, None] & col_ok[None, :],
-                        other=float("-inf")).to(tl.float32) * inv_eps + f[None, :]
-            m_new = tl.maximum(m, tl.max(x, axis=1))
-            acc = acc * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new[:, None]), axis=1)
-            m = m_new
-        lse = m + tl.log(tl.where(row_ok, acc, 1.0))
+        lse = _row_lse(s_ptr, fb_ptr, ain_ptr, fout_ptr, row_off, row_ok, pid == 0, K, inv_eps, shift,
+                       HAS_AIN, WRITE_F, BLOCK_B, BLOCK_K)
         for k0 in range(0, K, BLOCK_K):
             cols = k0 + tl.arange(0, BLOCK_K)
             col_ok = cols < K
@@ -236,20 +217,27 @@ def fused(scores: torch.Tensor, inv_eps: float, iters: int, log_k: float, log_b:
         ROWS=c["part_rows"], BLOCK_B=c["part_block_b"], BLOCK_K=c["part_block_k"], num_warps=c["part_warps"])
     _col_merge_kernel[(triton.cdiv(k, 1024 if scores.is_cuda else 64),)](
         part[0], part[1], pot[0], sums, r_blocks, k, iters - 1, log_k, BLOCK=1024 if scores.is_cuda else 64)
-    one_tile = k <= ONE_TILE_MAX
-    block_k = triton.next_power_of_2(k) if one_tile else 512
-    rows = c["rows"] if one_tile else c["block_b"]
     q = torch.empty((b, k), dtype=torch.float32, device=dev)
-    shift = log_b - log_k
     for it in range(1, iters + 1):
         last = it == iters
-        fb = pot[max(it - 2, 0)]
-        _row_kernel[(triton.cdiv(b, rows),)](
-            scores, fb, sums[max(it - 2, 0)], pot[it - 1], sums[it - 1] if not last else sums[0], q,
-            b, k, scores.stride(0), q.stride(0), inv_eps, shift,
-            HAS_AIN=it >= 2, WRITE_F=it >= 2 and not last, ACC_OUT=not last, WRITE_Q=last, ONE_TILE=one_tile,
-            ROWS=rows, BLOCK_B=c["block_b"], BLOCK_K=block_k, num_warps=c["warps"])
+        _row_launch(scores, inv_eps, c, pot[max(it - 2, 0)], q, ain=sums[it - 2] if it >= 2 else None,
+                    shift=log_b - log_k, fout=pot[it - 1] if 2 <= it < iters else None,
+                    aout=None if last else sums[it - 1])
     return q
+
+
+def _row_launch(scores, inv_eps, c, fb, q, ain=None, shift=0.0, fout=None, aout=None):
+    """One `_row_kernel` launch: f from `fb` (updated by the column sums `ain` if given), f stored to `fout`
+    if given, then the next step's column sums added to `aout` if given, else Q written to `q`."""
+    b, k = scores.shape
+    one_tile = k <= ONE_TILE_MAX
+    rows = c["rows"] if one_tile else c["block_b"]
+    _row_kernel[(triton.cdiv(b, rows),)](
+        scores, fb, fb if ain is None else ain, fb if fout is None else fout, fb if aout is None else aout, q,
+        b, k, scores.stride(0), q.stride(0), inv_eps, shift,
+        HAS_AIN=ain is not None, WRITE_F=fout is not None, ACC_OUT=aout is not None, WRITE_Q=aout is None,
+        ONE_TILE=one_tile, ROWS=rows, BLOCK_B=c["block_b"],
+        BLOCK_K=triton.next_power_of_2(k) if one_tile else 512, num_warps=c["warps"])
 
 
 def _small() -> bool:
@@ -274,27 +262,20 @@ def proto_stats(scores, inv_eps, g):
     return out[0], out[1]
 
 
-def _sample_launch(scores, inv_eps, f, write_q):
+def sample_lse(scores, inv_eps, f):
+    """lse_b = logsumexp_k(x_bk + f_k), one launch (between the all-reduces of several processes)."""
     scores = _prep(scores)
     b, k = scores.shape
-    if scores.is_cuda and not _small():
-        block_b, block_k, warps = 4, 512, 4
-    else:
-        block_b, block_k, warps = 4, 16, 1
-    if write_q:
-        out = torch.empty((b, k), dtype=torch.float32, device=scores.device)
-    else:
-        out = torch.empty(b, dtype=torch.float32, device=scores.device)
-    _sample_kernel[(triton.cdiv(b, block_b),)](
-        scores, f, out, b, k, scores.stride(0), out.stride(0), inv_eps,
-        WRITE_Q=write_q, BLOCK_B=block_b, BLOCK_K=block_k, num_warps=warps,
-    )
+    block_b, block_k, warps = (4, 512, 4) if scores.is_cuda and not _small() else (4, 16, 1)
+    out = torch.empty(b, dtype=torch.float32, device=scores.device)
+    _sample_kernel[(triton.cdiv(b, block_b),)](scores, f, out, b, k, scores.stride(0), inv_eps,
+                                               BLOCK_B=block_b, BLOCK_K=block_k, num_warps=warps)
     return out
 
 
-def sample_lse(scores, inv_eps, f):
-    return _sample_launch(scores, inv_eps, f, False)
-
-
 def assign(scores, inv_eps, f):
-    return _sample_launch(scores, inv_eps, f, True)
+    """Q[b] = softmax_k(x_bk + f_k): the fused path's last launch, with f given."""
+    scores = _prep(scores)
+    q = torch.empty(scores.shape, dtype=torch.float32, device=scores.device)
+    _row_launch(scores, inv_eps, FUSED_CFG["cuda" if scores.is_cuda and not _small() else "cpu"], f, q)
+    return q
