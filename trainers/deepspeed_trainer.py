@@ -84,6 +84,10 @@ class Trainer:
                         stage3_gather_16bit_weights_on_model_save=True)
         pin = self.device == "cuda"
         param_dev = self.param_device()
+        stats = None  # parameter sizes, walked once, when anything goes to NVMe
+        if param_dev.startswith("nvme") or t.offload_optimizer == "nvme":
+            from runx.trainers.nvme import param_stats
+            stats = param_stats(model, self.world_size)
         for kind, key in (("param", "offload_param"), ("optimizer", "offload_optimizer")):
             dev = getattr(t, key)
             if dev == "none":
@@ -94,13 +98,10 @@ class Trainer:
             in_cpu = kind == "param" and param_dev == "nvme_in_cpu"
             dev = "nvme" if in_cpu else dev
             block = {"device": dev, "pin_memory": pin}
-            if dev == "nvme":
-                from runx.trainers.nvme import param_stats
             if dev == "nvme" and not getattr(self, "_nvme_checked", False):
                 from runx.trainers.nvme import check_nvme_path, nvme_bytes_needed
-                n = param_stats(model, self.world_size)["n_params"]
                 check_nvme_path(str(t.nvme_path), nvme_bytes_needed(
-                    n, param_dev.startswith("nvme"), t.offload_optimizer == "nvme",
+                    stats["n_params"], param_dev.startswith("nvme"), t.offload_optimizer == "nvme",
                     2 if t.precision == "bf16" else 4))
                 self._nvme_checked = True
             if dev == "nvme":
@@ -108,10 +109,10 @@ class Trainer:
                 if kind == "param":
                     # the derived buffers also serve "nvme_in_cpu": until the engine moves the parameters
                     # into CPU memory (a LoRA-GA estimate runs before that) they are read from NVMe
-                    settings = self._nvme_param_settings(model)
+                    settings = self._nvme_param_settings(stats)
                     zero["stage3_max_reuse_distance"] = settings.pop("stage3_max_reuse_distance")
                     if in_cpu:
-                        settings["max_in_cpu"] = int(param_stats(model, self.world_size)["n_params"]) + 1
+                        settings["max_in_cpu"] = int(stats["n_params"]) + 1
                     block.update(settings)
                 else:
                     from runx.trainers.nvme import nvme_optimizer_settings
@@ -153,12 +154,13 @@ class Trainer:
         t = self.tcfg
         return deepspeed_param_device(int(t.zero_stage), str(t.offload_param), str(t.offload_optimizer))
 
-    def _nvme_param_settings(self, model) -> dict:
-        """offload_param buffers + the ZeRO-3 reuse distance that cannot run out of buffers (trainers/nvme.py)."""
-        from runx.trainers.nvme import nvme_param_settings, param_stats, resolve_aio
+    def _nvme_param_settings(self, stats: dict) -> dict:
+        """offload_param buffers + the ZeRO-3 reuse distance that cannot run out of buffers (trainers/nvme.py),
+        from the model's `param_stats`."""
+        from runx.trainers.nvme import nvme_param_settings, resolve_aio
         t = self.tcfg
         self._aio = getattr(self, "_aio", None) or resolve_aio(t)
-        return nvme_param_settings(param_stats(model, self.world_size), 2 if t.precision == "bf16" else 4,
+        return nvme_param_settings(stats, 2 if t.precision == "bf16" else 4,
                                    t.nvme_buffer_count, t.nvme_buffer_size, self._aio["block_size"])
 
     def _build_model(self, recipe):

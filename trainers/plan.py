@@ -742,8 +742,7 @@ def check_fits(cfg) -> None:
                 _stop(str(err))
         return
     if uses_nvme:
-        from runx.trainers.nvme import check_nvme_path, nvme_bytes_needed
-        from runx.trainers.nvme import deepspeed_param_device
+        from runx.trainers.nvme import check_nvme_path, deepspeed_param_device, nvme_bytes_needed
         param_dev = deepspeed_param_device(int(t.zero_stage), str(t.offload_param), str(t.offload_optimizer))
         need = nvme_bytes_needed(facts.n_params, param_dev.startswith("nvme"), t.offload_optimizer == "nvme",
                                  facts.param_bytes, optimizer_state_bytes(cfg.optim.name, float(cfg.optim.momentum)))
