@@ -338,6 +338,8 @@ def bench_sinkhorn(b, k, device, rounds, inner, sweep=False):
     methods = {"eager": repeat(lambda: _eager_swav(scores))}
     for bk in backends:
         methods[f"runx_{bk}"] = repeat(lambda bk=bk: rk.sinkhorn(scores, backend=bk))
+    if device == "cuda":  # the same Triton launches without the CUDA-graph replay
+        methods["runx_triton_nograph"] = repeat(lambda: rk.sinkhorn(scores, backend="triton", cuda_graph=False))
     if device == "cuda":
         from runx.kernels import _triton_sinkhorn as ts
 
@@ -360,6 +362,9 @@ def bench_sinkhorn(b, k, device, rounds, inner, sweep=False):
         ref = _eager_swav(scores.double()).float()
         case["max_abs_err_vs_eager_fp64"] = {
             f"runx_{bk}": (rk.sinkhorn(scores, backend=bk) - ref).abs().max().item() for bk in backends}
+        if device == "cuda":
+            case["max_abs_err_vs_eager_fp64"]["runx_triton_nograph"] = (
+                rk.sinkhorn(scores, backend="triton", cuda_graph=False) - ref).abs().max().item()
         for name in res:
             if name.startswith("fused["):
                 cfg = {**ts.FUSED_CFG["cuda"], **SINKHORN_SWEEP[name[6:-1]]}

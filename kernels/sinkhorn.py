@@ -97,6 +97,7 @@ def sinkhorn(
     iters: int = 3,
     world_sums: None | str | Reducer = None,
     backend: str = "auto",
+    cuda_graph: bool = True,
 ) -> torch.Tensor:
     """SwAV code assignment Q [B, K] (fp32) from prototype scores [B, K].
 
@@ -111,6 +112,9 @@ def sinkhorn(
             ``op`` in {"sum", "max"} returning the reduction over all processes.  The
             global batch size is the sum of the local ones.
         backend: 'auto' (Triton on CUDA), 'torch' or 'triton'.
+        cuda_graph: single process on CUDA with Triton: replay the launches from a CUDA
+            graph captured once per shape (the call is otherwise bound by host launch
+            time).  Skipped while the caller is itself capturing a graph.
 
     Returns:
         Q [B_local, K] fp32, each row sums to 1; over the global batch each prototype
@@ -136,6 +140,8 @@ def sinkhorn(
     log_k = math.log(k)
     log_b = math.log(max(b_local, 1))
     if reduce is None and impl == "triton":  # single process: the fused launches
+        if cuda_graph and scores.is_cuda and not torch.cuda.is_current_stream_capturing():
+            return ops.fused_graphed(scores, inv_eps, int(iters), log_k, log_b)
         return ops.fused(scores, inv_eps, int(iters), log_k, log_b)
     g = None
     f = None

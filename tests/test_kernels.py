@@ -575,3 +575,26 @@ def test_gpu_sinkhorn(backend):
         wide = _cosine_scores(300, 5000, seed=4, device="cuda")
         torch.testing.assert_close(sinkhorn(wide, backend="triton"), sinkhorn(wide, backend="torch"),
                                    rtol=0, atol=1e-5)
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_gpu_sinkhorn_cuda_graph_replay():
+    from runx.kernels import _triton_sinkhorn as ts
+
+    a = _cosine_scores(600, 3000, seed=5, device="cuda").to(torch.bfloat16)
+    b = _cosine_scores(600, 3000, seed=6, device="cuda").to(torch.bfloat16)
+    plain_a = sinkhorn(a, backend="triton", cuda_graph=False)
+    plain_b = sinkhorn(b, backend="triton", cuda_graph=False)
+    qa = sinkhorn(a, backend="triton")  # captures
+    qb = sinkhorn(b, backend="triton")  # replays with new input
+    assert any(key[2] == (600, 3000) for key in ts._graphs), "no graph was captured"
+    assert not ts._ungraphable
+    torch.testing.assert_close(qa, plain_a, rtol=0, atol=1e-6)  # the first result is not overwritten
+    torch.testing.assert_close(qb, plain_b, rtol=0, atol=1e-6)
+    assert qa.data_ptr() != qb.data_ptr()
+    # a transposed (non-contiguous) view and another shape go through the same cache
+    torch.testing.assert_close(sinkhorn(b.t().contiguous().t(), backend="triton"), plain_b, rtol=0, atol=1e-6)
+    c = _cosine_scores(100, 300, seed=7, device="cuda")
+    torch.testing.assert_close(sinkhorn(c, backend="triton"), sinkhorn(c, backend="torch"), rtol=0, atol=1e-5)
+
