@@ -1,6 +1,7 @@
 """runx's training step vs a plain `deepspeed.initialize` loop: identical DeepSpeed config, model, batches, seed.
 
-Both run in this process, alternating A/B rounds; each round builds a fresh engine and times N steps.
+Both run in this process, alternating A/B rounds (odd rounds run raw first); each round builds a fresh engine
+per side, swapping into its own fresh NVMe folder, and times N steps.
 The ratio is median(raw step time) / median(runx step time): >= 0.98 means runx adds <= 2%. Both sides draw the
 same micro-batches in the same order from the same initial weights, and the bench reports how far their losses differ.
 
@@ -13,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -88,24 +90,33 @@ def main():
     for trainer in a.trainers.split(","):
         base = ["recipe=sft", "data=tiny_text", f"trainer={trainer}", f"trainer.device={a.device}", *model,
                 f"trainer.max_steps={steps}", "trainer.ckpt_every=0", "trainer.eval_every=0", "logger=none",
-                "trainer.progress=false", "trainer.micro_batch_size=8", "data.max_length=128",
-                f"trainer.nvme_path={tempfile.mkdtemp(prefix='runx_nvme_')}"]
+                "trainer.progress=false", "trainer.micro_batch_size=8", "data.max_length=128"]
         if a.device == "cuda" and a.model == "gpu_llama":
             base += ["trainer.micro_batch_size=8", "data.max_length=512"]
         from runx.trainers.deepspeed_trainer import Trainer
         A, B, worst = [], [], 0.0
         for r in range(rounds):
+            # each side swaps into its own fresh folder (no swap files left by the other side), and odd rounds
+            # run raw first: neither side always meets a cold disk, allocator or page cache
+            nvme_dirs = [tempfile.mkdtemp(prefix="runx_nvme_") for _ in range(2)]
             run_dir = tempfile.mkdtemp(prefix="runx_bench_")
-            cfg = compose(base + [f"run_dir={run_dir}"])
-            ta, la = runx_round(cfg, run_dir)
-            A += ta[2:]  # drop warm-up steps
-            tr = Trainer(cfg, run_dir)  # same config builder -> identical DeepSpeed config
-            from runx.recipes.sft import SFT
-            m = SFT(cfg, run_dir).build_model()
-            ds_config = tr.build_ds_config(m)
-            del m
-            tb, lb = raw_round(cfg, ds_config)
-            B += tb[2:]
+            cfg = compose(base + [f"run_dir={run_dir}", f"trainer.nvme_path={nvme_dirs[0]}"])
+            raw_cfg = compose(base + [f"run_dir={tempfile.mkdtemp(prefix='runx_bench_raw_')}",
+                                      f"trainer.nvme_path={nvme_dirs[1]}"])
+            for side in (("raw", "runx") if r % 2 else ("runx", "raw")):
+                if side == "runx":
+                    ta, la = runx_round(cfg, run_dir)
+                    A += ta[2:]  # drop warm-up steps
+                    continue
+                tr = Trainer(raw_cfg, raw_cfg.run_dir)  # same config builder -> identical DeepSpeed config
+                from runx.recipes.sft import SFT
+                m = SFT(raw_cfg, raw_cfg.run_dir).build_model()
+                ds_config = tr.build_ds_config(m)
+                del m
+                tb, lb = raw_round(raw_cfg, ds_config)
+                B += tb[2:]
+            for d in nvme_dirs:
+                shutil.rmtree(d, ignore_errors=True)
             # the same work on both sides: same batches, same init, same losses (up to float noise in offload)
             worst = max(worst, max(abs(x - y) / max(abs(x), 1e-12) for x, y in zip(la, lb)))
             ra, rb = statistics.median(A), statistics.median(B)
