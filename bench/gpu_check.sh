@@ -7,10 +7,10 @@
 #   bash bench/gpu_check.sh [tests,kernels,sinkhorn,overhead,offload]   (default: all but sinkhorn;
 #        DEADLINE=540 s by default). A second, shorter call picks what to re-run:
 #   OFFLOAD_ARMS=a,b  TO_TRAINERS=zero3,zero3_nvme  TO_ROUNDS=1  TO_STEPS=4
-# Still unmeasured on a GPU after 2026-11-26 (see bench/results/*.json): the offload arms nvme_optimizer(_ga,
-# _docblock) with the derived NVMe optimizer swapper and parameter block, and trainer overhead zero3_nvme:
-#   OFFLOAD_ARMS=nvme_optimizer_ga,nvme_optimizer,nvme_optimizer_docblock OFFLOAD_BUDGET=300 bash bench/gpu_check.sh offload
-#   TO_ROUNDS=1 bash bench/gpu_check.sh overhead        (one round of 0.3B zero3_nvme: ~35-40 s a side)
+# Measured on an H100 by 2026-11-26 (bench/results/gpu_check_run*.log): every offload arm but raw nvme_params, and
+# trainer overhead for zero3, zero3_cpu_offload and zero3_nvme. The zero3_nvme overhead row (0.80-0.90) was taken
+# before the bench alternated which side runs first and gave each side its own NVMe folder; re-measure it with
+#   TO_ROUNDS=2 TO_LIMIT=280 bash bench/gpu_check.sh overhead        (one round of 0.3B zero3_nvme: ~110 s)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 T0=$(date +%s)
@@ -70,7 +70,7 @@ step offload "offload (GPU)" $(( OFF_BUDGET + 30 )) python3 bench/offload.py --d
   --budget-s "$OFF_BUDGET" ${OFFLOAD_ARMS:+--arms "$OFFLOAD_ARMS"}
 # measured 2026-11-26 on an H100: zero3 + zero3_cpu_offload took ~115 s (rounds 2, steps 6); a zero3_nvme step
 # moves ~5 GB through the disk (0.3B bf16 params + fp32 states), so it gets its own row with fewer steps
-step overhead "trainer overhead (GPU)" 150 python3 bench/trainer_overhead.py --device cuda --model gpu_llama \
+step overhead "trainer overhead (GPU)" "${TO_LIMIT:-150}" python3 bench/trainer_overhead.py --device cuda --model gpu_llama \
   --trainers "${TO_TRAINERS:-zero3_nvme}" --rounds "${TO_ROUNDS:-2}" --steps "${TO_STEPS:-4}"
 
 echo; echo "summary ($(( $(date +%s) - T0 ))s total):" | tee -a "$LOG"
