@@ -33,6 +33,7 @@ LOG=bench/results/gpu_check.log
 AIO_PID=$!
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee -a "$LOG"
 python3 -c "import torch, triton, deepspeed, transformers, peft; print('torch', torch.__version__, 'triton', triton.__version__, 'deepspeed', deepspeed.__version__, 'transformers', transformers.__version__)" 2>&1 | tail -1 | tee -a "$LOG"
+echo "setup (wheels, runx install) took $(( $(date +%s) - T0 ))s" | tee -a "$LOG"
 
 # $OUT returns at most 8 files: the GPU results only
 GPU_FILES="kernels.json kernels_sinkhorn_gpu.json trainer_overhead.json offload.json"
@@ -64,7 +65,8 @@ step kernels "kernels bench" 180 python3 bench/kernels.py --device cuda --logpro
 # Sinkhorn alone (seconds): the fused path's launch variants, wall and GPU-only time
 step sinkhorn "sinkhorn bench" 60 python3 bench/kernels.py --device cuda --only sinkhorn --sinkhorn-sweep \
   --out bench/results/kernels_sinkhorn_gpu.json
-wait $AIO_PID; echo "async_io build: $(tail -1 /tmp/aio_build.log)" | tee -a "$LOG"
+T_AIO=$(date +%s); wait $AIO_PID
+echo "async_io build: $(tail -1 /tmp/aio_build.log) (waited $(( $(date +%s) - T_AIO ))s)" | tee -a "$LOG"
 OFF_BUDGET="${OFFLOAD_BUDGET:-$(( $(left) - 40 ))}"
 step offload "offload (GPU)" $(( OFF_BUDGET + 30 )) python3 bench/offload.py --device cuda --quick --merge \
   --budget-s "$OFF_BUDGET" ${OFFLOAD_ARMS:+--arms "$OFFLOAD_ARMS"}
