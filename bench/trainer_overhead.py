@@ -58,8 +58,19 @@ def raw_round(cfg, ds_config):
     keep = None
     if cfg.trainer.offload_param == "nvme":  # parameters on NVMe: built partitioned, as DeepSpeed documents
         from transformers.integrations import HfDeepSpeedConfig
+        # HF's own init under zero.Init draws other random weights than a plain build; the same weights as
+        # runx's run (a plain build of this seed, copied into the partitioned model) make the losses comparable
+        reference = recipe.build_model()
         keep = HfDeepSpeedConfig(ds_config)  # noqa: F841
-    model = recipe.build_model()
+        runtime.seed_everything(int(cfg.seed))
+        model = recipe.build_model()
+        ref = dict(reference.named_parameters())
+        for name, p in model.named_parameters():
+            with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
+                p.data.copy_(ref[name].data.to(p.dtype))
+        del reference, ref
+    else:
+        model = recipe.build_model()
     train, _ = recipe.build_data()
     opt = build_optimizer(cfg.optim, default_param_groups(model, float(cfg.optim.weight_decay), str(cfg.optim.name)))
     fn = lr_lambda(cfg.optim, int(cfg.trainer.max_steps))
