@@ -114,7 +114,9 @@ def sinkhorn(
         backend: 'auto' (Triton on CUDA), 'torch' or 'triton'.
         cuda_graph: single process on CUDA with Triton: replay the launches from a CUDA
             graph captured once per shape (the call is otherwise bound by host launch
-            time).  Skipped while the caller is itself capturing a graph.
+            time).  Skipped while the caller is itself capturing a graph.  Each cached
+            shape keeps its static input, Q and work buffers (about 2 x B x K fp32) alive;
+            up to 4 shapes are cached, least recently used dropped first.
 
     Returns:
         Q [B_local, K] fp32, each row sums to 1; over the global batch each prototype
