@@ -373,13 +373,16 @@ def main() -> int:
     order = [(arm, impl) for arm, impl in order if arm in chosen]
     runs_of: dict = {}  # (arm, impl) -> that arm's run results, one per round (merged by merge_runs)
 
+    arm_no = {arm: i for i, arm in enumerate(dict.fromkeys(arm for arm, _ in order))}
+
     def round_order(r: int) -> list[tuple[str, str]]:
-        """Odd rounds run raw before runx within each arm; raw's crashing nvme_params runs once."""
+        """raw runs before runx in every other arm, swapped each round (so a one-round GPU run is not always
+        runx-first); raw's crashing nvme_params runs once."""
         out = []
         for arm, impl in order:
             if impl == "raw" and arm == "nvme_params" and r > 0:
                 continue
-            if r % 2 and impl == "raw" and out and out[-1] == (arm, "runx"):
+            if (r + arm_no[arm]) % 2 and impl == "raw" and out and out[-1] == (arm, "runx"):
                 out.insert(len(out) - 1, (arm, impl))
             else:
                 out.append((arm, impl))
