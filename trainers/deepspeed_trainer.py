@@ -324,6 +324,9 @@ class Trainer:
         engine.train()
         last_eval: dict = {}
         micro_in_step, acc_loss, acc_metrics, samples, tokens = 0, 0.0, {}, 0, 0
+        # the loop's settings as plain ints (an OmegaConf attribute read costs microseconds, several per step)
+        grad_accum, eval_every, ckpt_every = int(t.grad_accum), int(t.eval_every or 0), int(t.ckpt_every or 0)
+        log_every = max(1, int(t.log_every))
         step_t0 = time.perf_counter()
         t_start = time.perf_counter()
         steps_done = 0
@@ -346,7 +349,7 @@ class Trainer:
                 samples += recipe.batch_size(batch)
                 tokens += recipe.batch_tokens(batch)
                 micro_in_step += 1
-                if micro_in_step < t.grad_accum:
+                if micro_in_step < grad_accum:
                     continue
                 # ---- an optimizer step finished
                 self.global_step += 1
@@ -361,7 +364,7 @@ class Trainer:
                 # reduced on the device with several processes (NCCL cannot reduce CPU tensors); one process
                 # skips the all-reduce (~50 us with gloo even alone) and the device round trip
                 multi = self.world_size > 1
-                red = torch.tensor([acc_loss / t.grad_accum, samples, tokens], dtype=torch.float64,
+                red = torch.tensor([acc_loss / grad_accum, samples, tokens], dtype=torch.float64,
                                    device=torch.cuda.current_device() if multi and self.device == "cuda" else "cpu")
                 if multi:
                     dist.all_reduce(red)
@@ -379,9 +382,9 @@ class Trainer:
                         rec["model_tflops_per_gpu"] = tflops
                         if peak_tflops:
                             rec["mfu"] = tflops / peak_tflops
-                rec.update({k: v / t.grad_accum for k, v in acc_metrics.items()})
+                rec.update({k: v / grad_accum for k, v in acc_metrics.items()})
                 rec["peak_mem_gb"] = runtime.peak_memory_bytes(self.device) / 2**30
-                if t.eval_every and eval_dl is not None and (self.global_step % t.eval_every == 0
+                if eval_every and eval_dl is not None and (self.global_step % eval_every == 0
                                                              or self.global_step == max_steps):
                     t_aside = time.perf_counter()
                     engine.eval()
@@ -390,14 +393,16 @@ class Trainer:
                     engine.train()
                     rec.update(last_eval)
                     step_t0 += time.perf_counter() - t_aside
-                if self.is_main and (self.global_step % max(1, t.log_every) == 0 or last_eval):
+                if self.is_main and (self.global_step % log_every == 0 or last_eval):
                     metrics_log.log(rec)
                     wb.log(rec, self.global_step)
                 if progress is not None:
                     progress.update(task, completed=self.global_step,
                                     info=f"loss {rec['loss']:.4f} | {rec['samples_per_s']:.1f} samples/s")
-                if t.ckpt_every and (self.global_step % t.ckpt_every == 0 or self.global_step == max_steps):
+                if ckpt_every and (self.global_step % ckpt_every == 0 or self.global_step == max_steps):
                     t_aside = time.perf_counter()
+                    if metrics_log is not None:  # every line up to this checkpoint is on disk before it exists
+                        metrics_log.flush()
                     self.save_checkpoint(engine, self.global_step)
                     step_t0 += time.perf_counter() - t_aside
                 if os.environ.get("RUNX_CRASH_AFTER_STEP") == str(self.global_step):
@@ -414,6 +419,7 @@ class Trainer:
                 last_eval = {f"eval/{k}": v for k, v in recipe.evaluate(engine, eval_dl).items()}
         final.update(last_eval)
         if self.is_main:
+            metrics_log.flush()
             hist = [r for r in _read(metrics_log.path)]
             if hist:
                 final["final_loss"] = hist[-1]["loss"]

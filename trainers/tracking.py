@@ -68,10 +68,15 @@ def environment_record() -> dict:
 
 
 class MetricsLog:
-    """Append-only metrics.jsonl. On resume, lines past the resumed step are dropped first."""
+    """Append-only metrics.jsonl. On resume, lines past the resumed step are dropped first.
 
-    def __init__(self, path: str, resume_step: int | None = None):
+    Lines reach the file at most `flush_every_s` after they are logged (the trainer also flushes before every
+    checkpoint, so a kill loses only lines that the resumed run logs again)."""
+
+    def __init__(self, path: str, resume_step: int | None = None, flush_every_s: float = 1.0):
         self.path = path
+        self.flush_every_s = flush_every_s
+        self._flushed_at = 0.0
         if resume_step is not None and os.path.exists(path):
             keep = []
             with open(path) as f:
@@ -87,7 +92,13 @@ class MetricsLog:
 
     def log(self, rec: dict) -> None:
         self.f.write(json.dumps(rec, default=float) + "\n")
+        now = time.monotonic()
+        if now - self._flushed_at >= self.flush_every_s:
+            self.flush(now)
+
+    def flush(self, now: float | None = None) -> None:
         self.f.flush()
+        self._flushed_at = time.monotonic() if now is None else now
 
     def close(self) -> None:
         self.f.close()
