@@ -64,11 +64,9 @@ def raw_round(cfg, ds_config):
         keep = HfDeepSpeedConfig(ds_config)  # noqa: F841
         runtime.seed_everything(int(cfg.seed))
         model = recipe.build_model()
-        ref = dict(reference.named_parameters())
-        for name, p in model.named_parameters():
-            with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
-                p.data.copy_(ref[name].data.to(p.dtype))
-        del reference, ref
+        from runx.trainers.deepspeed_trainer import copy_into_partitioned
+        copy_into_partitioned(model, reference, rank=0)  # (one process)
+        del reference
     else:
         model = recipe.build_model()
     train, _ = recipe.build_data()

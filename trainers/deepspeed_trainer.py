@@ -61,6 +61,17 @@ class StepBatchSampler(torch.utils.data.Sampler):
         return (self.max_steps - self.start) * self.accum
 
 
+def copy_into_partitioned(model, reference, rank: int) -> None:
+    """Copy `reference`'s weights (a plain build) into `model` built under ZeRO-3's zero.Init: each parameter is
+    gathered, rank 0 writes it, and DeepSpeed re-partitions it (to NVMe when the parameters live there)."""
+    import deepspeed
+    ref = dict(reference.named_parameters())
+    for name, p in model.named_parameters():
+        with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
+            if rank == 0:
+                p.data.copy_(ref[name].data.to(p.dtype))
+
+
 class Trainer:
     def __init__(self, cfg, run_dir: str):
         self.cfg = cfg
@@ -190,12 +201,7 @@ class Trainer:
         runtime.seed_everything(int(self.cfg.seed))
         model = recipe.build_model()
         if random_init:
-            import deepspeed
-            ref = dict(reference.named_parameters())
-            for name, p in model.named_parameters():
-                with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
-                    if self.rank == 0:
-                        p.data.copy_(ref[name].data.to(p.dtype))
+            copy_into_partitioned(model, reference, self.rank)
         del reference
         return model
 
