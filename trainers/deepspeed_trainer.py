@@ -126,9 +126,9 @@ class Trainer:
                         settings["max_in_cpu"] = int(stats["n_params"]) + 1
                     block.update(settings)
                 else:
-                    from runx.trainers.nvme import nvme_optimizer_settings
+                    from runx.trainers.nvme import nvme_optimizer_settings, swapped_state_count
                     opt = nvme_optimizer_settings(param_stats(model, self.world_size, trainable_only=True),
-                                                  n_states=2 if self.cfg.optim.name == "adamw" else 1)
+                                                  n_states=swapped_state_count(str(self.cfg.optim.name)))
                     block.update(opt["block"])
                     if opt["sub_group_size"]:
                         zero["sub_group_size"] = opt["sub_group_size"]

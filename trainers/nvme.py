@@ -165,6 +165,11 @@ OPT_SERIAL_BUFFERS = 4   # DeepSpeed's documented offload_optimizer.buffer_count
 OPT_SUB_GROUPS = 8       # sub-groups per rank when the swapper pipelines
 
 
+def swapped_state_count(optim_name: str) -> int:
+    """Optimizer states per parameter the NVMe swapper moves: AdamW's two moments, else one buffer."""
+    return 2 if optim_name == "adamw" else 1
+
+
 def optimizer_swap_buffers(n_states: int) -> int:
     """Pinned buffers DeepSpeed's pipelined optimizer swapper holds at once: three sub-groups in flight (the
     previous one being written, the current one stepping, the next one being read), each with its fp32

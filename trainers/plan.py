@@ -523,9 +523,9 @@ def estimate(cfg, facts: ModelFacts, machine: Machine, lay: Layout) -> Row:
     z = _zero_knobs(t, overrides)
     opt_nvme = None
     if lay.offload_optimizer == "nvme":  # the trainer derives the swapper (and maybe the sub-group size)
-        from runx.trainers.nvme import nvme_optimizer_settings
+        from runx.trainers.nvme import nvme_optimizer_settings, swapped_state_count
         opt_nvme = nvme_optimizer_settings({"n_params": tr, "largest": min(facts.largest_param, tr),
-                                            "world_size": N}, n_states=2 if cfg.optim.name == "adamw" else 1)
+                                            "world_size": N}, n_states=swapped_state_count(str(cfg.optim.name)))
         if opt_nvme["sub_group_size"] and "zero_optimization.sub_group_size" not in overrides:
             z["sub_group"] = float(opt_nvme["sub_group_size"])
     from runx.trainers.nvme import deepspeed_param_device
