@@ -202,7 +202,7 @@ def fused(scores: torch.Tensor, inv_eps: float, iters: int, log_k: float, log_b:
     """Single-process Sinkhorn: Q [B, K] fp32 in 2 + iters launches (see the module docstring)."""
     scores = _prep(scores)
     b, k = scores.shape
-    c = cfg or FUSED_CFG["cuda" if scores.is_cuda and not _small() else "cpu"]
+    c = cfg or _fused_cfg(scores)
     dev = scores.device
     r_blocks = triton.cdiv(b, c["part_rows"])
     n_sums = max(iters - 1, 1)
@@ -285,8 +285,13 @@ def _row_launch(scores, inv_eps, c, fb, q, ain=None, shift=0.0, fout=None, aout=
         BLOCK_K=triton.next_power_of_2(k) if one_tile else 512, num_warps=c["warps"])
 
 
-def _small() -> bool:
-    return interpret_mode()
+def _gpu_tiles(scores: torch.Tensor) -> bool:
+    """Whether to launch with the GPU tile sizes (on CUDA and not under the Triton interpreter)."""
+    return scores.is_cuda and not interpret_mode()
+
+
+def _fused_cfg(scores: torch.Tensor) -> dict:
+    return FUSED_CFG["cuda" if _gpu_tiles(scores) else "cpu"]
 
 
 def _prep(scores: torch.Tensor) -> torch.Tensor:
@@ -298,7 +303,7 @@ def proto_stats(scores, inv_eps, g):
     scores = _prep(scores)
     b, k = scores.shape
     # GPU: 32-column strips (128-byte rows, coalesced) give ~K/32 programs, ~94 for K=3000.
-    block_b, block_k, warps = (64, 32, 4) if scores.is_cuda and not _small() else (8, 16, 1)
+    block_b, block_k, warps = (64, 32, 4) if _gpu_tiles(scores) else (8, 16, 1)
     out = torch.empty((2, k), dtype=torch.float32, device=scores.device)
     _proto_kernel[(triton.cdiv(k, block_k),)](
         scores, g if g is not None else out, out[0], out[1], b, k, scores.stride(0), inv_eps,
@@ -311,7 +316,7 @@ def sample_lse(scores, inv_eps, f):
     """lse_b = logsumexp_k(x_bk + f_k), one launch (between the all-reduces of several processes)."""
     scores = _prep(scores)
     b, k = scores.shape
-    block_b, block_k, warps = (4, 512, 4) if scores.is_cuda and not _small() else (4, 16, 1)
+    block_b, block_k, warps = (4, 512, 4) if _gpu_tiles(scores) else (4, 16, 1)
     out = torch.empty(b, dtype=torch.float32, device=scores.device)
     _sample_kernel[(triton.cdiv(b, block_b),)](scores, f, out, b, k, scores.stride(0), inv_eps,
                                                BLOCK_B=block_b, BLOCK_K=block_k, num_warps=warps)
@@ -322,5 +327,5 @@ def assign(scores, inv_eps, f):
     """Q[b] = softmax_k(x_bk + f_k): the fused path's last launch, with f given."""
     scores = _prep(scores)
     q = torch.empty(scores.shape, dtype=torch.float32, device=scores.device)
-    _row_launch(scores, inv_eps, FUSED_CFG["cuda" if scores.is_cuda and not _small() else "cpu"], f, q)
+    _row_launch(scores, inv_eps, _fused_cfg(scores), f, q)
     return q
