@@ -172,6 +172,11 @@ def validate(cfg) -> list[str]:
         _walk(recipe, RECIPES[name].load_schema(), "recipe", problems)
     root = {k: v for k, v in data.items() if k != "recipe"}
     _walk(root, RunConfig, "", problems, skip={"recipe"})
+    head_lr = (data.get("optim") or {}).get("head_lr")
+    kind = (data.get("model") or {}).get("kind")
+    if head_lr is not None and isinstance(kind, str) and kind != "seq_cls" and "${" not in kind:
+        problems.append(f"optim.head_lr={_show(head_lr)}: only a sequence classifier has a new task head to "
+                        f"give its own lr (model.kind={kind}). Valid choices: null, or model.kind=seq_cls.")
     if not problems:
         try:  # interpolations resolve?
             OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)

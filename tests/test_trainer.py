@@ -181,3 +181,31 @@ def test_aio_block_user_values_or_defaults_skip_the_probe(tmp_path):
     pinned = resolve_aio(OmegaConf.create({"nvme_path": str(nvme), "aio": dict(base, tune=False)}))
     assert pinned == dict(DEEPSPEED_AIO_DEFAULTS, use_gds=False)
     assert cached_probe(str(nvme)) is None
+
+
+def test_head_lr_gives_the_task_head_its_own_group():
+    """optim.head_lr: the classifier's parameters (plain or peft's modules_to_save copy) get their own lr, the
+    rest keep theirs; a model without a task head, or a causal LM config, is an error."""
+    import torch
+    from peft import LoraConfig, TaskType, get_peft_model
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from runx.cli.config import compose, validate
+    from runx.trainers.optim import default_param_groups, with_head_lr
+    bert = BertForSequenceClassification(BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1,
+                                                    num_attention_heads=2, intermediate_size=32, num_labels=3))
+    model = get_peft_model(bert, LoraConfig(r=2, target_modules=["query", "value"], task_type=TaskType.SEQ_CLS))
+    groups = with_head_lr(model, default_param_groups(model, 0.1), 2e-3)
+    names = {id(p): n for n, p in model.named_parameters()}
+    head = [g for g in groups if "lr" in g]
+    assert len(head) == 2 and all(g["lr"] == 2e-3 for g in head)   # decay + no-decay halves of the head
+    assert {names[id(p)] for g in head for p in g["params"]} == {
+        n for n, p in model.named_parameters() if p.requires_grad and ".modules_to_save." in n}
+    assert sum(len(g["params"]) for g in groups) == sum(p.requires_grad for p in model.parameters())
+    opt = torch.optim.AdamW(groups, lr=1e-4)
+    assert sorted({g["lr"] for g in opt.param_groups}) == [1e-4, 2e-3]
+    with pytest.raises(ValueError, match="optim.head_lr"):
+        with_head_lr(torch.nn.Linear(2, 2), [{"params": list(torch.nn.Linear(2, 2).parameters())}], 1e-3)
+    assert validate(compose(["recipe=lora", "optim.head_lr=0.002"])) == []
+    problems = validate(compose(["recipe=sft", "model=tiny_llama", "optim.head_lr=0.002"]))
+    assert len(problems) == 1 and "optim.head_lr=0.002" in problems[0] and "seq_cls" in problems[0], problems

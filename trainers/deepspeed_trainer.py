@@ -19,7 +19,7 @@ from omegaconf import OmegaConf
 from runx.trainers import runtime
 from runx.trainers.runtime import flatten_overrides
 from runx.trainers.datajob import atomic_write_bytes, atomic_write_json
-from runx.trainers.optim import build_optimizer, default_param_groups, lr_lambda
+from runx.trainers.optim import build_optimizer, default_param_groups, lr_lambda, with_head_lr
 from runx.trainers.tracking import MetricsLog, WandbRun, console, summary_table, write_summary
 
 log = logging.getLogger("runx.trainer")
@@ -295,6 +295,8 @@ class Trainer:
             atomic_write_json(os.path.join(self.run_dir, "ds_config.json"), self.ds_config)
         groups = recipe.param_groups(model) or default_param_groups(model, float(self.cfg.optim.weight_decay),
                                                                         str(self.cfg.optim.name))
+        if self.cfg.optim.get("head_lr") is not None:
+            groups = with_head_lr(model, groups, float(self.cfg.optim.head_lr))
         optimizer = build_optimizer(self.cfg.optim, groups)
         max_steps = int(t.max_steps)
         sched_fn = lr_lambda(self.cfg.optim, max_steps)

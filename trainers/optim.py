@@ -77,6 +77,31 @@ def lr_lambda(ocfg, max_steps: int):
     return f
 
 
+HEAD_MODULES = ("classifier", "score")  # HF's sequence-classification heads (peft's SEQ_CLS modules_to_save)
+
+
+def is_head_param(name: str) -> bool:
+    return any(part in HEAD_MODULES for part in name.split("."))
+
+
+def with_head_lr(model, groups: list[dict], head_lr: float) -> list[dict]:
+    """Each group split in two: the task head's parameters (lr = head_lr) and the rest (unchanged)."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    out, n_head = [], 0
+    for g in groups:
+        head = [p for p in g["params"] if is_head_param(names.get(id(p), ""))]
+        rest = [p for p in g["params"] if not is_head_param(names.get(id(p), ""))]
+        n_head += len(head)
+        if rest:
+            out.append({**g, "params": rest})
+        if head:
+            out.append({**g, "params": head, "lr": float(head_lr)})
+    if n_head == 0:
+        raise ValueError(f"optim.head_lr={head_lr}: the model has no trainable task head (a module named "
+                         f"{' or '.join(HEAD_MODULES)}); set optim.head_lr=null")
+    return out
+
+
 def default_param_groups(model, weight_decay: float, optimizer: str = "adamw"):
     """Decay matrices, not biases / norms (the common transformer recipe). Without weight decay (and without
     LARS, which also exempts biases / norms from adaptation) the split changes nothing but costs: under ZeRO-3

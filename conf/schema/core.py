@@ -105,6 +105,10 @@ class OptimConfig:
     warmup_steps: int = 0
     warmup_ratio: float = 0.0
     min_lr_ratio: float = 0.0
+    # lr of a sequence classifier's task head (modules named classifier / score, new at init and trained in
+    # full by sft, lora and lora_ga alike); null = optim.lr. Same schedule. Lets methods whose adapter lr
+    # differs by 10x (LoRA vs LoRA-GA) train the same head at the same speed.
+    head_lr: Optional[float] = None
     # LARS: trust coefficient and whether bias / norm params are excluded from adaptation
     lars_eta: float = 0.001
     lars_exclude_bias_and_norm: bool = True
