@@ -36,7 +36,8 @@ class SFT(TrainingRecipe):
         if self.task == "cls":
             mk = lambda rows: ClassificationDataset(rows, self.tokenizer, d.text_field, d.label_field, d.max_length)
         else:
-            mk = lambda rows: CausalLMDataset(rows, self.tokenizer, d.text_field, d.max_length)
+            mk = lambda rows: CausalLMDataset(rows, self.tokenizer, d.text_field, d.max_length, d.prompt_field,
+                                              d.response_field)
         return mk(train), (mk(evals) if evals else None)
 
     def collate(self, items):

@@ -2,7 +2,7 @@
 folders of shards, and Hugging Face `datasets` (hub name or a local saved dataset).
 
 Classification rows: {text, label}. Causal-LM rows: {text} or {prompt, response} (prompt tokens masked
-out of the loss).
+out of the loss; the field names are data.prompt_field / data.response_field).
 """
 from __future__ import annotations
 
@@ -112,12 +112,13 @@ class ClassificationDataset:
 class CausalLMDataset:
     """Tokenised text; with prompt/response rows the prompt is masked (-100) in the labels."""
 
-    def __init__(self, rows, tokenizer, text_field: str, max_length: int):
+    def __init__(self, rows, tokenizer, text_field: str, max_length: int, prompt_field: str = "prompt",
+                 response_field: str = "response"):
         self.items = []
         for r in rows:
-            if "prompt" in r and "response" in r:
-                p = tokenizer(r["prompt"], add_special_tokens=False)["input_ids"]
-                a = tokenizer(r["response"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+            if prompt_field in r and response_field in r:
+                p = tokenizer(str(r[prompt_field]), add_special_tokens=False)["input_ids"]
+                a = tokenizer(str(r[response_field]), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
                 ids, labels = p + a, [-100] * len(p) + a
             else:
                 ids = tokenizer(str(r[text_field]), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]

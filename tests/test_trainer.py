@@ -209,3 +209,47 @@ def test_head_lr_gives_the_task_head_its_own_group():
     assert validate(compose(["recipe=lora", "optim.head_lr=0.002"])) == []
     problems = validate(compose(["recipe=sft", "model=tiny_llama", "optim.head_lr=0.002"]))
     assert len(problems) == 1 and "optim.head_lr=0.002" in problems[0] and "seq_cls" in problems[0], problems
+
+
+def test_text_data_loads_local_files_and_saved_datasets(tmp_path):
+    """The sft/lora/lora_ga data path on local files: JSONL (classification), Parquet with custom prompt/response
+    field names (causal LM: only the response is trained on), CSV, and a saved `datasets` folder with its own
+    eval split."""
+    import datasets
+    import pandas as pd
+
+    from runx.cli.config import compose
+    from runx.recipes.sft import SFT
+    cls_rows = [{"sentence": f"row {i} about {'maths' if i % 2 else 'files'}", "y": i % 2} for i in range(20)]
+    (tmp_path / "cls.jsonl").write_text("\n".join(json.dumps(r) for r in cls_rows))
+    rec = SFT(compose(["recipe=sft", "model=tiny_bert", "data=jsonl", f"data.path={tmp_path / 'cls.jsonl'}",
+                       "data.text_field=sentence", "data.label_field=y", "data.val_fraction=0.25"]), str(tmp_path))
+    train, evals = rec.build_data()
+    assert (len(train), len(evals)) == (15, 5) and set(int(train[i]["labels"]) for i in range(15)) == {0, 1}
+
+    lm_rows = [{"query": f"Q{i}: 2+{i}=", "answer": f"{2 + i}"} for i in range(10)]
+    pd.DataFrame(lm_rows).to_parquet(tmp_path / "lm.parquet")
+    rec = SFT(compose(["recipe=sft", "model=tiny_llama", "data=jsonl", "data.kind=parquet",
+                       f"data.path={tmp_path / 'lm.parquet'}", "data.prompt_field=query",
+                       "data.response_field=answer", "data.val_fraction=0"]), str(tmp_path))
+    train, _ = rec.build_data()
+    by_prompt = {bytes(t for t in train[i]["input_ids"] if t < 256).decode(): train[i] for i in range(len(train))}
+    item = by_prompt["Q3: 2+3=5"]
+    trained = [t for t in item["labels"] if t != -100]
+    assert bytes(t for t in trained if t < 256).decode() == "5"     # the prompt is masked, the answer (+eos) kept
+    assert len(trained) == 2 and len(item["labels"]) == len(item["input_ids"])
+
+    pd.DataFrame(cls_rows).rename(columns={"sentence": "text", "y": "label"}).to_csv(tmp_path / "cls.csv", index=False)
+    rec = SFT(compose(["recipe=sft", "model=tiny_bert", "data=jsonl", "data.kind=csv",
+                       f"data.path={tmp_path / 'cls.csv'}"]), str(tmp_path))
+    train, evals = rec.build_data()
+    assert len(train) + len(evals) == 20
+
+    ds = datasets.DatasetDict({"train": datasets.Dataset.from_list(cls_rows[:12]),
+                               "test": datasets.Dataset.from_list(cls_rows[12:])})
+    ds = ds.rename_columns({"sentence": "text", "y": "label"})
+    ds.save_to_disk(str(tmp_path / "saved"))
+    rec = SFT(compose(["recipe=sft", "model=tiny_bert", "data=hf", f"data.hf_name={tmp_path / 'saved'}"]),
+              str(tmp_path))
+    train, evals = rec.build_data()
+    assert (len(train), len(evals)) == (12, 8)       # the folder's own test split, not a carved one

@@ -39,6 +39,9 @@ class DataConfig:
     eval_split: str = "validation"
     text_field: str = "text"
     label_field: str = "label"
+    # causal LM instruction data: rows with both fields train on the response only (the prompt is masked)
+    prompt_field: str = "prompt"
+    response_field: str = "response"
     val_fraction: float = 0.2
     max_length: int = 64
     max_train_samples: Optional[int] = None
