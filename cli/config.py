@@ -182,7 +182,8 @@ def validate(cfg) -> list[str]:
             OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
         except Exception as e:  # MissingMandatoryValue, InterpolationResolutionError
             key = getattr(e, "full_key", "") or ""
-            problems.append(f"{key}: {str(e).splitlines()[0]}" + (
+            first = str(e).splitlines()[0].replace("RequiredValueError raised while resolving interpolation: ", "")
+            problems.append(f"{key}: {first}" + (
                 " — this value is required (set it on the command line, e.g. model.path=...)"
                 if "Missing mandatory" in str(e) else ""))
     return problems

@@ -3,11 +3,23 @@
 Importing this package registers, once per process:
 - `base`: every key with its default, generated from the dataclass schemas in runx.conf.schema
   (so YAML files only state what differs and a key typo is an error, not a silent new key);
-- the `runx_first` resolver: first non-null argument (used for the run dir).
+- the `runx_first` resolver: first non-null argument (used for the run dir);
+- the `runx_required` resolver: `key: ${runx_required:key,example}` marks a value the user must give. (Hydra's
+  `???` cannot: `base` already holds a default for every key, and OmegaConf keeps a set value when `???` is
+  merged onto it, so the option would silently fall back to base's default.)
 """
 from __future__ import annotations
 
 from dataclasses import asdict
+
+
+class RequiredValueError(ValueError):
+    pass
+
+
+def _required(key: str, example: str = "") -> None:
+    raise RequiredValueError("required, no default: set it on the command line"
+                             + (f", e.g. {key}={example}" if example else ""))
 
 
 def _register() -> None:
@@ -19,6 +31,8 @@ def _register() -> None:
     if not OmegaConf.has_resolver("runx_first"):
         OmegaConf.register_new_resolver(
             "runx_first", lambda *args: next((a for a in args if a not in (None, "", "null")), None))
+    if not OmegaConf.has_resolver("runx_required"):
+        OmegaConf.register_new_resolver("runx_required", _required)
     ConfigStore.instance().store(name="base", node=OmegaConf.create(asdict(RunConfig())))
 
 

@@ -52,6 +52,9 @@ def test_validate_all_recipes_cli():
     ("+optim.lrr=1", "optim.lrr", "weight_decay"),
     ("trainer.zero_stage=7", "trainer.zero_stage", "0, 1, 2, 3"),
     ("trainer.precision=fp16", "trainer.precision", "bf16"),
+    # a group option whose value the user must give (not a silent fall-back to the base default)
+    ("model=hf_causal_lm", "model.path", "model.path=Qwen/"),
+    ("data=jsonl", "data.path", "required"),
 ])
 def test_bad_override_is_a_clear_error(override, key, choice):
     p = run_cli(["train", override], check=False, timeout=60)
