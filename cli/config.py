@@ -177,16 +177,27 @@ def validate(cfg) -> list[str]:
     if head_lr is not None and isinstance(kind, str) and kind != "seq_cls" and "${" not in kind:
         problems.append(f"optim.head_lr={_show(head_lr)}: only a sequence classifier has a new task head to "
                         f"give its own lr (model.kind={kind}). Valid choices: null, or model.kind=seq_cls.")
-    if not problems:
-        try:  # interpolations resolve?
-            OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    if not problems:  # interpolations resolve? (each value on its own, so that every failure is reported)
+        _resolve_all(cfg, "", problems)
+    return problems
+
+
+def _resolve_all(node, prefix: str, problems: list[str]) -> None:
+    from omegaconf import DictConfig, ListConfig
+
+    keys = range(len(node)) if isinstance(node, ListConfig) else [k for k in node.keys() if k != "hydra"]
+    for k in keys:
+        full = f"{prefix}[{k}]" if isinstance(node, ListConfig) else (f"{prefix}.{k}" if prefix else str(k))
+        try:
+            value = node[k]
         except Exception as e:  # MissingMandatoryValue, InterpolationResolutionError
-            key = getattr(e, "full_key", "") or ""
             first = str(e).splitlines()[0].replace("RequiredValueError raised while resolving interpolation: ", "")
-            problems.append(f"{key}: {first}" + (
+            problems.append(f"{full}: {first}" + (
                 " — this value is required (set it on the command line, e.g. model.path=...)"
                 if "Missing mandatory" in str(e) else ""))
-    return problems
+            continue
+        if isinstance(value, (DictConfig, ListConfig)):
+            _resolve_all(value, full, problems)
 
 
 def _walk(data: dict, schema, prefix: str, problems: list[str], skip=()):

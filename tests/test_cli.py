@@ -1,6 +1,7 @@
 """The CLI surface: fast help, listing, validation of every config file, clear errors for bad input."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -28,7 +29,7 @@ def test_ls_lists_every_recipe_with_description():
     assert set(group_options("recipe")) == set(RECIPES), "every registered recipe has a config file"
 
 
-@pytest.mark.parametrize("group", [g for g in GROUPS if g != "recipe"])
+@pytest.mark.parametrize("group", [g for g in GROUPS if g not in ("recipe", "experiment")])
 def test_every_group_option_composes_and_validates_with_every_recipe(group):
     """Recursively: each recipe file x each option of every other group composes and type-checks."""
     for recipe in group_options("recipe"):
@@ -38,6 +39,34 @@ def test_every_group_option_composes_and_validates_with_every_recipe(group):
             # options that need a user value (model.path=???) may only fail for that reason
             problems = [p for p in problems if "required" not in p]
             assert problems == [], f"recipe={recipe} {group}={opt}: {problems}"
+
+
+def test_experiment_presets_compose_validate_and_keep_the_papers_values():
+    """Each experiment preset pins one recipe and validates; its only problems are the values the user must give
+    (all of them reported at once), and the preset's paper values survive YAML escaping."""
+    from runx.conf.schema.verifree import PAPER_ANSWER, PAPER_PROMPT
+    options = group_options("experiment")
+    assert len(options) >= 5
+    pinned = set()
+    for opt in options:
+        cfg = compose([f"experiment={opt}"])
+        pinned.add(cfg.recipe.name)
+        problems = validate(cfg)
+        assert all("required" in p for p in problems), (opt, problems)
+        assert opt.split("_")[0] in cfg.recipe.name.replace("_", ""), (opt, cfg.recipe.name)
+    assert pinned == {"lora_ga", "verifree", "swav", "preselect", "concept_prune"}
+    pre = validate(compose(["experiment=preselect_llama_family"]))
+    assert len(pre) == 2 and any("recipe.pool" in p for p in pre) and any("recipe.sample" in p for p in pre)
+    vf = compose(["experiment=verifree_qwen3_base", "data.hf_name=/data/webdata"])
+    assert validate(vf) == []
+    assert vf.recipe.prompt_template == PAPER_PROMPT and vf.recipe.answer_template == PAPER_ANSWER
+    assert vf.model.from_config is None and vf.data.kind == "hf" and vf.model.kind == "causal_lm"
+    ga = compose(["experiment=lora_ga_llama2_metamath"])
+    assert (ga.trainer.micro_batch_size * ga.trainer.grad_accum, ga.optim.lr, ga.recipe.rank) == (32, 2e-5, 8)
+    sw = compose(["experiment=swav_imagenet_bs256", "data.path=/x"])
+    assert sw.trainer.num_procs * sw.trainer.micro_batch_size == 256 and sw.recipe.nmb_crops == [2, 6]
+    # the command line still wins over a preset
+    assert compose(["experiment=lora_ga_llama2_metamath", "recipe=lora"]).recipe.name == "lora"
 
 
 def test_validate_all_recipes_cli():
@@ -103,3 +132,39 @@ def test_installed_wheel_ships_configs(tmp_path):
                        capture_output=True, text=True, env=env, cwd=str(tmp_path), timeout=120)
     assert p.returncode == 0, p.stderr
     assert str(target) in p.stdout and "ok: recipe=lora" in p.stdout
+
+
+def test_llm_presets_run_on_local_stand_ins(tmp_path):
+    """The LoRA-GA and VeriFree paper presets end-to-end, with a local HF causal-LM folder and saved `datasets`
+    folders in place of the hub ids (the real loading path for `model.path=` and `data.hf_name=`)."""
+    import datasets
+    import torch
+    import transformers
+
+    from conftest import read_metrics
+    from runx.trainers.hf import byte_tokenizer
+    tok = byte_tokenizer()
+    conf = transformers.LlamaConfig(vocab_size=260, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                    num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=128,
+                                    pad_token_id=256, bos_token_id=257, eos_token_id=258)
+    torch.manual_seed(0)
+    transformers.AutoModelForCausalLM.from_config(conf).save_pretrained(tmp_path / "llama")
+    tok.save_pretrained(tmp_path / "llama")
+    mm = [{"query": f"What is {i}+{i % 7}?", "response": f"{i}+{i % 7}={i + i % 7}."} for i in range(48)]
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(mm)}).save_to_disk(str(tmp_path / "mm"))
+    web = [{"problem": f"What is {i}+{i % 7}?", "answer": f"{i + i % 7}"} for i in range(40)]
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(web)}).save_to_disk(str(tmp_path / "web"))
+    small = ["logger=none", "trainer.progress=false", "trainer.ckpt_every=0", f"model.path={tmp_path / 'llama'}"]
+
+    run_cli(["train", "experiment=lora_ga_llama2_metamath", f"data.hf_name={tmp_path / 'mm'}", "data.val_fraction=0.25",
+             "data.max_length=48", "trainer.max_steps=3", "trainer.grad_accum=2", "trainer.micro_batch_size=2",
+             "recipe.grad_batches=2", "trainer.eval_every=3", f"run_dir={tmp_path / 'ga'}", *small])
+    summary = json.load(open(tmp_path / "ga" / "summary.json"))
+    assert summary["steps"] == 3 and summary["lora_ga/grad_energy_2r"] > 0.5 and "eval/loss" in summary
+    cfg = open(tmp_path / "ga" / "config.yaml").read()
+    assert "meta-math" not in cfg and "prompt_field: query" in cfg and "lr: 2.0e-05" in cfg
+
+    run_cli(["train", "experiment=verifree_qwen3_base", f"data.hf_name={tmp_path / 'web'}", "data.val_fraction=0.1",
+             "recipe.max_new_tokens=12", "recipe.group_size=2", "trainer.max_steps=2", "trainer.grad_accum=1",
+             "trainer.eval_every=0", f"run_dir={tmp_path / 'vf'}", *small])
+    assert [r["step"] for r in read_metrics(tmp_path / "vf")] == [1, 2]

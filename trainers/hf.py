@@ -103,7 +103,11 @@ def load_model(model_cfg, num_labels: int | None = None, tokenizer=None):
     if kind == "seq_cls" and tokenizer is not None and model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     if model_cfg.get("gradient_checkpointing"):
-        model.gradient_checkpointing_enable()
+        # transformers >= 5 renamed it; the forward's KV cache is useless while recomputing (generation passes
+        # use_cache=True itself, in eval mode)
+        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+        enable()
+        model.config.use_cache = False
     return model
 
 
