@@ -19,6 +19,9 @@ Design (one ``torch.autograd.Function`` for both backends):
   Liger-style "grad in forward" cannot do for ``reduction='none'`` (the weight gradient
   sums over tokens, so the upstream per-token weights must be known in forward), and a
   forward-only call (reference log-probs, rewards) costs no gradient work and O(N) memory.
+  When the per-token weights *are* known before the head runs (a cross-entropy, a policy gradient with
+  detached advantages, VeriFree's objective), ``linear_logprob_weighted_sum`` takes the other side of the
+  trade: the 6·N·H·V scheme, gradients made in the forward and held until backward.
   Peak extra memory in backward: one block of d_logits of chunk·V elements plus one fp32
   gradient accumulator.  The torch path walks row chunks [chunk, V] (fp32) and sums dW
   over them (fp32 [V, H] when the weight is bf16/fp16: bf16 accumulation would drift by
@@ -144,7 +147,13 @@ def _torch_dlogits(ops, h_c, t_c, lse_c, g_c, ge_c, ent_c, inv_temp):
     """d loss / d (h W^T + b) for one chunk, fp32 [c, V]."""
     z = ops.logits(h_c, inv_temp)
     z -= lse_c[:, None]  # log p
-    p = z.exp()
+    return _dlogits_from_logp(z, t_c, g_c, ge_c, ent_c, inv_temp)
+
+
+def _dlogits_from_logp(z, t_c, g_c, ge_c, ent_c, inv_temp):
+    """d_logits [c, V] from the chunk's log-probs ``z`` (fp32, consumed: p is computed in place of it when
+    there is no entropy term) and the per-row upstream gradients g (log-prob) and ge (entropy)."""
+    p = z.exp_() if ge_c is None else z.exp()
     if ge_c is not None:
         # dz_j = -p_j (g + ge (log p_j + H)) + g [j == t]
         z += ent_c[:, None]
@@ -154,7 +163,7 @@ def _torch_dlogits(ops, h_c, t_c, lse_c, g_c, ge_c, ent_c, inv_temp):
         p.neg_()
     else:
         p *= -g_c[:, None]
-    rows = torch.arange(h_c.shape[0], device=h_c.device)
+    rows = torch.arange(p.shape[0], device=p.device)
     p[rows, t_c] += g_c  # ignored rows have g == 0 and a safe target 0
     if inv_temp != 1.0:
         p *= inv_temp
@@ -352,6 +361,138 @@ class _LinearLogprob(torch.autograd.Function):
         if db is not None:
             db = db.to(bias.dtype)
         return dh, dw, db, None, None, None, None, None, None
+
+
+# ----------------------------------------------------------------------------------------
+# Weighted sum with the gradient computed in the forward (6·N·H·V instead of 8·N·H·V)
+# ----------------------------------------------------------------------------------------
+
+
+def _weighted_forward(hidden, weight, bias, targets, valid, tw, inv_temp, chunk, want_ent, need_h, need_w, need_b):
+    """One pass over row chunks: logits (one GEMM), log-probs, and, with the per-token weights already known,
+    d_logits = w_i ([j == t_i] - p_ij) / T, consumed at once by the dH and dW GEMMs: nothing is recomputed."""
+    n = hidden.shape[0]
+    ops = _Operands(weight, bias)
+    w32 = None if ops.native else ops.w32
+    logp = torch.zeros(n, dtype=torch.float32, device=hidden.device)
+    ent = torch.zeros(n, dtype=torch.float32, device=hidden.device) if want_ent else None
+    safe_t = torch.where(valid, targets, 0)
+    g = torch.where(valid, tw, torch.zeros((), dtype=torch.float32, device=hidden.device))
+    grads = need_h or need_w or need_b
+    acc = _GradAccumulator(hidden, weight, bias, math.ceil(n / chunk), need_h, need_w, need_b) if grads else None
+    for s in range(0, n, chunk):
+        e = min(s + chunk, n)
+        z = ops.logits(hidden[s:e], inv_temp)  # the only [chunk, V] buffer
+        z -= torch.logsumexp(z, dim=-1, keepdim=True)  # log p
+        logp[s:e] = z.gather(1, safe_t[s:e, None]).squeeze(1)
+        if want_ent:
+            ent[s:e] = -(z.exp() * z).sum(-1)
+        if grads:
+            dx = _dlogits_from_logp(z, safe_t[s:e], g[s:e], None, None, inv_temp)
+            acc.add(s, e, hidden[s:e], dx, w32=w32)
+            del dx
+        del z
+    zero = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    logp = torch.where(valid, logp, zero)
+    if ent is not None:
+        ent = torch.where(valid, ent, zero)
+    dh, dw, db = acc.result() if grads else (None, None, None)
+    return logp, ent, dh, dw, db
+
+
+class _WeightedLogprobSum(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, tw, inv_temp, ignore_index, chunk, want_ent):
+        valid = targets != ignore_index
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        need_b = need_b and bias is not None
+        logp, ent, dh, dw, db = _weighted_forward(hidden, weight, bias, targets, valid, tw, inv_temp, chunk,
+                                                  want_ent, need_h, need_w, need_b)
+        if db is not None:
+            db = db.to(bias.dtype)
+        ctx.grads = (dh, dw, db)
+        ctx.mark_non_differentiable(logp)
+        if ent is not None:
+            ctx.mark_non_differentiable(ent)
+        total = (tw * logp).sum()
+        return total, logp, ent
+
+    @staticmethod
+    def backward(ctx, g_total, _g_logp, _g_ent):
+        if ctx.grads is None:
+            raise RuntimeError("linear_logprob_weighted_sum: a second backward through the same call; its "
+                               "gradients are made once, in the forward")
+        dh, dw, db = ctx.grads
+        ctx.grads = None  # scaled in place below: they belong to this backward only
+        if g_total is None:
+            return (None,) * 9
+        scale = lambda x: None if x is None else x.mul_(g_total.to(x.dtype))
+        return scale(dh), scale(dw), scale(db), None, None, None, None, None, None
+
+
+def linear_logprob_weighted_sum(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    token_weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    chunk: int | None = None,
+    return_logp: bool = False,
+    return_entropy: bool = False,
+    ignore_index: int = -100,
+):
+    """``sum_i token_weight[i] * logp[i]`` with its gradient computed during the forward.
+
+    For losses whose per-token weights are known before the head runs: a cross-entropy (weights -1/n), a
+    policy gradient with detached advantages (weights -A_i), VeriFree's objective (-A_i on the reasoning,
+    -R_i on the answer).  Each chunk's logits are made once and turned into d_logits on the spot, so the
+    head costs 6·N·H·V FLOPs where ``linear_logprob`` + backward costs 8 (it recomputes the logits to
+    support any upstream gradient).  ``token_weight`` is a constant: no gradient flows into it.  The
+    gradients w.r.t. hidden / weight / bias are held from the forward until backward (one [N, H] and one
+    [V, H] tensor, the size of the gradients themselves).
+
+    Runs chunked torch GEMMs on any device (cuBLAS on CUDA; bf16 operands with fp32 accumulation there).
+    Largest temporary: one [chunk, V] fp32 block (``chunk`` as in ``linear_logprob``).
+
+    Returns the scalar sum, and if asked the (detached) per-token log-probs and entropies.
+    """
+    if hidden.shape[-1] != weight.shape[-1] or weight.dim() != 2:
+        raise ValueError(f"hidden [..., H] and weight [V, H] mismatch: {tuple(hidden.shape)} vs {tuple(weight.shape)}")
+    if targets.shape != hidden.shape[:-1] or token_weight.shape != targets.shape:
+        raise ValueError(f"targets {tuple(targets.shape)} and token_weight {tuple(token_weight.shape)} must both "
+                         f"be hidden.shape[:-1] = {tuple(hidden.shape[:-1])}")
+    if targets.dtype.is_floating_point or targets.dtype == torch.bool:
+        raise TypeError("targets must be an integer tensor")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    dev_type = hidden.device.type
+    dtype = torch.get_autocast_dtype(dev_type) if torch.is_autocast_enabled(dev_type) else hidden.dtype
+    hidden, weight = hidden.to(dtype), weight.to(dtype)
+    bias = None if bias is None else bias.to(dtype).contiguous()
+    lead = hidden.shape[:-1]
+    h2 = hidden.reshape(-1, hidden.shape[-1])
+    if h2.stride(-1) != 1:
+        h2 = h2.contiguous()
+    w = weight if weight.stride(-1) == 1 else weight.contiguous()
+    t1 = targets.reshape(-1).long()
+    tw = token_weight.detach().reshape(-1).float()
+    n, v = h2.shape[0], w.shape[0]
+    if n == 0:
+        total = (h2.sum() + w.sum()) * 0.0  # keeps the graph for an empty batch
+        zeros = h2.new_zeros(lead, dtype=torch.float32)
+        out = (total.float(),) + ((zeros,) if return_logp else ()) + ((zeros.clone(),) if return_entropy else ())
+        return out if len(out) > 1 else out[0]
+    with torch.autocast(dev_type, enabled=False):
+        total, logp, ent = _WeightedLogprobSum.apply(h2, w, bias, t1, tw, 1.0 / float(temperature),
+                                                     int(ignore_index), chunk_rows(n, v, chunk),
+                                                     bool(return_entropy))
+    out = (total,)
+    if return_logp:
+        out += (logp.detach().reshape(lead),)
+    if return_entropy:
+        out += (ent.detach().reshape(lead),)
+    return out if len(out) > 1 else out[0]
 
 
 # ----------------------------------------------------------------------------------------

@@ -55,14 +55,18 @@ class SFT(TrainingRecipe):
     def lm_loss(self, model, batch):
         labels = batch["labels"][:, 1:]
         if self.cfg.recipe.get("fused_logprob"):
-            from runx.kernels import linear_logprob
+            # mean next-token NLL = sum_i w_i log p_i with w_i = -1/n: the head's gradient is made in its forward
+            # (6·N·H·V FLOPs, no [N, V] logits), called through the head module so that ZeRO-3 gathers it
+            from runx.kernels import linear_logprob_weighted_sum
+            from runx.trainers.hf import through_module
             body = getattr(model, "module", model)
             hidden = body.get_decoder()(input_ids=batch["input_ids"],
                                         attention_mask=batch["attention_mask"]).last_hidden_state[:, :-1]
             head = body.get_output_embeddings()
-            logp = linear_logprob(hidden.reshape(-1, hidden.shape[-1]), head.weight, labels.reshape(-1),
-                                  bias=head.bias)
-            return -(logp.sum() / (labels != -100).sum().clamp_min(1))
+            t = labels.reshape(-1)
+            w = torch.full(t.shape, -1.0 / max(1, int((t != -100).sum())), device=t.device)
+            return through_module(head, lambda h: linear_logprob_weighted_sum(
+                h, head.weight, t, w, bias=getattr(head, "bias", None)), hidden.reshape(-1, hidden.shape[-1]))
         out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
         logits = out.logits[:, :-1].float()
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)

@@ -253,3 +253,18 @@ def test_text_data_loads_local_files_and_saved_datasets(tmp_path):
               str(tmp_path))
     train, evals = rec.build_data()
     assert (len(train), len(evals)) == (12, 8)       # the folder's own test split, not a carved one
+
+
+def test_sft_fused_head_loss_matches_full_logits_under_zero3(tmp_path):
+    """recipe.fused_logprob=true (the LM head's gradient made in its forward, never [N, V] logits) trains the same
+    loss curve as HF's full-logits cross-entropy, under ZeRO-3, where the head's weight is partitioned and only
+    a call through the module sees it whole."""
+    common = ["recipe=sft", "model=tiny_llama", "data=tiny_text", "trainer=zero3", "trainer.max_steps=4",
+              "trainer.eval_every=0", "trainer.ckpt_every=0", "logger=none", "trainer.progress=false",
+              "optim.lr=1e-3", "optim.warmup_ratio=0"]
+    for fused in ("false", "true"):
+        run_cli(["train", f"run_dir={tmp_path / fused}", f"recipe.fused_logprob={fused}", *common])
+    a, b = losses(tmp_path / "false"), losses(tmp_path / "true")
+    assert sorted(a) == sorted(b) == [1, 2, 3, 4] and a[4] < a[1]
+    for s in a:
+        assert abs(a[s] - b[s]) <= 1e-5 * abs(a[s]), (s, a[s], b[s])

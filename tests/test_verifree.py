@@ -308,6 +308,43 @@ def test_loss_runs_rollout_and_backprops_for_both_rewards(tiny):
         rc.reward, rc.answer_template = "verifree", "> \\boxed{{answer}} </answer>"
 
 
+def test_gradient_in_forward_equals_autograd_through_the_logprobs(tiny):
+    """recipe.grad_in_forward (the head's gradient made from the objective's per-token coefficients) gives the
+    loss, metrics and parameter gradients of the plain path (log-probs, then autograd through verifree_loss),
+    for both rewards and with a truncation mask ("1+2=" ends without a stop: truncated) and Dr. GRPO's
+    normaliser."""
+    recipe, model, _, _ = tiny
+    rc = recipe.rc
+    saved = (rc.answer_template, rc.reward, rc.grad_in_forward, rc.ignore_truncated, rc.loss_norm, rc.advantage)
+    rc.answer_template = ">{answer}"
+    texts = ["1+2=3. <answer>\\boxed{3} </answer>", "1+2=4. <answer>\\boxed{4} </answer>",
+             "1+2=3. no tag", "1+2=3. <answer>\\boxed{3} </answer>", "1+2=", "1+2=3. <answer>\\boxed{5} </answer>"]
+    batch = [{"question": "Ann has 1 pen. She buys 2. How many pens now?", "answer": "3"},
+             {"question": "Bo has 2 cups. He finds 1. How many cups now?", "answer": "3"}]
+    try:
+        for reward, extra in (("verifree", {}), ("verifree", {"ignore_truncated": True, "loss_norm": "max_len",
+                                                               "advantage": "grpo"}), ("verifier", {})):
+            out = {}
+            for mode in (False, True):
+                rc.reward, rc.grad_in_forward = reward, mode
+                for k, v in extra.items():
+                    setattr(rc, k, v)
+                policy = Scripted(model, recipe.tokenizer, texts)
+                model.zero_grad()
+                loss, metrics = recipe.loss(policy, batch, 0)
+                loss.backward()
+                out[mode] = (loss.detach(), metrics, [p.grad.clone() for p in model.parameters()])
+            (l0, m0, g0), (l1, m1, g1) = out[False], out[True]
+            assert torch.allclose(l0, l1, rtol=1e-5, atol=1e-7), (reward, l0, l1)
+            for k in m0:
+                assert m1[k] == pytest.approx(m0[k], rel=1e-5, abs=1e-7), (reward, k, m0[k], m1[k])
+            assert any(g.abs().sum() > 0 for g in g0)
+            for a, b in zip(g0, g1):
+                torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-7)
+    finally:
+        (rc.answer_template, rc.reward, rc.grad_in_forward, rc.ignore_truncated, rc.loss_norm, rc.advantage) = saved
+
+
 def test_rollout_from_the_model_and_metrics(tiny):
     recipe, model, train, _ = tiny
     loss, metrics = recipe.loss(model, [train[0], train[1]], 0)   # a random model: real HF generate path

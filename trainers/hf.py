@@ -114,3 +114,15 @@ def load_model(model_cfg, num_labels: int | None = None, tokenizer=None):
 def count_params(model, trainable_only: bool = False) -> int:
     return sum(p.numel() if not hasattr(p, "ds_numel") else p.ds_numel
                for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+def through_module(module, fn, *args):
+    """``fn(*args)`` run as ``module``'s forward. A function that reads ``module.weight`` itself (a fused LM-head
+    kernel) then sees the full weight under ZeRO-3, whose hooks gather a module's parameters around its forward
+    and route their gradients back to the partitions; a plain read would find an empty partition."""
+    original = module.forward
+    module.forward = fn
+    try:
+        return module(*args)
+    finally:
+        module.forward = original

@@ -60,6 +60,10 @@ class VeriFreeConfig:
     # runx.kernels.linear_logprob on final hidden states (no [tokens x vocab] logits); false = full logits
     fused_logprob: bool = True
     logprob_chunk: Optional[int] = None
+    # with fused_logprob and no KL: make the head's gradient in its forward pass from the objective's per-token
+    # coefficients (runx.kernels.linear_logprob_weighted_sum, 6·N·H·V FLOPs instead of 8); false = log-probs
+    # first, then autograd through the objective (any objective)
+    grad_in_forward: bool = True
 
     # ---- evaluation ------------------------------------------------------------------------------
     # held-out accuracy is greedy ("acc"); with eval_samples > 0 also the mean over that many samples per
