@@ -11,6 +11,9 @@
 # trainer overhead for zero3, zero3_cpu_offload and zero3_nvme. The zero3_nvme overhead row (0.80-0.90) was taken
 # before the bench alternated which side runs first and gave each side its own NVMe folder; re-measure it with
 #   TO_ROUNDS=2 TO_LIMIT=280 bash bench/gpu_check.sh overhead        (one round of 0.3B zero3_nvme: ~110 s)
+# Not yet measured on a GPU: linear_logprob_weighted_sum (the gradient made in the forward, 6·N·H·V FLOPs; arms
+# runx_wsum / "wsum" vs Liger). The logprob group runs only that part (4 shapes + the 32k x 152k sweep):
+#   bash bench/gpu_check.sh tests,logprob,overhead
 set -uo pipefail
 cd "$(dirname "$0")/.."
 T0=$(date +%s)
@@ -36,13 +39,13 @@ python3 -c "import torch, triton, deepspeed, transformers, peft; print('torch', 
 echo "setup (wheels, runx install) took $(( $(date +%s) - T0 ))s" | tee -a "$LOG"
 
 # $OUT returns at most 8 files: the GPU results only
-GPU_FILES="kernels.json kernels_sinkhorn_gpu.json trainer_overhead.json offload.json"
+GPU_FILES="kernels.json kernels_sinkhorn_gpu.json kernels_logprob_gpu.json trainer_overhead.json offload.json"
 save() { [ -n "${OUT:-}" ] || return 0; for f in $GPU_FILES; do [ -f "bench/results/$f" ] && cp "bench/results/$f" "$OUT"/; done
          cp "$LOG" "$OUT"/; true; }
 # one device session is time-boxed: DEADLINE (seconds after start) caps every step and the offload budget
 DEADLINE="${DEADLINE:-540}"
 left() { echo $(( DEADLINE - ($(date +%s) - T0) )); }
-ONLY=",${1:-tests,kernels,overhead,offload},"   # comma list of: tests kernels sinkhorn overhead offload
+ONLY=",${1:-tests,kernels,overhead,offload},"   # comma list of: tests kernels logprob sinkhorn overhead offload
 step() {  # step GROUP NAME SECONDS CMD...
   local group=$1 name=$2 limit=$3; shift 3
   case "$ONLY" in *",$group,"*) ;; *) return 0 ;; esac
@@ -62,6 +65,9 @@ step tests "gpu kernel tests" 90 python3 -m pytest -q -x -m gpu tests/test_kerne
 # logprob at 4 LLM shapes + variants at 32k x 152k vs Liger; Sinkhorn fused vs column-strip path vs eager + variants
 step kernels "kernels bench" 180 python3 bench/kernels.py --device cuda --logprob-sweep --sinkhorn-sweep \
   --out bench/results/kernels.json
+# linear_logprob alone: the 4 shapes (Triton, torch, gradient-in-forward, eager, Liger) and the 32k x 152k sweep
+step logprob "logprob bench" 150 python3 bench/kernels.py --device cuda --only logprob --logprob-sweep \
+  --out bench/results/kernels_logprob_gpu.json
 # Sinkhorn alone (seconds): the fused path's launch variants, wall and GPU-only time
 step sinkhorn "sinkhorn bench" 60 python3 bench/kernels.py --device cuda --only sinkhorn --sinkhorn-sweep \
   --out bench/results/kernels_sinkhorn_gpu.json
