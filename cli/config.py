@@ -182,6 +182,47 @@ def validate(cfg) -> list[str]:
     return problems
 
 
+def check_paths(cfg) -> list[str]:
+    """Local files and folders the config names that do not exist on this machine, as problems naming the key.
+    Run where the job runs, before any model is built (a hub id is not checked: only absolute, ./ or ~ paths
+    for model and `datasets` sources; data and recipe input files always are)."""
+    import glob
+
+    def local_like(p: str) -> bool:
+        return os.path.isabs(p) or p.startswith(("./", "../", "~"))
+
+    def missing(p: str) -> bool:
+        p = os.path.expanduser(p)
+        return not (os.path.exists(p) or glob.glob(p))
+
+    out: list[str] = []
+
+    def need(key: str, value, always: bool, what: str = "no such file, folder or glob match on this machine"):
+        if isinstance(value, str) and value and not value.startswith("builtin:") and (always or local_like(value)) \
+                and missing(value):
+            out.append(f"{key}={value}: {what}.")
+
+    d, m, r = cfg.get("data") or {}, cfg.get("model") or {}, cfg.get("recipe") or {}
+    if not m.get("from_config"):
+        need("model.path", m.get("path"), False, "no such folder on this machine (give a local model folder "
+             "or a hub id)")
+    need("model.tokenizer", m.get("tokenizer"), False)
+    kind = d.get("kind")
+    if kind in ("jsonl", "parquet", "csv", "imagefolder"):
+        need("data.path", d.get("path"), True)
+    elif kind == "hf":
+        need("data.hf_name" if d.get("hf_name") else "data.path", d.get("hf_name") or d.get("path"), False,
+             "no such folder on this machine (give a saved dataset folder or a hub id)")
+    name = r.get("name")
+    if name == "concept_prune" and r.get("input") != "digits":
+        need("recipe.path", r.get("path"), True)
+    if name == "preselect":
+        if r.get("pool") != "builtin":
+            need("recipe.pool", r.get("pool"), True)
+        need("recipe.sample", r.get("sample"), True)
+    return out
+
+
 def _resolve_all(node, prefix: str, problems: list[str]) -> None:
     from omegaconf import DictConfig, ListConfig
 

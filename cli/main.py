@@ -57,11 +57,12 @@ def _fail(problems: list[str]) -> int:
 
 def _compose_validated(overrides: list[str]):
     from runx.cli.config import ConfigError, compose, validate
+    from runx.cli.config import check_paths
     try:
         cfg = compose(overrides)
     except ConfigError as e:
         return None, e.problems
-    return cfg, validate(cfg)
+    return cfg, validate(cfg) or check_paths(cfg)
 
 
 # ------------------------------------------------------------------------------------------ train

@@ -45,10 +45,11 @@ def objective_value(result: dict, cfg) -> float | None:
 @hydra.main(version_base="1.3", config_path="pkg://runx.conf", config_name="config")
 def hydra_main(cfg: DictConfig):
     global LAST_EXIT_CODE
-    from runx.cli.config import fill_recipe_defaults, format_problems, validate
+    from runx.cli.config import check_paths, fill_recipe_defaults, format_problems, validate
     fill_recipe_defaults(cfg)
-    problems = validate(cfg)
-    if problems:  # multirun jobs are validated here (single runs already were, before Hydra started)
+    problems = validate(cfg) or check_paths(cfg)
+    if problems:  # multirun jobs are validated here (single runs already were, before Hydra started), and
+        # every job checks its paths where it runs (a SLURM job: on its node)
         print(format_problems(problems), file=sys.stderr)
         LAST_EXIT_CODE = 2
         raise SystemExit(2)

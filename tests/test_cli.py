@@ -168,3 +168,20 @@ def test_llm_presets_run_on_local_stand_ins(tmp_path):
              "recipe.max_new_tokens=12", "recipe.group_size=2", "trainer.max_steps=2", "trainer.grad_accum=1",
              "trainer.eval_every=0", f"run_dir={tmp_path / 'vf'}", *small])
     assert [r["step"] for r in read_metrics(tmp_path / "vf")] == [1, 2]
+
+
+def test_missing_local_paths_fail_before_any_model_is_built(tmp_path):
+    """A local model folder, data file or recipe input that does not exist is named with its key, before the
+    run starts (no traceback); hub ids are left to the loaders; an existing file passes."""
+    p = run_cli(["train", "data=jsonl", f"data.path={tmp_path / 'nope.jsonl'}", "model.path=/no/such/model",
+                 "logger=none"], check=False, timeout=60)
+    assert p.returncode != 0 and "Traceback" not in p.stderr
+    assert "model.path=/no/such/model" in p.stderr and "data.path=" in p.stderr and "Loading" not in p.stderr
+    from runx.cli.config import check_paths
+    (tmp_path / "a.jsonl").write_text('{"text": "x", "label": 0}\n')
+    assert check_paths(compose(["data=jsonl", f"data.path={tmp_path / 'a.jsonl'}"])) == []
+    assert check_paths(compose(["data=jsonl", f"data.path={tmp_path}/*.jsonl"])) == []
+    assert check_paths(compose(["model=hf_causal_lm", "model.path=Qwen/Qwen2.5-0.5B"])) == []   # a hub id
+    bad = check_paths(compose(["experiment=preselect_llama_family", f"recipe.pool={tmp_path}/pool/*.jsonl",
+                               f"recipe.sample={tmp_path / 'a.jsonl'}"]))
+    assert len(bad) == 1 and bad[0].startswith("recipe.pool=")
