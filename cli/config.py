@@ -172,6 +172,8 @@ def validate(cfg) -> list[str]:
         _walk(recipe, RECIPES[name].load_schema(), "recipe", problems)
     root = {k: v for k, v in data.items() if k != "recipe"}
     _walk(root, RunConfig, "", problems, skip={"recipe"})
+    from runx.cli.ranges import range_problems
+    problems += range_problems(data)
     head_lr = (data.get("optim") or {}).get("head_lr")
     kind = (data.get("model") or {}).get("kind")
     if head_lr is not None and isinstance(kind, str) and kind != "seq_cls" and "${" not in kind:

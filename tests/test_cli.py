@@ -94,6 +94,22 @@ def test_bad_override_is_a_clear_error(override, key, choice):
     assert len(err.strip().splitlines()) <= 4  # one paragraph
 
 
+def test_out_of_range_values_are_named_with_their_valid_range():
+    problems = validate(compose(["optim.lr=-1", "trainer.micro_batch_size=0", "data.val_fraction=1.5"]))
+    assert len(problems) == 3, problems
+    assert any(p.startswith("optim.lr=-1") and "> 0" in p for p in problems)
+    assert any(p.startswith("trainer.micro_batch_size=0") and ">= 1" in p for p in problems)
+    assert any(p.startswith("data.val_fraction=1.5") and "[0, 1)" in p for p in problems)
+    for recipe, override, rng in (("concept_prune", "recipe.keep_fraction=1.5", "(0, 1]"),
+                                  ("lora_ga", "recipe.rank=0", ">= 1"), ("swav", "recipe.epsilon=0", "> 0"),
+                                  ("verifree", "recipe.group_size=1", ">= 2")):
+        problems = validate(compose([f"recipe={recipe}", override]))
+        assert len(problems) == 1 and problems[0].startswith(override) and rng in problems[0], problems
+    # a key of another recipe keeps its own meaning; null where allowed; every shipped config is in range
+    assert validate(compose(["recipe=verifree", "recipe.group_size=1", "recipe.advantage=naive"])) == []
+    assert validate(compose(["optim.head_lr=null", "data.max_train_samples=null"])) == []
+
+
 def test_all_errors_reported_at_once():
     with pytest.raises(ConfigError):
         compose(["trainer=nope"])

@@ -1,0 +1,104 @@
+"""Value ranges of the numeric keys that a bad value would otherwise break only mid-run (a zero batch, a
+negative learning rate, a keep fraction above 1). Checked by `validate` after the types, each problem naming
+the key, the value and the valid range.
+"""
+from __future__ import annotations
+
+import math
+
+
+class Range:
+    def __init__(self, lo=None, hi=None, lo_open=False, hi_open=False, none_ok=False):
+        self.lo, self.hi, self.lo_open, self.hi_open, self.none_ok = lo, hi, lo_open, hi_open, none_ok
+
+    def ok(self, v) -> bool:
+        if v is None:
+            return self.none_ok
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or math.isnan(v):
+            return True  # a type problem, reported by the type check
+        if self.lo is not None and (v <= self.lo if self.lo_open else v < self.lo):
+            return False
+        if self.hi is not None and (v >= self.hi if self.hi_open else v > self.hi):
+            return False
+        return True
+
+    def text(self) -> str:
+        if self.hi is None:
+            s = f"{'>' if self.lo_open else '>='} {self.lo}"
+        else:
+            s = f"{'(' if self.lo_open else '['}{self.lo}, {self.hi}{')' if self.hi_open else ']'}"
+        return s + (" or null" if self.none_ok else "")
+
+
+POS = Range(0, lo_open=True)            # > 0
+NONNEG = Range(0)                       # >= 0
+COUNT = Range(1)                        # >= 1
+PROB = Range(0, 1)                      # [0, 1]
+FRACTION = Range(0, 1, hi_open=True)    # [0, 1)
+SHARE = Range(0, 1, lo_open=True)       # (0, 1]
+
+# key -> range for every recipe
+COMMON = {
+    "optim.lr": POS, "optim.head_lr": Range(0, lo_open=True, none_ok=True), "optim.weight_decay": NONNEG,
+    "optim.eps": POS, "optim.momentum": FRACTION, "optim.warmup_steps": NONNEG, "optim.warmup_ratio": FRACTION,
+    "optim.min_lr_ratio": PROB, "optim.lars_eta": POS,
+    "trainer.micro_batch_size": COUNT, "trainer.grad_accum": COUNT, "trainer.max_steps": COUNT,
+    "trainer.eval_every": NONNEG, "trainer.log_every": COUNT, "trainer.ckpt_every": NONNEG,
+    "trainer.keep_last": COUNT, "trainer.grad_clip": NONNEG, "trainer.num_procs": COUNT,
+    "trainer.dataloader_workers": NONNEG,
+    "data.val_fraction": FRACTION, "data.max_length": COUNT, "data.max_train_samples": Range(1, none_ok=True),
+    "data.max_eval_samples": Range(0, none_ok=True), "model.num_labels": COUNT, "launcher.num_nodes": COUNT,
+}
+_LORA = {"rank": COUNT, "alpha": POS, "dropout": FRACTION}
+# recipe name -> {key under recipe.: range}
+RECIPE = {
+    "lora": _LORA,
+    "lora_ga": {**_LORA, "grad_batches": COUNT, "stable_gamma": POS, "svd_niter": NONNEG},
+    "verifree": {"group_size": COUNT, "temperature": NONNEG, "top_p": SHARE, "max_new_tokens": COUNT,
+                 "kl_coef": NONNEG, "vllm_gpu_memory_utilization": SHARE, "rollout_chunk": NONNEG,
+                 "logprob_chunk": Range(1, none_ok=True), "eval_samples": NONNEG, "warmup_steps": NONNEG,
+                 "warmup_examples": NONNEG, "warmup_batch_size": COUNT, "warmup_lr": POS,
+                 "warmup_corrupt_fraction": PROB},
+    "swav": {"flip_prob": PROB, "color_jitter_prob": PROB, "grayscale_prob": PROB, "blur_prob": PROB,
+             "feat_dim": COUNT, "nmb_prototypes": COUNT, "temperature": POS, "epsilon": POS,
+             "sinkhorn_iterations": COUNT, "freeze_prototypes_steps": NONNEG, "queue_length": NONNEG,
+             "queue_start_epoch": NONNEG, "knn_k": COUNT, "knn_temperature": POS, "linear_probe_steps": NONNEG},
+    "preselect": {"num_workers": COUNT, "bpc_window": Range(2), "bpc_stride": COUNT, "bpc_batch_size": COUNT,
+                  "positive_quantile": Range(0, 1, lo_open=True, hi_open=True), "heldout_fraction": FRACTION,
+                  "ft_word_ngrams": COUNT, "ft_epoch": COUNT, "ft_lr": POS, "ft_dim": COUNT, "ft_bucket": COUNT,
+                  "ft_threads": COUNT, "keep_fraction": SHARE, "predict_batch": COUNT},
+    "concept_prune": {"batch_size": COUNT, "shard_size": COUNT, "epsilon": NONNEG, "dedup_clusters": NONNEG,
+                      "num_clusters": COUNT, "kmeans_iters": COUNT, "keep_fraction": SHARE, "num_neighbors": COUNT,
+                      "temperature": POS, "balance": PROB, "num_workers": COUNT},
+}
+
+
+def _get(data: dict, dotted: str):
+    node = data
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return _ABSENT
+        node = node[part]
+    return node
+
+
+_ABSENT = object()
+
+
+def range_problems(data: dict) -> list[str]:
+    """Problems for the keys of `data` (an unresolved plain-dict config) outside their valid range."""
+    name = (data.get("recipe") or {}).get("name")
+    rules = dict(COMMON)
+    rules.update({f"recipe.{k}": r for k, r in RECIPE.get(name, {}).items()})
+    out = []
+    for key, rng in rules.items():
+        v = _get(data, key)
+        if v is _ABSENT or (isinstance(v, str) and "${" in v):
+            continue
+        if not rng.ok(v):
+            out.append(f"{key}={v}: out of range. Valid values: {rng.text()}.")
+    if name == "verifree" and (data.get("recipe") or {}).get("advantage") in ("rloo", "grpo") \
+            and isinstance(_get(data, "recipe.group_size"), int) and _get(data, "recipe.group_size") < 2:
+        out.append(f"recipe.group_size={_get(data, 'recipe.group_size')}: the {data['recipe']['advantage']} "
+                   "baseline needs at least 2 samples per question. Valid values: >= 2, or recipe.advantage=naive.")
+    return out
