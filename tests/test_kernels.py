@@ -357,6 +357,22 @@ def test_weighted_sum_equals_linear_logprob_and_costs_three_quarters():
     assert probe.flops == 2 * n * hsz * v
 
 
+def test_weighted_sum_follows_autocast():
+    """Under autocast (trainer.precision=amp_bf16) the operands are bf16 like F.linear's, the fp32 leaves get fp32
+    gradients through the cast, and the value matches the recomputing path on the same bf16 operands."""
+    torch.manual_seed(5)
+    h = torch.randn(21, 16, requires_grad=True)
+    w = torch.randn(50, 16, requires_grad=True)
+    t, tw = torch.randint(0, 50, (21,)), torch.rand(21)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        s = linear_logprob_weighted_sum(h, w, t, tw, chunk=4)
+        s.backward()
+        ref = (tw * linear_logprob(h.detach(), w.detach(), t, chunk=4)).sum()
+    assert s.dtype == torch.float32 and h.grad.dtype == torch.float32 and w.grad.dtype == torch.float32
+    assert abs(s.item() - ref.item()) < 1e-5 * abs(ref.item())
+    assert torch.isfinite(h.grad).all() and w.grad.abs().sum() > 0
+
+
 def test_weighted_sum_bounds_memory_and_refuses_a_second_backward():
     n, hsz, v, chunk = 256, 8, 4000, 16
     h = torch.randn(n, hsz).requires_grad_()
