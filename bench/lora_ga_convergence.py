@@ -206,12 +206,12 @@ def best_lr(runs: list) -> float:
     return min(by_lr, key=lambda lr: statistics.mean(by_lr[lr]))
 
 
-def time_default_job(root: str, threads: int) -> dict:
+def time_default_job(root: str, threads: int, extra: tuple = (), name: str = "default_job") -> dict:
     """`runx train recipe=lora_ga` as the default job runs it (its evals and checkpoints), alone; where its wall
     time goes and LoRA-GA's init as a share of it."""
-    run_dir = os.path.join(root, "default_job")
+    run_dir = os.path.join(root, name)
     cmd = [sys.executable, "-m", "runx.cli.main", "train", "recipe=lora_ga", "logger=none", "trainer.progress=false",
-           f"run_dir={run_dir}"]
+           f"run_dir={run_dir}", *extra]
     print("runx " + " ".join(cmd[3:]), flush=True)
     t0 = time.perf_counter()
     p = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env(threads))
@@ -224,7 +224,8 @@ def time_default_job(root: str, threads: int) -> dict:
         recs = [json.loads(line) for line in f]
     steps = [r["step_time_s"] for r in recs]
     init, train = s["lora_ga/init_s"], s["train_wall_s"]
-    return {"command": "runx train recipe=lora_ga logger=none trainer.progress=false", "threads": threads,
+    return {"command": " ".join(["runx train recipe=lora_ga logger=none trainer.progress=false", *extra]),
+            "threads": threads, "eval_loss": s.get("eval/loss"), "eval_accuracy": s.get("eval/accuracy"),
             "process_wall_s": wall, "init_s": init, "estimate_s": s["lora_ga/estimate_s"],
             "svd_init_s": s["lora_ga/svd_init_s"], "train_wall_s": train, "steps_time_s": sum(steps),
             "median_step_s": statistics.median(steps), "steps": len(steps),
@@ -266,7 +267,7 @@ def time_inits(rounds: int, grad_batches: int, micro: int, max_length: int, thre
     class Batches:  # the trainer surface prepare uses
         device = "cpu"
 
-        def train_loader_for_estimation(self, n, batch_size=None):
+        def train_loader_for_estimation(self, n, batch_size=None, by_length=False):
             return batches
 
         def to_device(self, b):
@@ -309,15 +310,47 @@ def time_inits(rounds: int, grad_batches: int, micro: int, max_length: int, thre
             "grad_batches": grad_batches, "micro_batch": micro, "max_length": max_length, "threads": threads}
 
 
+def init_share_ab(root: str, threads: int, rounds: int) -> dict:
+    """The default job's init share with the estimation micro-batches grouped by length (the default) and in
+    training order, alternating which runs first; bench/results/lora_ga_init_share.json."""
+    arms = {"by_length": (), "training_order": ("recipe.grad_batching=training_order",)}
+    runs = {k: [] for k in arms}
+    for r in range(rounds):
+        for k in (list(arms) if r % 2 == 0 else list(arms)[::-1]):
+            runs[k].append(time_default_job(root, threads, arms[k], name=f"{k}_{r}"))
+            print(f"round {r} {k}: init {runs[k][-1]['init_s']:.2f} s, share {runs[k][-1]['init_share_of_run']:.4f}",
+                  flush=True)
+    med = lambda k, key: statistics.median(x[key] for x in runs[k])
+    return {"rounds": rounds, "threads": threads, "runs": runs,
+            "median": {k: {key: med(k, key) for key in ("init_s", "estimate_s", "train_wall_s",
+                                                          "init_share_of_run", "eval_loss")
+                           if key in runs[k][0]} for k in arms},
+            "definition": "init_share_of_run = init / (init + training loop wall), the loop with its evals and "
+                          "checkpoints, as in lora_ga_convergence.json's default_job"}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--init-share", type=int, default=0, metavar="ROUNDS",
+                    help="only time the default job's init share, by_length vs training_order grouping, ROUNDS "
+                         "rounds each (writes bench/results/lora_ga_init_share.json)")
     ap.add_argument("--seeds", type=int, default=None, help="3 (full), 2 (--quick)")
     ap.add_argument("--steps", type=int, default=None, help=f"{STEPS} (full), 40 (--quick)")
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--workers", type=int, default=2, help="sweep processes side by side")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per sweep process")
     a = ap.parse_args()
+    if a.init_share:
+        res = init_share_ab(a.workdir or tempfile.mkdtemp(prefix="lora_ga_init_"), a.threads, a.init_share)
+        res["command"] = f"python bench/lora_ga_convergence.py --init-share {a.init_share}"
+        import platform as _platform
+        res["machine"] = {"cpus": os.cpu_count(), "platform": _platform.platform()}
+        out = os.path.join(HERE, "results", "lora_ga_init_share.json")
+        with open(out, "w") as f:
+            json.dump(res, f, indent=1)
+        print(json.dumps(res["median"], indent=1), f"\nwrote {out}")
+        return 0
     steps = a.steps or (40 if a.quick else STEPS)
     seeds = list(range(a.seeds or (2 if a.quick else 3)))
     grids = QUICK if a.quick else GRIDS

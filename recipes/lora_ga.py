@@ -345,6 +345,7 @@ class LoRAGA(LoRA):
             if os.path.exists(os.path.join(c, INIT_META)):
                 with open(os.path.join(c, INIT_META)) as f:
                     meta = json.load(f)
+                meta.setdefault("grad_batching", "training_order")   # inits saved before the option existed
                 if all(meta.get(k) == v for k, v in want.items()):
                     return c
                 log.warning("LoRA-GA: ignoring %s, made with other settings", c)
@@ -365,7 +366,8 @@ class LoRAGA(LoRA):
         owners = assign_owners({n: _weight_shape(w) for n, w in weights.items()}, world)
 
         # 1. G = mean over grad_batches global batches of dL/dW; each rank runs its share of every batch
-        batches = [trainer.to_device(b) for b in trainer.train_loader_for_estimation(int(rc.grad_batches))]
+        loader = trainer.train_loader_for_estimation(int(rc.grad_batches), by_length=rc.grad_batching == "by_length")
+        batches = [trainer.to_device(b) for b in loader]
         counts = torch.tensor([len(batches), -len(batches)], dtype=torch.float64, device=_comm_device(trainer))
         if world > 1:   # the hooks reduce per micro-batch: every rank must run the same number of them
             dist.all_reduce(counts, op=dist.ReduceOp.MAX)
@@ -432,7 +434,8 @@ class LoRAGA(LoRA):
         return {"rank": int(rc.rank), "alpha": float(rc.alpha), "scaling": rc.scaling,
                 "direction": rc.direction, "scale": rc.scale, "stable_gamma": float(rc.stable_gamma),
                 "svd": rc.svd, "svd_niter": int(rc.svd_niter), "grad_batches": int(rc.grad_batches),
-                "estimation_mode": rc.estimation_mode, "base_model": str(self.cfg.model.path),
+                "estimation_mode": rc.estimation_mode, "grad_batching": rc.grad_batching,
+                "base_model": str(self.cfg.model.path),
                 "seed": int(self.cfg.seed)}
 
     def final_metrics(self) -> dict:

@@ -38,7 +38,7 @@ class EstimationTrainer:
     def __init__(self, batches):
         self.batches = batches
 
-    def train_loader_for_estimation(self, n_batches, batch_size=None):
+    def train_loader_for_estimation(self, n_batches, batch_size=None, by_length=False):
         return self.batches          # the caller passes exactly the micro-batches of n_batches steps
 
     def to_device(self, batch):
@@ -160,6 +160,35 @@ def test_every_direction_gives_the_rank_2r_gradient_and_randomized_svd_matches_e
     torch.testing.assert_close(Sr, S, rtol=1e-3, atol=1e-5)
     with pytest.raises(ValueError, match="recipe.rank"):
         gradient_svd(G, 2 * 30, "exact")
+
+
+def test_estimation_micro_batches_by_length_are_the_same_samples_for_any_world_size(tmp_path):
+    """grad_batching=by_length regroups the first grad_batches global batches' samples by length: the same
+    samples as the training order, less padding, and the same global micro-batches for 1 and 2 processes."""
+    from types import SimpleNamespace
+
+    from runx.trainers.deepspeed_trainer import Trainer
+    recipe = make_recipe(tmp_path, ["data.max_length=64"])
+    train, _ = recipe.build_data()
+
+    def shares(world, accum, by_length):
+        out = []
+        for rank in range(world):
+            fake = SimpleNamespace(_train_ds=train, recipe=recipe, cfg=recipe.cfg, world_size=world, rank=rank,
+                                   device="cpu", tcfg=SimpleNamespace(micro_batch_size=8, grad_accum=accum,
+                                                                      dataloader_workers=0))
+            fake.loader = lambda ds, rec, start, n, f=fake: Trainer.loader(f, ds, rec, start, n)
+            out.append([b["input_ids"] for b in Trainer.train_loader_for_estimation(fake, 4, by_length=by_length)])
+        return out
+
+    plain, = shares(1, 2, False)
+    one, = shares(1, 2, True)
+    two = shares(2, 1, True)
+    assert len(one) == len(plain) == 8 and len(two[0]) == len(two[1]) == 4
+    rows = lambda bs: sorted(tuple(t for t in r.tolist() if t != 0) for b in bs for r in b)
+    assert rows(one) == rows(plain)                              # the same 64 samples
+    assert [b.tolist() for b in one] == [b.tolist() for pair in zip(*two) for b in pair]   # j -> rank j % 2
+    assert sum(b.numel() for b in one) < 0.7 * sum(b.numel() for b in plain)             # far less padding
 
 
 # ============================================================================ the first step
@@ -315,7 +344,10 @@ def one_process_init(tmp_path):
     train, _ = recipe.build_data()
     c = recipe.cfg
     sampler = StepBatchSampler(len(train), 4, 2, 1, 0, int(c.seed), 0, int(c.recipe.grad_batches))
-    batches = [recipe.collate([train[i] for i in idx]) for idx in sampler]
+    # recipe.grad_batching=by_length: the same samples, sorted by length (ties in draw order), in micro-batches of 4
+    drawn = [i for idx in sampler for i in idx]
+    drawn = sorted(drawn, key=lambda i: (len(train[i]["input_ids"]), drawn.index(i)))
+    batches = [recipe.collate([train[i] for i in drawn[k:k + 4]]) for k in range(0, len(drawn), 4)]
     torch.manual_seed(int(c.seed))
     model = recipe.build_model()
     threads = torch.get_num_threads()

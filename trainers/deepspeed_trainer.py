@@ -263,9 +263,25 @@ class Trainer:
         return torch.utils.data.DataLoader(dataset, batch_size=batch_size or int(self.tcfg.micro_batch_size),
                                            shuffle=False, collate_fn=recipe.collate)
 
-    def train_loader_for_estimation(self, n_batches: int, batch_size: int | None = None):
-        """This rank's share of `n_batches` global batches, in the training order (for LoRA-GA's estimate)."""
-        return self.loader(self._train_ds, self.recipe, 0, n_batches)
+    def train_loader_for_estimation(self, n_batches: int, batch_size: int | None = None, by_length: bool = False):
+        """This rank's share of the samples of the first `n_batches` global batches (for LoRA-GA's estimate).
+
+        by_length: the same samples regrouped into micro-batches of similar length (less padding; for a
+        per-sample mean loss the same sum of gradients). Global micro-batch j goes to rank j % world, so the
+        micro-batches do not depend on the number of processes. Otherwise: the training order."""
+        ds = self._train_ds
+        first = ds[0] if len(ds) else None
+        if not by_length or not (isinstance(first, dict) and "input_ids" in first):
+            return self.loader(ds, self.recipe, 0, n_batches)
+        t = self.tcfg
+        micro = int(t.micro_batch_size)
+        s = StepBatchSampler(len(ds), micro, int(t.grad_accum), self.world_size, 0, int(self.cfg.seed), 0, n_batches)
+        idx = [i for step in range(n_batches) for i in s.global_indices(step)]
+        idx = [i for _, _, i in sorted((len(ds[i]["input_ids"]), k, i) for k, i in enumerate(idx))]
+        micro_batches = [idx[j:j + micro] for j in range(0, len(idx), micro)]
+        mine = [b for j, b in enumerate(micro_batches) if j % self.world_size == self.rank]
+        return torch.utils.data.DataLoader(ds, batch_sampler=mine, collate_fn=self.recipe.collate,
+                                           num_workers=int(t.dataloader_workers), pin_memory=self.device == "cuda")
 
     def to_device(self, batch):
         if isinstance(batch, torch.Tensor):

@@ -22,6 +22,12 @@ class LoRAGAConfig(LoRAConfig):
     # eval: dropout off while estimating G (deterministic, the same G for any number of processes);
     # train: dropout on, as the reference code does.
     estimation_mode: Literal["eval", "train"] = "eval"
+    # How the estimation samples (those of the first grad_batches training batches) form micro-batches:
+    # by_length groups similar lengths (less padding: the 128 short texts of the embedded task fill 2.8x their
+    # tokens with padding in training order); training_order = as training would draw them. With a per-sample
+    # mean loss (classification) G is the same either way; with a per-token mean (causal LM) each micro-batch
+    # weighs its tokens, so G differs slightly, as it would for any other grouping.
+    grad_batching: Literal["by_length", "training_order"] = "by_length"
     # Where the fp64 running sum of each target weight's gradient lives between batches (on the rank owning
     # that layer: 1/world of the sums per rank). The device only holds about one layer's gradient at a time
     # (a hook consumes it as soon as it exists); "cpu" keeps the sums in host RAM.
