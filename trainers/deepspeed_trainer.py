@@ -26,13 +26,22 @@ log = logging.getLogger("runx.trainer")
 
 
 class StepBatchSampler(torch.utils.data.Sampler):
-    """Yields this rank's micro-batch index lists from optimizer step `start_step` on."""
+    """Yields this rank's micro-batch index lists from optimizer step `start_step` on.
+
+    With `lengths` (one per sample), batches are grouped by length as Hugging Face's LengthGroupedSampler does:
+    the samples of GROUP_STEPS consecutive global batches are sorted by length and cut into global batches again,
+    which then run in a seeded random order. Each step's batch stays a function of (seed, step) alone, so a
+    resumed run draws the same batches."""
+
+    GROUP_STEPS = 50
 
     def __init__(self, n: int, micro: int, accum: int, world: int, rank: int, seed: int, start_step: int,
-                 max_steps: int, shuffle: bool = True):
+                 max_steps: int, shuffle: bool = True, lengths: list[int] | None = None):
         self.n, self.micro, self.accum, self.world, self.rank = n, micro, accum, world, rank
         self.seed, self.start, self.max_steps, self.shuffle = seed, start_step, max_steps, shuffle
+        self.lengths = lengths
         self._perms: dict[int, torch.Tensor] = {}
+        self._groups: dict[int, list[list[int]]] = {}
 
     def _perm(self, epoch: int) -> torch.Tensor:
         if epoch not in self._perms:
@@ -44,11 +53,27 @@ class StepBatchSampler(torch.utils.data.Sampler):
         return self._perms[epoch]
 
     def global_indices(self, step: int) -> list[int]:
+        if self.lengths is not None:
+            return self._grouped(step)
+        return self._drawn(step)
+
+    def _drawn(self, step: int) -> list[int]:
         g = self.micro * self.accum * self.world
         out = []
         for pos in range(step * g, (step + 1) * g):
             out.append(int(self._perm(pos // self.n)[pos % self.n]))
         return out
+
+    def _grouped(self, step: int) -> list[int]:
+        k, first = self.GROUP_STEPS, step - step % self.GROUP_STEPS
+        if first not in self._groups:
+            idx = [i for s in range(first, first + k) for i in self._drawn(s)]
+            idx = [i for _, _, i in sorted((-self.lengths[i], pos, i) for pos, i in enumerate(idx))]
+            g = len(idx) // k
+            batches = [idx[b * g:(b + 1) * g] for b in range(k)]
+            order = torch.randperm(k, generator=torch.Generator().manual_seed(self.seed * 7919 + first)).tolist()
+            self._groups = {first: [batches[o] for o in order]}
+        return self._groups[first][step - first]
 
     def __iter__(self):
         for step in range(self.start, self.max_steps):
@@ -251,9 +276,15 @@ class Trainer:
     # ---------------------------------------------------------------- the run
     def loader(self, dataset, recipe, start_step: int, max_steps: int, shuffle=True, seed=None):
         t = self.tcfg
+        lengths = None
+        if shuffle and self.cfg.data.get("group_by_length"):
+            first = dataset[0] if len(dataset) else None
+            if not (isinstance(first, dict) and "input_ids" in first):
+                raise ValueError("data.group_by_length=true needs a tokenised text dataset (items with input_ids)")
+            lengths = [len(dataset[i]["input_ids"]) for i in range(len(dataset))]
         sampler = StepBatchSampler(len(dataset), int(t.micro_batch_size), int(t.grad_accum), self.world_size,
                                    self.rank, int(self.cfg.seed if seed is None else seed), start_step,
-                                   max_steps, shuffle)
+                                   max_steps, shuffle, lengths=lengths)
         return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=recipe.collate,
                                            num_workers=int(t.dataloader_workers),
                                            pin_memory=self.device == "cuda",

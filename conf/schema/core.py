@@ -44,6 +44,9 @@ class DataConfig:
     response_field: str = "response"
     val_fraction: float = 0.2
     max_length: int = 64
+    # text recipes: draw batches of similar length (less padding, as HF Trainer's group_by_length): the samples
+    # of 50 consecutive batches are sorted by length and re-cut, the batches run in a seeded random order
+    group_by_length: bool = False
     max_train_samples: Optional[int] = None
     max_eval_samples: Optional[int] = None
     num_workers: int = 0
