@@ -103,11 +103,10 @@ def load_model(model_cfg, num_labels: int | None = None, tokenizer=None):
     if kind == "seq_cls" and tokenizer is not None and model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     if model_cfg.get("gradient_checkpointing"):
-        # transformers >= 5 renamed it; the forward's KV cache is useless while recomputing (generation passes
-        # use_cache=True itself, in eval mode)
+        # transformers >= 5 renamed it. (config.use_cache stays as it is: it is saved with exports, whose
+        # generation needs the cache; training forwards drop the cache themselves, with a one-line notice.)
         enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
         enable()
-        model.config.use_cache = False
     return model
 
 
