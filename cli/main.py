@@ -168,7 +168,11 @@ def _plan(rest: list[str]) -> int:
     if problems:
         return _fail(problems)
     from runx.trainers.plan import plan_and_print
-    return plan_and_print(cfg, out_dir=cfg.run_dir)
+    from runx.trainers.recipe import RecipeConfigError
+    try:
+        return plan_and_print(cfg, out_dir=cfg.run_dir)
+    except RecipeConfigError as e:
+        return _fail([str(e)])
 
 
 def _report(rest: list[str]) -> int:

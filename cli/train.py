@@ -53,9 +53,16 @@ def hydra_main(cfg: DictConfig):
         print(format_problems(problems), file=sys.stderr)
         LAST_EXIT_CODE = 2
         raise SystemExit(2)
+    from runx.trainers.recipe import RecipeConfigError
     run_dir = run_dir_for(cfg)
-    result = launch(cfg, run_dir)
+    try:
+        result = launch(cfg, run_dir)
+    except RecipeConfigError as e:  # the recipe's own cross-key checks: a config problem, not a crash
+        print(format_problems([str(e)]), file=sys.stderr)
+        LAST_EXIT_CODE = 2
+        raise SystemExit(2) from None
     return objective_value(result, cfg)
+
 
 
 def launch(cfg, run_dir: str) -> dict:
@@ -128,13 +135,14 @@ def run_job(cfg, run_dir: str) -> dict:
     """Run one recipe in this process (rank of a distributed world, or a world of one)."""
     from runx.recipes import RECIPES
     from runx.trainers.console import quiet_libraries
+    from runx.trainers.recipe import build_recipe
     quiet_libraries()
     info = RECIPES[cfg.recipe.name]
     cls = info.load()
     if info.kind == "data":
         from runx.trainers.datajob import atomic_write_json
         from runx.trainers.tracking import console, summary_table
-        job = cls(cfg, run_dir)
+        job = build_recipe(cls, cfg, run_dir)
         result = job.run(num_workers=int(cfg.recipe.get("num_workers", 1) or 1))
         atomic_write_json(os.path.join(run_dir, "summary.json"), result)
         flat = {k: v for k, v in result.items() if isinstance(v, (int, float, str))}
@@ -142,7 +150,7 @@ def run_job(cfg, run_dir: str) -> dict:
         return result
     from runx.trainers.deepspeed_trainer import Trainer
     trainer = Trainer(cfg, run_dir)
-    recipe = cls(cfg, run_dir)
+    recipe = build_recipe(cls, cfg, run_dir)
     result = trainer.fit(recipe)
     if cfg.get("export_at_end", False):
         trainer.export(trainer.engine, recipe, os.path.join(run_dir, "export"))

@@ -94,6 +94,20 @@ def test_bad_override_is_a_clear_error(override, key, choice):
     assert len(err.strip().splitlines()) <= 4  # one paragraph
 
 
+@pytest.mark.parametrize("overrides,words", [
+    (["recipe=swav", "model=minilm"], ["recipe=swav needs a vision model", "resnet50"]),
+    (["recipe=concept_prune", "recipe.input=text"], ["recipe.path", "recipe.input=text"]),
+])
+def test_a_recipes_own_config_checks_are_reported_without_a_traceback(tmp_path, overrides, words):
+    """Cross-key checks that live in a recipe's constructor (model kind, inputs that need a path) exit 2 with
+    the config-problem paragraph, from `runx train` and from `runx plan`."""
+    for verb in (["train", f"run_dir={tmp_path / 'r'}", "logger=none"], ["plan"]):
+        p = run_cli([*verb, *overrides], check=False, timeout=120)
+        assert p.returncode == 2, (verb, p.stdout[-1000:], p.stderr[-2000:])
+        assert "Traceback" not in p.stderr and "Invalid configuration" in p.stderr
+        assert all(w in p.stderr for w in words), p.stderr
+
+
 def test_out_of_range_values_are_named_with_their_valid_range():
     problems = validate(compose(["optim.lr=-1", "trainer.micro_batch_size=0", "data.val_fraction=1.5"]))
     assert len(problems) == 3, problems

@@ -104,13 +104,16 @@ def _build_on_meta(cfg):
     from omegaconf import OmegaConf, open_dict
 
     from runx.recipes import RECIPES
+    from runx.trainers.recipe import RecipeConfigError, build_recipe
     import tempfile
     recipe_cls = RECIPES[cfg.recipe.name].load()
     scratch = tempfile.mkdtemp(prefix="runx_plan_")
     try:
-        recipe = recipe_cls(cfg, scratch)
+        recipe = build_recipe(recipe_cls, cfg, scratch)
         with torch.device("meta"):
             return recipe.build_model(), recipe, "recipe.build_model() on meta"
+    except RecipeConfigError:
+        raise
     except Exception as first:  # from_pretrained refuses the meta device: rebuild from the checkpoint's config
         if cfg.model.get("from_config") or cfg.model.kind not in ("causal_lm", "seq_cls"):
             raise
@@ -728,9 +731,12 @@ def check_fits(cfg) -> None:
     nvme_path is unwritable / too full — before any model is built."""
     t = cfg.trainer
     uses_nvme = "nvme" in (t.offload_param, t.offload_optimizer)
+    from runx.trainers.recipe import RecipeConfigError
     try:
         facts = model_facts(cfg)
         machine = describe_machine(cfg)
+    except RecipeConfigError:
+        raise  # the config itself is wrong: reported as such by the caller
     except Exception as e:  # a recipe whose model cannot be sized on the meta device: never block the run
         print(f"runx: memory check skipped (could not size the model on the meta device: "
               f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})", file=sys.stderr)

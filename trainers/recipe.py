@@ -97,3 +97,21 @@ class TrainingRecipe:
     def final_metrics(self) -> dict:
         """Extra numbers for the end-of-run summary."""
         return {}
+
+
+class RecipeConfigError(ValueError):
+    """A ValueError raised while a recipe is built from the config (its cross-key checks run in the
+    constructor, before any model or data is loaded): reported as a config problem, without a traceback."""
+
+
+def build_recipe(cls, cfg, run_dir: str):
+    """``cls(cfg, run_dir)``, its ValueErrors turned into RecipeConfigError (RUNX_TRACEBACK=1 keeps them raw)."""
+    import os
+    try:
+        return cls(cfg, run_dir)
+    except RecipeConfigError:
+        raise
+    except ValueError as e:
+        if os.environ.get("RUNX_TRACEBACK"):
+            raise
+        raise RecipeConfigError(str(e)) from e
