@@ -97,6 +97,9 @@ def range_problems(data: dict) -> list[str]:
             continue
         if not rng.ok(v):
             out.append(f"{key}={v}: out of range. Valid values: {rng.text()}.")
+    if (data.get("data") or {}).get("group_by_length") is True and name not in ("sft", "lora", "lora_ga"):
+        out.append(f"data.group_by_length=true: only the text fine-tuning recipes draw tokenised batches "
+                   f"(recipe={name}). Valid values: false, or recipe=sft|lora|lora_ga.")
     if name == "verifree" and (data.get("recipe") or {}).get("advantage") in ("rloo", "grpo") \
             and isinstance(_get(data, "recipe.group_size"), int) and _get(data, "recipe.group_size") < 2:
         out.append(f"recipe.group_size={_get(data, 'recipe.group_size')}: the {data['recipe']['advantage']} "

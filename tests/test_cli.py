@@ -119,6 +119,9 @@ def test_out_of_range_values_are_named_with_their_valid_range():
                                   ("verifree", "recipe.group_size=1", ">= 2")):
         problems = validate(compose([f"recipe={recipe}", override]))
         assert len(problems) == 1 and problems[0].startswith(override) and rng in problems[0], problems
+    problems = validate(compose(["recipe=swav", "data.group_by_length=true"]))
+    assert len(problems) == 1 and "data.group_by_length" in problems[0] and "recipe=sft" in problems[0]
+    assert validate(compose(["recipe=lora", "data.group_by_length=true"])) == []
     # a key of another recipe keeps its own meaning; null where allowed; every shipped config is in range
     assert validate(compose(["recipe=verifree", "recipe.group_size=1", "recipe.advantage=naive"])) == []
     assert validate(compose(["optim.head_lr=null", "data.max_train_samples=null"])) == []
