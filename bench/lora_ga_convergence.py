@@ -446,8 +446,8 @@ def main() -> int:
     print(f"\nLoRA-GA / LoRA steps to target, each at its best lr: {ratio if ratio is None else round(ratio, 3)} "
           f"(target <= 0.5)")
     mr = mirror["ratio_steps_lora_ga_over_lora"]
-    print(f"mirror target {t_ga:.4f} (worst LoRA-GA seed at its best lr): LoRA-GA steps {s_ga}, LoRA steps "
-          f"{s_lora}, ratio {mr if mr is None else round(mr, 3)}")
+    print(f"mirror target {t_ga:.4f} (worst LoRA-GA seed at its best lr): LoRA-GA steps {mirror['lora_ga_steps']}, "
+          f"LoRA steps {mirror['lora_steps']}, ratio {mr if mr is None else round(mr, 3)}")
     if equal:
         er = equal["ratio_steps_lora_ga_over_lora"]
         print(f"at the same lr {equal['lr']:.0e} (the paper's setting): target {equal['target_eval_loss']:.4f}, "
