@@ -64,6 +64,10 @@ for step in range(2):
     loss = engine(input_ids=ids, labels=ids).loss
     engine.backward(loss); engine.step()
     print("RAW_STEP", step, float(loss), flush=True)
+# What this script checks ends here. The interpreter's teardown of DeepSpeed's aio handle threads aborted once
+# in ~10 CI runs ("terminate called without an active exception", exit -6) after both steps had run: skip it.
+sys.stderr.flush()
+os._exit(0)
 """
 
 
