@@ -363,6 +363,32 @@ class _LinearLogprob(torch.autograd.Function):
         return dh, dw, db, None, None, None, None, None, None
 
 
+def _flat_operands(hidden, weight, targets, bias, temperature):
+    """Checked inputs of both entry points as the chunk drivers take them: hidden [N, H] and targets [N] (long)
+    flattened, weight and bias in the operand dtype and contiguous; returns (h2, w, b, t1, lead shape, device
+    type). Operand dtype: like F.linear, autocast's when it is on; otherwise weight and bias follow hidden (a
+    differentiable cast, so gradients reach the original dtype)."""
+    if hidden.shape[-1] != weight.shape[-1] or weight.dim() != 2:
+        raise ValueError(f"hidden [..., H] and weight [V, H] mismatch: {tuple(hidden.shape)} vs {tuple(weight.shape)}")
+    if targets.shape != hidden.shape[:-1]:
+        raise ValueError(f"targets shape {tuple(targets.shape)} != hidden.shape[:-1] {tuple(hidden.shape[:-1])}")
+    if targets.dtype.is_floating_point or targets.dtype == torch.bool:
+        raise TypeError("targets must be an integer tensor")
+    if not (hidden.dtype.is_floating_point and weight.dtype.is_floating_point):
+        raise TypeError("hidden and weight must be floating tensors")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    dev_type = hidden.device.type
+    dtype = torch.get_autocast_dtype(dev_type) if torch.is_autocast_enabled(dev_type) else hidden.dtype
+    hidden, weight = hidden.to(dtype), weight.to(dtype)
+    b = None if bias is None else bias.to(dtype).contiguous()
+    h2 = hidden.reshape(-1, hidden.shape[-1])
+    if h2.stride(-1) != 1:
+        h2 = h2.contiguous()
+    w = weight if weight.stride(-1) == 1 else weight.contiguous()
+    return h2, w, b, targets.reshape(-1).long(), hidden.shape[:-1], dev_type
+
+
 # ----------------------------------------------------------------------------------------
 # Weighted sum with the gradient computed in the forward (6·N·H·V instead of 8·N·H·V)
 # ----------------------------------------------------------------------------------------
@@ -457,25 +483,10 @@ def linear_logprob_weighted_sum(
 
     Returns the scalar sum, and if asked the (detached) per-token log-probs and entropies.
     """
-    if hidden.shape[-1] != weight.shape[-1] or weight.dim() != 2:
-        raise ValueError(f"hidden [..., H] and weight [V, H] mismatch: {tuple(hidden.shape)} vs {tuple(weight.shape)}")
-    if targets.shape != hidden.shape[:-1] or token_weight.shape != targets.shape:
-        raise ValueError(f"targets {tuple(targets.shape)} and token_weight {tuple(token_weight.shape)} must both "
-                         f"be hidden.shape[:-1] = {tuple(hidden.shape[:-1])}")
-    if targets.dtype.is_floating_point or targets.dtype == torch.bool:
-        raise TypeError("targets must be an integer tensor")
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-    dev_type = hidden.device.type
-    dtype = torch.get_autocast_dtype(dev_type) if torch.is_autocast_enabled(dev_type) else hidden.dtype
-    hidden, weight = hidden.to(dtype), weight.to(dtype)
-    bias = None if bias is None else bias.to(dtype).contiguous()
-    lead = hidden.shape[:-1]
-    h2 = hidden.reshape(-1, hidden.shape[-1])
-    if h2.stride(-1) != 1:
-        h2 = h2.contiguous()
-    w = weight if weight.stride(-1) == 1 else weight.contiguous()
-    t1 = targets.reshape(-1).long()
+    if token_weight.shape != targets.shape:
+        raise ValueError(f"token_weight {tuple(token_weight.shape)} must have the shape of targets "
+                         f"{tuple(targets.shape)}")
+    h2, w, bias, t1, lead, dev_type = _flat_operands(hidden, weight, targets, bias, temperature)
     tw = token_weight.detach().reshape(-1).float()
     n, v = h2.shape[0], w.shape[0]
     if n == 0:
@@ -533,31 +544,7 @@ def linear_logprob(
         logp [...] fp32 (always <= 0), or (logp, entropy) if ``return_entropy``.
         Differentiable w.r.t. hidden, weight and bias.
     """
-    if hidden.shape[-1] != weight.shape[-1] or weight.dim() != 2:
-        raise ValueError(f"hidden [..., H] and weight [V, H] mismatch: {tuple(hidden.shape)} vs {tuple(weight.shape)}")
-    if targets.shape != hidden.shape[:-1]:
-        raise ValueError(f"targets shape {tuple(targets.shape)} != hidden.shape[:-1] {tuple(hidden.shape[:-1])}")
-    if targets.dtype.is_floating_point or targets.dtype == torch.bool:
-        raise TypeError("targets must be an integer tensor")
-    if not (hidden.dtype.is_floating_point and weight.dtype.is_floating_point):
-        raise TypeError("hidden and weight must be floating tensors")
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-    # Operand dtype: like F.linear, follow autocast when it is on; otherwise weight and
-    # bias follow hidden (a differentiable cast, so gradients reach the original dtype).
-    dev_type = hidden.device.type
-    dtype = hidden.dtype
-    if torch.is_autocast_enabled(dev_type):
-        dtype = torch.get_autocast_dtype(dev_type)
-    hidden, weight = hidden.to(dtype), weight.to(dtype)
-    bias = None if bias is None else bias.to(dtype)
-    lead = hidden.shape[:-1]
-    h2 = hidden.reshape(-1, hidden.shape[-1])
-    if h2.stride(-1) != 1:
-        h2 = h2.contiguous()
-    t1 = targets.reshape(-1).long()
-    w = weight if weight.stride(-1) == 1 else weight.contiguous()
-    b = None if bias is None else bias.contiguous()
+    h2, w, b, t1, lead, dev_type = _flat_operands(hidden, weight, targets, bias, temperature)
     impl = resolve_backend(backend, h2)
     n, v = h2.shape[0], w.shape[0]
     rows = chunk_rows(n, v, chunk)
