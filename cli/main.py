@@ -56,8 +56,7 @@ def _fail(problems: list[str]) -> int:
 
 
 def _compose_validated(overrides: list[str]):
-    from runx.cli.config import ConfigError, compose, validate
-    from runx.cli.config import check_paths
+    from runx.cli.config import ConfigError, check_paths, compose, validate
     try:
         cfg = compose(overrides)
     except ConfigError as e:

@@ -64,7 +64,6 @@ def hydra_main(cfg: DictConfig):
     return objective_value(result, cfg)
 
 
-
 def launch(cfg, run_dir: str) -> dict:
     """Write the resolved config, then run in-process (1 process) or through a launcher."""
     from runx.trainers.tracking import environment_record, save_resolved_config

@@ -362,12 +362,16 @@ def linear_objective_logprobs(policy, batch: ScoredBatch, objective, temperature
     c_ans = torch.zeros(n, device=device) if c_ans is None else c_ans
     weights = torch.where(is_ans, c_ans[seq], c_think[seq])
     loss, lp, ent = _head_weighted_sum(head, h, targets, weights, temperature, chunk)   # 3.
-    logp = torch.zeros(ids.shape, dtype=torch.float32, device=device)
-    entropy = torch.zeros(ids.shape, dtype=torch.float32, device=device)
-    where = torch.cat([torch.zeros((n, 1), dtype=torch.bool, device=device), scored], dim=1)
-    logp = logp.masked_scatter(where, lp.float())
-    entropy = entropy.masked_scatter(where, ent.float())
-    return loss, logp, entropy
+    return (loss, *_per_position(scored, lp, ent))
+
+
+def _per_position(scored: torch.Tensor, lp: torch.Tensor, ent: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scored tokens' log-probs / entropies as [N, T] (0 elsewhere; position t holds input_ids[:, t]'s), from
+    `scored` = role[:, 1:] > 0 (token t+1 is predicted at position t); the entropies detached."""
+    n = scored.shape[0]
+    where = torch.cat([torch.zeros((n, 1), dtype=torch.bool, device=scored.device), scored], dim=1)
+    zeros = torch.zeros(where.shape, dtype=torch.float32, device=scored.device)
+    return zeros.masked_scatter(where, lp.float()), zeros.masked_scatter(where, ent.detach().float())
 
 
 def sequence_logprobs(policy, batch: ScoredBatch, temperature: float = 1.0, fused: bool = True,
@@ -390,13 +394,7 @@ def sequence_logprobs(policy, batch: ScoredBatch, temperature: float = 1.0, fuse
         logz = torch.log_softmax(logits, dim=-1)
         lp = logz[scored].gather(-1, targets[:, None]).squeeze(-1)
         ent = -(logz[scored].exp() * logz[scored]).sum(-1)
-    logp = torch.zeros(ids.shape, dtype=torch.float32, device=device)
-    entropy = torch.zeros(ids.shape, dtype=torch.float32, device=device)
-    pad = torch.zeros((ids.shape[0], 1), dtype=torch.bool, device=device)
-    where = torch.cat([pad, scored], dim=1)
-    logp = logp.masked_scatter(where, lp.float())
-    entropy = entropy.masked_scatter(where, ent.detach().float())
-    return logp, entropy
+    return _per_position(scored, lp, ent)
 
 
 # =====================================================================================================

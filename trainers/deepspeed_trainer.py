@@ -86,6 +86,14 @@ class StepBatchSampler(torch.utils.data.Sampler):
         return (self.max_steps - self.start) * self.accum
 
 
+def token_lengths(dataset) -> list[int] | None:
+    """Each item's token count, for a tokenised text dataset (items are dicts with input_ids); else None."""
+    first = dataset[0] if len(dataset) else None
+    if not (isinstance(first, dict) and "input_ids" in first):
+        return None
+    return [len(dataset[i]["input_ids"]) for i in range(len(dataset))]
+
+
 def copy_into_partitioned(model, reference, rank: int) -> None:
     """Copy `reference`'s weights (a plain build) into `model` built under ZeRO-3's zero.Init: each parameter is
     gathered, rank 0 writes it, and DeepSpeed re-partitions it (to NVMe when the parameters live there)."""
@@ -278,10 +286,9 @@ class Trainer:
         t = self.tcfg
         lengths = None
         if shuffle and self.cfg.data.get("group_by_length"):
-            first = dataset[0] if len(dataset) else None
-            if not (isinstance(first, dict) and "input_ids" in first):
+            lengths = token_lengths(dataset)
+            if lengths is None:
                 raise ValueError("data.group_by_length=true needs a tokenised text dataset (items with input_ids)")
-            lengths = [len(dataset[i]["input_ids"]) for i in range(len(dataset))]
         sampler = StepBatchSampler(len(dataset), int(t.micro_batch_size), int(t.grad_accum), self.world_size,
                                    self.rank, int(self.cfg.seed if seed is None else seed), start_step,
                                    max_steps, shuffle, lengths=lengths)
@@ -301,14 +308,14 @@ class Trainer:
         per-sample mean loss the same sum of gradients). Global micro-batch j goes to rank j % world, so the
         micro-batches do not depend on the number of processes. Otherwise: the training order."""
         ds = self._train_ds
-        first = ds[0] if len(ds) else None
-        if not by_length or not (isinstance(first, dict) and "input_ids" in first):
+        lengths = token_lengths(ds) if by_length else None
+        if lengths is None:
             return self.loader(ds, self.recipe, 0, n_batches)
         t = self.tcfg
         micro = int(t.micro_batch_size)
         s = StepBatchSampler(len(ds), micro, int(t.grad_accum), self.world_size, 0, int(self.cfg.seed), 0, n_batches)
         idx = [i for step in range(n_batches) for i in s.global_indices(step)]
-        idx = [i for _, _, i in sorted((len(ds[i]["input_ids"]), k, i) for k, i in enumerate(idx))]
+        idx = [i for _, _, i in sorted((lengths[i], k, i) for k, i in enumerate(idx))]
         micro_batches = [idx[j:j + micro] for j in range(0, len(idx), micro)]
         mine = [b for j, b in enumerate(micro_batches) if j % self.world_size == self.rank]
         return torch.utils.data.DataLoader(ds, batch_sampler=mine, collate_fn=self.recipe.collate,
