@@ -174,11 +174,6 @@ def validate(cfg) -> list[str]:
     _walk(root, RunConfig, "", problems, skip={"recipe"})
     from runx.cli.ranges import range_problems
     problems += range_problems(data)
-    head_lr = (data.get("optim") or {}).get("head_lr")
-    kind = (data.get("model") or {}).get("kind")
-    if head_lr is not None and isinstance(kind, str) and kind != "seq_cls" and "${" not in kind:
-        problems.append(f"optim.head_lr={_show(head_lr)}: only a sequence classifier has a new task head to "
-                        f"give its own lr (model.kind={kind}). Valid choices: null, or model.kind=seq_cls.")
     if not problems:  # interpolations resolve? (each value on its own, so that every failure is reported)
         _resolve_all(cfg, "", problems)
     return problems

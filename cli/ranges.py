@@ -1,6 +1,6 @@
 """Value ranges of the numeric keys that a bad value would otherwise break only mid-run (a zero batch, a
-negative learning rate, a keep fraction above 1). Checked by `validate` after the types, each problem naming
-the key, the value and the valid range.
+negative learning rate, a keep fraction above 1), and the value checks that span two keys. Checked by
+`validate` after the types, each problem naming the key, the value and the valid values.
 """
 from __future__ import annotations
 
@@ -86,7 +86,8 @@ _ABSENT = object()
 
 
 def range_problems(data: dict) -> list[str]:
-    """Problems for the keys of `data` (an unresolved plain-dict config) outside their valid range."""
+    """Problems for the keys of `data` (an unresolved plain-dict config) outside their valid range, and for
+    pairs of keys whose values do not go together."""
     name = (data.get("recipe") or {}).get("name")
     rules = dict(COMMON)
     rules.update({f"recipe.{k}": r for k, r in RECIPE.get(name, {}).items()})
@@ -97,6 +98,10 @@ def range_problems(data: dict) -> list[str]:
             continue
         if not rng.ok(v):
             out.append(f"{key}={v}: out of range. Valid values: {rng.text()}.")
+    head_lr, kind = (data.get("optim") or {}).get("head_lr"), (data.get("model") or {}).get("kind")
+    if head_lr is not None and isinstance(kind, str) and kind != "seq_cls" and "${" not in kind:
+        out.append(f"optim.head_lr={head_lr}: only a sequence classifier has a new task head to give its own lr "
+                   f"(model.kind={kind}). Valid choices: null, or model.kind=seq_cls.")
     if (data.get("data") or {}).get("group_by_length") is True and name not in ("sft", "lora", "lora_ga"):
         out.append(f"data.group_by_length=true: only the text fine-tuning recipes draw tokenised batches "
                    f"(recipe={name}). Valid values: false, or recipe=sft|lora|lora_ga.")
