@@ -242,7 +242,7 @@ def bench_logprob(n, hsz, v, dtype, device, rounds, with_fwd, chunk=None):
             case["max_abs_err_vs_eager"] = {
                 f"runx_{b}": (rk.linear_logprob(h0, w0, t, backend=b) - ref).abs().max().item() for b in backends}
             case["max_logp"] = {f"runx_{b}": rk.linear_logprob(h0, w0, t, backend=b).max().item() for b in backends}
-            _, lp_ws = rk.linear_logprob_weighted_sum(h0, w0, t, torch.ones(n, device=device), return_logp=True)
+            _, lp_ws = rk.linear_logprob_weighted_sum(h0, w0, t, ones, return_logp=True)
             case["max_abs_err_vs_eager"]["runx_wsum"] = (lp_ws - ref).abs().max().item()
             del lp_ws
             del ref

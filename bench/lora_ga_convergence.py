@@ -44,6 +44,7 @@ import argparse
 import json
 import math
 import os
+import platform
 import statistics
 import subprocess
 import sys
@@ -344,8 +345,7 @@ def main() -> int:
     if a.init_share:
         res = init_share_ab(a.workdir or tempfile.mkdtemp(prefix="lora_ga_init_"), a.threads, a.init_share)
         res["command"] = f"python bench/lora_ga_convergence.py --init-share {a.init_share}"
-        import platform as _platform
-        res["machine"] = {"cpus": os.cpu_count(), "platform": _platform.platform()}
+        res["machine"] = {"cpus": os.cpu_count(), "platform": platform.platform()}
         out = os.path.join(HERE, "results", "lora_ga_init_share.json")
         with open(out, "w") as f:
             json.dump(res, f, indent=1)
@@ -467,7 +467,6 @@ def main() -> int:
     print(f"LoRA-GA init {init_cmp['runx_init_s']:.2f}s vs peft preprocess_loraga+get_peft_model "
           f"{init_cmp['peft_preprocess_loraga_s']:.2f}s: ratio {init_cmp['ratio_runx_over_peft']:.2f} (target <= 1.0)")
 
-    import platform
     import torch
     result = {"quick": a.quick, "steps": steps, "eval_every": EVAL_EVERY, "seeds": seeds, "grids": grids,
               "common_overrides": common,
