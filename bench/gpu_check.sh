@@ -11,8 +11,10 @@
 # trainer overhead for zero3, zero3_cpu_offload and zero3_nvme. The zero3_nvme overhead row (0.80-0.90) was taken
 # before the bench alternated which side runs first and gave each side its own NVMe folder; re-measure it with
 #   TO_ROUNDS=2 TO_LIMIT=280 bash bench/gpu_check.sh overhead        (one round of 0.3B zero3_nvme: ~110 s)
-# Not yet measured on a GPU: linear_logprob_weighted_sum (the gradient made in the forward, 6·N·H·V FLOPs; arms
-# runx_wsum / "wsum" vs Liger). The logprob group runs only that part (4 shapes + the 32k x 152k sweep):
+# Not yet measured on a GPU: linear_logprob_weighted_sum (the gradient made in the forward, 6·N·H·V FLOPs), with
+# its Triton row kernel (arms runx_wsum / "wsum") and without it (runx_wsum_torch / "wsum torch"), vs Liger; its
+# CUDA tests (test_gpu_weighted_sum[triton|torch]) have never run. The logprob group runs only that part (4 shapes
+# + the 32k x 152k sweep):
 #   bash bench/gpu_check.sh tests,logprob,overhead
 set -uo pipefail
 cd "$(dirname "$0")/.."

@@ -220,7 +220,12 @@ def bench_logprob(n, hsz, v, dtype, device, rounds, with_fwd, chunk=None):
         methods[f"runx_{b}"] = fwd_bwd(lambda b=b: rk.linear_logprob(h, w, t, chunk=chunk, backend=b))
     # the gradient made in the forward (weights known in advance, as for a cross-entropy: Liger's setting)
     ones = torch.ones(n, device=device)
+    # runx_wsum: the default dispatch (Triton row kernel between cuBLAS GEMMs on CUDA, torch elsewhere);
+    # runx_wsum_torch on CUDA: the same GEMMs with torch's elementwise passes, for the row kernel's effect
     methods["runx_wsum"] = fwd_bwd(lambda: rk.linear_logprob_weighted_sum(h, w, t, ones, chunk=chunk))
+    if device == "cuda":
+        methods["runx_wsum_torch"] = fwd_bwd(
+            lambda: rk.linear_logprob_weighted_sum(h, w, t, ones, chunk=chunk, backend="torch"))
     liger = _liger_loss() if device == "cuda" else None
     if liger is not None:
         methods["liger_flce"] = fwd_bwd(lambda: -liger(w, h, t))
@@ -242,9 +247,11 @@ def bench_logprob(n, hsz, v, dtype, device, rounds, with_fwd, chunk=None):
             case["max_abs_err_vs_eager"] = {
                 f"runx_{b}": (rk.linear_logprob(h0, w0, t, backend=b) - ref).abs().max().item() for b in backends}
             case["max_logp"] = {f"runx_{b}": rk.linear_logprob(h0, w0, t, backend=b).max().item() for b in backends}
-            _, lp_ws = rk.linear_logprob_weighted_sum(h0, w0, t, ones, return_logp=True)
-            case["max_abs_err_vs_eager"]["runx_wsum"] = (lp_ws - ref).abs().max().item()
-            del lp_ws
+            for name, b in (("runx_wsum", "auto"), ("runx_wsum_torch", "torch")):
+                if name in methods:
+                    _, lp_ws = rk.linear_logprob_weighted_sum(h0, w0, t, ones, return_logp=True, backend=b)
+                    case["max_abs_err_vs_eager"][name] = (lp_ws - ref).abs().max().item()
+                    del lp_ws
             del ref
     except Exception as exc:
         case["max_abs_err_vs_eager"] = "OOM" if _is_oom(exc) else f"error: {exc}"[:200]
@@ -285,12 +292,14 @@ def sweep_logprob(n, hsz, v, dtype, rounds):
     for name, o in LOGPROB_SWEEP.items():
         methods[name] = run(chunk=base_chunk * o["chunk_mult"] if "chunk_mult" in o else None, config=o.get("config"))
     ones = torch.ones(n, device="cuda")
-    for mult in (1, 4):  # the gradient made in the forward: larger row chunks = fewer fp32 dW accumulations
-        def ws(c=base_chunk * mult):
+    # the gradient made in the forward: larger row chunks = fewer fp32 dW accumulations; torch = without the
+    # Triton row kernel
+    for mult, b in ((1, "auto"), (4, "auto"), (1, "torch")):
+        def ws(c=base_chunk * mult, b=b):
             h.grad = w.grad = None
-            rk.linear_logprob_weighted_sum(h, w, t, ones, chunk=c).backward()
+            rk.linear_logprob_weighted_sum(h, w, t, ones, chunk=c, backend=b).backward()
             h.grad = w.grad = None
-        methods["wsum" + (f" chunk x{mult}" if mult > 1 else "")] = ws
+        methods["wsum" + (f" chunk x{mult}" if mult > 1 else "") + (" torch" if b == "torch" else "")] = ws
     liger = _liger_loss()
     if liger is not None:
         def lg():

@@ -311,21 +311,71 @@ def time_inits(rounds: int, grad_batches: int, micro: int, max_length: int, thre
             "grad_batches": grad_batches, "micro_batch": micro, "max_length": max_length, "threads": threads}
 
 
+def estimation_dtype_effect(threads: int, grad_batches: int = 8, micro: int = 16) -> dict:
+    """How far bf16 estimation moves G on the default job's data, next to how far another draw of the same
+    number of samples moves it: relative norm of the difference, and the overlap of the top-2r left singular
+    subspaces (mean squared cosine of the principal angles, 1 = the same subspace), averaged over the layers."""
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import torch
+    torch.set_num_threads(threads)
+    from runx.cli.config import compose
+    from runx.recipes.lora_ga import LoRAGA, estimate_full_gradients, lora_ga_targets
+    from runx.trainers.deepspeed_trainer import token_lengths
+
+    recipe = LoRAGA(compose(["recipe=lora_ga", "logger=none"]), tempfile.mkdtemp())
+    train, _ = recipe.build_data()
+    torch.manual_seed(0)
+    model = recipe.build_model()
+    lengths = token_lengths(train)
+    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(0)).tolist()
+    n = grad_batches * micro
+
+    def draw(idx):  # by-length micro-batches, as the recipe's default grouping forms them
+        idx = sorted(idx, key=lambda i: lengths[i])
+        return [recipe.collate([train[i] for i in idx[j:j + micro]]) for j in range(0, len(idx), micro)]
+    weights = {k: l.get_base_layer().weight for k, l in lora_ga_targets(model).items()}
+    loss = lambda b: recipe.loss(model, b, 0)[0]
+    first, second = draw(order[:n]), draw(order[n:2 * n])
+    g = {"fp32": estimate_full_gradients(model, weights, first, loss)[0],
+         "bf16": estimate_full_gradients(model, weights, first, loss, autocast_bf16=True)[0],
+         "fp32_other_samples": estimate_full_gradients(model, weights, second, loss)[0]}
+    k = 2 * int(recipe.cfg.recipe.rank)
+
+    def compare(other):
+        rel, ov = [], []
+        for name in weights:
+            a, b = g["fp32"][name], g[other][name]
+            rel.append(float((a - b).norm() / a.norm()))
+            ua, ub = torch.linalg.svd(a)[0][:, :k], torch.linalg.svd(b)[0][:, :k]
+            ov.append(float(torch.linalg.matrix_norm(ua.T @ ub) ** 2 / k))
+        return {"relative_diff_mean": statistics.mean(rel), "relative_diff_max": max(rel),
+                "top2r_subspace_overlap_mean": statistics.mean(ov), "top2r_subspace_overlap_min": min(ov)}
+    return {"samples": n, "layers": len(weights), "vs_fp32_same_samples": {"bf16": compare("bf16")},
+            "vs_fp32_other_samples": {"fp32": compare("fp32_other_samples")}}
+
+
 def init_share_ab(root: str, threads: int, rounds: int) -> dict:
-    """The default job's init share with the estimation micro-batches grouped by length (the default) and in
-    training order, alternating which runs first; bench/results/lora_ga_init_share.json."""
-    arms = {"by_length": (), "training_order": ("recipe.grad_batching=training_order",)}
+    """The default job's init share with the estimation micro-batches grouped by length (the default), in
+    training order, and by length with bf16 estimation; the arms' order rotates each round;
+    bench/results/lora_ga_init_share.json."""
+    arms = {"by_length": (), "training_order": ("recipe.grad_batching=training_order",),
+            "by_length_bf16_estimation": ("recipe.estimation_dtype=bf16",)}
     runs = {k: [] for k in arms}
     for r in range(rounds):
-        for k in (list(arms) if r % 2 == 0 else list(arms)[::-1]):
+        names = list(arms)
+        for k in names[r % len(names):] + names[:r % len(names)]:
             runs[k].append(time_default_job(root, threads, arms[k], name=f"{k}_{r}"))
             print(f"round {r} {k}: init {runs[k][-1]['init_s']:.2f} s, share {runs[k][-1]['init_share_of_run']:.4f}",
                   flush=True)
     med = lambda k, key: statistics.median(x[key] for x in runs[k])
+    effect = estimation_dtype_effect(threads)
+    print(f"G, bf16 vs fp32 estimation: {json.dumps(effect['vs_fp32_same_samples'])}; fp32 on another "
+          f"{effect['samples']} samples: {json.dumps(effect['vs_fp32_other_samples'])}", flush=True)
     return {"rounds": rounds, "threads": threads, "runs": runs,
             "median": {k: {key: med(k, key) for key in ("init_s", "estimate_s", "train_wall_s",
                                                           "init_share_of_run", "eval_loss")
                            if key in runs[k][0]} for k in arms},
+            "estimation_dtype_effect_on_G": effect,
             "definition": "init_share_of_run = init / (init + training loop wall), the loop with its evals and "
                           "checkpoints, as in lora_ga_convergence.json's default_job"}
 

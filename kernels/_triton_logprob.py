@@ -11,6 +11,10 @@ Backward: for one slice of the vocabulary at a time, a kernel recomputes the log
 of all rows and writes d_logits = (g ([j==t] - p_j) - ge p_j (log p_j + H)) / T in the
 input dtype; torch (cuBLAS) then does dW[slice] = dX^T @ h and dH += dX @ W[slice].
 Only [N, slice] (<= chunk x V elements) is ever stored.
+
+``linear_logprob_weighted_sum`` (gradient made in the forward) keeps cuBLAS for its three GEMMs and uses
+``_wsum_rows_kernel`` between them: per row of a chunk's fp32 logits, an online max / sum-exp pass, then a pass
+writing d_logits (in the weight's dtype when it is bf16/fp16), with the target's log-prob and the entropy.
 """
 
 from __future__ import annotations
@@ -143,6 +147,50 @@ def _dlogits_kernel(h_ptr, w_ptr, b_ptr, t_ptr, lse_ptr, g_ptr, ge_ptr, ent_ptr,
     tl.store(ptrs, dx.to(dx_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
 
+@triton.jit
+def _wsum_rows_kernel(z_ptr, t_ptr, g_ptr, dx_ptr, logp_ptr, ent_ptr, V, stride_z, stride_dx, inv_temp,
+                      WANT_ENT: tl.constexpr, WRITE_DX: tl.constexpr, BLOCK_V: tl.constexpr):
+    # One row of materialised fp32 logits z (already scaled by 1/T).  Pass 1: per-lane online max m,
+    # s = sum exp(z - m) and e = sum exp(z - m) (z - m).  Pass 2: d_logits = g ([j == t] - p_j) / T,
+    # written over dx in dx's dtype (dx may be z itself).
+    row = tl.program_id(0).to(tl.int64)
+    z_row = z_ptr + row * stride_z
+    cols = tl.arange(0, BLOCK_V)
+    m = tl.full((BLOCK_V,), float("-inf"), tl.float32)
+    s = tl.zeros((BLOCK_V,), tl.float32)
+    e = tl.zeros((BLOCK_V,), tl.float32)
+    for v0 in range(0, V, BLOCK_V):
+        ok = (v0 + cols) < V
+        z = tl.load(z_row + v0 + cols, mask=ok, other=float("-inf"))
+        m_new = tl.maximum(m, z)
+        alpha = tl.where(m == m_new, 1.0, tl.exp(m - m_new))   # 1 while a lane has seen nothing (-inf)
+        p = tl.where(ok, tl.exp(z - m_new), 0.0)
+        if WANT_ENT:
+            shift = tl.where(s > 0, (m - m_new) * s, 0.0)
+            e = alpha * (e + shift) + tl.where(ok, p * (z - m_new), 0.0)
+        s = alpha * s + p
+        m = m_new
+    big = tl.max(m, 0)
+    w = tl.where(s > 0, tl.exp(m - big), 0.0)
+    total = tl.sum(s * w, 0)
+    lse = big + tl.log(total)
+    t = tl.load(t_ptr + row)
+    tl.store(logp_ptr + row, tl.load(z_row + t) - lse)
+    if WANT_ENT:
+        # sum_j p_j (z_j - M) = E / S;  H = log S - E / S
+        e_all = tl.sum(tl.where(s > 0, w * (e + (m - big) * s), 0.0), 0)
+        tl.store(ent_ptr + row, tl.log(total) - e_all / total)
+    if WRITE_DX:
+        g = tl.load(g_ptr + row)
+        dx_row = dx_ptr + row * stride_dx
+        for v0 in range(0, V, BLOCK_V):
+            c = v0 + cols
+            ok = c < V
+            z = tl.load(z_row + c, mask=ok, other=float("-inf"))
+            dz = tl.where(c == t, g, 0.0) - g * tl.exp(z - lse)
+            tl.store(dx_row + c, (dz * inv_temp).to(dx_ptr.dtype.element_ty), mask=ok)
+
+
 # ----------------------------------------------------------------------------------------
 # Launch configuration
 # ----------------------------------------------------------------------------------------
@@ -233,3 +281,19 @@ def dlogits(h_c, weight, bias, t_c, lse_c, g_c, ge_c, ent_c, inv_temp, out):
         GROUP_N=8 if h_c.is_cuda else 2, BLOCK_N=bn, BLOCK_V=bv, BLOCK_H=bh, num_warps=warps, num_stages=stages,
     )
     return out
+
+
+def wsum_rows(z, t_c, g_c, inv_temp, dx, logp, ent):
+    """For fp32 logits ``z`` [c, V] (scaled by 1/T): ``logp`` [c] <- log p of ``t_c`` (safe ids), ``ent`` [c]
+    <- entropy if given, and, if ``dx`` is given, ``dx`` [c, V] (``z`` itself or a bf16/fp16 buffer) <- the
+    d_logits g ([j == t] - p) / T of the weighted sum.  Reads z twice and writes dx once."""
+    c, v = z.shape
+    if c == 0:
+        return
+    block = 64 if (interpret_mode() and not z.is_cuda) else min(4096, triton.next_power_of_2(v))
+    warps = 4 if block <= 1024 else 8
+    out = dx if dx is not None else z
+    _wsum_rows_kernel[(c,)](
+        z, t_c, g_c, out, logp, ent if ent is not None else logp, v, z.stride(0), out.stride(0), inv_temp,
+        WANT_ENT=ent is not None, WRITE_DX=dx is not None, BLOCK_V=block, num_warps=warps,
+    )

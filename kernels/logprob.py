@@ -394,9 +394,13 @@ def _flat_operands(hidden, weight, targets, bias, temperature):
 # ----------------------------------------------------------------------------------------
 
 
-def _weighted_forward(hidden, weight, bias, targets, valid, tw, inv_temp, chunk, want_ent, need_h, need_w, need_b):
+def _weighted_forward(hidden, weight, bias, targets, valid, tw, inv_temp, chunk, want_ent, need_h, need_w, need_b,
+                      impl="torch"):
     """One pass over row chunks: logits (one GEMM), log-probs, and, with the per-token weights already known,
-    d_logits = w_i ([j == t_i] - p_ij) / T, consumed at once by the dH and dW GEMMs: nothing is recomputed."""
+    d_logits = w_i ([j == t_i] - p_ij) / T, consumed at once by the dH and dW GEMMs: nothing is recomputed.
+    impl="triton": one row kernel turns each chunk's fp32 logits into log-probs and d_logits (written in the
+    weight's dtype when cuBLAS takes it, else over the logits) in two reads and one write; the torch path makes
+    several elementwise passes."""
     n = hidden.shape[0]
     ops = _Operands(weight, bias)
     w32 = None if ops.native else ops.w32
@@ -406,18 +410,25 @@ def _weighted_forward(hidden, weight, bias, targets, valid, tw, inv_temp, chunk,
     g = torch.where(valid, tw, torch.zeros((), dtype=torch.float32, device=hidden.device))
     grads = need_h or need_w or need_b
     acc = _GradAccumulator(hidden, weight, bias, math.ceil(n / chunk), need_h, need_w, need_b) if grads else None
+    if impl == "triton":
+        from . import _triton_logprob as tk
+        low = grads and ops.native and ops.low_precision    # d_logits straight into the GEMMs' dtype
+        dx_buf = torch.empty((min(chunk, n), weight.shape[0]), dtype=weight.dtype, device=hidden.device) if low else None
     for s in range(0, n, chunk):
         e = min(s + chunk, n)
-        z = ops.logits(hidden[s:e], inv_temp)  # the only [chunk, V] buffer
-        z -= torch.logsumexp(z, dim=-1, keepdim=True)  # log p
-        logp[s:e] = z.gather(1, safe_t[s:e, None]).squeeze(1)
-        if want_ent:
-            ent[s:e] = -(z.exp() * z).sum(-1)
+        z = ops.logits(hidden[s:e], inv_temp)  # the only [chunk, V] fp32 buffer
+        if impl == "triton":
+            dx = (dx_buf[: e - s] if low else z) if grads else None
+            tk.wsum_rows(z, safe_t[s:e], g[s:e], inv_temp, dx, logp[s:e], None if ent is None else ent[s:e])
+        else:
+            z -= torch.logsumexp(z, dim=-1, keepdim=True)  # log p
+            logp[s:e] = z.gather(1, safe_t[s:e, None]).squeeze(1)
+            if want_ent:
+                ent[s:e] = -(z.exp() * z).sum(-1)
+            dx = _dlogits_from_logp(z, safe_t[s:e], g[s:e], None, None, inv_temp) if grads else None
         if grads:
-            dx = _dlogits_from_logp(z, safe_t[s:e], g[s:e], None, None, inv_temp)
             acc.add(s, e, hidden[s:e], dx, w32=w32)
-            del dx
-        del z
+        del z, dx
     zero = torch.zeros((), dtype=torch.float32, device=hidden.device)
     logp = torch.where(valid, logp, zero)
     if ent is not None:
@@ -428,12 +439,12 @@ def _weighted_forward(hidden, weight, bias, targets, valid, tw, inv_temp, chunk,
 
 class _WeightedLogprobSum(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, tw, inv_temp, ignore_index, chunk, want_ent):
+    def forward(ctx, hidden, weight, bias, targets, tw, inv_temp, ignore_index, chunk, want_ent, impl):
         valid = targets != ignore_index
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         need_b = need_b and bias is not None
         logp, ent, dh, dw, db = _weighted_forward(hidden, weight, bias, targets, valid, tw, inv_temp, chunk,
-                                                  want_ent, need_h, need_w, need_b)
+                                                  want_ent, need_h, need_w, need_b, impl)
         if db is not None:
             db = db.to(bias.dtype)
         ctx.grads = (dh, dw, db)
@@ -451,9 +462,9 @@ class _WeightedLogprobSum(torch.autograd.Function):
         dh, dw, db = ctx.grads
         ctx.grads = None  # scaled in place below: they belong to this backward only
         if g_total is None:
-            return (None,) * 9
+            return (None,) * 10
         scale = lambda x: None if x is None else x.mul_(g_total.to(x.dtype))
-        return scale(dh), scale(dw), scale(db), None, None, None, None, None, None
+        return scale(dh), scale(dw), scale(db), None, None, None, None, None, None, None
 
 
 def linear_logprob_weighted_sum(
@@ -467,6 +478,7 @@ def linear_logprob_weighted_sum(
     return_logp: bool = False,
     return_entropy: bool = False,
     ignore_index: int = -100,
+    backend: str = "auto",
 ):
     """``sum_i token_weight[i] * logp[i]`` with its gradient computed during the forward.
 
@@ -479,7 +491,10 @@ def linear_logprob_weighted_sum(
     [V, H] tensor, the size of the gradients themselves).
 
     Runs chunked torch GEMMs on any device (cuBLAS on CUDA; bf16 operands with fp32 accumulation there).
-    Largest temporary: one [chunk, V] fp32 block (``chunk`` as in ``linear_logprob``).
+    Between the GEMMs, backend 'triton' (the default on CUDA) runs one row kernel per chunk (softmax, log-probs
+    and d_logits in two reads of the logits and one write); 'torch' does it with elementwise torch ops.
+    Largest temporary: one [chunk, V] fp32 block (``chunk`` as in ``linear_logprob``), plus a [chunk, V]
+    d_logits block in the weight's dtype on the Triton path with bf16/fp16 weights.
 
     Returns the scalar sum, and if asked the (detached) per-token log-probs and entropies.
     """
@@ -487,6 +502,7 @@ def linear_logprob_weighted_sum(
         raise ValueError(f"token_weight {tuple(token_weight.shape)} must have the shape of targets "
                          f"{tuple(targets.shape)}")
     h2, w, bias, t1, lead, dev_type = _flat_operands(hidden, weight, targets, bias, temperature)
+    impl = resolve_backend(backend, h2)
     tw = token_weight.detach().reshape(-1).float()
     n, v = h2.shape[0], w.shape[0]
     if n == 0:
@@ -497,7 +513,7 @@ def linear_logprob_weighted_sum(
     with torch.autocast(dev_type, enabled=False):
         total, logp, ent = _WeightedLogprobSum.apply(h2, w, bias, t1, tw, 1.0 / float(temperature),
                                                      int(ignore_index), chunk_rows(n, v, chunk),
-                                                     bool(return_entropy))
+                                                     bool(return_entropy), impl)
     out = (total,)
     if return_logp:
         out += (logp.detach().reshape(lead),)

@@ -128,7 +128,8 @@ def assign_owners(shapes: dict, world: int) -> dict:
 
 
 def estimate_full_gradients(model, weights: dict, batches, loss_fn, accumulate_on: str = "cpu",
-                            mode: str = "eval", owners: dict | None = None) -> tuple[dict, int]:
+                            mode: str = "eval", owners: dict | None = None,
+                            autocast_bf16: bool = False) -> tuple[dict, int]:
     """Sum over `batches` (and over ranks) of dL/dW for each weight in `weights` (name -> parameter).
 
     Only the target weights require grad during the pass, and a post-accumulate hook consumes each weight's
@@ -137,6 +138,7 @@ def estimate_full_gradients(model, weights: dict, batches, loss_fn, accumulate_o
     owner, which alone keeps the running sum: each rank holds 1/world of the sums. Sums are fp64, so they do
     not depend on the order of the additions (1 process == 2 processes). Returns (this rank's sums,
     micro-batches seen by this rank). Leaves no gradient, hook or requires_grad change behind.
+    autocast_bf16: run the passes under bf16 autocast (the weights' gradients stay fp32).
     """
     world = dist.get_world_size() if owners is not None and dist.is_initialized() else 1
     rank = dist.get_rank() if world > 1 else 0
@@ -172,7 +174,8 @@ def estimate_full_gradients(model, weights: dict, batches, loss_fn, accumulate_o
         model.train(mode == "train")
         # LoRA paths are zero at the default init (B = 0); disabling them computes the base model exactly.
         adapters_off = model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext()
-        with adapters_off:
+        device_type = next(iter(weights.values())).device.type if weights else "cpu"
+        with adapters_off, torch.autocast(device_type, dtype=torch.bfloat16, enabled=autocast_bf16):
             for batch in batches:
                 loss = loss_fn(batch)
                 loss.backward()
@@ -345,7 +348,8 @@ class LoRAGA(LoRA):
             if os.path.exists(os.path.join(c, INIT_META)):
                 with open(os.path.join(c, INIT_META)) as f:
                     meta = json.load(f)
-                meta.setdefault("grad_batching", "training_order")   # inits saved before the option existed
+                meta.setdefault("grad_batching", "training_order")   # inits saved before these options existed
+                meta.setdefault("estimation_dtype", "model")
                 if all(meta.get(k) == v for k, v in want.items()):
                     return c
                 log.warning("LoRA-GA: ignoring %s, made with other settings", c)
@@ -379,7 +383,8 @@ class LoRAGA(LoRA):
         with _zero3_fetch_hooks(model, trainer):
             sums, _ = estimate_full_gradients(
                 model, weights, batches, lambda b: self.loss(model, b, 0)[0],
-                accumulate_on=rc.grad_accumulator, mode=rc.estimation_mode, owners=owners)
+                accumulate_on=rc.grad_accumulator, mode=rc.estimation_mode, owners=owners,
+                autocast_bf16=rc.estimation_dtype == "bf16")
         del batches
         t1 = time.perf_counter()
 
@@ -435,6 +440,7 @@ class LoRAGA(LoRA):
                 "direction": rc.direction, "scale": rc.scale, "stable_gamma": float(rc.stable_gamma),
                 "svd": rc.svd, "svd_niter": int(rc.svd_niter), "grad_batches": int(rc.grad_batches),
                 "estimation_mode": rc.estimation_mode, "grad_batching": rc.grad_batching,
+                "estimation_dtype": rc.estimation_dtype,
                 "base_model": str(self.cfg.model.path),
                 "seed": int(self.cfg.seed)}
 

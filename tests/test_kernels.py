@@ -296,20 +296,21 @@ def test_logprob_torch_path_never_materialises_full_logits(dtype):
 # ----------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("n,hsz,v,bias,temperature,chunk", [
+WSUM_CASES = [
     (1, 8, 5, False, 1.0, None),
     (37, 24, 101, True, 0.7, 10),    # odd sizes, several chunks
     (64, 33, 257, False, 1.3, 64),
     (19, 16, 1000, True, 1.0, 7),
-])
-def test_weighted_sum_matches_fp64(n, hsz, v, bias, temperature, chunk, dtype):
+]
+
+
+def _check_weighted_sum(n, hsz, v, bias, temperature, chunk, dtype, backend="torch", scale=3.0, ent_tol=None):
     """S = sum_i w_i logp_i, its per-token log-probs / entropies and the gradients of c·S (c != 1: the upstream
     scalar is applied) against fp64 autograd; ignored rows count 0."""
     gen = torch.Generator().manual_seed(n + v)
     tol = 1e-5 if dtype == torch.float32 else 1e-2
     h = torch.randn(n, hsz, generator=gen, dtype=torch.float64)
-    w = torch.randn(v, hsz, generator=gen, dtype=torch.float64) / hsz**0.5 * 3
+    w = torch.randn(v, hsz, generator=gen, dtype=torch.float64) / hsz**0.5 * scale
     b = torch.randn(v, generator=gen, dtype=torch.float64) if bias else None
     t = torch.randint(0, v, (n,), generator=gen)
     t[torch.rand(n, generator=gen) < 0.2] = IGNORE
@@ -321,13 +322,20 @@ def test_weighted_sum_matches_fp64(n, hsz, v, bias, temperature, chunk, dtype):
     xs = [x.to(dtype).requires_grad_() for x in (h, w) + ((b,) if bias else ())]
     s, lp_x, ent_x = linear_logprob_weighted_sum(xs[0], xs[1], t, tw, bias=xs[2] if bias else None,
                                                  temperature=temperature, chunk=chunk, return_logp=True,
-                                                 return_entropy=True)
+                                                 return_entropy=True, backend=backend)
     assert s.dtype == torch.float32 and not lp_x.requires_grad and (lp_x <= 0).all()
     (-2.5 * s).backward()
     assert abs(s.item() - s_ref.item()) <= tol * max(1.0, abs(s_ref.item()))
-    assert _rel(lp_x, lp.detach()) < tol and _rel(ent_x, ent.detach()) < tol
+    assert _rel(lp_x, lp.detach()) < tol and _rel(ent_x, ent.detach()) < (ent_tol or tol), (_rel(lp_x, lp),
+                                                                                         _rel(ent_x, ent))
     for x, r in zip(xs, refs):
         assert x.grad.dtype == dtype and _rel(x.grad, r.grad) < tol, (x.shape, _rel(x.grad, r.grad))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n,hsz,v,bias,temperature,chunk", WSUM_CASES)
+def test_weighted_sum_matches_fp64(n, hsz, v, bias, temperature, chunk, dtype):
+    _check_weighted_sum(n, hsz, v, bias, temperature, chunk, dtype)
 
 
 def test_weighted_sum_equals_linear_logprob_and_costs_three_quarters():
@@ -552,7 +560,42 @@ def _interp_logprob_checks():
     a = linear_logprob(h, w, t, return_entropy=True, backend="triton")
     r = linear_logprob(h, w, t, return_entropy=True, backend="torch")
     torch.testing.assert_close(a, r, rtol=1e-5, atol=1e-5)
+    # The gradient-in-forward sum's row kernel (BLOCK_V=64 here: several blocks per row and a ragged last one)
+    for case in WSUM_CASES[1:]:
+        for dtype in (torch.float32, torch.bfloat16):
+            _check_weighted_sum(*case, dtype, backend="triton")
+    # huge logits: near-one-hot rows, whose entropies are tiny numbers (the torch path also misses 1e-5 on them)
+    _check_weighted_sum(23, 16, 300, True, 1.0, 8, torch.float32, backend="triton", scale=100.0, ent_tol=1e-4)
+    _check_wsum_rows_low_precision_output()
     print("INTERP-OK logprob")
+
+
+def _check_wsum_rows_low_precision_output():
+    """The row kernel writing d_logits into a bf16 buffer (what it does for bf16 weights on CUDA) and over the
+    logits themselves, against torch."""
+    from runx.kernels import _triton_logprob as tk
+
+    torch.manual_seed(4)
+    c, v, inv_temp = 13, 203, 1 / 0.7
+    z = torch.randn(c, v) * 4
+    t = torch.randint(0, v, (c,))
+    g = torch.randn(c)
+    logq = torch.log_softmax(z.double(), -1)
+    want_dx = (torch.nn.functional.one_hot(t, v).double() - logq.exp()) * g.double()[:, None] * inv_temp
+    want_ent = -(logq.exp() * logq).sum(-1)
+    for out_dtype in (torch.bfloat16, torch.float32):
+        zz = z.clone()
+        dx = torch.empty(c, v, dtype=out_dtype) if out_dtype != torch.float32 else zz
+        logp, ent = torch.empty(c), torch.empty(c)
+        tk.wsum_rows(zz, t, g, inv_temp, dx, logp, ent)
+        assert dx.dtype == out_dtype
+        tol = 1e-2 if out_dtype == torch.bfloat16 else 1e-5
+        assert _rel(dx.double(), want_dx) < tol, _rel(dx.double(), want_dx)
+        torch.testing.assert_close(logp.double(), logq.gather(1, t[:, None]).squeeze(1), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(ent.double(), want_ent, rtol=1e-5, atol=1e-5)
+    logp2 = torch.empty(c)
+    tk.wsum_rows(z.clone(), t, g, inv_temp, None, logp2, None)  # log-probs only (no gradient wanted)
+    torch.testing.assert_close(logp2, logp)
 
 
 def _interp_sinkhorn_checks():
@@ -659,8 +702,9 @@ def test_gpu_logprob(backend, dtype):
 
 @pytest.mark.gpu
 @needs_cuda
+@pytest.mark.parametrize("backend", ["triton", "torch"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_gpu_weighted_sum(dtype):
+def test_gpu_weighted_sum(dtype, backend):
     """The gradient-in-forward sum on CUDA (cuBLAS GEMMs, bf16 operands with fp32 output / accumulation)
     against linear_logprob's fp64-checked path."""
     torch.manual_seed(0)
@@ -674,7 +718,7 @@ def test_gpu_weighted_sum(dtype):
     for name in ("sum", "reference"):
         xs = [x.clone().requires_grad_() for x in (h, w)]
         if name == "sum":
-            s = linear_logprob_weighted_sum(xs[0], xs[1], t, tw, temperature=0.8, chunk=128)
+            s = linear_logprob_weighted_sum(xs[0], xs[1], t, tw, temperature=0.8, chunk=128, backend=backend)
         else:
             ref, _ = _ref_logprob(xs[0].double(), xs[1].double(), t, None, 0.8)
             s = (tw.double() * ref).sum()

@@ -138,6 +138,33 @@ def test_estimation_keeps_one_gradient_alive(tmp_path):
     torch.testing.assert_close(sums[name].float(), w.grad, atol=1e-6, rtol=1e-4)
 
 
+def test_bf16_estimation_of_an_fp32_model_moves_g_little_and_keeps_the_init_exact(tmp_path):
+    """recipe.estimation_dtype=bf16: the passes run under bf16 autocast (G changes, so autocast took effect),
+    G and its top-2r subspace stay close to the fp32 estimate, and the step-0 output is still the base's."""
+    recipe = make_recipe(tmp_path, TINY_LLAMA + ["recipe.grad_batches=2"])
+    batches = fixed_batches(recipe, 3, 4)
+    base, model = build_pair(recipe)
+    weights = {n: l.get_base_layer().weight for n, l in lora_ga_targets(model).items()}
+    loss = lambda b: recipe.loss(model, b, 0)[0]
+    g32, _ = estimate_full_gradients(model, weights, batches[:2], loss)
+    g16, _ = estimate_full_gradients(model, weights, batches[:2], loss, autocast_bf16=True)
+    k = 2 * int(recipe.cfg.recipe.rank)
+    for name in weights:
+        a, b = g32[name], g16[name]
+        assert b.dtype == torch.float64 and not torch.equal(a, b), name
+        rel = float((a - b).norm() / a.norm())
+        assert rel < 2e-2, (name, rel)
+        Ua = torch.linalg.svd(a)[0][:, :k]
+        Ub = torch.linalg.svd(b)[0][:, :k]
+        # mean squared cosine of the principal angles between the two top-2r column spaces
+        overlap = float(torch.linalg.matrix_norm(Ua.T @ Ub) ** 2 / k)
+        assert overlap > 0.99, (name, overlap)
+    recipe = make_recipe(tmp_path, TINY_LLAMA + ["recipe.grad_batches=2", "recipe.estimation_dtype=bf16"])
+    model = recipe.prepare(EstimationTrainer(batches[:2]), build_pair(recipe)[1])
+    diff = (logits(model, batches[2]) - logits(base, batches[2])).abs().max().item()
+    assert diff <= 1e-5, diff
+
+
 # ============================================================================ SVD and the factors
 def test_every_direction_gives_the_rank_2r_gradient_and_randomized_svd_matches_exact():
     torch.manual_seed(0)
