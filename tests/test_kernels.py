@@ -684,6 +684,38 @@ def test_triton_sinkhorn_interpreter(_interpreter_children):
     _wait_for_child(_interpreter_children, "test_triton_sinkhorn_interpreter")
 
 
+def test_logprob_kernels_compile_for_an_h100():
+    """The interpreter runs the kernels' Python; this compiles them for sm_90 (bf16 operands, the tile configs
+    _config picks on CUDA) down to a cubin with triton's bundled ptxas, which catches typing and lowering errors
+    the interpreter lets through. No GPU needed."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from runx.kernels import _triton_logprob as tk
+
+    bn, bv, bh, warps, stages, upcast, prec = tk._config(torch.empty(1, dtype=torch.bfloat16, device="meta"), 4096)
+    tiles = {"HAS_BIAS": True, "WANT_ENT": True, "UPCAST": upcast, "PREC": prec, "EVEN_H": True,
+             "GROUP_N": 8, "BLOCK_N": bn, "BLOCK_V": bv, "BLOCK_H": bh}
+    i32, f32 = "i32", "fp32"
+    fwd = {"h_ptr": "*bf16", "w_ptr": "*bf16", "b_ptr": "*bf16", "t_ptr": "*i64", "m_ptr": "*fp32",
+           "s_ptr": "*fp32", "e_ptr": "*fp32", "z_ptr": "*fp32", "N": i32, "V": i32, "H": i32, "stride_h": i32,
+           "stride_w": i32, "inv_temp": f32, "v_per_split": i32, "n_splits": i32}
+    dlogits = {"h_ptr": "*bf16", "w_ptr": "*bf16", "b_ptr": "*bf16", "t_ptr": "*i64", "lse_ptr": "*fp32",
+               "g_ptr": "*fp32", "ge_ptr": "*fp32", "ent_ptr": "*fp32", "dx_ptr": "*bf16", "N": i32, "V": i32,
+               "H": i32, "stride_h": i32, "stride_w": i32, "stride_dx": i32, "inv_temp": f32}
+    rows = {"z_ptr": "*fp32", "t_ptr": "*i64", "g_ptr": "*fp32", "dx_ptr": "*bf16", "logp_ptr": "*fp32",
+            "ent_ptr": "*fp32", "V": i32, "stride_z": i32, "stride_dx": i32, "inv_temp": f32}
+    cases = [(tk._fwd_kernel, fwd, tiles, warps, stages),
+             (tk._dlogits_kernel, dlogits, tiles, warps, stages),
+             (tk._wsum_rows_kernel, rows, {"WANT_ENT": True, "WRITE_DX": True, "BLOCK_V": 4096}, 8, 1)]
+    for fn, sig, consts, nw, ns in cases:
+        consts = {k: v for k, v in consts.items() if k in fn.arg_names}
+        src = ASTSource(fn=fn, signature={**sig, **{k: "constexpr" for k in consts}}, constexprs=consts)
+        k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": nw, "num_stages": ns})
+        assert len(k.asm["cubin"]) > 1000, fn.__name__
+
+
 # ----------------------------------------------------------------------------------------
 # Real CUDA
 # ----------------------------------------------------------------------------------------
