@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import typing
 from importlib import resources
@@ -316,6 +317,59 @@ def hydra_argv_overrides(argv: list[str]) -> list[str]:
             continue
         out.append(a)
     return out
+
+
+# Beyond this many jobs a sweep is checked one swept value at a time (the others at their first value)
+SWEEP_CHECK_ALL_MAX = 32
+
+
+def sweep_jobs(overrides: list[str]) -> list[list[str]]:
+    """The job overrides a multirun will compose, for checking before any job starts: choice and range sweeps
+    expanded (all combinations up to SWEEP_CHECK_ALL_MAX jobs, else each swept value once, the other keys at
+    their first value); an Optuna interval at both ends. Sweeps it cannot enumerate (glob) are left to the
+    jobs, which check themselves."""
+    import itertools
+
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    parsed = OverridesParser.create().parse_overrides(overrides)
+    fixed, swept = [], []
+    for raw, o in zip(overrides, parsed):
+        if not o.is_sweep_override():
+            fixed.append(raw)
+            continue
+        prefix = raw[: len(raw) - len(raw.lstrip("+~"))]
+        key = prefix + o.key_or_group
+        try:
+            if o.is_interval_sweep():
+                iv = o.value()
+                values = [str(iv.start), str(iv.end)]
+            else:
+                values = list(o.sweep_string_iterator())
+        except Exception:   # glob(...) and other forms the jobs expand themselves
+            continue
+        if values:
+            swept.append([f"{key}={v}" for v in values])
+    if not swept:
+        return [fixed]
+    if math.prod(len(v) for v in swept) <= SWEEP_CHECK_ALL_MAX:
+        return [fixed + list(combo) for combo in itertools.product(*swept)]
+    firsts = [v[0] for v in swept]
+    jobs = [fixed + firsts]
+    for i, values in enumerate(swept):
+        jobs += [fixed + firsts[:i] + [v] + firsts[i + 1:] for v in values[1:]]
+    return jobs
+
+
+def sweeper_problems(argv: list[str]) -> list[str]:
+    """An Optuna sweep needs each job to return a number: objective=<final metric>."""
+    sweeper = next((a.partition("=")[2] for a in argv if a.lstrip("+~").startswith("hydra/sweeper=")), "")
+    has_objective = any(a.lstrip("+~").partition("=")[0] == "objective" and a.partition("=")[2] not in ("", "null")
+                        for a in argv)
+    if "optuna" in sweeper and not has_objective:
+        return [f"hydra/sweeper={sweeper}: each trial returns the run's final `objective` metric, and none is set. "
+                "Add objective=<metric>, e.g. objective=eval/accuracy (maximised), or objective=final_loss with "
+                "hydra.sweeper.direction=minimize."]
+    return []
 
 
 def is_rank_zero() -> bool:

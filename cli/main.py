@@ -66,7 +66,7 @@ def _compose_validated(overrides: list[str]):
 
 # ------------------------------------------------------------------------------------------ train
 def _train(rest: list[str]) -> int:
-    from runx.cli.config import _check_group_overrides, hydra_argv_overrides
+    from runx.cli.config import _check_group_overrides, hydra_argv_overrides, sweeper_problems
     flags = {a for a in rest if a.startswith("-")}
     multirun = bool(flags & {"-m", "--multirun"})
     passthrough = bool(flags & {"--cfg", "-c", "--help", "-h", "--info", "--hydra-help", "--resolve"})
@@ -76,7 +76,7 @@ def _train(rest: list[str]) -> int:
         if problems:
             return _fail(problems)
     elif multirun:
-        problems = _check_group_overrides(overrides)
+        problems = _check_group_overrides(overrides) or sweeper_problems(rest) or _sweep_problems(overrides)
         if problems:
             return _fail(problems)
     _find_hydra_plugins()
@@ -89,6 +89,25 @@ def _train(rest: list[str]) -> int:
         return int(e.code or 0)
     from runx.cli import train
     return train.LAST_EXIT_CODE
+
+
+def _sweep_problems(overrides: list[str]) -> list[str]:
+    """Every job of a sweep composed and validated before the first one starts (a bad value in the 15th job
+    would otherwise surface after 14 runs). Paths are left to each job: a SLURM job checks them on its node."""
+    from runx.cli.config import ConfigError, compose, sweep_jobs, validate
+    from hydra.errors import HydraException
+    try:
+        jobs = sweep_jobs(overrides)
+    except HydraException as e:
+        return [f"cannot parse the sweep: {e}"]
+    problems: list[str] = []
+    for job in jobs:
+        try:
+            found = validate(compose(job))
+        except ConfigError as e:
+            found = e.problems
+        problems += [p for p in found if p not in problems]
+    return problems
 
 
 def _find_hydra_plugins() -> None:

@@ -33,13 +33,23 @@ def objective_value(result: dict, cfg) -> float | None:
             sweeper = HydraConfig.get().sweeper._target_
         except Exception:
             sweeper = ""
-        if "optuna" in str(sweeper).lower():
-            raise ValueError("hydra/sweeper=runx_optuna needs objective=<final metric>, e.g. objective=eval/accuracy "
-                             f"(the run's final metrics: {', '.join(sorted(result))})")
+        if "optuna" in str(sweeper).lower():   # `runx train` checks this before the sweep starts
+            _objective_problem("an Optuna sweep needs objective=<final metric>, e.g. objective=eval/accuracy "
+                               f"(this run's final metrics: {', '.join(sorted(result))})")
         return None
-    if key not in result:
-        raise KeyError(f"objective={key!r} is not among the run's final metrics: {sorted(result)}")
+    if not isinstance(result.get(key), (int, float)):
+        _objective_problem(f"objective={key}: not a numeric final metric of this run. Valid choices: "
+                           f"{', '.join(sorted(k for k, v in result.items() if isinstance(v, (int, float))))}.")
     return float(result[key])
+
+
+def _objective_problem(problem: str):
+    """Stop the sweep with the config-problem paragraph (the finished run's directory stays as it is)."""
+    global LAST_EXIT_CODE
+    from runx.cli.config import format_problems
+    print(format_problems([problem]), file=sys.stderr)
+    LAST_EXIT_CODE = 2
+    raise SystemExit(2)
 
 
 @hydra.main(version_base="1.3", config_path="pkg://runx.conf", config_name="config")

@@ -127,6 +127,36 @@ def test_out_of_range_values_are_named_with_their_valid_range():
     assert validate(compose(["optim.head_lr=null", "data.max_train_samples=null"])) == []
 
 
+def test_sweep_jobs_expand_choices_ranges_and_interval_ends():
+    from runx.cli.config import SWEEP_CHECK_ALL_MAX, sweep_jobs
+    jobs = sweep_jobs(["recipe=lora", "optim.lr=1e-4,3e-4", "trainer.micro_batch_size=range(1,4)"])
+    assert sorted(map(tuple, jobs)) == sorted(("recipe=lora", f"optim.lr={lr}", f"trainer.micro_batch_size={b}")
+                                              for lr in ("0.0001", "0.0003") for b in (1, 2, 3))
+    # past SWEEP_CHECK_ALL_MAX jobs: each swept value once, the other keys at their first value
+    big = sweep_jobs([f"seed=range(0,{SWEEP_CHECK_ALL_MAX})", "optim.lr=1,2,3"])
+    assert len(big) == SWEEP_CHECK_ALL_MAX + 2
+    assert {j[1] for j in big} == {"optim.lr=1", "optim.lr=2", "optim.lr=3"}
+    assert sweep_jobs(["optim.lr=tag(log, interval(1e-5, 1e-2))"]) == [["optim.lr=1e-05"], ["optim.lr=0.01"]]
+
+
+def test_a_sweep_is_checked_before_its_first_job(tmp_path):
+    """A bad value in a later job of a sweep, or an Optuna sweep without an objective, stops the sweep before any
+    job runs; a job whose objective names no final metric stops with the valid choices."""
+    sweep = tmp_path / "sweep"
+    p = run_cli(["train", "-m", "recipe=lora", "optim.lr=1e-4,-1", "seed=0,1", f"hydra.sweep.dir={sweep}",
+                 "logger=none"], check=False, timeout=60)
+    assert p.returncode == 2 and "optim.lr=-1" in p.stderr and "> 0" in p.stderr, p.stderr
+    assert "Traceback" not in p.stderr and not sweep.exists()
+    p = run_cli(["train", "-m", "hydra/sweeper=runx_optuna", f"hydra.sweep.dir={sweep}"], check=False, timeout=60)
+    assert p.returncode == 2 and "objective=<metric>" in p.stderr and not sweep.exists(), p.stderr
+    p = run_cli(["train", "-m", "recipe=lora", "objective=eval/acc", f"hydra.sweep.dir={sweep}", "logger=none",
+                 "trainer.max_steps=1", "trainer.eval_every=1", "trainer.ckpt_every=0", "trainer.micro_batch_size=4",
+                 "data.max_train_samples=16", "data.max_eval_samples=8", "trainer.progress=false"],
+                check=False, timeout=300)
+    assert p.returncode == 2 and "objective=eval/acc" in p.stderr and "eval/accuracy" in p.stderr, p.stderr
+    assert "Traceback" not in p.stderr and (sweep / "0" / "summary.json").exists()
+
+
 def test_all_errors_reported_at_once():
     with pytest.raises(ConfigError):
         compose(["trainer=nope"])
