@@ -74,14 +74,17 @@ def report(root: str, objective: str | None = None, minimize: bool = False, plot
     shown = [k for k in metric_keys if k in (objective,) or k in ("final_loss", "eval/loss", "eval/accuracy", "steps",
                                                                    "samples_per_s", "train_wall_s", "peak_mem_gb")]
     t = Table(title=f"runx report — {root} ({len(rows)} run{'s' if len(rows) != 1 else ''})", header_style="bold")
-    t.add_column("run")
+    # narrow terminals: fold long names and values onto several lines instead of cutting them to "0.000…"
+    t.add_column("run", overflow="fold")
     for k in varying:
-        t.add_column(k)
+        t.add_column(k, overflow="fold")
     for k in shown:
-        t.add_column(k + (" ↓" if k == objective and minimize else " ↑" if k == objective else ""), justify="right")
+        t.add_column(k + (" ↓" if k == objective and minimize else " ↑" if k == objective else ""), justify="right",
+                     overflow="fold")
+    fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)
     for r in rows:
-        cells = [r["run"]] + [str(r["_cfg"].get(k)) for k in varying]
-        cells += [f"{r[k]:.4g}" if isinstance(r.get(k), float) else str(r.get(k, "")) for k in shown]
+        cells = [r["run"]] + [fmt(r["_cfg"].get(k)) for k in varying]
+        cells += [fmt(r.get(k, "")) for k in shown]
         t.add_row(*cells)
     Console().print(t)
     table_rows = [{"run": r["run"], **{k: r["_cfg"].get(k) for k in varying},
