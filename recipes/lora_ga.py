@@ -32,6 +32,12 @@ parallel). fp64 sums do not depend on the order of additions: 1 and 2 processes 
 zero.Init, e.g. NVMe parameter offload) gets DeepSpeed's own fetch/release hooks for the estimation pass (no
 optimizer, removed afterwards): the gradient hook then sees the gathered weight's full gradient, and the init
 writes the shifted weights through GatheredParameters.
+
+Memory of the sums. 8 bytes per target weight / world (52 GB for Llama-2-7B's linear layers on one process,
+where the reference accumulated the full gradients on the GPU and ran out of memory, its issue #14). Above
+`recipe.grad_sum_budget` the layers are split into consecutive groups (`sum_groups`), one estimation pass over
+the same batches each with only that group's weights requiring grad: a layer's gradient is the same in any
+grouping, so the init is too (tested bit for bit); only the forward passes repeat.
 """
 from __future__ import annotations
 
@@ -125,6 +131,35 @@ def assign_owners(shapes: dict, world: int) -> dict:
         owner[name] = k
         load[k] += shapes[name][0] * shapes[name][1]
     return owner
+
+
+SUM_BYTES = 8   # fp64 running sums
+
+
+def group_sum_bytes(numels: list[int], world: int) -> int:
+    """Most fp64-sum bytes a rank holds for a group of layers: all of them on one rank; with several, at most
+    an even share plus the largest layer (owners are assigned greedily by size, `assign_owners`)."""
+    if world == 1:
+        return SUM_BYTES * sum(numels)
+    return int(SUM_BYTES * (sum(numels) / world + max(numels)))
+
+
+def sum_groups(shapes: dict, world: int, budget: int | None) -> list[list[str]]:
+    """Target layers (forward order) split into consecutive groups whose fp64 sums fit `budget` bytes per rank
+    (`group_sum_bytes`).
+    One group when budget is None. Each group is one estimation pass over the same batches, with only its
+    weights requiring grad, so a layer's G is the same in any grouping; a layer larger than the budget alone
+    still gets a group of its own."""
+    names = list(shapes)
+    if budget is None:
+        return [names]
+    groups, cur = [], []
+    for n in names:
+        if cur and group_sum_bytes([shapes[k][0] * shapes[k][1] for k in cur + [n]], world) > budget:
+            groups.append(cur)
+            cur = []
+        cur.append(n)
+    return groups + [cur] if cur else groups
 
 
 def estimate_full_gradients(model, weights: dict, batches, loss_fn, accumulate_on: str = "cpu",
@@ -316,6 +351,13 @@ class LoRAGA(LoRA):
             raise ValueError(f"recipe.grad_batches={r.grad_batches}: must be >= 1")
         if float(r.stable_gamma) <= 0:
             raise ValueError(f"recipe.stable_gamma={r.stable_gamma}: must be > 0")
+        if str(r.grad_sum_budget) not in ("auto", "none"):
+            from runx.trainers.plan import parse_size
+            try:
+                parse_size(str(r.grad_sum_budget), "recipe.grad_sum_budget")
+            except ValueError:
+                raise ValueError(f"recipe.grad_sum_budget={r.grad_sum_budget}: not a size. Valid values: auto, none "
+                                 "or a size such as 16GB, 512MB or 1.5TB.") from None
         self.timings: dict[str, float] = {}
         self.init_stats: dict[str, float] = {}
 
@@ -367,7 +409,8 @@ class LoRAGA(LoRA):
         rank = dist.get_rank() if world > 1 else 0
         targets = lora_ga_targets(model)
         weights = {n: l.get_base_layer().weight for n, l in targets.items()}
-        owners = assign_owners({n: _weight_shape(w) for n, w in weights.items()}, world)
+        shapes = {n: _weight_shape(w) for n, w in weights.items()}
+        groups = sum_groups(shapes, world, self._sum_budget(trainer, world))
 
         # 1. G = mean over grad_batches global batches of dL/dW; each rank runs its share of every batch
         loader = trainer.train_loader_for_estimation(int(rc.grad_batches), by_length=rc.grad_batching == "by_length")
@@ -380,30 +423,41 @@ class LoRAGA(LoRA):
         n_total = len(batches) * world
         if n_total == 0:
             raise RuntimeError("LoRA-GA: the estimation loader yielded no batch (is the training set empty?)")
-        with _zero3_fetch_hooks(model, trainer):
-            sums, _ = estimate_full_gradients(
-                model, weights, batches, lambda b: self.loss(model, b, 0)[0],
-                accumulate_on=rc.grad_accumulator, mode=rc.estimation_mode, owners=owners,
-                autocast_bf16=rc.estimation_dtype == "bf16")
-        del batches
-        t1 = time.perf_counter()
-
-        # 2-3. each owner: average, SVD, A0/B0 for its layers (the SVDs run in parallel across ranks)
+        if len(groups) > 1:
+            log.info("LoRA-GA: the fp64 gradient sums exceed recipe.grad_sum_budget; %d estimation passes over "
+                     "the same batches, each for a group of layers", len(groups))
         factors, stats = {}, torch.zeros(2, dtype=torch.float64, device=_comm_device(trainer))
-        for i, (name, layer) in enumerate(targets.items()):
-            if owners[name] != rank:
-                continue
-            G = (sums.pop(name) / n_total).float()
-            G = G.to(_comm_device(trainer))
-            if getattr(layer, "fan_in_fan_out", False):
-                G = G.T
-            seed = int(self.cfg.seed) * 7919 + i
-            U, S, V = gradient_svd(G, 2 * r, rc.svd, int(rc.svd_niter), seed=seed)
-            factors[name] = lora_ga_factors(U, V, r, rc.direction, rc.scale, float(rc.stable_gamma), seed=seed)
-            # ||G_2r|| / ||G||: the cosine between the first LoRA-GA step and the full fine-tuning step
-            stats[0] += float(S.square().sum().sqrt() / G.norm().clamp_min(1e-30))
-            stats[1] += 1
-            del G
+        t_est = time.perf_counter() - t0      # the batches, then each pass (the SVDs count as init)
+        owners = {}
+        index = {name: i for i, name in enumerate(targets)}
+        for group in groups:
+            ta = time.perf_counter()
+            owners.update(assign_owners({n: shapes[n] for n in group}, world))
+            with _zero3_fetch_hooks(model, trainer):
+                sums, _ = estimate_full_gradients(
+                    model, {n: weights[n] for n in group}, batches, lambda b: self.loss(model, b, 0)[0],
+                    accumulate_on=rc.grad_accumulator, mode=rc.estimation_mode, owners=owners,
+                    autocast_bf16=rc.estimation_dtype == "bf16")
+            t_est += time.perf_counter() - ta
+            # 2-3. each owner: average, SVD, A0/B0 for its layers (the SVDs run in parallel across ranks)
+            for name in group:
+                if owners[name] != rank:
+                    continue
+                layer = targets[name]
+                G = (sums.pop(name) / n_total).float()
+                G = G.to(_comm_device(trainer))
+                if getattr(layer, "fan_in_fan_out", False):
+                    G = G.T
+                seed = int(self.cfg.seed) * 7919 + index[name]
+                U, S, V = gradient_svd(G, 2 * r, rc.svd, int(rc.svd_niter), seed=seed)
+                factors[name] = lora_ga_factors(U, V, r, rc.direction, rc.scale, float(rc.stable_gamma), seed=seed)
+                # ||G_2r|| / ||G||: the cosine between the first LoRA-GA step and the full fine-tuning step
+                stats[0] += float(S.square().sum().sqrt() / G.norm().clamp_min(1e-30))
+                stats[1] += 1
+                del G
+            del sums
+        del batches
+        t1 = t0 + t_est
         # 4. every rank: receive A0/B0 from the owner, write lora_A, lora_B and W - eta·B0·A0
         init_A, init_B = {}, {}
         for name, layer in targets.items():
@@ -421,7 +475,7 @@ class LoRAGA(LoRA):
 
         self.timings = {"lora_ga/estimate_s": t1 - t0, "lora_ga/svd_init_s": t2 - t1, "lora_ga/init_s": t2 - t0}
         self.init_stats = {"lora_ga/grad_energy_2r": float(stats[0] / stats[1]),
-                           "lora_ga/grad_micro_batches": n_total}
+                           "lora_ga/grad_micro_batches": n_total, "lora_ga/estimation_passes": len(groups)}
         _check_same_on_all_ranks(init_A, init_B, world, trainer)
         if rc.save_init and rank == 0:
             save_lora_ga_init(os.path.join(self.run_dir, INIT_DIR), targets, init_A, init_B,
@@ -432,6 +486,47 @@ class LoRAGA(LoRA):
         log.info("LoRA-GA init: %d layers, %d micro-batches, %.2fs (estimate %.2fs), ||G_2r||/||G|| = %.3f",
                  len(targets), n_total, t2 - t0, t1 - t0, self.init_stats["lora_ga/grad_energy_2r"])
         return model
+
+    def _sum_budget(self, trainer, world: int) -> int | None:
+        """recipe.grad_sum_budget in bytes per rank (None: no limit); "auto" = half the memory the sums would
+        live in (host RAM shared by this node's ranks, or the GPU's free memory), the smallest over ranks so
+        that every rank forms the same groups."""
+        text = str(self.cfg.recipe.grad_sum_budget)
+        if text == "none":
+            return None
+        if text != "auto":
+            from runx.trainers.plan import parse_size
+            return parse_size(text, "recipe.grad_sum_budget")
+        if self.cfg.recipe.grad_accumulator == "device" and trainer.device == "cuda":
+            free = torch.cuda.mem_get_info()[0]
+        else:
+            import psutil
+            local = int(os.environ.get("LOCAL_WORLD_SIZE", 1 if world == 1 else world))
+            free = psutil.virtual_memory().available // max(1, local)
+        budget = torch.tensor([free // 2], dtype=torch.float64, device=_comm_device(trainer))
+        if world > 1:
+            dist.all_reduce(budget, op=dist.ReduceOp.MIN)
+        return int(budget.item())
+
+    def init_memory(self, model, world: int, available: dict) -> dict:
+        """For `runx plan`: {"cpu" or "device": {term: bytes per rank}}, the estimation's fp64 sums as the run
+        would hold them under recipe.grad_sum_budget ("auto": half of `available[where]`, bytes per rank)."""
+        shapes = {n: _weight_shape(l.get_base_layer().weight) for n, l in lora_ga_targets(model).items()}
+        if not shapes:
+            return {}
+        where = "cpu" if self.cfg.recipe.grad_accumulator == "cpu" else "device"
+        text = str(self.cfg.recipe.grad_sum_budget)
+        if text == "auto":
+            budget = available[where] // 2
+        elif text == "none":
+            budget = None
+        else:
+            from runx.trainers.plan import parse_size
+            budget = parse_size(text, "recipe.grad_sum_budget")
+        groups = sum_groups(shapes, world, budget)
+        need = max(group_sum_bytes([shapes[n][0] * shapes[n][1] for n in g], world) for g in groups)
+        passes = f", {len(groups)} passes" if len(groups) > 1 else ""
+        return {where: {f"LoRA-GA init: fp64 gradient sums (before training{passes})": int(need)}}
 
     def _meta(self) -> dict:
         """What the init depends on (besides the data): a saved init is reused only if all of it matches."""

@@ -122,6 +122,9 @@ def test_out_of_range_values_are_named_with_their_valid_range():
     problems = validate(compose(["recipe=swav", "data.group_by_length=true"]))
     assert len(problems) == 1 and "data.group_by_length" in problems[0] and "recipe=sft" in problems[0]
     assert validate(compose(["recipe=lora", "data.group_by_length=true"])) == []
+    problems = validate(compose(["recipe=lora_ga", "recipe.grad_sum_budget=lots", "plan.cpu_mem=big"]))
+    assert len(problems) == 2 and all("not a size" in p for p in problems), problems
+    assert validate(compose(["recipe=lora_ga", "recipe.grad_sum_budget=16GB", "plan.cpu_mem=64GB"])) == []
     # a key of another recipe keeps its own meaning; null where allowed; every shipped config is in range
     assert validate(compose(["recipe=verifree", "recipe.group_size=1", "recipe.advantage=naive"])) == []
     assert validate(compose(["optim.head_lr=null", "data.max_train_samples=null"])) == []

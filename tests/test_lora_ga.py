@@ -189,6 +189,49 @@ def test_every_direction_gives_the_rank_2r_gradient_and_randomized_svd_matches_e
         gradient_svd(G, 2 * 30, "exact")
 
 
+def test_sum_groups_keep_each_ranks_fp64_sums_under_the_budget():
+    from runx.recipes.lora_ga import SUM_BYTES, assign_owners, sum_groups
+    shapes = {f"l{i}": (64, 32 * (1 + i % 3)) for i in range(10)}
+    numel = {n: a * b for n, (a, b) in shapes.items()}
+    assert sum_groups(shapes, 1, None) == [list(shapes)]
+    assert sum_groups(shapes, 2, 1) == [[n] for n in shapes]          # below one layer: one layer per pass
+    for world in (1, 2, 4):
+        budget = SUM_BYTES * 3 * max(numel.values())
+        groups = sum_groups(shapes, world, budget)
+        assert [n for g in groups for n in g] == list(shapes)           # forward order, each layer once
+        for g in groups:                                                # what each rank really holds
+            owners = assign_owners({n: shapes[n] for n in g}, world)
+            held = [SUM_BYTES * sum(numel[n] for n in g if owners[n] == k) for k in range(world)]
+            assert max(held) <= budget, (world, g, held)
+        assert len(groups) < len(shapes)
+
+
+def test_a_small_grad_sum_budget_gives_the_same_init_in_several_passes(tmp_path):
+    """recipe.grad_sum_budget below one layer's sums: one estimation pass per layer, the same A0, B0 and shifted
+    weights as a single pass (each layer's gradient does not depend on which other weights require grad)."""
+    out = {}
+    for budget in ("none", "1KB"):
+        recipe = make_recipe(tmp_path / budget, TINY_LLAMA + ["recipe.grad_batches=2", f"recipe.grad_sum_budget={budget}"])
+        batches = fixed_batches(recipe, 2, 4)
+        model = recipe.prepare(EstimationTrainer(batches), build_pair(recipe)[1])
+        out[budget] = ({n: t.detach().clone() for n, t in model.named_parameters()},
+                       recipe.init_stats["lora_ga/estimation_passes"])
+    layers = len(lora_ga_targets(model))
+    assert out["none"][1] == 1 and out["1KB"][1] == layers > 1
+    for name, t in out["none"][0].items():
+        assert torch.equal(t, out["1KB"][0][name]), name
+    # runx plan's view (grad_sum_budget=auto: half the available memory): the per-rank sums of the largest
+    # group, and the number of passes when the budget splits them
+    recipe = make_recipe(tmp_path / "auto", TINY_LLAMA)
+    numels = [l.get_base_layer().weight.numel() for l in lora_ga_targets(model).values()]
+    ((label, need),) = recipe.init_memory(model, world=1, available={"cpu": 2**40})["cpu"].items()
+    assert need == 8 * sum(numels) and "passes" not in label
+    ((label, need),) = recipe.init_memory(model, world=1, available={"cpu": 2 * 8 * 2 * max(numels)})["cpu"].items()
+    assert "passes" in label and max(numels) * 8 <= need <= 8 * 2 * max(numels), (label, need)
+    with pytest.raises(ValueError, match="grad_sum_budget"):
+        make_recipe(tmp_path, TINY_LLAMA + ["recipe.grad_sum_budget=lots"])
+
+
 def test_estimation_micro_batches_by_length_are_the_same_samples_for_any_world_size(tmp_path):
     """grad_batching=by_length regroups the first grad_batches global batches' samples by length: the same
     samples as the training order, less padding, and the same global micro-batches for 1 and 2 processes."""

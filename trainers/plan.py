@@ -90,6 +90,9 @@ class ModelFacts:
     activation_how: str
     param_bytes: int              # 2 (bf16) or 4 (fp32)
     source: str = ""
+    # (world, {"cpu"/"device": bytes available per rank}) -> {"cpu"/"device": {term: bytes per rank}}: memory a
+    # recipe holds before training (LoRA-GA's gradient sums), if it declares any (`init_memory`)
+    init_memory: object = None
 
     def nvme_stats(self, world: int) -> dict:
         return {"n_params": self.n_params, "largest": self.largest_param, "count": len(self.numels),
@@ -197,9 +200,13 @@ def model_facts(cfg) -> ModelFacts:
             act, how = _trace_activations(model, cfg), "traced on meta"
         except Exception as e:  # data-dependent control flow etc.
             act, how = _analytic_activations(model, cfg, pbytes), f"analytic ({type(e).__name__} tracing)"
+    init_memory = None
+    if hasattr(recipe, "init_memory"):
+        init_memory = lambda world, available: recipe.init_memory(model, world, available)
     return ModelFacts(n_params=sum(numels), n_trainable=trainable, largest_layer=layer,
                       largest_param=max(numels, default=0), numels=numels, module_max_params=per_module,
-                      activation_bytes=int(act), activation_how=how, param_bytes=pbytes, source=source)
+                      activation_bytes=int(act), activation_how=how, param_bytes=pbytes, source=source,
+                      init_memory=init_memory)
 
 
 # ====================================================================================== layouts
@@ -596,6 +603,17 @@ def estimate(cfg, facts: ModelFacts, machine: Machine, lay: Layout) -> Row:
             row.cpu["fp32 sub-group staging (init)"] = 4 * largest_group * G
         row.nvme["alignment / padding"] = int(0.1 * sum(row.nvme.values())) + 64 * 2**20
 
+    # ---- the recipe's own memory before training (LoRA-GA's fp64 gradient sums), counted on top of the
+    # training terms: an upper bound, since the optimizer and engine buffers do not exist yet then
+    if facts.init_memory is not None:
+        host = machine.cpu_mem // max(1, G)
+        avail = {"cpu": host, "device": machine.gpu_mem if machine.device == "cuda" and machine.gpu_mem else host}
+        for where, terms in facts.init_memory(N, avail).items():
+            for label, b in terms.items():
+                if where == "cpu":
+                    row.cpu[label] = b * G
+                else:
+                    row.gpu[label] = b
     # ---- per-process baseline
     if machine.device == "cpu":
         # one process per rank; the compute device *is* host memory

@@ -38,6 +38,11 @@ class LoRAGAConfig(LoRAConfig):
     # that layer: 1/world of the sums per rank). The device only holds about one layer's gradient at a time
     # (a hook consumes it as soon as it exists); "cpu" keeps the sums in host RAM.
     grad_accumulator: Literal["cpu", "device"] = "cpu"
+    # Most memory the fp64 sums may take per rank: 8 bytes per target weight / world, 52 GB for Llama-2-7B's
+    # linear layers on one process. Above it the layers are split into groups, one estimation pass over the same
+    # batches each (the same G, more forward passes). auto = half the free memory where the sums live; none =
+    # one pass whatever the size; or a size such as 16GB.
+    grad_sum_budget: str = "auto"
     # Which singular vectors A and B take (paper: ArB2r = A <- top-r right singular vectors, B <- left singular
     # vectors r+1..2r). Every choice splits the top 2r indices between A and B; the others are ablations.
     direction: Literal["ArB2r", "A2rBr", "ArBr", "random"] = "ArB2r"
