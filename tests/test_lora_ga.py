@@ -9,6 +9,7 @@ Acceptance (issue #4):
 from __future__ import annotations
 
 import copy
+import json
 import os
 import subprocess
 import sys
@@ -459,9 +460,13 @@ def test_same_init_with_zero3_cpu_offload_and_with_a_partitioned_model(tmp_path)
     off = run_workers(tmp_path, "offload", ["trainer=zero3_cpu_offload"])
     assert max_init_diff(ref, off) <= 1e-5
     assert_export_matches_engine(off, exports=("export_live",))
-    part = run_workers(tmp_path, "partitioned", ["trainer=zero3"], partitioned=True)
+    # ... and estimated in one pass per layer (a budget below every layer's sums): groups across ranks, each
+    # pass with DeepSpeed's fetch hooks on the partitioned weights
+    part = run_workers(tmp_path, "partitioned", ["trainer=zero3", "recipe.grad_sum_budget=1KB"], partitioned=True)
     # DeepSpeed's ZeRO-3 linear computes the weight gradient with its own kernel: round-off level only
     assert max_init_diff(ref, part) <= 1e-5
+    summary = json.loads((part / "summary.json").read_text())
+    assert summary["lora_ga/estimation_passes"] == 28 // 2, summary
     assert_export_matches_engine(part, exports=("export_live",))
 
 
