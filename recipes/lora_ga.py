@@ -162,6 +162,17 @@ def sum_groups(shapes: dict, world: int, budget: int | None) -> list[list[str]]:
     return groups + [cur] if cur else groups
 
 
+def _keep_checkpointing(model) -> None:
+    """In eval mode transformers skips gradient checkpointing (it runs only while `module.training`), so the
+    estimation pass of a model that needs checkpointing to train would hold every layer's activations. Mark
+    just the modules that decide on checkpointing (their `gradient_checkpointing` flag is on) as training: they
+    checkpoint, while their submodules, dropout and attention included, stay in eval mode (no dropout); the
+    recomputed forward is the same deterministic one."""
+    for m in model.modules():
+        if getattr(m, "gradient_checkpointing", False) is True:
+            m.training = True
+
+
 def estimate_full_gradients(model, weights: dict, batches, loss_fn, accumulate_on: str = "cpu",
                             mode: str = "eval", owners: dict | None = None,
                             autocast_bf16: bool = False) -> tuple[dict, int]:
@@ -207,6 +218,8 @@ def estimate_full_gradients(model, weights: dict, batches, loss_fn, accumulate_o
             w.requires_grad_(True)
             handles.append(w.register_post_accumulate_grad_hook(consume(name)))
         model.train(mode == "train")
+        if mode == "eval":
+            _keep_checkpointing(model)
         # LoRA paths are zero at the default init (B = 0); disabling them computes the base model exactly.
         adapters_off = model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext()
         device_type = next(iter(weights.values())).device.type if weights else "cpu"

@@ -190,6 +190,33 @@ def test_every_direction_gives_the_rank_2r_gradient_and_randomized_svd_matches_e
         gradient_svd(G, 2 * 30, "exact")
 
 
+def test_eval_mode_estimation_keeps_gradient_checkpointing(tmp_path):
+    """transformers checkpoints only in training mode; the eval-mode estimation (no dropout) of a model built
+    with model.gradient_checkpointing=true still checkpoints its layers and gives the gradients of the plain
+    pass; the model's modes are restored."""
+    out = {}
+    for ckpt in (False, True):
+        recipe = make_recipe(tmp_path, TINY_LLAMA + [f"model.gradient_checkpointing={str(ckpt).lower()}"])
+        batches = fixed_batches(recipe, 2, 4)
+        _, model = build_pair(recipe)
+        model.train()
+        weights = {n: l.get_base_layer().weight for n, l in lora_ga_targets(model).items()}
+        calls = []
+        for m in model.modules():      # the decoder layers' checkpoint function (transformers 5)
+            if hasattr(m, "_gradient_checkpointing_func"):
+                def counted(*a, _f=m._gradient_checkpointing_func, **k):
+                    calls.append(1)
+                    return _f(*a, **k)
+                m._gradient_checkpointing_func = counted
+        sums, _ = estimate_full_gradients(model, weights, batches, lambda b: recipe.loss(model, b, 0)[0])
+        out[ckpt] = (sums, len(calls))
+        assert model.training and all(m.training for m in model.modules())
+    n_layers = recipe.cfg.model.from_config.num_hidden_layers
+    assert out[False][1] == 0 and out[True][1] == 2 * n_layers       # 2 batches x each layer checkpointed
+    for name, g in out[False][0].items():
+        torch.testing.assert_close(out[True][0][name], g, rtol=1e-6, atol=1e-9)
+
+
 def test_sum_groups_keep_each_ranks_fp64_sums_under_the_budget():
     from runx.recipes.lora_ga import SUM_BYTES, assign_owners, sum_groups
     shapes = {f"l{i}": (64, 32 * (1 + i % 3)) for i in range(10)}
