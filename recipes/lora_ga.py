@@ -449,7 +449,7 @@ class LoRAGA(LoRA):
             with _zero3_fetch_hooks(model, trainer):
                 sums, _ = estimate_full_gradients(
                     model, {n: weights[n] for n in group}, batches, lambda b: self.loss(model, b, 0)[0],
-                    accumulate_on=rc.grad_accumulator, mode=rc.estimation_mode, owners=owners,
+                    accumulate_on=self._sums_on(trainer.device == "cuda"), mode=rc.estimation_mode, owners=owners,
                     autocast_bf16=rc.estimation_dtype == "bf16")
             t_est += time.perf_counter() - ta
             # 2-3. each owner: average, SVD, A0/B0 for its layers (the SVDs run in parallel across ranks)
@@ -510,7 +510,7 @@ class LoRAGA(LoRA):
         if text != "auto":
             from runx.trainers.plan import parse_size
             return parse_size(text, "recipe.grad_sum_budget")
-        if self.cfg.recipe.grad_accumulator == "device" and trainer.device == "cuda":
+        if self._sums_on(trainer.device == "cuda") == "device" and trainer.device == "cuda":
             free = torch.cuda.mem_get_info()[0]
         else:
             import psutil
@@ -521,13 +521,18 @@ class LoRAGA(LoRA):
             dist.all_reduce(budget, op=dist.ReduceOp.MIN)
         return int(budget.item())
 
-    def init_memory(self, model, world: int, available: dict) -> dict:
+    def _sums_on(self, cuda: bool) -> str:
+        """recipe.grad_accumulator resolved: "cpu" or "device" (auto: the device on CUDA)."""
+        acc = str(self.cfg.recipe.grad_accumulator)
+        return ("device" if cuda else "cpu") if acc == "auto" else acc
+
+    def init_memory(self, model, world: int, available: dict, cuda: bool = False) -> dict:
         """For `runx plan`: {"cpu" or "device": {term: bytes per rank}}, the estimation's fp64 sums as the run
         would hold them under recipe.grad_sum_budget ("auto": half of `available[where]`, bytes per rank)."""
         shapes = {n: _weight_shape(l.get_base_layer().weight) for n, l in lora_ga_targets(model).items()}
         if not shapes:
             return {}
-        where = "cpu" if self.cfg.recipe.grad_accumulator == "cpu" else "device"
+        where = self._sums_on(cuda)
         text = str(self.cfg.recipe.grad_sum_budget)
         if text == "auto":
             budget = available[where] // 2

@@ -90,7 +90,7 @@ class ModelFacts:
     activation_how: str
     param_bytes: int              # 2 (bf16) or 4 (fp32)
     source: str = ""
-    # (world, {"cpu"/"device": bytes available per rank}) -> {"cpu"/"device": {term: bytes per rank}}: memory a
+    # (world, {"cpu"/"device": bytes available per rank}, cuda) -> {"cpu"/"device": {term: bytes per rank}}: memory a
     # recipe holds before training (LoRA-GA's gradient sums), if it declares any (`init_memory`)
     init_memory: object = None
 
@@ -202,7 +202,7 @@ def model_facts(cfg) -> ModelFacts:
             act, how = _analytic_activations(model, cfg, pbytes), f"analytic ({type(e).__name__} tracing)"
     init_memory = None
     if hasattr(recipe, "init_memory"):
-        init_memory = lambda world, available: recipe.init_memory(model, world, available)
+        init_memory = lambda world, available, cuda: recipe.init_memory(model, world, available, cuda)
     return ModelFacts(n_params=sum(numels), n_trainable=trainable, largest_layer=layer,
                       largest_param=max(numels, default=0), numels=numels, module_max_params=per_module,
                       activation_bytes=int(act), activation_how=how, param_bytes=pbytes, source=source,
@@ -608,7 +608,7 @@ def estimate(cfg, facts: ModelFacts, machine: Machine, lay: Layout) -> Row:
     if facts.init_memory is not None:
         host = machine.cpu_mem // max(1, G)
         avail = {"cpu": host, "device": machine.gpu_mem if machine.device == "cuda" and machine.gpu_mem else host}
-        for where, terms in facts.init_memory(N, avail).items():
+        for where, terms in facts.init_memory(N, avail, machine.device == "cuda").items():
             for label, b in terms.items():
                 if where == "cpu":
                     row.cpu[label] = b * G
