@@ -13,7 +13,8 @@
 #   TO_ROUNDS=2 TO_LIMIT=280 bash bench/gpu_check.sh overhead        (one round of 0.3B zero3_nvme: ~110 s)
 # Not yet measured on a GPU: linear_logprob_weighted_sum (the gradient made in the forward, 6·N·H·V FLOPs), with
 # its Triton row kernel (arms runx_wsum / "wsum") and without it (runx_wsum_torch / "wsum torch"), vs Liger; its
-# CUDA tests (test_gpu_weighted_sum[triton|torch]) have never run. The logprob group runs only that part (4 shapes
+# CUDA tests (test_gpu_weighted_sum[triton|torch]) have never run, nor has LoRA-GA's init with its fp64 sums on the
+# GPU (the default there since 2026-11-27; test_gpu_init_with_sums_on_the_device_equals_the_host_sums). The logprob group runs only that part (4 shapes
 # + the 32k x 152k sweep):
 #   bash bench/gpu_check.sh tests,logprob,overhead
 set -uo pipefail
@@ -63,7 +64,7 @@ step() {  # step GROUP NAME SECONDS CMD...
   save
 }
 RESULTS=()
-step tests "gpu kernel tests" 90 python3 -m pytest -q -x -m gpu tests/test_kernels.py -p no:cacheprovider
+step tests "gpu tests" 120 python3 -m pytest -q -m gpu tests/test_kernels.py tests/test_lora_ga.py -p no:cacheprovider
 # logprob at 4 LLM shapes + variants at 32k x 152k vs Liger; Sinkhorn fused vs column-strip path vs eager + variants
 step kernels "kernels bench" 180 python3 bench/kernels.py --device cuda --logprob-sweep --sinkhorn-sweep \
   --out bench/results/kernels.json

@@ -377,6 +377,33 @@ def test_export_rank2r_adapter_and_merged_weights_reproduce_logits(tmp_path, ove
     assert meta["rank"] == 8 and len(tensors) == 2 * len(lora_ga_targets(model))
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_init_with_sums_on_the_device_equals_the_host_sums(tmp_path):
+    """On CUDA, grad_accumulator=auto keeps the fp64 sums on the GPU (also in several passes under a small
+    budget); the init equals the one made with host sums, and the output at init is the base model's."""
+    class CudaTrainer(EstimationTrainer):
+        device = "cuda"
+
+        def to_device(self, batch):
+            return {k: v.cuda() if torch.is_tensor(v) else v for k, v in batch.items()}
+
+    inits = {}
+    for acc, budget in (("cpu", "none"), ("auto", "none"), ("auto", "1KB")):
+        recipe = make_recipe(tmp_path / f"{acc}_{budget}", TINY_LLAMA + [
+            "recipe.grad_batches=2", f"recipe.grad_accumulator={acc}", f"recipe.grad_sum_budget={budget}"])
+        batches = fixed_batches(recipe, 3, 4)
+        base, model = build_pair(recipe)
+        model = recipe.prepare(CudaTrainer(batches[:2]), model.cuda())
+        inits[(acc, budget)] = read_lora_ga_init(tmp_path / f"{acc}_{budget}" / "lora_ga_init")[0]
+        b = {k: v.cuda() for k, v in batches[2].items()}
+        diff = (logits(model, b).cpu() - logits(base, batches[2])).abs().max().item()
+        assert diff <= 1e-4, (acc, budget, diff)           # TF32-free fp32 on GPU vs CPU: round-off only
+    ref = inits[("cpu", "none")]
+    for key, init in inits.items():
+        assert max((init[k] - ref[k]).abs().max().item() for k in ref) <= 1e-5, key
+
+
 # ============================================================================ several processes, ZeRO-3
 # tiny Llama, rank 2; the 1-process reference runs the same micro-batches (micro 4 x grad_accum 2 = the two
 # ranks' micro 4) with one thread per process, as torchrun's workers do: the gradient sums are fp64 (order
