@@ -514,7 +514,8 @@ class LoRAGA(LoRA):
             free = torch.cuda.mem_get_info()[0]
         else:
             import psutil
-            local = int(os.environ.get("LOCAL_WORLD_SIZE", 1 if world == 1 else world))
+            # ranks on this node share its RAM (torchrun: LOCAL_WORLD_SIZE; the DeepSpeed launcher: LOCAL_SIZE)
+            local = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or world)
             free = psutil.virtual_memory().available // max(1, local)
         budget = torch.tensor([free // 2], dtype=torch.float64, device=_comm_device(trainer))
         if world > 1:
