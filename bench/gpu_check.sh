@@ -11,11 +11,14 @@
 # trainer overhead for zero3, zero3_cpu_offload and zero3_nvme. The zero3_nvme overhead row (0.80-0.90) was taken
 # before the bench alternated which side runs first and gave each side its own NVMe folder; re-measure it with
 #   TO_ROUNDS=2 TO_LIMIT=280 bash bench/gpu_check.sh overhead        (one round of 0.3B zero3_nvme: ~110 s)
-# Not yet measured on a GPU: linear_logprob_weighted_sum (the gradient made in the forward, 6·N·H·V FLOPs), with
-# its Triton row kernel (arms runx_wsum / "wsum") and without it (runx_wsum_torch / "wsum torch"), vs Liger; its
-# CUDA tests (test_gpu_weighted_sum[triton|torch]) have never run, nor has LoRA-GA's init with its fp64 sums on the
-# GPU (the default there since 2026-11-27; test_gpu_init_with_sums_on_the_device_equals_the_host_sums). The logprob group runs only that part (4 shapes
-# + the 32k x 152k sweep):
+# Not yet measured on a GPU (all in the tests and logprob groups):
+#   - linear_logprob_weighted_sum (gradient made in the forward, 6·N·H·V FLOPs) with its Triton row kernel
+#     (arms runx_wsum / "wsum") and without it (runx_wsum_torch / "wsum torch"), vs Liger;
+#   - linear_logprob(backend="triton_rows"): cuBLAS GEMMs + the row kernel (arm runx_triton_rows); if it beats
+#     runx_triton, make it the CUDA default;
+#   - tests never run on CUDA: test_gpu_weighted_sum[*], test_gpu_logprob[triton_rows-*], and LoRA-GA's init with
+#     its fp64 sums on the GPU (the default there since 2026-11-27; test_gpu_init_with_sums_on_the_device_...).
+# The logprob group runs only the log-prob part (4 shapes + the 32k x 152k sweep):
 #   bash bench/gpu_check.sh tests,logprob,overhead
 set -uo pipefail
 cd "$(dirname "$0")/.."

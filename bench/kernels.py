@@ -214,7 +214,9 @@ def bench_logprob(n, hsz, v, dtype, device, rounds, with_fwd, chunk=None):
 
         return run
 
-    backends = ["triton", "torch"] if device == "cuda" else ["torch"]
+    # triton: fused Triton GEMM kernels (logits never stored); triton_rows: cuBLAS GEMMs over [chunk, V] blocks
+    # with the Triton row kernel between them; torch: the chunked reference
+    backends = ["triton", "triton_rows", "torch"] if device == "cuda" else ["torch"]
     methods = {"eager": fwd_bwd(lambda: _eager_logprob(h, w, t))}
     for b in backends:
         methods[f"runx_{b}"] = fwd_bwd(lambda b=b: rk.linear_logprob(h, w, t, chunk=chunk, backend=b))
@@ -289,6 +291,12 @@ def sweep_logprob(n, hsz, v, dtype, rounds):
         return f
 
     methods = {"runx_triton": run()}
+
+    def rows():
+        h.grad = w.grad = None
+        rk.linear_logprob(h, w, t, backend="triton_rows").sum().backward()
+        h.grad = w.grad = None
+    methods["runx_triton_rows"] = rows
     for name, o in LOGPROB_SWEEP.items():
         methods[name] = run(chunk=base_chunk * o["chunk_mult"] if "chunk_mult" in o else None, config=o.get("config"))
     ones = torch.ones(n, device="cuda")

@@ -33,25 +33,26 @@ def triton_import_error() -> str | None:
     return None
 
 
-def resolve_backend(backend: str, tensor: torch.Tensor) -> str:
-    """Map ``backend`` ('auto' | 'torch' | 'triton') to the implementation to run.
+def resolve_backend(backend: str, tensor: torch.Tensor, variants: tuple = ()) -> str:
+    """Map ``backend`` ('auto' | 'torch' | 'triton' | one of ``variants``) to the implementation to run.
 
     'auto' picks Triton for CUDA tensors when triton imports, the torch reference
     otherwise (it never picks the slow interpreter).  An explicit 'triton' that cannot
     run raises instead of silently falling back, so benchmarks and tests cannot lie.
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    valid = BACKENDS + tuple(variants)   # variants: an op's other Triton implementations ('triton_rows')
+    if backend not in valid:
+        raise ValueError(f"backend must be one of {valid}, got {backend!r}")
     if backend == "torch":
         return "torch"
     if backend == "auto":
         return "triton" if tensor.is_cuda and triton_import_error() is None else "torch"
     if not (tensor.is_cuda or interpret_mode()):
         raise RuntimeError(
-            "backend='triton' needs CUDA tensors, or TRITON_INTERPRET=1 (set before the "
+            f"backend={backend!r} needs CUDA tensors, or TRITON_INTERPRET=1 (set before the "
             "first triton kernel import) to run CPU tensors in Triton's interpreter"
         )
     err = triton_import_error()
     if err is not None:
-        raise RuntimeError(f"backend='triton' requested but triton is unusable: {err}")
-    return "triton"
+        raise RuntimeError(f"backend={backend!r} requested but triton is unusable: {err}")
+    return backend

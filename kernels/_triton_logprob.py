@@ -148,8 +148,9 @@ def _dlogits_kernel(h_ptr, w_ptr, b_ptr, t_ptr, lse_ptr, g_ptr, ge_ptr, ent_ptr,
 
 
 @triton.jit
-def _wsum_rows_kernel(z_ptr, t_ptr, g_ptr, dx_ptr, logp_ptr, ent_ptr, V, stride_z, stride_dx, inv_temp,
-                      WANT_ENT: tl.constexpr, WRITE_DX: tl.constexpr, BLOCK_V: tl.constexpr):
+def _wsum_rows_kernel(z_ptr, t_ptr, g_ptr, dx_ptr, logp_ptr, ent_ptr, lse_ptr, V, stride_z, stride_dx, inv_temp,
+                      WANT_ENT: tl.constexpr, WRITE_DX: tl.constexpr, STORE_LSE: tl.constexpr,
+                      BLOCK_V: tl.constexpr):
     # One row of materialised fp32 logits z (already scaled by 1/T).  Pass 1: per-lane online max m,
     # s = sum exp(z - m) and e = sum exp(z - m) (z - m).  Pass 2: d_logits = g ([j == t] - p_j) / T,
     # written over dx in dx's dtype (dx may be z itself).
@@ -176,6 +177,8 @@ def _wsum_rows_kernel(z_ptr, t_ptr, g_ptr, dx_ptr, logp_ptr, ent_ptr, V, stride_
     lse = big + tl.log(total)
     t = tl.load(t_ptr + row)
     tl.store(logp_ptr + row, tl.load(z_row + t) - lse)
+    if STORE_LSE:
+        tl.store(lse_ptr + row, lse)
     if WANT_ENT:
         # sum_j p_j (z_j - M) = E / S;  H = log S - E / S
         e_all = tl.sum(tl.where(s > 0, w * (e + (m - big) * s), 0.0), 0)
@@ -283,10 +286,10 @@ def dlogits(h_c, weight, bias, t_c, lse_c, g_c, ge_c, ent_c, inv_temp, out):
     return out
 
 
-def wsum_rows(z, t_c, g_c, inv_temp, dx, logp, ent):
+def wsum_rows(z, t_c, g_c, inv_temp, dx, logp, ent, lse=None):
     """For fp32 logits ``z`` [c, V] (scaled by 1/T): ``logp`` [c] <- log p of ``t_c`` (safe ids), ``ent`` [c]
-    <- entropy if given, and, if ``dx`` is given, ``dx`` [c, V] (``z`` itself or a bf16/fp16 buffer) <- the
-    d_logits g ([j == t] - p) / T of the weighted sum.  Reads z twice and writes dx once."""
+    <- entropy and ``lse`` [c] <- logsumexp if given, and, if ``dx`` is given, ``dx`` [c, V] (``z`` itself or a
+    bf16/fp16 buffer) <- the d_logits g ([j == t] - p) / T of the weighted sum.  Reads z twice, writes dx once."""
     c, v = z.shape
     if c == 0:
         return
@@ -294,6 +297,7 @@ def wsum_rows(z, t_c, g_c, inv_temp, dx, logp, ent):
     warps = 4 if block <= 1024 else 8
     out = dx if dx is not None else z
     _wsum_rows_kernel[(c,)](
-        z, t_c, g_c, out, logp, ent if ent is not None else logp, v, z.stride(0), out.stride(0), inv_temp,
-        WANT_ENT=ent is not None, WRITE_DX=dx is not None, BLOCK_V=block, num_warps=warps,
+        z, t_c, g_c, out, logp, ent if ent is not None else logp, lse if lse is not None else logp, v, z.stride(0),
+        out.stride(0), inv_temp, WANT_ENT=ent is not None, WRITE_DX=dx is not None, STORE_LSE=lse is not None,
+        BLOCK_V=block, num_warps=warps,
     )

@@ -315,16 +315,21 @@ class _LinearLogprob(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, inv_temp, ignore_index, chunk, want_ent, impl):
         valid = targets != ignore_index
-        if impl == "triton":
-            from . import _triton_logprob as tk
-
-            tgt, lse, ent = tk.forward(hidden, weight, bias, targets, inv_temp, want_ent)
-        else:
-            tgt, lse, ent = _torch_forward(hidden, weight, bias, targets, valid, inv_temp, chunk, want_ent)
         zero = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        logp = torch.where(valid, tgt - lse, zero)
-        if ent is not None:
-            ent = torch.where(valid, ent, zero)
+        if impl == "triton_rows":  # library GEMM + the row kernel per chunk (masked logp / entropy, and lse)
+            lse = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+            logp, ent, *_ = _weighted_forward(hidden, weight, bias, targets, valid, lse, inv_temp, chunk, want_ent,
+                                              False, False, False, impl="triton", lse=lse)
+        else:
+            if impl == "triton":
+                from . import _triton_logprob as tk
+
+                tgt, lse, ent = tk.forward(hidden, weight, bias, targets, inv_temp, want_ent)
+            else:
+                tgt, lse, ent = _torch_forward(hidden, weight, bias, targets, valid, inv_temp, chunk, want_ent)
+            logp = torch.where(valid, tgt - lse, zero)
+            if ent is not None:
+                ent = torch.where(valid, ent, zero)
         ctx.save_for_backward(hidden, weight, bias, targets, valid, lse, ent)
         ctx.inv_temp, ctx.chunk, ctx.impl = inv_temp, chunk, impl
         ctx.set_materialize_grads(False)
@@ -352,7 +357,12 @@ class _LinearLogprob(torch.autograd.Function):
             ge = torch.where(valid, g_ent.float(), zero).contiguous()
         safe_t = torch.where(valid, targets, 0)
         ent_arg = None if ge is None else ent
-        if ctx.impl == "triton":
+        if ctx.impl == "triton_rows" and ge is None:
+            # d/dθ of sum_i g_i logp_i: the gradient-in-forward pass with the upstream gradients as the weights
+            # (logits recomputed by the library GEMM, d_logits by the row kernel): 6·N·H·V FLOPs, all cuBLAS
+            _, _, dh, dw, db = _weighted_forward(hidden, weight, bias, targets, valid, g, inv_temp, chunk, False,
+                                                 need_h, need_w, need_b and bias is not None, impl="triton")
+        elif ctx.impl in ("triton", "triton_rows"):   # (an entropy gradient: the fused d_logits kernel)
             dh, dw, db = _triton_backward(hidden, weight, bias, safe_t, lse, g, ge, ent_arg, inv_temp, chunk,
                                           need_h, need_w, need_b and bias is not None)
         else:
@@ -395,12 +405,12 @@ def _flat_operands(hidden, weight, targets, bias, temperature):
 
 
 def _weighted_forward(hidden, weight, bias, targets, valid, tw, inv_temp, chunk, want_ent, need_h, need_w, need_b,
-                      impl="torch"):
+                      impl="torch", lse=None):
     """One pass over row chunks: logits (one GEMM), log-probs, and, with the per-token weights already known,
     d_logits = w_i ([j == t_i] - p_ij) / T, consumed at once by the dH and dW GEMMs: nothing is recomputed.
     impl="triton": one row kernel turns each chunk's fp32 logits into log-probs and d_logits (written in the
     weight's dtype when cuBLAS takes it, else over the logits) in two reads and one write; the torch path makes
-    several elementwise passes."""
+    several elementwise passes. ``lse`` [N]: also store each row's logsumexp there."""
     n = hidden.shape[0]
     ops = _Operands(weight, bias)
     w32 = None if ops.native else ops.w32
@@ -419,9 +429,13 @@ def _weighted_forward(hidden, weight, bias, targets, valid, tw, inv_temp, chunk,
         z = ops.logits(hidden[s:e], inv_temp)  # the only [chunk, V] fp32 buffer
         if impl == "triton":
             dx = (dx_buf[: e - s] if low else z) if grads else None
-            tk.wsum_rows(z, safe_t[s:e], g[s:e], inv_temp, dx, logp[s:e], None if ent is None else ent[s:e])
+            tk.wsum_rows(z, safe_t[s:e], g[s:e], inv_temp, dx, logp[s:e], None if ent is None else ent[s:e],
+                         None if lse is None else lse[s:e])
         else:
-            z -= torch.logsumexp(z, dim=-1, keepdim=True)  # log p
+            lse_c = torch.logsumexp(z, dim=-1, keepdim=True)
+            if lse is not None:
+                lse[s:e] = lse_c.squeeze(1)
+            z -= lse_c  # log p
             logp[s:e] = z.gather(1, safe_t[s:e, None]).squeeze(1)
             if want_ent:
                 ent[s:e] = -(z.exp() * z).sum(-1)
@@ -553,7 +567,10 @@ def linear_logprob(
             none, its backward one.
         return_entropy: also return the entropy of each row's distribution (0 for
             ignored rows).  Its gradient is exact, like the log-prob's.
-        backend: 'auto' (Triton on CUDA, torch elsewhere), 'torch' or 'triton'.
+        backend: 'auto' (Triton on CUDA, torch elsewhere), 'torch', 'triton' (fused Triton GEMM kernels:
+            logits never stored) or 'triton_rows' (cuBLAS GEMMs over [chunk, V] logit blocks with the Triton row
+            kernel between them, as ``linear_logprob_weighted_sum`` runs; an entropy gradient uses the
+            'triton' backward).
         ignore_index: target value that marks padding.
 
     Returns:
@@ -561,7 +578,7 @@ def linear_logprob(
         Differentiable w.r.t. hidden, weight and bias.
     """
     h2, w, b, t1, lead, dev_type = _flat_operands(hidden, weight, targets, bias, temperature)
-    impl = resolve_backend(backend, h2)
+    impl = resolve_backend(backend, h2, variants=("triton_rows",))
     n, v = h2.shape[0], w.shape[0]
     rows = chunk_rows(n, v, chunk)
     if n == 0:

@@ -560,6 +560,11 @@ def _interp_logprob_checks():
     a = linear_logprob(h, w, t, return_entropy=True, backend="triton")
     r = linear_logprob(h, w, t, return_entropy=True, backend="torch")
     torch.testing.assert_close(a, r, rtol=1e-5, atol=1e-5)
+    # linear_logprob through library GEMMs + the row kernel (its entropy gradient: the fused d_logits kernel)
+    for dtype in (torch.float32, torch.bfloat16):
+        _check_logprob(37, 24, 101, dtype, backend="triton_rows", bias=True, temperature=0.7, chunk=16)
+        _check_logprob(20, 32, 70, dtype, backend="triton_rows", bias=True, temperature=1.3, entropy=False,
+                       chunk=8, seed=1)
     # The gradient-in-forward sum's row kernel (BLOCK_V=64 here: several blocks per row and a ragged last one)
     for case in WSUM_CASES[1:]:
         for dtype in (torch.float32, torch.bfloat16):
@@ -587,8 +592,10 @@ def _check_wsum_rows_low_precision_output():
         zz = z.clone()
         dx = torch.empty(c, v, dtype=out_dtype) if out_dtype != torch.float32 else zz
         logp, ent = torch.empty(c), torch.empty(c)
-        tk.wsum_rows(zz, t, g, inv_temp, dx, logp, ent)
+        lse = torch.empty(c)
+        tk.wsum_rows(zz, t, g, inv_temp, dx, logp, ent, lse)
         assert dx.dtype == out_dtype
+        torch.testing.assert_close(lse.double(), torch.logsumexp(z.double(), -1), rtol=1e-6, atol=1e-6)
         tol = 1e-2 if out_dtype == torch.bfloat16 else 1e-5
         assert _rel(dx.double(), want_dx) < tol, _rel(dx.double(), want_dx)
         torch.testing.assert_close(logp.double(), logq.gather(1, t[:, None]).squeeze(1), rtol=1e-5, atol=1e-5)
@@ -705,10 +712,11 @@ def test_logprob_kernels_compile_for_an_h100():
                "g_ptr": "*fp32", "ge_ptr": "*fp32", "ent_ptr": "*fp32", "dx_ptr": "*bf16", "N": i32, "V": i32,
                "H": i32, "stride_h": i32, "stride_w": i32, "stride_dx": i32, "inv_temp": f32}
     rows = {"z_ptr": "*fp32", "t_ptr": "*i64", "g_ptr": "*fp32", "dx_ptr": "*bf16", "logp_ptr": "*fp32",
-            "ent_ptr": "*fp32", "V": i32, "stride_z": i32, "stride_dx": i32, "inv_temp": f32}
+            "ent_ptr": "*fp32", "lse_ptr": "*fp32", "V": i32, "stride_z": i32, "stride_dx": i32, "inv_temp": f32}
     cases = [(tk._fwd_kernel, fwd, tiles, warps, stages),
              (tk._dlogits_kernel, dlogits, tiles, warps, stages),
-             (tk._wsum_rows_kernel, rows, {"WANT_ENT": True, "WRITE_DX": True, "BLOCK_V": 4096}, 8, 1)]
+             (tk._wsum_rows_kernel, rows, {"WANT_ENT": True, "WRITE_DX": True, "STORE_LSE": True,
+                                           "BLOCK_V": 4096}, 8, 1)]
     for fn, sig, consts, nw, ns in cases:
         consts = {k: v for k, v in consts.items() if k in fn.arg_names}
         src = ASTSource(fn=fn, signature={**sig, **{k: "constexpr" for k in consts}}, constexprs=consts)
@@ -725,7 +733,7 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUD
 
 @pytest.mark.gpu
 @needs_cuda
-@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("backend", ["triton", "triton_rows", "torch"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_gpu_logprob(backend, dtype):
     _check_logprob(300, 256, 5003, dtype, device="cuda", backend=backend, bias=True, temperature=0.8, chunk=128)
