@@ -527,7 +527,7 @@ class LoRAGA(LoRA):
         acc = str(self.cfg.recipe.grad_accumulator)
         return ("device" if cuda else "cpu") if acc == "auto" else acc
 
-    def init_memory(self, model, world: int, available: dict, cuda: bool = False) -> dict:
+    def extra_memory(self, model, world: int, available: dict, cuda: bool = False) -> dict:
         """For `runx plan`: {"cpu" or "device": {term: bytes per rank}}, the estimation's fp64 sums as the run
         would hold them under recipe.grad_sum_budget ("auto": half of `available[where]`, bytes per rank)."""
         shapes = {n: _weight_shape(l.get_base_layer().weight) for n, l in lora_ga_targets(model).items()}

@@ -462,6 +462,35 @@ class VeriFree(TrainingRecipe):
         from runx.trainers.hf import load_model
         return load_model(self.cfg.model, tokenizer=self.tokenizer)
 
+    # ---- for `runx plan` ------------------------------------------------------------------------------
+    def plan_batch(self) -> tuple[int, int, bool]:
+        """One micro-batch trains micro_batch_size x G sequences of prompt + sampled tokens (the prompt bounded,
+        for the plan, by data.max_length); the fused head holds one chunk of logits at a time."""
+        rc = self.rc
+        return (int(self.cfg.trainer.micro_batch_size) * int(rc.group_size),
+                int(self.cfg.data.max_length) + int(rc.max_new_tokens), not rc.fused_logprob)
+
+    def extra_memory(self, model, world: int, available: dict, cuda: bool = False) -> dict:
+        """Device memory besides the trainer's, per rank: the rollout's KV cache (HF generate, one call of
+        rollout_chunk or micro-batch x G sequences) or the colocated vLLM engine's share, and the KL reference
+        copy of the weights."""
+        rc, c = self.rc, model.config
+        seqs, tokens, _ = self.plan_batch()
+        terms = {}
+        if rc.rollout_backend == "vllm":
+            terms["vLLM engine (rollouts)"] = int(rc.vllm_gpu_memory_utilization * available["device"])
+        else:
+            per_call = max(1, (int(rc.rollout_chunk) or seqs) // int(rc.group_size)) * int(rc.group_size)
+            heads = getattr(c, "num_attention_heads", 1)
+            kv = getattr(c, "num_key_value_heads", None) or heads
+            head_dim = getattr(c, "head_dim", None) or c.hidden_size // heads
+            low = self.cfg.trainer.precision in ("bf16", "amp_bf16") or next(model.parameters()).element_size() == 2
+            per_token = 2 * c.num_hidden_layers * kv * head_dim * (2 if low else 4)   # K and V, every layer
+            terms[f"rollout KV cache ({per_call} sequences x {tokens} tokens)"] = per_call * tokens * per_token
+        if rc.kl_coef > 0:
+            terms["KL reference model"] = sum(p.numel() * p.element_size() for p in model.parameters())
+        return {"device": terms}
+
     def build_data(self):
         rc, data = self.rc, self.cfg.data
         if data.kind in ("generated", "builtin"):

@@ -252,12 +252,12 @@ def test_a_small_grad_sum_budget_gives_the_same_init_in_several_passes(tmp_path)
     # group, and the number of passes when the budget splits them
     recipe = make_recipe(tmp_path / "auto", TINY_LLAMA)
     numels = [l.get_base_layer().weight.numel() for l in lora_ga_targets(model).values()]
-    ((label, need),) = recipe.init_memory(model, world=1, available={"cpu": 2**40})["cpu"].items()
+    ((label, need),) = recipe.extra_memory(model, world=1, available={"cpu": 2**40})["cpu"].items()
     assert need == 8 * sum(numels) and "passes" not in label
-    ((label, need),) = recipe.init_memory(model, world=1, available={"cpu": 2 * 8 * 2 * max(numels)})["cpu"].items()
+    ((label, need),) = recipe.extra_memory(model, world=1, available={"cpu": 2 * 8 * 2 * max(numels)})["cpu"].items()
     assert "passes" in label and max(numels) * 8 <= need <= 8 * 2 * max(numels), (label, need)
     # grad_accumulator=auto: the sums live on the GPU in a CUDA run (bounded by half its free memory)
-    on_gpu = recipe.init_memory(model, world=1, available={"cpu": 2**40, "device": 2 * 8 * 2 * max(numels)}, cuda=True)
+    on_gpu = recipe.extra_memory(model, world=1, available={"cpu": 2**40, "device": 2 * 8 * 2 * max(numels)}, cuda=True)
     assert set(on_gpu) == {"device"} and "passes" in next(iter(on_gpu["device"]))
     with pytest.raises(ValueError, match="grad_sum_budget"):
         make_recipe(tmp_path, TINY_LLAMA + ["recipe.grad_sum_budget=lots"])

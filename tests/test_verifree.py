@@ -572,3 +572,29 @@ def test_runx_train_verifier_baseline_on_zero3_smoke(tmp_path):
     rows, summary = _train(tmp_path / "run", "recipe.reward=verifier", "trainer=zero3", "trainer.num_procs=2")
     assert len(rows) == 4 and all(r["reward"] in (0.0, 0.5, 1.0) or 0 <= r["reward"] <= 1 for r in rows)
     assert "eval/acc" in summary
+
+
+def test_plan_counts_the_rollout_kv_cache_and_the_sequences_a_micro_batch_trains(tmp_path):
+    """`runx plan` sizes VeriFree's micro-batch as micro_batch_size x G sequences of prompt + max_new_tokens and
+    adds the rollout's KV cache (one generate call) and, with a KL term, the reference copy."""
+    from runx.cli.config import compose
+    from runx.trainers import plan
+    cfg = compose(["recipe=verifree", "logger=none", "trainer.micro_batch_size=3", "recipe.group_size=4",
+                   "recipe.max_new_tokens=100", "recipe.rollout_chunk=8"])
+    model, recipe, _ = plan._build_on_meta(cfg)
+    assert plan.plan_batch(cfg, recipe) == (12, int(cfg.data.max_length) + 100, False)
+    c = model.config
+    kv_heads = c.num_key_value_heads
+    per_token = 2 * c.num_hidden_layers * kv_heads * (c.hidden_size // c.num_attention_heads) * 4   # fp32 run
+    ((label, kv),) = recipe.extra_memory(model, 1, {"cpu": 2**34, "device": 2**34})["device"].items()
+    assert kv == 8 * (int(cfg.data.max_length) + 100) * per_token and "8 sequences" in label
+    cfg2 = compose(["recipe=verifree", "logger=none", "recipe.kl_coef=0.1", "recipe.rollout_backend=vllm"])
+    model2, recipe2, _ = plan._build_on_meta(cfg2)
+    terms = recipe2.extra_memory(model2, 1, {"cpu": 2**34, "device": 2**34})["device"]
+    assert terms["KL reference model"] == sum(p.numel() * 4 for p in model2.parameters())
+    assert terms["vLLM engine (rollouts)"] == int(0.3 * 2**34)
+    # the plan carries them: its breakdown has the KV cache next to the traced activations of 12 sequences
+    facts = plan.model_facts(cfg)
+    assert "12 sequences" in facts.activation_how
+    extra = facts.extra_memory(1, {"cpu": 2**34, "device": 2**34}, False)
+    assert extra["device"] and next(iter(extra["device"])).startswith("rollout KV cache")

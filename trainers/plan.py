@@ -91,8 +91,9 @@ class ModelFacts:
     param_bytes: int              # 2 (bf16) or 4 (fp32)
     source: str = ""
     # (world, {"cpu"/"device": bytes available per rank}, cuda) -> {"cpu"/"device": {term: bytes per rank}}: memory a
-    # recipe holds before training (LoRA-GA's gradient sums), if it declares any (`init_memory`)
-    init_memory: object = None
+    # recipe holds besides the trainer's (LoRA-GA's gradient sums, VeriFree's rollout KV cache), if it declares
+    # any (`extra_memory`)
+    extra_memory: object = None
 
     def nvme_stats(self, world: int) -> dict:
         return {"n_params": self.n_params, "largest": self.largest_param, "count": len(self.numels),
@@ -137,11 +138,28 @@ def _build_on_meta(cfg):
                                                  f"building directly)"
 
 
-def _trace_activations(model, cfg) -> int:
+def plan_batch(cfg, recipe) -> tuple[int, int, bool]:
+    """(sequences, tokens each, full logits?) of one training micro-batch: the recipe's `plan_batch()` when it
+    has one (VeriFree: micro-batch x G sequences of prompt + sampled tokens, logits only a chunk at a time),
+    else (trainer.micro_batch_size, data.max_length, True)."""
+    if hasattr(recipe, "plan_batch"):
+        return recipe.plan_batch()
+    return int(cfg.trainer.micro_batch_size), int(cfg.data.max_length), True
+
+
+def _chunked_logits_bytes(model, tokens: int) -> int:
+    """A chunked LM head's largest block (runx.kernels: fp32 logits + their gradient, one chunk of rows)."""
+    from runx.kernels.logprob import chunk_rows
+    vocab = getattr(getattr(model, "config", None), "vocab_size", 0) or 0
+    return 2 * chunk_rows(tokens, vocab) * vocab * 4 if vocab else 0
+
+
+def _trace_activations(model, cfg, batch: tuple) -> int:
     """Bytes autograd saves for backward in one forward of a micro-batch (meta device), plus the logits
-    gradient that exists at the start of backward."""
+    gradient that exists at the start of backward (a chunk of it for a chunked head: the decoder alone is
+    traced then)."""
     import torch
-    b, s = int(cfg.trainer.micro_batch_size), int(cfg.data.max_length)
+    b, s, full_logits = batch
     # saved tensors, one entry per storage (views share it); weights saved for backward are not activations
     weights = {p.untyped_storage()._cdata for p in model.parameters()}
     saved: dict[int, int] = {}
@@ -155,15 +173,20 @@ def _trace_activations(model, cfg) -> int:
     model.train()
     ids = torch.zeros(b, s, dtype=torch.long, device="meta")
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        if not full_logits:
+            base = model.get_base_model() if hasattr(model, "get_base_model") else model
+            base.get_decoder()(input_ids=ids)
+            return sum(saved.values()) + _chunked_logits_bytes(base, b * s)
         out = model(input_ids=ids)
         logits = out.logits if hasattr(out, "logits") else out[0]
         lf = logits.float()
     return sum(saved.values()) + 2 * lf.numel() * 4
 
 
-def _analytic_activations(model, cfg, bytes_per: int) -> int:
-    """Per-layer transformer count (fp32/bf16 without recompute): ~8h + 4i + 2*heads*s values saved per
-    token and layer, plus logits (fp32) and their gradient."""
+def _analytic_activations(model, cfg, bytes_per: int, batch: tuple) -> int:
+    """Per-layer transformer count: ~8h + 4i values saved per token and layer (+ 2*heads*s attention scores with
+    eager attention; sdpa / flash keep O(s)), plus logits (fp32) and their gradient (a chunk of them for a
+    chunked head). With gradient checkpointing: each layer's input, plus one layer recomputed at a time."""
     c = getattr(model, "config", None)
     if c is None:
         return 0
@@ -172,9 +195,11 @@ def _analytic_activations(model, cfg, bytes_per: int) -> int:
     L = getattr(c, "num_hidden_layers", 0)
     a = getattr(c, "num_attention_heads", 1)
     V = getattr(c, "vocab_size", 0)
-    b, s = int(cfg.trainer.micro_batch_size), int(cfg.data.max_length)
-    per_layer = b * s * (8 * h + 4 * i + 2 * a * s) * bytes_per
-    return L * per_layer + 3 * b * s * V * 4
+    b, s, full_logits = batch
+    eager = getattr(c, "_attn_implementation", "eager") in (None, "eager")
+    layer = b * s * (8 * h + 4 * i + (2 * a * s if eager else 0)) * bytes_per
+    layers = L * b * s * h * bytes_per + layer if cfg.model.get("gradient_checkpointing") else L * layer
+    return layers + (3 * b * s * V * 4 if full_logits else _chunked_logits_bytes(model, b * s))
 
 
 def model_facts(cfg) -> ModelFacts:
@@ -196,17 +221,25 @@ def model_facts(cfg) -> ModelFacts:
     how = "none"
     act = 0
     if cfg.model.kind in ("causal_lm", "seq_cls"):
-        try:
-            act, how = _trace_activations(model, cfg), "traced on meta"
-        except Exception as e:  # data-dependent control flow etc.
-            act, how = _analytic_activations(model, cfg, pbytes), f"analytic ({type(e).__name__} tracing)"
-    init_memory = None
-    if hasattr(recipe, "init_memory"):
-        init_memory = lambda world, available, cuda: recipe.init_memory(model, world, available, cuda)
+        batch = plan_batch(cfg, recipe)
+        if cfg.model.get("gradient_checkpointing"):
+            # a trace would not see what checkpointed layers keep (their inputs) or the recompute's peak
+            act, how = _analytic_activations(model, cfg, pbytes, batch), "analytic (gradient checkpointing)"
+        else:
+            try:
+                act, how = _trace_activations(model, cfg, batch), "traced on meta"
+            except Exception as e:  # data-dependent control flow etc.
+                act, how = _analytic_activations(model, cfg, pbytes, batch), \
+                    f"analytic ({type(e).__name__} tracing)"
+        if batch[:2] != (int(cfg.trainer.micro_batch_size), int(cfg.data.max_length)):
+            how += f", {batch[0]} sequences x {batch[1]} tokens"
+    extra_memory = None
+    if hasattr(recipe, "extra_memory"):
+        extra_memory = lambda world, available, cuda: recipe.extra_memory(model, world, available, cuda)
     return ModelFacts(n_params=sum(numels), n_trainable=trainable, largest_layer=layer,
                       largest_param=max(numels, default=0), numels=numels, module_max_params=per_module,
                       activation_bytes=int(act), activation_how=how, param_bytes=pbytes, source=source,
-                      init_memory=init_memory)
+                      extra_memory=extra_memory)
 
 
 # ====================================================================================== layouts
@@ -603,12 +636,12 @@ def estimate(cfg, facts: ModelFacts, machine: Machine, lay: Layout) -> Row:
             row.cpu["fp32 sub-group staging (init)"] = 4 * largest_group * G
         row.nvme["alignment / padding"] = int(0.1 * sum(row.nvme.values())) + 64 * 2**20
 
-    # ---- the recipe's own memory before training (LoRA-GA's fp64 gradient sums), counted on top of the
-    # training terms: an upper bound, since the optimizer and engine buffers do not exist yet then
-    if facts.init_memory is not None:
+    # ---- the recipe's own memory (LoRA-GA's fp64 gradient sums before training: counted on top, an upper
+    # bound, since the optimizer and engine buffers do not exist yet then; VeriFree's rollout KV cache)
+    if facts.extra_memory is not None:
         host = machine.cpu_mem // max(1, G)
         avail = {"cpu": host, "device": machine.gpu_mem if machine.device == "cuda" and machine.gpu_mem else host}
-        for where, terms in facts.init_memory(N, avail, machine.device == "cuda").items():
+        for where, terms in facts.extra_memory(N, avail, machine.device == "cuda").items():
             for label, b in terms.items():
                 if where == "cpu":
                     row.cpu[label] = b * G
