@@ -263,6 +263,14 @@ class SwAV(TrainingRecipe):
         dev = self.cfg.trainer.device
         return dev == "cuda" or (dev == "auto" and torch.cuda.is_available())
 
+    def plan_inputs(self) -> tuple[list, str]:
+        """For `runx plan`: one micro-batch's multi-crop input on the meta device, and its description."""
+        rc, b = self.rc, int(self.cfg.trainer.micro_batch_size)
+        crops = [torch.zeros(b, 3, int(size), int(size), device="meta")
+                 for n, size in zip(rc.nmb_crops, rc.size_crops) for _ in range(int(n))]
+        what = " + ".join(f"{n}x{size}px" for n, size in zip(rc.nmb_crops, rc.size_crops))
+        return [crops], f"{b} images x ({what})"
+
     def build_model(self):
         rc, m, t = self.rc, self.cfg.model, self.cfg.trainer
         if m.arch == "small_cnn":

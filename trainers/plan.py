@@ -154,13 +154,10 @@ def _chunked_logits_bytes(model, tokens: int) -> int:
     return 2 * chunk_rows(tokens, vocab) * vocab * 4 if vocab else 0
 
 
-def _trace_activations(model, cfg, batch: tuple) -> int:
-    """Bytes autograd saves for backward in one forward of a micro-batch (meta device), plus the logits
-    gradient that exists at the start of backward (a chunk of it for a chunked head: the decoder alone is
-    traced then)."""
+def _saved_bytes(model, forward) -> int:
+    """Bytes autograd saves for backward while `forward()` runs `model` in training mode on meta tensors: one
+    entry per storage (views share it); weights saved for backward are not activations."""
     import torch
-    b, s, full_logits = batch
-    # saved tensors, one entry per storage (views share it); weights saved for backward are not activations
     weights = {p.untyped_storage()._cdata for p in model.parameters()}
     saved: dict[int, int] = {}
 
@@ -171,16 +168,27 @@ def _trace_activations(model, cfg, batch: tuple) -> int:
                 saved[st._cdata] = max(saved.get(st._cdata, 0), st.nbytes())
         return t
     model.train()
-    ids = torch.zeros(b, s, dtype=torch.long, device="meta")
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        if not full_logits:
-            base = model.get_base_model() if hasattr(model, "get_base_model") else model
-            base.get_decoder()(input_ids=ids)
-            return sum(saved.values()) + _chunked_logits_bytes(base, b * s)
+        forward()
+    return sum(saved.values())
+
+
+def _trace_activations(model, cfg, batch: tuple) -> int:
+    """Bytes autograd saves for backward in one forward of a micro-batch (meta device), plus the logits
+    gradient that exists at the start of backward (a chunk of it for a chunked head: the decoder alone is
+    traced then)."""
+    import torch
+    b, s, full_logits = batch
+    ids = torch.zeros(b, s, dtype=torch.long, device="meta")
+    if not full_logits:
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        return _saved_bytes(model, lambda: base.get_decoder()(input_ids=ids)) + _chunked_logits_bytes(base, b * s)
+    logits = []
+
+    def forward():
         out = model(input_ids=ids)
-        logits = out.logits if hasattr(out, "logits") else out[0]
-        lf = logits.float()
-    return sum(saved.values()) + 2 * lf.numel() * 4
+        logits.append((out.logits if hasattr(out, "logits") else out[0]).float())
+    return _saved_bytes(model, forward) + 2 * logits[0].numel() * 4
 
 
 def _analytic_activations(model, cfg, bytes_per: int, batch: tuple) -> int:
@@ -233,6 +241,12 @@ def model_facts(cfg) -> ModelFacts:
                     f"analytic ({type(e).__name__} tracing)"
         if batch[:2] != (int(cfg.trainer.micro_batch_size), int(cfg.data.max_length)):
             how += f", {batch[0]} sequences x {batch[1]} tokens"
+    elif hasattr(recipe, "plan_inputs"):   # other models: the recipe's own training forward on meta inputs
+        inputs, what = recipe.plan_inputs()
+        try:
+            act, how = _saved_bytes(model, lambda: model(*inputs)), f"traced on meta, {what}"
+        except Exception as e:
+            act, how = 0, f"none ({type(e).__name__} tracing)"
     extra_memory = None
     if hasattr(recipe, "extra_memory"):
         extra_memory = lambda world, available, cuda: recipe.extra_memory(model, world, available, cuda)
