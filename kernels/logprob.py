@@ -318,8 +318,9 @@ class _LinearLogprob(torch.autograd.Function):
         zero = torch.zeros((), dtype=torch.float32, device=hidden.device)
         if impl == "triton_rows":  # library GEMM + the row kernel per chunk (masked logp / entropy, and lse)
             lse = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
-            logp, ent, *_ = _weighted_forward(hidden, weight, bias, targets, valid, lse, inv_temp, chunk, want_ent,
-                                              False, False, False, impl="triton", lse=lse)
+            no_weights = torch.zeros_like(lse)   # no gradient is made here
+            logp, ent, *_ = _weighted_forward(hidden, weight, bias, targets, valid, no_weights, inv_temp, chunk,
+                                              want_ent, False, False, False, impl="triton", lse=lse)
         else:
             if impl == "triton":
                 from . import _triton_logprob as tk
