@@ -117,6 +117,11 @@ def range_problems(data: dict) -> list[str]:
     if (data.get("data") or {}).get("group_by_length") is True and name not in ("sft", "lora", "lora_ga"):
         out.append(f"data.group_by_length=true: only the text fine-tuning recipes draw tokenised batches "
                    f"(recipe={name}). Valid values: false, or recipe=sft|lora|lora_ga.")
+    if (data.get("data") or {}).get("packing") is True and (name not in ("sft", "lora", "lora_ga") or (
+            isinstance((data.get("model") or {}).get("kind"), str) and data["model"]["kind"] != "causal_lm")):
+        out.append(f"data.packing=true: only causal LM fine-tuning packs samples (recipe={name}, "
+                   f"model.kind={(data.get('model') or {}).get('kind')}). Valid values: false, or recipe=sft|lora|"
+                   "lora_ga with model.kind=causal_lm.")
     if name == "verifree" and (data.get("recipe") or {}).get("advantage") in ("rloo", "grpo") \
             and isinstance(_get(data, "recipe.group_size"), int) and _get(data, "recipe.group_size") < 2:
         out.append(f"recipe.group_size={_get(data, 'recipe.group_size')}: the {data['recipe']['advantage']} "

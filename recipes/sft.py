@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from runx.recipes.text_data import (STDLIB_TOPICS, CausalLMDataset, ClassificationDataset, load_rows,
-                                    pad_collate)
+                                    pack_collate, pad_collate)
 from runx.trainers.hf import count_params, load_model, load_tokenizer
 from runx.trainers.recipe import TrainingRecipe
 
@@ -41,7 +41,17 @@ class SFT(TrainingRecipe):
         return mk(train), (mk(evals) if evals else None)
 
     def collate(self, items):
+        if self.task == "lm" and self.cfg.data.get("packing"):
+            return pack_collate(self.tokenizer.pad_token_id, int(self.cfg.data.max_length))(items)
         return pad_collate(self.tokenizer.pad_token_id)(items)
+
+    @staticmethod
+    def lm_inputs(batch) -> dict:
+        """The model's inputs for a causal LM batch: a packed one (position_ids) goes without attention_mask
+        and without a KV cache, so that transformers masks each packed sample off from the others."""
+        if "position_ids" in batch:
+            return {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "use_cache": False}
+        return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
 
     # -------------------------------------------------------------- loss
     def loss(self, model, batch, step):
@@ -60,14 +70,13 @@ class SFT(TrainingRecipe):
             from runx.kernels import linear_logprob_weighted_sum
             from runx.trainers.hf import through_module
             body = getattr(model, "module", model)
-            hidden = body.get_decoder()(input_ids=batch["input_ids"],
-                                        attention_mask=batch["attention_mask"]).last_hidden_state[:, :-1]
+            hidden = body.get_decoder()(**self.lm_inputs(batch)).last_hidden_state[:, :-1]
             head = body.get_output_embeddings()
             t = labels.reshape(-1)
             w = torch.full(t.shape, -1.0 / max(1, int((t != -100).sum())), device=t.device)
             return through_module(head, lambda h: linear_logprob_weighted_sum(
                 h, head.weight, t, w, bias=getattr(head, "bias", None)), hidden.reshape(-1, hidden.shape[-1]))
-        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        out = model(**self.lm_inputs(batch))
         logits = out.logits[:, :-1].float()
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
 

@@ -155,3 +155,44 @@ def pad_collate(pad_id: int):
         return out
 
     return collate
+
+
+def pack_collate(pad_id: int, max_length: int):
+    """Causal LM micro-batches packed into rows of at most `max_length` tokens (first-fit decreasing; a sample
+    longer than that keeps a row to itself). Each sample restarts `position_ids` at 0, which transformers turns
+    into a block-diagonal causal mask when no attention_mask is given; the first label of every sample is masked
+    (-100) so that no token is predicted across a boundary, and the padding at the end of a row is a sequence of
+    its own with no labels. `attention_mask` marks real tokens, for counting only: the loss leaves it out."""
+    import torch
+
+    def collate(items):
+        rows: list[list[int]] = []
+        room: list[int] = []
+        for i in sorted(range(len(items)), key=lambda i: -len(items[i]["input_ids"])):
+            n = len(items[i]["input_ids"])
+            fit = next((r for r in range(len(rows)) if room[r] >= n), None)
+            if fit is None:
+                rows.append([])
+                room.append(max(max_length, n))
+                fit = len(rows) - 1
+            rows[fit].append(i)
+            room[fit] -= n
+        width = max(sum(len(items[i]["input_ids"]) for i in row) for row in rows)
+        out = {"input_ids": torch.full((len(rows), width), pad_id, dtype=torch.long),
+               "attention_mask": torch.zeros((len(rows), width), dtype=torch.long),
+               "labels": torch.full((len(rows), width), -100, dtype=torch.long),
+               "position_ids": torch.zeros((len(rows), width), dtype=torch.long)}
+        for r, row in enumerate(rows):
+            at = 0
+            for i in row:
+                ids, labels = items[i]["input_ids"], items[i]["labels"]
+                k = len(ids)
+                out["input_ids"][r, at:at + k] = torch.tensor(ids)
+                out["attention_mask"][r, at:at + k] = 1
+                out["labels"][r, at + 1:at + k] = torch.tensor(labels[1:])
+                out["position_ids"][r, at:at + k] = torch.arange(k)
+                at += k
+            out["position_ids"][r, at:] = torch.arange(width - at)
+        return out
+
+    return collate

@@ -297,3 +297,43 @@ def test_group_by_length_sampler_draws_the_same_samples_with_less_padding_and_re
     # batches are not ordered long-to-short within a group
     maxes = [max(lengths[i] for i in grouped.global_indices(s)) for s in range(50)]
     assert maxes != sorted(maxes, reverse=True)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_packing_gives_the_unpacked_loss_and_gradients_with_fewer_rows(tmp_path, fused):
+    """data.packing=true: a micro-batch of causal LM samples packed into rows of max_length tokens gives the
+    loss and gradients of the padded batch (no sample attends to another, no label crosses a boundary), in fewer
+    rows with less padding; with the fused head too."""
+    import torch
+
+    from runx.cli.config import compose
+    from runx.recipes.sft import SFT
+    over = ["recipe=sft", "model=tiny_llama", "data=tiny_text", "data.max_length=96", "logger=none",
+            f"recipe.fused_logprob={str(fused).lower()}"]
+    plain, packed = SFT(compose(over), str(tmp_path)), SFT(compose(over + ["data.packing=true"]), str(tmp_path))
+    train, _ = plain.build_data()
+    items = [train[i] for i in range(12)]
+    torch.manual_seed(0)
+    model = plain.build_model()
+    out = {}
+    for name, recipe in (("plain", plain), ("packed", packed)):
+        batch = recipe.collate(items)
+        model.zero_grad()
+        loss = recipe.lm_loss(model, batch)
+        loss.backward()
+        out[name] = (batch, loss.detach(), [p.grad.clone() for p in model.parameters()])
+    bp, bk = out["plain"][0], out["packed"][0]
+    assert bk["input_ids"].shape[0] < bp["input_ids"].shape[0] and bk["input_ids"].shape[1] <= 96
+    assert bk["attention_mask"].sum() == bp["attention_mask"].sum()                       # every token, once
+    assert (bk["labels"][:, 1:] != -100).sum() == (bp["labels"][:, 1:] != -100).sum()      # the same targets
+    assert (bk["input_ids"].numel() - bk["attention_mask"].sum()) < (bp["input_ids"].numel() - bp["attention_mask"].sum())
+    torch.testing.assert_close(out["packed"][1], out["plain"][1], rtol=1e-5, atol=1e-6)
+    for gp, gk in zip(out["plain"][2], out["packed"][2]):
+        torch.testing.assert_close(gk, gp, rtol=1e-4, atol=1e-6)
+    # the position ids are what keeps samples apart: without them (one long sequence per row) later samples'
+    # logits change
+    with torch.no_grad():
+        right = model(**packed.lm_inputs(bk)).logits
+        wrong = model(input_ids=bk["input_ids"], attention_mask=torch.ones_like(bk["attention_mask"])).logits
+    later = bk["position_ids"] != torch.arange(bk["input_ids"].shape[1])     # tokens after a row's first sample
+    assert later.any() and (right - wrong)[later].abs().max() > 1e-2

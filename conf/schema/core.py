@@ -47,6 +47,10 @@ class DataConfig:
     # text recipes: draw batches of similar length (less padding, as HF Trainer's group_by_length): the samples
     # of 50 consecutive batches are sorted by length and re-cut, the batches run in a seeded random order
     group_by_length: bool = False
+    # causal LM fine-tuning: pack each micro-batch's samples into rows of up to max_length tokens (first-fit
+    # decreasing), position ids restarting per sample so that no sample attends to another (transformers' packed-
+    # sequence masking: sdpa / flash attention); the loss is over the same tokens as unpacked, with less padding
+    packing: bool = False
     max_train_samples: Optional[int] = None
     max_eval_samples: Optional[int] = None
     num_workers: int = 0
