@@ -14,6 +14,33 @@ from runx.trainers.hf import count_params, load_model, load_tokenizer
 from runx.trainers.recipe import TrainingRecipe
 
 
+def check_packed_attention(model) -> None:
+    """data.packing relies on the model masking packed samples off from each other given restarting position
+    ids (transformers' packed-sequence masking). Two short sequences, packed and apart, must give the same
+    logits; a model whose attention ignores this (custom code, older architectures) is refused before training.
+    Skipped for weights already partitioned (ZeRO-3 under zero.Init): they are not here to run."""
+    params = list(model.parameters())
+    if any(hasattr(p, "ds_status") for p in params) or not params or params[0].device.type == "meta":
+        return
+    vocab = model.get_input_embeddings().weight.shape[0]
+    ids = torch.randint(0, vocab, (1, 12), generator=torch.Generator().manual_seed(0)).to(params[0].device)
+    pos = torch.cat([torch.arange(5), torch.arange(7)]).to(ids.device)[None]
+    was = model.training
+    model.eval()
+    with torch.no_grad():
+        packed = model(input_ids=ids, position_ids=pos, use_cache=False).logits.float()
+        apart = torch.cat([model(input_ids=ids[:, :5], use_cache=False).logits.float(),
+                           model(input_ids=ids[:, 5:], use_cache=False).logits.float()], 1)
+    model.train(was)
+    tol = 1e-3 if params[0].dtype == torch.float32 else 5e-2
+    diff = float((packed - apart).abs().max() / apart.abs().max().clamp_min(1e-6))
+    if diff > tol:
+        from runx.trainers.recipe import RecipeConfigError
+        raise RecipeConfigError(f"data.packing=true: {type(model).__name__} lets packed samples attend to each other "
+                         f"(relative logit difference {diff:.2g} between packed and separate sequences). "
+                         "Valid values: data.packing=false for this model.")
+
+
 class SFT(TrainingRecipe):
     throughput_unit = "tokens"
 
@@ -28,7 +55,10 @@ class SFT(TrainingRecipe):
 
     # -------------------------------------------------------------- model and data
     def build_model(self):
-        return load_model(self.cfg.model, num_labels=self.num_labels, tokenizer=self.tokenizer)
+        model = load_model(self.cfg.model, num_labels=self.num_labels, tokenizer=self.tokenizer)
+        if self.task == "lm" and self.cfg.data.get("packing"):
+            check_packed_attention(model)
+        return model
 
     def build_data(self):
         d = self.cfg.data

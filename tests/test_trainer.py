@@ -337,3 +337,19 @@ def test_packing_gives_the_unpacked_loss_and_gradients_with_fewer_rows(tmp_path,
         wrong = model(input_ids=bk["input_ids"], attention_mask=torch.ones_like(bk["attention_mask"])).logits
     later = bk["position_ids"] != torch.arange(bk["input_ids"].shape[1])     # tokens after a row's first sample
     assert later.any() and (right - wrong)[later].abs().max() > 1e-2
+
+
+def test_packing_is_refused_for_a_model_that_lets_packed_samples_attend_to_each_other(tmp_path, monkeypatch):
+    """If the model's attention ignored the restarting position ids (here: transformers' packed-sequence
+    detection switched off), building the model stops with a config problem instead of training on leaked
+    attention; with the detection on, the same model passes."""
+    import transformers.masking_utils as mu
+
+    from runx.cli.config import compose
+    from runx.recipes.sft import SFT
+    from runx.trainers.recipe import RecipeConfigError
+    cfg = compose(["recipe=sft", "model=tiny_llama", "data=tiny_text", "data.packing=true", "logger=none"])
+    SFT(cfg, str(tmp_path)).build_model()
+    monkeypatch.setattr(mu, "find_packed_sequence_indices", lambda position_ids: None)
+    with pytest.raises(RecipeConfigError, match="data.packing"):
+        SFT(cfg, str(tmp_path)).build_model()
