@@ -19,5 +19,23 @@ def main() -> int:
     return 0
 
 
+def exit_without_teardown(code: int) -> None:
+    """Leave a finished worker without running interpreter teardown. Its results are written (atomically) and
+    its W&B run is finished by then, but C++ threads that gloo / DeepSpeed leave running can abort the process in
+    static destructors ("terminate called without an active exception", exit -6). A CI run saw that after a
+    2-process run had finished, and the launcher then reported the whole run as failed."""
+    import logging
+    try:
+        import torch.distributed as dist
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+    except Exception:
+        pass
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_without_teardown(main())
