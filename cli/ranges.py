@@ -122,6 +122,10 @@ def range_problems(data: dict) -> list[str]:
         out.append(f"data.packing=true: only causal LM fine-tuning packs samples (recipe={name}, "
                    f"model.kind={(data.get('model') or {}).get('kind')}). Valid values: false, or recipe=sft|lora|"
                    "lora_ga with model.kind=causal_lm.")
+    rec = data.get("recipe") or {}
+    if name == "verifree" and rec.get("pack_sequences") is True and rec.get("fused_logprob") is False:
+        out.append("recipe.pack_sequences=true: packing scores the sequences through the decoder and the fused head. "
+                   "Valid values: false, or recipe.fused_logprob=true.")
     if name == "verifree" and (data.get("recipe") or {}).get("advantage") in ("rloo", "grpo") \
             and isinstance(_get(data, "recipe.group_size"), int) and _get(data, "recipe.group_size") < 2:
         out.append(f"recipe.group_size={_get(data, 'recipe.group_size')}: the {data['recipe']['advantage']} "

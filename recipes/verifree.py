@@ -307,6 +307,43 @@ def build_response_sequences(tokenizer, prompts: list[str], responses: list[Resp
 # Log-probs of given tokens from the final hidden states (no full-vocab logits over the sequence)
 # =====================================================================================================
 
+def decoder_hidden(policy, ids: torch.Tensor, attn: torch.Tensor, packed: bool = False) -> torch.Tensor:
+    """The decoder's final hidden states [N, T, H] for right-padded rows. packed: the N sequences first go into
+    as few rows of width T as fit (first-fit decreasing), position ids restarting per sequence so that
+    transformers masks each off from the others; the states come back in the [N, T] layout (zeros at padding).
+    The G sequences of a group vary in length (their reasoning), so the padded layout computes many pad tokens."""
+    dec = policy.get_decoder()
+    if not packed:
+        return dec(input_ids=ids, attention_mask=attn).last_hidden_state
+    n, width = ids.shape
+    lengths = attn.sum(1).tolist()
+    room, offset, row_of = [], [0] * n, [0] * n
+    for i in sorted(range(n), key=lambda i: -lengths[i]):
+        r = next((k for k, left in enumerate(room) if left >= lengths[i]), None)
+        if r is None:
+            room.append(width)
+            r = len(room) - 1
+        row_of[i], offset[i] = r, width - room[r]
+        room[r] -= lengths[i]
+    rows = len(room)
+    # flat packed position of every real token, in the row-major order of attn's ones
+    at = torch.cat([r * width + o + torch.arange(k) for r, o, k in zip(row_of, offset, lengths)]).to(ids.device)
+    pos_in_seq = torch.cat([torch.arange(k) for k in lengths]).to(ids.device)
+    real = attn.bool()
+    flat_ids = torch.full((rows * width,), int(ids[~real][0]) if (~real).any() else 0, dtype=ids.dtype,
+                          device=ids.device)
+    flat_ids[at] = ids[real]
+    flat_pos = torch.zeros(rows * width, dtype=torch.long, device=ids.device)
+    for r in range(rows):                                  # padding after a row's sequences: its own positions
+        used = width - room[r]
+        flat_pos[r * width + used:(r + 1) * width] = torch.arange(width - used, device=ids.device)
+    flat_pos[at] = pos_in_seq
+    hidden = dec(input_ids=flat_ids.view(rows, width), position_ids=flat_pos.view(rows, width),
+                 use_cache=False).last_hidden_state
+    out = hidden.new_zeros(n, width, hidden.shape[-1])
+    return out.masked_scatter(real[..., None], hidden.reshape(rows * width, -1)[at])
+
+
 def _head_logprob(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor, temperature: float,
                   chunk: int | None) -> tuple[torch.Tensor, torch.Tensor]:
     """linear_logprob through the LM-head *module*: calling the module (not reading head.weight) lets
@@ -329,7 +366,7 @@ def _head_weighted_sum(head: torch.nn.Module, hidden: torch.Tensor, targets: tor
 
 
 def linear_objective_logprobs(policy, batch: ScoredBatch, objective, temperature: float = 1.0,
-                              chunk: int | None = None):
+                              chunk: int | None = None, packed: bool = False):
     """The loss ``objective(think_lp, answer_lp)`` and the [N, T] log-probs / entropies, for an objective that
     is linear in the two per-sequence log-prob sums once the rewards are fixed (VeriFree's and the verifier
     baseline's without KL). Its gradient is made during the head's forward pass (6·N·H·V FLOPs, not 8):
@@ -346,7 +383,7 @@ def linear_objective_logprobs(policy, batch: ScoredBatch, objective, temperature
     targets = ids[:, 1:][scored]
     role = batch.role[:, 1:].to(device)[scored]
     seq = torch.arange(ids.shape[0], device=device)[:, None].expand_as(scored)[scored]
-    hidden = policy.get_decoder()(input_ids=ids, attention_mask=attn).last_hidden_state
+    hidden = decoder_hidden(policy, ids, attn, packed)
     h = hidden[:, :-1][scored]
     head = policy.get_output_embeddings()
     n = ids.shape[0]
@@ -375,7 +412,7 @@ def _per_position(scored: torch.Tensor, lp: torch.Tensor, ent: torch.Tensor) -> 
 
 
 def sequence_logprobs(policy, batch: ScoredBatch, temperature: float = 1.0, fused: bool = True,
-                      chunk: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                      chunk: int | None = None, packed: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """log pi(token_t | prefix) and the entropy of that distribution for every scored token, as [N, T]
     (0 elsewhere; position t holds the log-prob of input_ids[:, t]).
 
@@ -386,7 +423,7 @@ def sequence_logprobs(policy, batch: ScoredBatch, temperature: float = 1.0, fuse
     scored = batch.role[:, 1:].to(device) > 0            # token t+1 is predicted from position t
     targets = ids[:, 1:][scored]
     if fused:
-        hidden = policy.get_decoder()(input_ids=ids, attention_mask=attn).last_hidden_state
+        hidden = decoder_hidden(policy, ids, attn, packed)
         h = hidden[:, :-1][scored]
         lp, ent = _head_logprob(policy.get_output_embeddings(), h, targets, temperature, chunk)
     else:
@@ -691,11 +728,12 @@ class VeriFree(TrainingRecipe):
         if rc.fused_logprob and rc.grad_in_forward and rc.kl_coef == 0:
             # the objective is linear in the log-prob sums: its gradient is made in the head's forward
             loss, logp, entropy = linear_objective_logprobs(policy, seqs, objective, rc.temperature,
-                                                            rc.logprob_chunk)
+                                                            rc.logprob_chunk, rc.pack_sequences)
             think_lp, answer_lp = (logp * (role == THINK)).sum(1), (logp * (role == ANSWER)).sum(1)
             _, parts = objective(think_lp, answer_lp, answer_lp)          # the logged parts, from the final values
         else:
-            logp, entropy = sequence_logprobs(policy, seqs, rc.temperature, rc.fused_logprob, rc.logprob_chunk)
+            logp, entropy = sequence_logprobs(policy, seqs, rc.temperature, rc.fused_logprob, rc.logprob_chunk,
+                                              rc.pack_sequences)
             think_lp, answer_lp = (logp * (role == THINK)).sum(1), (logp * (role == ANSWER)).sum(1)
             loss, parts = objective(think_lp, answer_lp, answer_lp.detach())
         R = verifree_rewards(answer_lp, has_answer) if rc.reward == "verifree" else correct.to(device) * has_answer
@@ -704,7 +742,7 @@ class VeriFree(TrainingRecipe):
         if rc.kl_coef > 0:
             with torch.no_grad():
                 ref_lp, _ = sequence_logprobs(self._ref_model, seqs, rc.temperature, rc.fused_logprob,
-                                              rc.logprob_chunk)
+                                              rc.logprob_chunk, rc.pack_sequences)
             mask = (role > 0).float()
             d = (ref_lp - logp) * mask
             k3 = ((d.exp() - d - 1) * mask).sum(1) / mask.sum(1).clamp(min=1)

@@ -345,6 +345,54 @@ def test_gradient_in_forward_equals_autograd_through_the_logprobs(tiny):
         (rc.answer_template, rc.reward, rc.grad_in_forward, rc.ignore_truncated, rc.loss_norm, rc.advantage) = saved
 
 
+def test_packed_scoring_gives_the_padded_loss_and_gradients_in_fewer_rows(tiny):
+    """recipe.pack_sequences: the G x prompts sequences scored packed into fewer rows (position ids restarting
+    per sequence) give the hidden states, loss, metrics and parameter gradients of the padded layout, on both
+    log-prob paths."""
+    recipe, model, _, _ = tiny
+    rc = recipe.rc
+    saved = (rc.answer_template, rc.grad_in_forward, rc.pack_sequences)
+    rc.answer_template = ">{answer}"
+    texts = ["1+2=3. <answer>\\boxed{3} </answer>", "1+2=3. I add one and two, which gives three. <answer>\\boxed{3} "
+             "</answer>", "1+2=3. no tag", "1+2=", "1+2=3. <answer>\\boxed{4} </answer>"]
+    batch = [{"question": "Ann has 1 pen. She buys 2. How many pens now?", "answer": "3"},
+             {"question": "Bo has 2 cups. He finds 1. How many cups now?", "answer": "3"}]
+    # the hidden states: the same at every real token, from fewer rows
+    tok = recipe.tokenizer
+    enc = tok(["a short one", "a much longer sequence of several words here", "mid length text", "x"],
+              return_tensors="pt", padding=True, padding_side="right")
+    rows = []
+    hook = model.get_decoder().register_forward_pre_hook(lambda m, a, kw: rows.append(kw["input_ids"].shape[0]),
+                                                         with_kwargs=True)
+    with torch.no_grad():
+        plain = vf.decoder_hidden(model, enc.input_ids, enc.attention_mask)
+        packed = vf.decoder_hidden(model, enc.input_ids, enc.attention_mask, packed=True)
+    hook.remove()
+    real = enc.attention_mask.bool()
+    assert rows[1] < rows[0] == 4
+    torch.testing.assert_close(packed[real], plain[real], rtol=1e-4, atol=1e-5)
+    assert (packed[~real] == 0).all()
+    try:
+        for gif in (True, False):
+            out = {}
+            for pack in (False, True):
+                rc.grad_in_forward, rc.pack_sequences = gif, pack
+                policy = Scripted(model, tok, texts)
+                model.zero_grad()
+                loss, metrics = recipe.loss(policy, batch, 0)
+                loss.backward()
+                out[pack] = (loss.detach(), metrics, [p.grad.clone() for p in model.parameters()])
+            (l0, m0, g0), (l1, m1, g1) = out[False], out[True]
+            assert torch.allclose(l0, l1, rtol=1e-4, atol=1e-6), (gif, l0, l1)
+            for k in m0:
+                assert m1[k] == pytest.approx(m0[k], rel=1e-4, abs=1e-6), (gif, k, m0[k], m1[k])
+            assert any(g.abs().sum() > 0 for g in g0)
+            for a, b in zip(g0, g1):
+                torch.testing.assert_close(b, a, rtol=1e-3, atol=1e-6)
+    finally:
+        rc.answer_template, rc.grad_in_forward, rc.pack_sequences = saved
+
+
 def test_rollout_from_the_model_and_metrics(tiny):
     recipe, model, train, _ = tiny
     loss, metrics = recipe.loss(model, [train[0], train[1]], 0)   # a random model: real HF generate path

@@ -64,6 +64,9 @@ class VeriFreeConfig:
     # coefficients (runx.kernels.linear_logprob_weighted_sum, 6·N·H·V FLOPs instead of 8); false = log-probs
     # first, then autograd through the objective (any objective)
     grad_in_forward: bool = True
+    # with fused_logprob: score the micro-batch's G x prompts sequences packed into as few rows as fit (position
+    # ids restarting per sequence; transformers masks them apart), not padded to the longest reasoning
+    pack_sequences: bool = False
 
     # ---- evaluation ------------------------------------------------------------------------------
     # held-out accuracy is greedy ("acc"); with eval_samples > 0 also the mean over that many samples per
