@@ -497,7 +497,11 @@ class VeriFree(TrainingRecipe):
     # ---- building --------------------------------------------------------------------------------
     def build_model(self):
         from runx.trainers.hf import load_model
-        return load_model(self.cfg.model, tokenizer=self.tokenizer)
+        model = load_model(self.cfg.model, tokenizer=self.tokenizer)
+        if self.rc.pack_sequences:
+            from runx.recipes.sft import check_packed_attention
+            check_packed_attention(model)
+        return model
 
     # ---- for `runx plan` ------------------------------------------------------------------------------
     def plan_batch(self) -> tuple[int, int, bool]:
