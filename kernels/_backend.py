@@ -37,12 +37,18 @@ def resolve_backend(backend: str, tensor: torch.Tensor, variants: tuple = ()) ->
     """Map ``backend`` ('auto' | 'torch' | 'triton' | one of ``variants``) to the implementation to run.
 
     'auto' picks Triton for CUDA tensors when triton imports, the torch reference
-    otherwise (it never picks the slow interpreter).  An explicit 'triton' that cannot
+    otherwise (it never picks the slow interpreter); RUNX_KERNEL_BACKEND=torch|triton overrides
+    that choice for every 'auto' call (e.g. the torch reference on a GPU where a Triton kernel misbehaves).  An explicit 'triton' that cannot
     run raises instead of silently falling back, so benchmarks and tests cannot lie.
     """
     valid = BACKENDS + tuple(variants)   # variants: an op's other Triton implementations ('triton_rows')
     if backend not in valid:
         raise ValueError(f"backend must be one of {valid}, got {backend!r}")
+    forced = os.environ.get("RUNX_KERNEL_BACKEND", "").strip()
+    if backend == "auto" and forced:     # one switch for every call the recipes make with 'auto'
+        if forced not in ("torch", "triton"):
+            raise ValueError(f"RUNX_KERNEL_BACKEND={forced!r}: valid values are torch, triton")
+        backend = forced
     if backend == "torch":
         return "torch"
     if backend == "auto":
