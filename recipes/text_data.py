@@ -157,42 +157,48 @@ def pad_collate(pad_id: int):
     return collate
 
 
+def first_fit(lengths: list[int], capacity: int) -> tuple[list[int], list[int], list[int]]:
+    """Sequences of these lengths placed into rows of `capacity` tokens, longest first, each into the first row
+    with room (a sequence longer than `capacity` gets a row of its own length). Returns (row of each sequence,
+    its offset in that row, tokens used per row)."""
+    row_of, offset = [0] * len(lengths), [0] * len(lengths)
+    room: list[int] = []
+    used: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        r = next((k for k, left in enumerate(room) if left >= lengths[i]), None)
+        if r is None:
+            room.append(max(capacity, lengths[i]))
+            used.append(0)
+            r = len(room) - 1
+        row_of[i], offset[i] = r, used[r]
+        room[r] -= lengths[i]
+        used[r] += lengths[i]
+    return row_of, offset, used
+
+
 def pack_collate(pad_id: int, max_length: int):
-    """Causal LM micro-batches packed into rows of at most `max_length` tokens (first-fit decreasing; a sample
-    longer than that keeps a row to itself). Each sample restarts `position_ids` at 0, which transformers turns
-    into a block-diagonal causal mask when no attention_mask is given; the first label of every sample is masked
+    """Causal LM micro-batches packed into rows of at most `max_length` tokens (`first_fit`; a sample longer than
+    that keeps a row to itself). Each sample restarts `position_ids` at 0, which transformers turns into a
+    block-diagonal causal mask when no attention_mask is given; the first label of every sample is masked
     (-100) so that no token is predicted across a boundary, and the padding at the end of a row is a sequence of
     its own with no labels. `attention_mask` marks real tokens, for counting only: the loss leaves it out."""
     import torch
 
     def collate(items):
-        rows: list[list[int]] = []
-        room: list[int] = []
-        for i in sorted(range(len(items)), key=lambda i: -len(items[i]["input_ids"])):
-            n = len(items[i]["input_ids"])
-            fit = next((r for r in range(len(rows)) if room[r] >= n), None)
-            if fit is None:
-                rows.append([])
-                room.append(max(max_length, n))
-                fit = len(rows) - 1
-            rows[fit].append(i)
-            room[fit] -= n
-        width = max(sum(len(items[i]["input_ids"]) for i in row) for row in rows)
-        out = {"input_ids": torch.full((len(rows), width), pad_id, dtype=torch.long),
-               "attention_mask": torch.zeros((len(rows), width), dtype=torch.long),
-               "labels": torch.full((len(rows), width), -100, dtype=torch.long),
-               "position_ids": torch.zeros((len(rows), width), dtype=torch.long)}
-        for r, row in enumerate(rows):
-            at = 0
-            for i in row:
-                ids, labels = items[i]["input_ids"], items[i]["labels"]
-                k = len(ids)
-                out["input_ids"][r, at:at + k] = torch.tensor(ids)
-                out["attention_mask"][r, at:at + k] = 1
-                out["labels"][r, at + 1:at + k] = torch.tensor(labels[1:])
-                out["position_ids"][r, at:at + k] = torch.arange(k)
-                at += k
-            out["position_ids"][r, at:] = torch.arange(width - at)
+        lengths = [len(it["input_ids"]) for it in items]
+        row_of, offset, used = first_fit(lengths, max_length)
+        rows, width = len(used), max(used)
+        out = {"input_ids": torch.full((rows, width), pad_id, dtype=torch.long),
+               "attention_mask": torch.zeros((rows, width), dtype=torch.long),
+               "labels": torch.full((rows, width), -100, dtype=torch.long),
+               "position_ids": torch.zeros((rows, width), dtype=torch.long)}
+        for it, r, at, k in zip(items, row_of, offset, lengths):
+            out["input_ids"][r, at:at + k] = torch.tensor(it["input_ids"])
+            out["attention_mask"][r, at:at + k] = 1
+            out["labels"][r, at + 1:at + k] = torch.tensor(it["labels"][1:])
+            out["position_ids"][r, at:at + k] = torch.arange(k)
+        for r, u in enumerate(used):
+            out["position_ids"][r, u:] = torch.arange(width - u)
         return out
 
     return collate

@@ -38,6 +38,7 @@ from dataclasses import dataclass
 
 import torch
 
+from runx.recipes.text_data import first_fit
 from runx.recipes.verifree_task import ArithmeticTask, QADataset, corrupt_trace, read_hf, read_jsonl, split_rows
 from runx.trainers.recipe import TrainingRecipe
 
@@ -309,7 +310,7 @@ def build_response_sequences(tokenizer, prompts: list[str], responses: list[Resp
 
 def decoder_hidden(policy, ids: torch.Tensor, attn: torch.Tensor, packed: bool = False) -> torch.Tensor:
     """The decoder's final hidden states [N, T, H] for right-padded rows. packed: the N sequences first go into
-    as few rows of width T as fit (first-fit decreasing), position ids restarting per sequence so that
+    as few rows of width T as fit (`first_fit`), position ids restarting per sequence so that
     transformers masks each off from the others; the states come back in the [N, T] layout (zeros at padding).
     The G sequences of a group vary in length (their reasoning), so the padded layout computes many pad tokens."""
     dec = policy.get_decoder()
@@ -317,15 +318,8 @@ def decoder_hidden(policy, ids: torch.Tensor, attn: torch.Tensor, packed: bool =
         return dec(input_ids=ids, attention_mask=attn).last_hidden_state
     n, width = ids.shape
     lengths = attn.sum(1).tolist()
-    room, offset, row_of = [], [0] * n, [0] * n
-    for i in sorted(range(n), key=lambda i: -lengths[i]):
-        r = next((k for k, left in enumerate(room) if left >= lengths[i]), None)
-        if r is None:
-            room.append(width)
-            r = len(room) - 1
-        row_of[i], offset[i] = r, width - room[r]
-        room[r] -= lengths[i]
-    rows = len(room)
+    row_of, offset, used = first_fit(lengths, width)
+    rows = len(used)
     # flat packed position of every real token, in the row-major order of attn's ones
     at = torch.cat([r * width + o + torch.arange(k) for r, o, k in zip(row_of, offset, lengths)]).to(ids.device)
     pos_in_seq = torch.cat([torch.arange(k) for k in lengths]).to(ids.device)
@@ -334,9 +328,8 @@ def decoder_hidden(policy, ids: torch.Tensor, attn: torch.Tensor, packed: bool =
                           device=ids.device)
     flat_ids[at] = ids[real]
     flat_pos = torch.zeros(rows * width, dtype=torch.long, device=ids.device)
-    for r in range(rows):                                  # padding after a row's sequences: its own positions
-        used = width - room[r]
-        flat_pos[r * width + used:(r + 1) * width] = torch.arange(width - used, device=ids.device)
+    for r, u in enumerate(used):                           # padding after a row's sequences: its own positions
+        flat_pos[r * width + u:(r + 1) * width] = torch.arange(width - u, device=ids.device)
     flat_pos[at] = pos_in_seq
     hidden = dec(input_ids=flat_ids.view(rows, width), position_ids=flat_pos.view(rows, width),
                  use_cache=False).last_hidden_state
