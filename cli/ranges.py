@@ -98,18 +98,15 @@ def range_problems(data: dict) -> list[str]:
             continue
         if not rng.ok(v):
             out.append(f"{key}={v}: out of range. Valid values: {rng.text()}.")
-    from runx.trainers.plan import parse_size   # light: no torch
-    sizes = ["plan.gpu_mem", "plan.cpu_mem", "plan.nvme_free"] + (["recipe.grad_sum_budget"] if name == "lora_ga" else [])
-    for key in sizes:
+    from runx.trainers.plan import size_problem   # light: no torch
+    sizes = {"plan.gpu_mem": ("auto",), "plan.cpu_mem": ("auto",), "plan.nvme_free": ("auto",)}
+    if name == "lora_ga":
+        sizes["recipe.grad_sum_budget"] = ("auto", "none")
+    for key, words in sizes.items():
         v = _get(data, key)
-        if v is _ABSENT or v is None or v in ("auto", "none") and key == "recipe.grad_sum_budget" \
-                or isinstance(v, str) and "${" in v:
-            continue
-        try:
-            parse_size(v, key)
-        except ValueError:
-            choices = "auto, none or a size" if key == "recipe.grad_sum_budget" else "auto or a size"
-            out.append(f"{key}={v}: not a size. Valid values: {choices} such as 16GB, 512MB or 1.5TB.")
+        problem = None if v is _ABSENT else size_problem(key, v, words)
+        if problem:
+            out.append(problem)
     head_lr, kind = (data.get("optim") or {}).get("head_lr"), (data.get("model") or {}).get("kind")
     if head_lr is not None and isinstance(kind, str) and kind != "seq_cls" and "${" not in kind:
         out.append(f"optim.head_lr={head_lr}: only a sequence classifier has a new task head to give its own lr "

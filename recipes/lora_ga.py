@@ -364,13 +364,10 @@ class LoRAGA(LoRA):
             raise ValueError(f"recipe.grad_batches={r.grad_batches}: must be >= 1")
         if float(r.stable_gamma) <= 0:
             raise ValueError(f"recipe.stable_gamma={r.stable_gamma}: must be > 0")
-        if str(r.grad_sum_budget) not in ("auto", "none"):
-            from runx.trainers.plan import parse_size
-            try:
-                parse_size(str(r.grad_sum_budget), "recipe.grad_sum_budget")
-            except ValueError:
-                raise ValueError(f"recipe.grad_sum_budget={r.grad_sum_budget}: not a size. Valid values: auto, none "
-                                 "or a size such as 16GB, 512MB or 1.5TB.") from None
+        from runx.trainers.plan import size_problem
+        problem = size_problem("recipe.grad_sum_budget", str(r.grad_sum_budget), ("auto", "none"))
+        if problem:
+            raise ValueError(problem)
         self.timings: dict[str, float] = {}
         self.init_stats: dict[str, float] = {}
 
@@ -504,12 +501,8 @@ class LoRAGA(LoRA):
         """recipe.grad_sum_budget in bytes per rank (None: no limit); "auto" = half the memory the sums would
         live in (host RAM shared by this node's ranks, or the GPU's free memory), the smallest over ranks so
         that every rank forms the same groups."""
-        text = str(self.cfg.recipe.grad_sum_budget)
-        if text == "none":
-            return None
-        if text != "auto":
-            from runx.trainers.plan import parse_size
-            return parse_size(text, "recipe.grad_sum_budget")
+        if str(self.cfg.recipe.grad_sum_budget) != "auto":
+            return self._budget(0)
         if self._sums_on(trainer.device == "cuda") == "device" and trainer.device == "cuda":
             free = torch.cuda.mem_get_info()[0]
         else:
@@ -517,10 +510,18 @@ class LoRAGA(LoRA):
             # ranks on this node share its RAM (torchrun: LOCAL_WORLD_SIZE; the DeepSpeed launcher: LOCAL_SIZE)
             local = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or world)
             free = psutil.virtual_memory().available // max(1, local)
-        budget = torch.tensor([free // 2], dtype=torch.float64, device=_comm_device(trainer))
+        budget = torch.tensor([self._budget(free)], dtype=torch.float64, device=_comm_device(trainer))
         if world > 1:
             dist.all_reduce(budget, op=dist.ReduceOp.MIN)
         return int(budget.item())
+
+    def _budget(self, free: int) -> int | None:
+        """recipe.grad_sum_budget in bytes per rank: None for "none", half of `free` for "auto", else the size."""
+        text = str(self.cfg.recipe.grad_sum_budget)
+        if text in ("auto", "none"):
+            return free // 2 if text == "auto" else None
+        from runx.trainers.plan import parse_size
+        return parse_size(text, "recipe.grad_sum_budget")
 
     def _sums_on(self, cuda: bool) -> str:
         """recipe.grad_accumulator resolved: "cpu" or "device" (auto: the device on CUDA)."""
@@ -534,15 +535,7 @@ class LoRAGA(LoRA):
         if not shapes:
             return {}
         where = self._sums_on(cuda)
-        text = str(self.cfg.recipe.grad_sum_budget)
-        if text == "auto":
-            budget = available[where] // 2
-        elif text == "none":
-            budget = None
-        else:
-            from runx.trainers.plan import parse_size
-            budget = parse_size(text, "recipe.grad_sum_budget")
-        groups = sum_groups(shapes, world, budget)
+        groups = sum_groups(shapes, world, self._budget(available[where]))
         need = max(group_sum_bytes([shapes[n][0] * shapes[n][1] for n in g], world) for g in groups)
         passes = f", {len(groups)} passes" if len(groups) > 1 else ""
         return {where: {f"LoRA-GA init: fp64 gradient sums (before training{passes})": int(need)}}

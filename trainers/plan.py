@@ -67,6 +67,17 @@ def parse_size(text, key: str) -> int | None:
     return int(float(m.group(1)) * unit)
 
 
+def size_problem(key: str, value, words: tuple = ("auto",)) -> str | None:
+    """The config problem of a size value (None when it parses, or is one of `words`)."""
+    if value is None or value in words or isinstance(value, str) and "${" in value:
+        return None
+    try:
+        parse_size(value, key)
+    except ValueError:
+        return f"{key}={value}: not a size. Valid values: {', '.join(words)} or a size such as 16GB, 512MB or 1.5TB."
+    return None
+
+
 def fmt(b: float | None) -> str:
     if b is None:
         return "-"
