@@ -107,24 +107,24 @@ def range_problems(data: dict) -> list[str]:
         problem = None if v is _ABSENT else size_problem(key, v, words)
         if problem:
             out.append(problem)
+    rec, dat = data.get("recipe") or {}, data.get("data") or {}
     head_lr, kind = (data.get("optim") or {}).get("head_lr"), (data.get("model") or {}).get("kind")
-    if head_lr is not None and isinstance(kind, str) and kind != "seq_cls" and "${" not in kind:
+    kind_known = isinstance(kind, str) and "${" not in kind
+    if head_lr is not None and kind_known and kind != "seq_cls":
         out.append(f"optim.head_lr={head_lr}: only a sequence classifier has a new task head to give its own lr "
                    f"(model.kind={kind}). Valid choices: null, or model.kind=seq_cls.")
-    if (data.get("data") or {}).get("group_by_length") is True and name not in ("sft", "lora", "lora_ga"):
+    if dat.get("group_by_length") is True and name not in ("sft", "lora", "lora_ga"):
         out.append(f"data.group_by_length=true: only the text fine-tuning recipes draw tokenised batches "
                    f"(recipe={name}). Valid values: false, or recipe=sft|lora|lora_ga.")
-    if (data.get("data") or {}).get("packing") is True and (name not in ("sft", "lora", "lora_ga") or (
-            isinstance((data.get("model") or {}).get("kind"), str) and data["model"]["kind"] != "causal_lm")):
+    if dat.get("packing") is True and (name not in ("sft", "lora", "lora_ga") or isinstance(kind, str)
+                                       and kind != "causal_lm"):
         out.append(f"data.packing=true: only causal LM fine-tuning packs samples (recipe={name}, "
-                   f"model.kind={(data.get('model') or {}).get('kind')}). Valid values: false, or recipe=sft|lora|"
-                   "lora_ga with model.kind=causal_lm.")
-    rec = data.get("recipe") or {}
+                   f"model.kind={kind}). Valid values: false, or recipe=sft|lora|lora_ga with model.kind=causal_lm.")
     if name == "verifree" and rec.get("pack_sequences") is True and rec.get("fused_logprob") is False:
         out.append("recipe.pack_sequences=true: packing scores the sequences through the decoder and the fused head. "
                    "Valid values: false, or recipe.fused_logprob=true.")
-    if name == "verifree" and (data.get("recipe") or {}).get("advantage") in ("rloo", "grpo") \
-            and isinstance(_get(data, "recipe.group_size"), int) and _get(data, "recipe.group_size") < 2:
-        out.append(f"recipe.group_size={_get(data, 'recipe.group_size')}: the {data['recipe']['advantage']} "
-                   "baseline needs at least 2 samples per question. Valid values: >= 2, or recipe.advantage=naive.")
+    group = rec.get("group_size")
+    if name == "verifree" and rec.get("advantage") in ("rloo", "grpo") and isinstance(group, int) and group < 2:
+        out.append(f"recipe.group_size={group}: the {rec['advantage']} baseline needs at least 2 samples per "
+                   "question. Valid values: >= 2, or recipe.advantage=naive.")
     return out
