@@ -38,8 +38,9 @@ def resolve_backend(backend: str, tensor: torch.Tensor, variants: tuple = ()) ->
 
     'auto' picks Triton for CUDA tensors when triton imports, the torch reference
     otherwise (it never picks the slow interpreter); RUNX_KERNEL_BACKEND=torch|triton overrides
-    that choice for every 'auto' call (e.g. the torch reference on a GPU where a Triton kernel misbehaves).  An explicit 'triton' that cannot
-    run raises instead of silently falling back, so benchmarks and tests cannot lie.
+    that choice for every 'auto' call (e.g. the torch reference on a GPU where a Triton kernel
+    misbehaves).  An explicit 'triton' that cannot run raises instead of silently falling back,
+    so benchmarks and tests cannot lie.
     """
     valid = BACKENDS + tuple(variants)   # variants: an op's other Triton implementations ('triton_rows')
     if backend not in valid:

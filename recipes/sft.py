@@ -14,11 +14,11 @@ from runx.trainers.hf import count_params, load_model, load_tokenizer
 from runx.trainers.recipe import TrainingRecipe
 
 
-def check_packed_attention(model) -> None:
-    """data.packing relies on the model masking packed samples off from each other given restarting position
-    ids (transformers' packed-sequence masking). Two short sequences, packed and apart, must give the same
-    logits; a model whose attention ignores this (custom code, older architectures) is refused before training.
-    Skipped for weights already partitioned (ZeRO-3 under zero.Init): they are not here to run."""
+def check_packed_attention(model, key: str = "data.packing") -> None:
+    """Packing (`key`=true) relies on the model masking packed samples off from each other given restarting
+    position ids (transformers' packed-sequence masking). Two short sequences, packed and apart, must give the
+    same logits; a model whose attention ignores this (custom code, older architectures) is refused before
+    training. Skipped for weights already partitioned (ZeRO-3 under zero.Init): they are not here to run."""
     params = list(model.parameters())
     if any(hasattr(p, "ds_status") for p in params) or not params or params[0].device.type == "meta":
         return
@@ -36,9 +36,9 @@ def check_packed_attention(model) -> None:
     diff = float((packed - apart).abs().max() / apart.abs().max().clamp_min(1e-6))
     if diff > tol:
         from runx.trainers.recipe import RecipeConfigError
-        raise RecipeConfigError(f"data.packing=true: {type(model).__name__} lets packed samples attend to each other "
-                         f"(relative logit difference {diff:.2g} between packed and separate sequences). "
-                         "Valid values: data.packing=false for this model.")
+        raise RecipeConfigError(f"{key}=true: {type(model).__name__} lets packed samples attend to each other "
+                                f"(relative logit difference {diff:.2g} between packed and separate sequences). "
+                                f"Valid values: {key}=false for this model.")
 
 
 class SFT(TrainingRecipe):

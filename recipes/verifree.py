@@ -493,7 +493,7 @@ class VeriFree(TrainingRecipe):
         model = load_model(self.cfg.model, tokenizer=self.tokenizer)
         if self.rc.pack_sequences:
             from runx.recipes.sft import check_packed_attention
-            check_packed_attention(model)
+            check_packed_attention(model, "recipe.pack_sequences")
         return model
 
     # ---- for `runx plan` ------------------------------------------------------------------------------

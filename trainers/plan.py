@@ -184,7 +184,7 @@ def _saved_bytes(model, forward) -> int:
     return sum(saved.values())
 
 
-def _trace_activations(model, cfg, batch: tuple) -> int:
+def _trace_activations(model, batch: tuple) -> int:
     """Bytes autograd saves for backward in one forward of a micro-batch (meta device), plus the logits
     gradient that exists at the start of backward (a chunk of it for a chunked head: the decoder alone is
     traced then)."""
@@ -246,7 +246,7 @@ def model_facts(cfg) -> ModelFacts:
             act, how = _analytic_activations(model, cfg, pbytes, batch), "analytic (gradient checkpointing)"
         else:
             try:
-                act, how = _trace_activations(model, cfg, batch), "traced on meta"
+                act, how = _trace_activations(model, batch), "traced on meta"
             except Exception as e:  # data-dependent control flow etc.
                 act, how = _analytic_activations(model, cfg, pbytes, batch), \
                     f"analytic ({type(e).__name__} tracing)"
