@@ -308,6 +308,26 @@ def test_loss_runs_rollout_and_backprops_for_both_rewards(tiny):
         rc.reward, rc.answer_template = "verifree", "> \\boxed{{answer}} </answer>"
 
 
+def _scripted_step(recipe, model, texts, batch):
+    """(loss, metrics, parameter gradients) of one recipe.loss step whose rollouts write `texts`."""
+    policy = Scripted(model, recipe.tokenizer, texts)
+    model.zero_grad()
+    loss, metrics = recipe.loss(policy, batch, 0)
+    loss.backward()
+    return loss.detach(), metrics, [p.grad.clone() for p in model.parameters()]
+
+
+def _assert_same_step(ref, other, tag, rtol, atol, grad_rtol):
+    """`other` has `ref`'s loss and metrics (rtol / atol) and its nonzero gradients (grad_rtol / atol)."""
+    (l0, m0, g0), (l1, m1, g1) = ref, other
+    assert torch.allclose(l0, l1, rtol=rtol, atol=atol), (tag, l0, l1)
+    for k in m0:
+        assert m1[k] == pytest.approx(m0[k], rel=rtol, abs=atol), (tag, k, m0[k], m1[k])
+    assert any(g.abs().sum() > 0 for g in g0)
+    for a, b in zip(g0, g1):
+        torch.testing.assert_close(b, a, rtol=grad_rtol, atol=atol)
+
+
 def test_gradient_in_forward_equals_autograd_through_the_logprobs(tiny):
     """recipe.grad_in_forward (the head's gradient made from the objective's per-token coefficients) gives the
     loss, metrics and parameter gradients of the plain path (log-probs, then autograd through verifree_loss),
@@ -324,23 +344,14 @@ def test_gradient_in_forward_equals_autograd_through_the_logprobs(tiny):
     try:
         for reward, extra in (("verifree", {}), ("verifree", {"ignore_truncated": True, "loss_norm": "max_len",
                                                                "advantage": "grpo"}), ("verifier", {})):
-            out = {}
+            rc.reward = reward
+            for k, v in extra.items():
+                setattr(rc, k, v)
+            steps = []
             for mode in (False, True):
-                rc.reward, rc.grad_in_forward = reward, mode
-                for k, v in extra.items():
-                    setattr(rc, k, v)
-                policy = Scripted(model, recipe.tokenizer, texts)
-                model.zero_grad()
-                loss, metrics = recipe.loss(policy, batch, 0)
-                loss.backward()
-                out[mode] = (loss.detach(), metrics, [p.grad.clone() for p in model.parameters()])
-            (l0, m0, g0), (l1, m1, g1) = out[False], out[True]
-            assert torch.allclose(l0, l1, rtol=1e-5, atol=1e-7), (reward, l0, l1)
-            for k in m0:
-                assert m1[k] == pytest.approx(m0[k], rel=1e-5, abs=1e-7), (reward, k, m0[k], m1[k])
-            assert any(g.abs().sum() > 0 for g in g0)
-            for a, b in zip(g0, g1):
-                torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-7)
+                rc.grad_in_forward = mode
+                steps.append(_scripted_step(recipe, model, texts, batch))
+            _assert_same_step(*steps, reward, rtol=1e-5, atol=1e-7, grad_rtol=1e-4)
     finally:
         (rc.answer_template, rc.reward, rc.grad_in_forward, rc.ignore_truncated, rc.loss_norm, rc.advantage) = saved
 
@@ -374,21 +385,12 @@ def test_packed_scoring_gives_the_padded_loss_and_gradients_in_fewer_rows(tiny):
     assert (packed[~real] == 0).all()
     try:
         for gif in (True, False):
-            out = {}
+            rc.grad_in_forward = gif
+            steps = []
             for pack in (False, True):
-                rc.grad_in_forward, rc.pack_sequences = gif, pack
-                policy = Scripted(model, tok, texts)
-                model.zero_grad()
-                loss, metrics = recipe.loss(policy, batch, 0)
-                loss.backward()
-                out[pack] = (loss.detach(), metrics, [p.grad.clone() for p in model.parameters()])
-            (l0, m0, g0), (l1, m1, g1) = out[False], out[True]
-            assert torch.allclose(l0, l1, rtol=1e-4, atol=1e-6), (gif, l0, l1)
-            for k in m0:
-                assert m1[k] == pytest.approx(m0[k], rel=1e-4, abs=1e-6), (gif, k, m0[k], m1[k])
-            assert any(g.abs().sum() > 0 for g in g0)
-            for a, b in zip(g0, g1):
-                torch.testing.assert_close(b, a, rtol=1e-3, atol=1e-6)
+                rc.pack_sequences = pack
+                steps.append(_scripted_step(recipe, model, texts, batch))
+            _assert_same_step(*steps, gif, rtol=1e-4, atol=1e-6, grad_rtol=1e-3)
     finally:
         rc.answer_template, rc.grad_in_forward, rc.pack_sequences = saved
 
