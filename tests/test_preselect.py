@@ -234,6 +234,26 @@ def test_rank_order_and_pass2_mask_agree_and_keep_fraction_within_one_doc():
         assert abs(kept - fraction * chars.sum()) <= max(chars.max(), 1) / 2 + 1e-9
 
 
+# ------------------------------------------------------------------------------------------ atomic writes
+def test_atomically_written_files_get_the_umask_mode_not_0600(tmp_path):
+    """Result files (summary.json, manifests, config.yaml) must be readable by the group like any other file."""
+    import stat
+    from runx.trainers.datajob import atomic_write_bytes, atomic_write_json
+    old = os.umask(0o022)
+    try:
+        atomic_write_bytes(str(tmp_path / "a.bin"), b"x")
+        atomic_write_json(str(tmp_path / "b.json"), {"k": 1})
+        os.umask(0o027)
+        atomic_write_bytes(str(tmp_path / "c.bin"), b"y")
+    finally:
+        os.umask(old)
+
+    def mode(name):
+        return stat.S_IMODE(os.stat(tmp_path / name).st_mode)
+    assert (mode("a.bin"), mode("b.json"), mode("c.bin")) == (0o644, 0o644, 0o640)
+    assert sorted(os.listdir(tmp_path)) == ["a.bin", "b.json", "c.bin"]      # no temp file left behind
+
+
 # ------------------------------------------------------------------------------------------ the job
 @pytest.fixture(scope="module")
 def smoke_job(tmp_path_factory):

@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
+import secrets
 import time
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -30,7 +30,7 @@ def atomic_write_bytes(path: str, data: bytes) -> None:
     """Write to a temp file in the same folder, fsync, then rename: readers never see half a file."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-")
+    fd, tmp = _new_temp_file(folder)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -41,6 +41,17 @@ def atomic_write_bytes(path: str, data: bytes) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def _new_temp_file(folder: str) -> tuple[int, str]:
+    """A new, exclusively created hidden file in `folder`, with the mode open() gives (0666 less the umask):
+    tempfile.mkstemp's 0600 would stay on the renamed result and hide it from the user's group."""
+    while True:
+        tmp = os.path.join(folder, f".tmp-{os.getpid()}-{secrets.token_hex(6)}")
+        try:
+            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), tmp
+        except FileExistsError:
+            continue
 
 
 def atomic_write_json(path: str, obj: Any) -> None:
