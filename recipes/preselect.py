@@ -159,17 +159,21 @@ def predictive_strength(bpc: np.ndarray, ability: np.ndarray) -> tuple[np.ndarra
 # =============================================================================================================
 def choose_labels(S: np.ndarray, agree: np.ndarray, comparable_pairs: int, mode: str, quantile: float,
                   seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Indices of positives (S = 1, i.e. every comparable pair agrees; or the top quantile) and of as many
-    negatives, the lowest-S documents (ties at the cut broken by a seeded random order)."""
+    """Indices of positives and of as many negatives, the lowest-S documents.
+
+    perfect (the paper): every document with S = 1, i.e. every comparable pair agrees. quantile (not in the
+    paper or its code, which only has S = 1): exactly round(quantile * N) documents, the highest S first.
+    S takes only C(N,2) + 1 values, so a cut at a score level would take the whole tied level (58% of the
+    documents for a 0.3 quantile with 3 references); ties at either cut are broken by one seeded random order."""
+    tiebreak = np.random.default_rng([seed, 11]).random(len(S))
     if mode == "perfect":
         pos = np.flatnonzero(agree == comparable_pairs)
     elif mode == "quantile":
-        pos = np.flatnonzero(S >= np.quantile(S, 1.0 - quantile)) if len(S) else np.zeros(0, np.int64)
+        pos = np.sort(np.lexsort((tiebreak, -S))[: int(round(quantile * len(S)))])
     else:
         raise ValueError(f"recipe.positives={mode!r}: valid choices are perfect, quantile")
     is_pos = np.zeros(len(S), bool)
     is_pos[pos] = True
-    tiebreak = np.random.default_rng([seed, 11]).random(len(S))
     ascending = np.lexsort((tiebreak, S))
     neg = ascending[~is_pos[ascending]][: len(pos)]
     return pos, np.sort(neg)

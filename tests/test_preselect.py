@@ -93,6 +93,22 @@ def test_labels_positives_perfect_negatives_lowest():
     assert set(pos_q) >= {0, 2, 6} and len(neg_q) == len(pos_q) and not set(pos_q) & set(neg_q)
 
 
+
+def test_quantile_positives_are_exactly_the_quantile_when_scores_tie():
+    """3 references: S takes 4 values, so a cut at a score level would take a whole tied level."""
+    rng = np.random.default_rng(0)
+    agree = rng.choice(4, size=300, p=[0.1, 0.12, 0.2, 0.58])
+    S = agree / 3
+    for q in (0.1, 0.3):
+        pos, neg = P.choose_labels(S, agree, 3, "quantile", q, seed=0)
+        assert len(pos) == len(neg) == round(q * 300) and not set(pos) & set(neg)
+        assert S[pos].min() >= S[np.setdiff1d(np.arange(300), pos)].max()        # the highest S first
+        assert S[neg].max() <= S[np.setdiff1d(np.arange(300), neg)].min()        # the lowest S first
+        again, _ = P.choose_labels(S, agree, 3, "quantile", q, seed=0)
+        other, _ = P.choose_labels(S, agree, 3, "quantile", q, seed=1)
+        np.testing.assert_array_equal(pos, again)                               # seeded tie-break
+        assert set(other) != set(pos)
+
 # ------------------------------------------------------------------------------------------ Eq. (1): BPC
 def brute_force_witten_bell(train: list[str], order: int, text: str) -> float:
     from collections import Counter, defaultdict
