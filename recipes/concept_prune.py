@@ -38,6 +38,9 @@ import numpy as np
 from runx.trainers.datajob import DataJob, JobContext, Stage, atomic_path, atomic_write_json
 
 log = logging.getLogger("runx.concept_prune")
+# faiss' loader logs its CPU-feature probe at INFO on every import ("Could not load library with AVX512
+# support due to: ModuleNotFoundError ..."): noise on every run, not a problem
+logging.getLogger("faiss.loader").setLevel(logging.WARNING)
 
 EMBEDDING_SUFFIXES = (".npy", ".parquet")
 TEXT_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".txt")

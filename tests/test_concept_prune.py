@@ -411,6 +411,15 @@ def test_cli_smoke_end_to_end(tmp_path):
         assert json.loads((run_dir / stage / "manifest.json").read_text())["complete"], stage
 
 
+
+def test_faiss_loader_probe_lines_are_quiet():
+    code = ("import logging; logging.basicConfig(level=logging.INFO)\n"
+            "import runx.recipes.concept_prune as cp; import faiss\n"
+            "cp.spherical_kmeans(__import__('numpy').eye(4, dtype='float32'), 2, 2, 0)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "faiss.loader" not in out.stderr
+
 # ================================================================================== GPU (run where CUDA is)
 def _has_cuda():
     import torch
