@@ -175,6 +175,10 @@ def validate(cfg) -> list[str]:
     _walk(root, RunConfig, "", problems, skip={"recipe"})
     from runx.cli.ranges import range_problems
     problems += range_problems(data)
+    procs = (data.get("trainer") or {}).get("num_procs")
+    if name in RECIPES and RECIPES[name].kind == "data" and isinstance(procs, int) and procs > 1:
+        problems.append(f"trainer.num_procs={procs}: recipe={name} is a data job, run by one process with its "
+                        f"own worker pool. Valid values: 1; for parallel shards set recipe.num_workers={procs}.")
     if not problems:  # interpolations resolve? (each value on its own, so that every failure is reported)
         _resolve_all(cfg, "", problems)
     return problems
@@ -206,8 +210,19 @@ def check_paths(cfg) -> list[str]:
              "or a hub id)")
     need("model.tokenizer", m.get("tokenizer"), False)
     kind = d.get("kind")
-    if kind in ("jsonl", "parquet", "csv", "imagefolder"):
+    if kind in ("jsonl", "parquet", "csv", "imagefolder") and not d.get("path"):
+        out.append(f"data.path: empty; data.kind={kind} reads local files. Set data.path=<file or folder>.")
+    if kind in ("jsonl", "parquet", "csv"):
         need("data.path", d.get("path"), True)
+    if kind == "imagefolder" and d.get("path"):
+        root = os.path.expanduser(str(d.get("path")))
+        need("data.path", d.get("path"), True)
+        if os.path.isdir(root):
+            have = sorted(e for e in os.listdir(root) if os.path.isdir(os.path.join(root, e)))
+            for key in ("train_split", "eval_split"):
+                if d.get(key) not in have:
+                    out.append(f"data.{key}={d.get(key)}: no folder {os.path.join(root, str(d.get(key)))} "
+                               f"(<data.path>/<split>/<class>/<image>). Valid choices: {', '.join(have) or 'none'}.")
     elif kind == "hf":
         need("data.hf_name" if d.get("hf_name") else "data.path", d.get("hf_name") or d.get("path"), False,
              "no such folder on this machine (give a saved dataset folder or a hub id)")
@@ -360,16 +375,45 @@ def sweep_jobs(overrides: list[str]) -> list[list[str]]:
     return jobs
 
 
+# final metrics where higher is better; anything else (losses, bits per character, times) is minimised
+_HIGHER_IS_BETTER = ("accuracy", "acc", "f1", "auc", "score", "reward", "tflops", "mfu", "per_s")
+
+
+def objective_direction(objective: str) -> str:
+    """maximize for accuracy-like final metrics, else minimize (losses, bits per character, seconds)."""
+    return "maximize" if any(w in objective for w in _HIGHER_IS_BETTER) else "minimize"
+
+
+def _argv_value(argv: list[str], key: str) -> str | None:
+    return next((a.partition("=")[2] for a in argv if a.lstrip("+~").partition("=")[0] == key), None)
+
+
 def sweeper_problems(argv: list[str]) -> list[str]:
-    """An Optuna sweep needs each job to return a number: objective=<final metric>."""
-    sweeper = next((a.partition("=")[2] for a in argv if a.lstrip("+~").startswith("hydra/sweeper=")), "")
-    has_objective = any(a.lstrip("+~").partition("=")[0] == "objective" and a.partition("=")[2] not in ("", "null")
-                        for a in argv)
-    if "optuna" in sweeper and not has_objective:
+    """An Optuna sweep needs each job to return a number, objective=<final metric>, and a direction that is
+    one of Optuna's."""
+    sweeper = _argv_value(argv, "hydra/sweeper") or ""
+    objective = _argv_value(argv, "objective")
+    direction = _argv_value(argv, "hydra.sweeper.direction")
+    if "optuna" not in sweeper:
+        return []
+    if objective in (None, "", "null"):
         return [f"hydra/sweeper={sweeper}: each trial returns the run's final `objective` metric, and none is set. "
-                "Add objective=<metric>, e.g. objective=eval/accuracy (maximised), or objective=final_loss with "
-                "hydra.sweeper.direction=minimize."]
+                "Add objective=<metric>, e.g. objective=eval/accuracy (maximised), or objective=final_loss "
+                "(minimised)."]
+    if direction is not None and direction not in ("maximize", "minimize"):
+        return [f"hydra.sweeper.direction={direction}: not an Optuna direction. Valid choices: maximize, minimize."]
     return []
+
+
+def optuna_direction_override(argv: list[str]) -> str | None:
+    """For an Optuna sweep that names no direction: hydra.sweeper.direction=<what the objective wants>.
+
+    Hydra's optuna sweeper minimises by default, which would pick the worst trial for objective=eval/accuracy;
+    the runx_optuna preset's default (maximize) would do the same for a loss."""
+    if "optuna" not in (_argv_value(argv, "hydra/sweeper") or "") or _argv_value(argv, "hydra.sweeper.direction"):
+        return None
+    objective = _argv_value(argv, "objective")
+    return f"hydra.sweeper.direction={objective_direction(objective)}" if objective else None
 
 
 def is_rank_zero() -> bool:

@@ -81,8 +81,11 @@ def _train(rest: list[str]) -> int:
             return _fail(problems)
     _find_hydra_plugins()
     from runx.cli.train import hydra_main
-    from runx.cli.config import normalize_recipe_overrides
-    sys.argv = ["runx train"] + normalize_recipe_overrides(rest)
+    from runx.cli.config import normalize_recipe_overrides, optuna_direction_override
+    direction = optuna_direction_override(rest) if multirun else None
+    if direction:
+        print(f"runx: Optuna {direction.rpartition('=')[2]}s the objective ({direction})", file=sys.stderr)
+    sys.argv = ["runx train"] + normalize_recipe_overrides(rest) + ([direction] if direction else [])
     try:
         hydra_main()
     except SystemExit as e:

@@ -123,6 +123,14 @@ def range_problems(data: dict) -> list[str]:
     if name == "verifree" and rec.get("pack_sequences") is True and rec.get("fused_logprob") is False:
         out.append("recipe.pack_sequences=true: packing scores the sequences through the decoder and the fused head. "
                    "Valid values: false, or recipe.fused_logprob=true.")
+    launcher = data.get("launcher") or {}
+    if launcher.get("kind") == "torchrun" and isinstance(launcher.get("num_nodes"), int) and launcher["num_nodes"] > 1:
+        if not data.get("run_dir"):   # each node composes its own config: ${now:...} differs between them
+            out.append(f"launcher.num_nodes={launcher['num_nodes']}: every node runs this command, and all must "
+                       "write one run folder. Set run_dir=<path on a shared filesystem>.")
+        if launcher.get("master_addr") in ("127.0.0.1", "localhost"):
+            out.append(f"launcher.master_addr={launcher['master_addr']}: the other nodes cannot reach it. Valid "
+                       "values: the first node's hostname or address, the same on every node.")
     group = rec.get("group_size")
     if name == "verifree" and rec.get("advantage") in ("rloo", "grpo") and isinstance(group, int) and group < 2:
         out.append(f"recipe.group_size={group}: the {rec['advantage']} baseline needs at least 2 samples per "

@@ -20,6 +20,20 @@ def find_runs(root: str) -> list[str]:
     return sorted(runs, key=lambda p: (len(p), p))
 
 
+def sweep_direction(root: str, objective: str) -> str:
+    """The direction an Optuna sweep under `root` ran with (its multirun.yaml), else the objective's usual one."""
+    from runx.cli.config import objective_direction
+    path = os.path.join(root, "multirun.yaml")
+    if os.path.isfile(path):
+        from omegaconf import OmegaConf
+        hcfg = OmegaConf.load(path).get("hydra", {})
+        direction = OmegaConf.select(hcfg, "sweeper.direction", default=None) if hcfg else None
+        if "optuna" in str(OmegaConf.select(hcfg, "sweeper._target_", default="")).lower() and \
+                direction in ("maximize", "minimize"):
+            return direction
+    return objective_direction(objective)
+
+
 def _flatten(d, prefix=""):
     out = {}
     for k, v in d.items():
@@ -66,8 +80,7 @@ def report(root: str, objective: str | None = None, minimize: bool = False, plot
         declared = {r["_cfg"].get("objective") for r in rows} - {None}
         objective = declared.pop() if len(declared) == 1 and next(iter(declared)) in metric_keys else \
             next((k for k in ("eval/accuracy", "eval/loss", "final_loss") if k in metric_keys), None)
-        minimize = bool(objective) and not any(w in objective for w in ("accuracy", "acc", "f1", "auc",
-                                                                        "score", "reward", "tflops", "per_s"))
+        minimize = bool(objective) and sweep_direction(root, objective) == "minimize"
     if objective:
         missing = float("inf") if minimize else float("-inf")
         rows.sort(key=lambda r: r.get(objective, missing), reverse=not minimize)

@@ -16,13 +16,17 @@ from omegaconf import DictConfig, OmegaConf
 
 log = logging.getLogger("runx")
 LAST_EXIT_CODE = 0
+TORCHRUN_PORT = 29500   # torchrun's and the DeepSpeed launcher's default master port
 
 
 def run_dir_for(cfg) -> str:
-    if cfg.get("run_dir"):
-        return os.path.abspath(os.path.expanduser(str(cfg.run_dir)))
+    """run_dir=<path> pins a single run's folder; in a sweep it is the sweep's folder and each job gets
+    <path>/<job number> (hydra.sweep.dir), so jobs never resume one another's checkpoints."""
     from hydra.core.hydra_config import HydraConfig
-    return HydraConfig.get().runtime.output_dir
+    from hydra.types import RunMode
+    if cfg.get("run_dir") and HydraConfig.get().mode != RunMode.MULTIRUN:
+        return os.path.abspath(os.path.expanduser(str(cfg.run_dir)))
+    return os.path.abspath(HydraConfig.get().runtime.output_dir)
 
 
 def objective_value(result: dict, cfg) -> float | None:
@@ -118,7 +122,8 @@ def launcher_command(cfg, run_dir: str) -> list[str]:
     from runx.trainers.runtime import free_port
     n = int(cfg.trainer.num_procs)
     L = cfg.launcher
-    port = int(L.master_port) or free_port()
+    # several nodes must agree on the rendezvous port without talking: torchrun's default, not a local free one
+    port = int(L.master_port) or (TORCHRUN_PORT if int(L.num_nodes) > 1 else free_port())
     worker = ["runx.cli.worker", run_dir]
     if L.kind == "deepspeed":
         cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--master_port", str(port), "--module",

@@ -4,6 +4,8 @@ Importing this package registers, once per process:
 - `base`: every key with its default, generated from the dataclass schemas in runx.conf.schema
   (so YAML files only state what differs and a key typo is an error, not a silent new key);
 - the `runx_first` resolver: first non-null argument (used for the run dir);
+- the `runx_sweep_name` resolver: the recipe part of a sweep folder's name, the same for every job of the sweep
+  (`recipe=a,b` on the command line gives `a+b`; otherwise its argument, the recipe's name);
 - the `runx_required` resolver: `key: ${runx_required:key,example}` marks a value the user must give. (Hydra's
   `???` cannot: `base` already holds a default for every key, and OmegaConf keeps a set value when `???` is
   merged onto it, so the option would silently fall back to base's default.)
@@ -22,6 +24,17 @@ def _required(key: str, example: str = "") -> None:
                              + (f", e.g. {key}={example}" if example else ""))
 
 
+def _sweep_name(default: str) -> str:
+    """Every job of `runx train -m recipe=a,b` resolves the sweep folder with its own recipe; the name must
+    come from the command line instead, or the jobs land in one folder per recipe."""
+    import sys
+    for a in sys.argv[1:]:
+        key, _, value = a.lstrip("+~").partition("=")
+        if key == "recipe" and "," in value:
+            return "+".join(v.strip() for v in value.split(","))
+    return default
+
+
 def _register() -> None:
     from hydra.core.config_store import ConfigStore
     from omegaconf import OmegaConf
@@ -31,6 +44,8 @@ def _register() -> None:
     if not OmegaConf.has_resolver("runx_first"):
         OmegaConf.register_new_resolver(
             "runx_first", lambda *args: next((a for a in args if a not in (None, "", "null")), None))
+    if not OmegaConf.has_resolver("runx_sweep_name"):
+        OmegaConf.register_new_resolver("runx_sweep_name", _sweep_name)
     if not OmegaConf.has_resolver("runx_required"):
         OmegaConf.register_new_resolver("runx_required", _required)
     ConfigStore.instance().store(name="base", node=OmegaConf.create(asdict(RunConfig())))

@@ -225,14 +225,27 @@ def load_digits_images(size: int) -> TensorImages:
 
 
 class FolderImages:
-    """torchvision ImageFolder, images as RGB PIL."""
+    """torchvision ImageFolder, images as RGB PIL. `classes`: the training split's class list, so that an eval
+    split with fewer classes (or in another order on disk) keeps the training split's label numbers."""
 
-    def __init__(self, root: str):
+    def __init__(self, root: str, classes: list[str] | None = None):
         from torchvision.datasets import ImageFolder
         if not os.path.isdir(root):
             raise FileNotFoundError(f"data.path: image folder {root!r} does not exist (expected "
                                     f"<data.path>/<split>/<class>/<image>)")
-        self.ds = ImageFolder(root)
+
+        class _Folder(ImageFolder):
+            def find_classes(self, directory):
+                found, _ = super().find_classes(directory)
+                if classes is None:
+                    return found, {c: i for i, c in enumerate(found)}
+                extra = sorted(set(found) - set(classes))
+                if extra:
+                    raise ValueError(f"data.eval_split: {directory} has classes the training split lacks: "
+                                     f"{', '.join(extra[:5])}")
+                return list(classes), {c: i for i, c in enumerate(classes)}
+
+        self.ds = _Folder(root, allow_empty=classes is not None)   # eval: a training class may be absent
         self.classes = self.ds.classes
 
     def __len__(self):
@@ -331,8 +344,8 @@ def load_sources(cfg) -> tuple:
         raise ValueError(f"data.name={d.name!r} with data.kind=generated: valid choices are "
                          f"{', '.join(SHAPE_PALETTES)}, digits, synthetic")
     if d.kind == "imagefolder":
-        return (FolderImages(os.path.join(d.path, d.train_split)),
-                FolderImages(os.path.join(d.path, d.eval_split)), True)
+        train = FolderImages(os.path.join(d.path, d.train_split))
+        return train, FolderImages(os.path.join(d.path, d.eval_split), classes=train.classes), True
     if d.kind == "hf":
         where = d.hf_name or d.path
         return (HFImages(_load_hf_split(d, d.train_split), rc.image_field, d.label_field, f"{where}[{d.train_split}]"),

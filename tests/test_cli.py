@@ -160,6 +160,66 @@ def test_a_sweep_is_checked_before_its_first_job(tmp_path):
     assert "Traceback" not in p.stderr and (sweep / "0" / "summary.json").exists()
 
 
+def test_an_optuna_sweep_goes_the_way_its_objective_wants():
+    """Hydra's optuna sweeper minimises unless told otherwise: runx sets the direction from the objective when
+    the command line gives none, refuses a misspelt one, and `runx report` sorts a sweep the way it ran."""
+    from runx.cli.config import optuna_direction_override, sweeper_problems
+    assert optuna_direction_override(["-m", "hydra/sweeper=optuna", "objective=eval/accuracy"]) == \
+        "hydra.sweeper.direction=maximize"
+    assert optuna_direction_override(["-m", "hydra/sweeper=runx_optuna", "objective=eval/loss"]) == \
+        "hydra.sweeper.direction=minimize"
+    assert optuna_direction_override(["hydra/sweeper=optuna", "objective=eval/loss",
+                                      "hydra.sweeper.direction=maximize"]) is None
+    assert optuna_direction_override(["objective=eval/accuracy"]) is None       # basic sweeper: no direction
+    bad = sweeper_problems(["hydra/sweeper=optuna", "objective=eval/loss", "hydra.sweeper.direction=minimise"])
+    assert len(bad) == 1 and "minimise" in bad[0] and "maximize, minimize" in bad[0]
+    assert sweeper_problems(["hydra/sweeper=optuna", "objective=eval/loss", "hydra.sweeper.direction=minimize"]) == []
+
+
+def test_report_sorts_an_optuna_sweep_by_the_direction_it_ran_with(tmp_path):
+    from runx.cli.report import sweep_direction
+    assert sweep_direction(str(tmp_path), "eval/accuracy") == "maximize"
+    assert sweep_direction(str(tmp_path), "final_loss") == "minimize"
+    (tmp_path / "multirun.yaml").write_text(
+        "hydra:\n  sweeper:\n    _target_: hydra_plugins.hydra_optuna_sweeper.optuna_sweeper.OptunaSweeper\n"
+        "    direction: minimize\n")
+    assert sweep_direction(str(tmp_path), "eval/accuracy") == "minimize"
+
+
+def test_a_sweep_with_a_pinned_run_dir_gives_each_job_its_own_folder(tmp_path, monkeypatch):
+    """run_dir=<path> with -m: job k runs in <path>/k (before, every job shared <path> and the second resumed
+    the first one's checkpoint); a sweep over recipes is one folder named after all of them."""
+    root = tmp_path / "pinned"
+    tiny = ["trainer.max_steps=1", "trainer.eval_every=0", "trainer.ckpt_every=1", "trainer.micro_batch_size=4",
+            "data.max_train_samples=16", "data.max_eval_samples=8", "logger=none", "trainer.progress=false"]
+    run_cli(["train", "-m", "recipe=lora,sft", f"run_dir={root}", *tiny], timeout=300)
+    import yaml
+    recipes = {yaml.safe_load((root / k / "config.yaml").read_text())["recipe"]["name"] for k in ("0", "1")}
+    assert recipes == {"lora", "sft"}
+    assert all((root / k / "summary.json").exists() and (root / k / "ckpt" / "latest").exists() for k in "01")
+    assert not (root / "summary.json").exists() and (root / "multirun.yaml").exists()
+    from runx.conf import _sweep_name
+    monkeypatch.setattr(sys, "argv", ["runx train", "-m", "recipe=concept_prune,preselect", "seed=0,1"])
+    assert _sweep_name("sft") == "concept_prune+preselect"
+    monkeypatch.setattr(sys, "argv", ["runx train", "-m", "recipe=lora", "seed=0,1"])
+    assert _sweep_name("lora") == "lora"
+
+
+def test_multi_node_torchrun_agrees_on_its_rendezvous_without_talking(tmp_path):
+    """Each node runs the same command: the rendezvous port must not be a per-node free port, the run folder
+    must be named (not ${now}), and master_addr must not be the loopback address."""
+    from runx.cli.train import launcher_command
+    two = ["launcher=torchrun", "launcher.num_nodes=2", "trainer.num_procs=2"]
+    problems = validate(compose(two))
+    assert any("run_dir=" in p for p in problems) and any("launcher.master_addr=127.0.0.1" in p for p in problems)
+    cfg = compose(two + ["launcher.master_addr=node01", f"run_dir={tmp_path}"])
+    assert validate(cfg) == []
+    cmds = [launcher_command(cfg, str(tmp_path)) for _ in range(2)]
+    assert cmds[0] == cmds[1] and "node01:29500" in cmds[0]
+    one = compose(["launcher=torchrun", "trainer.num_procs=2"])
+    assert validate(one) == [] and "--master_port" in launcher_command(one, str(tmp_path))
+
+
 def test_all_errors_reported_at_once():
     with pytest.raises(ConfigError):
         compose(["trainer=nope"])

@@ -241,17 +241,18 @@ def test_2x2_parallel_multirun_report_and_plan_vs_measured_peak(tmp_path):
 
 
 def test_optuna_preset_runs_4_trials_on_the_default_job(tmp_path):
+    """The preset's fallback direction is maximize; objective=eval/loss with no direction given is minimised."""
     sweep = tmp_path / "optuna"
     cli(["train", "-m", "hydra/sweeper=runx_optuna", "hydra.sweeper.n_trials=4", f"hydra.sweep.dir={sweep}",
-         "objective=eval/accuracy", "trainer.max_steps=1", "trainer.eval_every=1", "trainer.ckpt_every=0",
+         "objective=eval/loss", "trainer.max_steps=1", "trainer.eval_every=1", "trainer.ckpt_every=0",
          "trainer.micro_batch_size=4", "data.max_train_samples=32", "data.max_eval_samples=16", "logger=none",
          "trainer.progress=false"], timeout=900)
     runs = sorted(d for d in os.listdir(sweep) if d.isdigit())
     assert runs == ["0", "1", "2", "3"]
     import yaml
     res = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
-    lrs = {json.load(open(sweep / r / "summary.json"))["eval/accuracy"] for r in runs}
-    assert res["best_value"] == max(lrs)
+    losses = {json.load(open(sweep / r / "summary.json"))["eval/loss"] for r in runs}
+    assert len(losses) == 4 and res["best_value"] == min(losses)
     lr_used = {yaml.safe_load(open(sweep / r / "config.yaml"))["optim"]["lr"] for r in runs}
     assert len(lr_used) == 4 and all(1e-5 <= lr <= 1e-3 for lr in lr_used)
 

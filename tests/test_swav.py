@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -266,6 +267,20 @@ def test_imagefolder_and_hf_sources(tmp_path):
         [(2, 3, 16, 16)] * 2 + [(2, 3, 8, 8)] * 2
     e = rec.collate([ev[0], ev[5]])
     assert tuple(e["image"].shape) == (2, 3, 16, 16) and e["label"].tolist() == [0, 1]
+    # an eval split without class "a" keeps the training split's numbers (b stays 1, not 0)
+    shutil.rmtree(tmp_path / "folder" / "val" / "a")
+    _, ev = rec.build_data()
+    assert len(ev) == 3 and {ev[i][1] for i in range(3)} == {1}
+    # a class the training split lacks is an error naming the key and the class
+    os.makedirs(tmp_path / "folder" / "val" / "zebra")
+    Image.fromarray(rng.integers(0, 255, (20, 24, 3), dtype=np.uint8)).save(tmp_path / "folder" / "val" / "zebra" / "0.png")
+    with pytest.raises(ValueError, match="data.eval_split.*zebra"):
+        rec.build_data()
+    # runx validate checks both split folders, and lists the ones there
+    from runx.cli.config import check_paths, compose
+    problems = check_paths(compose(["recipe=swav", "data.kind=imagefolder", f"data.path={tmp_path / 'folder'}"]))
+    assert len(problems) == 1 and "data.eval_split=validation" in problems[0] and "train, val" in problems[0]
+    assert any("data.path: empty" in p for p in check_paths(compose(["recipe=swav", "data.kind=imagefolder"])))
 
     import datasets
     imgs = [Image.fromarray(rng.integers(0, 255, (20, 20, 3), dtype=np.uint8)) for _ in range(4)]

@@ -143,7 +143,7 @@ class LauncherConfig:
     hostfile: Optional[str] = None
     num_nodes: int = 1
     master_addr: str = "127.0.0.1"
-    master_port: int = 0  # 0 = pick a free port
+    master_port: int = 0  # 0 = a free port on one node; 29500 (torchrun's default) across several nodes
     extra_args: list = field(default_factory=list)
 
 
