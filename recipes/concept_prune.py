@@ -25,8 +25,8 @@ trained on DBP-, SSP- and randomly pruned subsets against a fixed test split tha
 """
 from __future__ import annotations
 
-import glob
 import heapq
+import io
 import json
 import logging
 import math
@@ -35,7 +35,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from runx.recipes.text_data import files_at, open_shard, select_shards, shard_format
 from runx.trainers.datajob import DataJob, JobContext, Stage, atomic_path, atomic_write_json
+from runx.trainers.recipe import RecipeConfigError
 
 log = logging.getLogger("runx.concept_prune")
 # faiss' loader logs its CPU-feature probe at INFO on every import ("Could not load library with AVX512
@@ -43,7 +45,7 @@ log = logging.getLogger("runx.concept_prune")
 logging.getLogger("faiss.loader").setLevel(logging.WARNING)
 
 EMBEDDING_SUFFIXES = (".npy", ".parquet")
-TEXT_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".txt")
+TEXT_FORMATS = ("jsonl", "parquet", "csv", "txt")   # jsonl / csv / txt optionally .gz / .zst (text_data)
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 SMOKE_MAX_ROWS = 512
 
@@ -470,6 +472,7 @@ class ConceptPrune(DataJob):
         self._digits = None
         self._cache: dict = {}
         self._check_config()
+        self.input_paths = self._list_inputs()
 
     # ---- configuration -------------------------------------------------------------------------
     def _check_config(self):
@@ -491,6 +494,14 @@ class ConceptPrune(DataJob):
         if rc.input != "digits" and not rc.path:
             raise ValueError(f"recipe.path is empty: recipe.input={rc.input} reads its samples from files "
                              "(a file, a folder or a glob)")
+        if rc.input == "images" and not is_image_encoder(rc.encoder):
+            raise ValueError(f"recipe.encoder={rc.encoder}: not an image encoder. recipe.input=images needs "
+                             "recipe.encoder=torchvision:<arch> (e.g. torchvision:resnet50, weights from "
+                             "recipe.encoder_weights=<state-dict file>) or a Hugging Face image model (a hub id, "
+                             "or a local folder with preprocessor_config.json)")
+        if rc.input == "text" and rc.encoder.startswith("torchvision:"):
+            raise ValueError(f"recipe.encoder={rc.encoder}: an image encoder. recipe.input=text needs a Hugging "
+                             "Face / sentence-transformers text model: builtin:minilm, a hub id or a local folder")
         bad = [f for f in rc.eval_fractions if not 0 < float(f) <= 1]
         if bad:
             raise ValueError(f"recipe.eval_fractions={list(rc.eval_fractions)}: {bad} not in (0, 1]")
@@ -620,28 +631,33 @@ class ConceptPrune(DataJob):
         self._cache["plan"] = plan
         return plan
 
+    def _list_inputs(self) -> list[str]:
+        """The input files recipe.path names, sorted ([] for digits)."""
+        rc = self.rc
+        if rc.input == "digits":
+            return []
+        files = files_at(rc.path, recursive=True)
+        if not files and not os.path.exists(os.path.expanduser(rc.path)) and not any(c in rc.path for c in "*?["):
+            raise FileNotFoundError(f"recipe.path={rc.path}: no such file or folder")
+        if rc.input == "text":
+            files, what = select_shards(files, TEXT_FORMATS, f"recipe.path={rc.path}"), \
+                "JSONL / Parquet / CSV / .txt, the line formats optionally .gz / .zst"
+        else:
+            suffixes = EMBEDDING_SUFFIXES if rc.input == "embeddings" else IMAGE_SUFFIXES
+            files, what = sorted(f for f in files if f.lower().endswith(suffixes)), ", ".join(suffixes)
+        if not files:
+            raise ValueError(f"recipe.path={rc.path}: no {rc.input} files ({what}) there")
+        return [os.path.abspath(f) for f in files]
+
     def _input_files(self) -> list[tuple]:
         """(file, rows) of every input file; images: ("<list>", n) with the list in images.json."""
         rc = self.rc
         if rc.input == "digits":
             return [("digits", len(self.digits()["X_train"]))]
-        suffixes = {"embeddings": EMBEDDING_SUFFIXES, "text": TEXT_SUFFIXES, "images": IMAGE_SUFFIXES}[rc.input]
-        p = os.path.expanduser(rc.path)
-        if os.path.isdir(p):
-            files = sorted(os.path.join(d, f) for d, _, fs in os.walk(p) for f in fs)
-        elif any(ch in p for ch in "*?["):
-            files = sorted(glob.glob(p, recursive=True))
-        elif os.path.exists(p):
-            files = [p]
-        else:
-            raise FileNotFoundError(f"recipe.path={rc.path}: no such file or folder")
-        files = [f for f in files if f.lower().endswith(suffixes)]
-        if not files:
-            raise ValueError(f"recipe.path={rc.path}: no {rc.input} files ({', '.join(suffixes)}) there")
         if rc.input == "images":
-            atomic_write_json(os.path.join(self.run_dir, "images.json"), files)
-            return [("<images.json>", len(files))]
-        return [(f, count_rows(f, rc)) for f in files]
+            atomic_write_json(os.path.join(self.run_dir, "images.json"), self.input_paths)
+            return [("<images.json>", len(self.input_paths))]
+        return [(f, count_rows(f, rc)) for f in self.input_paths]
 
     def embed_shards(self, ctx) -> list[str]:
         return [p["key"] for p in self.input_plan()]
@@ -1053,21 +1069,38 @@ class _OneThreadPerWorker:
 # =====================================================================================================
 # reading inputs (errors name the file and the line / row)
 # =====================================================================================================
+def is_image_encoder(spec: str) -> bool:
+    """torchvision:<arch>, a HF hub id (not checked here), or a local HF folder with an image processor."""
+    if spec.startswith("torchvision:"):
+        return True
+    if spec.startswith("builtin:"):   # builtin:minilm, the text encoder
+        return False
+    path = os.path.expanduser(spec)
+    if os.path.isabs(path) or spec.startswith(("./", "../")) or os.path.isdir(path):
+        return os.path.exists(os.path.join(path, "preprocessor_config.json"))
+    return True
+
+
 def count_rows(file: str, rc) -> int:
-    low = file.lower()
-    if low.endswith(".npy"):
+    if file.lower().endswith(".npy"):
         shape = np.load(file, mmap_mode="r").shape
         if len(shape) != 2:
             raise ValueError(f"{file}: expected a 2-D array (rows x dim) of embeddings, got shape {shape}")
         return int(shape[0])
-    if low.endswith(".parquet"):
+    fmt, comp = shard_format(file, TEXT_FORMATS)
+    if fmt == "parquet":
         import pyarrow.parquet as pq
         return int(pq.ParquetFile(file).metadata.num_rows)
-    if low.endswith(".csv"):
-        import pyarrow.csv as pcsv
-        return int(pcsv.read_csv(file).num_rows)
-    with open(file, encoding="utf-8") as f:
+    if fmt == "csv":
+        return int(_read_csv(file, comp).num_rows)
+    with open_shard(file, comp) as f:
         return sum(1 for line in f if line.strip())
+
+
+def _read_csv(file: str, compression: str):
+    import pyarrow.csv as pcsv
+    with open_shard(file, compression) as f:
+        return pcsv.read_csv(f)
 
 
 def read_embeddings(file: str, a: int, b: int, rc):
@@ -1086,7 +1119,8 @@ def read_embeddings(file: str, a: int, b: int, rc):
     pf = pq.ParquetFile(file)
     names = pf.schema_arrow.names
     if rc.embedding_field not in names:
-        raise ValueError(f"{file}: no column recipe.embedding_field={rc.embedding_field!r} (columns: {names})")
+        raise RecipeConfigError(f"{file}: no column recipe.embedding_field={rc.embedding_field!r} "
+                                f"(columns: {names})")
     cols = [rc.embedding_field] + ([rc.id_field] if rc.id_field in names else [])
     t = pf.read(columns=cols).slice(a, b - a)
     col = t[rc.embedding_field].combine_chunks()
@@ -1101,18 +1135,19 @@ def read_embeddings(file: str, a: int, b: int, rc):
 
 
 def read_texts(file: str, a: int, b: int, rc):
-    """(ids or None, texts) of rows [a, b) of a .jsonl / .parquet / .csv / .txt file."""
+    """(ids or None, texts) of rows [a, b) of a .jsonl / .parquet / .csv / .txt file (line formats .gz / .zst too).
+    A text field missing from the data is a config problem (RecipeConfigError) naming the fields there."""
     import pyarrow as pa
-    low = file.lower()
-    if low.endswith((".parquet", ".csv")):
-        if low.endswith(".parquet"):
+    fmt, comp = shard_format(file, TEXT_FORMATS)
+    if fmt in ("parquet", "csv"):
+        if fmt == "parquet":
             import pyarrow.parquet as pq
             t = pq.read_table(file)
         else:
-            import pyarrow.csv as pcsv
-            t = pcsv.read_csv(file)
+            t = _read_csv(file, comp)
         if rc.text_field not in t.column_names:
-            raise ValueError(f"{file}: no column recipe.text_field={rc.text_field!r} (columns: {t.column_names})")
+            raise RecipeConfigError(f"{file}: no column recipe.text_field={rc.text_field!r} "
+                                    f"(columns: {', '.join(t.column_names)})")
         t = t.slice(a, b - a)
         texts = t[rc.text_field].to_pylist()
         for i, s in enumerate(texts):
@@ -1121,7 +1156,7 @@ def read_texts(file: str, a: int, b: int, rc):
         ids = t[rc.id_field].combine_chunks() if rc.id_field in t.column_names else None
         return ids, texts
     texts, ids, row = [], [], -1
-    with open(file, encoding="utf-8") as f:
+    with io.TextIOWrapper(open_shard(file, comp), encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
@@ -1130,13 +1165,16 @@ def read_texts(file: str, a: int, b: int, rc):
                 continue
             if row >= b:
                 break
-            if low.endswith(".txt"):
+            if fmt == "txt":
                 texts.append(line.rstrip("\n"))
                 continue
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
                 raise ValueError(f"{file}:{lineno}: not valid JSON ({e.msg})") from None
+            if isinstance(obj, dict) and rc.text_field not in obj:
+                raise RecipeConfigError(f"{file}:{lineno}: no text field recipe.text_field={rc.text_field!r} "
+                                        f"(fields there: {', '.join(sorted(obj))})")
             if not isinstance(obj, dict) or not isinstance(obj.get(rc.text_field), str):
                 raise ValueError(f"{file}:{lineno}: no text field recipe.text_field={rc.text_field!r}")
             texts.append(obj[rc.text_field])

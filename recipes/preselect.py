@@ -26,7 +26,6 @@ counted in the manifests, and skipped: never silently dropped, never fatal to th
 from __future__ import annotations
 
 import dataclasses
-import glob
 import gzip
 import io
 import json
@@ -41,12 +40,14 @@ import numpy as np
 from omegaconf import OmegaConf
 
 from runx.conf.schema.preselect import PreSelectConfig, PreSelectWorldConfig
+from runx.recipes.text_data import files_at, open_shard, select_shards, shard_format
 from runx.trainers.datajob import DataJob, JobContext, Stage, atomic_path, atomic_write_bytes, atomic_write_json
 
 log = logging.getLogger("runx.preselect")
 
 LN2 = math.log(2.0)
 FT_POSITIVE, FT_NEGATIVE = "__label__1", "__label__0"
+SHARD_FORMATS = ("jsonl", "parquet")
 
 
 # =============================================================================================================
@@ -773,49 +774,16 @@ class PreSelect(DataJob):
 
 # =============================================================================================================
 # Shards: JSONL (.jsonl/.json/.ndjson, optionally .gz/.zst) and Parquet, read line by line, bad lines reported
+# (file formats and decompression: runx.recipes.text_data, shared with concept_prune)
 # =============================================================================================================
-_JSONL = (".jsonl", ".json", ".ndjson")
-_COMPRESSION_SUFFIX = {".gz": "gz", ".zst": "zst", ".zstd": "zst"}
-
-
-def shard_format(path: str) -> tuple[str, str] | None:
-    """(format, compression) of a shard from its name, or None if it is not a shard."""
-    name, comp = path.lower(), "none"
-    for suffix, c in _COMPRESSION_SUFFIX.items():
-        if name.endswith(suffix):
-            name, comp = name[: -len(suffix)], c
-            break
-    if name.endswith(".parquet"):
-        return ("parquet", "none") if comp == "none" else None
-    if name.endswith(_JSONL):
-        return "jsonl", comp
-    return None
-
-
 def list_shards(spec: str, key: str) -> list[str]:
     """The shard files of `spec` (a file, a folder or a glob), sorted: shard index = position in this list."""
-    path = os.path.expanduser(spec)
-    if os.path.isdir(path):
-        files = [os.path.join(path, f) for f in os.listdir(path)]
-    elif any(ch in path for ch in "*?["):
-        files = glob.glob(path, recursive=True)
-    else:
-        files = [path] if os.path.exists(path) else []
-    shards = sorted(f for f in files if os.path.isfile(f) and shard_format(f))
+    shards = [os.path.abspath(f) for f in select_shards(files_at(spec, recursive=False), SHARD_FORMATS,
+                                                          f"recipe.{key}={spec!r}")]
     if not shards:
         raise FileNotFoundError(f"recipe.{key}={spec!r}: no shards found. Give a file, a folder or a glob of "
                                 f"JSONL (.jsonl/.json/.ndjson, optionally .gz/.zst) or .parquet files.")
     return shards
-
-
-def _open_read(path: str, compression: str):
-    f = open(path, "rb")
-    if compression == "gz":
-        return gzip.GzipFile(fileobj=f, mode="rb")
-    if compression == "zst":
-        import zstandard
-        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(f, closefd=True))
-    return f
 
 
 class _Writer:
@@ -885,7 +853,7 @@ def read_docs(path: str, text_field: str, id_field: str, raw: bool = False) -> I
     base = os.path.basename(path)
     n = 0
     try:
-        f = _open_read(path, fmt[1])
+        f = open_shard(path, fmt[1])
     except OSError as e:
         yield BadLine(path, 0, f"unreadable file: {e}")
         return
@@ -976,7 +944,7 @@ def _read_objects(path: str) -> list[dict]:
     if fmt == "parquet":
         import pyarrow.parquet as pq
         return pq.read_table(path).to_pylist()
-    with _open_read(path, comp) as f:
+    with open_shard(path, comp) as f:
         return [json.loads(line) for line in f]
 
 
@@ -1008,7 +976,7 @@ def _write_kept(path: str, out: str, keep: set, out_fmt: str, out_comp: str, tex
     if in_fmt == "jsonl" and out_fmt == "jsonl":
         kept = []
         try:
-            with _open_read(path, in_comp) as f:
+            with open_shard(path, in_comp) as f:
                 for n, line in enumerate(f, 1):
                     if n in keep:
                         kept.append(line)
@@ -1039,7 +1007,7 @@ def _write_kept(path: str, out: str, keep: set, out_fmt: str, out_comp: str, tex
 
 def _numbered_lines(path: str, comp: str):
     try:
-        with _open_read(path, comp) as f:
+        with open_shard(path, comp) as f:
             yield from enumerate(f, 1)
     except Exception:  # noqa: BLE001 — as in _write_kept
         return

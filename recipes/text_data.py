@@ -1,5 +1,6 @@
 """Text datasets for the language recipes: the built-in stdlib_topics set, JSONL / Parquet / CSV files or
-folders of shards, and Hugging Face `datasets` (hub name or a local saved dataset).
+folders of shards, and Hugging Face `datasets` (hub name or a local saved dataset); and the shard files the
+data recipes (preselect, concept_prune) read: which files a path names, their format and compression.
 
 Classification rows: {text, label}. Causal-LM rows: {text} or {prompt, response} (prompt tokens masked
 out of the loss; the field names are data.prompt_field / data.response_field).
@@ -7,12 +8,87 @@ out of the loss; the field names are data.prompt_field / data.response_field).
 from __future__ import annotations
 
 import glob
+import gzip
+import io
 import json
+import logging
 import os
 import random
 
+log = logging.getLogger("runx.text_data")
+
 ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
 STDLIB_TOPICS = ["text", "maths", "files_os", "network"]
+
+
+# ---- shard files: <name>.<format>[.gz | .zst] ----------------------------------------------------------------
+FORMAT_SUFFIXES = {".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet", ".csv": "csv",
+                   ".txt": "txt"}
+COMPRESSION_SUFFIXES = {".gz": "gz", ".zst": "zst", ".zstd": "zst"}
+OTHER_COMPRESSION_SUFFIXES = (".bz2", ".xz", ".lz4", ".zip", ".7z")   # recognised, not read
+
+
+def shard_format(path: str, formats: tuple[str, ...] = ("jsonl", "parquet")) -> tuple[str, str] | None:
+    """(format, compression) of a shard from its name, or None if it is not a readable file of `formats`.
+    Line formats (jsonl, csv, txt) may be gzip or zstandard compressed; Parquet compresses inside the file."""
+    name, comp = path.lower(), "none"
+    for suffix, c in COMPRESSION_SUFFIXES.items():
+        if name.endswith(suffix):
+            name, comp = name[: -len(suffix)], c
+            break
+    fmt = next((f for suffix, f in FORMAT_SUFFIXES.items() if name.endswith(suffix)), None)
+    if fmt not in formats or (fmt == "parquet" and comp != "none"):
+        return None
+    return fmt, comp
+
+
+def open_shard(path: str, compression: str):
+    """The file's bytes, decompressed (binary, line-iterable)."""
+    f = open(path, "rb")
+    if compression == "gz":
+        return gzip.GzipFile(fileobj=f, mode="rb")
+    if compression == "zst":
+        import zstandard
+        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(f, closefd=True))
+    return f
+
+
+def files_at(spec: str, recursive: bool) -> list[str]:
+    """The files a path option names: a file, a folder's files (`recursive`: its subfolders' too) or a glob."""
+    path = os.path.expanduser(spec)
+    if os.path.isdir(path):
+        if recursive:
+            return [os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs]
+        return [f for f in (os.path.join(path, f) for f in os.listdir(path)) if os.path.isfile(f)]
+    if any(ch in path for ch in "*?["):
+        return [f for f in glob.glob(path, recursive=True) if os.path.isfile(f)]
+    return [path] if os.path.isfile(path) else []
+
+
+def select_shards(files: list[str], formats: tuple[str, ...], key: str) -> list[str]:
+    """The shards among `files`, sorted (shard index = position). A data file of `formats` in a compression
+    that is not read (.bz2, a compressed .parquet, ...) is an error rather than silently missing from the
+    job; any other file left out is logged."""
+    shards = sorted(f for f in files if shard_format(f, formats))
+    unread = sorted(f for f in set(files) - set(shards) if _compressed_data_file(f, formats))
+    if unread:
+        raise ValueError(f"{key}: cannot read {unread[0]}" + (f" (and {len(unread) - 1} more)" if len(unread) > 1
+                         else "") + ": compress JSONL / CSV / text with gzip (.gz) or zstandard (.zst), and "
+                         "leave Parquet files uncompressed (Parquet compresses inside the file)")
+    skipped = sorted(os.path.basename(f) for f in set(files) - set(shards))
+    if skipped:
+        log.warning("%s: skipped %d file(s) that are not %s: %s%s", key, len(skipped), " / ".join(formats),
+                    ", ".join(skipped[:5]), ", ..." if len(skipped) > 5 else "")
+    return shards
+
+
+def _compressed_data_file(path: str, formats: tuple[str, ...]) -> bool:
+    name = path.lower()
+    for suffix in (*COMPRESSION_SUFFIXES, *OTHER_COMPRESSION_SUFFIXES):
+        if name.endswith(suffix):
+            inner = name[: -len(suffix)]
+            return any(inner.endswith(s) for s, f in FORMAT_SUFFIXES.items() if f in formats)
+    return False
 
 
 def _read_jsonl(path: str) -> list[dict]:

@@ -353,6 +353,34 @@ def test_text_encoder_minilm_mean_pooling(tmp_path):
         cp.read_texts(str(tmp_path / "e.jsonl"), 0, 2, ConceptPruneConfig())
 
 
+
+def test_text_input_reads_compressed_and_ndjson_files_and_names_what_it_cannot_read(tmp_path, caplog):
+    import gzip
+    import logging
+    import zstandard
+    folder = tmp_path / "pool"
+    (folder / "sub").mkdir(parents=True)
+    rows = [json.dumps({"id": f"d{i}", "text": f"document number {i}"}) + "\n" for i in range(40)]
+    (folder / "a.jsonl").write_text("".join(rows[:10]))
+    (folder / "b.jsonl.gz").write_bytes(gzip.compress("".join(rows[10:20]).encode()))
+    (folder / "sub" / "c.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress("".join(rows[20:30]).encode()))
+    (folder / "d.ndjson").write_text("".join(rows[30:35]))
+    (folder / "e.csv.gz").write_bytes(gzip.compress(b"id,text\nc1,first csv row\nc2,second csv row\n"))
+    (folder / "f.txt.gz").write_bytes(gzip.compress(b"a line\nanother line\n"))
+    (folder / "README.md").write_text("not data")
+    with caplog.at_level(logging.WARNING):
+        job = cp.ConceptPrune(make_cfg(input="text", path=str(folder)), str(tmp_path / "run"))
+        counts = {os.path.basename(f): n for f, n in job._input_files()}
+    assert counts == {"a.jsonl": 10, "b.jsonl.gz": 10, "c.jsonl.zst": 10, "d.ndjson": 5, "e.csv.gz": 2,
+                      "f.txt.gz": 2}
+    assert any("README.md" in r.getMessage() and "skipped 1 file" in r.getMessage() for r in caplog.records)
+    ids, texts = cp.read_texts(str(folder / "sub" / "c.jsonl.zst"), 2, 4, job.rc)
+    assert ids.to_pylist() == ["d22", "d23"] and texts == ["document number 22", "document number 23"]
+    assert cp.read_texts(str(folder / "e.csv.gz"), 0, 2, job.rc)[1] == ["first csv row", "second csv row"]
+    (folder / "g.jsonl.bz2").write_bytes(b"BZh9")                  # a data file in a compression not read
+    with pytest.raises(ValueError, match=r"cannot read .*g\.jsonl\.bz2.*gzip"):
+        cp.ConceptPrune(make_cfg(input="text", path=str(folder)), str(tmp_path / "run2"))
+
 def test_text_and_image_inputs_run_the_job(tmp_path):
     from PIL import Image
     rows = [{"id": 100 + i, "text": t} for i, t in enumerate(
