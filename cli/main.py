@@ -61,7 +61,7 @@ def _compose_validated(overrides: list[str]):
         cfg = compose(overrides)
     except ConfigError as e:
         return None, e.problems
-    return cfg, validate(cfg) or check_paths(cfg)
+    return cfg, validate(cfg) + check_paths(cfg)
 
 
 # ------------------------------------------------------------------------------------------ train

@@ -123,6 +123,12 @@ def range_problems(data: dict) -> list[str]:
     if name == "verifree" and rec.get("pack_sequences") is True and rec.get("fused_logprob") is False:
         out.append("recipe.pack_sequences=true: packing scores the sequences through the decoder and the fused head. "
                    "Valid values: false, or recipe.fused_logprob=true.")
+    precision = (data.get("trainer") or {}).get("precision")
+    if name in ("sft", "lora", "lora_ga", "verifree") and (data.get("model") or {}).get("dtype") == "bf16" \
+            and precision in ("fp32", "amp_bf16"):
+        out.append(f"model.dtype=bf16 with trainer.precision={precision}: the optimizer would step the bf16 "
+                   "weights themselves, with no fp32 master copy, and lose every update smaller than their "
+                   "rounding step. Valid choices: trainer.precision=bf16 (fp32 master weights), or model.dtype=fp32.")
     launcher = data.get("launcher") or {}
     if launcher.get("kind") == "torchrun" and isinstance(launcher.get("num_nodes"), int) and launcher["num_nodes"] > 1:
         if not data.get("run_dir"):   # each node composes its own config: ${now:...} differs between them

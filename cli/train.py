@@ -61,7 +61,7 @@ def hydra_main(cfg: DictConfig):
     global LAST_EXIT_CODE
     from runx.cli.config import check_paths, fill_recipe_defaults, format_problems, validate
     fill_recipe_defaults(cfg)
-    problems = validate(cfg) or check_paths(cfg)
+    problems = validate(cfg) + check_paths(cfg)
     if problems:  # multirun jobs are validated here (single runs already were, before Hydra started), and
         # every job checks its paths where it runs (a SLURM job: on its node)
         print(format_problems(problems), file=sys.stderr)
@@ -78,10 +78,48 @@ def hydra_main(cfg: DictConfig):
     return objective_value(result, cfg)
 
 
+# Keys a resumed run may change: how long it runs, how often it evaluates / logs / saves, where it logs and on
+# which machine. Any other change (recipe, model, data, seed, optimiser, batch, precision) would load the
+# checkpoint into a different run, and rewrite the run's config.yaml to describe that other run.
+RESUMABLE_CHANGES = ("trainer.max_steps", "trainer.eval_every", "trainer.log_every", "trainer.ckpt_every",
+                     "trainer.keep_last", "trainer.progress", "trainer.dataloader_workers", "trainer.device",
+                     "trainer.nvme_path", "trainer.aio.", "data.max_eval_samples", "logger.", "plan.", "launcher.",
+                     "export_at_end", "resume", "run_dir", "objective")
+
+
+def resume_problems(cfg, run_dir: str) -> list[str]:
+    """resume=auto into a run dir with a checkpoint: the config must be that run's, up to RESUMABLE_CHANGES."""
+    from omegaconf import OmegaConf
+
+    from runx.cli.report import _flatten
+    saved = os.path.join(run_dir, ".runx", "job.yaml")
+    if str(cfg.get("resume", "auto")) != "auto" or not os.path.exists(os.path.join(run_dir, "ckpt", "latest")) \
+            or not os.path.exists(saved):
+        return []
+    old = _flatten(OmegaConf.to_container(OmegaConf.load(saved), resolve=False))
+    new = _flatten(OmegaConf.to_container(cfg, resolve=True))
+    # keys only one side has (a key added or removed by a runx upgrade) do not block; a changed recipe changes
+    # recipe.name, which both have
+    differ = [k for k in sorted(set(old) & set(new)) if old[k] != new[k]
+              and not any(k == p or p.endswith(".") and k.startswith(p) for p in RESUMABLE_CHANGES)]
+    if not differ:
+        return []
+    shown = "; ".join(f"{k}: {old[k]} -> {new[k]}" for k in differ[:8])
+    more = f" (and {len(differ) - 8} more)" if len(differ) > 8 else ""
+    return [f"resume=auto: {run_dir} holds a checkpoint of a run with another config ({shown}{more}). Resuming "
+            "would continue that run under these settings. Valid choices: the same settings as that run (only "
+            "max_steps, eval/log/checkpoint intervals, logger, launcher and machine keys may change), "
+            "resume=never to start over in this folder, or another run_dir."]
+
+
 def launch(cfg, run_dir: str) -> dict:
     """Write the resolved config, then run in-process (1 process) or through a launcher."""
     from runx.trainers.tracking import environment_record, save_resolved_config
     from runx.trainers.datajob import atomic_write_json
+    from runx.trainers.recipe import RecipeConfigError
+    problems = resume_problems(cfg, run_dir) if os.environ.get("RUNX_WORKER") != "1" else []
+    if problems:   # before config.yaml is rewritten: the run dir keeps describing its checkpoint
+        raise RecipeConfigError(problems[0])
     os.makedirs(run_dir, exist_ok=True)
     save_resolved_config(cfg, os.path.join(run_dir, "config.yaml"))
     save_resolved_config(cfg, os.path.join(run_dir, ".runx", "job.yaml"), redacted=False)

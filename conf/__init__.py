@@ -6,6 +6,8 @@ Importing this package registers, once per process:
 - the `runx_first` resolver: first non-null argument (used for the run dir);
 - the `runx_sweep_name` resolver: the recipe part of a sweep folder's name, the same for every job of the sweep
   (`recipe=a,b` on the command line gives `a+b`; otherwise its argument, the recipe's name);
+- the `runx_weights_dtype` resolver: the dtype a trained model is loaded in, from `trainer.precision` (bf16
+  weights only where DeepSpeed keeps an fp32 master copy of them);
 - the `runx_required` resolver: `key: ${runx_required:key,example}` marks a value the user must give. (Hydra's
   `???` cannot: `base` already holds a default for every key, and OmegaConf keeps a set value when `???` is
   merged onto it, so the option would silently fall back to base's default.)
@@ -46,6 +48,9 @@ def _register() -> None:
             "runx_first", lambda *args: next((a for a in args if a not in (None, "", "null")), None))
     if not OmegaConf.has_resolver("runx_sweep_name"):
         OmegaConf.register_new_resolver("runx_sweep_name", _sweep_name)
+    if not OmegaConf.has_resolver("runx_weights_dtype"):
+        OmegaConf.register_new_resolver("runx_weights_dtype", lambda precision: "bf16" if precision == "bf16"
+                                        else "fp32")
     if not OmegaConf.has_resolver("runx_required"):
         OmegaConf.register_new_resolver("runx_required", _required)
     ConfigStore.instance().store(name="base", node=OmegaConf.create(asdict(RunConfig())))

@@ -220,6 +220,42 @@ def test_multi_node_torchrun_agrees_on_its_rendezvous_without_talking(tmp_path):
     assert validate(one) == [] and "--master_port" in launcher_command(one, str(tmp_path))
 
 
+def test_resume_refuses_a_checkpoint_of_another_config_and_keeps_the_run_dir_as_it_was(tmp_path):
+    """resume=auto into a folder with a checkpoint: another recipe / seed is refused before config.yaml is
+    rewritten (it loaded lora_ga's offset weights into a lora run); max_steps may grow; resume=never starts over."""
+    run = tmp_path / "run"
+    tiny = ["trainer.eval_every=0", "trainer.ckpt_every=1", "trainer.micro_batch_size=4",
+            "data.max_train_samples=16", "data.max_eval_samples=8", "logger=none", "trainer.progress=false",
+            f"run_dir={run}"]
+    run_cli(["train", "recipe=lora", "trainer.max_steps=1", *tiny], timeout=300)
+    before = (run / "config.yaml").read_text()
+    p = run_cli(["train", "recipe=sft", "seed=3", "trainer.max_steps=1", *tiny], check=False, timeout=300)
+    assert p.returncode == 2 and "recipe.name: lora -> sft" in p.stderr and "seed: 0 -> 3" in p.stderr, p.stderr
+    assert "resume=never" in p.stderr and "Traceback" not in p.stderr
+    assert (run / "config.yaml").read_text() == before
+    p = run_cli(["train", "recipe=lora", "trainer.max_steps=2", *tiny], timeout=300)
+    assert "resumed from" in p.stdout + p.stderr
+    run_cli(["train", "recipe=sft", "trainer.max_steps=1", "resume=never", *tiny], timeout=300)
+    assert "name: sft" in (run / "config.yaml").read_text()
+
+
+def test_a_causal_lm_trains_with_fp32_master_weights_whatever_the_zero_stage(tmp_path):
+    """model=hf_causal_lm loaded bf16 weights under the default fp32 trainer: ZeRO-0 stepped them in bf16 and
+    rounded most updates away. The weights' dtype now follows trainer.precision; an explicit bf16 + fp32 is
+    refused, and `runx validate` reports it together with a missing path."""
+    from runx.cli.config import check_paths
+    base = ["recipe=sft", "model=hf_causal_lm", f"model.path={tmp_path}"]
+    assert compose(base).model.dtype == "fp32"
+    assert compose(base + ["trainer.precision=bf16"]).model.dtype == "bf16"
+    assert compose(base + ["trainer.precision=amp_bf16"]).model.dtype == "fp32"
+    problems = validate(compose(base + ["model.dtype=bf16"]))
+    assert len(problems) == 1 and "trainer.precision=bf16" in problems[0] and "model.dtype=fp32" in problems[0]
+    assert validate(compose(base + ["model.dtype=bf16", "trainer.precision=bf16"])) == []
+    p = run_cli(["validate", *base, "model.dtype=bf16", "data=jsonl", f"data.path={tmp_path}/nope.jsonl"],
+                check=False, timeout=60)
+    assert p.returncode == 2 and "model.dtype=bf16" in p.stderr and "nope.jsonl" in p.stderr, p.stderr
+
+
 def test_all_errors_reported_at_once():
     with pytest.raises(ConfigError):
         compose(["trainer=nope"])
