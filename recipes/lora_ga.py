@@ -52,6 +52,7 @@ import torch
 import torch.distributed as dist
 
 from runx.recipes.lora import LoRA
+from runx.trainers.datajob import atomic_write_bytes
 
 log = logging.getLogger("runx.lora_ga")
 
@@ -557,16 +558,25 @@ class LoRAGA(LoRA):
     # -------------------------------------------------------------- saving
     def export(self, model, state_dict, out_dir):
         """out_dir/
-             adapter/          peft adapter of the trained A, B (+ head): load it on the offset base
-             lora_ga_init/     A0, B0, eta per layer: offset base = original base - eta·B0·A0
-             adapter_rank2r/   plain peft LoRA for the ORIGINAL base: A' = [A; A0], B' = [B, -B0]
-             merged/           full HF weights W_init + eta·B·A (+ tokenizer): no peft needed
+             merged/                  full HF weights W_init + eta·B·A (+ tokenizer): no peft needed
+             adapter_rank2r/          plain peft LoRA for the ORIGINAL base: A' = [A; A0], B' = [B, -B0]
+             adapter_on_offset_base/  peft adapter of the trained A, B (+ head), valid only on the offset base
+                                      (its base_model_name_or_path is cleared so that no loader pairs it with
+                                      the original base, where it gives another model)
+             lora_ga_init/            A0, B0, eta per layer: offset base = original base - eta·B0·A0
+             README.txt               which folder to load
         """
         model = getattr(model, "module", model)
         if state_dict is None:
             state_dict = {k: v.detach().float().cpu() for k, v in model.state_dict().items()}
         os.makedirs(out_dir, exist_ok=True)
-        super().export(model, dict(state_dict), os.path.join(out_dir, "adapter"))
+        offset_dir = os.path.join(out_dir, "adapter_on_offset_base")
+        super().export(model, dict(state_dict), offset_dir)
+        conf_path = os.path.join(offset_dir, "adapter_config.json")
+        with open(conf_path) as f:
+            conf = json.load(f)
+        conf["base_model_name_or_path"] = None
+        atomic_write_bytes(conf_path, json.dumps(conf, indent=2).encode())
         own = os.path.join(self.run_dir, INIT_DIR)     # this run's init, whatever its resume setting
         init_dir = own if os.path.exists(os.path.join(own, INIT_META)) else self._saved_init_dir()
         if init_dir is None:
@@ -577,6 +587,18 @@ class LoRAGA(LoRA):
         export_merged(model, state_dict, os.path.join(out_dir, "merged"))
         self.tokenizer.save_pretrained(os.path.join(out_dir, "merged"))
         self.tokenizer.save_pretrained(os.path.join(out_dir, "adapter_rank2r"))
+        atomic_write_bytes(os.path.join(out_dir, "README.txt"), EXPORT_README.encode())
+
+
+EXPORT_README = """LoRA-GA export (runx). Which folder to load:
+  merged/                  the fine-tuned model as full weights: AutoModel*.from_pretrained("merged")
+  adapter_rank2r/          a plain PEFT LoRA adapter (rank 2r) for the ORIGINAL base model:
+                           PeftModel.from_pretrained(original_base, "adapter_rank2r")
+  adapter_on_offset_base/  the trained rank-r adapter; valid only on the offset base
+                           (original base - eta*B0*A0 per layer, from lora_ga_init/: runx's
+                           load_lora_ga_init rebuilds it). On the original base it gives another model.
+  lora_ga_init/            A0, B0 and eta of every adapted layer (init.safetensors, init.json)
+"""
 
 
 # ============================================================================ init files and exports

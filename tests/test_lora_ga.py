@@ -371,8 +371,11 @@ def test_export_rank2r_adapter_and_merged_weights_reproduce_logits(tmp_path, ove
     from peft import get_peft_model
     offset = get_peft_model(copy.deepcopy(pristine), recipe.peft_config())
     load_lora_ga_init(offset, out / "lora_ga_init")
-    rebuilt = PeftModel.from_pretrained(offset.unload(), out / "adapter")
+    rebuilt = PeftModel.from_pretrained(offset.unload(), out / "adapter_on_offset_base")
     assert (logits(rebuilt, batches[2]) - want).abs().max().item() <= 1e-5
+    # that adapter names no base model: a loader cannot pair it with the original base on its own
+    assert json.load(open(out / "adapter_on_offset_base" / "adapter_config.json"))["base_model_name_or_path"] is None
+    assert "adapter_rank2r/" in (out / "README.txt").read_text()
     tensors, meta = read_lora_ga_init(out / "lora_ga_init")
     assert meta["rank"] == 8 and len(tensors) == 2 * len(lora_ga_targets(model))
 
