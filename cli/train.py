@@ -68,6 +68,7 @@ def hydra_main(cfg: DictConfig):
         LAST_EXIT_CODE = 2
         raise SystemExit(2)
     from runx.trainers.recipe import RecipeConfigError
+    from runx.trainers.runtime import Stopped
     run_dir = run_dir_for(cfg)
     try:
         result = launch(cfg, run_dir)
@@ -75,6 +76,10 @@ def hydra_main(cfg: DictConfig):
         print(format_problems([str(e)]), file=sys.stderr)
         LAST_EXIT_CODE = 2
         raise SystemExit(2) from None
+    except Stopped as e:            # SIGTERM: checkpoint saved at a step boundary
+        print(f"runx: {e}", file=sys.stderr)
+        LAST_EXIT_CODE = 143
+        raise SystemExit(143) from None
     return objective_value(result, cfg)
 
 
@@ -195,7 +200,8 @@ def run_job(cfg, run_dir: str) -> dict:
         from runx.trainers.datajob import atomic_write_json
         from runx.trainers.tracking import console, summary_table
         job = build_recipe(cls, cfg, run_dir)
-        result = job.run(num_workers=int(cfg.recipe.get("num_workers", 1) or 1))
+        result = job.run(num_workers=int(cfg.recipe.get("num_workers", 1) or 1),
+                         resume=str(cfg.get("resume", "auto")))
         atomic_write_json(os.path.join(run_dir, "summary.json"), result)
         flat = {k: v for k, v in result.items() if isinstance(v, (int, float, str))}
         console().print(summary_table(f"runx {info.name} — {run_dir}", flat))

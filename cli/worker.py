@@ -15,7 +15,13 @@ def main() -> int:
     import logging
     logging.basicConfig(level=logging.INFO, handlers=[RankZeroRichHandler()], format="%(message)s")
     cfg = OmegaConf.load(os.path.join(run_dir, ".runx", "job.yaml"))
-    run_job(cfg, run_dir)
+    from runx.trainers.runtime import Stopped
+    try:
+        run_job(cfg, run_dir)
+    except Stopped as e:
+        if os.environ.get("RANK", "0") == "0":
+            print(f"runx: {e}", file=sys.stderr)
+        return 143
     return 0
 
 

@@ -66,6 +66,33 @@ def test_killed_run_resumes_exactly(tmp_path):
     assert sorted(d for d in os.listdir(tmp_path / "cut" / "ckpt") if d.startswith("step_")) == ["step_6", "step_8"]
 
 
+def test_sigterm_saves_a_checkpoint_at_the_step_boundary_and_the_run_resumes(tmp_path):
+    """SLURM preemption / scancel send SIGTERM: the run saves a checkpoint after the current step and exits 143
+    (with checkpoints off, too); the same command resumes it, and the W&B sync hint names both offline
+    segments of the run."""
+    import time
+    run = tmp_path / "run"
+    args = [sys.executable, "-m", "runx.cli.main", "train", f"run_dir={run}", *TINY, "logger=wandb",
+            "trainer.max_steps=100000", "trainer.ckpt_every=0", "trainer.micro_batch_size=8"]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    p = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.time() + 240
+    while time.time() < deadline and p.poll() is None:
+        if (run / "metrics.jsonl").exists() and len(read_metrics(run)) >= 3:
+            break
+        time.sleep(0.2)
+    p.terminate()   # SIGTERM
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == 143 and "stopped by SIGTERM" in err, (p.returncode, err[-3000:])
+    step = max(losses(run))
+    assert open(run / "ckpt" / "latest").read() == f"step_{step}"
+    done = run_cli(["train", f"run_dir={run}", *TINY, "logger=wandb", f"trainer.max_steps={step + 2}",
+                    "trainer.ckpt_every=0", "trainer.micro_batch_size=8"])
+    assert sorted(losses(run)) == list(range(1, step + 3))
+    sync = next(line for line in done.stdout.splitlines() if "wandb sync" in line)
+    assert sync.count("offline-run-") == 2, sync
+
+
 @pytest.mark.parametrize("trainer", ["zero3_cpu_offload"])
 def test_cpu_offload_matches_zero3(tmp_path, trainer):
     common = TINY + NO_DROPOUT + ["trainer.max_steps=5", "trainer.ckpt_every=0", "trainer.micro_batch_size=8"]

@@ -396,6 +396,7 @@ class Trainer:
         if getattr(self, "_pending_rng", None) is not None:
             runtime.set_rng_state(self._pending_rng)
             self._pending_rng = None
+        stop = runtime.StopOnSignal(self.world_size > 1, self.device)   # SIGTERM (SLURM preemption, scancel): save, then stop
         try:
             for batch in batches:
                 if micro_in_step == 0:
@@ -470,7 +471,15 @@ class Trainer:
                 if os.environ.get("RUNX_CRASH_AFTER_STEP") == str(self.global_step):
                     os._exit(17)  # a hard kill at a known point, for resume tests (no cleanup runs)
                 acc_loss, acc_metrics, samples, tokens = 0.0, {}, 0, 0
+                if stop.requested() and self.global_step < max_steps:
+                    if metrics_log is not None:
+                        metrics_log.flush()
+                    if not (ckpt_every and self.global_step % ckpt_every == 0):
+                        self.save_checkpoint(engine, self.global_step)
+                    raise runtime.Stopped(f"stopped by {stop.signal_name} after step {self.global_step}, "
+                                          f"checkpoint saved; rerun the same command to resume ({self.run_dir})")
         finally:
+            stop.restore()
             if progress is not None:
                 progress.stop()
         wall = time.perf_counter() - t_start
@@ -500,8 +509,8 @@ class Trainer:
             sync = wb.finish(final)
             metrics_log.close()
             console().print(summary_table(f"runx {self.cfg.recipe.name} — {self.run_dir}", final))
-            if sync:
-                console().print(f"W&B run saved offline; upload it with: [bold]{sync}[/bold]")
+            if sync:   # soft_wrap: a log file must keep the command on one line, to be pasted whole
+                console().print(f"W&B run saved offline; upload it with: [bold]{sync}[/bold]", soft_wrap=True)
         return final
 
     # ---------------------------------------------------------------- export

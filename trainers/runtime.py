@@ -134,3 +134,47 @@ def flatten_overrides(d: dict, prefix: str = "") -> dict:
         else:
             out[key] = v
     return out
+
+
+class Stopped(Exception):
+    """The run stopped on a signal at a step boundary, after saving a checkpoint."""
+
+
+class StopOnSignal:
+    """SIGTERM (SLURM preemption, scancel, a container stop) and SIGUSR1 (SLURM's --signal) set a flag that the
+    training loop reads at each step boundary, where it saves a checkpoint and stops. With several ranks the
+    flag is all-reduced at every read, so all ranks stop after the same step even if one got the signal."""
+
+    SIGNALS = ("SIGTERM", "SIGUSR1")
+
+    def __init__(self, distributed: bool = False, device: str = "cpu"):
+        import signal
+        import threading
+        self.distributed, self.device, self.signal_name = distributed, device, None
+        self._old = {}
+        if threading.current_thread() is threading.main_thread():   # handlers can only be set there
+            for name in self.SIGNALS:
+                sig = getattr(signal, name, None)
+                if sig is not None:
+                    self._old[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        import signal
+        self.signal_name = signal.Signals(signum).name
+
+    def requested(self) -> bool:
+        if not self.distributed:
+            return self.signal_name is not None
+        import torch
+        import torch.distributed as dist
+        flag = torch.tensor([0.0 if self.signal_name is None else 1.0], device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if flag.item() and self.signal_name is None:
+            self.signal_name = "a signal to another rank"
+        return bool(flag.item())
+
+    def restore(self) -> None:
+        import signal
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        self._old = {}

@@ -151,10 +151,13 @@ class WandbRun:
         for k, v in summary.items():
             if isinstance(v, (int, float)):
                 self.run.summary[k] = v
-        run_dir = self.run.dir
+        run_dir, run_id = self.run.dir, self.run.id
         self.run.finish()
-        if self.mode == "offline":
-            return f"wandb sync {os.path.dirname(run_dir)}"
+        if self.mode == "offline":   # a resumed run has one offline folder per segment, all with the same id
+            import glob
+            segments = sorted(glob.glob(os.path.join(os.path.dirname(os.path.dirname(run_dir)),
+                                                     f"offline-run-*-{run_id}")))
+            return "wandb sync " + " ".join(segments or [os.path.dirname(run_dir)])
         return None
 
 
