@@ -20,7 +20,12 @@ def checkpoint_state_dict(ckpt_root: str, tag: str, zero_stage: int) -> dict:
     if not files:
         raise FileNotFoundError(f"no model states in {os.path.join(ckpt_root, tag)}")
     sd = torch.load(files[0], map_location="cpu", weights_only=False)["module"]
-    return {k: v.float() for k, v in sd.items()}
+    # floats as fp32 (what ZeRO-2/3's consolidation gives); integer buffers (BatchNorm's step count) keep their dtype
+    return {k: v.float() if v.is_floating_point() else v for k, v in sd.items()}
+
+
+class ExportError(ValueError):
+    """A run that cannot be exported as asked: printed as one paragraph, no traceback."""
 
 
 def export_run(run_dir: str, out: str | None = None, tag: str | None = None) -> str:
@@ -29,16 +34,25 @@ def export_run(run_dir: str, out: str | None = None, tag: str | None = None) -> 
     import runx.conf  # noqa: F401
     from runx.recipes import RECIPES
     private = os.path.join(run_dir, ".runx", "job.yaml")  # unredacted (the run dir's config.yaml is redacted)
-    cfg = OmegaConf.load(private if os.path.exists(private) else os.path.join(run_dir, "config.yaml"))
+    public = os.path.join(run_dir, "config.yaml")
+    if not os.path.exists(private) and not os.path.exists(public):
+        raise ExportError(f"{run_dir}: not a runx run folder (no config.yaml)")
+    cfg = OmegaConf.load(private if os.path.exists(private) else public)
+    info = RECIPES[cfg.recipe.name]
+    if info.kind != "train":
+        raise ExportError(f"recipe {info.name} is a data job: its outputs are already files in {run_dir}")
     ckpt_root = os.path.join(run_dir, "ckpt")
+    tags = sorted((d for d in os.listdir(ckpt_root) if d.startswith("step_")),
+                  key=lambda d: int(d.split("_")[1])) if os.path.isdir(ckpt_root) else []
     if tag is None:
         latest = os.path.join(ckpt_root, "latest")
         if not os.path.exists(latest):
-            raise FileNotFoundError(f"{run_dir} has no checkpoint (expected {latest})")
+            hint = " (it ran with trainer.ckpt_every=0: rerun it with export_at_end=true, or with checkpoints)" \
+                if not int(cfg.trainer.get("ckpt_every") or 0) else ""
+            raise ExportError(f"{run_dir} has no checkpoint to export{hint}")
         tag = open(latest).read().strip()
-    info = RECIPES[cfg.recipe.name]
-    if info.kind != "train":
-        raise ValueError(f"recipe {info.name} is a data job: its outputs are already files in {run_dir}")
+    if tag not in tags:
+        raise ExportError(f"--tag {tag}: no such checkpoint in {ckpt_root}. Valid choices: {', '.join(tags) or 'none'}")
     recipe = info.load()(cfg, run_dir)
     model = recipe.build_model()
     sd = checkpoint_state_dict(ckpt_root, tag, int(cfg.trainer.zero_stage))

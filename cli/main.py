@@ -220,8 +220,12 @@ def _export(rest: list[str]) -> int:
     p.add_argument("--out", default=None)
     p.add_argument("--tag", default=None, help="checkpoint tag (default: latest)")
     a = p.parse_args(rest)
-    from runx.cli.export import export_run
-    out = export_run(a.run_dir, a.out, a.tag)
+    from runx.cli.export import ExportError, export_run
+    try:
+        out = export_run(a.run_dir, a.out, a.tag)
+    except ExportError as e:
+        print(f"runx export: {e}", file=sys.stderr)
+        return 2
     print(f"exported to {out}")
     return 0
 

@@ -139,6 +139,11 @@ def test_export_gives_engine_logits(tmp_path, recipe, zero):
         from_engine = load(run / "export")(**batch).logits  # written in-process from the live engine
     assert torch.allclose(from_ckpt, from_engine, atol=1e-5), (from_ckpt, from_engine)
     assert from_ckpt.abs().sum() > 0
+    if recipe == "sft":   # what cannot be exported says so in one line, with the choices
+        p = run_cli(["export", str(run), "--tag", "step_9"], check=False)
+        assert p.returncode == 2 and "Valid choices: step_3" in p.stderr and "Traceback" not in p.stderr, p.stderr
+        p = run_cli(["export", str(tmp_path / "nope")], check=False)
+        assert p.returncode == 2 and "not a runx run folder" in p.stderr, p.stderr
 
 
 def test_amp_bf16_autocasts_fp32_weights(tmp_path):
@@ -280,6 +285,76 @@ def test_text_data_loads_local_files_and_saved_datasets(tmp_path):
               str(tmp_path))
     train, evals = rec.build_data()
     assert (len(train), len(evals)) == (12, 8)       # the folder's own test split, not a carved one
+
+
+def _sft(tmp_path, *overrides):
+    from runx.cli.config import compose
+    from runx.recipes.sft import SFT
+    from runx.trainers.recipe import build_recipe
+    return build_recipe(SFT, compose(["recipe=sft", "model=tiny_llama", *overrides]), str(tmp_path))
+
+
+def test_causal_lm_data_problems_are_config_problems_naming_the_key(tmp_path):
+    """Rows without the configured fields, an empty file, a tokenizer without eos: one config problem each (not a
+    KeyError / ZeroDivisionError / TypeError later); a .json array and a saved single `Dataset` are read."""
+    import datasets
+    from transformers import PreTrainedTokenizerFast
+
+    from runx.trainers.hf import byte_tokenizer
+    from runx.trainers.recipe import RecipeConfigError
+    alpaca = [{"instruction": f"say {i}", "output": str(i)} for i in range(8)]
+    (tmp_path / "alpaca.json").write_text(json.dumps(alpaca, indent=1))       # a JSON array, not JSON Lines
+    rec = _sft(tmp_path, "data=jsonl", f"data.path={tmp_path / 'alpaca.json'}")
+    with pytest.raises(RecipeConfigError) as e:
+        rec.build_data()
+    for words in ("data.text_field ('text')", "data.prompt_field + data.response_field ('prompt', 'response')",
+                  "['instruction', 'output']"):
+        assert words in str(e.value), str(e.value)
+    train, _ = _sft(tmp_path, "data=jsonl", f"data.path={tmp_path / 'alpaca.json'}", "data.prompt_field=instruction",
+                    "data.response_field=output", "data.val_fraction=0").build_data()
+    assert len(train) == 8
+
+    (tmp_path / "empty.jsonl").write_text("")
+    with pytest.raises(RecipeConfigError, match=f"data.path={tmp_path / 'empty.jsonl'}: 0 training rows"):
+        _sft(tmp_path, "data=jsonl", f"data.path={tmp_path / 'empty.jsonl'}").build_data()
+
+    text = datasets.Dataset.from_list([{"text": f"row {i}"} for i in range(20)])
+    text.save_to_disk(str(tmp_path / "ds"))                                   # a Dataset, not a DatasetDict
+    train, evals = _sft(tmp_path, "data=hf", f"data.hf_name={tmp_path / 'ds'}", "data.val_fraction=0.25").build_data()
+    assert (len(train), len(evals)) == (15, 5)
+    datasets.DatasetDict({"train": text}).save_to_disk(str(tmp_path / "dd"))
+    with pytest.raises(RecipeConfigError, match="data.train_split=nope: not a split of .* Valid choices: train"):
+        _sft(tmp_path, "data=hf", f"data.hf_name={tmp_path / 'dd'}", "data.train_split=nope").build_data()
+
+    PreTrainedTokenizerFast(tokenizer_object=byte_tokenizer().backend_tokenizer).save_pretrained(tmp_path / "tok")
+    with pytest.raises(RecipeConfigError, match="no eos_token.*model.tokenizer="):
+        _sft(tmp_path, f"model.tokenizer={tmp_path / 'tok'}")
+
+
+def test_samples_without_a_response_token_are_dropped_and_an_empty_batch_loss_is_zero(tmp_path, caplog):
+    """A prompt that fills data.max_length leaves no token to train on: such samples are dropped with a warning
+    (all of them: a config problem naming data.max_length), and a micro-batch without labels has loss 0, not NaN."""
+    import torch
+
+    from runx.recipes.text_data import CausalLMDataset
+    from runx.trainers.hf import byte_tokenizer
+    from runx.trainers.recipe import RecipeConfigError
+    tok = byte_tokenizer()
+    rows = [{"prompt": "x" * 40, "response": "y"}, {"prompt": "2+2=", "response": "4"}]
+    with caplog.at_level("WARNING", logger="runx.text_data"):
+        ds = CausalLMDataset(rows, tok, "text", 16)
+    assert len(ds) == 1 and "dropped 1 of 2 samples" in caplog.text and "data.max_length=16" in caplog.text
+    with pytest.raises(RecipeConfigError, match="data.max_length=16: none of the 1 samples"):
+        CausalLMDataset(rows[:1], tok, "text", 16)
+
+    rec = _sft(tmp_path, "data=tiny_text")
+    model = rec.build_model()
+    batch = rec.collate([ds[0]])
+    batch["labels"][:] = -100
+    loss = rec.lm_loss(model, batch)
+    assert float(loss.detach()) == 0.0
+    loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
 
 
 def test_sft_fused_head_loss_matches_full_logits_under_zero3(tmp_path):
