@@ -506,28 +506,22 @@ class ConceptPrune(DataJob):
         if bad:
             raise ValueError(f"recipe.eval_fractions={list(rc.eval_fractions)}: {bad} not in (0, 1]")
 
-    def _settings(self) -> dict:
+    # ---- what the run dir pins (DataJob.pin_settings) -------------------------------------------
+    job_name = "concept_prune"
+    # the encoder batch changes memory, not the embeddings (padding is masked): lower it after an OOM
+    unpinned = ("recipe.num_workers", "recipe.batch_size")
+
+    def settings(self) -> dict:
         from omegaconf import OmegaConf
         rc = OmegaConf.to_container(self.rc, resolve=True) if not isinstance(self.rc, dict) else dict(self.rc)
-        rc.pop("num_workers", None)
+        rc.pop("num_workers", None)   # also recorded in pruned/manifest.json, the same for any worker count
         return {"recipe": rc, "seed": self.seed, "smoke": self.smoke}
 
-    def _pin_settings(self):
-        """A run dir holds one job: resuming it with other settings would mix stale shards in."""
-        path = os.path.join(self.run_dir, "concept_prune_job.json")
-        now = json.loads(json.dumps(self._settings(), default=str))
-        if os.path.exists(path):
-            with open(path) as f:
-                before = json.load(f)
-            diff = sorted(k for k in set(before["recipe"]) | set(now["recipe"])
-                          if before["recipe"].get(k) != now["recipe"].get(k))
-            diff += [k for k in ("seed", "smoke") if before.get(k) != now.get(k)]
-            if diff:
-                raise ValueError(f"{self.run_dir} holds a concept_prune job with other settings ({', '.join(diff)}"
-                                 f" differ, e.g. {diff[0]}: {before['recipe'].get(diff[0], before.get(diff[0]))} -> "
-                                 f"{now['recipe'].get(diff[0], now.get(diff[0]))}); use a fresh run_dir")
-        else:
-            atomic_write_json(path, now)
+    def input_files(self) -> list[str]:
+        return self.input_paths
+
+    def outputs(self) -> list[str]:
+        return [os.path.join(self.run_dir, f) for f in ("pruned", "inputs.json", "images.json")]
 
     @property
     def device(self) -> str:
@@ -568,7 +562,6 @@ class ConceptPrune(DataJob):
         return st
 
     def run(self, num_workers: int = 1, **kw) -> dict:
-        self._pin_settings()
         if num_workers > 1 and self.device == "cuda":
             log.warning("num_workers=%d with device=cuda: CUDA cannot be used in forked workers; using 1", num_workers)
             num_workers = 1
@@ -1000,7 +993,7 @@ class ConceptPrune(DataJob):
                     "budget_exceeds_dedup": q["budget_exceeds_dedup"],
                     "k_concepts": int(len(table["size"])),
                     "k_dedup": int(ctx.read_marker("kmeans", "all")["k"]),
-                    "device": self.device, "settings": self._settings(),
+                    "device": self.device, "settings": self.settings(),
                     "files": {"kept_ids": "kept_ids.parquet", "clusters": "clusters.parquet",
                               "plot": "quota_vs_size.png"}}
         atomic_write_json(os.path.join(out_dir, "manifest.json"), manifest)

@@ -334,6 +334,51 @@ def test_config_errors_name_the_key(tmp_path):
         run_job(tmp_path / "x", input="embeddings", path="/nonexistent/e.npy")
 
 
+
+def test_config_problems_name_the_key_and_the_valid_choices(tmp_path):
+    from runx.trainers.recipe import RecipeConfigError, build_recipe
+    (tmp_path / "imgs").mkdir()
+    with pytest.raises(RecipeConfigError, match=r"recipe.encoder=builtin:minilm: not an image encoder.*"
+                                                r"torchvision:<arch>.*Hugging Face image model"):
+        build_recipe(cp.ConceptPrune, make_cfg(input="images", path=str(tmp_path / "imgs")), str(tmp_path / "r"))
+    with pytest.raises(RecipeConfigError, match=r"recipe.encoder=torchvision:resnet18: an image encoder"):
+        build_recipe(cp.ConceptPrune, make_cfg(input="text", path=str(tmp_path), encoder="torchvision:resnet18"),
+                     str(tmp_path / "r"))
+
+
+def test_a_text_field_typo_names_the_fields_and_can_be_fixed_in_the_same_run_dir(tmp_path):
+    from runx.trainers.recipe import RecipeConfigError
+    rows = [{"uid": i, "content": f"sample text number {i}"} for i in range(12)]
+    (tmp_path / "single.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    kw = dict(input="text", path=str(tmp_path / "single.jsonl"), id_field="uid", num_clusters=2, epsilon=0.01,
+              keep_fraction=0.5, max_length=16)
+    with pytest.raises(RecipeConfigError, match=r"single\.jsonl:1: no text field recipe.text_field='text' "
+                                                r"\(fields there: content, uid\)"):
+        run_job(tmp_path / "run", **kw)
+    _, res = run_job(tmp_path / "run", text_field="content", **kw)        # nothing was finished: re-pinned
+    assert res["n_input"] == 12
+
+
+def test_rerun_after_the_inputs_changed_is_refused_and_resume_never_starts_over_from_the_cli(tmp_path):
+    from runx.trainers.recipe import RecipeConfigError
+    X, _ = planted_embeddings(n_base=120, n_exact=5, n_near=5, seed=9)
+    np.save(tmp_path / "emb.npy", X)
+    kw = dict(input="embeddings", path=str(tmp_path / "emb.npy"), num_clusters=3, epsilon=0.01, keep_fraction=0.4)
+    run_job(tmp_path / "run", **kw)
+    np.save(tmp_path / "emb.npy", X[:100])                                # the input file was replaced
+    with pytest.raises(RecipeConfigError, match=r"input files \(1 files, \d+ bytes -> 1 files, \d+ bytes, e.g. "
+                                                r".*emb\.npy was modified\).*resume=never"):
+        run_job(tmp_path / "run", **kw)
+    env = dict(os.environ, DS_ACCELERATOR="cpu", WANDB_MODE="disabled")
+    out = subprocess.run([sys.executable, "-m", "runx.cli.main", "train", "recipe=concept_prune",
+                          "recipe.input=embeddings", f"recipe.path={tmp_path / 'emb.npy'}", "recipe.num_clusters=3",
+                          "recipe.epsilon=0.01", "recipe.keep_fraction=0.5", "resume=never", "logger=none",
+                          f"run_dir={tmp_path / 'run'}"], capture_output=True, text=True, env=env, cwd=REPO,
+                         timeout=300)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["n_input"] == 100 and summary["kept"] == 50
+
 def test_text_encoder_minilm_mean_pooling(tmp_path):
     texts = ["a cat sits on the mat", "a kitten is sitting on a rug", "stock markets fell sharply today",
              "the cat sat on the mat"]

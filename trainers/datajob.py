@@ -8,6 +8,10 @@ across local worker processes (`num_workers`) and across nodes / SLURM array tas
 Stages that need all shards (a global threshold, k-means) are `Stage(..., shards=lambda ctx: ["all"])`
 and run on task 0 once every earlier stage is complete.
 
+A run dir holds one job: its settings and input files (paths, sizes, mtimes) are pinned in
+`<run_dir>/<job_name>_job.json`, and a rerun with other ones is refused (finished shards would be reused),
+unless no shard is finished yet or `resume=never` starts the job over.
+
     class MyJob(DataJob):
         def stages(self):
             return [Stage("score", self.list_input_shards, self.score_shard),
@@ -15,10 +19,12 @@ and run on task 0 once every earlier stage is complete.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
 import secrets
+import shutil
 import time
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -121,6 +127,11 @@ def _worker(job: "DataJob", stage: Stage, ctx: JobContext, keys: list[str]) -> l
 class DataJob:
     """Base class of the data recipes (preselect, concept_prune)."""
 
+    #: the settings record is <run_dir>/<job_name>_job.json
+    job_name = "data"
+    #: keys of settings() that change how the job runs, not what it computes: free to change on a rerun
+    unpinned: tuple[str, ...] = ("recipe.num_workers",)
+
     def __init__(self, cfg, run_dir: str):
         self.cfg = cfg
         self.run_dir = run_dir
@@ -128,14 +139,27 @@ class DataJob:
     def stages(self) -> list[Stage]:
         raise NotImplementedError
 
+    def settings(self) -> dict:
+        """What the outputs depend on (e.g. {"recipe": {...}, "seed": 0}): pinned for the run dir."""
+        return {}
+
+    def input_files(self) -> list[str]:
+        """Files the job reads from outside its run dir: their sizes and mtimes are pinned with the settings."""
+        return []
+
+    def outputs(self) -> list[str]:
+        """Files and folders the job writes besides its stage folders: removed when it starts over."""
+        return []
+
     def summary(self, ctx: JobContext) -> dict:
         """Final numbers for the run summary / metrics.jsonl (read from the stage manifests)."""
         return {}
 
     def run(self, num_workers: int = 1, task_index: int | None = None, num_tasks: int | None = None,
-            only: list[str] | None = None, progress=None) -> dict:
+            only: list[str] | None = None, progress=None, resume: str = "auto") -> dict:
         task_index = int(os.environ.get("SLURM_ARRAY_TASK_ID", 0)) if task_index is None else task_index
         num_tasks = int(os.environ.get("SLURM_ARRAY_TASK_COUNT", 1)) if num_tasks is None else num_tasks
+        self.pin_settings(resume, num_tasks)
         ctx = JobContext(self.run_dir, self.cfg, task_index, num_tasks)
         timings = {}
         for stage in self.stages():
@@ -166,6 +190,75 @@ class DataJob:
         result["stage_seconds"] = timings
         return result
 
+    # ---- one job per run dir ---------------------------------------------------------------------------------
+    def pin_settings(self, resume: str = "auto", num_tasks: int = 1) -> None:
+        """Record the settings and input files on the first run; refuse a rerun with other ones while any shard
+        is finished (it would be reused); start over when nothing is finished yet (a fixed typo) or on
+        resume=never. Problems are RecipeConfigErrors: the CLI prints them as the config-problem paragraph."""
+        from runx.trainers.recipe import RecipeConfigError
+        if resume not in ("auto", "never"):
+            raise RecipeConfigError(f"resume={resume}: a data job continues its own run_dir (resume=auto) or starts "
+                                    f"it over (resume=never); to continue that run's stages, give run_dir={resume}")
+        path = os.path.join(self.run_dir, f"{self.job_name}_job.json")
+        now = json.loads(json.dumps({"job": self.job_name, "settings": self.settings(),
+                                     "inputs": file_fingerprint(self.input_files()),
+                                     "stages": [s.name for s in self.stages()]}, default=str))
+        before = None
+        if os.path.exists(path):
+            with open(path) as f:
+                before = json.load(f)
+        done = self._finished_shards(before)
+        diff = self._pin_diff(before, now) if before is not None else []
+        if resume == "never" and (done or before is not None):
+            if num_tasks > 1:
+                raise RecipeConfigError(f"resume=never with {num_tasks} array tasks: each task would clear the "
+                                        f"others' work. Empty {self.run_dir} (or give another run_dir=) before "
+                                        f"starting the tasks")
+            log.info("resume=never: clearing the %s job in %s (%d finished shards)", self.job_name, self.run_dir,
+                     done)
+            self._start_over(before, path)
+        elif diff and done:
+            raise RecipeConfigError(
+                f"run_dir={self.run_dir} holds a {self.job_name} job with other settings: {'; '.join(diff)}. "
+                f"Its {done} finished shards were computed with the old ones and would be reused. Rerun with "
+                f"resume=never to start this run_dir over, or give another run_dir=")
+        elif diff:
+            log.info("%s: settings changed before any shard finished (%s); starting over", self.run_dir,
+                     "; ".join(diff))
+            self._start_over(before, path)
+        elif before is None and done:
+            log.warning("%s holds %d finished shards but no %s: assuming they were computed with these settings",
+                        self.run_dir, done, os.path.basename(path))
+        if before != now:
+            atomic_write_json(path, now)
+
+    def _stage_names(self, before: dict | None) -> list[str]:
+        return sorted({s.name for s in self.stages()} | set((before or {}).get("stages", [])))
+
+    def _finished_shards(self, before: dict | None) -> int:
+        n = 0
+        for name in self._stage_names(before):
+            d = os.path.join(self.run_dir, name)
+            if os.path.isdir(d):
+                n += sum(f.endswith(".done.json") for f in os.listdir(d))
+        return n
+
+    def _pin_diff(self, before: dict, now: dict) -> list[str]:
+        """'key (old -> new)' for every pinned setting that differs, and the input files if they changed."""
+        old, new = _flatten(before.get("settings", before)), _flatten(now["settings"])  # first records: settings only
+        out = [f"{k} ({_short(old.get(k))} -> {_short(new.get(k))})" for k in sorted(set(old) | set(new))
+               if k not in self.unpinned and old.get(k) != new.get(k)]
+        if "inputs" in before and before["inputs"]["digest"] != now["inputs"]["digest"]:
+            out.append(_input_change(before["inputs"], now["inputs"]))
+        return out
+
+    def _start_over(self, before: dict | None, pin_path: str) -> None:
+        for p in [os.path.join(self.run_dir, n) for n in self._stage_names(before)] + self.outputs() + [pin_path]:
+            if os.path.isdir(p):
+                shutil.rmtree(p)
+            elif os.path.exists(p):
+                os.unlink(p)
+
     def _run_keys(self, stage: Stage, ctx: JobContext, keys: list[str], num_workers: int) -> None:
         if num_workers <= 1 or len(keys) == 1:
             _worker(self, stage, ctx, keys)
@@ -175,3 +268,46 @@ class DataJob:
         chunks = [keys[w::num_workers] for w in range(num_workers)]
         with mp.get_context("fork").Pool(num_workers) as pool:
             pool.starmap(_worker, [(self, stage, ctx, c) for c in chunks if c])
+
+
+# ---- the settings record ---------------------------------------------------------------------------------------
+MAX_LISTED_INPUTS = 1000   # beyond this many input files the record keeps their count, bytes and digest only
+
+
+def file_fingerprint(paths: list[str]) -> dict:
+    """Count, total bytes and a digest of (path, size, mtime) of files; the list itself for up to 1000 files."""
+    rows = []
+    for p in paths:
+        st = os.stat(p)
+        rows.append([os.path.abspath(p), st.st_size, st.st_mtime_ns])
+    digest = hashlib.sha256("".join(f"{p}\t{n}\t{m}\n" for p, n, m in rows).encode()).hexdigest()[:16]
+    out = {"count": len(rows), "bytes": sum(r[1] for r in rows), "digest": digest}
+    if len(rows) <= MAX_LISTED_INPUTS:
+        out["files"] = rows
+    return out
+
+
+def _input_change(before: dict, now: dict) -> str:
+    old = {p: (n, m) for p, n, m in before.get("files", [])}
+    new = {p: (n, m) for p, n, m in now.get("files", [])}
+    first = next((p for p in sorted(set(old) | set(new)) if old.get(p) != new.get(p)), None)
+    example = "" if first is None else f", e.g. {first} " + (
+        "is new" if first not in old else "is gone" if first not in new else "was modified")
+    return (f"input files ({before['count']} files, {before['bytes']} bytes -> {now['count']} files, "
+            f"{now['bytes']} bytes{example})")
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _short(v, width: int = 80) -> str:
+    """A value for a message, long ones cut in the middle (paths differ at their ends)."""
+    text = json.dumps(v, default=str)
+    return text if len(text) <= width else text[: width // 2 - 2] + "..." + text[-(width // 2 - 1):]
