@@ -42,6 +42,7 @@ from omegaconf import OmegaConf
 from runx.conf.schema.preselect import PreSelectConfig, PreSelectWorldConfig
 from runx.recipes.text_data import files_at, open_shard, select_shards, shard_format
 from runx.trainers.datajob import DataJob, JobContext, Stage, atomic_path, atomic_write_bytes, atomic_write_json
+from runx.trainers.recipe import RecipeConfigError
 
 log = logging.getLogger("runx.preselect")
 
@@ -119,14 +120,17 @@ class HFReference:
         self.stride = int(ref.get("stride", rc.bpc_stride))
         limit = getattr(self.model.config, "max_position_embeddings", None)
         if limit and self.window > limit:
-            raise ValueError(f"recipe.bpc_window={self.window} exceeds {ref['name']}'s max_position_embeddings="
-                             f"{limit}; set recipe.bpc_window (and bpc_stride below it) or the reference's "
-                             f"`window` to at most {limit}")
+            raise ValueError(window_problem(ref["name"], self.window, limit))
         self.batch_size = int(rc.bpc_batch_size)
 
     def doc_bits(self, texts: list[str]) -> np.ndarray:
         return causal_lm_doc_nats(self.model, self.tokenizer, texts, self.window, self.stride, self.batch_size,
                                   self.device) / LN2
+
+
+def window_problem(name: str, window: int, limit: int) -> str:
+    return (f"recipe.bpc_window={window} exceeds {name}'s max_position_embeddings={limit}; set recipe.bpc_window "
+            f"(and bpc_stride below it) or the reference's `window` to at most {limit}")
 
 
 class NgramReference:
@@ -273,6 +277,33 @@ SMOKE_WORLD = {"num_facts": 120, "pool_shards": 3, "docs_per_pool_shard": 150, "
                "docs_per_sample_shard": 500, "reference_chars": 40000, "benchmark_items": 80}
 
 
+OUTPUT_OWNER = ".runx_owner.json"
+
+
+def _output_dir_owner(out_dir: str) -> str | None:
+    try:
+        with open(os.path.join(out_dir, OUTPUT_OWNER)) as f:
+            return json.load(f).get("run_dir")
+    except (OSError, ValueError):
+        return None
+
+
+def _local_reference_problems(key: str, ref: dict, window: int) -> list[str]:
+    """A reference given as a local folder must exist, and fit its window (read from its config.json) now,
+    not after the references before it have scored the whole sample."""
+    path = os.path.expanduser(str(ref["path"]))
+    if not (os.path.isabs(path) or str(ref["path"]).startswith(("./", "../")) or os.path.isdir(path)):
+        return []      # an HF hub id
+    if not os.path.isdir(path):
+        return [f"{key}.path={ref['path']}: no such folder on this machine (give a local model folder or a hub id)"]
+    try:
+        with open(os.path.join(path, "config.json")) as f:
+            limit = json.load(f).get("max_position_embeddings")
+    except (OSError, ValueError):
+        return []
+    return [window_problem(ref["name"], window, limit)] if isinstance(limit, int) and window > limit else []
+
+
 def _all_at_once(ctx: JobContext) -> list[str]:
     # A one-shard stage: shard index 0 belongs to task 0 and runs in-process; the other array tasks see the
     # stage incomplete until task 0's marker exists, and wait. (Stage(parallel=False) would let them run on.)
@@ -302,8 +333,9 @@ class PreSelect(DataJob):
         self.seed = int(cfg.get("seed", 0) or 0)
         self.smoke = bool(cfg.get("smoke", False))
         self.rc = OmegaConf.create(_shrink_for_smoke(rc) if self.smoke else rc)
-        self.references = self._check_config()
         self.builtin = self.rc.pool == "builtin"
+        self._shards: dict[str, list[str]] = {}     # recipe.pool / recipe.sample listed once, in _check_config
+        self.references = self._check_config()
         self.out_dir = os.path.abspath(self.rc.output_dir) if self.rc.output_dir else \
             os.path.join(run_dir, "output")
         self._cache: dict = {}
@@ -335,6 +367,12 @@ class PreSelect(DataJob):
         if rc.pool != "builtin" and not rc.sample:
             problems.append("recipe.sample='' : required when recipe.pool is not 'builtin' (the documents every "
                             "reference model scores, e.g. a few shards of the pool)")
+        for key in ("pool", "sample") if not self.builtin else ():
+            if rc[key]:
+                try:
+                    self._shards[key] = list_shards(rc[key], key)
+                except (FileNotFoundError, ValueError) as e:
+                    problems.append(str(e))
         from runx.recipes.preselect_world import DOMAINS
         from runx.recipes.preselect_ngram import MAX_ORDER
         refs = [dict(r) for r in (rc.references or [])]
@@ -352,6 +390,8 @@ class PreSelect(DataJob):
             if kind == "hf":
                 if not r.get("path"):
                     problems.append(f"{key}.path: required for kind=hf (an HF hub id or a local folder)")
+                elif not r.get("from_config"):
+                    problems += _local_reference_problems(key, r, int(r.get("window", rc.bpc_window)))
                 if not isinstance(r.get("score"), (int, float)) or isinstance(r.get("score"), bool):
                     problems.append(f"{key}.score={r.get('score')!r}: kind=hf needs its benchmark score (a number)")
             elif kind == "ngram":
@@ -385,12 +425,57 @@ class PreSelect(DataJob):
     def pool_paths(self) -> list[str]:
         if self.builtin:
             return [self._world_path("pool", i) for i in range(int(self.rc.world.pool_shards))]
-        return list_shards(self.rc.pool, "pool")
+        return self._shards["pool"]
 
     def sample_paths(self) -> list[str]:
         if self.builtin:
             return [self._world_path("sample", i) for i in range(int(self.rc.world.sample_shards))]
-        return list_shards(self.rc.sample, "sample")
+        return self._shards["sample"]
+
+    # ---- what the run dir pins (DataJob.pin_settings), and the output folder ---------------------------------
+    job_name = "preselect"
+    # batch sizes change memory and speed, not the scores: free to lower after an out-of-memory error
+    unpinned = ("recipe.num_workers", "recipe.bpc_batch_size", "recipe.predict_batch")
+
+    def settings(self) -> dict:
+        rc = OmegaConf.to_container(self.rc, resolve=True)
+        if rc["output_dir"]:
+            rc["output_dir"] = self.out_dir
+        return {"recipe": rc, "seed": self.seed, "smoke": self.smoke}
+
+    def input_files(self) -> list[str]:
+        return [] if self.builtin else self.pool_paths() + self.sample_paths()
+
+    def outputs(self) -> list[str]:
+        if not self.rc.output_dir:
+            return [self.out_dir]
+        if _output_dir_owner(self.out_dir) != os.path.abspath(self.run_dir):
+            return []          # not this run's files: _claim_output_dir refuses the folder
+        return [os.path.join(self.out_dir, f) for f in os.listdir(self.out_dir)
+                if f.startswith(("part-", ".tmp-")) or f in ("manifest.json", "score_histogram.png")]
+
+    def run(self, *args, **kw) -> dict:
+        self._claim_output_dir()
+        return super().run(*args, **kw)
+
+    def _claim_output_dir(self) -> None:
+        """A recipe.output_dir outside the run dir holds the outputs of one run, marked by OUTPUT_OWNER. A folder
+        holding another run's outputs (or files runx did not write) is refused, rather than cleared of the
+        part-* files its manifest does not list: the folder is the user's choice and may hold their own data,
+        and a refusal deletes nothing. The run's own leftovers from other settings go with resume=never."""
+        if not self.rc.output_dir:
+            return
+        me, owner = os.path.abspath(self.run_dir), _output_dir_owner(self.out_dir)
+        if owner == me:
+            return
+        others = sorted(f for f in os.listdir(self.out_dir) if f != OUTPUT_OWNER) \
+            if os.path.isdir(self.out_dir) else []
+        if others:
+            what = f"the outputs of run_dir={owner}" if owner else f"files no PreSelect run wrote ({others[0]}, ...)"
+            raise RecipeConfigError(f"recipe.output_dir={self.rc.output_dir} already holds {what}: two jobs writing "
+                                    f"one folder mix their part-* files. Give an empty or new recipe.output_dir, "
+                                    f"or empty that one")
+        atomic_write_json(os.path.join(self.out_dir, OUTPUT_OWNER), {"run_dir": me, "recipe": "preselect"})
 
     def pool_keys(self, ctx: JobContext) -> list[str]:
         return [f"{i:05d}" for i in range(len(self.pool_paths()))]
@@ -477,9 +562,20 @@ class PreSelect(DataJob):
                 bad.add(BadLine(path, item[0], "empty text: no characters to compute BPC on"))
             else:
                 rows.append(json.dumps({"id": item[1], "text": item[2]}).encode())
+        if not rows:
+            self._check_text_field(path, bad)
         write_shard_lines(os.path.join(ctx.stage_dir("sample"), f"{key}.jsonl"), rows, "none")
         return {"input": path, "docs": len(rows), **bad.save(os.path.join(ctx.stage_dir("sample"),
                                                                              f"{key}.bad.jsonl"))}
+
+    def _check_text_field(self, path: str, bad: "BadLineLog") -> None:
+        """A shard without one good document, mostly for lack of the text field: recipe.text_field names a
+        field the data does not have (a config problem, stopped here before any reference model loads)."""
+        missing = [b for b in bad.items if b["error"].startswith(("missing field", "missing column"))]
+        if missing and 2 * len(missing) >= len(bad.items):
+            raise RecipeConfigError(f"recipe.text_field={self.rc.text_field!r} is not in {path}: line "
+                                    f"{missing[0]['line']}: {missing[0]['error']}. Set recipe.text_field to the "
+                                    f"field that holds the documents' text")
 
     def _sample_texts(self, ctx: JobContext, key: str) -> tuple[list[str], list[str]]:
         ids, texts = [], []
@@ -541,9 +637,7 @@ class PreSelect(DataJob):
         pos, neg = choose_labels(S, agree, comparable, self.rc.positives, float(self.rc.positive_quantile),
                                  self.seed)
         if len(pos) < int(self.rc.min_positives):
-            raise RuntimeError(f"only {len(pos)} positive documents (S = 1) among {len(S)}, fewer than "
-                               f"recipe.min_positives={self.rc.min_positives}: score more documents "
-                               f"(recipe.sample) or use recipe.positives=quantile")
+            raise RuntimeError(self._too_few_positives(len(pos), len(S)))
         rng = np.random.default_rng([self.seed, 12])
         split = {}
         for label, idx in ((1, pos), (0, neg)):
@@ -575,6 +669,19 @@ class PreSelect(DataJob):
                 "train": len(files["train"]), "heldout": len(files["heldout"]),
                 "abilities": ability.tolist(), "comparable_pairs": comparable,
                 "mean_S": float(S.mean()), "negatives_max_S": float(S[neg].max()) if len(neg) else None}
+
+    def _too_few_positives(self, positives: int, scored: int) -> str:
+        rc = self.rc
+        if scored == 0:
+            return ("no sample document could be scored: every line of recipe.sample was bad (see "
+                    f"{os.path.join(self.run_dir, 'sample')}/*.bad.jsonl)")
+        if rc.positives == "quantile":
+            return (f"only {positives} positive documents (the top recipe.positive_quantile={rc.positive_quantile} "
+                    f"of {scored} scored), fewer than recipe.min_positives={rc.min_positives}: score more documents "
+                    f"(recipe.sample) or raise recipe.positive_quantile")
+        return (f"only {positives} positive documents (S = 1: every reference pair agrees) among {scored}, fewer "
+                f"than recipe.min_positives={rc.min_positives}: score more documents (recipe.sample) or use "
+                f"recipe.positives=quantile")
 
     # ---- stage train: the fastText classifier --------------------------------------------------------------
     def train_classifier(self, ctx: JobContext, _key: str) -> dict:

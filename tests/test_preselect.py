@@ -334,6 +334,8 @@ def test_kept_character_fraction_within_one_document(smoke_job, tmp_path):
     for fraction, fmt in ((0.1, "same"), (0.37, "parquet")):
         for d in ("filter_threshold", "filter", "output"):
             shutil.rmtree(os.path.join(run_dir, d), ignore_errors=True)
+        if os.path.exists(os.path.join(run_dir, "preselect_job.json")):  # by hand: only the last stages rerun
+            os.unlink(os.path.join(run_dir, "preselect_job.json"))
         P.PreSelect(smoke_cfg(keep_fraction=fraction, output_format=fmt), run_dir).run(
             only=["filter_threshold", "filter"])
         assert all(f.endswith(".parquet" if fmt == "parquet" else ".jsonl.zst")
@@ -466,6 +468,124 @@ def test_config_errors_name_the_key(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"recipe.pool='/nonexistent/\*.jsonl': no shards found"):
         P.list_shards("/nonexistent/*.jsonl", "pool")
 
+
+
+# ------------------------------------------------------------------------------------------ one job per run dir
+def own_data_cfg(pool: str, sample: str, **recipe) -> "OmegaConf":
+    refs = [{"name": "a", "kind": "hf", "path": "hub-org/a", "score": 1.0},      # hub ids: never loaded here
+            {"name": "b", "kind": "hf", "path": "hub-org/b", "score": 2.0}]
+    return OmegaConf.create({"seed": 0, "smoke": False, "recipe": {
+        "name": "preselect", "pool": pool, "sample": sample, "references": refs, **recipe}})
+
+
+def write_docs(path, n: int, field: str = "text", start: int = 0) -> str:
+    os.makedirs(os.path.dirname(str(path)), exist_ok=True)
+    with open(path, "w") as f:
+        f.writelines(json.dumps({"id": f"d{i}", field: f"document {i} about things"}) + "\n"
+                     for i in range(start, start + n))
+    return str(path)
+
+
+def pin(cfg, run_dir, **kw) -> dict:
+    """The run's settings check and nothing else: no stage is selected."""
+    return P.PreSelect(cfg, str(run_dir)).run(only=["(no stage)"], **kw)
+
+
+def test_rerun_with_other_settings_or_inputs_is_refused_and_resume_never_starts_over(tmp_path):
+    from runx.trainers.recipe import RecipeConfigError
+    for i in range(2):
+        write_docs(tmp_path / "pool_a" / f"{i}.jsonl", 5, start=5 * i)
+    write_docs(tmp_path / "pool_b" / "0.jsonl", 7)
+    sample = write_docs(tmp_path / "sample.jsonl", 4)
+    run = tmp_path / "run"
+    cfg = own_data_cfg(str(tmp_path / "pool_a"), sample)
+    pin(cfg, run)
+    record = json.load(open(run / "preselect_job.json"))
+    assert record["inputs"]["count"] == 3 and record["settings"]["recipe"]["keep_fraction"] == 0.1
+    # nothing finished yet: other settings (a fixed typo) simply replace the record
+    pin(own_data_cfg(str(tmp_path / "pool_a"), sample, text_field="body"), run)
+    pin(cfg, run)
+    write_docs(run / "sample" / "00000.done.json", 1)                 # a finished shard
+    (run / "output").mkdir()
+    (run / "output" / "part-00000.jsonl").write_text("{}\n")
+    for other, named in ((own_data_cfg(str(tmp_path / "pool_b"), sample), r"recipe.pool \(.*pool_a.*pool_b"),
+                         (own_data_cfg(str(tmp_path / "pool_a"), sample, keep_fraction=0.5),
+                          r"recipe.keep_fraction \(0.1 -> 0.5\)")):
+        with pytest.raises(RecipeConfigError, match=named) as err:
+            pin(other, run)
+        assert "resume=never" in str(err.value) and "run_dir=" in str(err.value)
+    pin(own_data_cfg(str(tmp_path / "pool_a"), sample, bpc_batch_size=1, num_workers=3), run)   # how, not what
+    with open(tmp_path / "pool_a" / "1.jsonl", "a") as f:
+        f.write(json.dumps({"id": "new", "text": "one more document"}) + "\n")
+    with pytest.raises(RecipeConfigError, match=r"input files \(3 files, .*1\.jsonl was modified"):
+        pin(cfg, run)
+    with pytest.raises(RecipeConfigError, match=r"resume=/elsewhere: .*run_dir=/elsewhere"):
+        pin(cfg, run, resume="/elsewhere")
+    other = own_data_cfg(str(tmp_path / "pool_b"), sample, keep_fraction=0.5)
+    pin(other, run, resume="never")                                    # starts over: stale shards and outputs go
+    assert not (run / "sample").exists() and not (run / "output" / "part-00000.jsonl").exists()
+    assert json.load(open(run / "preselect_job.json"))["settings"]["recipe"]["keep_fraction"] == 0.5
+    pin(other, run)
+
+
+def test_a_shared_output_dir_belongs_to_one_run(tmp_path):
+    from runx.trainers.recipe import RecipeConfigError
+    pool = write_docs(tmp_path / "pool" / "0.jsonl", 5)
+    out = tmp_path / "shared_out"
+    cfg = own_data_cfg(pool, pool, output_dir=str(out))
+    pin(cfg, tmp_path / "run1")
+    (out / "part-00000.jsonl").write_text("{}\n")                       # run1's output
+    pin(cfg, tmp_path / "run1")                                        # its own folder: fine
+    with pytest.raises(RecipeConfigError, match=r"recipe.output_dir=.*shared_out already holds the outputs of "
+                                                 r"run_dir=.*run1"):
+        pin(cfg, tmp_path / "run2")
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("the user's own file")
+    with pytest.raises(RecipeConfigError, match=r"files no PreSelect run wrote \(notes.txt"):
+        pin(own_data_cfg(pool, pool, output_dir=str(mine)), tmp_path / "run3")
+    assert (mine / "notes.txt").exists() and (out / "part-00000.jsonl").exists()   # nothing deleted
+    pin(cfg, tmp_path / "run1", resume="never")                        # run1 starting over clears its own parts
+    assert sorted(os.listdir(out)) == [".runx_owner.json"]
+    pin(cfg, tmp_path / "run2")                                        # an emptied folder can change hands
+
+
+def test_config_problems_come_before_any_model_loads(tmp_path):
+    """Empty pool listings, missing local references, a window too long for a reference: constructor problems."""
+    sample = write_docs(tmp_path / "sample.jsonl", 6)
+    (tmp_path / "txt").mkdir()
+    (tmp_path / "txt" / "a.txt").write_text("plain text is not a PreSelect shard")
+    with pytest.raises(ValueError, match=r"recipe.pool=.*txt.*: no shards found"):
+        P.PreSelect(own_data_cfg(str(tmp_path / "txt"), sample), str(tmp_path / "r"))
+    (tmp_path / "bz").mkdir()
+    (tmp_path / "bz" / "a.jsonl.bz2").write_bytes(b"BZh9")
+    with pytest.raises(ValueError, match=r"cannot read .*a\.jsonl\.bz2"):
+        P.PreSelect(own_data_cfg(str(tmp_path / "bz"), sample), str(tmp_path / "r"))
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({"max_position_embeddings": 96}))
+    refs = [{"name": "a", "kind": "hf", "path": "/nope/m", "score": 1}, {"name": "b", "kind": "hf",
+                                                                          "path": str(model), "score": 2}]
+    with pytest.raises(ValueError, match=r"(?s)recipe.references\[0\].path=/nope/m: no such folder.*"
+                                         r"bpc_window=128 exceeds b's max_position_embeddings=96"):
+        P.PreSelect(own_data_cfg(sample, sample, references=refs, bpc_window=128, bpc_stride=64),
+                    str(tmp_path / "r"))
+
+
+def test_a_text_field_typo_stops_in_the_sample_stage_and_can_be_fixed_in_place(tmp_path):
+    from runx.trainers.recipe import RecipeConfigError
+    sample = write_docs(tmp_path / "sample.jsonl", 6)
+    run = str(tmp_path / "run")
+    with pytest.raises(RecipeConfigError, match=r"recipe.text_field='txt' is not in .*sample.jsonl: line 1: "
+                                                r"missing field 'txt' \(fields: \['id', 'text'\]\)"):
+        P.PreSelect(own_data_cfg(sample, sample, text_field="txt"), run).run(only=["sample"])
+    P.PreSelect(own_data_cfg(sample, sample), run).run(only=["sample"])        # the fixed command, same run_dir
+    assert json.load(open(os.path.join(run, "sample", "00000.done.json")))["docs"] == 6
+    # the min_positives message speaks of the chosen positives mode
+    job = P.PreSelect(own_data_cfg(sample, sample, positives="quantile", positive_quantile=0.05), run)
+    msg = job._too_few_positives(1, 20)
+    assert "positive_quantile=0.05" in msg and "use recipe.positives=quantile" not in msg
+    assert "S = 1" in P.PreSelect(own_data_cfg(sample, sample), run)._too_few_positives(1, 20)
 
 # ------------------------------------------------------------------------------------------ end to end
 def test_cli_smoke_end_to_end(tmp_path):
