@@ -256,6 +256,12 @@ def test_a_causal_lm_trains_with_fp32_master_weights_whatever_the_zero_stage(tmp
     assert p.returncode == 2 and "model.dtype=bf16" in p.stderr and "nope.jsonl" in p.stderr, p.stderr
 
 
+def test_debug_smoke_keeps_a_logger_the_command_line_chose():
+    assert compose(["debug=smoke"]).logger.backend == "none"
+    assert compose(["debug=smoke", "logger=wandb"]).logger.backend == "wandb"
+    assert compose(["debug=smoke"]).trainer.max_steps == 4
+
+
 def test_all_errors_reported_at_once():
     with pytest.raises(ConfigError):
         compose(["trainer=nope"])
