@@ -41,7 +41,25 @@ def check_packed_attention(model, key: str = "data.packing") -> None:
                                 f"Valid values: {key}=false for this model.")
 
 
-class SFT(TrainingRecipe):
+def causal_lm_tokenizer(model_cfg):
+    """The tokenizer of a causal LM, which must have an end-of-sequence token (appended to every sample, and
+    the padding when the tokenizer has none)."""
+    tok = load_tokenizer(model_cfg)
+    if tok.eos_token_id is None:
+        raise ValueError(f"the tokenizer of {model_cfg.get('tokenizer') or model_cfg.path} has no eos_token, "
+                         f"which a causal LM needs to end samples; set model.tokenizer=<a tokenizer with one>")
+    return tok
+
+
+class ExportsTokenizer:
+    """Mixin for recipes with a `self.tokenizer`: the export folder gets the tokenizer beside the weights."""
+
+    def export(self, model, state_dict, out_dir):
+        super().export(model, state_dict, out_dir)
+        self.tokenizer.save_pretrained(out_dir)
+
+
+class SFT(ExportsTokenizer, TrainingRecipe):
     throughput_unit = "tokens"
 
     def __init__(self, cfg, run_dir):
@@ -50,7 +68,7 @@ class SFT(TrainingRecipe):
         self.task = task if task != "auto" else ("lm" if cfg.model.kind == "causal_lm" else "cls")
         if self.task == "cls" and cfg.model.kind != "seq_cls":
             raise ValueError(f"recipe.task=cls needs model.kind=seq_cls (got {cfg.model.kind})")
-        self.tokenizer = load_tokenizer(cfg.model)
+        self.tokenizer = causal_lm_tokenizer(cfg.model) if self.task == "lm" else load_tokenizer(cfg.model)
         self.num_labels = len(STDLIB_TOPICS) if cfg.data.kind == "builtin" else int(cfg.model.num_labels)
 
     # -------------------------------------------------------------- model and data
@@ -108,7 +126,9 @@ class SFT(TrainingRecipe):
                 h, head.weight, t, w, bias=getattr(head, "bias", None)), hidden.reshape(-1, hidden.shape[-1]))
         out = model(**self.lm_inputs(batch))
         logits = out.logits[:, :-1].float()
-        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
+        nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100,
+                              reduction="sum")
+        return nll / (labels != -100).sum().clamp_min(1)   # a micro-batch with no label gives 0, not NaN
 
     # -------------------------------------------------------------- evaluation
     @torch.no_grad()
@@ -138,7 +158,3 @@ class SFT(TrainingRecipe):
 
     def flops_per_token(self, model):
         return 6.0 * count_params(model)
-
-    def export(self, model, state_dict, out_dir):
-        super().export(model, state_dict, out_dir)
-        self.tokenizer.save_pretrained(out_dir)

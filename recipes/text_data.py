@@ -15,6 +15,8 @@ import logging
 import os
 import random
 
+from runx.trainers.recipe import RecipeConfigError
+
 log = logging.getLogger("runx.text_data")
 
 ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
@@ -92,28 +94,41 @@ def _compressed_data_file(path: str, formats: tuple[str, ...]) -> bool:
 
 
 def _read_jsonl(path: str) -> list[dict]:
-    rows = []
+    """Rows of a JSON Lines file (.gz too), or of a .json file that holds one JSON array of rows."""
     opener = open
     if path.endswith(".gz"):
         import gzip
         opener = gzip.open
     with opener(path, "rt") as f:
-        for lineno, line in enumerate(f, 1):
+        text = f.read()
+    if text.lstrip().startswith("["):  # a JSON array (alpaca-style .json), not JSON Lines
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise RecipeConfigError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
+    else:
+        rows = []
+        for lineno, line in enumerate(text.splitlines(), 1):
             if not line.strip():
                 continue
             try:
                 rows.append(json.loads(line))
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
+                raise RecipeConfigError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
+    bad = next((i for i, r in enumerate(rows) if not isinstance(r, dict)), None)
+    if bad is not None:
+        raise RecipeConfigError(f"{path}: row {bad + 1} is a JSON {type(rows[bad]).__name__}, not an object "
+                                f"({{field: value, ...}})")
     return rows
 
 
-def _read_files(path: str, kind: str) -> list[dict]:
+def read_files(path: str, kind: str) -> list[dict]:
+    """The rows of a JSONL (or JSON array) / Parquet / CSV file, or of every such file in a folder (recursive)."""
     ext = {"jsonl": (".jsonl", ".jsonl.gz", ".json"), "parquet": (".parquet",), "csv": (".csv",)}[kind]
     files = sorted(f for f in glob.glob(os.path.join(path, "**", "*"), recursive=True) if f.endswith(ext)) \
         if os.path.isdir(path) else [path]
     if not files or not all(os.path.exists(f) for f in files):
-        raise FileNotFoundError(f"data.path={path!r}: no {'/'.join(ext)} files found")
+        raise RecipeConfigError(f"data.path={path}: no {' / '.join(ext)} files there (data.kind={kind})")
     rows: list[dict] = []
     for f in files:
         if kind == "jsonl":
@@ -128,6 +143,29 @@ def _read_files(path: str, kind: str) -> list[dict]:
     return rows
 
 
+def load_hf_splits(src: str, train_split: str):
+    """A Hugging Face dataset as {split: rows}: a `save_to_disk` folder of a DatasetDict, or of a single Dataset
+    (which is then the `train_split`), or a hub / cache name (datasets.load_dataset)."""
+    import datasets
+    path = os.path.expanduser(src)
+    if os.path.isdir(path):
+        ds = datasets.load_from_disk(path)
+        ds = {train_split: ds} if isinstance(ds, datasets.Dataset) else ds
+    else:
+        ds = datasets.load_dataset(src)
+    if train_split not in ds:
+        raise RecipeConfigError(f"data.train_split={train_split}: not a split of {src}. Valid choices: "
+                                f"{', '.join(ds)}.")
+    return ds
+
+
+def require_rows(train: list, dcfg) -> None:
+    """A data source with no training row is a config problem naming it (not a ZeroDivisionError later)."""
+    if not train:
+        src = f"data.hf_name={dcfg.hf_name}" if dcfg.kind == "hf" and dcfg.hf_name else f"data.path={dcfg.path}"
+        raise RecipeConfigError(f"{src}: 0 training rows (data.kind={dcfg.kind})")
+
+
 def load_rows(dcfg, seed: int = 0) -> tuple[list[dict], list[dict]]:
     """(train rows, eval rows) for a `data:` section."""
     kind = dcfg.kind
@@ -138,18 +176,18 @@ def load_rows(dcfg, seed: int = 0) -> tuple[list[dict], list[dict]]:
         rows = _read_jsonl(os.path.join(ASSETS, "stdlib_topics.jsonl"))
         train, evals = _split(rows, dcfg.val_fraction, seed=0)  # fixed split, whatever the run seed
     elif kind in ("jsonl", "parquet", "csv"):
-        rows = _read_files(os.path.expanduser(dcfg.path), kind)
+        rows = read_files(os.path.expanduser(dcfg.path), kind)
         train, evals = _split(rows, dcfg.val_fraction, seed=0)
     elif kind == "hf":
-        import datasets
         src = dcfg.hf_name or dcfg.path
-        ds = datasets.load_from_disk(src) if os.path.isdir(os.path.expanduser(src)) else datasets.load_dataset(src)
+        ds = load_hf_splits(src, dcfg.train_split)
         train = list(ds[dcfg.train_split])
         evals = list(ds[dcfg.eval_split]) if dcfg.eval_split in ds else []
         if not evals:
             train, evals = _split(train, dcfg.val_fraction, seed=0)
     else:
         raise ValueError(f"data.kind={kind!r} is not a text source (valid choices: builtin, jsonl, parquet, csv, hf)")
+    require_rows(train, dcfg)
     if dcfg.max_train_samples:
         train = train[: int(dcfg.max_train_samples)]
     if dcfg.max_eval_samples:
@@ -168,7 +206,7 @@ class ClassificationDataset:
     def __init__(self, rows, tokenizer, text_field: str, label_field: str, max_length: int):
         missing = [i for i, r in enumerate(rows[:1000]) if text_field not in r or label_field not in r]
         if missing:
-            raise ValueError(f"data rows need fields {text_field!r} and {label_field!r} "
+            raise RecipeConfigError(f"data rows need fields {text_field!r} and {label_field!r} "
                              f"(data.text_field / data.label_field); row {missing[0]} has {sorted(rows[missing[0]])}")
         self.labels = [r[label_field] for r in rows]
         names = sorted({l for l in self.labels if not isinstance(l, int)})
@@ -186,13 +224,20 @@ class ClassificationDataset:
 
 
 class CausalLMDataset:
-    """Tokenised text; with prompt/response rows the prompt is masked (-100) in the labels."""
+    """Tokenised text; with prompt/response rows the prompt is masked (-100) in the labels. Samples left with no
+    label to predict after truncation to max_length (a prompt that fills it) are dropped, with a warning."""
 
     def __init__(self, rows, tokenizer, text_field: str, max_length: int, prompt_field: str = "prompt",
                  response_field: str = "response"):
+        pair = lambda r: prompt_field in r and response_field in r   # noqa: E731
+        bad = next((i for i, r in enumerate(rows) if not pair(r) and text_field not in r), None)
+        if bad is not None:
+            raise RecipeConfigError(
+                f"causal-LM rows need data.text_field ({text_field!r}) or data.prompt_field + data.response_field "
+                f"({prompt_field!r}, {response_field!r}); row {bad} has {sorted(rows[bad])}")
         self.items = []
         for r in rows:
-            if prompt_field in r and response_field in r:
+            if pair(r):
                 p = tokenizer(str(r[prompt_field]), add_special_tokens=False)["input_ids"]
                 a = tokenizer(str(r[response_field]), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
                 ids, labels = p + a, [-100] * len(p) + a
@@ -202,6 +247,16 @@ class CausalLMDataset:
             if tokenizer.bos_token_id is not None:
                 ids, labels = [tokenizer.bos_token_id] + ids, [-100] + labels
             self.items.append((ids[:max_length], labels[:max_length]))
+        kept = [it for it in self.items if any(t != -100 for t in it[1][1:])]   # label t is predicted from t-1
+        if len(kept) < len(self.items):
+            dropped = len(self.items) - len(kept)
+            if not kept:
+                raise RecipeConfigError(f"data.max_length={max_length}: none of the {dropped} samples has a "
+                                        f"response token left after truncation (the prompts fill it); raise "
+                                        f"data.max_length or shorten the prompts")
+            log.warning("dropped %d of %d samples with no response token within data.max_length=%d (the prompt "
+                        "fills it)", dropped, len(self.items), max_length)
+            self.items = kept
 
     def __len__(self):
         return len(self.items)
