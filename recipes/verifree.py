@@ -38,8 +38,9 @@ from dataclasses import dataclass
 
 import torch
 
-from runx.recipes.text_data import first_fit
-from runx.recipes.verifree_task import ArithmeticTask, QADataset, corrupt_trace, read_hf, read_jsonl, split_rows
+from runx.recipes.sft import ExportsTokenizer, causal_lm_tokenizer, check_packed_attention
+from runx.recipes.text_data import first_fit, load_hf_splits, read_files, require_rows
+from runx.recipes.verifree_task import ArithmeticTask, QADataset, corrupt_trace, qa_rows, split_rows
 from runx.trainers.recipe import TrainingRecipe
 
 log = logging.getLogger("runx.verifree")
@@ -448,7 +449,7 @@ def warmup_texts(rows: list[dict], cfg, seed: int = 0) -> tuple[list[str], list[
     return prompts, targets
 
 
-class VeriFree(TrainingRecipe):
+class VeriFree(ExportsTokenizer, TrainingRecipe):
     throughput_unit = "tokens"
 
     def __init__(self, cfg, run_dir: str):
@@ -477,10 +478,8 @@ class VeriFree(TrainingRecipe):
             raise ValueError("recipe.answer_template must contain the placeholder {answer}")
         if cfg.model.kind != "causal_lm":
             raise ValueError(f"model.kind={cfg.model.kind!r}: verifree needs a causal_lm")
-        from runx.trainers.hf import load_tokenizer
-        self.tokenizer = load_tokenizer(cfg.model)
-        if self.tokenizer.pad_token_id is None:
-            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.tokenizer = causal_lm_tokenizer(cfg.model)
+        self._rows = None if cfg.data.kind in ("generated", "builtin") else self.read_data()
         self._tokens = 0
         self._held_out = None
         self._start_metrics: dict = {}
@@ -492,7 +491,6 @@ class VeriFree(TrainingRecipe):
         from runx.trainers.hf import load_model
         model = load_model(self.cfg.model, tokenizer=self.tokenizer)
         if self.rc.pack_sequences:
-            from runx.recipes.sft import check_packed_attention
             check_packed_attention(model, "recipe.pack_sequences")
         return model
 
@@ -525,32 +523,54 @@ class VeriFree(TrainingRecipe):
             terms["KL reference model"] = sum(p.numel() * p.element_size() for p in model.parameters())
         return {"device": terms}
 
+    def read_data(self) -> tuple[list[dict], list[dict]]:
+        """(train, held-out) {question, answer[, trace]} rows of the user's data: JSONL / Parquet / CSV files
+        (a folder holding <data.train_split>.<ext> and <data.eval_split>.<ext> is read as those splits) or a HF
+        dataset; without a held-out split, data.val_fraction of train. Read by the constructor, so that a data
+        problem is reported before the model is built."""
+        rc, data = self.rc, self.cfg.data
+        kinds = ("generated", "builtin", "jsonl", "parquet", "csv", "hf")
+        if data.kind not in kinds:
+            raise ValueError(f"data.kind={data.kind}: verifree reads question/answer rows. Valid choices: "
+                             f"{', '.join(kinds)} (generated = the arithmetic task).")
+        qa = lambda rows, src: qa_rows(rows, src, rc.question_field, rc.answer_field)   # noqa: E731
+        held_out = None
+        if data.kind == "hf":
+            src = data.hf_name or data.path
+            ds = load_hf_splits(src, data.train_split)
+            train = qa(ds[data.train_split], f"{src}[{data.train_split}]")
+            if data.eval_split in ds:
+                held_out = qa(ds[data.eval_split], f"{src}[{data.eval_split}]")
+        else:
+            path = os.path.expanduser(data.path)
+            ext = {"jsonl": ".jsonl", "parquet": ".parquet", "csv": ".csv"}[data.kind]
+            split_file = lambda split: os.path.join(path, split + ext)   # noqa: E731
+            if os.path.isdir(path) and os.path.exists(split_file(data.train_split)):
+                train = qa(read_files(split_file(data.train_split), data.kind), split_file(data.train_split))
+                if os.path.exists(split_file(data.eval_split)):
+                    held_out = qa(read_files(split_file(data.eval_split), data.kind), split_file(data.eval_split))
+            else:
+                train = qa(read_files(path, data.kind), path)
+        require_rows(train, data)
+        if held_out is None:
+            train, held_out = split_rows(train, data.val_fraction, int(self.cfg.seed))
+        if rc.warmup_steps > 0:
+            bad = next((i for i, r in enumerate(train[:rc.warmup_examples]) if "trace" not in r), None)
+            if bad is not None:
+                raise ValueError(f"recipe.warmup_steps={rc.warmup_steps}: the supervised warm-up trains on worked "
+                                 f"traces, and training row {bad + 1} has no 'trace' field. Set "
+                                 f"recipe.warmup_steps=0 (its default for any data but data=verifree_arith), "
+                                 f"or add a 'trace' field to the rows.")
+        return train, held_out
+
     def build_data(self):
         rc, data = self.rc, self.cfg.data
-        if data.kind in ("generated", "builtin"):
+        if self._rows is not None:
+            train, held_out = self._rows
+        else:
             task = self.task()
             train = task.generate(rc.task_train_size, "train")
             held_out = task.generate(rc.task_eval_size, "eval")
-        elif data.kind == "jsonl":
-            if os.path.isdir(data.path) and os.path.exists(os.path.join(data.path, f"{data.train_split}.jsonl")):
-                train = read_jsonl(os.path.join(data.path, f"{data.train_split}.jsonl"), rc.question_field,
-                                   rc.answer_field)
-                ev = os.path.join(data.path, f"{data.eval_split}.jsonl")
-                held_out = read_jsonl(ev, rc.question_field, rc.answer_field) if os.path.exists(ev) else None
-            else:
-                train, held_out = read_jsonl(data.path, rc.question_field, rc.answer_field), None
-            if held_out is None:
-                train, held_out = split_rows(train, data.val_fraction, int(self.cfg.seed))
-        elif data.kind == "hf":
-            src = data.hf_name or data.path
-            train = read_hf(src, data.train_split, rc.question_field, rc.answer_field)
-            try:
-                held_out = read_hf(src, data.eval_split, rc.question_field, rc.answer_field)
-            except (KeyError, ValueError):
-                train, held_out = split_rows(train, data.val_fraction, int(self.cfg.seed))
-        else:
-            raise ValueError(f"data.kind={data.kind!r}: verifree reads 'generated' (the arithmetic task), "
-                             "'jsonl' or 'hf' data with question/answer fields")
         if data.max_train_samples:
             train = train[:data.max_train_samples]
         if data.max_eval_samples:

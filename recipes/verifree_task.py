@@ -137,39 +137,9 @@ def _check_fields(row, source: str, question_field: str, answer_field: str) -> d
     return out
 
 
-def read_jsonl(path: str, question_field: str = "question", answer_field: str = "answer") -> list[dict]:
-    """Rows of one .jsonl file, or of every *.jsonl in a folder (sorted); errors name file and line."""
-    files = sorted(glob.glob(os.path.join(path, "*.jsonl"))) if os.path.isdir(path) else [path]
-    if not files:
-        raise FileNotFoundError(f"data.path={path!r}: no .jsonl files there")
-    rows = []
-    for fname in files:
-        if not os.path.exists(fname):
-            raise FileNotFoundError(f"data.path={fname!r} does not exist")
-        with open(fname, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{fname}:{lineno}: not valid JSON ({e.msg})") from None
-                rows.append(_check_fields(row, f"{fname}:{lineno}", question_field, answer_field))
-    return rows
-
-
-def read_hf(name_or_path: str, split: str, question_field: str = "question",
-            answer_field: str = "answer") -> list[dict]:
-    """One split of a HF dataset: a `save_to_disk` folder (as the reference's webdata) or a hub/cache name."""
-    import datasets
-    if os.path.isdir(name_or_path) and os.path.exists(os.path.join(name_or_path, "dataset_dict.json")):
-        ds = datasets.load_from_disk(name_or_path)[split]
-    elif os.path.isdir(name_or_path) and os.path.exists(os.path.join(name_or_path, "dataset_info.json")):
-        ds = datasets.load_from_disk(name_or_path)
-    else:
-        ds = datasets.load_dataset(name_or_path, split=split)
-    return [_check_fields(row, f"{name_or_path}[{split}] row {i}", question_field, answer_field)
-            for i, row in enumerate(ds)]
+def qa_rows(rows, source: str, question_field: str = "question", answer_field: str = "answer") -> list[dict]:
+    """{question, answer[, trace]} dicts from data rows (any field names); errors name the source and row."""
+    return [_check_fields(row, f"{source} row {i + 1}", question_field, answer_field) for i, row in enumerate(rows)]
 
 
 def split_rows(rows: list[dict], val_fraction: float, seed: int) -> tuple[list[dict], list[dict]]:

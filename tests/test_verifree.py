@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from runx.recipes import verifree as vf
-from runx.recipes.verifree_task import ArithmeticTask, read_jsonl
+from runx.recipes.text_data import read_files
+from runx.recipes.verifree_task import ArithmeticTask, qa_rows
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
@@ -498,14 +499,14 @@ def test_flawed_warmup_traces_answer_what_their_reasoning_says():
 def test_jsonl_loading_names_file_and_line(tmp_path):
     p = tmp_path / "d.jsonl"
     p.write_text('{"question": "q1", "answer": "a1"}\n\n{"question": "q2", "answer": 7}\n')
-    assert read_jsonl(str(p)) == [{"question": "q1", "answer": "a1"}, {"question": "q2", "answer": "7"}]
+    assert qa_rows(read_files(str(p), "jsonl"), str(p)) == [{"question": "q1", "answer": "a1"},
+                                                            {"question": "q2", "answer": "7"}]
     p.write_text('{"question": "q1", "answer": "a1"}\n{"question": "q2"}\n')
-    with pytest.raises(ValueError, match=r"d\.jsonl:2: missing field"):
-        read_jsonl(str(p))
+    with pytest.raises(ValueError, match=r"d\.jsonl row 2: missing field"):
+        qa_rows(read_files(str(p), "jsonl"), str(p))
     p.write_text('{"question": "q1", "answer": "a1"}\n{oops\n')
-    with pytest.raises(ValueError, match=r"d\.jsonl:2: not valid JSON"):
-        read_jsonl(str(p))
-
+    with pytest.raises(ValueError, match=r"d\.jsonl:2: invalid JSON"):
+        read_files(str(p), "jsonl")
 
 
 def test_recipe_reads_jsonl_and_hf_datasets_with_configurable_fields(tmp_path):
@@ -524,6 +525,77 @@ def test_recipe_reads_jsonl_and_hf_datasets_with_configurable_fields(tmp_path):
     train, held = vf.VeriFree(cfg, str(tmp_path)).build_data()
     assert len(train) == 15 and len(held) == 5            # no validation split: a held-out fraction
     assert {r["question"] for r in train.rows} | {r["question"] for r in held.rows} == {r["problem"] for r in rows}
+
+
+def test_group_choices_replace_the_embedded_model_data_prompt_and_warmup():
+    from runx.cli.config import compose
+    from runx.conf.schema.verifree import PAPER_PROMPT
+    emb = compose(["recipe=verifree"])
+    assert emb.model.from_config.hidden_size == 128 and emb.model.path == "builtin:bytes"
+    assert emb.data.kind == "generated" and emb.recipe.warmup_steps == 300
+    assert emb.recipe.prompt_template == "Q: {question}\nA: "
+    user = compose(["recipe=verifree", "model=hf_causal_lm", "model.path=/m", "data=jsonl", "data.path=/d.jsonl"])
+    assert user.model.from_config is None and user.model.path == "/m"
+    assert (user.data.kind, user.data.path, user.data.name) == ("jsonl", "/d.jsonl", "jsonl")
+    assert user.recipe.warmup_steps == 0 and user.recipe.prompt_template == PAPER_PROMPT
+    hf = compose(["recipe=verifree", "data=hf", "data.hf_name=/x"])
+    assert hf.data.kind == "hf" and hf.recipe.warmup_steps == 0
+
+
+def test_user_data_problems_are_config_problems_before_the_model(tmp_path, monkeypatch):
+    from runx.trainers import hf
+    from runx.trainers.recipe import RecipeConfigError, build_recipe
+    monkeypatch.setattr(hf, "load_model", lambda *a, **k: pytest.fail("the model was built"))
+    (tmp_path / "qa.jsonl").write_text('{"question": "1+1", "answer": "2"}\n' * 4)
+    for overrides, words in [
+            (["data.kind=jsonl", f"data.path={tmp_path / 'qa.jsonl'}", "recipe.warmup_steps=5"],
+             ["recipe.warmup_steps=5", "'trace'", "recipe.warmup_steps=0"]),
+            (["data.kind=jsonl", f"data.path={tmp_path / 'qa.jsonl'}", "recipe.question_field=problem"],
+             ["missing field", "recipe.question_field"]),
+            (["data.kind=imagefolder", f"data.path={tmp_path}"], ["data.kind=imagefolder", "parquet, csv, hf"])]:
+        with pytest.raises(RecipeConfigError) as e:
+            build_recipe(vf.VeriFree, _cfg(*overrides), str(tmp_path))
+        assert all(w in str(e.value) for w in words), str(e.value)
+    (tmp_path / "empty.jsonl").write_text("")
+    with pytest.raises(RecipeConfigError, match="0 training rows"):
+        build_recipe(vf.VeriFree, _cfg("data.kind=jsonl", f"data.path={tmp_path / 'empty.jsonl'}"), str(tmp_path))
+    # rows with traces warm up
+    (tmp_path / "t.jsonl").write_text('{"question": "1+1", "answer": "2", "trace": "1+1=2. "}\n' * 4)
+    recipe = vf.VeriFree(_cfg("data.kind=jsonl", f"data.path={tmp_path / 't.jsonl'}", "recipe.warmup_steps=5"),
+                         str(tmp_path))
+    assert recipe.build_data()[0][0]["trace"] == "1+1=2. "
+
+
+def test_recipe_reads_parquet_csv_and_a_saved_single_dataset(tmp_path):
+    import csv
+
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    rows = [{"problem": f"q{i}", "solution": str(i)} for i in range(20)]
+    pq.write_table(pa.Table.from_pylist(rows), str(tmp_path / "qa.parquet"))
+    with open(tmp_path / "qa.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["problem", "solution"])
+        w.writeheader()
+        w.writerows(rows)
+    datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "ds"))   # a Dataset, not a DatasetDict
+    fields = ["recipe.question_field=problem", "recipe.answer_field=solution", "data.val_fraction=0.25",
+              "recipe.warmup_steps=0", "data.max_eval_samples=null"]
+    for kind, path in [("parquet", "qa.parquet"), ("csv", "qa.csv"), ("hf", "ds")]:
+        train, held = vf.VeriFree(_cfg(f"data.kind={kind}", f"data.path={tmp_path / path}", *fields),
+                                  str(tmp_path)).build_data()
+        qs = [r["question"] for r in train.rows], [r["question"] for r in held.rows]
+        assert len(qs[0]) == 15 and len(qs[1]) == 5 and sorted(qs[0] + qs[1]) == sorted(r["problem"] for r in rows)
+
+
+def test_export_writes_a_tokenizer_that_loads_with_transformers(tmp_path):
+    from transformers import AutoTokenizer
+    recipe = vf.VeriFree(_cfg(), str(tmp_path))
+    model = recipe.build_model()
+    recipe.export(model, model.state_dict(), str(tmp_path / "export"))
+    tok = AutoTokenizer.from_pretrained(str(tmp_path / "export"))
+    text = "Q: 2+3\nA: 2+3=5. <answer> \\boxed{5} </answer>"
+    assert tok(text).input_ids == recipe.tokenizer(text).input_ids and tok.eos_token == recipe.tokenizer.eos_token
 
 
 # ---------------------------------------------------------------------------------------------------------
