@@ -10,9 +10,11 @@ import os
 
 
 def find_runs(root: str) -> list[str]:
+    """Run folders under root (symlinked ones too); a job that failed before its first step (config.yaml, no
+    metrics) is a run as well, listed as failed."""
     runs = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        if "config.yaml" in filenames and ("summary.json" in filenames or "metrics.jsonl" in filenames):
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        if "config.yaml" in filenames and ({"summary.json", "metrics.jsonl", "env.json"} & set(filenames)):
             runs.append(dirpath)
             dirnames[:] = []  # a run's own subfolders are not runs
         else:
@@ -54,16 +56,23 @@ def collect(root: str) -> tuple[list[dict], list[str]]:
     for run in find_runs(root):
         cfg = _flatten(OmegaConf.to_container(OmegaConf.load(os.path.join(run, "config.yaml"))))
         summary = read_summary(run)
+        status = "done"
         if not summary:  # a run that did not finish: its last logged metrics
             hist = read_metrics(run)
             summary = {k: v for k, v in (hist[-1] if hist else {}).items()}
-            summary["unfinished"] = 1
-        rows.append({"run": os.path.relpath(run, root) or ".", "_cfg": cfg, "_path": run, **summary})
+            status = "unfinished" if hist else "failed"
+        rows.append({"run": os.path.relpath(run, root) or ".", "_cfg": cfg, "_path": run, "_status": status,
+                     **summary})
         configs.append(cfg)
-    keys = sorted({k for c in configs for k in c})
+    # keys every run has (a recipe's own keys differ in name, not value, between recipes: recipe.name shows it)
+    keys = sorted(set.intersection(*(set(c) for c in configs))) if configs else []
     varying = [k for k in keys if len({json.dumps(c.get(k), sort_keys=True, default=str) for c in configs}) > 1
                and not k.startswith(("run_dir", "trainer.nvme_path"))]
     return rows, varying
+
+
+# final metrics the table shows when present (the objective and any metric a data job reports come on top)
+SHOWN_METRICS = ("final_loss", "eval/loss", "eval/accuracy", "steps", "samples_per_s", "train_wall_s", "peak_mem_gb")
 
 
 def report(root: str, objective: str | None = None, minimize: bool = False, plots: bool = True) -> int:
@@ -75,6 +84,10 @@ def report(root: str, objective: str | None = None, minimize: bool = False, plot
         return 1
     metric_keys = sorted({k for r in rows for k, v in r.items() if not k.startswith("_") and k != "run"
                           and isinstance(v, (int, float))})
+    if objective is not None and objective not in metric_keys:
+        print(f"runx report: --objective {objective}: no run under {root} has that final metric. Valid choices: "
+              f"{', '.join(metric_keys) or 'none'}.")
+        return 2
     if objective is None:
         # the sweep's own objective (objective=<metric> in the runs' config), else a sensible default
         declared = {r["_cfg"].get("objective") for r in rows} - {None}
@@ -84,11 +97,14 @@ def report(root: str, objective: str | None = None, minimize: bool = False, plot
     if objective:
         missing = float("inf") if minimize else float("-inf")
         rows.sort(key=lambda r: r.get(objective, missing), reverse=not minimize)
-    shown = [k for k in metric_keys if k in (objective,) or k in ("final_loss", "eval/loss", "eval/accuracy", "steps",
-                                                                   "samples_per_s", "train_wall_s", "peak_mem_gb")]
+    trained = any("steps" in r for r in rows)
+    shown = [k for k in metric_keys if k == objective or k in SHOWN_METRICS or not trained]
     t = Table(title=f"runx report — {root} ({len(rows)} run{'s' if len(rows) != 1 else ''})", header_style="bold")
     # narrow terminals: fold long names and values onto several lines instead of cutting them to "0.000…"
     t.add_column("run", overflow="fold")
+    failed = any(r["_status"] != "done" for r in rows)
+    if failed:
+        t.add_column("status")
     for k in varying:
         t.add_column(k, overflow="fold")
     for k in shown:
@@ -96,11 +112,11 @@ def report(root: str, objective: str | None = None, minimize: bool = False, plot
                      overflow="fold")
     fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)
     for r in rows:
-        cells = [r["run"]] + [fmt(r["_cfg"].get(k)) for k in varying]
+        cells = [r["run"]] + ([r["_status"]] if failed else []) + [fmt(r["_cfg"].get(k)) for k in varying]
         cells += [fmt(r.get(k, "")) for k in shown]
         t.add_row(*cells)
     Console().print(t)
-    table_rows = [{"run": r["run"], **{k: r["_cfg"].get(k) for k in varying},
+    table_rows = [{"run": r["run"], "status": r["_status"], **{k: r["_cfg"].get(k) for k in varying},
                    **{k: r.get(k) for k in metric_keys}} for r in rows]
     with open(os.path.join(root, "report.json"), "w") as f:
         json.dump({"objective": objective, "minimize": minimize, "varying": varying, "rows": table_rows}, f,

@@ -262,6 +262,34 @@ def test_debug_smoke_keeps_a_logger_the_command_line_chose():
     assert compose(["debug=smoke"]).trainer.max_steps == 4
 
 
+def test_report_compares_recipes_lists_failed_jobs_and_refuses_an_unknown_objective(tmp_path):
+    """Recipe-specific keys are not 'differing overrides' (recipe.name is); a job that failed before its first
+    step is listed as failed; a data job's own metrics are shown; a misspelt --objective names the metrics."""
+    from runx.cli.report import report
+    import yaml
+    runs = {"0": ({"recipe": {"name": "sft"}, "seed": 0}, {"steps": 4, "eval/accuracy": 0.5, "final_loss": 1.0}),
+            "1": ({"recipe": {"name": "lora", "rank": 8}, "seed": 0}, {"steps": 4, "eval/accuracy": 0.7,
+                                                                       "final_loss": 0.9}),
+            "2": ({"recipe": {"name": "lora", "rank": 8}, "seed": 1}, None)}
+    for k, (cfg, summary) in runs.items():
+        (tmp_path / k).mkdir()
+        (tmp_path / k / "config.yaml").write_text(yaml.safe_dump(cfg))
+        (tmp_path / k / "env.json").write_text("{}")
+        if summary:
+            (tmp_path / k / "summary.json").write_text(json.dumps(summary))
+    assert report(str(tmp_path), plots=False) == 0
+    rep = json.loads((tmp_path / "report.json").read_text())
+    assert rep["varying"] == ["recipe.name", "seed"] and rep["objective"] == "eval/accuracy"
+    assert [r["run"] for r in rep["rows"]] == ["1", "0", "2"] and rep["rows"][2]["status"] == "failed"
+    assert report(str(tmp_path), objective="eval/acc", plots=False) == 2
+    data = tmp_path / "data"
+    (data / "job").mkdir(parents=True)
+    (data / "job" / "config.yaml").write_text(yaml.safe_dump({"recipe": {"name": "concept_prune"}}))
+    (data / "job" / "summary.json").write_text(json.dumps({"kept": 512, "accuracy_kept": 0.91}))
+    p = run_cli(["report", str(data)], env={"COLUMNS": "200"})
+    assert "kept" in p.stdout and "0.91" in p.stdout, p.stdout
+
+
 def test_all_errors_reported_at_once():
     with pytest.raises(ConfigError):
         compose(["trainer=nope"])
