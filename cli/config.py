@@ -204,7 +204,10 @@ def check_paths(cfg) -> list[str]:
                 and missing(value):
             out.append(f"{key}={value}: {what}.")
 
-    d, m, r = cfg.get("data") or {}, cfg.get("model") or {}, cfg.get("recipe") or {}
+    # values that fail to resolve (a required value not given) are reported by validate(); here they read as unset
+    from omegaconf import OmegaConf
+    d, m, r = ({k: OmegaConf.select(cfg, f"{group}.{k}", default=None, throw_on_resolution_failure=False)
+                for k in (cfg.get(group) or {})} for group in ("data", "model", "recipe"))
     if not m.get("from_config"):
         need("model.path", m.get("path"), False, "no such folder on this machine (give a local model folder "
              "or a hub id)")

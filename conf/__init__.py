@@ -8,6 +8,10 @@ Importing this package registers, once per process:
   (`recipe=a,b` on the command line gives `a+b`; otherwise its argument, the recipe's name);
 - the `runx_weights_dtype` resolver: the dtype a trained model is loaded in, from `trainer.precision` (bf16
   weights only where DeepSpeed keeps an fp32 master copy of them);
+- the `runx_when` resolver: `${runx_when:${data.name},verifree_arith,300,0}` is 300 for that data option and 0
+  otherwise (a recipe default that belongs to its embedded model or data, and must not leak into the user's);
+- the `runx_verifree_prompt` resolver: VeriFree's short prompt for its embedded byte-level model, the paper's
+  prompt for any other model;
 - the `runx_required` resolver: `key: ${runx_required:key,example}` marks a value the user must give. (Hydra's
   `???` cannot: `base` already holds a default for every key, and OmegaConf keeps a set value when `???` is
   merged onto it, so the option would silently fall back to base's default.)
@@ -37,6 +41,11 @@ def _sweep_name(default: str) -> str:
     return default
 
 
+def _verifree_prompt(model_name: str) -> str:
+    from runx.conf.schema.verifree import EMBEDDED_MODEL, PAPER_PROMPT, SHORT_PROMPT
+    return SHORT_PROMPT if model_name == EMBEDDED_MODEL else PAPER_PROMPT
+
+
 def _register() -> None:
     from hydra.core.config_store import ConfigStore
     from omegaconf import OmegaConf
@@ -51,6 +60,11 @@ def _register() -> None:
     if not OmegaConf.has_resolver("runx_weights_dtype"):
         OmegaConf.register_new_resolver("runx_weights_dtype", lambda precision: "bf16" if precision == "bf16"
                                         else "fp32")
+    if not OmegaConf.has_resolver("runx_when"):
+        OmegaConf.register_new_resolver("runx_when", lambda value, match, then, otherwise:
+                                        then if value == match else otherwise)
+    if not OmegaConf.has_resolver("runx_verifree_prompt"):
+        OmegaConf.register_new_resolver("runx_verifree_prompt", _verifree_prompt)
     if not OmegaConf.has_resolver("runx_required"):
         OmegaConf.register_new_resolver("runx_required", _required)
     ConfigStore.instance().store(name="base", node=OmegaConf.create(asdict(RunConfig())))

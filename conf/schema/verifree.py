@@ -13,6 +13,10 @@ from typing import Literal, Optional
 # The paper's prompt, applied by hand to a base model (apply_ours_qwen3_template).
 PAPER_PROMPT = ("<|im_start|>user\n{question}\nPlease reason step by step, and put your final answer within "
                 "<answer> \\boxed{} </answer>.<|im_end|>\n<|im_start|>assistant\n")
+# The embedded default's byte-level model, trained from scratch, gets a short prompt (recipe.prompt_template is
+# ${runx_verifree_prompt:${model.name}} in conf/recipe/verifree.yaml: this for that model, the paper's otherwise)
+EMBEDDED_MODEL = "tiny_llama_verifree"
+SHORT_PROMPT = "Q: {question}\nA: "
 # What follows the split "<answer": the reference answer patched in after the sampled reasoning.
 PAPER_ANSWER = "> \\boxed{{answer}} </answer>"
 
