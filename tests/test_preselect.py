@@ -618,3 +618,19 @@ def test_recipe_yaml_lists_every_schema_key_and_the_default_family():
     assert set(yaml["world"]) == {f.name for f in dataclasses.fields(PreSelectWorldConfig)}
     assert yaml["references"] == default_references()
     assert (yaml["ft_word_ngrams"], yaml["ft_epoch"], yaml["ft_lr"]) == (2, 3, 0.1)
+
+
+def test_a_slurm_array_splits_a_data_job_but_a_submitit_sweep_job_is_whole(monkeypatch):
+    """sbatch --array runs one command n times: task i takes its share of the shards. Hydra's submitit launcher
+    submits a sweep as an array too, but there each array task is a whole job of the sweep."""
+    from runx.trainers.datajob import slurm_array_task
+    monkeypatch.delenv("SUBMITIT_FOLDER", raising=False)
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "3")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_COUNT", "8")
+    assert slurm_array_task() == (3, 8)
+    monkeypatch.setenv("SUBMITIT_FOLDER", "/shared/.submitit/123")
+    assert slurm_array_task() == (0, 1)
+    monkeypatch.delenv("SLURM_ARRAY_TASK_ID")
+    monkeypatch.delenv("SLURM_ARRAY_TASK_COUNT")
+    monkeypatch.delenv("SUBMITIT_FOLDER")
+    assert slurm_array_task() == (0, 1)

@@ -92,6 +92,16 @@ class Stage:
     parallel: bool = True                                 # False: only task 0 / worker 0 runs it
 
 
+def slurm_array_task() -> tuple[int, int]:
+    """(task index, task count) of a SLURM array that runs this one command (sbatch --array), else (0, 1).
+
+    A job started by submitit (Hydra's submitit launcher) is one whole job even though submitit submits a
+    sweep as a SLURM array: its array index is the sweep job's number, not a share of this job's shards."""
+    if os.environ.get("SUBMITIT_FOLDER"):
+        return 0, 1
+    return int(os.environ.get("SLURM_ARRAY_TASK_ID", 0)), int(os.environ.get("SLURM_ARRAY_TASK_COUNT", 1))
+
+
 @dataclass
 class JobContext:
     job_dir: str
@@ -157,8 +167,9 @@ class DataJob:
 
     def run(self, num_workers: int = 1, task_index: int | None = None, num_tasks: int | None = None,
             only: list[str] | None = None, progress=None, resume: str = "auto") -> dict:
-        task_index = int(os.environ.get("SLURM_ARRAY_TASK_ID", 0)) if task_index is None else task_index
-        num_tasks = int(os.environ.get("SLURM_ARRAY_TASK_COUNT", 1)) if num_tasks is None else num_tasks
+        array_index, array_count = slurm_array_task()
+        task_index = array_index if task_index is None else task_index
+        num_tasks = array_count if num_tasks is None else num_tasks
         self.pin_settings(resume, num_tasks)
         ctx = JobContext(self.run_dir, self.cfg, task_index, num_tasks)
         timings = {}
