@@ -123,7 +123,13 @@ def launch(cfg, run_dir: str) -> dict:
     from runx.trainers.datajob import atomic_write_json
     from runx.trainers.recipe import RecipeConfigError
     problems = resume_problems(cfg, run_dir) if os.environ.get("RUNX_WORKER") != "1" else []
-    if problems:   # before config.yaml is rewritten: the run dir keeps describing its checkpoint
+    if RECIPES_KIND(cfg) == "data" and os.path.isdir(run_dir):   # a rerun of a data job: same settings?
+        from runx.recipes import RECIPES
+        from runx.trainers.datajob import slurm_array_task
+        from runx.trainers.recipe import build_recipe
+        job = build_recipe(RECIPES[cfg.recipe.name].load(), cfg, run_dir)
+        problems += [p for p in [job.pin_refusal(str(cfg.get("resume", "auto")), slurm_array_task()[1])] if p]
+    if problems:   # before config.yaml is rewritten: the run dir keeps describing its checkpoint / shards
         raise RecipeConfigError(problems[0])
     os.makedirs(run_dir, exist_ok=True)
     save_resolved_config(cfg, os.path.join(run_dir, "config.yaml"))

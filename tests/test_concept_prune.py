@@ -370,11 +370,14 @@ def test_rerun_after_the_inputs_changed_is_refused_and_resume_never_starts_over_
                                                 r".*emb\.npy was modified\).*resume=never"):
         run_job(tmp_path / "run", **kw)
     env = dict(os.environ, DS_ACCELERATOR="cpu", WANDB_MODE="disabled")
-    out = subprocess.run([sys.executable, "-m", "runx.cli.main", "train", "recipe=concept_prune",
-                          "recipe.input=embeddings", f"recipe.path={tmp_path / 'emb.npy'}", "recipe.num_clusters=3",
-                          "recipe.epsilon=0.01", "recipe.keep_fraction=0.5", "resume=never", "logger=none",
-                          f"run_dir={tmp_path / 'run'}"], capture_output=True, text=True, env=env, cwd=REPO,
-                         timeout=300)
+    cmd = [sys.executable, "-m", "runx.cli.main", "train", "recipe=concept_prune", "recipe.input=embeddings",
+           f"recipe.path={tmp_path / 'emb.npy'}", "recipe.num_clusters=3", "recipe.epsilon=0.01",
+           "recipe.keep_fraction=0.5", "logger=none", f"run_dir={tmp_path / 'run'}"]
+    # refused before the run dir's config.yaml is (re)written: the folder still describes its own job
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
+    assert out.returncode == 2 and "resume=never" in out.stderr and "Traceback" not in out.stderr, out.stderr
+    assert not (tmp_path / "run" / "config.yaml").exists()
+    out = subprocess.run(cmd + ["resume=never"], capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["n_input"] == 100 and summary["kept"] == 50

@@ -202,14 +202,7 @@ class DataJob:
         return result
 
     # ---- one job per run dir ---------------------------------------------------------------------------------
-    def pin_settings(self, resume: str = "auto", num_tasks: int = 1) -> None:
-        """Record the settings and input files on the first run; refuse a rerun with other ones while any shard
-        is finished (it would be reused); start over when nothing is finished yet (a fixed typo) or on
-        resume=never. Problems are RecipeConfigErrors: the CLI prints them as the config-problem paragraph."""
-        from runx.trainers.recipe import RecipeConfigError
-        if resume not in ("auto", "never"):
-            raise RecipeConfigError(f"resume={resume}: a data job continues its own run_dir (resume=auto) or starts "
-                                    f"it over (resume=never); to continue that run's stages, give run_dir={resume}")
+    def _pin_state(self):
         path = os.path.join(self.run_dir, f"{self.job_name}_job.json")
         now = json.loads(json.dumps({"job": self.job_name, "settings": self.settings(),
                                      "inputs": file_fingerprint(self.input_files()),
@@ -220,19 +213,37 @@ class DataJob:
                 before = json.load(f)
         done = self._finished_shards(before)
         diff = self._pin_diff(before, now) if before is not None else []
+        return path, before, now, done, diff
+
+    def pin_refusal(self, resume: str = "auto", num_tasks: int = 1) -> str | None:
+        """Why pin_settings would refuse this run, or None; changes nothing (the CLI asks before it rewrites
+        the run dir's config.yaml, so that a refused rerun leaves the folder describing its own job)."""
+        if resume not in ("auto", "never"):
+            return (f"resume={resume}: a data job continues its own run_dir (resume=auto) or starts it over "
+                    f"(resume=never); to continue that run's stages, give run_dir={resume}")
+        _, before, _, done, diff = self._pin_state()
+        if resume == "never" and (done or before is not None) and num_tasks > 1:
+            return (f"resume=never with {num_tasks} array tasks: each task would clear the others' work. Empty "
+                    f"{self.run_dir} (or give another run_dir=) before starting the tasks")
+        if resume == "auto" and diff and done:
+            return (f"run_dir={self.run_dir} holds a {self.job_name} job with other settings: {'; '.join(diff)}. "
+                    f"Its {done} finished shards were computed with the old ones and would be reused. Rerun with "
+                    f"resume=never to start this run_dir over, or give another run_dir=")
+        return None
+
+    def pin_settings(self, resume: str = "auto", num_tasks: int = 1) -> None:
+        """Record the settings and input files on the first run; refuse a rerun with other ones while any shard
+        is finished (it would be reused); start over when nothing is finished yet (a fixed typo) or on
+        resume=never. Problems are RecipeConfigErrors: the CLI prints them as the config-problem paragraph."""
+        from runx.trainers.recipe import RecipeConfigError
+        problem = self.pin_refusal(resume, num_tasks)
+        if problem:
+            raise RecipeConfigError(problem)
+        path, before, now, done, diff = self._pin_state()
         if resume == "never" and (done or before is not None):
-            if num_tasks > 1:
-                raise RecipeConfigError(f"resume=never with {num_tasks} array tasks: each task would clear the "
-                                        f"others' work. Empty {self.run_dir} (or give another run_dir=) before "
-                                        f"starting the tasks")
             log.info("resume=never: clearing the %s job in %s (%d finished shards)", self.job_name, self.run_dir,
                      done)
             self._start_over(before, path)
-        elif diff and done:
-            raise RecipeConfigError(
-                f"run_dir={self.run_dir} holds a {self.job_name} job with other settings: {'; '.join(diff)}. "
-                f"Its {done} finished shards were computed with the old ones and would be reused. Rerun with "
-                f"resume=never to start this run_dir over, or give another run_dir=")
         elif diff:
             log.info("%s: settings changed before any shard finished (%s); starting over", self.run_dir,
                      "; ".join(diff))
