@@ -147,7 +147,13 @@ def launch(cfg, run_dir: str) -> dict:
     env = dict(os.environ, RUNX_WORKER="1", PYTHONUNBUFFERED="1")
     if not _has_cuda():
         env["DS_ACCELERATOR"] = "cpu"
+    from runx.cli.worker import problem_file
+    if os.path.exists(problem_file(run_dir)):
+        os.remove(problem_file(run_dir))
     rc = subprocess.call(cmd, env=env)
+    if rc != 0 and os.path.exists(problem_file(run_dir)):
+        with open(problem_file(run_dir)) as f:
+            raise RecipeConfigError(f.read())
     if rc != 0:
         raise RuntimeError(f"the {kind} launcher exited with code {rc} (logs above; run dir {run_dir})")
     from runx.trainers.tracking import read_summary

@@ -15,14 +15,27 @@ def main() -> int:
     import logging
     logging.basicConfig(level=logging.INFO, handlers=[RankZeroRichHandler()], format="%(message)s")
     cfg = OmegaConf.load(os.path.join(run_dir, ".runx", "job.yaml"))
+    from runx.trainers.recipe import RecipeConfigError
     from runx.trainers.runtime import Stopped
+    rank0 = os.environ.get("RANK", "0") == "0"
     try:
         run_job(cfg, run_dir)
     except Stopped as e:
-        if os.environ.get("RANK", "0") == "0":
+        if rank0:
             print(f"runx: {e}", file=sys.stderr)
         return 143
+    except RecipeConfigError as e:   # the parent reports it as the config-problem paragraph
+        if rank0:
+            from runx.trainers.datajob import atomic_write_bytes
+            atomic_write_bytes(problem_file(run_dir), str(e).encode())
+        return 2
     return 0
+
+
+def problem_file(run_dir: str) -> str:
+    """Where rank 0 of a launched run leaves a config problem found after the launch (in the recipe's
+    constructor or its data), for the parent to print."""
+    return os.path.join(run_dir, ".runx", "config_problem.txt")
 
 
 def exit_without_teardown(code: int) -> None:

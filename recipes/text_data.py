@@ -122,10 +122,18 @@ def _read_jsonl(path: str) -> list[dict]:
     return rows
 
 
+# the metadata files of a datasets save_to_disk folder (a DatasetDict's, and each split's)
+HF_SAVED_MARKERS = ("dataset_dict.json", "dataset_info.json", "state.json")
+
+
 def read_files(path: str, kind: str) -> list[dict]:
     """The rows of a JSONL (or JSON array) / Parquet / CSV file, or of every such file in a folder (recursive)."""
     ext = {"jsonl": (".jsonl", ".jsonl.gz", ".json"), "parquet": (".parquet",), "csv": (".csv",)}[kind]
-    files = sorted(f for f in glob.glob(os.path.join(path, "**", "*"), recursive=True) if f.endswith(ext)) \
+    if os.path.isdir(path) and any(os.path.exists(os.path.join(path, m)) for m in HF_SAVED_MARKERS):
+        raise RecipeConfigError(f"data.path={path}: a saved Hugging Face dataset (save_to_disk), not "
+                                f"{kind} files. Valid choices: data=hf data.path={path}")
+    files = sorted(f for f in glob.glob(os.path.join(path, "**", "*"), recursive=True)
+                   if f.endswith(ext) and os.path.basename(f) not in HF_SAVED_MARKERS) \
         if os.path.isdir(path) else [path]
     if not files or not all(os.path.exists(f) for f in files):
         raise RecipeConfigError(f"data.path={path}: no {' / '.join(ext)} files there (data.kind={kind})")

@@ -325,10 +325,23 @@ def test_causal_lm_data_problems_are_config_problems_naming_the_key(tmp_path):
     datasets.DatasetDict({"train": text}).save_to_disk(str(tmp_path / "dd"))
     with pytest.raises(RecipeConfigError, match="data.train_split=nope: not a split of .* Valid choices: train"):
         _sft(tmp_path, "data=hf", f"data.hf_name={tmp_path / 'dd'}", "data.train_split=nope").build_data()
+    # a save_to_disk folder given as JSONL: its metadata .json files are not rows; it says to use data=hf
+    with pytest.raises(RecipeConfigError, match="saved Hugging Face dataset.*data=hf"):
+        _sft(tmp_path, "data=jsonl", f"data.path={tmp_path / 'dd'}").build_data()
 
     PreTrainedTokenizerFast(tokenizer_object=byte_tokenizer().backend_tokenizer).save_pretrained(tmp_path / "tok")
     with pytest.raises(RecipeConfigError, match="no eos_token.*model.tokenizer="):
         _sft(tmp_path, f"model.tokenizer={tmp_path / 'tok'}")
+
+
+def test_a_data_problem_found_by_launched_workers_is_the_config_problem_paragraph(tmp_path):
+    """With 2 processes the data is read in the workers: rank 0 hands the problem to the parent, which prints
+    the same one paragraph (exit 2) a single process gives."""
+    (tmp_path / "rows.jsonl").write_text("".join(json.dumps({"instruction": "x", "output": "y"}) + "\n"
+                                                 for _ in range(8)))
+    p = run_cli(["train", f"run_dir={tmp_path / 'run'}", *TINY, "trainer=zero3", "trainer.num_procs=2",
+                 "trainer.max_steps=1", "data=jsonl", f"data.path={tmp_path / 'rows.jsonl'}"], check=False)
+    assert p.returncode == 2 and "Invalid configuration" in p.stderr and "data.text_field" in p.stderr, p.stderr
 
 
 def test_samples_without_a_response_token_are_dropped_and_an_empty_batch_loss_is_zero(tmp_path, caplog):

@@ -337,8 +337,12 @@ class Trainer:
         t = self.tcfg
         self.recipe = recipe
         runtime.seed_everything(int(self.cfg.seed))
-        model = self._build_model(recipe)
+        # the data first: a problem in it stops the run before a large model loads; the model's init then draws
+        # the same random numbers as it would have without the data built before it
+        rng = runtime.rng_state()
         train_ds, eval_ds = recipe.build_data()
+        runtime.set_rng_state(rng)
+        model = self._build_model(recipe)
         self._train_ds = train_ds
         resume = self.find_resume()
         if resume is None:
