@@ -80,6 +80,10 @@ def hydra_main(cfg: DictConfig):
         print(f"runx: {e}", file=sys.stderr)
         LAST_EXIT_CODE = 143
         raise SystemExit(143) from None
+    except BaseException as e:      # Hydra prints it; train.log (what a SLURM user reads) gets it too
+        if not isinstance(e, SystemExit):
+            _log_to_files_only(f"the run failed: {type(e).__name__}")
+        raise
     return objective_value(result, cfg)
 
 
@@ -115,6 +119,16 @@ def resume_problems(cfg, run_dir: str) -> list[str]:
             "would continue that run under these settings. Valid choices: the same settings as that run (only "
             "max_steps, eval/log/checkpoint intervals, logger, launcher and machine keys may change), "
             "resume=never to start over in this folder, or another run_dir."]
+
+
+def _log_to_files_only(message: str) -> None:
+    """The current exception's traceback into the log files (train.log), not again onto the console."""
+    import traceback
+    record = logging.LogRecord("runx", logging.ERROR, __file__, 0, "%s\n%s", (message, traceback.format_exc()),
+                               None)
+    for h in logging.getLogger().handlers:
+        if isinstance(h, logging.FileHandler):
+            h.handle(record)
 
 
 def launch(cfg, run_dir: str) -> dict:

@@ -7,6 +7,7 @@ from __future__ import annotations
 from omegaconf import OmegaConf
 
 from runx.recipes.sft import SFT
+from runx.trainers.recipe import RecipeConfigError
 
 
 def lora_target_modules(cfg_targets) -> list[str] | str:
@@ -30,7 +31,14 @@ class LoRA(SFT):
         cfg = self.peft_config()
         if self.task == "cls" and not self.cfg.recipe.train_head:
             cfg.modules_to_save = []
-        return get_peft_model(model, cfg)
+        try:
+            return get_peft_model(model, cfg)
+        except ValueError as e:   # peft's NoMatchingPeftModuleError and its other target checks
+            import torch
+            names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+            wanted = cfg.target_modules if isinstance(cfg.target_modules, str) else sorted(cfg.target_modules)
+            raise RecipeConfigError(f"recipe.target_modules={wanted}: {str(e).splitlines()[0]} Valid choices: auto "
+                                    f"(every linear layer), or names among {', '.join(names)}.") from e
 
     def export(self, model, state_dict, out_dir):
         """A PEFT adapter folder (adapter_config.json + adapter_model.safetensors) + the tokenizer.

@@ -468,3 +468,24 @@ def test_packing_is_refused_for_a_model_that_lets_packed_samples_attend_to_each_
     monkeypatch.setattr(mu, "find_packed_sequence_indices", lambda position_ids: None)
     with pytest.raises(RecipeConfigError, match="data.packing"):
         SFT(cfg, str(tmp_path)).build_model()
+
+
+def test_metrics_lines_reach_the_file_within_a_second_when_no_line_follows(tmp_path):
+    """A line logged just after a flush, then a long eval / rollout: the line is on disk within ~1 s anyway."""
+    import time
+    from runx.trainers.tracking import MetricsLog
+    m = MetricsLog(str(tmp_path / "metrics.jsonl"), flush_every_s=0.2)
+    m.log({"step": 1, "loss": 1.0})     # first line: flushed at once (nothing flushed before)
+    m.log({"step": 2, "loss": 0.5})     # within flush_every_s of the first: pending
+    time.sleep(0.7)                     # no further log() call
+    assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2]
+    m.close()
+
+
+def test_unknown_lora_target_modules_name_the_key_and_the_layers_there(tmp_path):
+    from runx.cli.config import compose
+    from runx.recipes.lora import LoRA
+    from runx.trainers.recipe import RecipeConfigError
+    rec = LoRA(compose(["recipe=lora", "model=tiny_llama", "recipe.target_modules=[qproj]"]), str(tmp_path))
+    with pytest.raises(RecipeConfigError, match=r"recipe.target_modules=\['qproj'\].*q_proj.*v_proj"):
+        rec.build_model()

@@ -70,13 +70,16 @@ def environment_record() -> dict:
 class MetricsLog:
     """Append-only metrics.jsonl. On resume, lines past the resumed step are dropped first.
 
-    Lines reach the file at most `flush_every_s` after they are logged (the trainer also flushes before every
-    checkpoint, so a kill loses only lines that the resumed run logs again)."""
+    Lines reach the file at most `flush_every_s` after they are logged, also when no line follows for a while
+    (an eval, a long rollout): a daemon thread flushes what is pending. The trainer also flushes before every
+    checkpoint, so a kill loses only lines that the resumed run logs again."""
 
     def __init__(self, path: str, resume_step: int | None = None, flush_every_s: float = 1.0):
+        import threading
         self.path = path
         self.flush_every_s = flush_every_s
         self._flushed_at = 0.0
+        self._lock, self._pending, self._closed = threading.Lock(), False, threading.Event()
         if resume_step is not None and os.path.exists(path):
             keep = []
             with open(path) as f:
@@ -89,19 +92,32 @@ class MetricsLog:
                         keep.append(line if line.endswith("\n") else line + "\n")
             atomic_write_bytes(path, "".join(keep).encode())
         self.f = open(path, "a")
+        threading.Thread(target=self._flush_pending, name="runx-metrics-flush", daemon=True).start()
 
     def log(self, rec: dict) -> None:
-        self.f.write(json.dumps(rec, default=float) + "\n")
+        with self._lock:
+            self.f.write(json.dumps(rec, default=float) + "\n")
+            self._pending = True
         now = time.monotonic()
         if now - self._flushed_at >= self.flush_every_s:
             self.flush(now)
 
     def flush(self, now: float | None = None) -> None:
-        self.f.flush()
+        with self._lock:
+            if not self.f.closed:
+                self.f.flush()
+            self._pending = False
         self._flushed_at = time.monotonic() if now is None else now
 
+    def _flush_pending(self) -> None:
+        while not self._closed.wait(self.flush_every_s):
+            if self._pending:
+                self.flush()
+
     def close(self) -> None:
-        self.f.close()
+        self._closed.set()
+        with self._lock:
+            self.f.close()
 
 
 def read_metrics(run_dir: str) -> list[dict]:
