@@ -127,6 +127,9 @@ def _explain_hydra_error(e: Exception, overrides: list[str]) -> str:
         parent, _, leaf = full.rpartition(".")
         recipe = next((o.partition("=")[2] for o in overrides if o.partition("=")[0] == "recipe"), None)
         valid = _schema_keys(parent, recipe)
+        while parent and not valid:   # 'modle.path': the unknown key is 'modle', under the root
+            parent, _, leaf = parent.rpartition(".")
+            valid = _schema_keys(parent, recipe)
         value = next((o.partition("=")[2] for o in overrides if o.lstrip("+~").partition("=")[0] == full), "?")
         hint = difflib.get_close_matches(leaf, valid, n=1)
         return (f"{full}={value}: '{leaf}' is not a key of '{parent or '<root>'}'. "

@@ -123,6 +123,10 @@ def range_problems(data: dict) -> list[str]:
     if name == "verifree" and rec.get("pack_sequences") is True and rec.get("fused_logprob") is False:
         out.append("recipe.pack_sequences=true: packing scores the sequences through the decoder and the fused head. "
                    "Valid values: false, or recipe.fused_logprob=true.")
+    from_config = (data.get("model") or {}).get("from_config")
+    if isinstance(from_config, dict) and "model_type" not in from_config:
+        out.append("model.from_config: no model_type, so no model can be built from it. Valid choices: "
+                   "model.from_config.model_type=<e.g. llama, bert>, or model.from_config=null (load model.path).")
     precision = (data.get("trainer") or {}).get("precision")
     if name in ("sft", "lora", "lora_ga", "verifree") and (data.get("model") or {}).get("dtype") == "bf16" \
             and precision in ("fp32", "amp_bf16"):

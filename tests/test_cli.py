@@ -300,6 +300,14 @@ def test_all_errors_reported_at_once():
     assert "trainer.bogus" in text and "cosine, linear, constant" in text and "expected int" in text
 
 
+def test_a_misspelt_group_is_named_with_the_root_keys_and_a_partial_from_config_is_refused():
+    with pytest.raises(ConfigError) as e:
+        compose(["modle.path=x"])
+    assert "'modle' is not a key of '<root>'" in e.value.problems[0] and "Did you mean 'model'" in e.value.problems[0]
+    problems = validate(compose(["model=tiny_llama", "~model.from_config.model_type"]))
+    assert len(problems) == 1 and "model.from_config.model_type=" in problems[0], problems
+
+
 def test_cfg_job_prints_resolved_config():
     p = run_cli(["train", "recipe=lora", "--cfg", "job"])
     assert "rank: 8" in p.stdout and "name: lora" in p.stdout

@@ -89,6 +89,10 @@ def load_model(model_cfg, num_labels: int | None = None, tokenizer=None):
     extra = {"num_labels": num_labels or model_cfg.num_labels} if kind == "seq_cls" else {}
     if model_cfg.get("from_config"):
         conf = OmegaConf.to_container(model_cfg.from_config, resolve=True)
+        if "model_type" not in conf:
+            raise ValueError(f"model.from_config has no model_type (keys: {', '.join(sorted(conf))}): set "
+                             "model.from_config.model_type=<e.g. llama, bert>, or model.from_config=null to load "
+                             "model.path")
         model_type = conf.pop("model_type")
         if tokenizer is not None and tokenizer.pad_token_id is not None:
             conf.setdefault("pad_token_id", tokenizer.pad_token_id)
