@@ -308,6 +308,15 @@ def test_a_misspelt_group_is_named_with_the_root_keys_and_a_partial_from_config_
     assert len(problems) == 1 and "model.from_config.model_type=" in problems[0], problems
 
 
+def test_a_hub_id_that_cannot_be_fetched_is_a_config_problem():
+    """Offline (or no network) and not cached: one paragraph naming model.path, not the retries of the memory
+    check and again of the tokenizer load, then a traceback."""
+    p = run_cli(["train", "recipe=sft", "model=hf_causal_lm", "model.path=nobody/not-cached", "logger=none"],
+                check=False, timeout=120)
+    assert p.returncode == 2 and "model.path=nobody/not-cached: not a local folder" in p.stderr, p.stderr
+    assert "Traceback" not in p.stderr
+
+
 def test_cfg_job_prints_resolved_config():
     p = run_cli(["train", "recipe=lora", "--cfg", "job"])
     assert "rank: 8" in p.stdout and "name: lora" in p.stdout

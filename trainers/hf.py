@@ -19,6 +19,29 @@ def resolve_path(path: str) -> str:
     return os.path.expanduser(path)
 
 
+_HUB_UNREACHABLE = ("LocalEntryNotFoundError", "OfflineModeIsEnabled", "ConnectError", "ConnectionError",
+                    "ConnectTimeout", "gaierror")
+
+
+def hub_unreachable(e: BaseException, model_cfg) -> str | None:
+    """A config problem when `e` (or its cause) says a hub id could not be fetched: no network or offline mode,
+    and not in the local cache. None for any other error."""
+    seen, texts = e, []
+    while seen is not None:
+        texts.append(str(seen))
+        if type(seen).__name__ in _HUB_UNREACHABLE or "couldn't connect to" in str(seen) \
+                or "offline mode is enabled" in str(seen).lower():
+            path = model_cfg.get("tokenizer") if "tokenizer" in " ".join(texts).lower() and model_cfg.get(
+                "tokenizer") else model_cfg.get("path")
+            key = "model.tokenizer" if path == model_cfg.get("tokenizer") and path != model_cfg.get("path") \
+                else "model.path"
+            return (f"{key}={path}: not a local folder, not in the Hugging Face cache, and the hub cannot be "
+                    f"reached ({type(seen).__name__}). Download it where there is network (huggingface-cli "
+                    f"download {path}, or HF_HOME on a shared disk), or give a local folder.")
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
 def byte_tokenizer():
     """A fast tokenizer whose tokens are the raw UTF-8 bytes: tokens(a + b) == tokens(a) + tokens(b)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
