@@ -184,8 +184,31 @@ def _validate(rest: list[str]) -> int:
     cfg, problems = _compose_validated(overrides)
     if problems:
         return _fail(problems)
-    print(f"ok: recipe={cfg.recipe.name} model={cfg.model.name} data={cfg.data.name} trainer={cfg.trainer.name}")
+    problems = _recipe_problems(cfg)
+    if problems:
+        return _fail(problems)
+    from runx.recipes import RECIPES
+    groups = "" if RECIPES[cfg.recipe.name].kind == "data" else \
+        f" model={cfg.model.name} data={cfg.data.name} trainer={cfg.trainer.name}"
+    print(f"ok: recipe={cfg.recipe.name}{groups}")
     return 0
+
+
+def _recipe_problems(cfg) -> list[str]:
+    """The recipe's own checks (its constructor: cross-key checks, input listings, tokenizer, data fields where
+    it reads them), as `runx train` runs them first; nothing is trained or written outside a temp folder."""
+    import tempfile
+
+    from runx.recipes import RECIPES
+    from runx.trainers.recipe import RecipeConfigError, build_recipe
+    from runx.trainers.console import quiet_libraries
+    quiet_libraries()
+    with tempfile.TemporaryDirectory(prefix="runx_validate_") as tmp:
+        try:
+            build_recipe(RECIPES[cfg.recipe.name].load(), cfg, tmp)
+        except RecipeConfigError as e:
+            return [str(e)]
+    return []
 
 
 # ------------------------------------------------------------------------------------------ plan / report / export

@@ -317,6 +317,14 @@ def test_a_hub_id_that_cannot_be_fetched_is_a_config_problem():
     assert "Traceback" not in p.stderr
 
 
+def test_validate_runs_the_recipes_own_checks():
+    """What `runx train` would refuse at once, `runx validate` refuses too (it ran only the schema checks)."""
+    p = run_cli(["validate", "recipe=swav", "trainer=zero3"], check=False, timeout=120)
+    assert p.returncode == 2 and "trainer.zero_stage=3" in p.stderr, p.stderr
+    p = run_cli(["validate", "recipe=concept_prune"], timeout=120)
+    assert p.stdout.strip() == "ok: recipe=concept_prune"
+
+
 def test_cfg_job_prints_resolved_config():
     p = run_cli(["train", "recipe=lora", "--cfg", "job"])
     assert "rank: 8" in p.stdout and "name: lora" in p.stdout
