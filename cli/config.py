@@ -297,8 +297,9 @@ def _check_value(value, t, full: str, problems: list[str]):
         return _check_value(value, t, full, problems)
     if origin is typing.Literal:
         if value not in args:
+            hint = difflib.get_close_matches(str(value), [str(a) for a in args], n=1)
             problems.append(f"{full}={_show(value)}: invalid choice. Valid choices: "
-                            f"{', '.join(str(a) for a in args)}.")
+                            f"{', '.join(str(a) for a in args)}." + (f" Did you mean '{hint[0]}'?" if hint else ""))
         return
     if dataclasses.is_dataclass(t):
         if not isinstance(value, dict):
