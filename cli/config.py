@@ -29,15 +29,20 @@ def group_options(group: str) -> list[str]:
 
 
 def group_description(group: str, option: str) -> str:
-    """The first comment line of a config file (skipping `# @package`)."""
+    """The first sentence of a config file's leading comment (skipping `# @package`), over several lines if it
+    runs on."""
     text = resources.files("runx.conf").joinpath(group, option + ".yaml").read_text()
+    words: list[str] = []
     for line in text.splitlines():
         s = line.strip()
-        if s.startswith("#") and "@package" not in s:
-            return s.lstrip("# ").strip()
-        if s and not s.startswith("#"):
+        if not s.startswith("#"):
             break
-    return ""
+        if "@package" in s:
+            continue
+        words.append(s.lstrip("# ").strip())
+        if words[-1].endswith((".", ":", ")")) or len(words) == 3:
+            break
+    return " ".join(words)
 
 
 def _check_group_overrides(overrides: list[str]) -> list[str]:
