@@ -164,7 +164,11 @@ def launch(cfg, run_dir: str) -> dict:
     from runx.cli.worker import problem_file
     if os.path.exists(problem_file(run_dir)):
         os.remove(problem_file(run_dir))
-    rc = subprocess.call(cmd, env=env)
+    rc, signalled = _run_forwarding_signals(cmd, env)
+    if rc != 0 and signalled:
+        from runx.trainers.runtime import Stopped
+        raise Stopped(f"stopped by {signalled}: the launched processes saved a checkpoint at their next step "
+                      f"boundary; rerun the same command to resume ({run_dir})")
     if rc != 0 and os.path.exists(problem_file(run_dir)):
         with open(problem_file(run_dir)) as f:
             raise RecipeConfigError(f.read())
@@ -172,6 +176,26 @@ def launch(cfg, run_dir: str) -> dict:
         raise RuntimeError(f"the {kind} launcher exited with code {rc} (logs above; run dir {run_dir})")
     from runx.trainers.tracking import read_summary
     return read_summary(run_dir)
+
+
+def _run_forwarding_signals(cmd: list[str], env: dict) -> tuple[int, str | None]:
+    """Run the launcher; a SIGTERM / SIGUSR1 sent to this process (kill <pid>, a scheduler that signals only the
+    parent) goes on to it, and torchrun passes it to the workers, which checkpoint and stop."""
+    import signal
+    proc = subprocess.Popen(cmd, env=env)
+    got: list[str] = []
+
+    def forward(signum, frame):
+        got.append(signal.Signals(signum).name)
+        proc.send_signal(signum)
+
+    old = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+    try:
+        rc = proc.wait()
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+    return rc, (got[0] if got else None)
 
 
 def RECIPES_KIND(cfg) -> str:

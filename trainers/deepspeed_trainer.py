@@ -400,7 +400,7 @@ class Trainer:
         if getattr(self, "_pending_rng", None) is not None:
             runtime.set_rng_state(self._pending_rng)
             self._pending_rng = None
-        stop = runtime.StopOnSignal(self.world_size > 1, self.device)   # SIGTERM (SLURM preemption, scancel): save, then stop
+        stop = runtime.StopOnSignal()   # SIGTERM (SLURM preemption, scancel): save, then stop
         try:
             for batch in batches:
                 if micro_in_step == 0:
@@ -431,11 +431,13 @@ class Trainer:
                 # reduced on the device with several processes (NCCL cannot reduce CPU tensors); one process
                 # skips the all-reduce (~50 us with gloo even alone) and the device round trip
                 multi = self.world_size > 1
-                red = torch.tensor([acc_loss / grad_accum, samples, tokens], dtype=torch.float64,
+                # ... with the stop flag riding along: every rank stops after the same step if any got SIGTERM
+                red = torch.tensor([acc_loss / grad_accum, samples, tokens, float(stop.signalled)],
+                                   dtype=torch.float64,
                                    device=torch.cuda.current_device() if multi and self.device == "cuda" else "cpu")
                 if multi:
                     dist.all_reduce(red)
-                loss_sum, n_samples, n_tokens = red.tolist()
+                loss_sum, n_samples, n_tokens, n_stopping = red.tolist()
                 rec = {"step": self.global_step, "loss": loss_sum / self.world_size,
                        "lr": scheduler.get_last_lr()[0] if scheduler is not None else float(self.cfg.optim.lr),
                        "samples_per_s": n_samples / dt, "step_time_s": dt}
@@ -475,13 +477,14 @@ class Trainer:
                 if os.environ.get("RUNX_CRASH_AFTER_STEP") == str(self.global_step):
                     os._exit(17)  # a hard kill at a known point, for resume tests (no cleanup runs)
                 acc_loss, acc_metrics, samples, tokens = 0.0, {}, 0, 0
-                if stop.requested() and self.global_step < max_steps:
+                if n_stopping and self.global_step < max_steps:
                     if metrics_log is not None:
                         metrics_log.flush()
                     if not (ckpt_every and self.global_step % ckpt_every == 0):
                         self.save_checkpoint(engine, self.global_step)
-                    raise runtime.Stopped(f"stopped by {stop.signal_name} after step {self.global_step}, "
-                                          f"checkpoint saved; rerun the same command to resume ({self.run_dir})")
+                    raise runtime.Stopped(f"stopped by {stop.signal_name or 'a signal to another rank'} after step "
+                                          f"{self.global_step}, checkpoint saved; rerun the same command to resume "
+                                          f"({self.run_dir})")
         finally:
             stop.restore()
             if progress is not None:
