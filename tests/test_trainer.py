@@ -489,3 +489,15 @@ def test_unknown_lora_target_modules_name_the_key_and_the_layers_there(tmp_path)
     rec = LoRA(compose(["recipe=lora", "model=tiny_llama", "recipe.target_modules=[qproj]"]), str(tmp_path))
     with pytest.raises(RecipeConfigError, match=r"recipe.target_modules=\['qproj'\].*q_proj.*v_proj"):
         rec.build_model()
+
+
+def test_a_bf16_model_is_exported_in_bf16(tmp_path):
+    import torch
+    from safetensors.torch import load_file
+    rec = _sft(tmp_path, "model.dtype=bf16", "trainer.precision=bf16")
+    model = rec.build_model()
+    sd = {k: v.detach().float() for k, v in model.state_dict().items()}
+    rec.export(model, sd, str(tmp_path / "out"))
+    saved = load_file(str(tmp_path / "out" / "model.safetensors"))
+    assert {v.dtype for v in saved.values()} == {torch.bfloat16}
+    assert all(torch.equal(saved[k], sd[k].to(torch.bfloat16)) for k in saved)

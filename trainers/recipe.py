@@ -90,7 +90,11 @@ class TrainingRecipe:
 
     # ---- saving -------------------------------------------------------------------------
     def export(self, model, state_dict: dict, out_dir: str) -> None:
-        """Write user-loadable weights (HF safetensors / PEFT adapter) from a full fp32 state dict."""
+        """Write user-loadable weights (HF safetensors / PEFT adapter) from a full fp32 state dict, in the
+        model's dtype (a bf16 model's export is bf16, as its config.json says, not fp32 at twice the size)."""
+        import torch
+        if self.cfg.get("model") is not None and self.cfg.model.get("dtype") == "bf16":
+            state_dict = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in state_dict.items()}
         unwrapped = getattr(model, "module", model)
         unwrapped.save_pretrained(out_dir, state_dict=state_dict, safe_serialization=True)
 
