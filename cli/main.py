@@ -76,7 +76,8 @@ def _train(rest: list[str]) -> int:
     multirun = bool(flags & {"-m", "--multirun"})
     passthrough = bool(flags & {"--cfg", "-c", "--help", "-h", "--info", "--hydra-help", "--resolve"})
     overrides = hydra_argv_overrides(rest)
-    if not multirun and not passthrough:
+    printing = bool(flags & {"--cfg", "-c", "--resolve"}) and not bool(flags & {"--help", "-h", "--hydra-help"})
+    if not multirun and (not passthrough or printing):
         cfg, problems = _compose_validated(overrides)  # fail fast, before any heavy import
         if problems:
             return _fail(problems)
