@@ -115,7 +115,11 @@ def _sweep_problems(overrides: list[str]) -> list[str]:
             found = validate(compose(job))
         except ConfigError as e:
             found = e.problems
-        problems += [p for p in found if p not in problems]
+        for p in found:   # an unknown key is one problem, whatever values the sweep gives it
+            unknown_key = "is not a key of" in p and any(q.partition("=")[0] == p.partition("=")[0] and
+                                                         "is not a key of" in q for q in problems)
+            if p not in problems and not unknown_key:
+                problems.append(p)
     return problems
 
 

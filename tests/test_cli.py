@@ -150,6 +150,8 @@ def test_a_sweep_is_checked_before_its_first_job(tmp_path):
                  "logger=none"], check=False, timeout=60)
     assert p.returncode == 2 and "optim.lr=-1" in p.stderr and "> 0" in p.stderr, p.stderr
     assert "Traceback" not in p.stderr and not sweep.exists()
+    p = run_cli(["train", "-m", "optim.lrr=1e-3,2e-3", f"hydra.sweep.dir={sweep}"], check=False, timeout=60)
+    assert p.returncode == 2 and "(1 problem)" in p.stderr and "Did you mean 'optim.lr'" in p.stderr, p.stderr
     p = run_cli(["train", "-m", "hydra/sweeper=runx_optuna", f"hydra.sweep.dir={sweep}"], check=False, timeout=60)
     assert p.returncode == 2 and "objective=<metric>" in p.stderr and not sweep.exists(), p.stderr
     p = run_cli(["train", "-m", "recipe=lora", "objective=eval/acc", f"hydra.sweep.dir={sweep}", "logger=none",
