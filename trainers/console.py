@@ -44,7 +44,7 @@ class RankZeroRichHandler(logging.Handler):
 def quiet_libraries() -> None:
     """Libraries that attach their own handlers print every line twice under Hydra's root handler."""
     for name in ["deepspeed", "DeepSpeed", "transformers", "datasets", "torch.distributed", "wandb",
-                 "distutils", "setuptools", "root.distutils"]:
+                 "distutils", "setuptools", "root.distutils", "compilers"]:   # compilers: setuptools' C probe
         lg = logging.getLogger(name)
         lg.handlers.clear()
         lg.propagate = True
