@@ -221,7 +221,7 @@ def check_paths(cfg) -> list[str]:
              "or a hub id)")
     need("model.tokenizer", m.get("tokenizer"), False)
     kind = d.get("kind")
-    if kind in ("jsonl", "parquet", "csv", "imagefolder") and not d.get("path"):
+    if kind in ("jsonl", "parquet", "csv", "imagefolder") and d.get("path") == "":
         out.append(f"data.path: empty; data.kind={kind} reads local files. Set data.path=<file or folder>.")
     if kind in ("jsonl", "parquet", "csv"):
         need("data.path", d.get("path"), True)
@@ -234,6 +234,12 @@ def check_paths(cfg) -> list[str]:
                 if d.get(key) not in have:
                     out.append(f"data.{key}={d.get(key)}: no folder {os.path.join(root, str(d.get(key)))} "
                                f"(<data.path>/<split>/<class>/<image>). Valid choices: {', '.join(have) or 'none'}.")
+            classes = [{e for e in os.listdir(os.path.join(root, str(d.get(k))))
+                        if os.path.isdir(os.path.join(root, str(d.get(k)), e))}
+                       for k in ("train_split", "eval_split") if d.get(k) in have]
+            if len(classes) == 2 and classes[1] - classes[0]:
+                out.append(f"data.eval_split={d.get('eval_split')}: classes the training split lacks, so they have "
+                           f"no label number: {', '.join(sorted(classes[1] - classes[0])[:5])}.")
     elif kind == "hf":
         need("data.hf_name" if d.get("hf_name") else "data.path", d.get("hf_name") or d.get("path"), False,
              "no such folder on this machine (give a saved dataset folder or a hub id)")

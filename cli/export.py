@@ -62,4 +62,6 @@ def export_run(run_dir: str, out: str | None = None, tag: str | None = None) -> 
     model.load_state_dict(sd)
     out = out or os.path.join(run_dir, "export")
     recipe.export(model, sd, out)
+    from runx.trainers.datajob import readable_like_open
+    readable_like_open(out)
     return out

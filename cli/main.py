@@ -168,7 +168,15 @@ def _show(rest: list[str]) -> int:
     cfg, problems = _compose_validated([a for a in rest if not a.startswith("-")])
     if cfg is None:
         return _fail(problems)
-    print(OmegaConf.to_yaml(cfg, resolve="--resolve" in rest))
+    if "--help" in rest or "-h" in rest:
+        print("usage: runx show [overrides] [--raw]   the composed config, resolved (--raw: interpolations as "
+              "written)")
+        return 0
+    try:       # resolved unless asked otherwise; a required value not given leaves it unresolved (and reported)
+        text = OmegaConf.to_yaml(cfg, resolve="--raw" not in rest and not problems)
+    except Exception:
+        text = OmegaConf.to_yaml(cfg)
+    print(text)
     if problems:
         return _fail(problems)
     return 0

@@ -98,7 +98,9 @@ def report(root: str, objective: str | None = None, minimize: bool = False, plot
         missing = float("inf") if minimize else float("-inf")
         rows.sort(key=lambda r: r.get(objective, missing), reverse=not minimize)
     trained = any("steps" in r for r in rows)
-    shown = [k for k in metric_keys if k == objective or k in SHOWN_METRICS or not trained]
+    # data jobs: their own metrics, those every finished run has (two data recipes share few)
+    common = set.intersection(*(set(r) for r in rows if r["_status"] == "done") or [set()])
+    shown = [k for k in metric_keys if k == objective or k in SHOWN_METRICS or not trained and k in common]
     t = Table(title=f"runx report — {root} ({len(rows)} run{'s' if len(rows) != 1 else ''})", header_style="bold")
     # narrow terminals: fold long names and values onto several lines instead of cutting them to "0.000…"
     t.add_column("run", overflow="fold")

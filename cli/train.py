@@ -74,6 +74,7 @@ def hydra_main(cfg: DictConfig):
         result = launch(cfg, run_dir)
     except RecipeConfigError as e:  # the recipe's own cross-key checks: a config problem, not a crash
         print(format_problems([str(e)]), file=sys.stderr)
+        _log_to_files_only(format_problems([str(e)]), with_traceback=False)
         LAST_EXIT_CODE = 2
         raise SystemExit(2) from None
     except Stopped as e:            # SIGTERM: checkpoint saved at a step boundary
@@ -121,11 +122,12 @@ def resume_problems(cfg, run_dir: str) -> list[str]:
             "resume=never to start over in this folder, or another run_dir."]
 
 
-def _log_to_files_only(message: str) -> None:
-    """The current exception's traceback into the log files (train.log), not again onto the console."""
+def _log_to_files_only(message: str, with_traceback: bool = True) -> None:
+    """A message (and the current exception's traceback) into the log files (train.log: what a SLURM user
+    reads), not again onto the console."""
     import traceback
-    record = logging.LogRecord("runx", logging.ERROR, __file__, 0, "%s\n%s", (message, traceback.format_exc()),
-                               None)
+    record = logging.LogRecord("runx", logging.ERROR, __file__, 0, "%s\n%s",
+                               (message, traceback.format_exc() if with_traceback else ""), None)
     for h in logging.getLogger().handlers:
         if isinstance(h, logging.FileHandler):
             h.handle(record)

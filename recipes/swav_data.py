@@ -241,7 +241,8 @@ class FolderImages:
                     return found, {c: i for i, c in enumerate(found)}
                 extra = sorted(set(found) - set(classes))
                 if extra:
-                    raise ValueError(f"data.eval_split: {directory} has classes the training split lacks: "
+                    from runx.trainers.recipe import RecipeConfigError
+                    raise RecipeConfigError(f"data.eval_split: {directory} has classes the training split lacks: "
                                      f"{', '.join(extra[:5])}")
                 return list(classes), {c: i for i, c in enumerate(classes)}
 

@@ -131,7 +131,7 @@ def read_files(path: str, kind: str) -> list[dict]:
     ext = {"jsonl": (".jsonl", ".jsonl.gz", ".json"), "parquet": (".parquet",), "csv": (".csv",)}[kind]
     if os.path.isdir(path) and any(os.path.exists(os.path.join(path, m)) for m in HF_SAVED_MARKERS):
         raise RecipeConfigError(f"data.path={path}: a saved Hugging Face dataset (save_to_disk), not "
-                                f"{kind} files. Valid choices: data=hf data.path={path}")
+                                f"{kind} files. Valid choices: data=hf data.hf_name={path}")
     files = sorted(f for f in glob.glob(os.path.join(path, "**", "*"), recursive=True)
                    if f.endswith(ext) and os.path.basename(f) not in HF_SAVED_MARKERS) \
         if os.path.isdir(path) else [path]

@@ -268,6 +268,20 @@ def test_atomically_written_files_get_the_umask_mode_not_0600(tmp_path):
         return stat.S_IMODE(os.stat(tmp_path / name).st_mode)
     assert (mode("a.bin"), mode("b.json"), mode("c.bin")) == (0o644, 0o644, 0o640)
     assert sorted(os.listdir(tmp_path)) == ["a.bin", "b.json", "c.bin"]      # no temp file left behind
+    # safetensors' save_file creates 0600 files: atomic_path and the exports give them the umask mode
+    import torch
+    from safetensors.torch import save_file
+    from runx.trainers.datajob import atomic_path, readable_like_open
+    old = os.umask(0o022)
+    try:
+        with atomic_path(str(tmp_path / "w.safetensors")) as tmp:
+            save_file({"x": torch.zeros(2)}, tmp)
+        (tmp_path / "export").mkdir()
+        save_file({"x": torch.zeros(2)}, str(tmp_path / "export" / "model.safetensors"))
+        readable_like_open(str(tmp_path / "export"))
+    finally:
+        os.umask(old)
+    assert mode("w.safetensors") == 0o644 and mode("export/model.safetensors") == 0o644
 
 
 # ------------------------------------------------------------------------------------------ the job

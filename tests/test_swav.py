@@ -276,8 +276,12 @@ def test_imagefolder_and_hf_sources(tmp_path):
     Image.fromarray(rng.integers(0, 255, (20, 24, 3), dtype=np.uint8)).save(tmp_path / "folder" / "val" / "zebra" / "0.png")
     with pytest.raises(ValueError, match="data.eval_split.*zebra"):
         rec.build_data()
-    # runx validate checks both split folders, and lists the ones there
     from runx.cli.config import check_paths, compose
+    zebra = check_paths(compose(["recipe=swav", "data=imagefolder", f"data.path={tmp_path / 'folder'}"]))
+    assert len(zebra) == 1 and "data.eval_split=val: classes the training split lacks" in zebra[0] and \
+        "zebra" in zebra[0], zebra
+    shutil.rmtree(tmp_path / "folder" / "val" / "zebra")
+    # runx validate checks both split folders, and lists the ones there
     problems = check_paths(compose(["recipe=swav", "data.kind=imagefolder", f"data.path={tmp_path / 'folder'}"]))
     assert len(problems) == 1 and "data.eval_split=validation" in problems[0] and "train, val" in problems[0]
     assert any("data.path: empty" in p for p in check_paths(compose(["recipe=swav", "data.kind=imagefolder"])))

@@ -11,7 +11,9 @@ def shared_console():
     global _CONSOLE
     if _CONSOLE is None:
         from rich.console import Console
-        _CONSOLE = Console(stderr=False)
+        import sys
+        # a log file (SLURM, nohup) gets whole lines: rich would wrap them at 80 columns, mid-path
+        _CONSOLE = Console(stderr=False, **({} if sys.stdout.isatty() else {"width": 10_000}))
     return _CONSOLE
 
 
@@ -44,7 +46,7 @@ class RankZeroRichHandler(logging.Handler):
 def quiet_libraries() -> None:
     """Libraries that attach their own handlers print every line twice under Hydra's root handler."""
     for name in ["deepspeed", "DeepSpeed", "transformers", "datasets", "torch.distributed", "wandb",
-                 "distutils", "setuptools", "root.distutils", "compilers"]:   # compilers: setuptools' C probe
+                 "distutils", "setuptools", "root.distutils", "compilers", "huggingface_hub"]:   # compilers: setuptools' C probe
         lg = logging.getLogger(name)
         lg.handlers.clear()
         lg.propagate = True

@@ -49,6 +49,28 @@ def atomic_write_bytes(path: str, data: bytes) -> None:
         raise
 
 
+def readable_like_open(path: str) -> None:
+    """Give `path` (a file, or every file under a folder) the mode open() would have: 0666 less the umask.
+    Libraries that write weights (safetensors' save_file, so HF / PEFT save_pretrained too) create their files
+    0600, which hides a run's exports from the user's group on a shared cluster."""
+    mask = _umask()
+    files = [os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs] if os.path.isdir(path) else [path]
+    for f in files:
+        if os.path.isfile(f) and not os.path.islink(f):
+            os.chmod(f, 0o666 & ~mask)
+
+
+def _umask() -> int:
+    """The process umask, read without setting it (os.umask would change it for other threads meanwhile)."""
+    try:
+        with open("/proc/self/status") as f:
+            return int(next(line.split()[1] for line in f if line.startswith("Umask:")), 8)
+    except (OSError, StopIteration, ValueError):
+        mask = os.umask(0o022)
+        os.umask(mask)
+        return mask
+
+
 def _new_temp_file(folder: str) -> tuple[int, str]:
     """A new, exclusively created hidden file in `folder`, with the mode open() gives (0666 less the umask):
     tempfile.mkstemp's 0600 would stay on the renamed result and hide it from the user's group."""
@@ -78,6 +100,7 @@ class atomic_path:
 
     def __exit__(self, exc_type, exc, tb):
         if exc_type is None:
+            readable_like_open(self.tmp)   # a writer may create 0600 files (safetensors' save_file does)
             os.replace(self.tmp, self.final)
         elif os.path.exists(self.tmp):
             os.unlink(self.tmp)
@@ -314,7 +337,7 @@ def _input_change(before: dict, now: dict) -> str:
     new = {p: (n, m) for p, n, m in now.get("files", [])}
     first = next((p for p in sorted(set(old) | set(new)) if old.get(p) != new.get(p)), None)
     example = "" if first is None else f", e.g. {first} " + (
-        "is new" if first not in old else "is gone" if first not in new else "was modified")
+        "is new" if first not in old else "is no longer among them" if first not in new else "was modified")
     return (f"input files ({before['count']} files, {before['bytes']} bytes -> {now['count']} files, "
             f"{now['bytes']} bytes{example})")
 

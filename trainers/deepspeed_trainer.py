@@ -18,7 +18,7 @@ from omegaconf import OmegaConf
 
 from runx.trainers import runtime
 from runx.trainers.runtime import flatten_overrides
-from runx.trainers.datajob import atomic_write_bytes, atomic_write_json
+from runx.trainers.datajob import atomic_write_bytes, atomic_write_json, readable_like_open
 from runx.trainers.optim import build_optimizer, default_param_groups, lr_lambda, with_head_lr
 from runx.trainers.tracking import MetricsLog, WandbRun, console, summary_table, write_summary
 
@@ -534,6 +534,7 @@ class Trainer:
         sd = self.full_state_dict(engine)
         if self.is_main:
             recipe.export(engine.module, sd, out_dir)
+            readable_like_open(out_dir)
 
 
 def _read(path):
