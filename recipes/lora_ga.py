@@ -577,6 +577,9 @@ class LoRAGA(LoRA):
             conf = json.load(f)
         conf["base_model_name_or_path"] = None
         atomic_write_bytes(conf_path, json.dumps(conf, indent=2).encode())
+        card = os.path.join(offset_dir, "README.md")   # peft's model card names the original base as base_model
+        if os.path.exists(card):
+            os.remove(card)
         own = os.path.join(self.run_dir, INIT_DIR)     # this run's init, whatever its resume setting
         init_dir = own if os.path.exists(os.path.join(own, INIT_META)) else self._saved_init_dir()
         if init_dir is None:

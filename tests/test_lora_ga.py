@@ -375,6 +375,7 @@ def test_export_rank2r_adapter_and_merged_weights_reproduce_logits(tmp_path, ove
     assert (logits(rebuilt, batches[2]) - want).abs().max().item() <= 1e-5
     # that adapter names no base model: a loader cannot pair it with the original base on its own
     assert json.load(open(out / "adapter_on_offset_base" / "adapter_config.json"))["base_model_name_or_path"] is None
+    assert not (out / "adapter_on_offset_base" / "README.md").exists()     # peft's card named the original base
     assert "adapter_rank2r/" in (out / "README.txt").read_text()
     tensors, meta = read_lora_ga_init(out / "lora_ga_init")
     assert meta["rank"] == 8 and len(tensors) == 2 * len(lora_ga_targets(model))
