@@ -81,6 +81,11 @@ def _train(rest: list[str]) -> int:
         cfg, problems = _compose_validated(overrides)  # fail fast, before any heavy import
         if problems:
             return _fail(problems)
+        flag = next((a for a in ("--cfg", "-c") if a in rest), None)
+        if printing and flag and rest.index(flag) + 1 < len(rest) and rest[rest.index(flag) + 1] == "job":
+            from omegaconf import OmegaConf   # the job's config as it runs: with the recipe schema's defaults
+            print(OmegaConf.to_yaml(cfg, resolve="--resolve" in rest), end="")
+            return 0
     elif multirun:
         problems = _check_group_overrides(overrides) or sweeper_problems(rest) or _sweep_problems(overrides)
         if problems:

@@ -330,6 +330,7 @@ def test_validate_runs_the_recipes_own_checks():
 def test_cfg_job_prints_resolved_config():
     p = run_cli(["train", "recipe=lora", "--cfg", "job"])
     assert "rank: 8" in p.stdout and "name: lora" in p.stdout
+    assert "train_head: true" in p.stdout          # the recipe schema's defaults, as the job runs with them
     p = run_cli(["train", "recipe=lora", "recipe.rnk=3", "--cfg", "job"], check=False)   # checked like a run
     assert p.returncode == 2 and "Did you mean 'recipe.rank'" in p.stderr, p.stderr
 
