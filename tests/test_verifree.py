@@ -703,7 +703,7 @@ def test_plan_counts_the_rollout_kv_cache_and_the_sequences_a_micro_batch_trains
     from runx.trainers import plan
     cfg = compose(["recipe=verifree", "logger=none", "trainer.micro_batch_size=3", "recipe.group_size=4",
                    "recipe.max_new_tokens=100", "recipe.rollout_chunk=8"])
-    model, recipe, _ = plan._build_on_meta(cfg)
+    model, recipe, _ = plan.build_on_meta(cfg)
     assert plan.plan_batch(cfg, recipe) == (12, int(cfg.data.max_length) + 100, False)
     c = model.config
     kv_heads = c.num_key_value_heads
@@ -711,7 +711,7 @@ def test_plan_counts_the_rollout_kv_cache_and_the_sequences_a_micro_batch_trains
     ((label, kv),) = recipe.extra_memory(model, 1, {"cpu": 2**34, "device": 2**34})["device"].items()
     assert kv == 8 * (int(cfg.data.max_length) + 100) * per_token and "8 sequences" in label
     cfg2 = compose(["recipe=verifree", "logger=none", "recipe.kl_coef=0.1", "recipe.rollout_backend=vllm"])
-    model2, recipe2, _ = plan._build_on_meta(cfg2)
+    model2, recipe2, _ = plan.build_on_meta(cfg2)
     terms = recipe2.extra_memory(model2, 1, {"cpu": 2**34, "device": 2**34})["device"]
     assert terms["KL reference model"] == sum(p.numel() * 4 for p in model2.parameters())
     assert terms["vLLM engine (rollouts)"] == int(0.3 * 2**34)

@@ -187,3 +187,17 @@ def test_aio_probe_is_cached_and_sane(aio_ready, tmp_path):
         assert not [f for f in os.listdir(tmp_path / "disk") if f.startswith(".runx_aio_probe")]
     finally:
         os.environ.pop("RUNX_CACHE", None) if old_cache is None else os.environ.update(RUNX_CACHE=old_cache)
+
+
+def test_zero_infinity_loads_a_pretrained_model(aio_ready, tmp_path):
+    """The default job's pretrained MiniLM under trainer=zero3_nvme: the NVMe settings are derived from a shape
+    model built from the checkpoint's config (from_pretrained refuses the meta device, and every pretrained
+    model failed before step 1); its first losses match ZeRO-3's."""
+    common = ["trainer.max_steps=2", "trainer.eval_every=0", "trainer.ckpt_every=0", "logger=none",
+              "trainer.progress=false", "data.max_train_samples=64", "trainer.micro_batch_size=8"]
+    run_cli(["train", *common, "trainer=zero3", f"run_dir={tmp_path / 'z3'}"])
+    run_cli(["train", *common, "trainer=zero3_nvme", f"trainer.nvme_path={tmp_path / 'nvme'}",
+             f"run_dir={tmp_path / 'nv'}"])
+    a, b = losses(tmp_path / "z3"), losses(tmp_path / "nv")
+    assert sorted(a) == sorted(b) == [1, 2]
+    assert all(abs(a[s] - b[s]) <= 1e-3 * abs(a[s]) for s in a), (a, b)

@@ -227,9 +227,9 @@ class Trainer:
         random_init = bool(self.cfg.model.get("from_config"))
         if random_init:
             reference = recipe.build_model()
-        else:
-            with torch.device("meta"):
-                reference = recipe.build_model()
+        else:   # only the shapes are needed: from_pretrained refuses the meta device, so from the checkpoint's config
+            from runx.trainers.plan import build_on_meta
+            reference = build_on_meta(self.cfg)[0]
         self._hf_ds_config = HfDeepSpeedConfig(self.build_ds_config(reference))  # must stay referenced
         runtime.seed_everything(int(self.cfg.seed))
         model = recipe.build_model()

@@ -112,7 +112,7 @@ class ModelFacts:
                 "module_max_params": self.module_max_params, "world_size": world}
 
 
-def _build_on_meta(cfg):
+def build_on_meta(cfg):
     """The recipe's model on the meta device (no memory, no weights read). Pretrained models are built from
     their config with the recipe's own wrapping (LoRA etc.)."""
     import torch
@@ -122,7 +122,7 @@ def _build_on_meta(cfg):
     from runx.trainers.recipe import RecipeConfigError, build_recipe
     import tempfile
     recipe_cls = RECIPES[cfg.recipe.name].load()
-    scratch = tempfile.mkdtemp(prefix="runx_plan_")
+    scratch = tempfile.mkdtemp(prefix="runx_plan_")   # the recipe's run dir: nothing is written there
     try:
         recipe = build_recipe(recipe_cls, cfg, scratch)
         with torch.device("meta"):
@@ -226,7 +226,7 @@ def model_facts(cfg) -> ModelFacts:
     from runx.trainers.nvme import default_accelerator
     default_accelerator()
     import torch._dynamo  # noqa: F401  (before any zero.Init, as the trainer does)
-    model, recipe, source = _build_on_meta(cfg)
+    model, recipe, source = build_on_meta(cfg)
     seen, numels, trainable = set(), [], 0
     for p in model.parameters():
         if id(p) in seen:
