@@ -133,11 +133,39 @@ def _log_to_files_only(message: str, with_traceback: bool = True) -> None:
             h.handle(record)
 
 
+_HELD: list = []   # open lock files: a lock lives as long as its process
+
+
+def hold_run_dir(run_dir: str, who: str = "runx") -> None:
+    """Lock run_dir for this process's lifetime (released by the kernel when it exits, even on kill -9).
+    runx takes "runx" for a training run; rank 0 of its workers takes "workers", which a new runx also checks,
+    so a rerun cannot start while workers of an earlier one are still stopping."""
+    import fcntl
+    if any(f.name.startswith(os.path.join(run_dir, ".runx", "")) for f in _HELD):
+        return          # this process holds it already (a second run in one process, e.g. a test)
+    os.makedirs(os.path.join(run_dir, ".runx"), exist_ok=True)
+    for name in ("runx", "workers") if who == "runx" else (who,):
+        f = open(os.path.join(run_dir, ".runx", f"{name}.lock"), "a+")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.close()
+            from runx.trainers.recipe import RecipeConfigError
+            raise RecipeConfigError(f"run_dir={run_dir} is in use by another runx run (its {name} still run). "
+                                    "Wait for it to stop, or give another run_dir=") from None
+        if who == "runx" and name == "workers":
+            f.close()            # only checked: the new run's own workers take it
+        else:
+            _HELD.append(f)
+
+
 def launch(cfg, run_dir: str) -> dict:
     """Write the resolved config, then run in-process (1 process) or through a launcher."""
     from runx.trainers.tracking import environment_record, save_resolved_config
     from runx.trainers.datajob import atomic_write_json
     from runx.trainers.recipe import RecipeConfigError
+    if RECIPES_KIND(cfg) == "train" and os.environ.get("RUNX_WORKER") != "1":
+        hold_run_dir(run_dir)   # a second run into the same folder would interleave checkpoints with this one
     problems = resume_problems(cfg, run_dir) if os.environ.get("RUNX_WORKER") != "1" else []
     if RECIPES_KIND(cfg) == "data" and os.path.isdir(run_dir):   # a rerun of a data job: same settings?
         from runx.recipes import RECIPES

@@ -5,15 +5,39 @@ import os
 import sys
 
 
+def _stop_with_the_launcher() -> None:
+    """torchrun starts each worker in a session of its own, so a kill -9 of runx's process group left the
+    workers training on (and racing a rerun in the same run_dir). PR_SET_PDEATHSIG has the kernel send SIGTERM
+    when the launcher dies: the trainer then saves a checkpoint at the step boundary and stops."""
+    import signal
+    try:
+        import ctypes
+        if ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM)) != 0:   # 1 = PR_SET_PDEATHSIG
+            return
+    except (OSError, AttributeError):
+        return
+    if os.getppid() == 1:   # the launcher died before the call
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 def main() -> int:
     run_dir = sys.argv[1]
+    _stop_with_the_launcher()
+    from runx.cli.train import hold_run_dir
+    if os.environ.get("RANK", "0") == "0":
+        hold_run_dir(run_dir, "workers")
     from omegaconf import OmegaConf
 
     import runx.conf  # noqa: F401  (registers resolvers)
     from runx.cli.train import run_job
     from runx.trainers.console import RankZeroRichHandler
     import logging
-    logging.basicConfig(level=logging.INFO, handlers=[RankZeroRichHandler()], format="%(message)s")
+    handlers: list[logging.Handler] = [RankZeroRichHandler()]
+    if os.environ.get("RANK", "0") == "0":   # the run's train.log gets rank 0's lines, as a 1-process run's does
+        log_file = logging.FileHandler(os.path.join(run_dir, "train.log"))
+        log_file.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] %(message)s"))
+        handlers.append(log_file)
+    logging.basicConfig(level=logging.INFO, handlers=handlers, format="%(message)s")
     cfg = OmegaConf.load(os.path.join(run_dir, ".runx", "job.yaml"))
     from runx.trainers.recipe import RecipeConfigError
     from runx.trainers.runtime import Stopped
@@ -29,6 +53,11 @@ def main() -> int:
             from runx.trainers.datajob import atomic_write_bytes
             atomic_write_bytes(problem_file(run_dir), str(e).encode())
         return 2
+    except BaseException as e:
+        if rank0 and not isinstance(e, SystemExit):
+            from runx.cli.train import _log_to_files_only
+            _log_to_files_only(f"rank 0 failed: {type(e).__name__}")
+        raise
     return 0
 
 

@@ -501,3 +501,30 @@ def test_a_bf16_model_is_exported_in_bf16(tmp_path):
     saved = load_file(str(tmp_path / "out" / "model.safetensors"))
     assert {v.dtype for v in saved.values()} == {torch.bfloat16}
     assert all(torch.equal(saved[k], sd[k].to(torch.bfloat16)) for k in saved)
+
+
+def test_a_run_dir_in_use_is_refused_and_workers_stop_with_their_launcher(tmp_path):
+    """While a run (or the workers of one) holds run_dir, a second runx into it is refused (they would
+    interleave checkpoints). Workers get SIGTERM when their launcher dies (PR_SET_PDEATHSIG): torchrun starts
+    them in sessions of their own, so a kill -9 of runx's process group left them training."""
+    import signal
+    run = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from runx.cli.train import hold_run_dir; "
+                               f"hold_run_dir({str(run)!r}, 'workers'); print('held', flush=True); time.sleep(60)"],
+                              stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    p = run_cli(["train", f"run_dir={run}", *TINY, "trainer.max_steps=1"], check=False)
+    assert p.returncode == 2 and "is in use by another runx run" in p.stderr, p.stderr
+    holder.kill()
+    holder.wait()
+    # a worker whose launcher is killed gets SIGTERM
+    code = ("import os, signal, sys, time; from runx.cli.worker import _stop_with_the_launcher; "
+            "signal.signal(signal.SIGTERM, lambda *a: (print('SIGTERM', flush=True), os._exit(0))); "
+            "_stop_with_the_launcher(); print('ready', flush=True); time.sleep(30)")
+    launcher = subprocess.Popen([sys.executable, "-c", f"import subprocess, sys, time; "
+                                 f"p = subprocess.Popen([sys.executable, '-c', {code!r}]); time.sleep(30)"],
+                                stdout=subprocess.PIPE, text=True)
+    assert launcher.stdout.readline().strip() == "ready"
+    launcher.send_signal(signal.SIGKILL)
+    launcher.wait()
+    assert launcher.stdout.readline().strip() == "SIGTERM"

@@ -11,9 +11,7 @@ def shared_console():
     global _CONSOLE
     if _CONSOLE is None:
         from rich.console import Console
-        import sys
-        # a log file (SLURM, nohup) gets whole lines: rich would wrap them at 80 columns, mid-path
-        _CONSOLE = Console(stderr=False, **({} if sys.stdout.isatty() else {"width": 10_000}))
+        _CONSOLE = Console(stderr=False)
     return _CONSOLE
 
 
@@ -26,13 +24,21 @@ class RankZeroRichHandler(logging.Handler):
 
     def __init__(self, level=logging.NOTSET):
         super().__init__(level)
-        from rich.logging import RichHandler
-        self._inner = RichHandler(console=shared_console(), show_path=False, rich_tracebacks=False,
-                                  log_time_format="[%X]")
+        import sys
+        if sys.stdout.isatty():
+            from rich.logging import RichHandler
+            self._inner = RichHandler(console=shared_console(), show_path=False, rich_tracebacks=False,
+                                      log_time_format="[%X]")
+            self._plain = False
+        else:   # a log file (SLURM, nohup): whole lines, as rich would wrap them at 80 columns mid-path
+            self._inner = logging.StreamHandler(sys.stdout)
+            self._inner.setFormatter(logging.Formatter("[%(asctime)s] %(levelname)s %(message)s", "%H:%M:%S"))
+            self._plain = True
 
     def setFormatter(self, fmt):
         super().setFormatter(fmt)
-        self._inner.setFormatter(fmt)
+        if not self._plain:
+            self._inner.setFormatter(fmt)
 
     def emit(self, record):
         # DeepSpeed's op-compatibility probes compile test programs through distutils, which logs each
