@@ -243,6 +243,18 @@ def check_paths(cfg) -> list[str]:
     elif kind == "hf":
         need("data.hf_name" if d.get("hf_name") else "data.path", d.get("hf_name") or d.get("path"), False,
              "no such folder on this machine (give a saved dataset folder or a hub id)")
+    t = {k: OmegaConf.select(cfg, f"trainer.{k}", default=None, throw_on_resolution_failure=False)
+         for k in ("offload_param", "offload_optimizer", "nvme_path")}
+    if "nvme" in (t["offload_param"], t["offload_optimizer"]):
+        nvme = os.path.expanduser(str(t["nvme_path"] or ""))
+        if os.path.exists(nvme) and not os.path.isdir(nvme):
+            out.append(f"trainer.nvme_path={t['nvme_path']}: a file, not a folder. Valid choices: a folder on a "
+                       f"local NVMe drive (it is created if missing).")
+        from runx.trainers.nvme import aio_available
+        if not aio_available():
+            out.append("trainer.offload_param / offload_optimizer=nvme: DeepSpeed's async_io op cannot be built "
+                       "here (libaio is missing). Install it (apt install libaio-dev; conda install libaio), or "
+                       "choose trainer=zero3_cpu_offload.")
     name = r.get("name")
     if name == "concept_prune" and r.get("input") != "digits":
         need("recipe.path", r.get("path"), True)

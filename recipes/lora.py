@@ -58,6 +58,14 @@ class LoRA(SFT):
             conf = json.load(open(conf_path))
             conf["base_model_name_or_path"] = base_dir
             json.dump(conf, open(conf_path, "w"), indent=2)
+        elif self.task == "cls":   # the pretrained base's config has no head of this size: say how to load it
+            from runx.trainers.datajob import atomic_write_bytes
+            atomic_write_bytes(os.path.join(out_dir, "README.txt"), (
+                "A PEFT LoRA adapter with a sequence-classification head of "
+                f"{self.num_labels} labels. Load it with\n"
+                "  from peft import AutoPeftModelForSequenceClassification\n"
+                f"  model = AutoPeftModelForSequenceClassification.from_pretrained(<this folder>, "
+                f"num_labels={self.num_labels})\n").encode())
 
 
 def base_state_dict(peft_state_dict: dict) -> dict:

@@ -600,7 +600,7 @@ EXPORT_README = """LoRA-GA export (runx). Which folder to load:
   adapter_on_offset_base/  the trained rank-r adapter; valid only on the offset base
                            (original base - eta*B0*A0 per layer, from lora_ga_init/: runx's
                            load_lora_ga_init rebuilds it). On the original base it gives another model.
-  lora_ga_init/            A0, B0 and eta of every adapted layer (init.safetensors, init.json)
+  lora_ga_init/            A0, B0 and eta of every adapted layer (init.safetensors, lora_ga_init.json)
 """
 
 

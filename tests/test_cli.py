@@ -327,6 +327,18 @@ def test_validate_runs_the_recipes_own_checks():
     assert p.stdout.strip() == "ok: recipe=concept_prune"
 
 
+def test_nvme_offload_needs_a_folder_and_the_async_io_op_before_anything_runs(tmp_path, monkeypatch):
+    from runx.cli.config import check_paths
+    (tmp_path / "f").write_text("")
+    problems = check_paths(compose(["trainer=zero3_nvme", f"trainer.nvme_path={tmp_path / 'f'}"]))
+    assert any("a file, not a folder" in p for p in problems), problems
+    import runx.trainers.nvme as nvme
+    monkeypatch.setattr(nvme, "aio_available", lambda: False)
+    problems = check_paths(compose(["trainer=zero3", "trainer.offload_optimizer=nvme"]))
+    assert len(problems) == 1 and "libaio-dev" in problems[0] and "zero3_cpu_offload" in problems[0], problems
+    assert check_paths(compose(["trainer=zero3_cpu_offload"])) == []
+
+
 def test_cfg_job_prints_resolved_config():
     p = run_cli(["train", "recipe=lora", "--cfg", "job"])
     assert "rank: 8" in p.stdout and "name: lora" in p.stdout
