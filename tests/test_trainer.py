@@ -84,6 +84,7 @@ def test_sigterm_saves_a_checkpoint_at_the_step_boundary_and_the_run_resumes(tmp
     p.terminate()   # SIGTERM
     out, err = p.communicate(timeout=120)
     assert p.returncode == 143 and "stopped by SIGTERM" in err, (p.returncode, err[-3000:])
+    assert "W&B so far: wandb sync" in err and "offline-run-" in err, err[-2000:]
     step = max(losses(run))
     assert open(run / "ckpt" / "latest").read() == f"step_{step}"
     done = run_cli(["train", f"run_dir={run}", *TINY, "logger=wandb", f"trainer.max_steps={step + 2}",

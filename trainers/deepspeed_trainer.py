@@ -482,9 +482,10 @@ class Trainer:
                         metrics_log.flush()
                     if not (ckpt_every and self.global_step % ckpt_every == 0):
                         self.save_checkpoint(engine, self.global_step)
+                    sync = wb.finish({}) if wb is not None else None   # the resumed run continues this W&B run
                     raise runtime.Stopped(f"stopped by {stop.signal_name or 'a signal to another rank'} after step "
                                           f"{self.global_step}, checkpoint saved; rerun the same command to resume "
-                                          f"({self.run_dir})")
+                                          f"({self.run_dir})" + (f". W&B so far: {sync}" if sync else ""))
         finally:
             stop.restore()
             if progress is not None:
