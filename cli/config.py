@@ -214,8 +214,8 @@ def check_paths(cfg) -> list[str]:
 
     # values that fail to resolve (a required value not given) are reported by validate(); here they read as unset
     from omegaconf import OmegaConf
-    d, m, r = ({k: OmegaConf.select(cfg, f"{group}.{k}", default=None, throw_on_resolution_failure=False)
-                for k in (cfg.get(group) or {})} for group in ("data", "model", "recipe"))
+    d, m, r, t = ({k: OmegaConf.select(cfg, f"{group}.{k}", default=None, throw_on_resolution_failure=False)
+                   for k in (cfg.get(group) or {})} for group in ("data", "model", "recipe", "trainer"))
     if not m.get("from_config"):
         need("model.path", m.get("path"), False, "no such folder on this machine (give a local model folder "
              "or a hub id)")
@@ -243,10 +243,8 @@ def check_paths(cfg) -> list[str]:
     elif kind == "hf":
         need("data.hf_name" if d.get("hf_name") else "data.path", d.get("hf_name") or d.get("path"), False,
              "no such folder on this machine (give a saved dataset folder or a hub id)")
-    t = {k: OmegaConf.select(cfg, f"trainer.{k}", default=None, throw_on_resolution_failure=False)
-         for k in ("offload_param", "offload_optimizer", "nvme_path")}
-    if "nvme" in (t["offload_param"], t["offload_optimizer"]):
-        nvme = os.path.expanduser(str(t["nvme_path"] or ""))
+    if "nvme" in (t.get("offload_param"), t.get("offload_optimizer")):
+        nvme = os.path.expanduser(str(t.get("nvme_path") or ""))
         if os.path.exists(nvme) and not os.path.isdir(nvme):
             out.append(f"trainer.nvme_path={t['nvme_path']}: a file, not a folder. Valid choices: a folder on a "
                        f"local NVMe drive (it is created if missing).")

@@ -164,14 +164,16 @@ def launch(cfg, run_dir: str) -> dict:
     from runx.trainers.tracking import environment_record, save_resolved_config
     from runx.trainers.datajob import atomic_write_json
     from runx.trainers.recipe import RecipeConfigError
-    if RECIPES_KIND(cfg) == "train" and os.environ.get("RUNX_WORKER") != "1":
+    recipe_kind, worker = RECIPES_KIND(cfg), os.environ.get("RUNX_WORKER") == "1"
+    if recipe_kind == "train" and not worker:
         hold_run_dir(run_dir)   # a second run into the same folder would interleave checkpoints with this one
-    problems = resume_problems(cfg, run_dir) if os.environ.get("RUNX_WORKER") != "1" else []
-    if RECIPES_KIND(cfg) == "data" and os.path.isdir(run_dir):   # a rerun of a data job: same settings?
+    problems = resume_problems(cfg, run_dir) if not worker else []
+    job = None
+    if recipe_kind == "data" and os.path.isdir(run_dir):   # a rerun of a data job: same settings?
         from runx.recipes import RECIPES
         from runx.trainers.datajob import slurm_array_task
         from runx.trainers.recipe import build_recipe
-        job = build_recipe(RECIPES[cfg.recipe.name].load(), cfg, run_dir)
+        job = build_recipe(RECIPES[cfg.recipe.name].load(), cfg, run_dir)   # run_job runs this one
         problems += [p for p in [job.pin_refusal(str(cfg.get("resume", "auto")), slurm_array_task()[1])] if p]
     if problems:   # before config.yaml is rewritten: the run dir keeps describing its checkpoint / shards
         raise RecipeConfigError(problems[0])
@@ -179,13 +181,13 @@ def launch(cfg, run_dir: str) -> dict:
     save_resolved_config(cfg, os.path.join(run_dir, "config.yaml"))
     save_resolved_config(cfg, os.path.join(run_dir, ".runx", "job.yaml"), redacted=False)
     atomic_write_json(os.path.join(run_dir, "env.json"), environment_record())
-    if cfg.plan.check and RECIPES_KIND(cfg) == "train" and os.environ.get("RUNX_WORKER") != "1":
+    if cfg.plan.check and recipe_kind == "train" and not worker:
         from runx.trainers.plan import check_fits
         check_fits(cfg)  # stops with a clear message when the config cannot fit this machine
     n = int(cfg.trainer.num_procs)
     kind = cfg.launcher.kind
-    if n <= 1 and kind == "local" or os.environ.get("RUNX_WORKER") == "1":
-        return run_job(cfg, run_dir)
+    if n <= 1 and kind == "local" or worker:
+        return run_job(cfg, run_dir, job)
     cmd = launcher_command(cfg, run_dir)
     log.info("launching %d processes: %s", n, " ".join(cmd))
     env = dict(os.environ, RUNX_WORKER="1", PYTHONUNBUFFERED="1")
@@ -268,8 +270,9 @@ def launcher_command(cfg, run_dir: str) -> list[str]:
     return cmd + list(L.extra_args) + ["-m"] + worker
 
 
-def run_job(cfg, run_dir: str) -> dict:
-    """Run one recipe in this process (rank of a distributed world, or a world of one)."""
+def run_job(cfg, run_dir: str, job=None) -> dict:
+    """Run one recipe in this process (rank of a distributed world, or a world of one); `job`: a data recipe
+    launch() already built to check its settings."""
     from runx.recipes import RECIPES
     from runx.trainers.console import quiet_libraries
     from runx.trainers.recipe import build_recipe
@@ -279,7 +282,7 @@ def run_job(cfg, run_dir: str) -> dict:
     if info.kind == "data":
         from runx.trainers.datajob import atomic_write_json
         from runx.trainers.tracking import console, summary_table
-        job = build_recipe(cls, cfg, run_dir)
+        job = job or build_recipe(cls, cfg, run_dir)
         result = job.run(num_workers=int(cfg.recipe.get("num_workers", 1) or 1),
                          resume=str(cfg.get("resume", "auto")))
         atomic_write_json(os.path.join(run_dir, "summary.json"), result)

@@ -318,6 +318,15 @@ def _scripted_step(recipe, model, texts, batch):
     return loss.detach(), metrics, [p.grad.clone() for p in model.parameters()]
 
 
+def _assert_same_step_off_and_on(recipe, model, texts, batch, key, label, **tol):
+    """The scripted step with recipe.<key> false, then true: the same loss, metrics and gradients."""
+    steps = []
+    for on in (False, True):
+        setattr(recipe.rc, key, on)
+        steps.append(_scripted_step(recipe, model, texts, batch))
+    _assert_same_step(*steps, label, **tol)
+
+
 def _assert_same_step(ref, other, tag, rtol, atol, grad_rtol):
     """`other` has `ref`'s loss and metrics (rtol / atol) and its nonzero gradients (grad_rtol / atol)."""
     (l0, m0, g0), (l1, m1, g1) = ref, other
@@ -348,11 +357,8 @@ def test_gradient_in_forward_equals_autograd_through_the_logprobs(tiny):
             rc.reward = reward
             for k, v in extra.items():
                 setattr(rc, k, v)
-            steps = []
-            for mode in (False, True):
-                rc.grad_in_forward = mode
-                steps.append(_scripted_step(recipe, model, texts, batch))
-            _assert_same_step(*steps, reward, rtol=1e-5, atol=1e-7, grad_rtol=1e-4)
+            _assert_same_step_off_and_on(recipe, model, texts, batch, "grad_in_forward", reward,
+                                         rtol=1e-5, atol=1e-7, grad_rtol=1e-4)
     finally:
         (rc.answer_template, rc.reward, rc.grad_in_forward, rc.ignore_truncated, rc.loss_norm, rc.advantage) = saved
 
@@ -387,11 +393,8 @@ def test_packed_scoring_gives_the_padded_loss_and_gradients_in_fewer_rows(tiny):
     try:
         for gif in (True, False):
             rc.grad_in_forward = gif
-            steps = []
-            for pack in (False, True):
-                rc.pack_sequences = pack
-                steps.append(_scripted_step(recipe, model, texts, batch))
-            _assert_same_step(*steps, gif, rtol=1e-4, atol=1e-6, grad_rtol=1e-3)
+            _assert_same_step_off_and_on(recipe, model, texts, batch, "pack_sequences", gif,
+                                         rtol=1e-4, atol=1e-6, grad_rtol=1e-3)
     finally:
         rc.answer_template, rc.grad_in_forward, rc.pack_sequences = saved
 

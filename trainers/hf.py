@@ -31,10 +31,10 @@ def hub_unreachable(e: BaseException, model_cfg) -> str | None:
         texts.append(str(seen))
         if type(seen).__name__ in _HUB_UNREACHABLE or "couldn't connect to" in str(seen) \
                 or "offline mode is enabled" in str(seen).lower():
-            path = model_cfg.get("tokenizer") if "tokenizer" in " ".join(texts).lower() and model_cfg.get(
-                "tokenizer") else model_cfg.get("path")
-            key = "model.tokenizer" if path == model_cfg.get("tokenizer") and path != model_cfg.get("path") \
-                else "model.path"
+            tok = model_cfg.get("tokenizer")
+            key = "model.tokenizer" if tok and tok != model_cfg.get("path") and "tokenizer" in " ".join(
+                texts).lower() else "model.path"
+            path = tok if key == "model.tokenizer" else model_cfg.get("path")
             return (f"{key}={path}: not a local folder, not in the Hugging Face cache, and the hub cannot be "
                     f"reached ({type(seen).__name__}). Download it where there is network (huggingface-cli "
                     f"download {path}, or HF_HOME on a shared disk), or give a local folder.")
