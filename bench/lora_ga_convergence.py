@@ -36,7 +36,9 @@ processes running took 1.60 s, and the estimate's first batch is no slower than 
     python bench/lora_ga_convergence.py            # full: 30 runs of 120 steps, 2 side by side (38 min, 2 cores)
     python bench/lora_ga_convergence.py --quick    # the full run's best lrs, 2 seeds, 40 steps, no equal-lr
                                                    # arm, half the validation split (< 5 min)
-Writes bench/results/lora_ga_convergence[_quick].json.
+    python bench/lora_ga_convergence.py --head probe   # the same comparison with every arm starting from one
+                                                       # linear-probed classifier head (probed_head_checkpoint)
+Writes bench/results/lora_ga_convergence[_probed_head][_quick].json.
 """
 from __future__ import annotations
 
@@ -62,6 +64,54 @@ GRIDS = {"sft": [5e-5, 1e-4, 2e-4],
          "lora_ga": [1e-4, 2e-4, 3e-4]}
 # --quick: the best lrs of the full run (bench/results/lora_ga_convergence.json)
 QUICK = {"sft": [2e-4], "lora": [2e-3], "lora_ga": [2e-4]}
+# --head probe: grids placed by a 1-seed pilot with the probed head (LoRA 5e-4..2e-3 all ended within 0.02 of each
+# other; LoRA-GA at 2e-4 and above oscillated early, 5e-5 ended best); full FT is the reference row at one lr
+PROBE_GRIDS = {"sft": [2e-4], "lora": [5e-4, 1e-3, 2e-3], "lora_ga": [2e-5, 5e-5, 1e-4]}
+
+
+def probed_head_checkpoint(root: str, threads: int) -> dict:
+    """The paper's models start from a pretrained output head; the embedded task's classifier head is new (random),
+    so LoRA-GA's gradient estimate at step 0 is the gradient through a random projection. This arm gives every
+    method the same fitted head instead: a multinomial logistic regression (scikit-learn, C=1) on the frozen
+    encoder's pooled features of the training split (linear probing, as in LP-FT, Kumar et al. 2022), saved with
+    the encoder as a local checkpoint that the runs load through model.path. Validation data is not used."""
+    code = r"""
+import json, sys, numpy as np, torch
+from omegaconf import OmegaConf
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import log_loss
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+from runx.recipes.text_data import load_rows
+from runx.trainers.hf import resolve_path
+out = sys.argv[1]
+d = OmegaConf.create(dict(name="stdlib_topics", kind="builtin", val_fraction=0.2, max_train_samples=None,
+                          max_eval_samples=None))
+train, evals = load_rows(d)
+src = resolve_path("builtin:minilm")
+tok = AutoTokenizer.from_pretrained(src)
+torch.manual_seed(0)
+m = AutoModelForSequenceClassification.from_pretrained(src, num_labels=4).eval()
+def feats(rows):
+    with torch.no_grad():
+        return torch.cat([m.bert(**tok([r["text"] for r in rows[i:i + 64]], truncation=True, max_length=64,
+                                       padding=True, return_tensors="pt")).pooler_output
+                          for i in range(0, len(rows), 64)]).numpy()
+xt, yt = feats(train), np.array([r["label"] for r in train])
+xe, ye = feats(evals), np.array([r["label"] for r in evals])
+clf = LogisticRegression(C=1.0, max_iter=2000).fit(xt, yt)
+m.classifier.weight.data = torch.tensor(clf.coef_, dtype=torch.float32)
+m.classifier.bias.data = torch.tensor(clf.intercept_, dtype=torch.float32)
+m.save_pretrained(out)
+tok.save_pretrained(out)
+print(json.dumps({"probe_train_accuracy": clf.score(xt, yt), "probe_eval_accuracy": clf.score(xe, ye),
+                  "probe_eval_loss": log_loss(ye, clf.predict_proba(xe), labels=clf.classes_)}))
+"""
+    out = os.path.join(root, "minilm_probed_head")
+    p = subprocess.run([sys.executable, "-c", code, out], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                       env=env(threads))
+    if p.returncode != 0:
+        raise SystemExit(f"probing the head failed:\n{p.stderr[-4000:]}")
+    return {"path": out, **json.loads(p.stdout.strip().splitlines()[-1])}
 
 
 def env(threads: int) -> dict:
@@ -391,6 +441,10 @@ def main() -> int:
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--workers", type=int, default=2, help="sweep processes side by side")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per sweep process")
+    ap.add_argument("--head", choices=("new", "probe"), default="new",
+                    help="new: the embedded task as the recipes run it (a new classifier head); probe: every arm "
+                         "starts from the same linear-probed head (see probed_head_checkpoint; writes "
+                         "lora_ga_convergence_probed_head.json, no init timings)")
     a = ap.parse_args()
     if a.init_share:
         res = init_share_ab(a.workdir or tempfile.mkdtemp(prefix="lora_ga_init_"), a.threads, a.init_share)
@@ -403,10 +457,17 @@ def main() -> int:
         return 0
     steps = a.steps or (40 if a.quick else STEPS)
     seeds = list(range(a.seeds or (2 if a.quick else 3)))
-    grids = QUICK if a.quick else GRIDS
+    probe = a.head == "probe"
+    grids = (PROBE_GRIDS if probe else GRIDS) if not a.quick else \
+        ({"sft": [2e-4], "lora": [1e-3], "lora_ga": [5e-5]} if probe else QUICK)
     root = a.workdir or tempfile.mkdtemp(prefix="lora_ga_bench_")
     common = common_overrides(steps, EVAL_EVERY, a.quick)
     t_start = time.perf_counter()
+    head = None
+    if probe:
+        head = probed_head_checkpoint(root, a.threads)
+        print(f"probed head: {head}", flush=True)
+        common.append(f"model.path={head['path']}")
     d = lambda name: os.path.join(root, name)
 
     # LoRA-GA's grid first: the equal-lr arm (LoRA at LoRA-GA's best lr) waits for it. Full FT's grid is split
@@ -479,12 +540,14 @@ def main() -> int:
                  "lora_final_eval_loss": statistics.mean(r["summary"]["eval/loss"] for r in same),
                  "ratio_steps_lora_ga_over_lora": mg / ml if mg and ml else None}
 
-    default_job = None
-    if not a.quick:
+    default_job = init_cmp = None
+    if not a.quick and not probe:
         print("the default job, alone, for the init's share of a run ...", flush=True)
         default_job = time_default_job(root, a.threads)
-    print("timing the init against peft's preprocess_loraga ...", flush=True)
-    init_cmp = time_inits(rounds=2 if a.quick else 3, grad_batches=8, micro=16, max_length=64, threads=a.threads)
+    if not probe:
+        print("timing the init against peft's preprocess_loraga ...", flush=True)
+        init_cmp = time_inits(rounds=2 if a.quick else 3, grad_batches=8, micro=16, max_length=64,
+                              threads=a.threads)
 
     print(f"\nvalidation-loss target {target:.4f} (worst vanilla-LoRA seed at its best lr, step {steps})")
     print(f"{'method':8s} {'best lr':>8s} {'grid':>30s} {'steps to target (per seed)':>28s} {'median':>7s} "
@@ -514,11 +577,13 @@ def main() -> int:
               f"loop (target <= 3%); {default_job['init_share_of_process_wall']:.2%} of the whole process, "
               f"{default_job['init_share_of_step_time']:.2%} of init + step time; init {default_job['init_s']:.2f}s "
               f"= {default_job['init_in_median_steps']:.1f} median training steps")
-    print(f"LoRA-GA init {init_cmp['runx_init_s']:.2f}s vs peft preprocess_loraga+get_peft_model "
-          f"{init_cmp['peft_preprocess_loraga_s']:.2f}s: ratio {init_cmp['ratio_runx_over_peft']:.2f} (target <= 1.0)")
+    if init_cmp:
+        print(f"LoRA-GA init {init_cmp['runx_init_s']:.2f}s vs peft preprocess_loraga+get_peft_model "
+              f"{init_cmp['peft_preprocess_loraga_s']:.2f}s: ratio {init_cmp['ratio_runx_over_peft']:.2f} "
+              f"(target <= 1.0)")
 
     import torch
-    result = {"quick": a.quick, "steps": steps, "eval_every": EVAL_EVERY, "seeds": seeds, "grids": grids,
+    result = {"quick": a.quick, "head": head or "new (random, as the recipes run)", "steps": steps, "eval_every": EVAL_EVERY, "seeds": seeds, "grids": grids,
               "common_overrides": common,
               "definitions": {"best_lr": "lowest mean final validation loss over seeds",
                               "target": "worst final validation loss among LoRA's seeds at LoRA's best lr",
@@ -536,8 +601,10 @@ def main() -> int:
               "total_wall_s": time.perf_counter() - t_start,
               "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__,
                           "load_avg_1m_at_end": os.getloadavg()[0]},
-              "command": "python bench/lora_ga_convergence.py" + (" --quick" if a.quick else "")}
-    out = os.path.join(HERE, "results", f"lora_ga_convergence{'_quick' if a.quick else ''}.json")
+              "command": "python bench/lora_ga_convergence.py" + (" --quick" if a.quick else "") +
+                         (" --head probe" if probe else "")}
+    name = "lora_ga_convergence" + ("_probed_head" if probe else "") + ("_quick" if a.quick else "")
+    out = os.path.join(HERE, "results", name + ".json")
     os.makedirs(os.path.dirname(out), exist_ok=True)
     with open(out, "w") as f:
         json.dump(result, f, indent=1)
