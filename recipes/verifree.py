@@ -602,6 +602,9 @@ class VeriFree(ExportsTokenizer, TrainingRecipe):
         root = rc.warmup_cache if os.path.isabs(rc.warmup_cache) else os.path.join(self.run_dir, rc.warmup_cache)
         return os.path.join(root, hashlib.sha1(key.encode()).hexdigest()[:12], "model.safetensors")
 
+    def needs_whole_weights_before_engine(self) -> bool:
+        return self.rc.warmup_steps > 0 or self.rc.kl_coef > 0   # prepare() loads / saves a full state dict
+
     def prepare(self, trainer, model):
         """Warm-start (cached supervised warm-up), and with kl_coef > 0 keep the starting weights as the KL
         anchor (the trainer skips prepare on resume: both files are then already in place)."""

@@ -155,6 +155,26 @@ def test_plan_described_machine_picks_cheapest_that_fits():
     assert plan.cheapest.layout.name == "zero2 + optimizer->cpu" and fits["zero3 + params,optimizer->nvme"]
 
 
+def test_plan_counts_how_zero3_builds_the_model():
+    """ZeRO-3 builds a Hugging Face model partitioned (zero.Init): no whole copy per rank in host memory, none on the
+    GPU. A recipe that needs whole weights first (VeriFree's warm start) builds it whole: the plan counts the copy
+    on each rank's host and the whole model on each GPU before DeepSpeed partitions it, so that a 7B model is not
+    called a fit on 8 x 24 GB GPUs."""
+    from runx.cli.config import compose
+    from runx.trainers.plan import make_plan, model_facts
+    base = BIG + ["trainer.precision=bf16", "plan.cpu_mem=1TB", "plan.gpus=8", "plan.gpu_mem=24GB"]
+    rows = {}
+    for recipe in ("sft", "verifree"):
+        cfg = compose([*base, f"recipe={recipe}"] + (["data=verifree_arith"] if recipe == "verifree" else []))
+        facts = model_facts(cfg)
+        assert facts.zero3_partitioned_build == (recipe == "sft")
+        rows[recipe] = {r.layout.name: r for r in make_plan(cfg, facts=facts).rows}
+    whole = "whole model on the GPU before partitioning (engine init)"
+    z3, z3v = rows["sft"]["zero3"], rows["verifree"]["zero3"]
+    assert whole not in z3.gpu and "model built on host (init)" not in z3.cpu and z3.fits
+    assert z3v.gpu[whole] == 2 * facts.n_params and "model built on host (init)" in z3v.cpu and not z3v.fits
+
+
 def test_train_stops_before_building_when_it_cannot_fit(tmp_path):
     """`runx train` runs the same check first: a 7B fp32 ZeRO-0 run on this machine stops with the memory it
     needs (and the cheapest config that fits, if any) before any weights exist."""

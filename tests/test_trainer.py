@@ -47,6 +47,32 @@ def test_zero3_two_processes_match_one(tmp_path):
     assert len(read_metrics(tmp_path / "two")) == 5
 
 
+def test_zero3_builds_a_pretrained_model_partitioned(tmp_path):
+    """Under ZeRO-3 a pretrained HF model is built already partitioned (zero.Init through HfDeepSpeedConfig):
+    built whole, DeepSpeed would move all of it to each GPU before partitioning. Same training losses as ZeRO-2's
+    whole build (1 process: the same dropout stream), and on 2 ranks the weights each rank loaded give the same
+    held-out loss as the whole model (lr ~ 0, so the eval after 1 step sees the loaded weights)."""
+    common = ["logger=none", "trainer.progress=false", "trainer.ckpt_every=0", "data.max_train_samples=64",
+              "data.max_eval_samples=32", "data.max_length=32", "trainer.micro_batch_size=8"]
+    run_cli(["train", *common, "trainer=zero2", "trainer.max_steps=3", "trainer.eval_every=0",
+             f"run_dir={tmp_path / 'z2'}"])
+    run_cli(["train", *common, "trainer=zero3", "trainer.max_steps=3", "trainer.eval_every=0",
+             f"run_dir={tmp_path / 'z3'}"])
+    a, b = losses(tmp_path / "z2"), losses(tmp_path / "z3")
+    assert sorted(a) == sorted(b) == [1, 2, 3]
+    assert all(abs(a[s] - b[s]) <= 1e-4 * abs(a[s]) for s in a), (a, b)
+    assert "building the model partitioned" in (tmp_path / "z3" / "train.log").read_text()
+    assert "building the model partitioned" not in (tmp_path / "z2" / "train.log").read_text()
+    frozen = ["optim.lr=1e-12", "optim.warmup_ratio=0", "trainer.max_steps=1", "trainer.eval_every=1"]
+    run_cli(["train", *common, *frozen, "trainer=zero2", f"run_dir={tmp_path / 'e1'}"])
+    run_cli(["train", *common, *frozen, "trainer=zero3", "trainer.num_procs=2", "trainer.micro_batch_size=4",
+             f"run_dir={tmp_path / 'e2'}"])
+    log2 = (tmp_path / "e2" / "train.log").read_text()
+    assert "partitioned across 2 rank(s)" in log2, log2[-3000:]
+    e1, e2 = (json.load(open(tmp_path / r / "summary.json"))["eval/loss"] for r in ("e1", "e2"))
+    assert abs(e1 - e2) <= 1e-5 * abs(e1), (e1, e2)
+
+
 def test_killed_run_resumes_exactly(tmp_path):
     """Kill after a checkpoint, rerun the same command: later losses equal the uninterrupted run's (dropout on,
     so RNG state, data order and LR schedule must all be restored)."""

@@ -208,16 +208,18 @@ class Trainer:
                                    t.nvme_buffer_count, t.nvme_buffer_size, self._aio["block_size"])
 
     def _build_model(self, recipe):
-        """The recipe's model; for ZeRO-Infinity, built already partitioned onto NVMe.
+        """The recipe's model; under ZeRO-3 (Hugging Face models) and for ZeRO-Infinity, built already partitioned.
 
         Parameters on NVMe need the model built under zero.Init (on CPU a DeepSpeed dtype bug strikes
-        otherwise, and a model larger than memory never exists whole). Hugging Face models do this
-        themselves while a `HfDeepSpeedConfig` is alive: `from_config` / `from_pretrained` build under
-        zero.Init and initialise / load each partition (an external zero.Init breaks HF's weight init).
-        The NVMe buffers in that config are derived from the parameter shapes. A randomly initialised
+        otherwise, and a model larger than memory never exists whole); under plain ZeRO-3 a model built whole
+        would be moved to each GPU entire before DeepSpeed partitions it (`builds_partitioned`). Hugging Face
+        models do this themselves while a `HfDeepSpeedConfig` is alive: `from_config` / `from_pretrained`
+        build under zero.Init and initialise / load each partition (an external zero.Init breaks HF's weight
+        init). The NVMe buffers in that config are derived from the parameter shapes. A randomly initialised
         model (model.from_config) is built once normally and copied in, so that every ZeRO config of a
         seed starts from the same weights."""
-        if not self.param_device().startswith("nvme"):
+        from runx.trainers.recipe import builds_partitioned
+        if not builds_partitioned(self.cfg, recipe):
             with recipe.model_init_context(self):
                 return recipe.build_model()
         from transformers.integrations import HfDeepSpeedConfig
@@ -230,11 +232,21 @@ class Trainer:
         else:   # only the shapes are needed: from_pretrained refuses the meta device, so from the checkpoint's config
             from runx.trainers.plan import build_on_meta
             reference = build_on_meta(self.cfg)[0]
-        self._hf_ds_config = HfDeepSpeedConfig(self.build_ds_config(reference))  # must stay referenced
-        runtime.seed_everything(int(self.cfg.seed))
-        model = recipe.build_model()
-        if random_init:
-            copy_into_partitioned(model, reference, self.rank)
+        # transformers holds this config by weak reference: while it lives, every from_config / from_pretrained
+        # builds under zero.Init (a collective). It lives for this build only: a later build on one rank (rank 0's
+        # export builds a whole model to merge into) would otherwise wait forever for the other ranks.
+        from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+        hf_ds_config = HfDeepSpeedConfig(self.build_ds_config(reference))
+        if self.is_main:
+            log.info("ZeRO-3: building the model partitioned across %d rank(s) (zero.Init)", self.world_size)
+        try:
+            runtime.seed_everything(int(self.cfg.seed))
+            model = recipe.build_model()
+            if random_init:
+                copy_into_partitioned(model, reference, self.rank)
+        finally:
+            unset_hf_deepspeed_config()
+            del hf_ds_config
         del reference
         return model
 

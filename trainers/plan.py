@@ -105,6 +105,8 @@ class ModelFacts:
     # recipe holds besides the trainer's (LoRA-GA's gradient sums, VeriFree's rollout KV cache), if it declares
     # any (`extra_memory`)
     extra_memory: object = None
+    # ZeRO-3 builds this model already partitioned (trainers/recipe.py builds_partitioned), not whole per rank
+    zero3_partitioned_build: bool = False
 
     def nvme_stats(self, world: int) -> dict:
         return {"n_params": self.n_params, "largest": self.largest_param, "count": len(self.numels),
@@ -226,6 +228,7 @@ def model_facts(cfg) -> ModelFacts:
     from runx.trainers.nvme import default_accelerator
     default_accelerator()
     import torch._dynamo  # noqa: F401  (before any zero.Init, as the trainer does)
+    from runx.trainers.recipe import zero3_builds_partitioned
     model, recipe, source = build_on_meta(cfg)
     seen, numels, trainable = set(), [], 0
     for p in model.parameters():
@@ -264,7 +267,7 @@ def model_facts(cfg) -> ModelFacts:
     return ModelFacts(n_params=sum(numels), n_trainable=trainable, largest_layer=layer,
                       largest_param=max(numels, default=0), numels=numels, module_max_params=per_module,
                       activation_bytes=int(act), activation_how=how, param_bytes=pbytes, source=source,
-                      extra_memory=extra_memory)
+                      extra_memory=extra_memory, zero3_partitioned_build=zero3_builds_partitioned(cfg, recipe))
 
 
 # ====================================================================================== layouts
@@ -599,7 +602,8 @@ def estimate(cfg, facts: ModelFacts, machine: Machine, lay: Layout) -> Row:
     from runx.trainers.nvme import deepspeed_param_device
     # parameters that pass through NVMe ("nvme", or "nvme_in_cpu": written once, then kept in CPU memory)
     param_dev = deepspeed_param_device(lay.stage, lay.offload_param, lay.offload_optimizer)
-    zero_init = param_dev.startswith("nvme")   # the trainer builds under zero.Init then
+    # the trainer builds under zero.Init then (trainers/recipe.py builds_partitioned)
+    zero_init = param_dev.startswith("nvme") or (lay.stage == 3 and facts.zero3_partitioned_build)
     G = machine.gpus_per_node
 
     # ---- runtime buffers on the compute device
@@ -632,6 +636,10 @@ def estimate(cfg, facts: ModelFacts, machine: Machine, lay: Layout) -> Row:
             if not any(k.startswith("model load") for k in ms["cpu"]):
                 # every local rank builds the full model in host memory before it moves to the GPU
                 row.cpu["model built on host (init)"] = p * psi * G
+            if lay.stage == 3:
+                # a model not built under zero.Init goes to the GPU whole (the engine's module.to(device)) and is
+                # partitioned only then: the peak at engine init
+                row.gpu["whole model on the GPU before partitioning (engine init)"] = p * psi
         elif lay.stage >= 1:
             # on CPU the engine copies the weights into flat (ZeRO-1/2) or partitioned + flat (ZeRO-3)
             # buffers; the per-parameter tensors it frees stay in the process heap (glibc keeps them)

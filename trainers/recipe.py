@@ -44,6 +44,12 @@ class TrainingRecipe:
         import contextlib
         return contextlib.nullcontext()
 
+    def needs_whole_weights_before_engine(self) -> bool:
+        """True when prepare() reads or writes the model's full weights (e.g. a warm start from a state dict):
+        the trainer then builds it whole under plain ZeRO-3 instead of already partitioned (see
+        builds_partitioned)."""
+        return False
+
     def param_groups(self, model) -> list[dict] | None:
         """Optimizer parameter groups; None = all trainable parameters in one group."""
         return None
@@ -101,6 +107,28 @@ class TrainingRecipe:
     def final_metrics(self) -> dict:
         """Extra numbers for the end-of-run summary."""
         return {}
+
+
+HF_KINDS = ("causal_lm", "seq_cls")   # model kinds built by transformers (from_pretrained / from_config)
+
+
+def builds_partitioned(cfg, recipe) -> bool:
+    """Whether the trainer builds the model already partitioned (ZeRO-3's zero.Init, through transformers'
+    HfDeepSpeedConfig), so that no rank ever holds the whole model: always for NVMe parameter offload; for any
+    other ZeRO-3 run of a Hugging Face model unless the recipe needs whole weights before the engine. Built
+    whole, DeepSpeed would first move the entire model to each GPU (`module.to(device)` in the engine's init)
+    and only then partition it: a 13B bf16 model needs 26 GB per GPU there, whatever ZeRO-3 saves later."""
+    from runx.trainers.nvme import deepspeed_param_device
+    t = cfg.trainer
+    if deepspeed_param_device(int(t.zero_stage), str(t.offload_param), str(t.offload_optimizer)).startswith("nvme"):
+        return True
+    return int(t.zero_stage) == 3 and zero3_builds_partitioned(cfg, recipe)
+
+
+def zero3_builds_partitioned(cfg, recipe) -> bool:
+    """Under ZeRO-3 (without NVMe) the model is built partitioned: a Hugging Face model whose recipe does not
+    need whole weights before the engine."""
+    return cfg.model.get("kind") in HF_KINDS and not recipe.needs_whole_weights_before_engine()
 
 
 class RecipeConfigError(ValueError):
