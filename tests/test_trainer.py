@@ -83,11 +83,21 @@ def test_killed_run_resumes_exactly(tmp_path):
                      check=False)
     assert killed.returncode != 0
     assert open(tmp_path / "cut" / "ckpt" / "latest").read() == "step_3"
+
+    def saved_wall(tag):   # the training-loop wall time a checkpoint carries (runx's DeepSpeed client state)
+        import torch
+        return torch.load(tmp_path / "cut" / "ckpt" / tag / "zero_pp_rank_0_mp_rank_00_model_states.pt",
+                          weights_only=False, map_location="cpu")["runx_train_wall_s"]
+    w3 = saved_wall("step_3")
     run_cli(["train", f"run_dir={tmp_path / 'cut'}", *common])  # resume=auto
     a, b = losses(tmp_path / "full"), losses(tmp_path / "cut")
     assert sorted(b) == list(range(1, 9))
     for s in range(4, 9):
         assert a[s] == b[s], (s, a[s], b[s])
+    # train_wall_s covers both segments: the resumed loop continues the first segment's clock
+    w8 = saved_wall("step_8")
+    second = sum(r["step_time_s"] for r in read_metrics(tmp_path / "cut")[-5:])   # steps 4..8 after the resume
+    assert 0 < w3 and w3 + second <= w8 <= json.load(open(tmp_path / "cut" / "summary.json"))["train_wall_s"]
     # keep-last-K: only the 2 newest checkpoints remain
     assert sorted(d for d in os.listdir(tmp_path / "cut" / "ckpt") if d.startswith("step_")) == ["step_6", "step_8"]
 

@@ -275,7 +275,10 @@ class Trainer:
     def save_checkpoint(self, engine, step: int) -> None:
         import torch.distributed as dist
         tag = f"step_{step}"
-        engine.save_checkpoint(self.ckpt_dir, tag=tag, client_state={"runx_step": step}, save_latest=False)
+        # the training loop's wall time so far (earlier segments of a resumed run included)
+        wall = time.perf_counter() - self._loop_t0 if getattr(self, "_loop_t0", None) is not None else 0.0
+        engine.save_checkpoint(self.ckpt_dir, tag=tag, client_state={"runx_step": step, "runx_train_wall_s": wall},
+                               save_latest=False)
         torch.save(runtime.rng_state(), os.path.join(self.ckpt_dir, tag, f"rng_rank{self.rank}.pt"))
         dist.barrier()
         if self.is_main:
@@ -291,6 +294,7 @@ class Trainer:
         _, client = engine.load_checkpoint(root, tag=tag)
         rng = os.path.join(root, tag, f"rng_rank{self.rank}.pt")
         self._pending_rng = torch.load(rng, weights_only=False) if os.path.exists(rng) else None
+        self._prior_wall = float(client.get("runx_train_wall_s", 0.0))
         return int(client["runx_step"])
 
     # ---------------------------------------------------------------- the run
@@ -406,7 +410,8 @@ class Trainer:
         grad_accum, eval_every, ckpt_every = int(t.grad_accum), int(t.eval_every or 0), int(t.ckpt_every or 0)
         log_every = max(1, int(t.log_every))
         step_t0 = time.perf_counter()
-        t_start = time.perf_counter()
+        # train_wall_s counts every segment of a resumed run up to its checkpoint, and this one
+        self._loop_t0 = time.perf_counter() - getattr(self, "_prior_wall", 0.0)
         steps_done = 0
         batches = iter(loader)  # creating the iterator draws from the global RNG: do it before restoring it
         if getattr(self, "_pending_rng", None) is not None:
@@ -502,8 +507,7 @@ class Trainer:
             stop.restore()
             if progress is not None:
                 progress.stop()
-        wall = time.perf_counter() - t_start
-        final = {"steps": self.global_step, "train_wall_s": wall}
+        final = {"steps": self.global_step, "train_wall_s": time.perf_counter() - self._loop_t0}
         if steps_done == 0 and eval_dl is not None:  # resumed a finished run: evaluate once more
             engine.eval()
             with torch.no_grad():
