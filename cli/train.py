@@ -177,13 +177,13 @@ def launch(cfg, run_dir: str) -> dict:
         problems += [p for p in [job.pin_refusal(str(cfg.get("resume", "auto")), slurm_array_task()[1])] if p]
     if problems:   # before config.yaml is rewritten: the run dir keeps describing its checkpoint / shards
         raise RecipeConfigError(problems[0])
+    if cfg.plan.check and recipe_kind == "train" and not worker:
+        from runx.trainers.plan import check_fits
+        check_fits(cfg)  # stops with a clear message when the config cannot fit this machine (no config.yaml then)
     os.makedirs(run_dir, exist_ok=True)
     save_resolved_config(cfg, os.path.join(run_dir, "config.yaml"))
     save_resolved_config(cfg, os.path.join(run_dir, ".runx", "job.yaml"), redacted=False)
     atomic_write_json(os.path.join(run_dir, "env.json"), environment_record())
-    if cfg.plan.check and recipe_kind == "train" and not worker:
-        from runx.trainers.plan import check_fits
-        check_fits(cfg)  # stops with a clear message when the config cannot fit this machine
     n = int(cfg.trainer.num_procs)
     kind = cfg.launcher.kind
     if n <= 1 and kind == "local" or worker:
@@ -282,12 +282,21 @@ def run_job(cfg, run_dir: str, job=None) -> dict:
     if info.kind == "data":
         from runx.trainers.datajob import atomic_write_json
         from runx.trainers.tracking import console, summary_table
+        from runx.trainers.datajob import slurm_array_task
+        from runx.trainers.tracking import WandbRun
         job = job or build_recipe(cls, cfg, run_dir)
+        # logger=wandb: one W&B run with the job's config and final numbers (not one per SLURM array task, which
+        # each see only their shards)
+        wb = WandbRun(cfg.logger, cfg, run_dir, os.path.basename(run_dir.rstrip("/"))) \
+            if slurm_array_task()[1] == 1 else None
         result = job.run(num_workers=int(cfg.recipe.get("num_workers", 1) or 1),
                          resume=str(cfg.get("resume", "auto")))
         atomic_write_json(os.path.join(run_dir, "summary.json"), result)
         flat = {k: v for k, v in result.items() if isinstance(v, (int, float, str))}
         console().print(summary_table(f"runx {info.name} — {run_dir}", flat))
+        sync = wb.finish(flat) if wb is not None else None
+        if sync:
+            console().print(f"W&B run saved offline; upload it with: [bold]{sync}[/bold]", soft_wrap=True)
         return result
     from runx.trainers.deepspeed_trainer import Trainer
     trainer = Trainer(cfg, run_dir)

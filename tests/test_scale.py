@@ -183,7 +183,7 @@ def test_train_stops_before_building_when_it_cannot_fit(tmp_path):
     assert p.returncode == 2, p.stderr[-3000:]
     assert "does not fit" in p.stderr and "CPU needs" in p.stderr
     assert "cheapest config that fits" in p.stderr or "No ZeRO / offload config fits" in p.stderr
-    assert not (tmp_path / "r" / "metrics.jsonl").exists()
+    assert not (tmp_path / "r" / "metrics.jsonl").exists() and not (tmp_path / "r" / "config.yaml").exists()
 
 
 def test_nvme_path_unwritable_or_full_fails_fast(tmp_path, capsys):
