@@ -488,6 +488,24 @@ def test_cli_smoke_end_to_end(tmp_path):
 
 
 
+def test_logger_wandb_records_the_data_job(tmp_path):
+    """logger=wandb on a data job: one offline W&B run with the job's final numbers, and its sync command."""
+    run_dir = tmp_path / "run"
+    env = dict(os.environ, DS_ACCELERATOR="cpu", WANDB_MODE="offline")
+    env.pop("WANDB_API_KEY", None)
+    out = subprocess.run([sys.executable, "-m", "runx.cli.main", "train", "recipe=concept_prune", "debug=smoke",
+                          "logger=wandb", f"run_dir={run_dir}"], capture_output=True, text=True, env=env, cwd=REPO,
+                         timeout=300)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "wandb sync" in out.stdout, out.stdout[-2000:]
+    runs = [d for d in os.listdir(run_dir / "wandb") if d.startswith("offline-run-")]
+    assert len(runs) == 1
+    kept = str(json.loads((run_dir / "summary.json").read_text())["kept"]).encode()
+    # the offline run's summary record: a SummaryItem protobuf (key "kept", value_json "<n>")
+    data = next((run_dir / "wandb" / runs[0]).glob("run-*.wandb")).read_bytes()
+    assert b"\n\x04kept\x82\x01" + bytes([len(kept)]) + kept in data
+
+
 def test_faiss_loader_probe_lines_are_quiet():
     code = ("import logging; logging.basicConfig(level=logging.INFO)\n"
             "import runx.recipes.concept_prune as cp; import faiss\n"
