@@ -154,7 +154,7 @@ launch(cfg, run_dir)
 """
 
 
-@pytest.mark.parametrize("recipe,zero", [("sft", "zero3"), ("lora", "zero2")])
+@pytest.mark.parametrize("recipe,zero", [("sft", "zero3"), ("lora", "zero2"), ("lora", "zero3")])
 def test_export_gives_engine_logits(tmp_path, recipe, zero):
     """`runx export` of a ZeRO checkpoint loads with transformers / peft and gives the trained engine's logits."""
     import torch
