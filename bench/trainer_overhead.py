@@ -56,7 +56,7 @@ def raw_round(cfg, ds_config):
     runtime.seed_everything(int(cfg.seed))
     recipe = SFT(cfg, tempfile.mkdtemp())
     keep = None
-    if cfg.trainer.offload_param == "nvme":  # parameters on NVMe: built partitioned, as DeepSpeed documents
+    if int(cfg.trainer.zero_stage) == 3:  # built partitioned (zero.Init), as DeepSpeed documents and runx does
         from transformers.integrations import HfDeepSpeedConfig
         # HF's own init under zero.Init draws other random weights than a plain build; the same weights as
         # runx's run (a plain build of this seed, copied into the partitioned model) make the losses comparable
