@@ -282,21 +282,23 @@ def run_job(cfg, run_dir: str, job=None) -> dict:
     if info.kind == "data":
         from runx.trainers.datajob import atomic_write_json
         from runx.trainers.tracking import console, summary_table
-        from runx.trainers.datajob import slurm_array_task
         from runx.trainers.tracking import WandbRun
         job = job or build_recipe(cls, cfg, run_dir)
-        # logger=wandb: one W&B run with the job's config and final numbers (not one per SLURM array task, which
-        # each see only their shards)
-        wb = WandbRun(cfg.logger, cfg, run_dir, os.path.basename(run_dir.rstrip("/"))) \
-            if slurm_array_task()[1] == 1 else None
         result = job.run(num_workers=int(cfg.recipe.get("num_workers", 1) or 1),
                          resume=str(cfg.get("resume", "auto")))
         atomic_write_json(os.path.join(run_dir, "summary.json"), result)
         flat = {k: v for k, v in result.items() if isinstance(v, (int, float, str))}
         console().print(summary_table(f"runx {info.name} — {run_dir}", flat))
-        sync = wb.finish(flat) if wb is not None else None
-        if sync:
-            console().print(f"W&B run saved offline; upload it with: [bold]{sync}[/bold]", soft_wrap=True)
+        if cfg.logger.backend == "wandb":
+            # one W&B run with the job's config and final numbers, recorded by the process that finds the job
+            # complete (of a SLURM array, the task that finishes it; a rerun updates the same W&B run)
+            if "incomplete_stage" in result:
+                log.info("W&B: the job is not complete yet (stage %s); the run that completes it records it",
+                         result["incomplete_stage"])
+            else:
+                sync = WandbRun(cfg.logger, cfg, run_dir, os.path.basename(run_dir.rstrip("/"))).finish(flat)
+                if sync:
+                    console().print(f"W&B run saved offline; upload it with: [bold]{sync}[/bold]", soft_wrap=True)
         return result
     from runx.trainers.deepspeed_trainer import Trainer
     trainer = Trainer(cfg, run_dir)

@@ -603,7 +603,9 @@ class VeriFree(ExportsTokenizer, TrainingRecipe):
         return os.path.join(root, hashlib.sha1(key.encode()).hexdigest()[:12], "model.safetensors")
 
     def needs_whole_weights_before_engine(self) -> bool:
-        return self.rc.warmup_steps > 0 or self.rc.kl_coef > 0   # prepare() loads / saves a full state dict
+        # prepare() loads / saves a full state dict (warm start, KL anchor) or generates with the model before the
+        # engine exists (eval_before_rl): partitioned weights have no ZeRO hooks then
+        return self.rc.warmup_steps > 0 or self.rc.kl_coef > 0 or bool(self.rc.eval_before_rl)
 
     def prepare(self, trainer, model):
         """Warm-start (cached supervised warm-up), and with kl_coef > 0 keep the starting weights as the KL

@@ -488,22 +488,32 @@ def test_cli_smoke_end_to_end(tmp_path):
 
 
 
-def test_logger_wandb_records_the_data_job(tmp_path):
-    """logger=wandb on a data job: one offline W&B run with the job's final numbers, and its sync command."""
+@pytest.mark.parametrize("recipe,key,array", [("concept_prune", "kept", False), ("preselect", "kept_docs", True)],
+                         ids=["concept_prune", "preselect_slurm_array"])
+def test_logger_wandb_records_the_data_job(tmp_path, recipe, key, array):
+    """logger=wandb on a data job: one offline W&B run with the job's final numbers, and its sync command. As a
+    SLURM array (2 tasks, rerun until done: 9 rounds), the task that completes the job records it; unfinished
+    rounds make no W&B run."""
     run_dir = tmp_path / "run"
     env = dict(os.environ, DS_ACCELERATOR="cpu", WANDB_MODE="offline")
     env.pop("WANDB_API_KEY", None)
-    out = subprocess.run([sys.executable, "-m", "runx.cli.main", "train", "recipe=concept_prune", "debug=smoke",
-                          "logger=wandb", f"run_dir={run_dir}"], capture_output=True, text=True, env=env, cwd=REPO,
-                         timeout=300)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    assert "wandb sync" in out.stdout, out.stdout[-2000:]
+    cmd = [sys.executable, "-m", "runx.cli.main", "train", f"recipe={recipe}", "debug=smoke", "logger=wandb",
+           f"run_dir={run_dir}"]
+    for round_ in range(20 if array else 1):
+        task = {"SLURM_ARRAY_TASK_ID": str(round_ % 2), "SLURM_ARRAY_TASK_COUNT": "2"} if array else {}
+        out = subprocess.run(cmd, capture_output=True, text=True, env={**env, **task}, cwd=REPO, timeout=300)
+        assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+        done = "incomplete_stage" not in json.loads((run_dir / "summary.json").read_text())
+        assert ("wandb sync" in out.stdout) == done and (run_dir / "wandb").exists() == done, out.stdout[-2000:]
+        if done:
+            break
+    assert done and (round_ > 1) == array
     runs = [d for d in os.listdir(run_dir / "wandb") if d.startswith("offline-run-")]
     assert len(runs) == 1
-    kept = str(json.loads((run_dir / "summary.json").read_text())["kept"]).encode()
-    # the offline run's summary record: a SummaryItem protobuf (key "kept", value_json "<n>")
+    value = str(json.loads((run_dir / "summary.json").read_text())[key]).encode()
+    # the offline run's summary record: a SummaryItem protobuf (key, value_json)
     data = next((run_dir / "wandb" / runs[0]).glob("run-*.wandb")).read_bytes()
-    assert b"\n\x04kept\x82\x01" + bytes([len(kept)]) + kept in data
+    assert b"\n" + bytes([len(key)]) + key.encode() + b"\x82\x01" + bytes([len(value)]) + value in data
 
 
 def test_faiss_loader_probe_lines_are_quiet():

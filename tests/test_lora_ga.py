@@ -611,3 +611,20 @@ def test_benchmark_lora_and_lora_ga_arms_train_the_same_parameters_at_the_papers
         torch.testing.assert_close(sv[:8], torch.full((8,), eta * d_out ** 0.5 / gamma, dtype=torch.float64),
                                    rtol=1e-4, atol=1e-5)
         assert sv[8] <= 1e-4 * sv[0]
+
+
+def test_gradient_checkpointing_under_zero3_builds_whole_and_trains(tmp_path):
+    """The estimation on a partitioned model leaves DeepSpeed state that breaks the engine's checkpointing
+    recompute, so with gradient checkpointing plain ZeRO-3 builds LoRA-GA's model whole (and trains); with the
+    parameters on NVMe (which must be built partitioned) the combination is a config problem naming the key."""
+    from runx.trainers.recipe import builds_partitioned
+    cfg = compose(["recipe=lora_ga", "trainer=zero3", "model.gradient_checkpointing=true"])
+    assert not builds_partitioned(cfg, LoRAGA(cfg, str(tmp_path)))
+    plain = compose(["recipe=lora_ga", "trainer=zero3"])
+    assert builds_partitioned(plain, LoRAGA(plain, str(tmp_path)))
+    run_cli(["train", "recipe=lora_ga", "trainer=zero3", "model.gradient_checkpointing=true", "recipe.grad_batches=2",
+             "trainer.max_steps=2", "data.max_train_samples=32", "trainer.micro_batch_size=8", "trainer.eval_every=0",
+             "trainer.ckpt_every=0", "logger=none", "trainer.progress=false", f"run_dir={tmp_path / 'run'}"])
+    p = run_cli(["validate", "recipe=lora_ga", "trainer=zero3_nvme", f"trainer.nvme_path={tmp_path / 'nv'}",
+                 "model.gradient_checkpointing=true"], check=False)
+    assert p.returncode != 0 and "model.gradient_checkpointing=true" in p.stderr + p.stdout, p.stderr[-2000:]

@@ -723,3 +723,17 @@ def test_plan_counts_the_rollout_kv_cache_and_the_sequences_a_micro_batch_trains
     assert "12 sequences" in facts.activation_how
     extra = facts.extra_memory(1, {"cpu": 2**34, "device": 2**34}, False)
     assert extra["device"] and next(iter(extra["device"])).startswith("rollout KV cache")
+
+
+def test_zero3_builds_partitioned_unless_prepare_needs_whole_weights(tmp_path):
+    """prepare() touches the model before the DeepSpeed engine exists when it warm-starts, keeps a KL anchor or
+    evaluates before RL (generation on partitioned weights without ZeRO hooks fails): those runs build the model
+    whole under ZeRO-3; without them it is built partitioned."""
+    from runx.cli.config import compose
+    from runx.trainers.recipe import build_recipe, builds_partitioned
+    base = ["recipe=verifree", "trainer=zero3", "recipe.warmup_steps=0"]
+    for extra, partitioned in (([], False), (["recipe.eval_before_rl=false"], True),
+                               (["recipe.eval_before_rl=false", "recipe.kl_coef=0.1"], False),
+                               (["recipe.eval_before_rl=false", "recipe.warmup_steps=5"], False)):
+        cfg = compose(base + extra)
+        assert builds_partitioned(cfg, build_recipe(vf.VeriFree, cfg, str(tmp_path))) == partitioned, extra
