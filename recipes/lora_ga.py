@@ -122,6 +122,12 @@ def _zero3_fetch_hooks(model, trainer):
     finally:
         offload.partition_all_parameters()
         offload.destroy()
+        # destroy() leaves on each module the autograd Functions DeepSpeed made for its backward hooks, bound to
+        # this offload; the engine's own ZeRO-3 hooks would reuse them (DeepSpeed makes them only where absent),
+        # so its backward, and a checkpointed layer's recompute, would fetch through this dead coordinator
+        for m in model.modules():
+            for k in ("pre_bwd_fn", "post_bwd_fn"):
+                m.__dict__.pop(k, None)
 
 
 def assign_owners(shapes: dict, world: int) -> dict:
@@ -369,18 +375,6 @@ class LoRAGA(LoRA):
         problem = size_problem("recipe.grad_sum_budget", str(r.grad_sum_budget), ("auto", "none"))
         if problem:
             raise ValueError(problem)
-        t = cfg.get("trainer")
-        if t is not None and cfg.model.get("gradient_checkpointing") and "nvme" in (str(t.get("offload_param")),
-                                                                                    str(t.get("offload_optimizer"))):
-            from runx.trainers.nvme import deepspeed_param_device
-            if deepspeed_param_device(int(t.zero_stage), str(t.offload_param),
-                                      str(t.offload_optimizer)).startswith("nvme"):
-                # see needs_whole_weights_before_engine: with parameters on NVMe the model must be built partitioned
-                raise ValueError(
-                    "model.gradient_checkpointing=true: LoRA-GA's estimation on a model whose parameters live on "
-                    "NVMe breaks DeepSpeed's activation-checkpointing recompute afterwards. Valid choices: "
-                    "model.gradient_checkpointing=false, or parameters off NVMe (trainer=zero3_cpu_offload, "
-                    "trainer.offload_param=cpu|none)")
         self.timings: dict[str, float] = {}
         self.init_stats: dict[str, float] = {}
 
@@ -389,12 +383,6 @@ class LoRAGA(LoRA):
         cfg = super().peft_config()
         cfg.use_rslora = self.cfg.recipe.scaling == "rslora"     # eta = alpha/sqrt(r) (paper)
         return cfg
-
-    def needs_whole_weights_before_engine(self) -> bool:
-        # the estimation passes on a partitioned model (temporary ZeRO fetch hooks) leave state behind that breaks
-        # the engine's activation-checkpointing recompute ("Recomputed values ... different metadata"): with
-        # gradient checkpointing under plain ZeRO-3 the model is built whole, as before partitioned builds
-        return bool(self.cfg.model.get("gradient_checkpointing"))
 
     def build_model(self):
         model = super().build_model()

@@ -613,18 +613,17 @@ def test_benchmark_lora_and_lora_ga_arms_train_the_same_parameters_at_the_papers
         assert sv[8] <= 1e-4 * sv[0]
 
 
-def test_gradient_checkpointing_under_zero3_builds_whole_and_trains(tmp_path):
-    """The estimation on a partitioned model leaves DeepSpeed state that breaks the engine's checkpointing
-    recompute, so with gradient checkpointing plain ZeRO-3 builds LoRA-GA's model whole (and trains); with the
-    parameters on NVMe (which must be built partitioned) the combination is a config problem naming the key."""
-    from runx.trainers.recipe import builds_partitioned
-    cfg = compose(["recipe=lora_ga", "trainer=zero3", "model.gradient_checkpointing=true"])
-    assert not builds_partitioned(cfg, LoRAGA(cfg, str(tmp_path)))
-    plain = compose(["recipe=lora_ga", "trainer=zero3"])
-    assert builds_partitioned(plain, LoRAGA(plain, str(tmp_path)))
-    run_cli(["train", "recipe=lora_ga", "trainer=zero3", "model.gradient_checkpointing=true", "recipe.grad_batches=2",
-             "trainer.max_steps=2", "data.max_train_samples=32", "trainer.micro_batch_size=8", "trainer.eval_every=0",
-             "trainer.ckpt_every=0", "logger=none", "trainer.progress=false", f"run_dir={tmp_path / 'run'}"])
-    p = run_cli(["validate", "recipe=lora_ga", "trainer=zero3_nvme", f"trainer.nvme_path={tmp_path / 'nv'}",
-                 "model.gradient_checkpointing=true"], check=False)
-    assert p.returncode != 0 and "model.gradient_checkpointing=true" in p.stderr + p.stdout, p.stderr[-2000:]
+def test_gradient_checkpointing_after_an_estimation_on_partitioned_weights(tmp_path):
+    """The estimation on a ZeRO-3 partitioned model runs through temporary DeepSpeed hooks. DeepSpeed keeps on each
+    module the backward Functions bound to the hooks that made them, and the engine reused them: a checkpointed
+    layer's recompute then fetched through the dead ones ("Recomputed values ... different metadata"). With
+    gradient checkpointing, ZeRO-3 (built partitioned) now trains with ZeRO-2's losses."""
+    common = ["recipe=lora_ga", "model.gradient_checkpointing=true", "recipe.grad_batches=2", "trainer.max_steps=2",
+              "data.max_train_samples=32", "trainer.micro_batch_size=8", "trainer.eval_every=0",
+              "trainer.ckpt_every=0", "logger=none", "trainer.progress=false"]
+    run_cli(["train", *common, "trainer=zero2", f"run_dir={tmp_path / 'z2'}"])
+    run_cli(["train", *common, "trainer=zero3", f"run_dir={tmp_path / 'z3'}"])
+    assert "building the model partitioned" in (tmp_path / "z3" / "train.log").read_text()
+    from conftest import losses
+    a, b = losses(tmp_path / "z2"), losses(tmp_path / "z3")
+    assert sorted(a) == sorted(b) == [1, 2] and all(abs(a[k] - b[k]) <= 1e-5 * abs(a[k]) for k in a), (a, b)
