@@ -644,8 +644,9 @@ def estimate(cfg, facts: ModelFacts, machine: Machine, lay: Layout) -> Row:
             # on CPU the engine copies the weights into flat (ZeRO-1/2) or partitioned + flat (ZeRO-3)
             # buffers; the per-parameter tensors it frees stay in the process heap (glibc keeps them)
             row.cpu["model copy replaced at engine init"] = p * psi * G
-            if lay.stage == 3:
-                row.cpu["flat partition copy (engine init)"] = p * psi // N * G
+    if machine.device == "cpu" and lay.stage == 3 and not param_dev.startswith("nvme"):
+        # ZeRO-3 flattens the partitions into contiguous buffers at engine init, however the model was built
+        row.cpu["flat partition copy (engine init)"] = p * psi // N * G
     # ---- NVMe: swap buffers and the swapper's pinned buffers
     if "nvme" in (lay.offload_param, lay.offload_optimizer):
         from runx.trainers.nvme import nvme_param_settings, param_buffer_bytes
