@@ -77,16 +77,14 @@ def probed_head_checkpoint(root: str, threads: int) -> dict:
     the encoder as a local checkpoint that the runs load through model.path. Validation data is not used."""
     code = r"""
 import json, sys, numpy as np, torch
-from omegaconf import OmegaConf
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import log_loss
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
+from runx.cli.config import compose
 from runx.recipes.text_data import load_rows
 from runx.trainers.hf import resolve_path
 out = sys.argv[1]
-d = OmegaConf.create(dict(name="stdlib_topics", kind="builtin", val_fraction=0.2, max_train_samples=None,
-                          max_eval_samples=None))
-train, evals = load_rows(d)
+train, evals = load_rows(compose(["data=stdlib_topics"]).data)   # the embedded task's own split
 src = resolve_path("builtin:minilm")
 tok = AutoTokenizer.from_pretrained(src)
 torch.manual_seed(0)

@@ -281,8 +281,7 @@ def run_job(cfg, run_dir: str, job=None) -> dict:
     cls = info.load()
     if info.kind == "data":
         from runx.trainers.datajob import atomic_write_json
-        from runx.trainers.tracking import console, summary_table
-        from runx.trainers.tracking import WandbRun
+        from runx.trainers.tracking import WandbRun, console, summary_table
         job = job or build_recipe(cls, cfg, run_dir)
         result = job.run(num_workers=int(cfg.recipe.get("num_workers", 1) or 1),
                          resume=str(cfg.get("resume", "auto")))

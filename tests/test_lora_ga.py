@@ -18,7 +18,7 @@ import textwrap
 import pytest
 import torch
 
-from conftest import OFFLINE_ENV, run_cli
+from conftest import OFFLINE_ENV, losses, run_cli
 
 from runx.cli.config import compose
 from runx.recipes.lora_ga import (LoRAGA, estimate_full_gradients, gradient_svd, lora_ga_factors,
@@ -558,7 +558,6 @@ def test_resume_skips_the_init_and_continues_exactly(tmp_path):
     stamp = init.stat().st_mtime_ns
     p = run_cli(["train", *args, f"run_dir={tmp_path / 'part'}"])
     assert "LoRA-GA init:" not in p.stdout + p.stderr and init.stat().st_mtime_ns == stamp
-    from conftest import losses
     full, part = losses(tmp_path / "full"), losses(tmp_path / "part")
     assert sorted(part) == [1, 2, 3, 4] and all(abs(full[s] - part[s]) <= 1e-6 for s in full)
 
@@ -624,6 +623,5 @@ def test_gradient_checkpointing_after_an_estimation_on_partitioned_weights(tmp_p
     run_cli(["train", *common, "trainer=zero2", f"run_dir={tmp_path / 'z2'}"])
     run_cli(["train", *common, "trainer=zero3", f"run_dir={tmp_path / 'z3'}"])
     assert "building the model partitioned" in (tmp_path / "z3" / "train.log").read_text()
-    from conftest import losses
     a, b = losses(tmp_path / "z2"), losses(tmp_path / "z3")
     assert sorted(a) == sorted(b) == [1, 2] and all(abs(a[k] - b[k]) <= 1e-5 * abs(a[k]) for k in a), (a, b)

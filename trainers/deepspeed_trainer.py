@@ -116,6 +116,8 @@ class Trainer:
         self.ds_config: dict = {}
         self.global_step = 0
         self.recipe = None
+        # the training loop's clock: started at the wall time a resumed checkpoint carries (train_wall_s)
+        self._prior_wall, self._loop_t0 = 0.0, None
 
     # ---------------------------------------------------------------- DeepSpeed config
     def build_ds_config(self, model) -> dict:
@@ -276,7 +278,7 @@ class Trainer:
         import torch.distributed as dist
         tag = f"step_{step}"
         # the training loop's wall time so far (earlier segments of a resumed run included)
-        wall = time.perf_counter() - self._loop_t0 if getattr(self, "_loop_t0", None) is not None else 0.0
+        wall = time.perf_counter() - self._loop_t0 if self._loop_t0 is not None else 0.0
         engine.save_checkpoint(self.ckpt_dir, tag=tag, client_state={"runx_step": step, "runx_train_wall_s": wall},
                                save_latest=False)
         torch.save(runtime.rng_state(), os.path.join(self.ckpt_dir, tag, f"rng_rank{self.rank}.pt"))
@@ -411,7 +413,7 @@ class Trainer:
         log_every = max(1, int(t.log_every))
         step_t0 = time.perf_counter()
         # train_wall_s counts every segment of a resumed run up to its checkpoint, and this one
-        self._loop_t0 = time.perf_counter() - getattr(self, "_prior_wall", 0.0)
+        self._loop_t0 = time.perf_counter() - self._prior_wall
         steps_done = 0
         batches = iter(loader)  # creating the iterator draws from the global RNG: do it before restoring it
         if getattr(self, "_pending_rng", None) is not None:
