@@ -6,7 +6,7 @@
 # after every step, so a cut-off run still returns what it measured.
 #   bash bench/gpu_check.sh [tests,kernels,sinkhorn,overhead,offload]   (default: all but sinkhorn;
 #        DEADLINE=540 s by default). A second, shorter call picks what to re-run:
-#   OFFLOAD_ARMS=a,b  TO_TRAINERS=zero3,zero3_nvme  TO_ROUNDS=1  TO_STEPS=4
+#   OFFLOAD_ARMS=a,b  TO_TRAINERS=zero3,zero3_nvme  TO_ROUNDS=1  TO_STEPS=4  GPU_TESTS=tests/test_kernels.py
 # Measured on an H100 by 2026-11-26 (bench/results/gpu_check_run*.log): every offload arm but raw nvme_params, and
 # trainer overhead for zero3, zero3_cpu_offload and zero3_nvme. The zero3_nvme overhead row (0.80-0.90) was taken
 # before the bench alternated which side runs first and gave each side its own NVMe folder; re-measure it with
@@ -67,7 +67,7 @@ step() {  # step GROUP NAME SECONDS CMD...
   save
 }
 RESULTS=()
-step tests "gpu tests" 120 python3 -m pytest -q -m gpu tests/test_kernels.py tests/test_lora_ga.py -p no:cacheprovider
+step tests "gpu tests" 120 python3 -m pytest -q -m gpu ${GPU_TESTS:-tests/test_kernels.py tests/test_lora_ga.py} -p no:cacheprovider
 # logprob at 4 LLM shapes + variants at 32k x 152k vs Liger; Sinkhorn fused vs column-strip path vs eager + variants
 step kernels "kernels bench" 180 python3 bench/kernels.py --device cuda --logprob-sweep --sinkhorn-sweep \
   --out bench/results/kernels.json

@@ -203,17 +203,26 @@ def _addmm_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
 
 
 class _GradAccumulator:
-    """dH (written per chunk), dW and db (summed over chunks, in fp32 when needed)."""
+    """dH (written per chunk), dW and db (summed over chunks, in fp32 when needed).
+
+    dW of a low-precision weight over several chunks is summed in fp32 and rounded once at the end.  That
+    fp32 sum is held as two row halves so that the rounding needs no third buffer: the low-precision dW
+    ([V, H], 2 bytes an element) is written over the front half's own storage ([ceil(V/2), H] fp32, the
+    same bytes), and the back half is freed.  A plain ``.to(bf16)`` would hold V·H·4 + V·H·2 bytes at once
+    (3.7 GB for a 152k x 4096 head), this holds V·H·4."""
 
     def __init__(self, hidden, weight, bias, n_chunks, need_h, need_w, need_b):
         self.weight, self.n_chunks = weight, n_chunks
         self.dh = torch.empty_like(hidden) if need_h else None
-        self.dw = None
+        self.dw = self.halves = None
         if need_w:
-            # One chunk: a single GEMM writes dW with one rounding. Several chunks of a
-            # low-precision weight: accumulate in fp32 and round once at the end.
-            acc_dtype = torch.float32 if n_chunks > 1 else weight.dtype
-            self.dw = torch.zeros(weight.shape, dtype=acc_dtype, device=weight.device)
+            v, h = weight.shape
+            if n_chunks > 1 and weight.dtype in (torch.float16, torch.bfloat16):
+                m = (v + 1) // 2
+                self.halves = [(0, m, torch.zeros(m, h, dtype=torch.float32, device=weight.device)),
+                               (m, v, torch.zeros(v - m, h, dtype=torch.float32, device=weight.device))]
+            else:  # one chunk: a single GEMM writes dW with one rounding; fp32 weights need no rounding
+                self.dw = torch.zeros(weight.shape, dtype=weight.dtype, device=weight.device)
         self.db = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if need_b else None
 
     def add(self, s, e, h_c, dx, w32=None):
@@ -224,22 +233,43 @@ class _GradAccumulator:
             if w32 is not None:  # CPU reference: keep everything in fp32
                 if self.dh is not None:
                     self.dh[s:e] = dx @ w32
-                if self.dw is not None:
-                    self._acc_w(dx.T @ h_c.float())
+                self._add_w(dx, h_c.float())
                 return
             dx = dx.to(self.weight.dtype)
         if self.dh is not None:
             torch.mm(dx, self.weight, out=self.dh[s:e])
+        self._add_w(dx, h_c)
+
+    def _add_w(self, dx, h_c):
         if self.dw is not None:
             _addmm_(self.dw, dx.T, h_c)
-
-    def _acc_w(self, contrib):
-        self.dw += contrib
+        for r0, r1, part in self.halves or ():
+            _addmm_(part, dx[:, r0:r1].T, h_c)
 
     def result(self):
-        dw = None if self.dw is None else self.dw.to(self.weight.dtype)
-        db = None if self.db is None else self.db
-        return self.dh, dw, db
+        dw = self.dw
+        if self.halves is not None:
+            dw = _round_halves_in_place(self.halves, self.weight.dtype, *self.weight.shape)
+            self.halves = None
+        return self.dh, dw, self.db
+
+
+def _round_halves_in_place(halves, dtype, v, h, blk=None):
+    """[V, H] ``dtype`` (2-byte) dW from its fp32 row halves, written over the front half's storage.
+
+    Output row r takes bytes [2hr, 2h(r+1)) of the front half, i.e. fp32 rows [r/2, (r+1)/2): rows at or
+    before r. Front rows are rounded block by block in increasing order through a small temporary, so every
+    fp32 row is read before its bytes are overwritten; the back half's rows then land on front bytes that
+    have all been read."""
+    (_, m, front), (_, _, back) = halves
+    out = front.view(dtype).view(-1)[: v * h].view(v, h)
+    blk = blk or max(1, (1 << 24) // max(h, 1))   # 64 MiB of fp32 rows per step
+    for a in range(0, m, blk):
+        b = min(a + blk, m)
+        tmp = front[a:b].to(dtype)  # read rows [a, b) before rows [a/2, b/2) are overwritten
+        out[a:b].copy_(tmp)
+    out[m:].copy_(back)
+    return out
 
 
 def _torch_backward(hidden, weight, bias, safe_t, lse, g, ge, ent, inv_temp, chunk, need_h, need_w, need_b):

@@ -381,6 +381,23 @@ def test_weighted_sum_follows_autocast():
     assert torch.isfinite(h.grad).all() and w.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("v,blk", [(9, 2), (10, 3), (1, None), (7, 100)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_fp32_dw_halves_round_in_their_own_storage(v, blk, dtype):
+    """The fp32 dW sum of a low-precision weight is rounded over the front half's bytes: the result equals a
+    plain cast of the whole sum and lives in that storage (no [V, H] buffer beside the fp32 one), for odd and
+    even V and with the rows rounded in several blocks."""
+    from runx.kernels.logprob import _round_halves_in_place
+    h = 6
+    full = torch.randn(v, h) * 100
+    m = (v + 1) // 2
+    front, back = full[:m].clone(), full[m:].clone()
+    out = _round_halves_in_place([(0, m, front), (m, v, back)], dtype, v, h, blk=blk)
+    assert out.dtype == dtype and out.shape == (v, h)
+    assert torch.equal(out, full.to(dtype))
+    assert out.untyped_storage().data_ptr() == front.untyped_storage().data_ptr()
+
+
 def test_weighted_sum_bounds_memory_and_refuses_a_second_backward():
     n, hsz, v, chunk = 256, 8, 4000, 16
     h = torch.randn(n, hsz).requires_grad_()
