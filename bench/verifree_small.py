@@ -170,8 +170,8 @@ def main() -> None:
 
     t_all, cpu_all = time.perf_counter(), time.process_time()
     cfg = make_cfg(overrides)
-    recipe, model, _, held_out, warm_s = warm_start(cfg, cache)       # evaluates the start (eval_before_rl)
-    start = {k.split("/", 1)[1]: v for k, v in recipe.final_metrics().items()}
+    recipe, model, _, held_out, warm_s = warm_start(cfg, cache)
+    start = held_out_accuracy(recipe, model, held_out)                  # the start, as eval_before_rl reports it
     print(f"warm-up: {cfg.recipe.warmup_steps} steps on {cfg.recipe.warmup_examples} worked traces "
           f"({cfg.recipe.warmup_corrupt_fraction:.0%} flawed: {cfg.recipe.warmup_corrupt_kind}), {warm_s:.0f} s; "
           f"held-out ({len(held_out)} problems) greedy acc {start['acc']:.3f}, "

@@ -483,6 +483,7 @@ class VeriFree(ExportsTokenizer, TrainingRecipe):
         self._tokens = 0
         self._held_out = None
         self._start_metrics: dict = {}
+        self._eval_start = False     # set by prepare() on a fresh run with eval_before_rl; done in after_engine
         self._ref_model = None
         self._vllm = None
 
@@ -603,9 +604,9 @@ class VeriFree(ExportsTokenizer, TrainingRecipe):
         return os.path.join(root, hashlib.sha1(key.encode()).hexdigest()[:12], "model.safetensors")
 
     def needs_whole_weights_before_engine(self) -> bool:
-        # prepare() loads / saves a full state dict (warm start, KL anchor) or generates with the model before the
-        # engine exists (eval_before_rl): partitioned weights have no ZeRO hooks then
-        return self.rc.warmup_steps > 0 or self.rc.kl_coef > 0 or bool(self.rc.eval_before_rl)
+        # prepare() loads / saves a full state dict (warm start, KL anchor) before the engine exists; the start's
+        # evaluation (eval_before_rl) waits for the engine (after_engine), whose ZeRO-3 hooks gather the weights
+        return self.rc.warmup_steps > 0 or self.rc.kl_coef > 0
 
     def prepare(self, trainer, model):
         """Warm-start (cached supervised warm-up), and with kl_coef > 0 keep the starting weights as the KL
@@ -627,12 +628,8 @@ class VeriFree(ExportsTokenizer, TrainingRecipe):
                 dist.barrier()
             model.load_state_dict(load_file(path), strict=True)
             log.info("warm-started policy from %s", path)
-        if self.rc.eval_before_rl and self._held_out is not None and len(self._held_out):
-            loader = torch.utils.data.DataLoader(self._held_out, batch_size=int(self.cfg.trainer.micro_batch_size),
-                                                 collate_fn=self.collate)
-            with torch.no_grad():
-                self._start_metrics = {f"start/{k}": v for k, v in self.evaluate(model, loader).items()}
-            log.info("before RL: %s", self._start_metrics)
+        # a fresh run (prepare is skipped on resume) evaluates its start once the engine exists (after_engine)
+        self._eval_start = bool(self.rc.eval_before_rl) and self._held_out is not None and len(self._held_out) > 0
         if self.rc.kl_coef > 0:
             if is_zero3_partitioned(model):
                 raise ValueError("recipe.kl_coef > 0 keeps a full reference copy; it needs unpartitioned weights "
@@ -700,6 +697,18 @@ class VeriFree(ExportsTokenizer, TrainingRecipe):
             ref = self.build_model()
             ref.load_state_dict(load_file(self.kl_reference_file()))
             self._ref_model = ref.to(next(unwrap(engine).parameters()).device).eval().requires_grad_(False)
+        if self._eval_start:
+            # the starting policy's held-out numbers, through the engine: under ZeRO-3 its hooks gather each
+            # layer's weights as generation reaches it, so the model can be built partitioned
+            self._eval_start = False
+            loader = torch.utils.data.DataLoader(self._held_out, batch_size=int(self.cfg.trainer.micro_batch_size),
+                                                 collate_fn=self.collate)
+            training = unwrap(engine).training
+            engine.eval()
+            with torch.no_grad():
+                self._start_metrics = {f"start/{k}": v for k, v in self.evaluate(engine, loader).items()}
+            engine.train(training)
+            log.info("before RL: %s", self._start_metrics)
 
     # ---- one step: rollout, patch, score, loss ---------------------------------------------------
     def rollout(self, policy, prompts: list[str], group_size: int, temperature: float,

@@ -694,9 +694,17 @@ def test_runx_train_verifree_smoke_end_to_end(tmp_path):
 
 @pytest.mark.slow
 def test_runx_train_verifier_baseline_on_zero3_smoke(tmp_path):
-    rows, summary = _train(tmp_path / "run", "recipe.reward=verifier", "trainer=zero3", "trainer.num_procs=2")
+    """Without a warm start the policy is built partitioned on 2 ZeRO-3 processes; its evaluation before RL runs
+    through the engine's hooks and matches the same start evaluated whole in one process."""
+    cold = ["recipe.reward=verifier", "recipe.warmup_steps=0"]
+    rows, summary = _train(tmp_path / "run", *cold, "trainer=zero3", "trainer.num_procs=2")
     assert len(rows) == 4 and all(r["reward"] in (0.0, 0.5, 1.0) or 0 <= r["reward"] <= 1 for r in rows)
     assert "eval/acc" in summary
+    with open(tmp_path / "run" / "train.log") as f:
+        assert "building the model partitioned across 2 rank(s)" in f.read()
+    _, whole = _train(tmp_path / "whole", *cold, "trainer=zero2", "trainer.max_steps=1")
+    start = {k: v for k, v in summary.items() if k.startswith("start/")}
+    assert start and start == {k: v for k, v in whole.items() if k.startswith("start/")}
 
 
 def test_plan_counts_the_rollout_kv_cache_and_the_sequences_a_micro_batch_trains(tmp_path):
@@ -726,13 +734,13 @@ def test_plan_counts_the_rollout_kv_cache_and_the_sequences_a_micro_batch_trains
 
 
 def test_zero3_builds_partitioned_unless_prepare_needs_whole_weights(tmp_path):
-    """prepare() touches the model before the DeepSpeed engine exists when it warm-starts, keeps a KL anchor or
-    evaluates before RL (generation on partitioned weights without ZeRO hooks fails): those runs build the model
-    whole under ZeRO-3; without them it is built partitioned."""
+    """prepare() touches the model before the DeepSpeed engine exists when it warm-starts or keeps a KL anchor:
+    those runs build the model whole under ZeRO-3; without them it is built partitioned (the evaluation before RL
+    runs through the engine, after_engine)."""
     from runx.cli.config import compose
     from runx.trainers.recipe import build_recipe, builds_partitioned
     base = ["recipe=verifree", "trainer=zero3", "recipe.warmup_steps=0"]
-    for extra, partitioned in (([], False), (["recipe.eval_before_rl=false"], True),
+    for extra, partitioned in (([], True), (["recipe.eval_before_rl=false"], True),
                                (["recipe.eval_before_rl=false", "recipe.kl_coef=0.1"], False),
                                (["recipe.eval_before_rl=false", "recipe.warmup_steps=5"], False)):
         cfg = compose(base + extra)

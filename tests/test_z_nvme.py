@@ -216,3 +216,18 @@ def test_lora_ga_with_gradient_checkpointing_on_nvme_matches_zero3(aio_ready, tm
     a, b = losses(tmp_path / "z3"), losses(tmp_path / "nv")
     assert sorted(a) == sorted(b) == [1, 2, 3]
     assert all(abs(a[s] - b[s]) <= 1e-3 * abs(a[s]) for s in a), (a, b)
+
+
+def test_verifree_evaluates_its_start_on_nvme_partitioned_weights(aio_ready, tmp_path):
+    """VeriFree's evaluation before RL (on by default) generates through the engine, whose hooks fetch each layer
+    from NVMe: it failed when it ran in prepare(), before the engine existed. Its start numbers match ZeRO-3's."""
+    common = ["recipe=verifree", "debug=smoke", "recipe.reward=verifier", "recipe.warmup_steps=0",
+              "trainer.max_steps=1", "logger=none"]
+    for name, extra in (("z3", ["trainer=zero3"]),
+                        ("nv", ["trainer=zero3_nvme", f"trainer.nvme_path={tmp_path / 'nvme'}"])):
+        run_cli(["train", *common, *extra, f"run_dir={tmp_path / name}"], env={"OMP_NUM_THREADS": "1"})
+    starts = []
+    for name in ("z3", "nv"):
+        with open(tmp_path / name / "summary.json") as f:
+            starts.append({k: v for k, v in json.load(f).items() if k.startswith("start/")})
+    assert starts[0] and starts[0] == starts[1], starts
