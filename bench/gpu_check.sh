@@ -7,17 +7,12 @@
 #   bash bench/gpu_check.sh [tests,kernels,sinkhorn,overhead,offload]   (default: all but sinkhorn;
 #        DEADLINE=540 s by default). A second, shorter call picks what to re-run:
 #   OFFLOAD_ARMS=a,b  TO_TRAINERS=zero3,zero3_nvme  TO_ROUNDS=1  TO_STEPS=4  GPU_TESTS=tests/test_kernels.py
-# Measured on an H100 by 2026-11-26 (bench/results/gpu_check_run*.log): every offload arm but raw nvme_params, and
-# trainer overhead for zero3, zero3_cpu_offload and zero3_nvme. The zero3_nvme overhead row (0.80-0.90) was taken
-# before the bench alternated which side runs first and gave each side its own NVMe folder; re-measure it with
-#   TO_ROUNDS=2 TO_LIMIT=280 bash bench/gpu_check.sh overhead        (one round of 0.3B zero3_nvme: ~110 s)
-# Not yet measured on a GPU (all in the tests and logprob groups):
-#   - linear_logprob_weighted_sum (gradient made in the forward, 6·N·H·V FLOPs) with its Triton row kernel
-#     (arms runx_wsum / "wsum") and without it (runx_wsum_torch / "wsum torch"), vs Liger;
-#   - linear_logprob(backend="triton_rows"): cuBLAS GEMMs + the row kernel (arm runx_triton_rows); if it beats
-#     runx_triton, make it the CUDA default;
-#   - tests never run on CUDA: test_gpu_weighted_sum[*], test_gpu_logprob[triton_rows-*], and LoRA-GA's init with
-#     its fp64 sums on the GPU (the default there since 2026-11-27; test_gpu_init_with_sums_on_the_device_...).
+# Measured on an H100 (bench/results/gpu_check_run*.log): every offload arm but raw nvme_params; trainer overhead
+# for zero3 (1.03), zero3_cpu_offload (0.98) and zero3_nvme (0.97 and 0.80 on 2026-11-27, runx the slower side in
+# all four runs so far; the bench now records every timed step to show the spread); all 15 GPU tests, including
+# the gradient-in-forward kernel, backend="triton_rows" and LoRA-GA's init with its sums on the GPU; the
+# log-prob table at 4 shapes (runs 7 and 8). Next: more zero3_nvme rounds, e.g.
+#   TO_ROUNDS=3 TO_STEPS=6 TO_LIMIT=400 bash bench/gpu_check.sh overhead        (one round: ~100-120 s)
 # The logprob group runs only the log-prob part (4 shapes + the 32k x 152k sweep):
 #   bash bench/gpu_check.sh tests,logprob,overhead
 set -uo pipefail

@@ -131,7 +131,9 @@ def main():
             ra, rb = statistics.median(A), statistics.median(B)
             row = {"trainer": trainer, "device": a.device, "model": a.model, "steps_per_round": steps,
                    "rounds": r + 1, "runx_step_s": ra, "raw_deepspeed_step_s": rb,
-                   "throughput_ratio_runx_over_raw": rb / ra, "max_rel_loss_diff_runx_vs_raw": worst}
+                   "throughput_ratio_runx_over_raw": rb / ra, "max_rel_loss_diff_runx_vs_raw": worst,
+                   # every timed step, in order (rounds alternate which side runs first): how much is spread
+                   "runx_steps_s": [round(x, 5) for x in A], "raw_deepspeed_steps_s": [round(x, 5) for x in B]}
             if r + 1 < rounds:  # a time-boxed GPU run keeps the rounds it finished
                 write(a, rows + [dict(row, partial=f"{r + 1} of {rounds} rounds")])
         rows.append(row)
