@@ -38,7 +38,9 @@ processes running took 1.60 s, and the estimate's first batch is no slower than 
                                                    # arm, half the validation split (< 5 min)
     python bench/lora_ga_convergence.py --head probe   # the same comparison with every arm starting from one
                                                        # linear-probed classifier head (probed_head_checkpoint)
-Writes bench/results/lora_ga_convergence[_probed_head][_quick].json.
+    python bench/lora_ga_convergence.py --fullft-grid 1e-5,2e-5,5e-5,1e-4   # full FT alone from the probed head,
+                                                       # against the probed-head LoRA target (19 min)
+Writes bench/results/lora_ga_convergence[_probed_head][_quick].json (lora_ga_fullft_probed_head.json).
 """
 from __future__ import annotations
 
@@ -428,6 +430,42 @@ def init_share_ab(root: str, threads: int, rounds: int) -> dict:
                           "checkpoints, as in lora_ga_convergence.json's default_job"}
 
 
+def fullft_grid(lrs: list[float], seeds: list[int], root: str, workers: int, threads: int) -> dict:
+    """Is full fine-tuning itself faster than LoRA here? LoRA-GA's premise is that its first steps follow full
+    FT's, so its speed-up over LoRA can be no larger than full FT's. With the probed head (the same checkpoint as
+    --head probe), full FT over `lrs` x `seeds`, scored against the probed-head result's LoRA target (same
+    evaluation schedule), without rerunning LoRA."""
+    with open(os.path.join(HERE, "results", "lora_ga_convergence_probed_head.json")) as f:
+        ref = json.load(f)
+    target, lora = ref["target_eval_loss"], ref["methods"]["lora"]
+    head = probed_head_checkpoint(root, threads)
+    common = common_overrides(STEPS, EVAL_EVERY, False) + [f"model.path={head['path']}"]
+    sw = Sweeps(workers, threads)
+    for s in seeds:          # split by seed so that the workers finish together
+        sw.add(f"sft_seed{s}", sweep_command("sft", lrs, [s], common, os.path.join(root, f"sft_seed{s}")))
+    wall = sw.run()
+    runs = [r for s in seeds for r in read_runs(os.path.join(root, f"sft_seed{s}"))]
+    rows = {}
+    for lr in lrs:
+        rs = sorted((r for r in runs if r["lr"] == lr), key=lambda r: r["seed"])
+        st = [steps_to(r["evals"], target) for r in rs]
+        rows[str(lr)] = {"steps_to_lora_target": st, "median_steps": median_steps(st),
+                         "final_eval_loss": statistics.mean(r["summary"]["eval/loss"] for r in rs),
+                         "final_eval_loss_per_seed": [r["summary"]["eval/loss"] for r in rs],
+                         "final_accuracy": statistics.mean(r["summary"]["eval/accuracy"] for r in rs),
+                         "best_eval_loss_mean": statistics.mean(min(l for _, l in r["evals"]) for r in rs)}
+    best = min(rows, key=lambda k: rows[k]["final_eval_loss"])
+    m_ft, m_lora = rows[best]["median_steps"], lora["median_steps_to_target"]
+    return {"head": head, "lora_target_eval_loss": target, "lora": {k: lora[k] for k in (
+                "best_lr", "steps_to_target", "median_steps_to_target", "final_eval_loss")},
+            "lora_ga": {k: ref["methods"]["lora_ga"][k] for k in (
+                "best_lr", "steps_to_target", "median_steps_to_target", "final_eval_loss")},
+            "full_ft": rows, "full_ft_best_lr": float(best),
+            "ratio_full_ft_over_lora_steps": m_ft / m_lora if m_ft and m_lora else None,
+            "seeds": seeds, "sweeps_wall_s": wall, "common_overrides": common,
+            "curves": {f"{r['lr']}/seed{r['seed']}": r["evals"] for r in runs}}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
@@ -443,7 +481,28 @@ def main() -> int:
                     help="new: the embedded task as the recipes run it (a new classifier head); probe: every arm "
                          "starts from the same linear-probed head (see probed_head_checkpoint; writes "
                          "lora_ga_convergence_probed_head.json, no init timings)")
+    ap.add_argument("--fullft-grid", default=None, metavar="LRS",
+                    help="only full fine-tuning from the probed head over these lrs (comma list), scored against "
+                         "lora_ga_convergence_probed_head.json's LoRA target (writes lora_ga_fullft_probed_head.json)")
     a = ap.parse_args()
+    if a.fullft_grid:
+        t0 = time.perf_counter()
+        res = fullft_grid([float(x) for x in a.fullft_grid.split(",")], list(range(a.seeds or 3)),
+                          a.workdir or tempfile.mkdtemp(prefix="lora_ga_fullft_"), a.workers, a.threads)
+        res.update(total_wall_s=time.perf_counter() - t0,
+                   command=f"python bench/lora_ga_convergence.py --fullft-grid {a.fullft_grid}",
+                   machine={"cpus": os.cpu_count(), "platform": platform.platform()})
+        out = os.path.join(HERE, "results", "lora_ga_fullft_probed_head.json")
+        with open(out, "w") as f:
+            json.dump(res, f, indent=1)
+        print(f"LoRA target {res['lora_target_eval_loss']:.4f}: LoRA (lr {res['lora']['best_lr']}) median "
+              f"{res['lora']['median_steps_to_target']} steps, LoRA-GA (lr {res['lora_ga']['best_lr']}) "
+              f"{res['lora_ga']['median_steps_to_target']}")
+        for lr, r in res["full_ft"].items():
+            print(f"full FT lr {lr}: steps {r['steps_to_lora_target']} median {r['median_steps']}, final loss "
+                  f"{r['final_eval_loss']:.4f} acc {r['final_accuracy']:.3f}, best-seen loss {r['best_eval_loss_mean']:.4f}")
+        print(f"full FT (best lr {res['full_ft_best_lr']}) / LoRA steps: {res['ratio_full_ft_over_lora_steps']}\nwrote {out}")
+        return 0
     if a.init_share:
         res = init_share_ab(a.workdir or tempfile.mkdtemp(prefix="lora_ga_init_"), a.threads, a.init_share)
         res["command"] = f"python bench/lora_ga_convergence.py --init-share {a.init_share}"
