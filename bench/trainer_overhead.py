@@ -80,6 +80,14 @@ def raw_round(cfg, ds_config):
     return res["step_s"], res["losses"]
 
 
+def config_diff(a, b, path=""):
+    """Keys whose values differ between two DeepSpeed configs, nvme_path values aside (each side has its own)."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return [d for k in sorted(set(a) | set(b)) if k != "nvme_path"
+                for d in config_diff(a.get(k), b.get(k), f"{path}.{k}" if path else k)]
+    return [] if a == b else [f"{path}: {a!r} vs {b!r}"]
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
@@ -103,7 +111,18 @@ def main():
         if a.device == "cuda" and a.model == "gpu_llama":
             base += ["trainer.micro_batch_size=8", "data.max_length=512"]
         from runx.trainers.deepspeed_trainer import Trainer
-        A, B, worst = [], [], 0.0
+        aio = None
+        if "nvme" in trainer:
+            # one aio block for both sides: each side's fresh folder would otherwise get its own (noisy) probe,
+            # i.e. possibly another block size or queue depth (before 2026-11-27 the sides could differ so)
+            from runx.trainers.nvme import resolve_aio
+            probe_dir = tempfile.mkdtemp(prefix="runx_nvme_probe_")
+            aio = resolve_aio(compose(base + [f"trainer.nvme_path={probe_dir}"]).trainer)
+            base += [f"trainer.aio.{k}={aio[k]}" for k in ("block_size", "queue_depth", "intra_op_parallelism",
+                                                             "single_submit", "overlap_events")]
+            base += ["trainer.aio.tune=false"]
+            shutil.rmtree(probe_dir, ignore_errors=True)
+        A, B, worst, same_config = [], [], 0.0, True
         for r in range(rounds):
             # each side swaps into its own fresh folder (no swap files left by the other side), and odd rounds
             # run raw first: neither side always meets a cold disk, allocator or page cache
@@ -124,6 +143,12 @@ def main():
                 del m
                 tb, lb = raw_round(raw_cfg, ds_config)
                 B += tb[2:]
+            # the runx side's DeepSpeed config (saved in its run dir) against the raw side's, swap folders aside
+            with open(os.path.join(run_dir, "ds_config.json")) as f:
+                differ = config_diff(json.load(f), ds_config)
+            if differ:
+                same_config = False
+                print(f"WARNING: the two sides ran different DeepSpeed configs: {differ}", flush=True)
             for d in nvme_dirs:
                 shutil.rmtree(d, ignore_errors=True)
             # the same work on both sides: same batches, same init, same losses (up to float noise in offload)
@@ -132,6 +157,7 @@ def main():
             row = {"trainer": trainer, "device": a.device, "model": a.model, "steps_per_round": steps,
                    "rounds": r + 1, "runx_step_s": ra, "raw_deepspeed_step_s": rb,
                    "throughput_ratio_runx_over_raw": rb / ra, "max_rel_loss_diff_runx_vs_raw": worst,
+                   "same_ds_config": same_config, **({"aio": aio} if aio else {}),
                    # every timed step, in order (rounds alternate which side runs first): how much is spread
                    "runx_steps_s": [round(x, 5) for x in A], "raw_deepspeed_steps_s": [round(x, 5) for x in B]}
             if r + 1 < rounds:  # a time-boxed GPU run keeps the rounds it finished
