@@ -122,6 +122,30 @@ def resume_problems(cfg, run_dir: str) -> list[str]:
             "resume=never to start over in this folder, or another run_dir."]
 
 
+def nvme_resume_problems(cfg, run_dir: str) -> list[str]:
+    """A checkpoint to resume into an engine that offloads to NVMe: DeepSpeed (0.19.8) cannot load one there. Its
+    stage-3 loader purges the NVMe-swapped optimizer state after loading it (Adam restarts from step 1, silently)
+    and, with parameters on NVMe and the optimizer on CPU, fails. The same checkpoint loads exactly under CPU
+    offload (tests/test_z_nvme.py), which the message offers."""
+    t = cfg.trainer
+    where = {k: str(t.get(k)) for k in ("offload_param", "offload_optimizer")}
+    mode = str(cfg.get("resume", "auto"))
+    if mode == "never" or not any(v.startswith("nvme") for v in where.values()):
+        return []
+    root = os.path.join(run_dir, "ckpt") if mode == "auto" else mode
+    if os.path.isdir(os.path.join(root, "ckpt")):
+        root = os.path.join(root, "ckpt")
+    if not os.path.exists(os.path.join(root, "latest")):
+        return []
+    from importlib.metadata import version
+    return [f"resume={mode}: {root} holds a checkpoint, and this run offloads to NVMe (trainer.offload_param="
+            f"{where['offload_param']}, trainer.offload_optimizer={where['offload_optimizer']}). DeepSpeed "
+            f"{version('deepspeed')} cannot load a checkpoint into an NVMe-offloaded engine: it restarts Adam's "
+            "state (optimizer on NVMe) or fails (parameters on NVMe), so the run would not continue where it "
+            f"stopped. Valid choices: resume that checkpoint with CPU offload where it fits (trainer=zero3_cpu_offload "
+            f"resume={root} run_dir=<a new folder>: it continues exactly), or resume=never to start over."]
+
+
 def _log_to_files_only(message: str, with_traceback: bool = True) -> None:
     """A message (and the current exception's traceback) into the log files (train.log: what a SLURM user
     reads), not again onto the console."""
@@ -167,7 +191,7 @@ def launch(cfg, run_dir: str) -> dict:
     recipe_kind, worker = RECIPES_KIND(cfg), os.environ.get("RUNX_WORKER") == "1"
     if recipe_kind == "train" and not worker:
         hold_run_dir(run_dir)   # a second run into the same folder would interleave checkpoints with this one
-    problems = resume_problems(cfg, run_dir) if not worker else []
+    problems = resume_problems(cfg, run_dir) + nvme_resume_problems(cfg, run_dir) if not worker else []
     job = None
     if recipe_kind == "data" and os.path.isdir(run_dir):   # a rerun of a data job: same settings?
         from runx.recipes import RECIPES

@@ -231,3 +231,23 @@ def test_verifree_evaluates_its_start_on_nvme_partitioned_weights(aio_ready, tmp
         with open(tmp_path / name / "summary.json") as f:
             starts.append({k: v for k, v in json.load(f).items() if k.startswith("start/")})
     assert starts[0] and starts[0] == starts[1], starts
+
+
+def test_a_zero_infinity_checkpoint_resumes_exactly_under_cpu_offload_and_is_refused_on_nvme(aio_ready, tmp_path):
+    """DeepSpeed cannot load a checkpoint into an NVMe-offloaded engine (Adam restarted silently from step 1):
+    resume=auto into NVMe offload stops with a config error before any model is built, naming the way out; that
+    way out (the same checkpoint under CPU offload) continues the NVMe run's losses exactly."""
+    common = ["recipe=sft", "data=tiny_text", "model=tiny_llama", "debug=smoke", "trainer.max_steps=4",
+              "trainer.ckpt_every=1", "trainer.keep_last=10", "logger=none", "trainer.progress=false"]
+    nvme = lambda name: ["trainer=zero3_nvme", f"trainer.nvme_path={tmp_path / ('nv_' + name)}"]
+    run_cli(["train", *common, *nvme("whole"), f"run_dir={tmp_path / 'whole'}"])
+    p = run_cli(["train", *common, *nvme("cut"), f"run_dir={tmp_path / 'cut'}"], env={"RUNX_CRASH_AFTER_STEP": "2"},
+                check=False)
+    assert p.returncode == 17
+    p = run_cli(["train", *common, *nvme("cut"), f"run_dir={tmp_path / 'cut'}"], check=False)
+    assert p.returncode == 2 and "cannot load a checkpoint into an NVMe-offloaded engine" in p.stderr, p.stderr
+    assert "trainer.offload_optimizer=nvme" in p.stderr and "Traceback" not in p.stderr
+    run_cli(["train", *common, "trainer=zero3_cpu_offload", f"resume={tmp_path / 'cut' / 'ckpt'}",
+             f"run_dir={tmp_path / 'cpu'}"])
+    a, b = losses(tmp_path / "whole"), losses(tmp_path / "cpu")
+    assert sorted(b) == [3, 4] and all(abs(a[s] - b[s]) <= 1e-5 * abs(a[s]) for s in b), (a, b)
