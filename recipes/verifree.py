@@ -453,11 +453,15 @@ class VeriFree(ExportsTokenizer, TrainingRecipe):
     throughput_unit = "tokens"
 
     def __init__(self, cfg, run_dir: str):
+        if cfg.get("smoke"):
+            # debug=smoke: the same pipeline in seconds (tiny data, a few warm-up steps, short rollouts), on a copy:
+            # the run's own config (config.yaml, the resume check) keeps the values it was composed with
+            import copy
+            cfg = copy.deepcopy(cfg)
         super().__init__(cfg, run_dir)
         self.rc = cfg.recipe
         rc = self.rc
         if cfg.get("smoke"):
-            # debug=smoke: the same pipeline in seconds (tiny data, a few warm-up steps, short rollouts)
             from omegaconf import open_dict
             with open_dict(rc):
                 rc.warmup_steps = min(rc.warmup_steps, 5)
@@ -478,6 +482,20 @@ class VeriFree(ExportsTokenizer, TrainingRecipe):
             raise ValueError("recipe.answer_template must contain the placeholder {answer}")
         if cfg.model.kind != "causal_lm":
             raise ValueError(f"model.kind={cfg.model.kind!r}: verifree needs a causal_lm")
+        from runx.trainers.nvme import deepspeed_param_device
+        t = cfg.trainer
+        if (rc.warmup_steps > 0 or rc.kl_coef > 0) and deepspeed_param_device(
+                int(t.zero_stage), str(t.offload_param), str(t.offload_optimizer)).startswith("nvme"):
+            # parameters on NVMe are always built partitioned: the warm start and the KL anchor need the whole
+            # state dict before the engine exists
+            which = (f"recipe.warmup_steps={rc.warmup_steps}" if rc.warmup_steps > 0 else
+                     f"recipe.kl_coef={rc.kl_coef}")
+            raise ValueError(f"{which} with parameters on NVMe (trainer.offload_param={t.offload_param}): the "
+                             "supervised warm-up and the KL anchor need the whole weights before the engine exists, "
+                             "and NVMe parameters are built partitioned. Valid choices: recipe.warmup_steps=0 and "
+                             "recipe.kl_coef=0 (warm up once elsewhere and start from that checkpoint with "
+                             "model.path=...), or a trainer without parameter offload to NVMe (zero3, "
+                             "zero3_cpu_offload)")
         self.tokenizer = causal_lm_tokenizer(cfg.model)
         self._rows = None if cfg.data.kind in ("generated", "builtin") else self.read_data()
         self._tokens = 0
@@ -705,10 +723,18 @@ class VeriFree(ExportsTokenizer, TrainingRecipe):
                                                  collate_fn=self.collate)
             training = unwrap(engine).training
             engine.eval()
-            with torch.no_grad():
+            # on its own random stream: sampled answers (eval_samples > 0) must not move the training rollouts',
+            # so that eval_before_rl=false trains the same run
+            dev = next(unwrap(engine).parameters()).device
+            devices = [dev.index if dev.index is not None else torch.cuda.current_device()] if dev.type == "cuda" \
+                else []
+            with torch.no_grad(), torch.random.fork_rng(devices=devices):
                 self._start_metrics = {f"start/{k}": v for k, v in self.evaluate(engine, loader).items()}
             engine.train(training)
             log.info("before RL: %s", self._start_metrics)
+            if trainer is None or getattr(trainer, "is_main", True):   # kept for the summary of a resumed run
+                from runx.trainers.datajob import atomic_write_json
+                atomic_write_json(self.start_metrics_file(), self._start_metrics)
 
     # ---- one step: rollout, patch, score, loss ---------------------------------------------------
     def rollout(self, policy, prompts: list[str], group_size: int, temperature: float,
@@ -832,8 +858,15 @@ class VeriFree(ExportsTokenizer, TrainingRecipe):
         """Tokens of the last update's sequences (the trainer asks after loss())."""
         return self._tokens
 
+    def start_metrics_file(self) -> str:
+        return os.path.join(self.run_dir, "start_metrics.json")
+
     def final_metrics(self) -> dict:
-        """The starting policy's held-out numbers next to the trainer's final eval/* ones."""
+        """The starting policy's held-out numbers next to the trainer's final eval/* ones (a resumed run, which
+        does not evaluate its start again, reads them from the first segment's file)."""
+        if not self._start_metrics and os.path.exists(self.start_metrics_file()):
+            with open(self.start_metrics_file()) as f:
+                return json.load(f)
         return dict(self._start_metrics)
 
     # ---- optional vLLM rollout -------------------------------------------------------------------

@@ -692,6 +692,40 @@ def test_runx_train_verifree_smoke_end_to_end(tmp_path):
     assert warm and os.path.exists(os.path.join(warm[0].path, "model.safetensors"))
 
 
+def test_start_numbers_survive_a_resume_and_do_not_move_training(tmp_path):
+    """The evaluation before RL runs on its own random stream (eval_before_rl=false trains the same run), and its
+    numbers reach the summary of a run killed and resumed (the resumed segment does not evaluate its start)."""
+    from conftest import run_cli
+    cold = ["recipe.warmup_steps=0", "trainer.ckpt_every=1", "trainer.eval_every=0", "recipe.eval_samples=1"]
+    rows, summary = _train(tmp_path / "whole", *cold)
+    off, _ = _train(tmp_path / "off", *cold, "recipe.eval_before_rl=false")
+    # the rollouts themselves: sampled lengths and entropies (the untrained policy's losses are all 0)
+    assert [(r["response_len"], r["entropy"], r["loss"]) for r in rows] == \
+        [(r["response_len"], r["entropy"], r["loss"]) for r in off]
+    start = {k: v for k, v in summary.items() if k.startswith("start/")}
+    assert "start/acc_sampled" in start
+    args = ["train", "recipe=verifree", "debug=smoke", f"run_dir={tmp_path / 'cut'}", *cold]
+    p = run_cli(args, env={"RUNX_CRASH_AFTER_STEP": "2", "OMP_NUM_THREADS": "1"}, check=False)
+    assert p.returncode == 17
+    run_cli(args, env={"OMP_NUM_THREADS": "1"})
+    with open(tmp_path / "cut" / "summary.json") as f:
+        resumed = json.load(f)
+    assert {k: v for k, v in resumed.items() if k.startswith("start/")} == start
+    assert abs(resumed["final_loss"] - summary["final_loss"]) <= 1e-6 * max(1.0, abs(summary["final_loss"]))
+
+
+def test_warm_start_or_kl_anchor_with_parameters_on_nvme_is_a_config_error(tmp_path):
+    from runx.cli.config import compose
+    from runx.trainers.recipe import RecipeConfigError, build_recipe
+    for extra, key in ((["recipe.warmup_steps=5"], "recipe.warmup_steps=5"),
+                       (["recipe.warmup_steps=0", "recipe.kl_coef=0.1"], "recipe.kl_coef=0.1")):
+        cfg = compose(["recipe=verifree", "trainer=zero3_nvme", f"trainer.nvme_path={tmp_path}", *extra])
+        with pytest.raises(RecipeConfigError, match=key.replace(".", r"\.")):
+            build_recipe(vf.VeriFree, cfg, str(tmp_path))
+    cfg = compose(["recipe=verifree", "trainer=zero3_nvme", f"trainer.nvme_path={tmp_path}", "recipe.warmup_steps=0"])
+    build_recipe(vf.VeriFree, cfg, str(tmp_path))                      # neither: fine
+
+
 @pytest.mark.slow
 def test_runx_train_verifier_baseline_on_zero3_smoke(tmp_path):
     """Without a warm start the policy is built partitioned on 2 ZeRO-3 processes; its evaluation before RL runs
