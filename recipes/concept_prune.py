@@ -698,15 +698,30 @@ class ConceptPrune(DataJob):
         if rc.input == "text":
             ids, texts = read_texts(file, a, b, rc)
             if self._encoder is None:
-                self._encoder = TextEncoder(rc.encoder, rc.pooling, rc.max_length, rc.batch_size, self.device)
+                self._encoder = self._load_encoder(TextEncoder, rc.encoder, rc.pooling, rc.max_length,
+                                                   rc.batch_size, self.device)
             return ids, self._encoder(texts)
         with open(os.path.join(self.run_dir, "images.json")) as f:
             paths = json.load(f)[a:b]
         if self._encoder is None:
-            self._encoder = ImageEncoder(rc.encoder, rc.encoder_weights, rc.image_size, rc.batch_size, self.device)
+            self._encoder = self._load_encoder(ImageEncoder, rc.encoder, rc.encoder_weights, rc.image_size,
+                                               rc.batch_size, self.device)
         import pyarrow as pa
         root = rc.path if os.path.isdir(rc.path) else os.path.dirname(rc.path)
         return pa.array([os.path.relpath(p, root) for p in paths]), self._encoder(paths)
+
+    def _load_encoder(self, cls, *args):
+        """The encoder; a hub id that cannot be fetched (offline, not cached) is a config problem naming
+        recipe.encoder, not a traceback."""
+        try:
+            return cls(*args)
+        except OSError as e:
+            from runx.trainers.hf import hub_unreachable
+            from runx.trainers.recipe import RecipeConfigError
+            problem = hub_unreachable(e, self.cfg)
+            if problem is None or os.environ.get("RUNX_TRACEBACK"):
+                raise
+            raise RecipeConfigError(problem) from None
 
     # ---- shard access ----------------------------------------------------------------------------
     def embeddings(self, key: str, mmap: bool = True) -> np.ndarray:

@@ -160,6 +160,8 @@ def load_hf_splits(src: str, train_split: str):
         ds = datasets.load_from_disk(path)
         ds = {train_split: ds} if isinstance(ds, datasets.Dataset) else ds
     else:
+        from runx.trainers.hf import offline_if_hub_unreachable
+        offline_if_hub_unreachable()   # a hub id: fail at once where the hub cannot be reached
         ds = datasets.load_dataset(src)
     if train_split not in ds:
         raise RecipeConfigError(f"data.train_split={train_split}: not a split of {src}. Valid choices: "

@@ -353,12 +353,47 @@ def test_an_unreachable_hub_switches_to_the_cache_at_once(tmp_path):
     assert p.returncode == 0, p.stderr
 
 
+def test_hub_problems_name_the_key_whose_id_is_missing(tmp_path):
+    """Offline, a cached model with an uncached tokenizer id names model.tokenizer; an uncached encoder id of a
+    data job names recipe.encoder, as a config problem instead of a traceback; and a hub that accepts the
+    connection but never answers counts as unreachable after the probe's 3 s, not after the retries."""
+    import socket
+    import threading
+    import time
+    _fake_hub_cache(tmp_path / "hf", "runx-test/cached-llama")
+    env = {"HF_HOME": str(tmp_path / "hf")}
+    p = run_cli(["validate", "recipe=sft", "model=hf_causal_lm", "model.path=runx-test/cached-llama",
+                 "model.tokenizer=nobody/not-cached-tok"], env=env, check=False, timeout=120)
+    assert p.returncode == 2 and "model.tokenizer=nobody/not-cached-tok: not a local folder" in p.stderr, p.stderr
+    texts = tmp_path / "t.jsonl"
+    texts.write_text("".join(json.dumps({"text": f"sample {i}"}) + "\n" for i in range(8)))
+    p = run_cli(["train", "recipe=concept_prune", "recipe.input=text", f"recipe.path={texts}",
+                 "recipe.encoder=nobody/not-cached-encoder", f"run_dir={tmp_path / 'cp'}"], env=env, check=False,
+                timeout=180)
+    assert p.returncode == 2 and "recipe.encoder=nobody/not-cached-encoder: not a local folder" in p.stderr, p.stderr
+    assert "Traceback" not in p.stderr
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(16)
+    held = []
+    threading.Thread(target=lambda: [held.append(server.accept()) for _ in range(16)], daemon=True).start()
+    stalled = {**env, "HF_HUB_OFFLINE": None, "TRANSFORMERS_OFFLINE": None, "HTTPS_PROXY": None,
+               "https_proxy": None, "HTTP_PROXY": None, "http_proxy": None, "ALL_PROXY": None, "all_proxy": None,
+               "HF_ENDPOINT": f"https://127.0.0.1:{server.getsockname()[1]}"}
+    t0 = time.monotonic()
+    p = run_cli(["validate", "recipe=sft", "model=hf_causal_lm", "model.path=nobody/not-cached"], env=stalled,
+                check=False, timeout=120)
+    assert p.returncode == 2 and "model.path=nobody/not-cached" in p.stderr and time.monotonic() - t0 < 40, p.stderr
+    server.close()
+
+
 def test_the_hub_probe_leaves_explicit_settings_alone(monkeypatch):
     """Offline mode set either way, or a proxy (a direct probe would bypass it): no probe, no switch."""
     import huggingface_hub.constants as hc
     from runx.trainers import hf
-    for env in ({"HF_HUB_OFFLINE": "0"}, {"HTTPS_PROXY": "http://proxy:3128"}):
-        for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+    for env in ({"HF_HUB_OFFLINE": "0"}, {"HTTPS_PROXY": "http://proxy:3128"}, {"http_proxy": "http://proxy:3128"}):
+        for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy",
+                  "HTTP_PROXY", "http_proxy"):
             monkeypatch.delenv(k, raising=False)
         for k, v in env.items():
             monkeypatch.setenv(k, v)
@@ -366,7 +401,7 @@ def test_the_hub_probe_leaves_explicit_settings_alone(monkeypatch):
         monkeypatch.setattr(hf, "_HUB_PROBED", False)
         before = hc.HF_HUB_OFFLINE
         assert hf.offline_if_hub_unreachable() is False and hc.HF_HUB_OFFLINE == before
-    monkeypatch.delenv("HTTPS_PROXY")
+    monkeypatch.delenv("http_proxy")
     monkeypatch.setattr(hf, "_HUB_PROBED", False)
     monkeypatch.setattr(hc, "HF_HUB_OFFLINE", False)
     assert hf.offline_if_hub_unreachable() is True and hc.HF_HUB_OFFLINE is True   # port 9 refuses: offline

@@ -23,35 +23,48 @@ def resolve_path(path: str) -> str:
 
 
 _HUB_PROBED = False
+_PROXY_VARS = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")
 
 
 def offline_if_hub_unreachable(timeout_s: float = 3.0) -> bool:
-    """Before the first hub id is looked up: if the hub's host cannot be reached (no DNS, no route, a firewall),
-    switch huggingface_hub to offline mode for this process and its workers. The local cache still serves what
-    it holds, and a missing model fails at once (hub_unreachable names it) instead of after ~50 s of retries per
-    file. Skipped when offline mode is set either way or a proxy is configured (a direct probe would not go
-    through it). True when it switched."""
+    """Before the first hub id (model, tokenizer, dataset) is looked up: if the hub does not answer an HTTP request
+    within `timeout_s` (no DNS, no route, a firewall that accepts and stalls), switch huggingface_hub (and
+    datasets) to offline mode for this process and its workers. The local cache still serves what it holds, and a
+    missing id fails at once (hub_unreachable names it) instead of after ~50 s of retries per file. Skipped when
+    offline mode is set either way or a proxy is configured. True when it switched."""
     global _HUB_PROBED
     if _HUB_PROBED:
         return False
     _HUB_PROBED = True
-    if any(k in os.environ for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HTTPS_PROXY", "https_proxy",
-                                     "ALL_PROXY", "all_proxy")):
+    if any(k in os.environ for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", *_PROXY_VARS)):
         return False
-    import socket
-    from urllib.parse import urlparse
-    url = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    import urllib.error
+    import urllib.request
+    endpoint = os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
+    if "://" not in endpoint:
+        endpoint = "https://" + endpoint
     try:
-        with socket.create_connection((url.hostname, url.port or (80 if url.scheme == "http" else 443)),
-                                      timeout=timeout_s):
-            return False
-    except OSError as e:
+        urllib.request.urlopen(urllib.request.Request(endpoint, method="HEAD"), timeout=timeout_s).close()
+        return False
+    except urllib.error.HTTPError:      # an answer (even 4xx / 5xx): the hub is there
+        return False
+    except ValueError:                  # an endpoint this probe cannot parse: leave it to huggingface_hub
+        return False
+    except (OSError, urllib.error.URLError) as e:   # refused, unresolvable, timed out, TLS failed
         import logging
-        logging.getLogger("runx").warning("the Hugging Face hub (%s) cannot be reached (%s): offline mode, models "
-                                          "and tokenizers come from the local cache", url.hostname, e)
+        logging.getLogger("runx").warning("the Hugging Face hub (%s) cannot be reached (%s): offline mode, models, "
+                                          "tokenizers and datasets come from the local cache", endpoint,
+                                          getattr(e, "reason", e))
     os.environ["HF_HUB_OFFLINE"] = "1"
+    os.environ["HF_DATASETS_OFFLINE"] = "1"
     import huggingface_hub.constants
     huggingface_hub.constants.HF_HUB_OFFLINE = True
+    import sys
+    if "datasets" in sys.modules:
+        import datasets.config
+        datasets.config.HF_HUB_OFFLINE = True
+        if hasattr(datasets.config, "HF_DATASETS_OFFLINE"):
+            datasets.config.HF_DATASETS_OFFLINE = True
     return True
 
 
@@ -59,21 +72,44 @@ _HUB_UNREACHABLE = ("LocalEntryNotFoundError", "OfflineModeIsEnabled", "ConnectE
                     "ConnectTimeout", "gaierror")
 
 
-def hub_unreachable(e: BaseException, model_cfg) -> str | None:
+def _cached(repo: str, repo_type: str = "model") -> bool:
+    """Whether a hub id has a snapshot in the local cache (no network)."""
+    try:
+        from huggingface_hub import snapshot_download
+        snapshot_download(repo, repo_type=repo_type, local_files_only=True)
+        return True
+    except Exception:
+        return False
+
+
+def _hub_ids(cfg) -> list[tuple[str, str, str]]:
+    """(key, id, repo type) of the config's values that name hub ids: not a local path, not a built-in."""
+    model = cfg.get("model") or {}
+    data = cfg.get("data") or {}
+    rec = cfg.get("recipe") or {}
+    cands = [("model.path", model.get("path"), "model"), ("model.tokenizer", model.get("tokenizer"), "model"),
+             ("data.hf_name", data.get("hf_name"), "dataset"), ("recipe.encoder", rec.get("encoder"), "model")]
+    return [(k, str(v), t) for k, v, t in cands
+            if v and not str(v).startswith("builtin:") and not os.path.exists(os.path.expanduser(str(v)))]
+
+
+def hub_unreachable(e: BaseException, cfg) -> str | None:
     """A config problem when `e` (or its cause) says a hub id could not be fetched: no network or offline mode,
-    and not in the local cache. None for any other error."""
-    seen, texts = e, []
+    and not in the local cache. It names the config key whose id is not cached (model.path, model.tokenizer,
+    data.hf_name, recipe.encoder), not merely the model. None for any other error. `cfg`: the whole config (or,
+    as older callers pass, its model section)."""
+    seen = e
     while seen is not None:
-        texts.append(str(seen))
-        if type(seen).__name__ in _HUB_UNREACHABLE or "couldn't connect to" in str(seen) \
-                or "offline mode is enabled" in str(seen).lower():
-            tok = model_cfg.get("tokenizer")
-            key = "model.tokenizer" if tok and tok != model_cfg.get("path") and "tokenizer" in " ".join(
-                texts).lower() else "model.path"
-            path = tok if key == "model.tokenizer" else model_cfg.get("path")
+        text = str(seen)
+        if type(seen).__name__ in _HUB_UNREACHABLE or "couldn't connect to" in text.lower() \
+                or "couldn't reach" in text.lower() or "offline mode is enabled" in text.lower():
+            ids = _hub_ids(cfg if "model" in cfg else {"model": cfg})
+            missing = [(k, v) for k, v, t in ids if not _cached(v, t)]
+            key, path = (missing or [(k, v) for k, v, _ in ids] or [("model.path", "?")])[0]
             return (f"{key}={path}: not a local folder, not in the Hugging Face cache, and the hub cannot be "
                     f"reached ({type(seen).__name__}). Download it where there is network (huggingface-cli "
-                    f"download {path}, or HF_HOME on a shared disk), or give a local folder.")
+                    f"download {path}{' --repo-type dataset' if key == 'data.hf_name' else ''}, or HF_HOME on a "
+                    f"shared disk), or give a local folder.")
         seen = seen.__cause__ or seen.__context__
     return None
 

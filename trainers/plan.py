@@ -824,7 +824,7 @@ def check_fits(cfg) -> None:
         raise  # the config itself is wrong: reported as such by the caller
     except Exception as e:  # a recipe whose model cannot be sized on the meta device: never block the run
         from runx.trainers.hf import hub_unreachable
-        problem = hub_unreachable(e, cfg.model)
+        problem = hub_unreachable(e, cfg)
         if problem:          # ...unless its model cannot be loaded at all: say so now, not after a second wait
             raise RecipeConfigError(problem) from None
         print(f"runx: memory check skipped (could not size the model on the meta device: "

@@ -149,7 +149,7 @@ def build_recipe(cls, cfg, run_dir: str):
         raise RecipeConfigError(str(e)) from e
     except OSError as e:      # a hub id that cannot be fetched (offline, no network) is a config problem too
         from runx.trainers.hf import hub_unreachable
-        problem = hub_unreachable(e, cfg.model) if "model" in cfg else None
+        problem = hub_unreachable(e, cfg)
         if problem is None or os.environ.get("RUNX_TRACEBACK"):
             raise
         raise RecipeConfigError(problem) from e
