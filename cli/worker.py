@@ -30,12 +30,13 @@ def main() -> int:
 
     import runx.conf  # noqa: F401  (registers resolvers)
     from runx.cli.train import run_job
-    from runx.trainers.console import RankZeroRichHandler
+    from runx.trainers.console import NoCompilerProbes, RankZeroRichHandler
     import logging
     handlers: list[logging.Handler] = [RankZeroRichHandler()]
     if os.environ.get("RANK", "0") == "0":   # the run's train.log gets rank 0's lines, as a 1-process run's does
         log_file = logging.FileHandler(os.path.join(run_dir, "train.log"))
         log_file.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] %(message)s"))
+        log_file.addFilter(NoCompilerProbes())
         handlers.append(log_file)
     logging.basicConfig(level=logging.INFO, handlers=handlers, format="%(message)s")
     cfg = OmegaConf.load(os.path.join(run_dir, ".runx", "job.yaml"))

@@ -41,12 +41,19 @@ class RankZeroRichHandler(logging.Handler):
             self._inner.setFormatter(fmt)
 
     def emit(self, record):
-        # DeepSpeed's op-compatibility probes compile test programs through distutils, which logs each
-        # gcc command line on the root logger: noise for a user.
-        if "distutils" in record.pathname or "_distutils" in record.pathname:
+        if not NoCompilerProbes().filter(record):
             return
         if is_rank_zero():
             self._inner.emit(record)
+
+
+class NoCompilerProbes(logging.Filter):
+    """Drops the gcc command lines of DeepSpeed's op-compatibility probes (async_io's `-laio` test program),
+    which distutils / setuptools log at INFO, some before runx's logging setup quiets those loggers: noise
+    for a user, on the console and in train.log."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.name.startswith("compilers") or "distutils" in record.pathname)
 
 
 def quiet_libraries() -> None:
