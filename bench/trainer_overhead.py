@@ -115,11 +115,10 @@ def main():
         if "nvme" in trainer:
             # one aio block for both sides: each side's fresh folder would otherwise get its own (noisy) probe,
             # i.e. possibly another block size or queue depth (before 2026-11-27 the sides could differ so)
-            from runx.trainers.nvme import resolve_aio
+            from runx.trainers.nvme import DEEPSPEED_AIO_DEFAULTS, resolve_aio
             probe_dir = tempfile.mkdtemp(prefix="runx_nvme_probe_")
             aio = resolve_aio(compose(base + [f"trainer.nvme_path={probe_dir}"]).trainer)
-            base += [f"trainer.aio.{k}={aio[k]}" for k in ("block_size", "queue_depth", "intra_op_parallelism",
-                                                             "single_submit", "overlap_events")]
+            base += [f"trainer.aio.{k}={aio[k]}" for k in DEEPSPEED_AIO_DEFAULTS]
             base += ["trainer.aio.tune=false"]
             shutil.rmtree(probe_dir, ignore_errors=True)
         A, B, worst, same_config = [], [], 0.0, True

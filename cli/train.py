@@ -132,9 +132,8 @@ def nvme_resume_problems(cfg, run_dir: str) -> list[str]:
     mode = str(cfg.get("resume", "auto"))
     if mode == "never" or not any(v.startswith("nvme") for v in where.values()):
         return []
-    root = os.path.join(run_dir, "ckpt") if mode == "auto" else mode
-    if os.path.isdir(os.path.join(root, "ckpt")):
-        root = os.path.join(root, "ckpt")
+    from runx.trainers.runtime import checkpoint_root
+    root = checkpoint_root(mode, run_dir)
     if not os.path.exists(os.path.join(root, "latest")):
         return []
     from importlib.metadata import version

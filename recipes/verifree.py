@@ -482,12 +482,11 @@ class VeriFree(ExportsTokenizer, TrainingRecipe):
             raise ValueError("recipe.answer_template must contain the placeholder {answer}")
         if cfg.model.kind != "causal_lm":
             raise ValueError(f"model.kind={cfg.model.kind!r}: verifree needs a causal_lm")
-        from runx.trainers.nvme import deepspeed_param_device
-        t = cfg.trainer
-        if (rc.warmup_steps > 0 or rc.kl_coef > 0) and deepspeed_param_device(
-                int(t.zero_stage), str(t.offload_param), str(t.offload_optimizer)).startswith("nvme"):
+        from runx.trainers.recipe import params_on_nvme
+        if (rc.warmup_steps > 0 or rc.kl_coef > 0) and params_on_nvme(cfg):
             # parameters on NVMe are always built partitioned: the warm start and the KL anchor need the whole
-            # state dict before the engine exists
+            # state dict before the engine exists (every other run that needs them is built whole)
+            t = cfg.trainer
             which = (f"recipe.warmup_steps={rc.warmup_steps}" if rc.warmup_steps > 0 else
                      f"recipe.kl_coef={rc.kl_coef}")
             raise ValueError(f"{which} with parameters on NVMe (trainer.offload_param={t.offload_param}): the "
@@ -635,10 +634,6 @@ class VeriFree(ExportsTokenizer, TrainingRecipe):
         distributed = dist.is_available() and dist.is_initialized()
         rank0 = not distributed or dist.get_rank() == 0
         if self.rc.warmup_steps > 0:
-            if is_zero3_partitioned(model):
-                raise ValueError("the supervised warm-up needs unpartitioned weights (it runs before the DeepSpeed "
-                                 "engine); warm up once without parameter offload and point recipe.warmup_cache "
-                                 "at it")
             path = self.warmup_cache_file()
             if not os.path.exists(path) and rank0:
                 self.supervised_warmup(model, path)
@@ -649,9 +644,6 @@ class VeriFree(ExportsTokenizer, TrainingRecipe):
         # a fresh run (prepare is skipped on resume) evaluates its start once the engine exists (after_engine)
         self._eval_start = bool(self.rc.eval_before_rl) and self._held_out is not None and len(self._held_out) > 0
         if self.rc.kl_coef > 0:
-            if is_zero3_partitioned(model):
-                raise ValueError("recipe.kl_coef > 0 keeps a full reference copy; it needs unpartitioned weights "
-                                 "at build time (no zero.Init / NVMe parameter offload)")
             if rank0:
                 with atomic_path(self.kl_reference_file()) as tmp:
                     save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, tmp)
@@ -732,7 +724,7 @@ class VeriFree(ExportsTokenizer, TrainingRecipe):
                 self._start_metrics = {f"start/{k}": v for k, v in self.evaluate(engine, loader).items()}
             engine.train(training)
             log.info("before RL: %s", self._start_metrics)
-            if trainer is None or getattr(trainer, "is_main", True):   # kept for the summary of a resumed run
+            if trainer is None or trainer.is_main:   # kept for the summary of a resumed run (trainer None: in-process use)
                 from runx.trainers.datajob import atomic_write_json
                 atomic_write_json(self.start_metrics_file(), self._start_metrics)
 

@@ -24,6 +24,7 @@ class RankZeroRichHandler(logging.Handler):
 
     def __init__(self, level=logging.NOTSET):
         super().__init__(level)
+        self.addFilter(NoCompilerProbes())
         import sys
         if sys.stdout.isatty():
             from rich.logging import RichHandler
@@ -41,8 +42,6 @@ class RankZeroRichHandler(logging.Handler):
             self._inner.setFormatter(fmt)
 
     def emit(self, record):
-        if not NoCompilerProbes().filter(record):
-            return
         if is_rank_zero():
             self._inner.emit(record)
 

@@ -262,9 +262,7 @@ class Trainer:
         mode = str(self.cfg.resume)
         if mode == "never":
             return None
-        root = self.ckpt_dir if mode == "auto" else mode
-        if os.path.isdir(os.path.join(root, "ckpt")):
-            root = os.path.join(root, "ckpt")
+        root = runtime.checkpoint_root(mode, self.run_dir)
         latest = os.path.join(root, "latest")
         if os.path.exists(latest):
             tag = open(latest).read().strip()

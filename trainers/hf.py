@@ -96,14 +96,13 @@ def _hub_ids(cfg) -> list[tuple[str, str, str]]:
 def hub_unreachable(e: BaseException, cfg) -> str | None:
     """A config problem when `e` (or its cause) says a hub id could not be fetched: no network or offline mode,
     and not in the local cache. It names the config key whose id is not cached (model.path, model.tokenizer,
-    data.hf_name, recipe.encoder), not merely the model. None for any other error. `cfg`: the whole config (or,
-    as older callers pass, its model section)."""
+    data.hf_name, recipe.encoder), not merely the model. None for any other error. `cfg`: the whole config."""
     seen = e
     while seen is not None:
         text = str(seen)
         if type(seen).__name__ in _HUB_UNREACHABLE or "couldn't connect to" in text.lower() \
                 or "couldn't reach" in text.lower() or "offline mode is enabled" in text.lower():
-            ids = _hub_ids(cfg if "model" in cfg else {"model": cfg})
+            ids = _hub_ids(cfg)
             missing = [(k, v) for k, v, t in ids if not _cached(v, t)]
             key, path = (missing or [(k, v) for k, v, _ in ids] or [("model.path", "?")])[0]
             return (f"{key}={path}: not a local folder, not in the Hugging Face cache, and the hub cannot be "

@@ -112,17 +112,23 @@ class TrainingRecipe:
 HF_KINDS = ("causal_lm", "seq_cls")   # model kinds built by transformers (from_pretrained / from_config)
 
 
+def params_on_nvme(cfg) -> bool:
+    """Whether DeepSpeed keeps the parameters on NVMe (ZeRO-Infinity; also "nvme_in_cpu"): such a model is always
+    built partitioned."""
+    from runx.trainers.nvme import deepspeed_param_device
+    t = cfg.trainer
+    return deepspeed_param_device(int(t.zero_stage), str(t.offload_param), str(t.offload_optimizer)).startswith("nvme")
+
+
 def builds_partitioned(cfg, recipe) -> bool:
     """Whether the trainer builds the model already partitioned (ZeRO-3's zero.Init, through transformers'
     HfDeepSpeedConfig), so that no rank ever holds the whole model: always for NVMe parameter offload; for any
     other ZeRO-3 run of a Hugging Face model unless the recipe needs whole weights before the engine. Built
     whole, DeepSpeed would first move the entire model to each GPU (`module.to(device)` in the engine's init)
     and only then partition it: a 13B bf16 model needs 26 GB per GPU there, whatever ZeRO-3 saves later."""
-    from runx.trainers.nvme import deepspeed_param_device
-    t = cfg.trainer
-    if deepspeed_param_device(int(t.zero_stage), str(t.offload_param), str(t.offload_optimizer)).startswith("nvme"):
+    if params_on_nvme(cfg):
         return True
-    return int(t.zero_stage) == 3 and zero3_builds_partitioned(cfg, recipe)
+    return int(cfg.trainer.zero_stage) == 3 and zero3_builds_partitioned(cfg, recipe)
 
 
 def zero3_builds_partitioned(cfg, recipe) -> bool:

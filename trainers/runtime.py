@@ -122,6 +122,13 @@ def device_peak_tflops() -> float:
     return next((v for k, v in PEAK_TFLOPS.items() if k in name), 0.0)
 
 
+def checkpoint_root(resume: str, run_dir: str) -> str:
+    """The checkpoint folder a resume setting points at: <run_dir>/ckpt for resume=auto, else the given path, or
+    its ckpt/ folder when it is a run dir. A complete one holds `latest`."""
+    root = os.path.join(run_dir, "ckpt") if resume == "auto" else resume
+    return os.path.join(root, "ckpt") if os.path.isdir(os.path.join(root, "ckpt")) else root
+
+
 def flatten_overrides(d: dict, prefix: str = "") -> dict:
     """trainer.ds_overrides as dotted leaves, so that a nested block ({zero_optimization: {offload_param:
     {max_in_cpu: 1e9}}}, as Hydra builds it from `++trainer.ds_overrides.zero_optimization...=`) is merged
