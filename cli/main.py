@@ -97,12 +97,20 @@ def _train(rest: list[str]) -> int:
     if direction:
         print(f"runx: Optuna {direction.rpartition('=')[2]}s the objective ({direction})", file=sys.stderr)
     sys.argv = ["runx train"] + normalize_recipe_overrides(rest) + ([direction] if direction else [])
+    from runx.cli import train
     try:
         hydra_main()
+        code = train.LAST_EXIT_CODE
     except SystemExit as e:
-        return int(e.code or 0)
-    from runx.cli import train
-    return train.LAST_EXIT_CODE
+        code = int(e.code or 0)
+    if multirun and train.SWEEP_FAILURES:
+        failed = sorted(train.SWEEP_FAILURES)
+        print(f"runx: {len(failed)} job(s) of the sweep failed:", file=sys.stderr)
+        for num, why, run_dir in failed:
+            print(f"  #{num} {why}: {run_dir}", file=sys.stderr)
+        if code == 1 and all(why == "config problem" for _, why, _ in failed):
+            code = 2    # what a single run with that config problem exits with
+    return code
 
 
 def _sweep_problems(overrides: list[str]) -> list[str]:

@@ -12,6 +12,7 @@ import subprocess
 import sys
 
 import hydra
+from hydra.errors import CompactHydraException
 from omegaconf import DictConfig, OmegaConf
 
 log = logging.getLogger("runx")
@@ -60,23 +61,28 @@ def _objective_problem(problem: str):
 def hydra_main(cfg: DictConfig):
     global LAST_EXIT_CODE
     from runx.cli.config import check_paths, fill_recipe_defaults, format_problems, validate
-    fill_recipe_defaults(cfg)
-    problems = validate(cfg) + check_paths(cfg)
-    if problems:  # multirun jobs are validated here (single runs already were, before Hydra started), and
-        # every job checks its paths where it runs (a SLURM job: on its node)
-        print(format_problems(problems), file=sys.stderr)
-        LAST_EXIT_CODE = 2
-        raise SystemExit(2)
     from runx.trainers.recipe import RecipeConfigError
     from runx.trainers.runtime import Stopped
+    fill_recipe_defaults(cfg)
+    job = _sweep_job()
+    # multirun jobs are validated here (single runs already were, before Hydra started), and every job checks
+    # its paths where it runs (a SLURM job: on its node)
+    problems = validate(cfg) + check_paths(cfg)
     run_dir = run_dir_for(cfg)
     try:
+        if problems:
+            raise RecipeConfigError("\n".join(problems))
         result = launch(cfg, run_dir)
     except RecipeConfigError as e:  # the recipe's own cross-key checks: a config problem, not a crash
-        print(format_problems([str(e)]), file=sys.stderr)
-        _log_to_files_only(format_problems([str(e)]), with_traceback=False)
+        paragraph = format_problems(problems or [str(e)])
+        print(paragraph, file=sys.stderr)
+        _log_to_files_only(paragraph, with_traceback=False)
         LAST_EXIT_CODE = 2
-        raise SystemExit(2) from None
+        if job is None:
+            raise SystemExit(2) from None
+        # a sweep's job: Hydra marks it failed and the sweep goes on (as after a crash); the sweeper decides
+        SWEEP_FAILURES.append((job, "config problem", run_dir))
+        raise SweepJobConfigProblem(f"runx: job #{job} stopped on the config problem printed with it") from None
     except Stopped as e:            # SIGTERM: checkpoint saved at a step boundary
         print(f"runx: {e}", file=sys.stderr)
         LAST_EXIT_CODE = 143
@@ -84,8 +90,30 @@ def hydra_main(cfg: DictConfig):
     except BaseException as e:      # Hydra prints it; train.log (what a SLURM user reads) gets it too
         if not isinstance(e, SystemExit):
             _log_to_files_only(f"the run failed: {type(e).__name__}")
+            if job is not None:
+                SWEEP_FAILURES.append((job, f"crashed ({type(e).__name__})", run_dir))
         raise
     return objective_value(result, cfg)
+
+
+# In-process sweep jobs (Hydra's basic launcher) that failed: (job number, why, run dir). `runx train -m`
+# lists them once the sweep ends.
+SWEEP_FAILURES: list[tuple[int, str, str]] = []
+
+
+def _sweep_job() -> int | None:
+    """This run's job number when it is a job of a multirun sweep, else None."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+    hc = HydraConfig.get()
+    if hc.mode != RunMode.MULTIRUN:
+        return None
+    return int(hc.job.num)
+
+
+class SweepJobConfigProblem(CompactHydraException):
+    """A sweep job stopped by a config problem (printed when it happened). Hydra records the job as failed and
+    runs the others (as after a crash); at the end it prints only this message, no traceback."""
 
 
 # Keys a resumed run may change: how long it runs, how often it evaluates / logs / saves, where it logs and on

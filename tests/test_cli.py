@@ -162,6 +162,22 @@ def test_a_sweep_is_checked_before_its_first_job(tmp_path):
     assert "Traceback" not in p.stderr and (sweep / "0" / "summary.json").exists()
 
 
+def test_a_config_problem_in_one_job_does_not_stop_the_sweep(tmp_path):
+    """A problem only the run finds (peft: no module of the model matches) fails that job with the config-problem
+    paragraph; Hydra runs the other jobs, and `runx train -m` lists the failed one and exits 2 at the end."""
+    sweep = tmp_path / "sweep"
+    p = run_cli(["train", "-m", "recipe=lora", "recipe.target_modules=[nothere],[query]", f"hydra.sweep.dir={sweep}",
+                 "logger=none", "trainer.max_steps=1", "trainer.eval_every=0", "trainer.ckpt_every=0",
+                 "trainer.micro_batch_size=4", "data.max_train_samples=8", "data.max_eval_samples=4",
+                 "trainer.progress=false"], check=False, timeout=300)
+    assert p.returncode == 2, p.stderr
+    assert "recipe.target_modules=['nothere']" in p.stderr and "Valid choices" in p.stderr, p.stderr
+    assert f"#0 config problem: {sweep / '0'}" in p.stderr and "#1" not in p.stderr.split("of the sweep failed")[1]
+    assert "Traceback" not in p.stderr
+    assert (sweep / "1" / "summary.json").exists() and not (sweep / "0" / "summary.json").exists()
+    assert "No modules were targeted" in (sweep / "0" / "train.log").read_text()
+
+
 def test_an_optuna_sweep_goes_the_way_its_objective_wants():
     """Hydra's optuna sweeper minimises unless told otherwise: runx sets the direction from the objective when
     the command line gives none, refuses a misspelt one, and `runx report` sorts a sweep the way it ran."""
