@@ -392,7 +392,15 @@ def test_hub_problems_name_the_key_whose_id_is_missing(tmp_path):
     server.bind(("127.0.0.1", 0))
     server.listen(16)
     held = []
-    threading.Thread(target=lambda: [held.append(server.accept()) for _ in range(16)], daemon=True).start()
+
+    def accept_and_hold():           # answer nothing; ends when the server socket closes
+        try:
+            while True:
+                held.append(server.accept())
+        except OSError:
+            pass
+    acceptor = threading.Thread(target=accept_and_hold, daemon=True)
+    acceptor.start()
     stalled = {**env, "HF_HUB_OFFLINE": None, "TRANSFORMERS_OFFLINE": None, "HTTPS_PROXY": None,
                "https_proxy": None, "HTTP_PROXY": None, "http_proxy": None, "ALL_PROXY": None, "all_proxy": None,
                "HF_ENDPOINT": f"https://127.0.0.1:{server.getsockname()[1]}"}
@@ -400,7 +408,11 @@ def test_hub_problems_name_the_key_whose_id_is_missing(tmp_path):
     p = run_cli(["validate", "recipe=sft", "model=hf_causal_lm", "model.path=nobody/not-cached"], env=stalled,
                 check=False, timeout=120)
     assert p.returncode == 2 and "model.path=nobody/not-cached" in p.stderr and time.monotonic() - t0 < 40, p.stderr
+    server.shutdown(socket.SHUT_RDWR)     # wakes the acceptor (close() alone leaves it blocked in accept)
+    acceptor.join(timeout=5)
     server.close()
+    for conn, _ in held:
+        conn.close()
 
 
 def test_the_hub_probe_leaves_explicit_settings_alone(monkeypatch):
