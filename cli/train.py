@@ -173,11 +173,11 @@ def nvme_resume_problems(cfg, run_dir: str) -> list[str]:
             f"resume={root} run_dir=<a new folder>: it continues exactly), or resume=never to start over."]
 
 
-def _log_to_files_only(message: str, with_traceback: bool = True) -> None:
+def _log_to_files_only(message: str, with_traceback: bool = True, level: int = logging.ERROR) -> None:
     """A message (and the current exception's traceback) into the log files (train.log: what a SLURM user
     reads), not again onto the console."""
     import traceback
-    record = logging.LogRecord("runx", logging.ERROR, __file__, 0, "%s\n%s",
+    record = logging.LogRecord("runx", level, __file__, 0, "%s\n%s",
                                (message, traceback.format_exc() if with_traceback else ""), None)
     for h in logging.getLogger().handlers:
         if isinstance(h, logging.FileHandler):
@@ -250,8 +250,12 @@ def launch(cfg, run_dir: str) -> dict:
     rc, signalled = _run_forwarding_signals(cmd, env)
     if rc != 0 and signalled:
         from runx.trainers.runtime import Stopped
-        raise Stopped(f"stopped by {signalled}: the launched processes saved a checkpoint at their next step "
-                      f"boundary; rerun the same command to resume ({run_dir})")
+        _wait_for_workers(run_dir)
+        latest = os.path.join(run_dir, "ckpt", "latest")
+        saved = open(latest).read().strip() if os.path.exists(latest) else None
+        raise Stopped(f"stopped by {signalled}: the launched processes stopped at a step boundary"
+                      + (f" (latest checkpoint: {saved})" if saved else "")
+                      + f"; rerun the same command to resume ({run_dir})")
     if rc != 0 and os.path.exists(problem_file(run_dir)):
         with open(problem_file(run_dir)) as f:
             raise RecipeConfigError(f.read())
@@ -261,11 +265,19 @@ def launch(cfg, run_dir: str) -> dict:
     return read_summary(run_dir)
 
 
+# torchrun's own SIGTERM handler gives the workers 30 s (--shutdown-timeout), then SIGKILLs them, mid-checkpoint
+# for a large model, and prints a SignalException traceback. Told not to handle SIGTERM (--signals-to-handle,
+# read from PET_SIGNALS_TO_HANDLE; older torchruns ignore it) torchrun just ends, as it always did on SIGUSR1;
+# each worker then gets SIGTERM from the kernel (PR_SET_PDEATHSIG, runx.cli.worker), finishes its step, saves
+# and exits, and runx waits for that.
+TORCHRUN_SIGNALS = "SIGINT,SIGHUP,SIGQUIT"
+
+
 def _run_forwarding_signals(cmd: list[str], env: dict) -> tuple[int, str | None]:
     """Run the launcher; a SIGTERM / SIGUSR1 sent to this process (kill <pid>, a scheduler that signals only the
-    parent) goes on to it, and torchrun passes it to the workers, which checkpoint and stop."""
+    parent) goes on to it, and from it to the workers, which checkpoint and stop."""
     import signal
-    proc = subprocess.Popen(cmd, env=env)
+    proc = subprocess.Popen(cmd, env={**env, "PET_SIGNALS_TO_HANDLE": TORCHRUN_SIGNALS})
     got: list[str] = []
 
     def forward(signum, frame):
@@ -279,6 +291,23 @@ def _run_forwarding_signals(cmd: list[str], env: dict) -> tuple[int, str | None]
         for sig, handler in old.items():
             signal.signal(sig, handler)
     return rc, (got[0] if got else None)
+
+
+def _wait_for_workers(run_dir: str) -> None:
+    """Block until rank 0's worker on this node has exited (it holds .runx/workers.lock while it lives), so that
+    runx, and a SLURM step ending with it, does not leave while the workers still write their checkpoint."""
+    import fcntl
+    path = os.path.join(run_dir, ".runx", "workers.lock")
+    if not os.path.exists(path):
+        return
+    with open(path, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print("runx: waiting for the workers to finish their step and save a checkpoint", file=sys.stderr,
+                  flush=True)
+            fcntl.flock(f, fcntl.LOCK_EX)
+        fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def RECIPES_KIND(cfg) -> str:

@@ -45,9 +45,10 @@ def main() -> int:
     rank0 = os.environ.get("RANK", "0") == "0"
     try:
         run_job(cfg, run_dir)
-    except Stopped as e:
+    except Stopped as e:      # the parent runx says it on the console, with the checkpoint's step
         if rank0:
-            print(f"runx: {e}", file=sys.stderr)
+            from runx.cli.train import _log_to_files_only
+            _log_to_files_only(f"runx: {e}", with_traceback=False, level=logging.WARNING)
         return 143
     except RecipeConfigError as e:   # the parent reports it as the config-problem paragraph
         if rank0:

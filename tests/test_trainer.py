@@ -130,6 +130,52 @@ def test_sigterm_saves_a_checkpoint_at_the_step_boundary_and_the_run_resumes(tmp
     assert sync.count("offline-run-") == 2, sync
 
 
+def test_a_signal_stops_a_launched_run_after_its_workers_saved(tmp_path):
+    """2 processes under torchrun. SIGUSR1 (SLURM's --signal) used to end torchrun at once and runx with it while
+    the workers were still saving; SIGTERM let torchrun SIGKILL them after 30 s and print a SignalException
+    traceback. Now runx exits 143 only once rank 0's worker has exited (its lock is free at that moment), with a
+    checkpoint saved, no traceback, and the same command resumes from it."""
+    import fcntl
+    import signal
+    import time
+    run = tmp_path / "run"
+    args = [sys.executable, "-m", "runx.cli.main", "train", f"run_dir={run}", *TINY, "trainer=zero2",
+            "trainer.num_procs=2", "trainer.max_steps=100000", "trainer.ckpt_every=0", "trainer.micro_batch_size=8"]
+    # every checkpoint save takes 4 s longer in the workers (patched in through sitecustomize)
+    patch = tmp_path / "slow_save"
+    patch.mkdir()
+    (patch / "sitecustomize.py").write_text(
+        "import os, time\n"
+        "if os.environ.get('RUNX_WORKER') == '1':\n"
+        "    from runx.trainers.deepspeed_trainer import Trainer\n"
+        "    _save = Trainer.save_checkpoint\n"
+        "    def slow_save(self, engine, step):\n"
+        "        time.sleep(4)\n"
+        "        return _save(self, engine, step)\n"
+        "    Trainer.save_checkpoint = slow_save\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    env["PYTHONPATH"] = os.pathsep.join([str(patch)] + [p for p in [env.get("PYTHONPATH")] if p])
+    steps = []
+    for sig in (signal.SIGUSR1, signal.SIGTERM):
+        with open(tmp_path / "err.txt", "w") as err_file:
+            p = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=err_file, text=True, env=env)
+            deadline, seen = time.time() + 240, len(steps) and steps[-1]
+            while time.time() < deadline and p.poll() is None:
+                if (run / "metrics.jsonl").exists() and max(losses(run), default=0) >= seen + 3:
+                    break
+                time.sleep(0.2)
+            p.send_signal(sig)
+            rc = p.wait(timeout=180)
+            with open(run / ".runx" / "workers.lock", "a+") as lock:   # rank 0's worker is gone already
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            latest = (run / "ckpt" / "latest").read_text()
+        err = (tmp_path / "err.txt").read_text()
+        assert rc == 143 and f"stopped by {sig.name}" in err and f"latest checkpoint: {latest}" in err, (rc, err)
+        assert "Traceback" not in err and "SignalException" not in err, err[-3000:]
+        steps.append(int(latest.removeprefix("step_")))
+    assert steps[1] > steps[0] >= 3 and max(losses(run)) == steps[1]
+
+
 @pytest.mark.parametrize("trainer", ["zero3_cpu_offload"])
 def test_cpu_offload_matches_zero3(tmp_path, trainer):
     common = TINY + NO_DROPOUT + ["trainer.max_steps=5", "trainer.ckpt_every=0", "trainer.micro_batch_size=8"]
