@@ -51,6 +51,13 @@ def export_run(run_dir: str, out: str | None = None, tag: str | None = None) -> 
                 if not int(cfg.trainer.get("ckpt_every") or 0) else ""
             raise ExportError(f"{run_dir} has no checkpoint to export{hint}")
         tag = open(latest).read().strip()
+    elif tag == "best":    # the checkpoint of trainer.monitor's best evaluation
+        best = os.path.join(ckpt_root, "best")
+        if not os.path.exists(best):
+            raise ExportError(f"--tag best: {run_dir} has no best checkpoint (it is kept for runs with "
+                              f"trainer.monitor=<eval metric> and checkpoints on). Valid choices: "
+                              f"{', '.join(tags) or 'none'}")
+        tag = open(best).read().strip()
     if tag not in tags:
         raise ExportError(f"--tag {tag}: no such checkpoint in {ckpt_root}. Valid choices: {', '.join(tags) or 'none'}")
     recipe = info.load()(cfg, run_dir)

@@ -18,7 +18,7 @@ verbs:
   validate [overrides] [--all]  check a config (all problems at once); --all: every recipe
   plan [overrides]            memory needed per ZeRO config on GPU / CPU / NVMe, and what fits
   report <dir> [--objective KEY] [--minimize]  table + plots for a run or a sweep
-  export <run_dir> [--out DIR] [--tag step_N]  HF safetensors / PEFT adapter from a checkpoint
+  export <run_dir> [--out DIR] [--tag step_N|best]  HF safetensors / PEFT adapter from a checkpoint
 
 config groups: recipe model data trainer logger launcher debug experiment
 examples:
@@ -267,7 +267,8 @@ def _export(rest: list[str]) -> int:
     p = argparse.ArgumentParser(prog="runx export")
     p.add_argument("run_dir")
     p.add_argument("--out", default=None)
-    p.add_argument("--tag", default=None, help="checkpoint tag (default: latest)")
+    p.add_argument("--tag", default=None,
+                   help="checkpoint tag: step_N, or best (trainer.monitor's best; default: latest)")
     a = p.parse_args(rest)
     from runx.cli.export import ExportError, export_run
     try:

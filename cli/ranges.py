@@ -44,7 +44,8 @@ COMMON = {
     "optim.min_lr_ratio": PROB, "optim.lars_eta": POS,
     "trainer.micro_batch_size": COUNT, "trainer.grad_accum": COUNT, "trainer.max_steps": COUNT,
     "trainer.eval_every": NONNEG, "trainer.log_every": COUNT, "trainer.ckpt_every": NONNEG,
-    "trainer.keep_last": COUNT, "trainer.grad_clip": NONNEG, "trainer.num_procs": COUNT,
+    "trainer.keep_last": COUNT, "trainer.early_stop_patience": NONNEG, "trainer.early_stop_min_delta": NONNEG,
+    "trainer.grad_clip": NONNEG, "trainer.num_procs": COUNT,
     "trainer.dataloader_workers": NONNEG,
     "data.val_fraction": FRACTION, "data.max_length": COUNT, "data.max_train_samples": Range(1, none_ok=True),
     "data.max_eval_samples": Range(0, none_ok=True), "model.num_labels": COUNT, "launcher.num_nodes": COUNT,
@@ -141,8 +142,29 @@ def range_problems(data: dict) -> list[str]:
         if launcher.get("master_addr") in ("127.0.0.1", "localhost"):
             out.append(f"launcher.master_addr={launcher['master_addr']}: the other nodes cannot reach it. Valid "
                        "values: the first node's hostname or address, the same on every node.")
+    out += _monitor_problems(name, data.get("trainer") or {})
     group = rec.get("group_size")
     if name == "verifree" and rec.get("advantage") in ("rloo", "grpo") and isinstance(group, int) and group < 2:
         out.append(f"recipe.group_size={group}: the {rec['advantage']} baseline needs at least 2 samples per "
                    "question. Valid values: >= 2, or recipe.advantage=naive.")
+    return out
+
+
+def _monitor_problems(name, trainer: dict) -> list[str]:
+    """trainer.monitor names one of the recipe's evaluation metrics, and there are evaluations to watch."""
+    from runx.recipes import RECIPES
+    out = []
+    monitor, patience = trainer.get("monitor"), trainer.get("early_stop_patience")
+    if isinstance(monitor, str) and "${" not in monitor and name in RECIPES:
+        valid = [f"eval/{m}" for m in RECIPES[name].eval_metrics]
+        if monitor not in valid:
+            out.append(f"trainer.monitor={monitor}: not an evaluation metric of recipe={name}. Valid choices: "
+                       f"{', '.join(valid + ['null']) if valid else 'null (this recipe does not evaluate)'}.")
+        eval_every = trainer.get("eval_every")
+        if isinstance(eval_every, int) and eval_every == 0:
+            out.append(f"trainer.eval_every=0 with trainer.monitor={monitor}: nothing is evaluated to monitor. "
+                       "Valid values: trainer.eval_every >= 1, or trainer.monitor=null.")
+    if monitor is None and isinstance(patience, int) and not isinstance(patience, bool) and patience > 0:
+        out.append(f"trainer.early_stop_patience={patience}: early stopping watches trainer.monitor, which is "
+                   "null. Valid choices: trainer.monitor=eval/<metric>, or trainer.early_stop_patience=0.")
     return out

@@ -116,13 +116,15 @@ class SweepJobConfigProblem(CompactHydraException):
     runs the others (as after a crash); at the end it prints only this message, no traceback."""
 
 
-# Keys a resumed run may change: how long it runs, how often it evaluates / logs / saves, where it logs and on
-# which machine. Any other change (recipe, model, data, seed, optimiser, batch, precision) would load the
-# checkpoint into a different run, and rewrite the run's config.yaml to describe that other run.
+# Keys a resumed run may change: how long it runs (early-stopping patience included), how often it evaluates /
+# logs / saves, where it logs and on which machine. Any other change (recipe, model, data, seed, optimiser,
+# batch, precision) would load the checkpoint into a different run, and rewrite the run's config.yaml to
+# describe that other run.
 RESUMABLE_CHANGES = ("trainer.max_steps", "trainer.eval_every", "trainer.log_every", "trainer.ckpt_every",
                      "trainer.keep_last", "trainer.progress", "trainer.dataloader_workers", "trainer.device",
-                     "trainer.nvme_path", "trainer.aio.", "data.max_eval_samples", "logger.", "plan.", "launcher.",
-                     "export_at_end", "resume", "run_dir", "objective")
+                     "trainer.nvme_path", "trainer.aio.", "trainer.early_stop_patience", "trainer.early_stop_min_delta",
+                     "data.max_eval_samples", "logger.", "plan.", "launcher.", "export_at_end", "resume", "run_dir",
+                     "objective")
 
 
 def resume_problems(cfg, run_dir: str) -> list[str]:
@@ -146,7 +148,7 @@ def resume_problems(cfg, run_dir: str) -> list[str]:
     more = f" (and {len(differ) - 8} more)" if len(differ) > 8 else ""
     return [f"resume=auto: {run_dir} holds a checkpoint of a run with another config ({shown}{more}). Resuming "
             "would continue that run under these settings. Valid choices: the same settings as that run (only "
-            "max_steps, eval/log/checkpoint intervals, logger, launcher and machine keys may change), "
+            "max_steps, early stopping, eval/log/checkpoint intervals, logger, launcher and machine keys may change), "
             "resume=never to start over in this folder, or another run_dir."]
 
 

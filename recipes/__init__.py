@@ -18,6 +18,7 @@ class RecipeInfo:
     schema: str          # "module:DataclassName" of the `recipe:` section
     description: str
     paper: str = ""
+    eval_metrics: tuple = ()   # names its evaluation can report (as eval/<name>): what trainer.monitor may name
 
     def load(self):
         return getattr(importlib.import_module(self.module), self.cls)
@@ -29,18 +30,21 @@ class RecipeInfo:
 
 RECIPES: dict[str, RecipeInfo] = {r.name: r for r in [
     RecipeInfo("sft", "train", "runx.recipes.sft", "SFT", "runx.conf.schema.baselines:SFTConfig",
-               "Full fine-tuning (causal LM or sequence classification): the baseline row."),
+               "Full fine-tuning (causal LM or sequence classification): the baseline row.",
+               eval_metrics=("loss", "accuracy", "perplexity")),
     RecipeInfo("lora", "train", "runx.recipes.lora", "LoRA", "runx.conf.schema.baselines:LoRAConfig",
-               "Vanilla LoRA through peft: the baseline for LoRA-GA."),
+               "Vanilla LoRA through peft: the baseline for LoRA-GA.", eval_metrics=("loss", "accuracy", "perplexity")),
     RecipeInfo("lora_ga", "train", "runx.recipes.lora_ga", "LoRAGA", "runx.conf.schema.lora_ga:LoRAGAConfig",
                "LoRA with A/B initialised from the SVD of the estimated full fine-tuning gradient.",
-               "Wang, Yu, Li 2024 (arXiv 2407.05000)"),
+               "Wang, Yu, Li 2024 (arXiv 2407.05000)", eval_metrics=("loss", "accuracy", "perplexity")),
     RecipeInfo("verifree", "train", "runx.recipes.verifree", "VeriFree", "runx.conf.schema.verifree:VeriFreeConfig",
                "Verifier-free RL: reward = policy's probability of the reference answer after its reasoning.",
-               "Zhou et al. 2025 (arXiv 2505.21493)"),
+               "Zhou et al. 2025 (arXiv 2505.21493)",
+               eval_metrics=("acc", "acc_sampled", "no_tag_frac", "response_len")),
     RecipeInfo("swav", "train", "runx.recipes.swav", "SwAV", "runx.conf.schema.swav:SwAVConfig",
                "Self-supervised image pretraining: multi-crop + Sinkhorn-Knopp swapped prediction.",
-               "Caron et al. 2020 (arXiv 2006.09882)"),
+               "Caron et al. 2020 (arXiv 2006.09882)",
+               eval_metrics=("knn_acc", "linear_acc", "assign_entropy", "prototypes_used", "z_std", "feature_std")),
     RecipeInfo("preselect", "data", "runx.recipes.preselect", "PreSelect", "runx.conf.schema.preselect:PreSelectConfig",
                "Score docs by how well model losses predict model ranking; fastText filter; filter a corpus.",
                "Shum et al. 2025 (arXiv 2503.00808)"),

@@ -386,6 +386,8 @@ def test_cli_smoke_trains_end_to_end(tmp_path):
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     assert all(math.isfinite(r["loss"]) for r in rows)
     assert {"eval/knn_acc", "eval/linear_acc", "eval/assign_entropy", "eval/z_std"} <= set(rows[-1])
+    from runx.recipes import RECIPES     # what trainer.monitor may name covers what the evaluation reports
+    assert {k[5:] for k in rows[-1] if k.startswith("eval/")} == set(RECIPES["swav"].eval_metrics)
     assert all(k in rows[0] for k in ("assign_entropy", "code_entropy", "z_std", "samples_per_s"))
 
 

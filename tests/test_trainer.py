@@ -29,6 +29,8 @@ def test_default_job_learns(tmp_path):
     assert last < first - 0.1, (first, last)
     summary = json.load(open(run / "summary.json"))
     assert summary["eval/accuracy"] > 0.4  # 4 balanced-ish classes: chance ~0.33 (majority class)
+    from runx.recipes import RECIPES     # what trainer.monitor may name covers what the evaluation reports
+    assert {k[5:] for k in summary if k.startswith("eval/")} <= set(RECIPES["sft"].eval_metrics)
     cfg = open(run / "config.yaml").read()
     assert "recipe:" in cfg and (run / "env.json").exists()
 
@@ -128,6 +130,33 @@ def test_sigterm_saves_a_checkpoint_at_the_step_boundary_and_the_run_resumes(tmp
     assert sorted(losses(run)) == list(range(1, step + 3))
     sync = next(line for line in done.stdout.splitlines() if "wandb sync" in line)
     assert sync.count("offline-run-") == 2, sync
+
+
+def test_monitor_keeps_the_best_checkpoint_and_stops_early(tmp_path):
+    """trainer.monitor + early_stop_patience (Lightning's ModelCheckpoint(monitor) + EarlyStopping): with a
+    min_delta no evaluation can beat, the first evaluation stays best, its checkpoint survives keep_last=1, the
+    run stops after `patience` more evaluations, the same command does not train on, more patience does, and
+    `runx export --tag best` exports the best step."""
+    from runx.cli.export import export_run
+    run = tmp_path / "run"
+    args = ["train", f"run_dir={run}", *TINY, "trainer.max_steps=40", "trainer.eval_every=2", "trainer.ckpt_every=4",
+            "trainer.keep_last=1", "trainer.micro_batch_size=8", "trainer.monitor=eval/accuracy",
+            "trainer.early_stop_min_delta=1.0"]
+    run_cli(args + ["trainer.early_stop_patience=2"])
+    summary = json.load(open(run / "summary.json"))
+    assert summary["early_stopped_at"] == 6 and summary["best_step"] == 2 and max(losses(run)) == 6, summary
+    evals = [r for r in read_metrics(run) if "eval/accuracy" in r]
+    assert [r["step"] for r in evals] == [2, 4, 6] and summary["best/eval/accuracy"] == evals[0]["eval/accuracy"]
+    assert (run / "ckpt" / "best").read_text() == "step_2" and (run / "ckpt" / "latest").read_text() == "step_6"
+    assert sorted(d for d in os.listdir(run / "ckpt") if d.startswith("step_")) == ["step_2", "step_6"]
+    run_cli(args + ["trainer.early_stop_patience=2"])            # stopped early: nothing more to do
+    assert max(losses(run)) == 6 and json.load(open(run / "summary.json"))["early_stopped_at"] == 6
+    run_cli(args + ["trainer.early_stop_patience=4"])            # more patience: two more evaluations
+    summary = json.load(open(run / "summary.json"))
+    assert summary["early_stopped_at"] == 10 and summary["best_step"] == 2 and max(losses(run)) == 10, summary
+    assert sorted(d for d in os.listdir(run / "ckpt") if d.startswith("step_")) == ["step_10", "step_2"]
+    out = export_run(str(run), str(tmp_path / "best"), tag="best")
+    assert os.path.exists(os.path.join(out, "model.safetensors")) or os.listdir(out)
 
 
 def test_a_signal_stops_a_launched_run_after_its_workers_saved(tmp_path):

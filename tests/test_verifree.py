@@ -688,6 +688,8 @@ def test_runx_train_verifree_smoke_end_to_end(tmp_path):
     assert {"reward", "acc", "response_len", "no_tag_frac", "truncated_frac", "entropy", "loss_pg",
             "loss_answer"} <= set(rows[0])
     assert 0 <= summary["eval/acc"] <= 1 and 0 <= summary["start/acc"] <= 1   # after and before RL
+    from runx.recipes import RECIPES     # what trainer.monitor may name covers what the evaluation reports
+    assert {k[5:] for k in summary if k.startswith("eval/")} <= set(RECIPES["verifree"].eval_metrics)
     warm = [d for d in os.scandir(tmp_path / "run" / "warmup")]                # the warm-up is cached in the run dir
     assert warm and os.path.exists(os.path.join(warm[0].path, "model.safetensors"))
 

@@ -118,6 +118,10 @@ class Trainer:
         self.recipe = None
         # the training loop's clock: started at the wall time a resumed checkpoint carries (train_wall_s)
         self._prior_wall, self._loop_t0 = 0.0, None
+        monitor = self.tcfg.get("monitor")
+        self.best = runtime.BestTracker(monitor, self.tcfg.get("monitor_mode", "auto"),
+                                        self.tcfg.get("early_stop_patience", 0),
+                                        self.tcfg.get("early_stop_min_delta", 0.0)) if monitor else None
 
     # ---------------------------------------------------------------- DeepSpeed config
     def build_ds_config(self, model) -> dict:
@@ -272,22 +276,31 @@ class Trainer:
             raise FileNotFoundError(f"resume={mode!r}: no complete checkpoint there (expected {latest})")
         return None
 
-    def save_checkpoint(self, engine, step: int) -> None:
+    def save_checkpoint(self, engine, step: int, best: bool = False) -> None:
+        """Save step_<step>, point `latest` at it (and `best`, when it is trainer.monitor's best so far), then
+        delete all but the newest keep_last checkpoints and the best one."""
         import torch.distributed as dist
         tag = f"step_{step}"
         # the training loop's wall time so far (earlier segments of a resumed run included)
         wall = time.perf_counter() - self._loop_t0 if self._loop_t0 is not None else 0.0
-        engine.save_checkpoint(self.ckpt_dir, tag=tag, client_state={"runx_step": step, "runx_train_wall_s": wall},
-                               save_latest=False)
+        client = {"runx_step": step, "runx_train_wall_s": wall}
+        if self.best is not None:
+            client["runx_best"] = self.best.state()
+        engine.save_checkpoint(self.ckpt_dir, tag=tag, client_state=client, save_latest=False)
         torch.save(runtime.rng_state(), os.path.join(self.ckpt_dir, tag, f"rng_rank{self.rank}.pt"))
         dist.barrier()
         if self.is_main:
             atomic_write_json(os.path.join(self.ckpt_dir, tag, "runx_complete.json"), {"step": step})
             atomic_write_bytes(os.path.join(self.ckpt_dir, "latest"), tag.encode())
+            best_file = os.path.join(self.ckpt_dir, "best")
+            if best:
+                atomic_write_bytes(best_file, tag.encode())
+            keep = {open(best_file).read().strip()} if self.best is not None and os.path.exists(best_file) else set()
             tags = sorted((d for d in os.listdir(self.ckpt_dir) if d.startswith("step_")),
                           key=lambda d: int(d.split("_")[1]))
             for old in tags[:-max(1, int(self.tcfg.keep_last))]:
-                shutil.rmtree(os.path.join(self.ckpt_dir, old), ignore_errors=True)
+                if old not in keep:
+                    shutil.rmtree(os.path.join(self.ckpt_dir, old), ignore_errors=True)
         dist.barrier()
 
     def load_checkpoint(self, engine, root: str, tag: str) -> int:
@@ -295,7 +308,26 @@ class Trainer:
         rng = os.path.join(root, tag, f"rng_rank{self.rank}.pt")
         self._pending_rng = torch.load(rng, weights_only=False) if os.path.exists(rng) else None
         self._prior_wall = float(client.get("runx_train_wall_s", 0.0))
+        if self.best is not None:
+            self.best.load(client.get("runx_best"))
         return int(client["runx_step"])
+
+    def _track_best(self, last_eval: dict) -> bool:
+        """This evaluation's trainer.monitor value into the tracker (rank 0's value on every rank, so that all
+        ranks take the same checkpoint and stopping decisions); True when it is the new best."""
+        import torch.distributed as dist
+        key = self.best.key
+        if key not in last_eval:
+            from runx.trainers.recipe import RecipeConfigError
+            raise RecipeConfigError(f"trainer.monitor={key}: this run's evaluation does not report it. Valid "
+                                    f"choices: {', '.join(sorted(last_eval))}, or null.")
+        value = float(last_eval[key])
+        if self.world_size > 1:
+            t = torch.tensor([value], dtype=torch.float64,
+                             device=torch.cuda.current_device() if self.device == "cuda" else "cpu")
+            dist.broadcast(t, 0)
+            value = float(t.item())
+        return self.best.update(value, self.global_step)
 
     # ---------------------------------------------------------------- the run
     def loader(self, dataset, recipe, start_step: int, max_steps: int, shuffle=True, seed=None):
@@ -414,6 +446,10 @@ class Trainer:
         self._loop_t0 = time.perf_counter() - self._prior_wall
         steps_done = 0
         batches = iter(loader)  # creating the iterator draws from the global RNG: do it before restoring it
+        if self.best is not None and self.best.should_stop:    # resumed a run that had stopped early
+            log.info("%s has not improved for %d evaluations (trainer.early_stop_patience=%d): no further steps",
+                     self.best.key, self.best.bad_evals, self.best.patience)
+            batches = iter(())
         if getattr(self, "_pending_rng", None) is not None:
             runtime.set_rng_state(self._pending_rng)
             self._pending_rng = None
@@ -470,6 +506,7 @@ class Trainer:
                             rec["mfu"] = tflops / peak_tflops
                 rec.update({k: v / grad_accum for k, v in acc_metrics.items()})
                 rec["peak_mem_gb"] = runtime.peak_memory_bytes(self.device) / 2**30
+                improved = False
                 if eval_every and eval_dl is not None and (self.global_step % eval_every == 0
                                                              or self.global_step == max_steps):
                     t_aside = time.perf_counter()
@@ -478,18 +515,22 @@ class Trainer:
                         last_eval = {f"eval/{k}": v for k, v in recipe.evaluate(engine, eval_dl).items()}
                     engine.train()
                     rec.update(last_eval)
+                    if self.best is not None:
+                        improved = self._track_best(last_eval)
                     step_t0 += time.perf_counter() - t_aside
+                stop_early = self.best is not None and self.best.should_stop
                 if self.is_main and (self.global_step % log_every == 0 or last_eval):
                     metrics_log.log(rec)
                     wb.log(rec, self.global_step)
                 if progress is not None:
                     progress.update(task, completed=self.global_step,
                                     info=f"loss {rec['loss']:.4f} | {rec['samples_per_s']:.1f} samples/s")
-                if ckpt_every and (self.global_step % ckpt_every == 0 or self.global_step == max_steps):
+                if ckpt_every and (self.global_step % ckpt_every == 0 or self.global_step == max_steps
+                                   or improved or stop_early):
                     t_aside = time.perf_counter()
                     if metrics_log is not None:  # every line up to this checkpoint is on disk before it exists
                         metrics_log.flush()
-                    self.save_checkpoint(engine, self.global_step)
+                    self.save_checkpoint(engine, self.global_step, best=improved)
                     step_t0 += time.perf_counter() - t_aside
                 if os.environ.get("RUNX_CRASH_AFTER_STEP") == str(self.global_step):
                     os._exit(17)  # a hard kill at a known point, for resume tests (no cleanup runs)
@@ -503,6 +544,11 @@ class Trainer:
                     raise runtime.Stopped(f"stopped by {stop.signal_name or 'a signal to another rank'} after step "
                                           f"{self.global_step}, checkpoint saved; rerun the same command to resume "
                                           f"({self.run_dir})" + (f". W&B so far: {sync}" if sync else ""))
+                if stop_early:
+                    log.info("early stop after step %d: %s has not improved on %.6g (step %d) for %d evaluations",
+                             self.global_step, self.best.key, self.best.best, self.best.best_step,
+                             self.best.bad_evals)
+                    break
         finally:
             stop.restore()
             if progress is not None:
@@ -513,6 +559,10 @@ class Trainer:
             with torch.no_grad():
                 last_eval = {f"eval/{k}": v for k, v in recipe.evaluate(engine, eval_dl).items()}
         final.update(last_eval)
+        if self.best is not None:
+            final.update(self.best.summary())
+            if self.best.should_stop:
+                final["early_stopped_at"] = self.global_step
         if self.is_main:
             metrics_log.flush()
             hist = [r for r in _read(metrics_log.path)]

@@ -143,6 +143,48 @@ def flatten_overrides(d: dict, prefix: str = "") -> dict:
     return out
 
 
+class BestTracker:
+    """trainer.monitor across evaluations, as Lightning's ModelCheckpoint(monitor=...) + EarlyStopping: the best
+    value and its step, and how many evaluations in a row have not improved on it by more than `min_delta`.
+    The first value is an improvement; NaN never is. Its state rides in every checkpoint, so a resumed run
+    keeps its best and its patience count (and a run that stopped early stays stopped, unless it is resumed
+    with more patience)."""
+
+    def __init__(self, key: str, mode: str = "auto", patience: int = 0, min_delta: float = 0.0):
+        if mode == "auto":
+            from runx.cli.config import objective_direction
+            mode = "max" if objective_direction(key) == "maximize" else "min"
+        self.key, self.mode, self.patience, self.min_delta = key, mode, int(patience), float(min_delta)
+        self.best: float | None = None
+        self.best_step: int | None = None
+        self.bad_evals = 0
+
+    def update(self, value: float, step: int) -> bool:
+        """Record an evaluation; True when it is the new best."""
+        value = float(value)
+        better = value == value and (self.best is None or (value > self.best + self.min_delta if self.mode == "max"
+                                                           else value < self.best - self.min_delta))
+        if better:
+            self.best, self.best_step, self.bad_evals = value, step, 0
+        else:
+            self.bad_evals += 1
+        return better
+
+    @property
+    def should_stop(self) -> bool:
+        return self.patience > 0 and self.bad_evals >= self.patience
+
+    def state(self) -> dict:
+        return {"key": self.key, "best": self.best, "best_step": self.best_step, "bad_evals": self.bad_evals}
+
+    def load(self, state: dict | None) -> None:
+        if state and state.get("key") == self.key:
+            self.best, self.best_step, self.bad_evals = state["best"], state["best_step"], int(state["bad_evals"])
+
+    def summary(self) -> dict:
+        return {} if self.best is None else {f"best/{self.key}": self.best, "best_step": self.best_step}
+
+
 class Stopped(Exception):
     """The run stopped on a signal at a step boundary, after saving a checkpoint."""
 

@@ -91,6 +91,15 @@ class TrainerConfig:
     log_every: int = 1
     ckpt_every: int = 50
     keep_last: int = 2
+    # an evaluation metric to track (e.g. eval/accuracy, eval/loss): the best step's checkpoint is kept besides
+    # the last keep_last (ckpt/best names it; `runx export <run> --tag best`), a checkpoint is saved at every
+    # improvement, and the summary gets best/<metric> and best_step
+    monitor: Optional[str] = None
+    # auto: maximize accuracy-like metrics, minimize the others (losses, lengths)
+    monitor_mode: Literal["auto", "max", "min"] = "auto"
+    # stop after this many evaluations in a row without an improvement larger than early_stop_min_delta (0: off)
+    early_stop_patience: int = 0
+    early_stop_min_delta: float = 0.0
     grad_clip: float = 1.0
     num_procs: int = 1
     dataloader_workers: int = 0
