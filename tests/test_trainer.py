@@ -36,8 +36,10 @@ def test_default_job_learns(tmp_path):
 
 
 def test_zero3_two_processes_match_one(tmp_path):
-    """ZeRO-3 over 2 CPU processes (torchrun, gloo) == 1 process with the same global batch (fp32)."""
-    common = TINY + NO_DROPOUT + ["trainer=zero3", "trainer.max_steps=5", "trainer.ckpt_every=0"]
+    """ZeRO-3 over 2 CPU processes (torchrun, gloo) == 1 process with the same global batch (fp32); so does
+    trainer.monitor's best (on 2 ranks rank 0's value decides)."""
+    common = TINY + NO_DROPOUT + ["trainer=zero3", "trainer.max_steps=5", "trainer.ckpt_every=0",
+                                  "trainer.eval_every=1", "trainer.monitor=eval/loss"]
     run_cli(["train", f"run_dir={tmp_path / 'one'}", "trainer.micro_batch_size=8", *common])
     run_cli(["train", f"run_dir={tmp_path / 'two'}", "trainer.micro_batch_size=4", "trainer.num_procs=2", *common])
     a, b = losses(tmp_path / "one"), losses(tmp_path / "two")
@@ -47,6 +49,8 @@ def test_zero3_two_processes_match_one(tmp_path):
     assert a[5] < a[1]
     # one run dir, written by rank 0 only
     assert len(read_metrics(tmp_path / "two")) == 5
+    one, two = (json.load(open(tmp_path / r / "summary.json")) for r in ("one", "two"))
+    assert one["best_step"] == two["best_step"] and one["best/eval/loss"] == pytest.approx(two["best/eval/loss"], 1e-4)
 
 
 def test_zero3_builds_a_pretrained_model_partitioned(tmp_path):
