@@ -43,6 +43,7 @@ COMMON = {
     "optim.eps": POS, "optim.momentum": FRACTION, "optim.warmup_steps": NONNEG, "optim.warmup_ratio": FRACTION,
     "optim.min_lr_ratio": PROB, "optim.lars_eta": POS,
     "trainer.micro_batch_size": COUNT, "trainer.grad_accum": COUNT, "trainer.max_steps": COUNT,
+    "trainer.epochs": Range(0, lo_open=True, none_ok=True),
     "trainer.eval_every": NONNEG, "trainer.log_every": COUNT, "trainer.ckpt_every": NONNEG,
     "trainer.keep_last": COUNT, "trainer.early_stop_patience": NONNEG, "trainer.early_stop_min_delta": NONNEG,
     "trainer.grad_clip": NONNEG, "trainer.num_procs": COUNT,

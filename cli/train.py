@@ -120,7 +120,7 @@ class SweepJobConfigProblem(CompactHydraException):
 # logs / saves, where it logs and on which machine. Any other change (recipe, model, data, seed, optimiser,
 # batch, precision) would load the checkpoint into a different run, and rewrite the run's config.yaml to
 # describe that other run.
-RESUMABLE_CHANGES = ("trainer.max_steps", "trainer.eval_every", "trainer.log_every", "trainer.ckpt_every",
+RESUMABLE_CHANGES = ("trainer.max_steps", "trainer.epochs", "trainer.eval_every", "trainer.log_every", "trainer.ckpt_every",
                      "trainer.keep_last", "trainer.progress", "trainer.dataloader_workers", "trainer.device",
                      "trainer.nvme_path", "trainer.aio.", "trainer.early_stop_patience", "trainer.early_stop_min_delta",
                      "data.max_eval_samples", "logger.", "plan.", "launcher.", "export_at_end", "resume", "run_dir",

@@ -136,6 +136,17 @@ def test_sigterm_saves_a_checkpoint_at_the_step_boundary_and_the_run_resumes(tmp
     assert sync.count("offline-run-") == 2, sync
 
 
+def test_epochs_set_the_number_of_steps(tmp_path):
+    """trainer.epochs: ceil(epochs * training samples / global batch) steps, whatever max_steps says; the LR
+    schedule ends with them (linear decay reaches 0 at the last step, not at max_steps)."""
+    run = tmp_path / "run"
+    run_cli(["train", f"run_dir={run}", *TINY, "trainer.epochs=0.3", "trainer.max_steps=1000", "trainer.grad_accum=2",
+             "trainer.micro_batch_size=8", "trainer.ckpt_every=0", "optim.scheduler=linear"])
+    rows = read_metrics(run)
+    assert [r["step"] for r in rows] == list(range(1, 6))          # ceil(0.3 * 256 / 16) = 5
+    assert [r["lr"] for r in rows] == pytest.approx([8e-4, 6e-4, 4e-4, 2e-4, 0.0])   # (logged after each step)
+
+
 def test_monitor_keeps_the_best_checkpoint_and_stops_early(tmp_path):
     """trainer.monitor + early_stop_patience (Lightning's ModelCheckpoint(monitor) + EarlyStopping): with a
     min_delta no evaluation can beat, the first evaluation stays best, its checkpoint survives keep_last=1, the

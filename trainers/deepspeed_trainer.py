@@ -9,6 +9,7 @@ of every micro-step. So a resumed run sees exactly the batches the uninterrupted
 from __future__ import annotations
 
 import logging
+import math
 import os
 import shutil
 import time
@@ -330,6 +331,18 @@ class Trainer:
         return self.best.update(value, self.global_step)
 
     # ---------------------------------------------------------------- the run
+    def planned_steps(self, n_train: int) -> int:
+        """trainer.max_steps, or the steps of trainer.epochs passes over the n_train training samples."""
+        t = self.tcfg
+        epochs = t.get("epochs")
+        if epochs is None:
+            return int(t.max_steps)
+        per_step = int(t.micro_batch_size) * int(t.grad_accum) * self.world_size
+        steps = max(1, math.ceil(float(epochs) * n_train / per_step))
+        log.info("trainer.epochs=%g: %d optimizer steps (%d training samples, %d per step)", float(epochs), steps,
+                 n_train, per_step)
+        return steps
+
     def loader(self, dataset, recipe, start_step: int, max_steps: int, shuffle=True, seed=None):
         t = self.tcfg
         lengths = None
@@ -404,7 +417,7 @@ class Trainer:
         if self.cfg.optim.get("head_lr") is not None:
             groups = with_head_lr(model, groups, float(self.cfg.optim.head_lr))
         optimizer = build_optimizer(self.cfg.optim, groups)
-        max_steps = int(t.max_steps)
+        max_steps = self.planned_steps(len(train_ds))
         sched_fn = lr_lambda(self.cfg.optim, max_steps)
         engine, optimizer, _, scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, config=self.ds_config,

@@ -87,6 +87,9 @@ class TrainerConfig:
     micro_batch_size: int = 16
     grad_accum: int = 1
     max_steps: int = 100
+    # train for this many passes over the training set instead (fractions allowed): max_steps is then
+    # ceil(epochs * training samples / global batch), and the max_steps key is ignored
+    epochs: Optional[float] = None
     eval_every: int = 50
     log_every: int = 1
     ckpt_every: int = 50
