@@ -144,6 +144,7 @@ def range_problems(data: dict) -> list[str]:
             out.append(f"launcher.master_addr={launcher['master_addr']}: the other nodes cannot reach it. Valid "
                        "values: the first node's hostname or address, the same on every node.")
     out += _monitor_problems(name, data.get("trainer") or {})
+    out += _objective_problems(name, data.get("objective"), (data.get("trainer") or {}).get("monitor"))
     group = rec.get("group_size")
     if name == "verifree" and rec.get("advantage") in ("rloo", "grpo") and isinstance(group, int) and group < 2:
         out.append(f"recipe.group_size={group}: the {rec['advantage']} baseline needs at least 2 samples per "
@@ -169,3 +170,22 @@ def _monitor_problems(name, trainer: dict) -> list[str]:
         out.append(f"trainer.early_stop_patience={patience}: early stopping watches trainer.monitor, which is "
                    "null. Valid choices: trainer.monitor=eval/<metric>, or trainer.early_stop_patience=0.")
     return out
+
+
+def _objective_problems(name, objective, monitor) -> list[str]:
+    """An evaluation objective (eval/<metric>, or best/eval/<metric> of trainer.monitor) checked before any job
+    runs; other final metrics are only known once a run ends (objective_value checks them then)."""
+    from runx.recipes import RECIPES
+    if not isinstance(objective, str) or "${" in objective or name not in RECIPES \
+            or not objective.startswith(("eval/", "best/eval/")):
+        return []
+    metric = objective.removeprefix("best/")
+    valid = [f"eval/{m}" for m in RECIPES[name].eval_metrics]
+    if metric not in valid:
+        return [f"objective={objective}: not an evaluation metric of recipe={name}. Valid choices: "
+                f"{', '.join(valid) if valid else 'none (this recipe does not evaluate)'} (with best/ in front when "
+                f"trainer.monitor names it), or another final metric of the run."]
+    if objective.startswith("best/") and monitor != metric:
+        return [f"objective={objective}: only a run with trainer.monitor={metric} reports it (trainer.monitor="
+                f"{'null' if monitor is None else monitor}). Valid choices: trainer.monitor={metric}, or objective={metric}."]
+    return []

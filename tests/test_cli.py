@@ -143,8 +143,9 @@ def test_sweep_jobs_expand_choices_ranges_and_interval_ends():
 
 
 def test_a_sweep_is_checked_before_its_first_job(tmp_path):
-    """A bad value in a later job of a sweep, or an Optuna sweep without an objective, stops the sweep before any
-    job runs; a job whose objective names no final metric stops with the valid choices."""
+    """A bad value in a later job of a sweep, an Optuna sweep without an objective, or an evaluation objective the
+    recipe does not report, stops the sweep before any job runs; a job whose objective names no final metric stops
+    with the valid choices."""
     sweep = tmp_path / "sweep"
     p = run_cli(["train", "-m", "recipe=lora", "optim.lr=1e-4,-1", "seed=0,1", f"hydra.sweep.dir={sweep}",
                  "logger=none"], check=False, timeout=60)
@@ -154,11 +155,15 @@ def test_a_sweep_is_checked_before_its_first_job(tmp_path):
     assert p.returncode == 2 and "(1 problem)" in p.stderr and "Did you mean 'optim.lr'" in p.stderr, p.stderr
     p = run_cli(["train", "-m", "hydra/sweeper=runx_optuna", f"hydra.sweep.dir={sweep}"], check=False, timeout=60)
     assert p.returncode == 2 and "objective=<metric>" in p.stderr and not sweep.exists(), p.stderr
-    p = run_cli(["train", "-m", "recipe=lora", "objective=eval/acc", f"hydra.sweep.dir={sweep}", "logger=none",
+    p = run_cli(["train", "-m", "recipe=lora", "objective=eval/acc", "optim.lr=1e-4,1e-3", f"hydra.sweep.dir={sweep}"],
+                check=False, timeout=60)
+    assert p.returncode == 2 and "objective=eval/acc: not an evaluation metric of recipe=lora" in p.stderr \
+        and "eval/accuracy" in p.stderr and not sweep.exists(), p.stderr
+    p = run_cli(["train", "-m", "recipe=lora", "objective=final_los", f"hydra.sweep.dir={sweep}", "logger=none",
                  "trainer.max_steps=1", "trainer.eval_every=1", "trainer.ckpt_every=0", "trainer.micro_batch_size=4",
                  "data.max_train_samples=16", "data.max_eval_samples=8", "trainer.progress=false"],
                 check=False, timeout=300)
-    assert p.returncode == 2 and "objective=eval/acc" in p.stderr and "eval/accuracy" in p.stderr, p.stderr
+    assert p.returncode == 2 and "objective=final_los" in p.stderr and "final_loss" in p.stderr, p.stderr
     assert "Traceback" not in p.stderr and (sweep / "0" / "summary.json").exists()
 
 
