@@ -249,10 +249,15 @@ def launch(cfg, run_dir: str) -> dict:
     from runx.cli.worker import problem_file
     if os.path.exists(problem_file(run_dir)):
         os.remove(problem_file(run_dir))
-    rc, signalled = _run_forwarding_signals(cmd, env)
+    from runx.trainers.runtime import submitit_preemption
+    handover = submitit_preemption()
+    rc, signalled = _run_forwarding_signals(cmd, env, handover[0] if handover else None)
     if rc != 0 and signalled:
+        import signal
         from runx.trainers.runtime import Stopped
         _wait_for_workers(run_dir)
+        if handover and signalled == signal.Signals(handover[0]).name:
+            handover[1](handover[0], None)   # submitit requeues the job and exits; the requeued job resumes
         latest = os.path.join(run_dir, "ckpt", "latest")
         saved = open(latest).read().strip() if os.path.exists(latest) else None
         raise Stopped(f"stopped by {signalled}: the launched processes stopped at a step boundary"
@@ -275,18 +280,20 @@ def launch(cfg, run_dir: str) -> dict:
 TORCHRUN_SIGNALS = "SIGINT,SIGHUP,SIGQUIT"
 
 
-def _run_forwarding_signals(cmd: list[str], env: dict) -> tuple[int, str | None]:
+def _run_forwarding_signals(cmd: list[str], env: dict, preempt=None) -> tuple[int, str | None]:
     """Run the launcher; a SIGTERM / SIGUSR1 sent to this process (kill <pid>, a scheduler that signals only the
-    parent) goes on to it, and from it to the workers, which checkpoint and stop."""
+    parent) goes on to it, and from it to the workers, which checkpoint and stop. `preempt`: submitit's
+    preemption signal, taken over here and passed on as SIGTERM."""
     import signal
     proc = subprocess.Popen(cmd, env={**env, "PET_SIGNALS_TO_HANDLE": TORCHRUN_SIGNALS})
     got: list[str] = []
 
     def forward(signum, frame):
         got.append(signal.Signals(signum).name)
-        proc.send_signal(signum)
+        proc.send_signal(signal.SIGTERM if signum == preempt else signum)
 
-    old = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+    old = {sig: signal.signal(sig, forward)
+           for sig in (signal.SIGTERM, signal.SIGUSR1, preempt) if sig is not None}
     try:
         rc = proc.wait()
     finally:

@@ -136,6 +136,39 @@ def test_sigterm_saves_a_checkpoint_at_the_step_boundary_and_the_run_resumes(tmp
     assert sync.count("offline-run-") == 2, sync
 
 
+@pytest.mark.parametrize("procs", [1, 2])
+def test_submitit_preemption_saves_then_requeues(tmp_path, procs):
+    """Under Hydra's submitit launcher (submitit_local here, as on SLURM) the preemption signal (USR2) ran
+    submitit's handler wherever the training loop was: it requeued the job and exited without a checkpoint. Now
+    runx saves at the step boundary first (with 2 processes: after the workers saved), then submitit requeues,
+    and the requeued job resumes from that step: every step is logged once and the run completes."""
+    import signal
+    import time
+
+    import psutil
+    sweep = tmp_path / "sweep"
+    args = [sys.executable, "-m", "runx.cli.main", "train", "-m", "hydra/launcher=submitit_local",
+            f"hydra.sweep.dir={sweep}", *TINY, "trainer.max_steps=300", "trainer.ckpt_every=0",
+            "trainer.micro_batch_size=8", f"trainer.num_procs={procs}", "trainer=zero2"]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    p = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    run, deadline = sweep / "0", time.time() + 180
+    while time.time() < deadline and p.poll() is None and not (
+            (run / "metrics.jsonl").exists() and len(read_metrics(run)) >= 3):
+        time.sleep(0.2)
+    tasks = [c for c in psutil.Process(p.pid).children(recursive=True)
+             if "submitit.core._submit" in " ".join(c.cmdline())]
+    assert len(tasks) == 1 and p.poll() is None
+    tasks[0].send_signal(signal.SIGUSR2)
+    out, _ = p.communicate(timeout=300)
+    assert p.returncode == 0, out[-3000:]
+    logs = (run / "train.log").read_text()
+    resumed = [line for line in logs.splitlines() if "resumed from" in line]
+    assert len(resumed) == 1 and "ckpt/step_" in resumed[0], logs[-3000:]
+    assert [r["step"] for r in read_metrics(run)] == list(range(1, 301))
+    assert json.load(open(run / "summary.json"))["steps"] == 300
+
+
 def test_epochs_set_the_number_of_steps(tmp_path):
     """trainer.epochs: ceil(epochs * training samples / global batch) steps, whatever max_steps says; the LR
     schedule ends with them (linear decay reaches 0 at the last step, not at max_steps)."""

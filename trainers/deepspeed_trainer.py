@@ -554,6 +554,10 @@ class Trainer:
                     if not (ckpt_every and self.global_step % ckpt_every == 0):
                         self.save_checkpoint(engine, self.global_step)
                     sync = wb.finish({}) if wb is not None else None   # the resumed run continues this W&B run
+                    if stop.handing_over:   # a submitit job: submitit requeues it and exits this process
+                        log.warning("checkpoint saved after step %d; submitit requeues the job, which resumes from "
+                                    "it", self.global_step)
+                        stop.hand_over()
                     raise runtime.Stopped(f"stopped by {stop.signal_name or 'a signal to another rank'} after step "
                                           f"{self.global_step}, checkpoint saved; rerun the same command to resume "
                                           f"({self.run_dir})" + (f". W&B so far: {sync}" if sync else ""))

@@ -189,6 +189,21 @@ class Stopped(Exception):
     """The run stopped on a signal at a step boundary, after saving a checkpoint."""
 
 
+def submitit_preemption():
+    """(signal, handler) when this process is a submitit job (hydra/launcher=submitit_slurm, runx_slurm,
+    submitit_local) whose preemption / timeout signal (USR2 unless SUBMITIT_PREEMPT_SIGNAL says otherwise)
+    submitit handles: its handler checkpoints the job's callable and requeues it, then exits, wherever the
+    training loop is. runx takes that signal over, saves at the step boundary, then calls the handler."""
+    import signal
+    name = os.environ.get("SUBMITIT_PREEMPT_SIGNAL", "USR2").upper()
+    sig = getattr(signal, name if name.startswith("SIG") else "SIG" + name, None)
+    handler = signal.getsignal(sig) if sig is not None else None
+    owner = getattr(handler, "__self__", None)
+    if owner is not None and type(owner).__module__.split(".")[0] == "submitit":
+        return sig, handler
+    return None
+
+
 class StopOnSignal:
     """SIGTERM (SLURM preemption, scancel, a container stop) and SIGUSR1 (SLURM's --signal) set a flag that the
     training loop reads at each step boundary, where it saves a checkpoint and stops. With several ranks the
@@ -202,11 +217,28 @@ class StopOnSignal:
         import threading
         self.signal_name = None
         self._old = {}
+        self._handover = None
         if threading.current_thread() is threading.main_thread():   # handlers can only be set there
+            self._handover = submitit_preemption()
             for name in self.SIGNALS:
                 sig = getattr(signal, name, None)
                 if sig is not None:
                     self._old[sig] = signal.signal(sig, self._handle)
+            if self._handover is not None:
+                self._old[self._handover[0]] = signal.signal(self._handover[0], self._handle)
+
+    @property
+    def handing_over(self) -> bool:
+        import signal
+        return self._handover is not None and self.signal_name == signal.Signals(self._handover[0]).name
+
+    def hand_over(self) -> None:
+        """Once the checkpoint is saved: when submitit's preemption signal stopped the run, call submitit's own
+        handler, which requeues the job and exits this process (the requeued job resumes from the checkpoint)."""
+        if self.handing_over:
+            sig, handler = self._handover
+            self.restore()
+            handler(sig, None)
 
     def _handle(self, signum, frame) -> None:
         import signal
