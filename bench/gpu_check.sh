@@ -13,7 +13,9 @@
 # the gradient-in-forward kernel, backend="triton_rows" and LoRA-GA's init with its sums on the GPU; the
 # log-prob table at 4 shapes (runs 7 and 8). Next: more zero3_nvme rounds, e.g.
 #   TO_ROUNDS=3 TO_STEPS=6 TO_LIMIT=400 bash bench/gpu_check.sh overhead        (one round: ~100-120 s)
-# The logprob group runs only the log-prob part (4 shapes + the 32k x 152k sweep):
+# The logprob group runs only the log-prob part (4 shapes, the 32k x 152k sweep, and the weighted sum with row
+# chunks of 1/2 and 1/4 the default at 8k x 32k, where its memory is 0.44x eager: if chunk x0.25 keeps >= 1.0x
+# Liger at <= 0.25x eager, cap the block there, next to the fp32 dW sum):
 #   bash bench/gpu_check.sh tests,logprob,overhead
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -66,7 +68,8 @@ step tests "gpu tests" 120 python3 -m pytest -q -m gpu ${GPU_TESTS:-tests/test_k
 # logprob at 4 LLM shapes + variants at 32k x 152k vs Liger; Sinkhorn fused vs column-strip path vs eager + variants
 step kernels "kernels bench" 180 python3 bench/kernels.py --device cuda --logprob-sweep --sinkhorn-sweep \
   --out bench/results/kernels.json
-# linear_logprob alone: the 4 shapes (Triton, torch, gradient-in-forward, eager, Liger) and the 32k x 152k sweep
+# linear_logprob alone: the 4 shapes (Triton, torch, gradient-in-forward, eager, Liger), the 32k x 152k sweep and
+# the 8k x 32k weighted-sum chunk sweep
 step logprob "logprob bench" 150 python3 bench/kernels.py --device cuda --only logprob --logprob-sweep \
   --out bench/results/kernels_logprob_gpu.json
 # Sinkhorn alone (seconds): the fused path's launch variants, wall and GPU-only time

@@ -270,7 +270,7 @@ LOGPROB_SWEEP = {"chunk x2": {"chunk_mult": 2}, "chunk x4": {"chunk_mult": 4},
                  "stages4": {"config": (128, 256, 64, 8, 4)}, "256x128x64": {"config": (256, 128, 64, 8, 3)}}
 
 
-def sweep_logprob(n, hsz, v, dtype, rounds):
+def sweep_logprob(n, hsz, v, dtype, rounds, wsum_mults=(1, 4), variants=True):
     from runx.kernels import _triton_logprob as tlp
 
     gen = torch.Generator(device="cpu").manual_seed(0)
@@ -297,17 +297,17 @@ def sweep_logprob(n, hsz, v, dtype, rounds):
         rk.linear_logprob(h, w, t, backend="triton_rows").sum().backward()
         h.grad = w.grad = None
     methods["runx_triton_rows"] = rows
-    for name, o in LOGPROB_SWEEP.items():
+    for name, o in (LOGPROB_SWEEP if variants else {}).items():
         methods[name] = run(chunk=base_chunk * o["chunk_mult"] if "chunk_mult" in o else None, config=o.get("config"))
     ones = torch.ones(n, device="cuda")
-    # the gradient made in the forward: larger row chunks = fewer fp32 dW accumulations; torch = without the
-    # Triton row kernel
-    for mult, b in ((1, "auto"), (4, "auto"), (1, "torch")):
-        def ws(c=base_chunk * mult, b=b):
+    # the gradient made in the forward: larger row chunks = fewer fp32 dW accumulations, smaller ones = a smaller
+    # logits block beside the fp32 dW sum; torch = without the Triton row kernel
+    for mult, b in [(m, "auto") for m in wsum_mults] + [(1, "torch")]:
+        def ws(c=max(1, int(base_chunk * mult)), b=b):
             h.grad = w.grad = None
             rk.linear_logprob_weighted_sum(h, w, t, ones, chunk=c, backend=b).backward()
             h.grad = w.grad = None
-        methods["wsum" + (f" chunk x{mult}" if mult > 1 else "") + (" torch" if b == "torch" else "")] = ws
+        methods["wsum" + (f" chunk x{mult:g}" if mult != 1 else "") + (" torch" if b == "torch" else "")] = ws
     liger = _liger_loss()
     if liger is not None:
         def lg():
@@ -319,7 +319,8 @@ def sweep_logprob(n, hsz, v, dtype, rounds):
     del h, w
     _cleanup("cuda")
     return {"kind": "linear_logprob_sweep", "N": n, "H": hsz, "V": v, "dtype": str(dtype).replace("torch.", ""),
-            "default_chunk": base_chunk, "variants": LOGPROB_SWEEP, "fwd_bwd": res}
+            "default_chunk": base_chunk, "variants": LOGPROB_SWEEP if variants else {}, "wsum_chunk_mults": wsum_mults,
+            "fwd_bwd": res}
 
 
 # ----------------------------------------------------------------------------------------
@@ -464,7 +465,8 @@ def main(argv=None):
     ap.add_argument("--only", choices=["logprob", "sinkhorn"], default=None,
                     help="run only the linear_logprob or only the Sinkhorn cases")
     ap.add_argument("--logprob-sweep", action="store_true",
-                    help="also time linear_logprob variants (slice budget, tile configs) vs Liger at 32k x 152k (CUDA)")
+                    help="also time linear_logprob variants (slice budget, tile configs) vs Liger at 32k x 152k, and "
+                         "the weighted sum with smaller row chunks at 8k x 32k (CUDA)")
     ap.add_argument("--sinkhorn-sweep", action="store_true",
                     help="also time launch-parameter variants of the fused Sinkhorn path (CUDA)")
     ap.add_argument("--out", default=str(REPO / "bench" / "results" / "kernels.json"))
@@ -502,6 +504,11 @@ def main(argv=None):
     if args.logprob_sweep and device == "cuda" and args.only != "sinkhorn":
         try:
             cases.append(sweep_logprob(32768, hsz, 151936, dtype, rounds))
+        except Exception as exc:
+            cases.append({"kind": "linear_logprob_sweep", "error": str(exc)[:300]})
+        try:   # the one shape where the weighted sum's memory misses 0.25x eager: its fp32 dW sum (V·H·4 bytes)
+            # sits beside a [4096, 32000] logits block; does a smaller block keep the speed?
+            cases.append(sweep_logprob(8192, hsz, 32000, dtype, rounds, wsum_mults=(1, 0.5, 0.25), variants=False))
         except Exception as exc:
             cases.append({"kind": "linear_logprob_sweep", "error": str(exc)[:300]})
         print(f"[{time.time() - t_start:6.1f}s] logprob sweep done", flush=True)
