@@ -278,6 +278,12 @@ def launch(cfg, run_dir: str) -> dict:
 # each worker then gets SIGTERM from the kernel (PR_SET_PDEATHSIG, runx.cli.worker), finishes its step, saves
 # and exits, and runx waits for that.
 TORCHRUN_SIGNALS = "SIGINT,SIGHUP,SIGQUIT"
+# The launcher runs in a session of its own, so a Ctrl-C in the terminal reaches runx only (torchrun's handler
+# would print a SignalException traceback); it ends with runx, however runx ends (PR_SET_PDEATHSIG, which
+# survives the exec).
+_DIE_WITH_PARENT = ("import ctypes, os, signal, sys; ctypes.CDLL(None).prctl(1, int(signal.SIGTERM)); "
+                    "os.getppid() != {parent} and os._exit(143); "
+                    "os.execv(sys.executable, [sys.executable] + sys.argv[1:])")
 
 
 def _run_forwarding_signals(cmd: list[str], env: dict, preempt=None) -> tuple[int, str | None]:
@@ -285,7 +291,9 @@ def _run_forwarding_signals(cmd: list[str], env: dict, preempt=None) -> tuple[in
     parent) goes on to it, and from it to the workers, which checkpoint and stop. `preempt`: submitit's
     preemption signal, taken over here and passed on as SIGTERM."""
     import signal
-    proc = subprocess.Popen(cmd, env={**env, "PET_SIGNALS_TO_HANDLE": TORCHRUN_SIGNALS})
+    if cmd[0] == sys.executable and sys.platform.startswith("linux"):
+        cmd = [sys.executable, "-c", _DIE_WITH_PARENT.format(parent=os.getpid())] + cmd[1:]
+    proc = subprocess.Popen(cmd, env={**env, "PET_SIGNALS_TO_HANDLE": TORCHRUN_SIGNALS}, start_new_session=True)
     got: list[str] = []
 
     def forward(signum, frame):
@@ -296,10 +304,36 @@ def _run_forwarding_signals(cmd: list[str], env: dict, preempt=None) -> tuple[in
            for sig in (signal.SIGTERM, signal.SIGUSR1, preempt) if sig is not None}
     try:
         rc = proc.wait()
+    except KeyboardInterrupt:       # Ctrl-C: the workers stop where they are, as a one-process run does
+        _interrupt(proc)
+        raise
     finally:
         for sig, handler in old.items():
             signal.signal(sig, handler)
     return rc, (got[0] if got else None)
+
+
+def _interrupt(proc) -> None:
+    """SIGTERM to the launcher (which then just ends, before it could report its workers' exits as failures),
+    SIGINT to its workers (they leave where they are, quietly, exit 130); wait for them (15 s at most) so that
+    their last lines come before runx's."""
+    import signal
+
+    import psutil
+    try:
+        launcher = psutil.Process(proc.pid)
+        workers = launcher.children(recursive=True)
+    except psutil.Error:
+        launcher, workers = None, []
+    proc.terminate()
+    for w in workers:
+        try:
+            w.send_signal(signal.SIGINT)
+        except psutil.Error:
+            pass
+    psutil.wait_procs(workers + ([launcher] if launcher else []), timeout=15)
+    if proc.poll() is None:
+        proc.kill()
 
 
 def _wait_for_workers(run_dir: str) -> None:

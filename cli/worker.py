@@ -23,6 +23,13 @@ def _stop_with_the_launcher() -> None:
 def main() -> int:
     run_dir = sys.argv[1]
     _stop_with_the_launcher()
+    import signal
+    interrupted = []
+
+    def on_interrupt(signum, frame):   # runx passes a Ctrl-C on to every worker
+        interrupted.append(True)
+        raise KeyboardInterrupt
+    signal.signal(signal.SIGINT, on_interrupt)
     from runx.cli.train import hold_run_dir
     if os.environ.get("RANK", "0") == "0":
         hold_run_dir(run_dir, "workers")
@@ -56,6 +63,8 @@ def main() -> int:
             atomic_write_bytes(problem_file(run_dir), str(e).encode())
         return 2
     except BaseException as e:
+        if interrupted:   # Ctrl-C: no traceback (nor the one a peer's collective raises when the other rank left)
+            return 130
         if rank0 and not isinstance(e, SystemExit):
             from runx.cli.train import _log_to_files_only
             _log_to_files_only(f"rank 0 failed: {type(e).__name__}")
@@ -88,4 +97,8 @@ def exit_without_teardown(code: int) -> None:
 
 
 if __name__ == "__main__":
-    exit_without_teardown(main())
+    try:
+        code = main()
+    except KeyboardInterrupt:   # a Ctrl-C before the run started (while importing)
+        code = 130
+    exit_without_teardown(code)

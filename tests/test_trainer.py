@@ -136,6 +136,31 @@ def test_sigterm_saves_a_checkpoint_at_the_step_boundary_and_the_run_resumes(tmp
     assert sync.count("offline-run-") == 2, sync
 
 
+def test_ctrl_c_stops_a_launched_run_quietly(tmp_path):
+    """Ctrl-C (SIGINT to the terminal's process group) on a 2-process run: exit 130 with runx's one line, as one
+    process gives; it used to print each worker's KeyboardInterrupt traceback and torchrun's SignalException. No
+    worker is left running."""
+    import fcntl
+    import signal
+    import time
+    run = tmp_path / "run"
+    args = [sys.executable, "-m", "runx.cli.main", "train", f"run_dir={run}", *TINY, "trainer=zero2",
+            "trainer.num_procs=2", "trainer.max_steps=100000", "trainer.ckpt_every=0", "trainer.micro_batch_size=8"]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    p = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                         start_new_session=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and p.poll() is None and not (
+            (run / "metrics.jsonl").exists() and len(read_metrics(run)) >= 3):
+        time.sleep(0.2)
+    os.killpg(p.pid, signal.SIGINT)
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == 130 and "runx: interrupted" in err, (p.returncode, err[-3000:])
+    assert "Traceback" not in err and "Failures:" not in err and "KeyboardInterrupt" not in err, err[-3000:]
+    with open(run / ".runx" / "workers.lock", "a+") as lock:       # rank 0's worker has exited
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
 @pytest.mark.parametrize("procs", [1, 2])
 def test_submitit_preemption_saves_then_requeues(tmp_path, procs):
     """Under Hydra's submitit launcher (submitit_local here, as on SLURM) the preemption signal (USR2) ran
