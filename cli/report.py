@@ -100,7 +100,8 @@ def report(root: str, objective: str | None = None, minimize: bool = False, plot
     trained = any("steps" in r for r in rows)
     # data jobs: their own metrics, those every finished run has (two data recipes share few)
     common = set.intersection(*(set(r) for r in rows if r["_status"] == "done") or [set()])
-    shown = [k for k in metric_keys if k == objective or k in SHOWN_METRICS or not trained and k in common]
+    shown = [k for k in metric_keys if k == objective or k in SHOWN_METRICS or k.startswith("best/")
+             or k in ("best_step", "early_stopped_at") or not trained and k in common]
     t = Table(title=f"runx report — {root} ({len(rows)} run{'s' if len(rows) != 1 else ''})", header_style="bold")
     # narrow terminals: fold long names and values onto several lines instead of cutting them to "0.000…"
     t.add_column("run", overflow="fold")

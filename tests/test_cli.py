@@ -285,14 +285,17 @@ def test_debug_smoke_keeps_a_logger_the_command_line_chose():
     assert compose(["debug=smoke"]).trainer.max_steps == 4
 
 
-def test_report_compares_recipes_lists_failed_jobs_and_refuses_an_unknown_objective(tmp_path):
+def test_report_compares_recipes_lists_failed_jobs_and_refuses_an_unknown_objective(tmp_path, capsys,
+                                                                                      monkeypatch):
     """Recipe-specific keys are not 'differing overrides' (recipe.name is); a job that failed before its first
-    step is listed as failed; a data job's own metrics are shown; a misspelt --objective names the metrics."""
+    step is listed as failed; a data job's own metrics are shown; a misspelt --objective names the metrics;
+    trainer.monitor's best value and step are columns."""
     from runx.cli.report import report
     import yaml
     runs = {"0": ({"recipe": {"name": "sft"}, "seed": 0}, {"steps": 4, "eval/accuracy": 0.5, "final_loss": 1.0}),
             "1": ({"recipe": {"name": "lora", "rank": 8}, "seed": 0}, {"steps": 4, "eval/accuracy": 0.7,
-                                                                       "final_loss": 0.9}),
+                                                                       "final_loss": 0.9, "best/eval/accuracy": 0.75,
+                                                                       "best_step": 3}),
             "2": ({"recipe": {"name": "lora", "rank": 8}, "seed": 1}, None)}
     for k, (cfg, summary) in runs.items():
         (tmp_path / k).mkdir()
@@ -300,7 +303,10 @@ def test_report_compares_recipes_lists_failed_jobs_and_refuses_an_unknown_object
         (tmp_path / k / "env.json").write_text("{}")
         if summary:
             (tmp_path / k / "summary.json").write_text(json.dumps(summary))
+    monkeypatch.setenv("COLUMNS", "250")
     assert report(str(tmp_path), plots=False) == 0
+    header = next(line for line in capsys.readouterr().out.splitlines() if "eval/accuracy" in line)
+    assert "best/eval/accuracy" in header and "best_step" in header, header
     rep = json.loads((tmp_path / "report.json").read_text())
     assert rep["varying"] == ["recipe.name", "seed"] and rep["objective"] == "eval/accuracy"
     assert [r["run"] for r in rep["rows"]] == ["1", "0", "2"] and rep["rows"][2]["status"] == "failed"
