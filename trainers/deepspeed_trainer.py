@@ -435,6 +435,9 @@ class Trainer:
             if self.is_main else None
         loader = self.loader(train_ds, recipe, start, max_steps)
         eval_dl = self.eval_loader(eval_ds, recipe) if eval_ds is not None else None
+        if self.best is not None and eval_dl is None:
+            log.warning("trainer.monitor=%s: this run has no evaluation set (data.max_eval_samples=0?), so nothing "
+                        "is monitored, no best checkpoint is kept and early stopping never triggers", self.best.key)
         flops_per_token = recipe.flops_per_token(getattr(engine, "module", engine))
         peak_tflops = runtime.device_peak_tflops()
 
