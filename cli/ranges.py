@@ -143,8 +143,9 @@ def range_problems(data: dict) -> list[str]:
         if launcher.get("master_addr") in ("127.0.0.1", "localhost"):
             out.append(f"launcher.master_addr={launcher['master_addr']}: the other nodes cannot reach it. Valid "
                        "values: the first node's hostname or address, the same on every node.")
-    out += _monitor_problems(name, data.get("trainer") or {})
-    out += _objective_problems(name, data.get("objective"), (data.get("trainer") or {}).get("monitor"))
+    metrics = _eval_metrics(name, data)
+    out += _monitor_problems(name, data.get("trainer") or {}, metrics)
+    out += _objective_problems(name, data.get("objective"), (data.get("trainer") or {}).get("monitor"), metrics)
     group = rec.get("group_size")
     if name == "verifree" and rec.get("advantage") in ("rloo", "grpo") and isinstance(group, int) and group < 2:
         out.append(f"recipe.group_size={group}: the {rec['advantage']} baseline needs at least 2 samples per "
@@ -152,15 +153,31 @@ def range_problems(data: dict) -> list[str]:
     return out
 
 
-def _monitor_problems(name, trainer: dict) -> list[str]:
-    """trainer.monitor names one of the recipe's evaluation metrics, and there are evaluations to watch."""
+def _eval_metrics(name, data: dict) -> list[str] | None:
+    """The evaluation metrics (eval/<name>) a run of this config reports: the recipe's, narrowed by the keys that
+    decide them (a classifier reports accuracy, a causal LM perplexity; VeriFree's sampled accuracy needs
+    recipe.eval_samples > 0). None: not a known recipe."""
     from runx.recipes import RECIPES
+    if name not in RECIPES:
+        return None
+    metrics = list(RECIPES[name].eval_metrics)
+    kind = (data.get("model") or {}).get("kind")
+    if name in ("sft", "lora", "lora_ga") and kind in ("seq_cls", "causal_lm"):
+        metrics.remove("perplexity" if kind == "seq_cls" else "accuracy")
+    samples = (data.get("recipe") or {}).get("eval_samples")
+    if name == "verifree" and isinstance(samples, int) and samples == 0:
+        metrics.remove("acc_sampled")
+    return [f"eval/{m}" for m in metrics]
+
+
+def _monitor_problems(name, trainer: dict, valid: list[str] | None) -> list[str]:
+    """trainer.monitor names one of the run's evaluation metrics, and there are evaluations to watch."""
     out = []
     monitor, patience = trainer.get("monitor"), trainer.get("early_stop_patience")
-    if isinstance(monitor, str) and "${" not in monitor and name in RECIPES:
-        valid = [f"eval/{m}" for m in RECIPES[name].eval_metrics]
+    if isinstance(monitor, str) and "${" not in monitor and valid is not None:
         if monitor not in valid:
-            out.append(f"trainer.monitor={monitor}: not an evaluation metric of recipe={name}. Valid choices: "
+            out.append(f"trainer.monitor={monitor}: not an evaluation metric of this run (recipe={name}). "
+                       "Valid choices: "
                        f"{', '.join(valid + ['null']) if valid else 'null (this recipe does not evaluate)'}.")
         eval_every = trainer.get("eval_every")
         if isinstance(eval_every, int) and eval_every == 0:
@@ -172,20 +189,19 @@ def _monitor_problems(name, trainer: dict) -> list[str]:
     return out
 
 
-def _objective_problems(name, objective, monitor) -> list[str]:
+def _objective_problems(name, objective, monitor, valid: list[str] | None) -> list[str]:
     """An evaluation objective (eval/<metric>, or best/eval/<metric> of trainer.monitor) checked before any job
     runs; other final metrics are only known once a run ends (objective_value checks them then)."""
-    from runx.recipes import RECIPES
-    if not isinstance(objective, str) or "${" in objective or name not in RECIPES \
+    if not isinstance(objective, str) or "${" in objective or valid is None \
             or not objective.startswith(("eval/", "best/eval/")):
         return []
     metric = objective.removeprefix("best/")
-    valid = [f"eval/{m}" for m in RECIPES[name].eval_metrics]
     if metric not in valid:
-        return [f"objective={objective}: not an evaluation metric of recipe={name}. Valid choices: "
+        return [f"objective={objective}: not an evaluation metric of this run (recipe={name}). Valid choices: "
                 f"{', '.join(valid) if valid else 'none (this recipe does not evaluate)'} (with best/ in front when "
                 f"trainer.monitor names it), or another final metric of the run."]
     if objective.startswith("best/") and monitor != metric:
+        shown = "null" if monitor is None else monitor
         return [f"objective={objective}: only a run with trainer.monitor={metric} reports it (trainer.monitor="
-                f"{'null' if monitor is None else monitor}). Valid choices: trainer.monitor={metric}, or objective={metric}."]
+                f"{shown}). Valid choices: trainer.monitor={metric}, or objective={metric}."]
     return []

@@ -319,6 +319,22 @@ def test_report_compares_recipes_lists_failed_jobs_and_refuses_an_unknown_object
     assert "kept" in p.stdout and "0.91" in p.stdout, p.stdout
 
 
+def test_monitor_and_objective_name_metrics_this_run_reports():
+    """trainer.monitor and an evaluation objective are checked before any work against what the run's evaluation
+    reports: a classifier accuracy, a causal LM perplexity; VeriFree's sampled accuracy only with eval_samples."""
+    ok = lambda *o: not validate(compose(list(o)))
+    assert ok("trainer.monitor=eval/accuracy", "objective=best/eval/accuracy")
+    assert not ok("trainer.monitor=eval/perplexity") and not ok("trainer.monitor=eval/acc")
+    assert ok("model=tiny_llama", "data=tiny_text", "trainer.monitor=eval/perplexity")
+    assert not ok("model=tiny_llama", "data=tiny_text", "trainer.monitor=eval/accuracy")
+    assert not ok("objective=best/eval/accuracy")                          # no trainer.monitor
+    assert not ok("trainer.monitor=eval/loss", "trainer.eval_every=0")
+    assert not ok("trainer.early_stop_patience=3")
+    assert ok("recipe=verifree", "objective=eval/acc_sampled")
+    assert not ok("recipe=verifree", "recipe.eval_samples=0", "objective=eval/acc_sampled")
+    assert ok("recipe=swav", "trainer.monitor=eval/knn_acc", "objective=final_loss")
+
+
 def test_all_errors_reported_at_once():
     with pytest.raises(ConfigError):
         compose(["trainer=nope"])
