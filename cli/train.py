@@ -331,9 +331,17 @@ def _interrupt(proc) -> None:
             w.send_signal(signal.SIGINT)
         except psutil.Error:
             pass
-    psutil.wait_procs(workers + ([launcher] if launcher else []), timeout=15)
-    if proc.poll() is None:
-        proc.kill()
+    alive = workers + ([launcher] if launcher else [])
+    try:
+        _, alive = psutil.wait_procs(alive, timeout=15)
+    finally:   # stuck (e.g. in a collective whose peer has left), or a second Ctrl-C: none outlives runx
+        for p in alive:
+            try:
+                p.kill()
+            except psutil.Error:
+                pass
+        if proc.poll() is None:
+            proc.kill()
 
 
 def _wait_for_workers(run_dir: str) -> None:

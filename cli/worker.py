@@ -82,11 +82,12 @@ def exit_without_teardown(code: int) -> None:
     """Leave a finished worker without running interpreter teardown. Its results are written (atomically) and
     its W&B run is finished by then, but C++ threads that gloo / DeepSpeed leave running can abort the process in
     static destructors ("terminate called without an active exception", exit -6). A CI run saw that after a
-    2-process run had finished, and the launcher then reported the whole run as failed."""
+    2-process run had finished, and the launcher then reported the whole run as failed. An interrupted worker
+    (130) leaves the process group as it is: tearing it down can wait forever on a peer stuck in a collective."""
     import logging
     try:
         import torch.distributed as dist
-        if dist.is_available() and dist.is_initialized():
+        if code != 130 and dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
     except Exception:
         pass
