@@ -157,7 +157,7 @@ def test_a_sweep_is_checked_before_its_first_job(tmp_path):
     assert p.returncode == 2 and "objective=<metric>" in p.stderr and not sweep.exists(), p.stderr
     p = run_cli(["train", "-m", "recipe=lora", "objective=eval/acc", "optim.lr=1e-4,1e-3", f"hydra.sweep.dir={sweep}"],
                 check=False, timeout=60)
-    assert p.returncode == 2 and "objective=eval/acc: not an evaluation metric of recipe=lora" in p.stderr \
+    assert p.returncode == 2 and "objective=eval/acc: not an evaluation metric of this run (recipe=lora)" in p.stderr \
         and "eval/accuracy" in p.stderr and not sweep.exists(), p.stderr
     p = run_cli(["train", "-m", "recipe=lora", "objective=final_los", f"hydra.sweep.dir={sweep}", "logger=none",
                  "trainer.max_steps=1", "trainer.eval_every=1", "trainer.ckpt_every=0", "trainer.micro_batch_size=4",
