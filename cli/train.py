@@ -69,30 +69,31 @@ def hydra_main(cfg: DictConfig):
     # its paths where it runs (a SLURM job: on its node)
     problems = validate(cfg) + check_paths(cfg)
     run_dir = run_dir_for(cfg)
-    try:
-        if problems:
-            raise RecipeConfigError("\n".join(problems))
-        result = launch(cfg, run_dir)
-    except RecipeConfigError as e:  # the recipe's own cross-key checks: a config problem, not a crash
-        paragraph = format_problems(problems or [str(e)])
+    if not problems:
+        try:
+            result = launch(cfg, run_dir)
+        except RecipeConfigError as e:  # the recipe's own cross-key checks: a config problem, not a crash
+            problems = [str(e)]
+        except Stopped as e:            # SIGTERM: checkpoint saved at a step boundary
+            print(f"runx: {e}", file=sys.stderr)
+            LAST_EXIT_CODE = 143
+            raise SystemExit(143) from None
+        except BaseException as e:      # Hydra prints it; train.log (what a SLURM user reads) gets it too
+            if not isinstance(e, SystemExit):
+                _log_to_files_only(f"the run failed: {type(e).__name__}")
+                if job is not None:
+                    SWEEP_FAILURES.append((job, f"crashed ({type(e).__name__})", run_dir))
+            raise
+    if problems:
+        paragraph = format_problems(problems)
         print(paragraph, file=sys.stderr)
         _log_to_files_only(paragraph, with_traceback=False)
         LAST_EXIT_CODE = 2
         if job is None:
-            raise SystemExit(2) from None
+            raise SystemExit(2)
         # a sweep's job: Hydra marks it failed and the sweep goes on (as after a crash); the sweeper decides
         SWEEP_FAILURES.append((job, "config problem", run_dir))
-        raise SweepJobConfigProblem(f"runx: job #{job} stopped on the config problem printed with it") from None
-    except Stopped as e:            # SIGTERM: checkpoint saved at a step boundary
-        print(f"runx: {e}", file=sys.stderr)
-        LAST_EXIT_CODE = 143
-        raise SystemExit(143) from None
-    except BaseException as e:      # Hydra prints it; train.log (what a SLURM user reads) gets it too
-        if not isinstance(e, SystemExit):
-            _log_to_files_only(f"the run failed: {type(e).__name__}")
-            if job is not None:
-                SWEEP_FAILURES.append((job, f"crashed ({type(e).__name__})", run_dir))
-        raise
+        raise SweepJobConfigProblem(f"runx: job #{job} stopped on the config problem printed with it")
     return objective_value(result, cfg)
 
 
@@ -120,8 +121,9 @@ class SweepJobConfigProblem(CompactHydraException):
 # logs / saves, where it logs and on which machine. Any other change (recipe, model, data, seed, optimiser,
 # batch, precision) would load the checkpoint into a different run, and rewrite the run's config.yaml to
 # describe that other run.
-RESUMABLE_CHANGES = ("trainer.max_steps", "trainer.epochs", "trainer.eval_every", "trainer.log_every", "trainer.ckpt_every",
-                     "trainer.keep_last", "trainer.progress", "trainer.dataloader_workers", "trainer.device",
+RESUMABLE_CHANGES = ("trainer.max_steps", "trainer.epochs", "trainer.eval_every", "trainer.log_every",
+                     "trainer.ckpt_every", "trainer.keep_last", "trainer.progress", "trainer.dataloader_workers",
+                     "trainer.device",
                      "trainer.nvme_path", "trainer.aio.", "trainer.early_stop_patience", "trainer.early_stop_min_delta",
                      "data.max_eval_samples", "logger.", "plan.", "launcher.", "export_at_end", "resume", "run_dir",
                      "objective")

@@ -541,8 +541,9 @@ class Trainer:
                 if progress is not None:
                     progress.update(task, completed=self.global_step,
                                     info=f"loss {rec['loss']:.4f} | {rec['samples_per_s']:.1f} samples/s")
-                if ckpt_every and (self.global_step % ckpt_every == 0 or self.global_step == max_steps
-                                   or improved or stop_early):
+                saved = bool(ckpt_every) and (self.global_step % ckpt_every == 0 or self.global_step == max_steps
+                                              or improved or stop_early)
+                if saved:
                     t_aside = time.perf_counter()
                     if metrics_log is not None:  # every line up to this checkpoint is on disk before it exists
                         metrics_log.flush()
@@ -554,7 +555,7 @@ class Trainer:
                 if n_stopping and self.global_step < max_steps:
                     if metrics_log is not None:
                         metrics_log.flush()
-                    if not (ckpt_every and self.global_step % ckpt_every == 0):
+                    if not saved:
                         self.save_checkpoint(engine, self.global_step)
                     sync = wb.finish({}) if wb is not None else None   # the resumed run continues this W&B run
                     if stop.handing_over:   # a submitit job: submitit requeues it and exits this process
