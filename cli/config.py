@@ -240,7 +240,12 @@ def check_paths(cfg) -> list[str]:
             if len(classes) == 2 and classes[1] - classes[0]:
                 out.append(f"data.eval_split={d.get('eval_split')}: classes the training split lacks, so they have "
                            f"no label number: {', '.join(sorted(classes[1] - classes[0])[:5])}.")
-    elif kind == "hf":
+    if d.get("chat_template"):
+        from runx.recipes.text_data import chat_template_problem
+        problem = chat_template_problem(d.get("chat_template"))
+        if problem:
+            out.append(problem + ".")
+    if kind == "hf":
         need("data.hf_name" if d.get("hf_name") else "data.path", d.get("hf_name") or d.get("path"), False,
              "no such folder on this machine (give a saved dataset folder or a hub id)")
     if "nvme" in (t.get("offload_param"), t.get("offload_optimizer")):

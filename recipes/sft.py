@@ -84,8 +84,10 @@ class SFT(ExportsTokenizer, TrainingRecipe):
         if self.task == "cls":
             mk = lambda rows: ClassificationDataset(rows, self.tokenizer, d.text_field, d.label_field, d.max_length)
         else:
-            mk = lambda rows: CausalLMDataset(rows, self.tokenizer, d.text_field, d.max_length, d.prompt_field,
-                                              d.response_field)
+            mk = lambda rows: CausalLMDataset(
+                rows, self.tokenizer, d.text_field, d.max_length, d.prompt_field, d.response_field,
+                messages_field=d.messages_field, chat_template=d.chat_template, train_on_prompt=d.train_on_prompt,
+                source=self.cfg.model.get("tokenizer") or self.cfg.model.path)
         return mk(train), (mk(evals) if evals else None)
 
     def collate(self, items):

@@ -2,8 +2,9 @@
 folders of shards, and Hugging Face `datasets` (hub name or a local saved dataset); and the shard files the
 data recipes (preselect, concept_prune) read: which files a path names, their format and compression.
 
-Classification rows: {text, label}. Causal-LM rows: {text} or {prompt, response} (prompt tokens masked
-out of the loss; the field names are data.prompt_field / data.response_field).
+Classification rows: {text, label}. Causal-LM rows: {text}, {prompt, response} (prompt tokens masked out of the
+loss; the field names are data.prompt_field / data.response_field) or {messages: [{role, content}, ...]} rendered
+with the tokenizer's chat template (or data.chat_template), the assistant turns trained on, the rest masked.
 """
 from __future__ import annotations
 
@@ -233,24 +234,159 @@ class ClassificationDataset:
                 "labels": self.labels[i]}
 
 
+# ---- chat rows: {messages: [{role, content}, ...]} ------------------------------------------------------------
+# ChatML, for tokenizers without a chat template of their own (`data.chat_template=chatml`)
+CHAT_TEMPLATES = {
+    "chatml": ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+               "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"),
+}
+SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system", "user": "user", "assistant": "assistant",
+                  "tool": "tool"}
+
+
+def chat_template_problem(value) -> str | None:
+    """Why `data.chat_template=value` cannot be used, or None: a built-in name, Jinja text, or a .jinja file."""
+    if value in (None, "") or value in CHAT_TEMPLATES or "{{" in str(value) or "{%" in str(value):
+        return None
+    if os.path.isfile(os.path.expanduser(str(value))):
+        return None
+    return (f"data.chat_template={value}: neither a built-in template, Jinja text nor a file on this machine. "
+            f"Valid choices: {', '.join(CHAT_TEMPLATES)}, a Jinja template ('{{% for m in messages %}}...'), a path "
+            f"to a .jinja file, or unset to use the tokenizer's own")
+
+
+def resolve_chat_template(value, tokenizer, source: str) -> str:
+    """The Jinja text a chat run renders with: data.chat_template (name, text or file), else the tokenizer's."""
+    if value not in (None, ""):
+        problem = chat_template_problem(value)
+        if problem:
+            raise RecipeConfigError(problem)
+        if value in CHAT_TEMPLATES:
+            return CHAT_TEMPLATES[value]
+        if "{{" in str(value) or "{%" in str(value):
+            return str(value)
+        with open(os.path.expanduser(str(value))) as f:
+            return f.read()
+    own = getattr(tokenizer, "chat_template", None)
+    if isinstance(own, dict):                       # several named templates: the default one
+        own = own.get("default")
+    if not own:
+        raise RecipeConfigError(f"data.chat_template: the tokenizer of {source} has no chat template, which chat "
+                                f"rows (data.messages_field) need. Valid choices: {', '.join(CHAT_TEMPLATES)}, a "
+                                f"Jinja template, or a path to a .jinja file")
+    return own
+
+
+def chat_messages(row_messages, row: int, field: str) -> list[dict]:
+    """A row's conversation as [{role, content}]: OpenAI-style messages, or ShareGPT's {from, value} turns."""
+    def bad(why):
+        return RecipeConfigError(f"data.messages_field={field!r}: row {row}: {why}; a conversation is a list of "
+                                 f"{{'role': 'user' | 'assistant' | 'system', 'content': text}}")
+    if not isinstance(row_messages, (list, tuple)):
+        raise bad(f"a {type(row_messages).__name__} ({str(row_messages)[:40]!r}), not a list of turns")
+    if not row_messages:
+        raise bad("an empty conversation")
+    out = []
+    for i, m in enumerate(row_messages):
+        if not isinstance(m, dict):
+            raise bad(f"turn {i} is a {type(m).__name__}")
+        if "role" in m:
+            role, content = m["role"], m.get("content")
+        elif "from" in m:
+            role, content = SHAREGPT_ROLES.get(m["from"], m["from"]), m.get("value")
+        else:
+            raise bad(f"turn {i} has no 'role' (fields {sorted(m)})")
+        if isinstance(content, list):               # [{type: text, text: ...}, ...] parts
+            if not all(isinstance(p, dict) and p.get("type") == "text" for p in content):
+                raise bad(f"turn {i} has non-text content parts")
+            content = "".join(p.get("text", "") for p in content)
+        if content is None and m.get("tool_calls"):
+            content = ""                              # an assistant turn that only calls tools
+        if not isinstance(content, str):
+            raise bad(f"turn {i} ({role}) has content {type(content).__name__}, not text")
+        out.append({**{k: v for k, v in m.items() if k not in ("from", "value")}, "role": role, "content": content})
+    if not any(m["role"] == "assistant" for m in out):
+        raise bad("no assistant turn to train on")
+    return out
+
+
+def chat_tokens(tokenizer, messages: list[dict], template: str, train_on_prompt: bool = False):
+    """(input_ids, labels) of one conversation rendered with `template`: every assistant turn is trained on,
+    from after its header to its end-of-turn marker included; everything else is -100 (all of it trained on with
+    `train_on_prompt`). A turn's span is located by rendering the conversation up to it: the text before the
+    turn is the render of the earlier turns plus the generation prompt, the text through it the render that ends
+    with it. A template whose earlier turns change once later turns follow (e.g. one that drops past reasoning)
+    cannot be split this way and is refused."""
+    def render(msgs, gen=False):
+        return tokenizer.apply_chat_template(msgs, chat_template=template, tokenize=False,
+                                             add_generation_prompt=gen)
+    full = render(messages)
+    spans = []
+    if not train_on_prompt:
+        for i, m in enumerate(messages):
+            if m["role"] != "assistant":
+                continue
+            before, through = _render_or_empty(render, messages[:i]), render(messages[: i + 1])
+            if not (full.startswith(before) and full.startswith(through) and len(before) <= len(through)):
+                raise RecipeConfigError(
+                    "data.chat_template: the template renders a conversation's earlier turns differently once "
+                    "later turns follow, so its assistant turns cannot be located in the text. Valid choices: "
+                    "another template (data.chat_template=chatml, Jinja text or a .jinja file), or "
+                    "data.train_on_prompt=true to train on every token")
+            spans.append((len(before), len(through)))
+    try:
+        enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
+    except NotImplementedError:
+        raise RecipeConfigError("data.messages_field: chat rows need a fast tokenizer (one that maps tokens to "
+                                "characters); this model's is not. Valid choices: model.tokenizer=<a fast "
+                                "tokenizer>, or prompt/response rows") from None
+    ids = list(enc["input_ids"])
+    if train_on_prompt:
+        return ids, list(ids)
+    labels = [t if any(a <= start < b for a, b in spans) else -100
+              for t, (start, _end) in zip(ids, enc["offset_mapping"])]
+    return ids, labels
+
+
+def _render_or_empty(render, msgs) -> str:
+    """The text before a turn: the earlier turns and the generation prompt (a template may refuse no turns)."""
+    try:
+        return render(msgs, gen=True)
+    except Exception:
+        if msgs:
+            raise
+        return ""
+
+
 class CausalLMDataset:
-    """Tokenised text; with prompt/response rows the prompt is masked (-100) in the labels. Samples left with no
-    label to predict after truncation to max_length (a prompt that fills it) are dropped, with a warning."""
+    """Tokenised text; with prompt/response rows the prompt is masked (-100) in the labels, with chat rows
+    (`messages_field`) everything but the assistant turns (`chat_tokens`); `train_on_prompt` trains on every
+    token. Samples left with no label to predict after truncation to max_length (a prompt that fills it) are
+    dropped, with a warning."""
 
     def __init__(self, rows, tokenizer, text_field: str, max_length: int, prompt_field: str = "prompt",
-                 response_field: str = "response"):
+                 response_field: str = "response", messages_field: str = "messages", chat_template=None,
+                 train_on_prompt: bool = False, source: str = "the model"):
         pair = lambda r: prompt_field in r and response_field in r   # noqa: E731
-        bad = next((i for i, r in enumerate(rows) if not pair(r) and text_field not in r), None)
+        chat = lambda r: messages_field in r   # noqa: E731
+        bad = next((i for i, r in enumerate(rows) if not chat(r) and not pair(r) and text_field not in r), None)
         if bad is not None:
             raise RecipeConfigError(
-                f"causal-LM rows need data.text_field ({text_field!r}) or data.prompt_field + data.response_field "
-                f"({prompt_field!r}, {response_field!r}); row {bad} has {sorted(rows[bad])}")
+                f"causal-LM rows need data.text_field ({text_field!r}), data.prompt_field + data.response_field "
+                f"({prompt_field!r}, {response_field!r}) or data.messages_field ({messages_field!r}); row {bad} "
+                f"has {sorted(rows[bad])}")
+        template = resolve_chat_template(chat_template, tokenizer, source) if any(map(chat, rows)) else None
         self.items = []
-        for r in rows:
+        for i, r in enumerate(rows):
+            if chat(r):
+                ids, labels = chat_tokens(tokenizer, chat_messages(r[messages_field], i, messages_field), template,
+                                          train_on_prompt)
+                self.items.append((ids[:max_length], labels[:max_length]))
+                continue                              # the template places bos / end-of-turn tokens itself
             if pair(r):
                 p = tokenizer(str(r[prompt_field]), add_special_tokens=False)["input_ids"]
                 a = tokenizer(str(r[response_field]), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-                ids, labels = p + a, [-100] * len(p) + a
+                ids, labels = p + a, (list(p) if train_on_prompt else [-100] * len(p)) + a
             else:
                 ids = tokenizer(str(r[text_field]), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
                 labels = list(ids)

@@ -525,6 +525,95 @@ def test_causal_lm_data_problems_are_config_problems_naming_the_key(tmp_path):
         _sft(tmp_path, f"model.tokenizer={tmp_path / 'tok'}")
 
 
+LLAMA3_LIKE = ("{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
+               "{{ m['content'] | trim }}<|eot_id|>{% endfor %}"
+               "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}")
+
+
+def _text(ids):
+    return bytes(t for t in ids if 0 <= t < 256).decode()
+
+
+def test_chat_rows_train_on_the_assistant_turns_only(tmp_path):
+    """Chat rows ({messages: [{role, content}]} or ShareGPT {from, value}) are rendered with the chat template
+    and only the assistant turns, with their end-of-turn marker, are labels: for ChatML, a Jinja text with the
+    tokenizer's bos, a .jinja file and the tokenizer's own template; train_on_prompt labels every token."""
+    import torch
+
+    from runx.cli.config import check_paths, compose
+    from runx.recipes.text_data import CausalLMDataset
+    from runx.trainers.hf import byte_tokenizer
+    talk = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"},
+            {"role": "assistant", "content": "4, né"}, {"role": "user", "content": "and 3+3?"},
+            {"role": "assistant", "content": "6"}]
+    share = [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo"}]
+    (tmp_path / "chat.jsonl").write_text("".join(json.dumps(r) + "\n" for r in
+                                                 [{"messages": talk}] * 3 + [{"messages": share}] * 3))
+    data = ["data=jsonl", f"data.path={tmp_path / 'chat.jsonl'}", "data.val_fraction=0", "data.max_length=256"]
+    rec = _sft(tmp_path, *data, "data.chat_template=chatml")
+    train, _ = rec.build_data()
+    items = sorted((train[i] for i in range(len(train))), key=lambda it: len(it["input_ids"]))
+    assert _text(items[0]["input_ids"]) == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\nyo<|im_end|>\n"
+    assert _text(items[0]["labels"]) == "yo<|im_end|>\n"
+    assert _text(items[-1]["labels"]) == "4, né<|im_end|>\n6<|im_end|>\n"
+    # the labelled tokens are contiguous runs ending each assistant turn: the mask is positional, not a filter
+    lab = items[-1]["labels"]
+    runs = sum(1 for i, t in enumerate(lab) if t != -100 and (i == 0 or lab[i - 1] == -100))
+    assert runs == 2 and len(lab) == len(items[-1]["input_ids"])
+    loss = rec.lm_loss(rec.build_model(), rec.collate(items))
+    assert torch.isfinite(loss) and loss.requires_grad
+
+    # the bos the template writes is the tokenizer's bos token, written once; the header is not trained on
+    (tmp_path / "llama3.jinja").write_text(LLAMA3_LIKE)
+    tok = byte_tokenizer()
+    train, _ = _sft(tmp_path, *data, f"data.chat_template={tmp_path / 'llama3.jinja'}").build_data()
+    for it in (min((train[i] for i in range(len(train))), key=lambda it: len(it["input_ids"])),
+               CausalLMDataset([{"messages": share}], tok, "text", 256, chat_template=LLAMA3_LIKE)[0]):
+        assert it["input_ids"][0] == tok.bos_token_id and it["input_ids"].count(tok.bos_token_id) == 1
+        assert _text(it["labels"]) == "yo<|eot_id|>" and it["labels"][0] == -100
+    # the tokenizer's own template is used when data.chat_template is unset
+    tok.chat_template = LLAMA3_LIKE
+    ds = CausalLMDataset([{"messages": share}], tok, "text", 256)
+    assert _text(ds[0]["labels"]) == "yo<|eot_id|>"
+    ds = CausalLMDataset([{"messages": share}], tok, "text", 256, train_on_prompt=True)
+    assert ds[0]["labels"] == ds[0]["input_ids"]
+    # a prompt/response row with train_on_prompt keeps the prompt in the labels (all but the bos)
+    ds = CausalLMDataset([{"prompt": "2+2=", "response": "4"}], tok, "text", 256, train_on_prompt=True)
+    assert ds[0]["labels"][1:] == ds[0]["input_ids"][1:] and ds[0]["labels"][0] == -100
+    # a config naming an unknown template is a config problem before any work, with the valid choices
+    problems = check_paths(compose(["recipe=sft", "model=tiny_llama", *data, "data.chat_template=chatlm"]))
+    assert len(problems) == 1 and "data.chat_template=chatlm" in problems[0] and "chatml" in problems[0], problems
+
+
+def test_chat_data_problems_name_the_key(tmp_path):
+    """No chat template, a malformed conversation, a conversation without an assistant turn, and a template
+    that rewrites earlier turns (so the assistant tokens cannot be located): each a config problem naming the
+    key and what would work."""
+    from runx.recipes.text_data import CausalLMDataset
+    from runx.trainers.hf import byte_tokenizer
+    from runx.trainers.recipe import RecipeConfigError
+    tok = byte_tokenizer()
+    ok = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
+    with pytest.raises(RecipeConfigError, match="data.chat_template: the tokenizer of the model has no chat "
+                                                "template.*Valid choices: chatml"):
+        CausalLMDataset([{"messages": ok}], tok, "text", 64)
+    for bad, why in ((["hi"], "row 0: turn 0 is a str"), ([], "row 0: an empty conversation"), ("hi", "row 0: a str \\('hi'\\), not a list"),
+                     ([{"role": "user", "content": "hi"}], "row 0: no assistant turn"),
+                     ([{"speaker": "user", "text": "hi"}], "row 0: turn 0 has no 'role'"),
+                     ([{"role": "user", "content": 3}, *ok], "row 0: turn 0 \\(user\\) has content int")):
+        with pytest.raises(RecipeConfigError, match=f"data.messages_field='messages': {why}"):
+            CausalLMDataset([{"messages": ok}, {"messages": bad}][1:], tok, "text", 64, chat_template="chatml")
+    # a template that shows only the last assistant turn's reasoning (as reasoning models' templates do)
+    drops = ("{% for m in messages %}<{{ m['role'] }}>{% if m['role'] == 'assistant' and not loop.last %}"
+             "{{ m['content'].split('</think>')[-1] }}{% else %}{{ m['content'] }}{% endif %}{% endfor %}"
+             "{% if add_generation_prompt %}<assistant>{% endif %}")
+    think = [ok[0], {"role": "assistant", "content": "<think>hm</think>yo"}, *ok]
+    with pytest.raises(RecipeConfigError, match="renders a conversation's earlier turns differently.*"
+                                                "data.train_on_prompt=true"):
+        CausalLMDataset([{"messages": think}], tok, "text", 64, chat_template=drops)
+    assert len(CausalLMDataset([{"messages": think}], tok, "text", 64, chat_template=drops, train_on_prompt=True))
+
+
 def test_a_data_problem_found_by_launched_workers_is_the_config_problem_paragraph(tmp_path):
     """With 2 processes the data is read in the workers: rank 0 hands the problem to the parent, which prints
     the same one paragraph (exit 2) a single process gives."""

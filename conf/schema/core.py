@@ -42,6 +42,13 @@ class DataConfig:
     # causal LM instruction data: rows with both fields train on the response only (the prompt is masked)
     prompt_field: str = "prompt"
     response_field: str = "response"
+    # causal LM chat data: rows with this field hold a conversation ([{role, content}] or ShareGPT {from, value}),
+    # rendered with the tokenizer's chat template or chat_template (chatml, Jinja text, or a .jinja file); the
+    # assistant turns are trained on, the rest masked
+    messages_field: str = "messages"
+    chat_template: Optional[str] = None
+    # train on the prompt / non-assistant tokens too (prompt+response and chat rows)
+    train_on_prompt: bool = False
     val_fraction: float = 0.2
     max_length: int = 64
     # text recipes: draw batches of similar length (less padding, as HF Trainer's group_by_length): the samples
