@@ -302,8 +302,20 @@ def _run_forwarding_signals(cmd: list[str], env: dict, preempt=None) -> tuple[in
         got.append(signal.Signals(signum).name)
         proc.send_signal(signal.SIGTERM if signum == preempt else signum)
 
+    def suspend(signum, frame):
+        # Ctrl-Z: the launch (a session of its own) does not get the terminal's SIGTSTP; it stops and continues
+        # with runx. Every process stops, so no collective waits on a running peer (one suspended for longer
+        # than the process group's timeout may still fail when it continues).
+        tree = _launch_tree(proc)
+        for p in tree:
+            _quietly(p.suspend)
+        os.kill(os.getpid(), signal.SIGSTOP)       # returns on SIGCONT (the shell's fg / bg)
+        for p in reversed(tree):
+            _quietly(p.resume)
+
     old = {sig: signal.signal(sig, forward)
            for sig in (signal.SIGTERM, signal.SIGUSR1, preempt) if sig is not None}
+    old[signal.SIGTSTP] = signal.signal(signal.SIGTSTP, suspend)
     try:
         rc = proc.wait()
     except KeyboardInterrupt:       # Ctrl-C: the workers stop where they are, as a one-process run does
@@ -322,28 +334,36 @@ def _interrupt(proc) -> None:
     import signal
 
     import psutil
-    try:
-        launcher = psutil.Process(proc.pid)
-        workers = launcher.children(recursive=True)
-    except psutil.Error:
-        launcher, workers = None, []
+    alive = _launch_tree(proc)
     proc.terminate()
-    for w in workers:
-        try:
-            w.send_signal(signal.SIGINT)
-        except psutil.Error:
-            pass
-    alive = workers + ([launcher] if launcher else [])
+    for w in alive[1:]:
+        _quietly(w.send_signal, signal.SIGINT)
     try:
         _, alive = psutil.wait_procs(alive, timeout=15)
     finally:   # stuck (e.g. in a collective whose peer has left), or a second Ctrl-C: none outlives runx
         for p in alive:
-            try:
-                p.kill()
-            except psutil.Error:
-                pass
+            _quietly(p.kill)
         if proc.poll() is None:
             proc.kill()
+
+
+def _launch_tree(proc) -> list:
+    """The launcher and its descendants (the workers) as psutil processes, launcher first; [] once it is gone."""
+    import psutil
+    try:
+        launcher = psutil.Process(proc.pid)
+        return [launcher] + launcher.children(recursive=True)
+    except psutil.Error:
+        return []
+
+
+def _quietly(action, *args) -> None:
+    """A psutil action on a process that may have exited meanwhile."""
+    import psutil
+    try:
+        action(*args)
+    except psutil.Error:
+        pass
 
 
 def _wait_for_workers(run_dir: str) -> None:

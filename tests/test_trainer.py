@@ -136,30 +136,51 @@ def test_sigterm_saves_a_checkpoint_at_the_step_boundary_and_the_run_resumes(tmp
     assert sync.count("offline-run-") == 2, sync
 
 
-def test_ctrl_c_stops_a_launched_run_quietly(tmp_path):
-    """Ctrl-C (SIGINT to the terminal's process group) on a 2-process run: exit 130 with runx's one line, as one
-    process gives; it used to print each worker's KeyboardInterrupt traceback and torchrun's SignalException. No
-    worker is left running."""
+def test_ctrl_z_and_ctrl_c_on_a_launched_run(tmp_path):
+    """Ctrl-Z (SIGTSTP to the terminal's process group) on a 2-process run suspends runx and every process of the
+    launch, which has a session of its own (they used to train on); fg (SIGCONT) continues them all. Ctrl-C
+    (SIGINT) then exits 130 with runx's one line, as one process gives; it used to print each worker's
+    KeyboardInterrupt traceback and torchrun's SignalException. No worker is left running."""
     import fcntl
     import signal
     import time
+
+    import psutil
     run = tmp_path / "run"
     args = [sys.executable, "-m", "runx.cli.main", "train", f"run_dir={run}", *TINY, "trainer=zero2",
             "trainer.num_procs=2", "trainer.max_steps=100000", "trainer.ckpt_every=0", "trainer.micro_batch_size=8"]
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
     p = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
                          start_new_session=True)
-    deadline = time.time() + 240
-    while time.time() < deadline and p.poll() is None and not (
-            (run / "metrics.jsonl").exists() and len(read_metrics(run)) >= 3):
-        time.sleep(0.2)
-    os.killpg(p.pid, signal.SIGINT)
+    launch = []
     try:
+        deadline = time.time() + 240
+        while time.time() < deadline and p.poll() is None and not (
+                (run / "metrics.jsonl").exists() and len(read_metrics(run)) >= 3):
+            time.sleep(0.2)
+        launch = psutil.Process(p.pid).children(recursive=True)
+        workers = [c for c in launch if "runx.cli.worker" in c.cmdline() and "torch.distributed.run" not in c.cmdline()]
+        assert len(workers) == 2, [c.cmdline() for c in launch]
+        os.killpg(p.pid, signal.SIGTSTP)
+        stopped = lambda: all(q.status() == psutil.STATUS_STOPPED   # noqa: E731
+                              for q in [psutil.Process(p.pid), *launch])
+        while time.time() < deadline and not stopped():
+            time.sleep(0.1)
+        steps = len(read_metrics(run))
+        time.sleep(2)
+        assert stopped() and len(read_metrics(run)) == steps, [q.status() for q in launch]
+        os.killpg(p.pid, signal.SIGCONT)
+        while time.time() < deadline and len(read_metrics(run)) < steps + 2:
+            time.sleep(0.2)
+        assert not any(q.status() == psutil.STATUS_STOPPED for q in launch) and len(read_metrics(run)) >= steps + 2
+        os.killpg(p.pid, signal.SIGINT)
         out, err = p.communicate(timeout=60)
-    except subprocess.TimeoutExpired:      # leave nothing running behind a failed test (it would slow the rest)
-        import psutil
-        for proc in psutil.Process(p.pid).children(recursive=True) + [psutil.Process(p.pid)]:
-            proc.kill()
+    except BaseException:     # leave nothing running (or stopped) behind a failed test: it would slow the rest
+        for q in [*launch, *psutil.Process(p.pid).children(recursive=True), psutil.Process(p.pid)]:
+            try:
+                q.kill()
+            except psutil.Error:
+                pass
         raise
     assert p.returncode == 130 and "runx: interrupted" in err, (p.returncode, err[-3000:])
     assert "Traceback" not in err and "Failures:" not in err and "KeyboardInterrupt" not in err, err[-3000:]
