@@ -253,7 +253,11 @@ def launch(cfg, run_dir: str) -> dict:
         os.remove(problem_file(run_dir))
     from runx.trainers.runtime import submitit_preemption
     handover = submitit_preemption()
-    rc, signalled = _run_forwarding_signals(cmd, env, handover[0] if handover else None)
+    from runx.trainers.runtime import parent_signal_file
+    if os.path.exists(parent_signal_file(run_dir)):
+        os.remove(parent_signal_file(run_dir))
+    rc, signalled = _run_forwarding_signals(cmd, env, handover[0] if handover else None,
+                                            record=parent_signal_file(run_dir))
     if rc != 0 and signalled:
         import signal
         from runx.trainers.runtime import Stopped
@@ -288,10 +292,12 @@ _DIE_WITH_PARENT = ("import ctypes, os, signal, sys; ctypes.CDLL(None).prctl(1, 
                     "os.execv(sys.executable, [sys.executable] + sys.argv[1:])")
 
 
-def _run_forwarding_signals(cmd: list[str], env: dict, preempt=None) -> tuple[int, str | None]:
+def _run_forwarding_signals(cmd: list[str], env: dict, preempt=None, record: str | None = None
+                            ) -> tuple[int, str | None]:
     """Run the launcher; a SIGTERM / SIGUSR1 sent to this process (kill <pid>, a scheduler that signals only the
     parent) goes on to it, and from it to the workers, which checkpoint and stop. `preempt`: submitit's
-    preemption signal, taken over here and passed on as SIGTERM."""
+    preemption signal, taken over here and passed on as SIGTERM. `record`: a file the first signal's name is
+    written to, for the workers' log lines."""
     import signal
     if cmd[0] == sys.executable and sys.platform.startswith("linux"):
         cmd = [sys.executable, "-c", _DIE_WITH_PARENT.format(parent=os.getpid())] + cmd[1:]
@@ -300,6 +306,9 @@ def _run_forwarding_signals(cmd: list[str], env: dict, preempt=None) -> tuple[in
 
     def forward(signum, frame):
         got.append(signal.Signals(signum).name)
+        if record and len(got) == 1:
+            with open(record, "w") as f:
+                f.write(got[0])
         proc.send_signal(signal.SIGTERM if signum == preempt else signum)
 
     def suspend(signum, frame):

@@ -301,6 +301,9 @@ def test_a_signal_stops_a_launched_run_after_its_workers_saved(tmp_path):
         err = (tmp_path / "err.txt").read_text()
         assert rc == 143 and f"stopped by {sig.name}" in err and f"latest checkpoint: {latest}" in err, (rc, err)
         assert "Traceback" not in err and "SignalException" not in err, err[-3000:]
+        # the workers get SIGTERM whatever runx got; their log line names both
+        said = "SIGUSR1 (sent to runx; SIGTERM here)" if sig == signal.SIGUSR1 else "SIGTERM"
+        assert f"stopped by {said} after step {latest.removeprefix('step_')}" in (run / "train.log").read_text()
         steps.append(int(latest.removeprefix("step_")))
     assert steps[1] > steps[0] >= 3 and max(losses(run)) == steps[1]
 

@@ -562,7 +562,7 @@ class Trainer:
                         log.warning("checkpoint saved after step %d; submitit requeues the job, which resumes from "
                                     "it", self.global_step)
                         stop.hand_over()
-                    raise runtime.Stopped(f"stopped by {stop.signal_name or 'a signal to another rank'} after step "
+                    raise runtime.Stopped(f"stopped by {runtime.stop_cause(stop.signal_name, self.run_dir)} after step "
                                           f"{self.global_step}, checkpoint saved; rerun the same command to resume "
                                           f"({self.run_dir})" + (f". W&B so far: {sync}" if sync else ""))
                 if stop_early:

@@ -204,6 +204,26 @@ def submitit_preemption():
     return None
 
 
+def parent_signal_file(run_dir: str) -> str:
+    """Where runx, running a launch, records the signal it was sent: the workers get SIGTERM whatever it was
+    (USR1 / USR2 / TERM to runx end the launcher, and each worker's PR_SET_PDEATHSIG sends SIGTERM)."""
+    return os.path.join(run_dir, ".runx", "stop_signal")
+
+
+def stop_cause(signal_name: str | None, run_dir: str) -> str:
+    """What stopped this process, for its log line: the signal runx was sent, where it forwarded one."""
+    if signal_name is None:
+        return "a signal to another rank"
+    try:
+        with open(parent_signal_file(run_dir)) as f:
+            sent = f.read().strip()
+    except OSError:
+        sent = ""
+    if os.environ.get("RUNX_WORKER") == "1" and sent and sent != signal_name:
+        return f"{sent} (sent to runx; {signal_name} here)"
+    return signal_name
+
+
 class StopOnSignal:
     """SIGTERM (SLURM preemption, scancel, a container stop) and SIGUSR1 (SLURM's --signal) set a flag that the
     training loop reads at each step boundary, where it saves a checkpoint and stops. With several ranks the
