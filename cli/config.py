@@ -12,6 +12,8 @@ import os
 import typing
 from importlib import resources
 
+from runx.trainers.runtime import objective_direction  # one rule for sweeps and trainer.monitor
+
 GROUPS = ["recipe", "model", "data", "trainer", "logger", "launcher", "debug", "experiment"]
 
 
@@ -408,13 +410,6 @@ def sweep_jobs(overrides: list[str]) -> list[list[str]]:
     return jobs
 
 
-# final metrics where higher is better; anything else (losses, bits per character, times) is minimised
-_HIGHER_IS_BETTER = ("accuracy", "acc", "f1", "auc", "score", "reward", "tflops", "mfu", "per_s")
-
-
-def objective_direction(objective: str) -> str:
-    """maximize for accuracy-like final metrics, else minimize (losses, bits per character, seconds)."""
-    return "maximize" if any(w in objective for w in _HIGHER_IS_BETTER) else "minimize"
 
 
 def _argv_value(argv: list[str], key: str) -> str | None:

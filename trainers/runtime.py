@@ -143,6 +143,16 @@ def flatten_overrides(d: dict, prefix: str = "") -> dict:
     return out
 
 
+# final metrics where higher is better; anything else (losses, bits per character, times) is minimised
+_HIGHER_IS_BETTER = ("accuracy", "acc", "f1", "auc", "score", "reward", "tflops", "mfu", "per_s")
+
+
+def objective_direction(objective: str) -> str:
+    """maximize for accuracy-like final metrics, else minimize (losses, bits per character, seconds): the
+    direction of a sweep's objective and of trainer.monitor (monitor_mode=auto)."""
+    return "maximize" if any(w in objective for w in _HIGHER_IS_BETTER) else "minimize"
+
+
 class BestTracker:
     """trainer.monitor across evaluations, as Lightning's ModelCheckpoint(monitor=...) + EarlyStopping: the best
     value and its step, and how many evaluations in a row have not improved on it by more than `min_delta`.
@@ -152,7 +162,6 @@ class BestTracker:
 
     def __init__(self, key: str, mode: str = "auto", patience: int = 0, min_delta: float = 0.0):
         if mode == "auto":
-            from runx.cli.config import objective_direction
             mode = "max" if objective_direction(key) == "maximize" else "min"
         self.key, self.mode, self.patience, self.min_delta = key, mode, int(patience), float(min_delta)
         self.best: float | None = None
