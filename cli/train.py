@@ -62,7 +62,7 @@ def hydra_main(cfg: DictConfig):
     global LAST_EXIT_CODE
     from runx.cli.config import check_paths, fill_recipe_defaults, format_problems, validate
     from runx.trainers.recipe import RecipeConfigError
-    from runx.trainers.runtime import Stopped
+    from runx.trainers.runtime import Diverged, Stopped
     fill_recipe_defaults(cfg)
     job = _sweep_job()
     # multirun jobs are validated here (single runs already were, before Hydra started), and every job checks
@@ -78,6 +78,14 @@ def hydra_main(cfg: DictConfig):
             print(f"runx: {e}", file=sys.stderr)
             LAST_EXIT_CODE = 143
             raise SystemExit(143) from None
+        except Diverged as e:           # NaN / inf loss: one line, no traceback; a sweep goes on with its other jobs
+            print(f"runx: {e}", file=sys.stderr)
+            _log_to_files_only(f"runx: {e}", with_traceback=False)
+            LAST_EXIT_CODE = 1
+            if job is None:
+                raise SystemExit(1) from None
+            SWEEP_FAILURES.append((job, "diverged", run_dir))
+            raise SweepJobDiverged(f"runx: job #{job} diverged (printed with it)") from None
         except BaseException as e:      # Hydra prints it; train.log (what a SLURM user reads) gets it too
             if not isinstance(e, SystemExit):
                 _log_to_files_only(f"the run failed: {type(e).__name__}")
@@ -112,6 +120,10 @@ def _sweep_job() -> int | None:
     return int(hc.job.num)
 
 
+class SweepJobDiverged(CompactHydraException):
+    """A sweep job whose loss became NaN / inf: failed, as a crash is, without a traceback."""
+
+
 class SweepJobConfigProblem(CompactHydraException):
     """A sweep job stopped by a config problem (printed when it happened). Hydra records the job as failed and
     runs the others (as after a crash); at the end it prints only this message, no traceback."""
@@ -123,7 +135,7 @@ class SweepJobConfigProblem(CompactHydraException):
 # describe that other run.
 RESUMABLE_CHANGES = ("trainer.max_steps", "trainer.epochs", "trainer.eval_every", "trainer.log_every",
                      "trainer.ckpt_every", "trainer.keep_last", "trainer.progress", "trainer.dataloader_workers",
-                     "trainer.device",
+                     "trainer.device", "trainer.stop_on_nonfinite_loss",
                      "trainer.nvme_path", "trainer.aio.", "trainer.early_stop_patience", "trainer.early_stop_min_delta",
                      "data.max_eval_samples", "logger.", "plan.", "launcher.", "export_at_end", "resume", "run_dir",
                      "objective")
@@ -249,9 +261,10 @@ def launch(cfg, run_dir: str) -> dict:
     if not _has_cuda():
         env["DS_ACCELERATOR"] = "cpu"
     from runx.cli.worker import problem_file
-    if os.path.exists(problem_file(run_dir)):
-        os.remove(problem_file(run_dir))
-    from runx.trainers.runtime import submitit_preemption
+    from runx.trainers.runtime import diverged_file, submitit_preemption
+    for stale in (problem_file(run_dir), diverged_file(run_dir)):
+        if os.path.exists(stale):
+            os.remove(stale)
     handover = submitit_preemption()
     from runx.trainers.runtime import parent_signal_file
     if os.path.exists(parent_signal_file(run_dir)):
@@ -269,7 +282,12 @@ def launch(cfg, run_dir: str) -> dict:
         raise Stopped(f"stopped by {signalled}: the launched processes stopped at a step boundary"
                       + (f" (latest checkpoint: {saved})" if saved else "")
                       + f"; rerun the same command to resume ({run_dir})")
-    if rc != 0 and os.path.exists(problem_file(run_dir)):
+    # the workers leave these with exit 0, so that torchrun does not print its failure report over the message
+    if os.path.exists(diverged_file(run_dir)):
+        from runx.trainers.runtime import Diverged
+        with open(diverged_file(run_dir)) as f:
+            raise Diverged(f.read())
+    if os.path.exists(problem_file(run_dir)):
         with open(problem_file(run_dir)) as f:
             raise RecipeConfigError(f.read())
     if rc != 0:

@@ -48,7 +48,7 @@ def main() -> int:
     logging.basicConfig(level=logging.INFO, handlers=handlers, format="%(message)s")
     cfg = OmegaConf.load(os.path.join(run_dir, ".runx", "job.yaml"))
     from runx.trainers.recipe import RecipeConfigError
-    from runx.trainers.runtime import Stopped
+    from runx.trainers.runtime import Diverged, Stopped, diverged_file
     rank0 = os.environ.get("RANK", "0") == "0"
     try:
         run_job(cfg, run_dir)
@@ -57,11 +57,19 @@ def main() -> int:
             from runx.cli.train import _log_to_files_only
             _log_to_files_only(f"runx: {e}", with_traceback=False, level=logging.WARNING)
         return 143
-    except RecipeConfigError as e:   # the parent reports it as the config-problem paragraph
+    # A diverged run (every rank saw the same loss) or a config problem (every rank reads the same config and
+    # data): rank 0 leaves the message for the parent, which prints it and exits 1 / 2. The workers exit 0, so
+    # that torchrun does not print its failure report and a traceback over it.
+    except Diverged as e:
+        if rank0:
+            from runx.trainers.datajob import atomic_write_bytes
+            atomic_write_bytes(diverged_file(run_dir), str(e).encode())
+        return 0
+    except RecipeConfigError as e:
         if rank0:
             from runx.trainers.datajob import atomic_write_bytes
             atomic_write_bytes(problem_file(run_dir), str(e).encode())
-        return 2
+        return 0
     except BaseException as e:
         if interrupted:   # Ctrl-C: no traceback (nor the one a peer's collective raises when the other rank left)
             return 130

@@ -183,6 +183,23 @@ def test_a_config_problem_in_one_job_does_not_stop_the_sweep(tmp_path):
     assert "No modules were targeted" in (sweep / "0" / "train.log").read_text()
 
 
+def test_the_optuna_preset_goes_on_after_a_failed_trial(tmp_path):
+    """runx_optuna used Hydra's max_failure_rate 0.0, so the first diverged (or crashed) trial ended the study;
+    now that trial is recorded as failed and the search goes on. Another sampler replaces the preset's seeded TPE
+    whole (its `seed` key made hydra/sweeper/sampler=grid fail to compose)."""
+    import yaml
+    sweep = tmp_path / "optuna"
+    p = run_cli(["train", "-m", "hydra/sweeper=runx_optuna", "hydra/sweeper/sampler=grid", "hydra.sweeper.n_trials=2",
+                 f"hydra.sweep.dir={sweep}", "objective=final_loss", "optim.lr=choice(1e36,1e-3)", "model=tiny_bert",
+                 "logger=none", "trainer.progress=false", "optim.warmup_ratio=0", "data.max_train_samples=64",
+                 "trainer.eval_every=0", "optim.name=sgd", "optim.scheduler=constant", "trainer.grad_clip=0",
+                 "trainer.max_steps=3", "trainer.ckpt_every=0", "trainer.micro_batch_size=8"], check=False)
+    assert p.returncode == 1 and "#0 diverged" in p.stderr, p.stderr[-3000:]
+    res = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
+    assert res["best_params"] == {"optim.lr": 0.001}
+    assert res["best_value"] == json.load(open(sweep / "1" / "summary.json"))["final_loss"]
+
+
 def test_an_optuna_sweep_goes_the_way_its_objective_wants():
     """Hydra's optuna sweeper minimises unless told otherwise: runx sets the direction from the objective when
     the command line gives none, refuses a misspelt one, and `runx report` sorts a sweep the way it ran."""

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -186,6 +187,40 @@ def test_ctrl_z_and_ctrl_c_on_a_launched_run(tmp_path):
     assert "Traceback" not in err and "Failures:" not in err and "KeyboardInterrupt" not in err, err[-3000:]
     with open(run / ".runx" / "workers.lock", "a+") as lock:       # rank 0's worker has exited
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
+DIVERGE = ["optim.name=sgd", "optim.lr=1e36", "optim.scheduler=constant", "trainer.grad_clip=0"]
+
+
+def test_a_diverged_run_stops_at_the_nonfinite_step(tmp_path):
+    """A NaN / inf training loss used to train on to max_steps (and save NaN checkpoints). Now the run stops at
+    that step with one line naming the step, lr and last checkpoint, exit 1, no checkpoint of the NaN state; with
+    2 processes too; a sweep's diverged job fails and the others run; stop_on_nonfinite_loss=false trains on."""
+    run = tmp_path / "run"
+    base = [*TINY, *DIVERGE, "trainer.max_steps=20", "trainer.ckpt_every=1", "trainer.micro_batch_size=8"]
+    p = run_cli(["train", f"run_dir={run}", *base], check=False)
+    assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr[-3000:]
+    assert "the training loss is nan at step 2 (lr 1e+36): the run diverged and stopped without saving; its last " \
+           "checkpoint is step_1" in p.stderr, p.stderr[-3000:]
+    rows = read_metrics(run)
+    assert [r["step"] for r in rows] == [1, 2] and math.isfinite(rows[0]["loss"]) and math.isnan(rows[1]["loss"])
+    assert (run / "ckpt" / "latest").read_text() == "step_1" and not (run / "ckpt" / "step_2").exists()
+    assert json.load(open(run / "summary.json"))["diverged_at"] == 2
+    assert "diverged" in (run / "train.log").read_text()
+
+    run2 = tmp_path / "run2"
+    p = run_cli(["train", f"run_dir={run2}", *base, "trainer=zero2", "trainer.num_procs=2"], check=False)
+    assert p.returncode == 1 and "the training loss is nan at step 2" in p.stderr, p.stderr[-3000:]
+    assert "Traceback" not in p.stderr and "launcher exited" not in p.stderr, p.stderr[-3000:]
+
+    # a sweep: the diverged job fails, the next one runs (and, told to, trains on through the NaN steps)
+    sweep = tmp_path / "sweep"
+    p = run_cli(["train", "-m", f"hydra.sweep.dir={sweep}", *base, "trainer.max_steps=3",
+                 "trainer.stop_on_nonfinite_loss=true,false"], check=False)
+    assert p.returncode == 1 and f"#0 diverged: {sweep / '0'}" in p.stderr, p.stderr[-3000:]
+    assert "#1" not in p.stderr.split("of the sweep failed")[1] and "Traceback" not in p.stderr, p.stderr[-3000:]
+    assert [r["step"] for r in read_metrics(sweep / "1")] == [1, 2, 3]
+    assert json.load(open(sweep / "1" / "summary.json"))["steps"] == 3
 
 
 @pytest.mark.parametrize("procs", [1, 2])
@@ -640,12 +675,13 @@ def test_chat_data_problems_name_the_key(tmp_path):
 
 def test_a_data_problem_found_by_launched_workers_is_the_config_problem_paragraph(tmp_path):
     """With 2 processes the data is read in the workers: rank 0 hands the problem to the parent, which prints
-    the same one paragraph (exit 2) a single process gives."""
+    the same one paragraph (exit 2) a single process gives, without torchrun's failure report over it."""
     (tmp_path / "rows.jsonl").write_text("".join(json.dumps({"instruction": "x", "output": "y"}) + "\n"
                                                  for _ in range(8)))
     p = run_cli(["train", f"run_dir={tmp_path / 'run'}", *TINY, "trainer=zero3", "trainer.num_procs=2",
                  "trainer.max_steps=1", "data=jsonl", f"data.path={tmp_path / 'rows.jsonl'}"], check=False)
     assert p.returncode == 2 and "Invalid configuration" in p.stderr and "data.text_field" in p.stderr, p.stderr
+    assert "Traceback" not in p.stderr and "Failures:" not in p.stderr, p.stderr
 
 
 def test_samples_without_a_response_token_are_dropped_and_an_empty_batch_loss_is_zero(tmp_path, caplog):

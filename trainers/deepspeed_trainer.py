@@ -456,6 +456,7 @@ class Trainer:
         micro_in_step, acc_loss, acc_metrics, samples, tokens = 0, 0.0, {}, 0, 0
         # the loop's settings as plain ints (an OmegaConf attribute read costs microseconds, several per step)
         grad_accum, eval_every, ckpt_every = int(t.grad_accum), int(t.eval_every or 0), int(t.ckpt_every or 0)
+        stop_nonfinite = bool(t.get("stop_on_nonfinite_loss", True))
         log_every = max(1, int(t.log_every))
         step_t0 = time.perf_counter()
         # train_wall_s counts every segment of a resumed run up to its checkpoint, and this one
@@ -522,6 +523,8 @@ class Trainer:
                             rec["mfu"] = tflops / peak_tflops
                 rec.update({k: v / grad_accum for k, v in acc_metrics.items()})
                 rec["peak_mem_gb"] = runtime.peak_memory_bytes(self.device) / 2**30
+                if stop_nonfinite and not math.isfinite(rec["loss"]):   # the same reduced loss on every rank
+                    self._diverged(rec, metrics_log, wb)
                 improved = False
                 if eval_every and eval_dl is not None and (self.global_step % eval_every == 0
                                                              or self.global_step == max_steps):
@@ -607,6 +610,24 @@ class Trainer:
             if sync:   # soft_wrap: a log file must keep the command on one line, to be pasted whole
                 console().print(f"W&B run saved offline; upload it with: [bold]{sync}[/bold]", soft_wrap=True)
         return final
+
+    def _diverged(self, rec: dict, metrics_log, wb) -> None:
+        """A NaN / infinite training loss: log the step, end the W&B run, write the summary and stop without a
+        checkpoint (the optimizer has already stepped on that gradient)."""
+        step = self.global_step
+        if self.is_main:
+            metrics_log.log(rec)
+            metrics_log.flush()
+            write_summary(self.run_dir, {"steps": step, "diverged_at": step})
+            wb.log(rec, step)
+            wb.finish({"diverged_at": step})
+        latest = os.path.join(self.run_dir, "ckpt", "latest")
+        saved = open(latest).read().strip() if os.path.exists(latest) else None
+        gn = f", grad norm {rec['grad_norm']:.3g}" if "grad_norm" in rec else ""
+        raise runtime.Diverged(
+            f"the training loss is {rec['loss']} at step {step} (lr {rec['lr']:.3g}{gn}): the run diverged and "
+            f"stopped without saving" + (f"; its last checkpoint is {saved}" if saved else "") + ". Lower "
+            f"optim.lr, set trainer.grad_clip, or trainer.stop_on_nonfinite_loss=false to train on ({self.run_dir})")
 
     # ---------------------------------------------------------------- export
     def full_state_dict(self, engine) -> dict | None:

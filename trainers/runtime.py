@@ -198,6 +198,16 @@ class Stopped(Exception):
     """The run stopped on a signal at a step boundary, after saving a checkpoint."""
 
 
+class Diverged(Exception):
+    """The training loss became NaN or infinite (trainer.stop_on_nonfinite_loss): the run stopped at that step
+    without saving; its last checkpoint holds the last state saved before."""
+
+
+def diverged_file(run_dir: str) -> str:
+    """Where rank 0 of a launched run leaves its Diverged message, for the parent to print."""
+    return os.path.join(run_dir, ".runx", "diverged.txt")
+
+
 def submitit_preemption():
     """(signal, handler) when this process is a submitit job (hydra/launcher=submitit_slurm, runx_slurm,
     submitit_local) whose preemption / timeout signal (USR2 unless SUBMITIT_PREEMPT_SIGNAL says otherwise)

@@ -111,6 +111,9 @@ class TrainerConfig:
     early_stop_patience: int = 0
     early_stop_min_delta: float = 0.0
     grad_clip: float = 1.0
+    # a NaN / infinite training loss (the run diverged) stops the run at that step without saving, its last
+    # checkpoint intact; false trains on
+    stop_on_nonfinite_loss: bool = True
     num_procs: int = 1
     dataloader_workers: int = 0
     # ZeRO-3 knobs passed to DeepSpeed as is (small defaults make tiny models partition too).
