@@ -17,7 +17,7 @@ verbs:
   show [overrides]            the resolved config
   validate [overrides] [--all]  check a config (all problems at once); --all: every recipe
   plan [overrides]            memory needed per ZeRO config on GPU / CPU / NVMe, and what fits
-  report <dir> [--objective KEY] [--minimize]  table + plots for a run or a sweep
+  report <dir> [--objective KEY] [--minimize|--maximize]  table + plots for a run or a sweep
   export <run_dir> [--out DIR] [--tag step_N|best]  HF safetensors / PEFT adapter from a checkpoint
 
 config groups: recipe model data trainer logger launcher debug experiment
@@ -255,7 +255,9 @@ def _report(rest: list[str]) -> int:
     p = argparse.ArgumentParser(prog="runx report")
     p.add_argument("dir")
     p.add_argument("--objective", default=None)
-    p.add_argument("--minimize", action="store_true")
+    way = p.add_mutually_exclusive_group()   # neither: the sweep's own direction, else the objective's kind
+    way.add_argument("--minimize", dest="minimize", action="store_const", const=True, default=None)
+    way.add_argument("--maximize", dest="minimize", action="store_const", const=False)
     p.add_argument("--no-plots", action="store_true")
     a = p.parse_args(rest)
     from runx.cli.report import report

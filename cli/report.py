@@ -56,7 +56,7 @@ def collect(root: str) -> tuple[list[dict], list[str]]:
     for run in find_runs(root):
         cfg = _flatten(OmegaConf.to_container(OmegaConf.load(os.path.join(run, "config.yaml"))))
         summary = read_summary(run)
-        status = "done"
+        status = "done" if "diverged_at" not in summary else f"diverged at step {summary['diverged_at']}"
         if not summary:  # a run that did not finish: its last logged metrics
             hist = read_metrics(run)
             summary = {k: v for k, v in (hist[-1] if hist else {}).items()}
@@ -75,7 +75,9 @@ def collect(root: str) -> tuple[list[dict], list[str]]:
 SHOWN_METRICS = ("final_loss", "eval/loss", "eval/accuracy", "steps", "samples_per_s", "train_wall_s", "peak_mem_gb")
 
 
-def report(root: str, objective: str | None = None, minimize: bool = False, plots: bool = True) -> int:
+def report(root: str, objective: str | None = None, minimize: bool | None = None, plots: bool = True) -> int:
+    """The table (and plots) of a run or a sweep, sorted by `objective`: minimized or maximized as `minimize`
+    says, else as the sweep ran (Optuna's direction), else by the metric's kind (losses down, accuracy up)."""
     from rich.console import Console
     from rich.table import Table
     rows, varying = collect(root)
@@ -93,6 +95,7 @@ def report(root: str, objective: str | None = None, minimize: bool = False, plot
         declared = {r["_cfg"].get("objective") for r in rows} - {None}
         objective = declared.pop() if len(declared) == 1 and next(iter(declared)) in metric_keys else \
             next((k for k in ("eval/accuracy", "eval/loss", "final_loss") if k in metric_keys), None)
+    if minimize is None:
         minimize = bool(objective) and sweep_direction(root, objective) == "minimize"
     if objective:
         missing = float("inf") if minimize else float("-inf")

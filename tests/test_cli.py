@@ -198,6 +198,11 @@ def test_the_optuna_preset_goes_on_after_a_failed_trial(tmp_path):
     res = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
     assert res["best_params"] == {"optim.lr": 0.001}
     assert res["best_value"] == json.load(open(sweep / "1" / "summary.json"))["final_loss"]
+    # the report says which job diverged
+    from runx.cli.report import report
+    assert report(str(sweep), objective="final_loss", plots=False) == 0
+    rows = json.load(open(sweep / "report.json"))["rows"]
+    assert [(r["run"], r["status"]) for r in rows] == [("1", "done"), ("0", "diverged at step 2")]
 
 
 def test_an_optuna_sweep_goes_the_way_its_objective_wants():
@@ -328,6 +333,11 @@ def test_report_compares_recipes_lists_failed_jobs_and_refuses_an_unknown_object
     assert rep["varying"] == ["recipe.name", "seed"] and rep["objective"] == "eval/accuracy"
     assert [r["run"] for r in rep["rows"]] == ["1", "0", "2"] and rep["rows"][2]["status"] == "failed"
     assert report(str(tmp_path), objective="eval/acc", plots=False) == 2
+    # a loss given as --objective is minimised (it was sorted upwards unless --minimize was added)
+    for way, order in ((None, ["1", "0", "2"]), (False, ["0", "1", "2"])):
+        assert report(str(tmp_path), objective="final_loss", minimize=way, plots=False) == 0
+        rep = json.loads((tmp_path / "report.json").read_text())
+        assert rep["minimize"] is (way is None) and [r["run"] for r in rep["rows"]] == order
     data = tmp_path / "data"
     (data / "job").mkdir(parents=True)
     (data / "job" / "config.yaml").write_text(yaml.safe_dump({"recipe": {"name": "concept_prune"}}))
