@@ -227,6 +227,7 @@ def check_paths(cfg) -> list[str]:
         out.append(f"data.path: empty; data.kind={kind} reads local files. Set data.path=<file or folder>.")
     if kind in ("jsonl", "parquet", "csv"):
         need("data.path", d.get("path"), True)
+        need("data.eval_path", d.get("eval_path"), True)
     if kind == "imagefolder" and d.get("path"):
         root = os.path.expanduser(str(d.get("path")))
         need("data.path", d.get("path"), True)

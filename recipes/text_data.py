@@ -129,7 +129,7 @@ HF_SAVED_MARKERS = ("dataset_dict.json", "dataset_info.json", "state.json")
 
 def read_files(path: str, kind: str) -> list[dict]:
     """The rows of a JSONL (or JSON array) / Parquet / CSV file, or of every such file in a folder (recursive)."""
-    ext = {"jsonl": (".jsonl", ".jsonl.gz", ".json"), "parquet": (".parquet",), "csv": (".csv",)}[kind]
+    ext = FILE_EXTENSIONS[kind]
     if os.path.isdir(path) and any(os.path.exists(os.path.join(path, m)) for m in HF_SAVED_MARKERS):
         raise RecipeConfigError(f"data.path={path}: a saved Hugging Face dataset (save_to_disk), not "
                                 f"{kind} files. Valid choices: data=hf data.hf_name={path}")
@@ -150,6 +150,31 @@ def read_files(path: str, kind: str) -> list[dict]:
             with open(f, newline="") as fh:
                 rows += list(csv.DictReader(fh))
     return rows
+
+
+FILE_EXTENSIONS = {"jsonl": (".jsonl", ".jsonl.gz", ".json"), "parquet": (".parquet",), "csv": (".csv",)}
+
+
+def read_local_splits(dcfg) -> tuple[list[dict], list[dict] | None]:
+    """(train rows, held-out rows or None) of local files (data.kind jsonl / parquet / csv). A data.path folder
+    holding <data.train_split>.<ext> is read as splits: that file is the training data and
+    <data.eval_split>.<ext>, if there, the held-out data (a folder of shards is training data as a whole).
+    data.eval_path (a file or folder) names the held-out data outright. None: no held-out rows were named."""
+    kind, path = dcfg.kind, os.path.expanduser(dcfg.path)
+
+    def split_file(split: str) -> str | None:
+        return next((os.path.join(path, split + e) for e in FILE_EXTENSIONS[kind]
+                     if os.path.isfile(os.path.join(path, split + e))), None)
+    evals = None
+    if os.path.isdir(path) and split_file(dcfg.train_split):
+        train = read_files(split_file(dcfg.train_split), kind)
+        if split_file(dcfg.eval_split):
+            evals = read_files(split_file(dcfg.eval_split), kind)
+    else:
+        train = read_files(path, kind)
+    if dcfg.get("eval_path"):
+        evals = read_files(os.path.expanduser(dcfg.eval_path), kind)
+    return train, evals
 
 
 def load_hf_splits(src: str, train_split: str):
@@ -187,8 +212,9 @@ def load_rows(dcfg, seed: int = 0) -> tuple[list[dict], list[dict]]:
         rows = _read_jsonl(os.path.join(ASSETS, "stdlib_topics.jsonl"))
         train, evals = _split(rows, dcfg.val_fraction, seed=0)  # fixed split, whatever the run seed
     elif kind in ("jsonl", "parquet", "csv"):
-        rows = read_files(os.path.expanduser(dcfg.path), kind)
-        train, evals = _split(rows, dcfg.val_fraction, seed=0)
+        train, evals = read_local_splits(dcfg)
+        if evals is None:
+            train, evals = _split(train, dcfg.val_fraction, seed=0)
     elif kind == "hf":
         src = dcfg.hf_name or dcfg.path
         ds = load_hf_splits(src, dcfg.train_split)

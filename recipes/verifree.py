@@ -39,7 +39,7 @@ from dataclasses import dataclass
 import torch
 
 from runx.recipes.sft import ExportsTokenizer, causal_lm_tokenizer, check_packed_attention
-from runx.recipes.text_data import first_fit, load_hf_splits, read_files, require_rows
+from runx.recipes.text_data import first_fit, load_hf_splits, read_local_splits, require_rows
 from runx.recipes.verifree_task import ArithmeticTask, QADataset, corrupt_trace, qa_rows, split_rows
 from runx.trainers.recipe import TrainingRecipe
 
@@ -560,15 +560,9 @@ class VeriFree(ExportsTokenizer, TrainingRecipe):
             if data.eval_split in ds:
                 held_out = qa(ds[data.eval_split], f"{src}[{data.eval_split}]")
         else:
-            path = os.path.expanduser(data.path)
-            ext = {"jsonl": ".jsonl", "parquet": ".parquet", "csv": ".csv"}[data.kind]
-            split_file = lambda split: os.path.join(path, split + ext)   # noqa: E731
-            if os.path.isdir(path) and os.path.exists(split_file(data.train_split)):
-                train = qa(read_files(split_file(data.train_split), data.kind), split_file(data.train_split))
-                if os.path.exists(split_file(data.eval_split)):
-                    held_out = qa(read_files(split_file(data.eval_split), data.kind), split_file(data.eval_split))
-            else:
-                train = qa(read_files(path, data.kind), path)
+            train, held_out = read_local_splits(data)
+            train = qa(train, data.path)
+            held_out = qa(held_out, data.get("eval_path") or data.path) if held_out is not None else None
         require_rows(train, data)
         if held_out is None:
             train, held_out = split_rows(train, data.val_fraction, int(self.cfg.seed))

@@ -537,6 +537,27 @@ def test_text_data_loads_local_files_and_saved_datasets(tmp_path):
     assert (len(train), len(evals)) == (12, 8)       # the folder's own test split, not a carved one
 
 
+def test_held_out_rows_come_from_the_users_split_when_there_is_one(tmp_path):
+    """A data.path folder with train.jsonl + validation.jsonl used to be read as one pool (both files) and 20% of
+    it held out at random: the user's validation rows were trained on. Now the folder's files are the splits;
+    data.eval_path names a held-out file outright; without either, val_fraction of the rows is held out."""
+    from runx.cli.config import check_paths, compose
+    from runx.recipes.sft import SFT
+    rows = lambda a, b: "".join(json.dumps({"text": f"row {i}", "label": i % 2}) + "\n" for i in range(a, b))  # noqa
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "train.jsonl").write_text(rows(0, 30))
+    (tmp_path / "d" / "validation.jsonl").write_text(rows(30, 40))
+    (tmp_path / "held.jsonl").write_text(rows(40, 44))
+    base = ["recipe=sft", "model=tiny_bert", "data=jsonl"]
+    for extra, sizes in (([f"data.path={tmp_path / 'd'}"], (30, 10)),
+                         ([f"data.path={tmp_path / 'd'}", f"data.eval_path={tmp_path / 'held.jsonl'}"], (30, 4)),
+                         ([f"data.path={tmp_path / 'd' / 'train.jsonl'}", "data.val_fraction=0.2"], (24, 6))):
+        train, evals = SFT(compose(base + extra), str(tmp_path)).build_data()
+        assert (len(train), len(evals)) == sizes, extra
+    problems = check_paths(compose(base + [f"data.path={tmp_path / 'd'}", f"data.eval_path={tmp_path / 'nope'}"]))
+    assert len(problems) == 1 and problems[0].startswith(f"data.eval_path={tmp_path / 'nope'}: no such file")
+
+
 def _sft(tmp_path, *overrides):
     from runx.cli.config import compose
     from runx.recipes.sft import SFT
