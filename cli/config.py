@@ -228,6 +228,9 @@ def check_paths(cfg) -> list[str]:
     if kind in ("jsonl", "parquet", "csv"):
         need("data.path", d.get("path"), True)
         need("data.eval_path", d.get("eval_path"), True)
+    elif d.get("eval_path"):
+        out.append(f"data.eval_path={d.get('eval_path')}: held-out files for data.kind=jsonl / parquet / csv, not "
+                   f"data.kind={kind}. Valid choices: data.eval_split=<split> for a datasets source, or unset.")
     if kind == "imagefolder" and d.get("path"):
         root = os.path.expanduser(str(d.get("path")))
         need("data.path", d.get("path"), True)

@@ -556,6 +556,8 @@ def test_held_out_rows_come_from_the_users_split_when_there_is_one(tmp_path):
         assert (len(train), len(evals)) == sizes, extra
     problems = check_paths(compose(base + [f"data.path={tmp_path / 'd'}", f"data.eval_path={tmp_path / 'nope'}"]))
     assert len(problems) == 1 and problems[0].startswith(f"data.eval_path={tmp_path / 'nope'}: no such file")
+    problems = check_paths(compose(["recipe=sft", "model=tiny_bert", f"data.eval_path={tmp_path / 'held.jsonl'}"]))
+    assert len(problems) == 1 and "not data.kind=builtin" in problems[0], problems
 
 
 def _sft(tmp_path, *overrides):
