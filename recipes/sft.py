@@ -82,12 +82,15 @@ class SFT(ExportsTokenizer, TrainingRecipe):
         d = self.cfg.data
         train, evals = load_rows(d, int(self.cfg.seed))
         if self.task == "cls":
-            mk = lambda rows: ClassificationDataset(rows, self.tokenizer, d.text_field, d.label_field, d.max_length)
-        else:
-            mk = lambda rows: CausalLMDataset(
-                rows, self.tokenizer, d.text_field, d.max_length, d.prompt_field, d.response_field,
-                messages_field=d.messages_field, chat_template=d.chat_template, train_on_prompt=d.train_on_prompt,
-                source=self.cfg.model.get("tokenizer") or self.cfg.model.path)
+            train_ds = ClassificationDataset(train, self.tokenizer, d.text_field, d.label_field, d.max_length,
+                                             self.num_labels)
+            eval_ds = ClassificationDataset(evals, self.tokenizer, d.text_field, d.label_field, d.max_length,
+                                            self.num_labels, train_ds.label_names, "held-out") if evals else None
+            return train_ds, eval_ds
+        mk = lambda rows: CausalLMDataset(   # noqa: E731
+            rows, self.tokenizer, d.text_field, d.max_length, d.prompt_field, d.response_field,
+            messages_field=d.messages_field, chat_template=d.chat_template, train_on_prompt=d.train_on_prompt,
+            source=self.cfg.model.get("tokenizer") or self.cfg.model.path)
         return mk(train), (mk(evals) if evals else None)
 
     def collate(self, items):

@@ -240,16 +240,37 @@ def _split(rows, frac, seed):
 
 
 class ClassificationDataset:
-    def __init__(self, rows, tokenizer, text_field: str, label_field: str, max_length: int):
+    """Tokenised {text, label} rows. Labels are class ids 0..num_labels-1, or names: those are numbered in sorted
+    order of the training split's names (`label_names`), which the held-out split is given so that its ids
+    agree. A label outside the model's classes is a config problem naming model.num_labels."""
+
+    def __init__(self, rows, tokenizer, text_field: str, label_field: str, max_length: int,
+                 num_labels: int | None = None, label_names: list | None = None, split: str = "training"):
         missing = [i for i, r in enumerate(rows[:1000]) if text_field not in r or label_field not in r]
         if missing:
             raise RecipeConfigError(f"data rows need fields {text_field!r} and {label_field!r} "
                              f"(data.text_field / data.label_field); row {missing[0]} has {sorted(rows[missing[0]])}")
         self.labels = [r[label_field] for r in rows]
-        names = sorted({l for l in self.labels if not isinstance(l, int)})
+        if all(isinstance(l, int) or isinstance(l, str) and l.strip().isdigit() for l in self.labels):
+            self.labels = [int(l) for l in self.labels]      # class ids, as CSV gives them too ("3")
+        names = label_names if label_names is not None else sorted({str(l) for l in self.labels
+                                                                    if not isinstance(l, int)})
+        self.label_names = list(names) if names else None
         if names:  # string labels -> ids, sorted for a stable mapping
-            self.label_names = names
-            self.labels = [names.index(l) for l in self.labels]
+            ids = {n: i for i, n in enumerate(names)}
+            unknown = sorted({str(l) for l in self.labels} - set(ids))
+            if unknown:
+                raise RecipeConfigError(f"data.label_field={label_field!r}: the {split} rows have label(s) "
+                                        f"{', '.join(unknown[:5])} that the training rows lack, so they have no class "
+                                        f"id. Valid choices: {', '.join(map(str, names[:20]))}")
+            self.labels = [ids[str(l)] for l in self.labels]
+        if num_labels is not None:
+            bad = sorted({l for l in self.labels if not 0 <= l < num_labels})
+            if bad:
+                n = len(names) if names else max(self.labels) + 1
+                raise RecipeConfigError(f"model.num_labels={num_labels}: the {split} rows have class id(s) "
+                                        f"{', '.join(map(str, bad[:5]))} outside 0..{num_labels - 1}. Valid choices: "
+                                        f"model.num_labels={n} (the classes of data.label_field={label_field!r})")
         self.enc = tokenizer([str(r[text_field]) for r in rows], truncation=True, max_length=max_length)
 
     def __len__(self):

@@ -560,6 +560,35 @@ def test_held_out_rows_come_from_the_users_split_when_there_is_one(tmp_path):
     assert len(problems) == 1 and "not data.kind=builtin" in problems[0], problems
 
 
+def test_class_labels_agree_between_splits_and_fit_the_model(tmp_path):
+    """Label names were numbered per split, so a held-out split missing one class gave its rows other ids than
+    training did (wrong accuracy, silently); a class id beyond model.num_labels crashed cross-entropy with an
+    IndexError; CSV's "10" sorted before "2". Now the training split's numbering is used for both, and the
+    others are config problems naming the key and the valid value."""
+    from runx.recipes.sft import SFT
+    from runx.cli.config import compose
+    from runx.trainers.recipe import RecipeConfigError
+    train = [{"text": f"t{i}", "label": ["neg", "neu", "pos"][i % 3]} for i in range(12)]
+    held = [{"text": "h0", "label": "pos"}, {"text": "h1", "label": "neu"}]     # no "neg": ids used to shift
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in train))
+    (tmp_path / "d" / "validation.jsonl").write_text("".join(json.dumps(r) + "\n" for r in held))
+    base = ["recipe=sft", "model=tiny_bert", "data=jsonl", f"data.path={tmp_path / 'd'}"]
+    tr, ev = SFT(compose(base + ["model.num_labels=3"]), str(tmp_path)).build_data()
+    assert tr.label_names == ["neg", "neu", "pos"] and ev.labels == [2, 1] and tr.labels[:3] == [0, 1, 2]
+    with pytest.raises(RecipeConfigError, match="model.num_labels=2: the training rows have class id.s. 2 outside "
+                                                "0..1. Valid choices: model.num_labels=3"):
+        SFT(compose(base + ["model.num_labels=2"]), str(tmp_path)).build_data()
+    (tmp_path / "d" / "validation.jsonl").write_text(json.dumps({"text": "h", "label": "meh"}) + "\n")
+    with pytest.raises(RecipeConfigError, match="held-out rows have label.s. meh that the training rows lack.*"
+                                                "Valid choices: neg, neu, pos"):
+        SFT(compose(base + ["model.num_labels=3"]), str(tmp_path)).build_data()
+    (tmp_path / "c.csv").write_text("text,label\n" + "".join(f"r{i},{i}\n" for i in range(11)))
+    tr, ev = SFT(compose(["recipe=sft", "model=tiny_bert", "data=jsonl", "data.kind=csv", f"data.path={tmp_path / 'c.csv'}",
+                          "model.num_labels=11", "data.val_fraction=0"]), str(tmp_path)).build_data()
+    assert sorted(tr.labels) == list(range(11)) and tr.label_names is None
+
+
 def _sft(tmp_path, *overrides):
     from runx.cli.config import compose
     from runx.recipes.sft import SFT
