@@ -41,6 +41,26 @@ def check_packed_attention(model, key: str = "data.packing") -> None:
                                 f"Valid values: {key}=false for this model.")
 
 
+def check_positions(model, max_length: int, key: str = "data.max_length") -> None:
+    """A model with learned position embeddings (BERT, GPT-2, OPT) cannot encode a sample longer than its
+    max_position_embeddings: that is a config problem (it would fail with an index error, on a GPU a device-side
+    assert, at the first long batch). Rotary models (Llama, Qwen) run past it, with a warning."""
+    conf = getattr(model, "config", None)
+    limit = getattr(conf, "max_position_embeddings", None) or getattr(conf, "n_positions", None)
+    if not isinstance(limit, int) or max_length <= limit:
+        return
+    learned = any(isinstance(m, torch.nn.Embedding) and ("position" in name or name.endswith(("wpe", "pos")))
+                  for name, m in model.named_modules())
+    if learned:
+        from runx.trainers.recipe import RecipeConfigError
+        raise RecipeConfigError(f"{key}={max_length}: {type(model).__name__} has learned position embeddings for "
+                                f"{limit} tokens, so a longer sample cannot be encoded. Valid values: {key} <= {limit}.")
+    import logging
+    logging.getLogger("runx.sft").warning("%s=%d is beyond %s's max_position_embeddings (%d): samples that long run "
+                                          "past the positions it was trained on", key, max_length,
+                                          type(model).__name__, limit)
+
+
 def causal_lm_tokenizer(model_cfg):
     """The tokenizer of a causal LM, which must have an end-of-sequence token (appended to every sample, and
     the padding when the tokenizer has none)."""
@@ -74,6 +94,7 @@ class SFT(ExportsTokenizer, TrainingRecipe):
     # -------------------------------------------------------------- model and data
     def build_model(self):
         model = load_model(self.cfg.model, num_labels=self.num_labels, tokenizer=self.tokenizer)
+        check_positions(model, int(self.cfg.data.max_length))
         if self.task == "lm" and self.cfg.data.get("packing"):
             check_packed_attention(model)
         return model

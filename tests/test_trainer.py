@@ -589,6 +589,24 @@ def test_class_labels_agree_between_splits_and_fit_the_model(tmp_path):
     assert sorted(tr.labels) == list(range(11)) and tr.label_names is None
 
 
+def test_data_max_length_beyond_learned_positions_is_a_config_problem(tmp_path, caplog):
+    """BERT-like models cannot encode more tokens than their position table holds: data.max_length beyond it is
+    refused before training (and before `runx plan` sizes a run that long); a rotary model only warns."""
+    from runx.cli.config import compose
+    from runx.recipes.sft import SFT
+    from runx.trainers.recipe import RecipeConfigError
+    with pytest.raises(RecipeConfigError, match="data.max_length=200: BertForSequenceClassification has learned "
+                                                "position embeddings for 128 tokens.*data.max_length <= 128"):
+        SFT(compose(["recipe=sft", "model=tiny_bert", "data.max_length=200"]), str(tmp_path)).build_model()
+    SFT(compose(["recipe=sft", "model=tiny_bert", "data.max_length=128"]), str(tmp_path)).build_model()
+    with caplog.at_level("WARNING", logger="runx.sft"):
+        SFT(compose(["recipe=sft", "model=tiny_llama", "data.max_length=300"]), str(tmp_path)).build_model()
+    assert "data.max_length=300 is beyond LlamaForCausalLM's max_position_embeddings (256)" in caplog.text
+    p = run_cli(["train", "recipe=lora", "model=tiny_bert", "data.max_length=200", f"run_dir={tmp_path / 'r'}"],
+                check=False, timeout=120)
+    assert p.returncode == 2 and "data.max_length <= 128" in p.stderr and "does not fit" not in p.stderr, p.stderr
+
+
 def _sft(tmp_path, *overrides):
     from runx.cli.config import compose
     from runx.recipes.sft import SFT
