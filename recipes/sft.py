@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from runx.recipes.text_data import (STDLIB_TOPICS, CausalLMDataset, ClassificationDataset, load_rows,
+                                    resolve_chat_template,
                                     pack_collate, pad_collate)
 from runx.trainers.hf import count_params, load_model, load_tokenizer
 from runx.trainers.recipe import TrainingRecipe
@@ -89,6 +90,8 @@ class SFT(ExportsTokenizer, TrainingRecipe):
         if self.task == "cls" and cfg.model.kind != "seq_cls":
             raise ValueError(f"recipe.task=cls needs model.kind=seq_cls (got {cfg.model.kind})")
         self.tokenizer = causal_lm_tokenizer(cfg.model) if self.task == "lm" else load_tokenizer(cfg.model)
+        if self.task == "lm" and cfg.data.get("chat_template"):   # trained with it: exported with it
+            self.tokenizer.chat_template = resolve_chat_template(cfg.data.chat_template, self.tokenizer, "")
         self.num_labels = len(STDLIB_TOPICS) if cfg.data.kind == "builtin" else int(cfg.model.num_labels)
 
     # -------------------------------------------------------------- model and data

@@ -681,6 +681,7 @@ def test_chat_rows_train_on_the_assistant_turns_only(tmp_path):
     data = ["data=jsonl", f"data.path={tmp_path / 'chat.jsonl'}", "data.val_fraction=0", "data.max_length=256"]
     rec = _sft(tmp_path, *data, "data.chat_template=chatml")
     train, _ = rec.build_data()
+    assert rec.tokenizer.chat_template.startswith("{% for m in messages %}<|im_start|>")   # exported with it
     items = sorted((train[i] for i in range(len(train))), key=lambda it: len(it["input_ids"]))
     assert _text(items[0]["input_ids"]) == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\nyo<|im_end|>\n"
     assert _text(items[0]["labels"]) == "yo<|im_end|>\n"
