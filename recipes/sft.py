@@ -9,8 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from runx.recipes.text_data import (STDLIB_TOPICS, CausalLMDataset, ClassificationDataset, load_rows,
-                                    resolve_chat_template,
-                                    pack_collate, pad_collate)
+                                    pack_collate, pad_collate, resolve_chat_template)
 from runx.trainers.hf import count_params, load_model, load_tokenizer
 from runx.trainers.recipe import TrainingRecipe
 
