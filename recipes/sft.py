@@ -138,8 +138,15 @@ class SFT(ExportsTokenizer, TrainingRecipe):
             return loss, {"acc": float(acc)}
         return self.lm_loss(model, batch), {}
 
+    def loss_items(self, batch):
+        """A causal LM's loss is a mean over label tokens, whose number varies between micro-batches."""
+        return int((batch["labels"][:, 1:] != -100).sum()) if self.task == "lm" else None
+
     def lm_loss(self, model, batch):
+        """Mean next-token NLL over the micro-batch's label tokens; in the training loop (`loss_norm` set) its
+        sum scaled so that the optimizer step averages over all of the step's tokens on all ranks."""
         labels = batch["labels"][:, 1:]
+        norm = self.loss_norm
         if self.cfg.recipe.get("fused_logprob"):
             # mean next-token NLL = sum_i w_i log p_i with w_i = -1/n: the head's gradient is made in its forward
             # (6·N·H·V FLOPs, no [N, V] logits), called through the head module so that ZeRO-3 gathers it
@@ -149,13 +156,16 @@ class SFT(ExportsTokenizer, TrainingRecipe):
             hidden = body.get_decoder()(**self.lm_inputs(batch)).last_hidden_state[:, :-1]
             head = body.get_output_embeddings()
             t = labels.reshape(-1)
-            w = torch.full(t.shape, -1.0 / max(1, int((t != -100).sum())), device=t.device)
+            w = torch.full(t.shape, -(norm if norm is not None else 1.0 / max(1, int((t != -100).sum()))),
+                           device=t.device)
             return through_module(head, lambda h: linear_logprob_weighted_sum(
                 h, head.weight, t, w, bias=getattr(head, "bias", None)), hidden.reshape(-1, hidden.shape[-1]))
         out = model(**self.lm_inputs(batch))
         logits = out.logits[:, :-1].float()
         nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100,
                               reduction="sum")
+        if norm is not None:
+            return nll * norm
         return nll / (labels != -100).sum().clamp_min(1)   # a micro-batch with no label gives 0, not NaN
 
     # -------------------------------------------------------------- evaluation

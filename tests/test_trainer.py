@@ -54,6 +54,25 @@ def test_zero3_two_processes_match_one(tmp_path):
     assert one["best_step"] == two["best_step"] and one["best/eval/loss"] == pytest.approx(two["best/eval/loss"], 1e-4)
 
 
+def test_a_causal_lm_step_averages_over_all_its_tokens(tmp_path):
+    """Micro-batches of a causal LM hold different numbers of label tokens. Each one's loss used to be its own
+    token mean, so grad_accum=4 or 2 ranks trained on a mean of micro-batch means (HF Trainer's old gradient-
+    accumulation bug): another loss curve than one batch of 8 (1.3e-4 relative at step 1 here). Now every step
+    averages over all of its tokens on all ranks: the same curve whichever way the global batch is split."""
+    common = ["recipe=sft", "model=tiny_llama", "data=tiny_text", "logger=none", "trainer.progress=false",
+              "trainer.max_steps=3", "trainer.eval_every=0", "trainer.ckpt_every=0"]
+    splits = {"8x1": ["trainer.micro_batch_size=8"], "2x4": ["trainer.micro_batch_size=2", "trainer.grad_accum=4"],
+              "2x2x2ranks": ["trainer.micro_batch_size=2", "trainer.grad_accum=2", "trainer.num_procs=2",
+                             "trainer=zero3"]}
+    for name, extra in splits.items():
+        run_cli(["train", f"run_dir={tmp_path / name}", *common, *extra])
+    ref = losses(tmp_path / "8x1")
+    assert sorted(ref) == [1, 2, 3]
+    for name in splits:
+        got = losses(tmp_path / name)
+        assert all(abs(got[s] - ref[s]) <= 2e-6 * ref[s] for s in ref), (name, got, ref)
+
+
 def test_zero3_builds_a_pretrained_model_partitioned(tmp_path):
     """Under ZeRO-3 a pretrained HF model is built already partitioned (zero.Init through HfDeepSpeedConfig):
     built whole, DeepSpeed would move all of it to each GPU before partitioning. Same training losses as ZeRO-2's

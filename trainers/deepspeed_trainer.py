@@ -8,6 +8,7 @@ of every micro-step. So a resumed run sees exactly the batches the uninterrupted
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import os
@@ -472,11 +473,13 @@ class Trainer:
             self._pending_rng = None
         stop = runtime.StopOnSignal()   # SIGTERM (SLURM preemption, scancel): save, then stop
         try:
-            for batch in batches:
+            for batch, norm in self._with_loss_norm(batches, recipe, grad_accum):
                 if micro_in_step == 0:
                     recipe.on_step_start(self, engine, self.global_step)
                 batch = self.to_device(batch)
+                recipe.loss_norm = norm
                 loss, metrics = recipe.loss(engine, batch, self.global_step)
+                recipe.loss_norm = None      # evaluation and anything else: each micro-batch's own mean
                 engine.backward(loss)
                 recipe.after_backward(self, engine, self.global_step)
                 engine.step()
@@ -574,6 +577,7 @@ class Trainer:
                              self.best.bad_evals)
                     break
         finally:
+            recipe.loss_norm = None
             stop.restore()
             if progress is not None:
                 progress.stop()
@@ -610,6 +614,32 @@ class Trainer:
             if sync:   # soft_wrap: a log file must keep the command on one line, to be pasted whole
                 console().print(f"W&B run saved offline; upload it with: [bold]{sync}[/bold]", soft_wrap=True)
         return final
+
+    def _with_loss_norm(self, batches, recipe, grad_accum: int):
+        """(micro-batch, loss norm) in order. For a recipe whose loss is a mean over a varying number of items
+        (`loss_items`: a causal LM's label tokens) each optimizer step's micro-batches are read ahead and their
+        items summed over all ranks, so that every micro-batch's loss is its sum over world x grad_accum / that
+        total: the step then trains on the mean over all of its tokens, as one large batch would (a mean of
+        micro-batch means weighs a short micro-batch's tokens more; HF Trainer's num_items_in_batch). One
+        all-reduce of one number per step, only for such recipes."""
+        import torch.distributed as dist
+        it = iter(batches)
+        while True:
+            group = list(itertools.islice(it, grad_accum))
+            if not group:
+                return
+            counts = [recipe.loss_items(b) for b in group]
+            norm = None
+            if counts[0] is not None:
+                total = torch.tensor([float(sum(counts))], dtype=torch.float64,
+                                     device=torch.cuda.current_device() if self.world_size > 1
+                                     and self.device == "cuda" else "cpu")
+                if self.world_size > 1:
+                    dist.all_reduce(total)
+                n = float(total.item())
+                norm = self.world_size * grad_accum / n if n > 0 else 0.0
+            for b in group:
+                yield b, norm
 
     def _diverged(self, rec: dict, metrics_log, wb) -> None:
         """A NaN / infinite training loss: log the step, end the W&B run, write the summary and stop without a

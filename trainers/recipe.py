@@ -70,6 +70,18 @@ class TrainingRecipe:
         """(loss tensor, metrics dict of python floats) for one micro-batch."""
         raise NotImplementedError
 
+    # Set by the trainer around each optimizer step when `loss_items` counts: world x grad_accum / (the step's
+    # items on all ranks). A loss that is a mean over a varying number of items (tokens) multiplies its sum by
+    # it: after DeepSpeed's 1/grad_accum and the ranks' gradient average, the step's gradient is that of the
+    # mean over all its items, not a mean of micro-batch means. None outside the training loop (evaluation,
+    # LoRA-GA's estimate): the micro-batch's own mean.
+    loss_norm: float | None = None
+
+    def loss_items(self, batch) -> int | None:
+        """How many items this micro-batch's loss averages over, when that number varies (a causal LM's label
+        tokens); None: the loss is a per-sample mean over equal micro-batches and needs no step-wide norm."""
+        return None
+
     def after_backward(self, trainer, engine, step: int) -> None:
         """After backward, before the optimizer step (e.g. SwAV zeroes prototype grads while frozen)."""
 
