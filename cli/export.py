@@ -28,7 +28,8 @@ class ExportError(ValueError):
     """A run that cannot be exported as asked: printed as one paragraph, no traceback."""
 
 
-def export_run(run_dir: str, out: str | None = None, tag: str | None = None) -> str:
+def load_run_config(run_dir: str, verb: str = "export", error=ExportError):
+    """A training run's resolved config (the unredacted copy when there) and its recipe's registry entry."""
     from omegaconf import OmegaConf
 
     import runx.conf  # noqa: F401
@@ -36,11 +37,16 @@ def export_run(run_dir: str, out: str | None = None, tag: str | None = None) -> 
     private = os.path.join(run_dir, ".runx", "job.yaml")  # unredacted (the run dir's config.yaml is redacted)
     public = os.path.join(run_dir, "config.yaml")
     if not os.path.exists(private) and not os.path.exists(public):
-        raise ExportError(f"{run_dir}: not a runx run folder (no config.yaml)")
+        raise error(f"{run_dir}: not a runx run folder (no config.yaml)")
     cfg = OmegaConf.load(private if os.path.exists(private) else public)
     info = RECIPES[cfg.recipe.name]
     if info.kind != "train":
-        raise ExportError(f"recipe {info.name} is a data job: its outputs are already files in {run_dir}")
+        raise error(f"recipe {info.name} is a data job: its outputs are already files in {run_dir}, nothing to {verb}")
+    return cfg, info
+
+
+def checkpoint_tag(run_dir: str, cfg, tag: str | None, verb: str = "export", error=ExportError) -> str:
+    """The checkpoint a verb reads: `tag` (step_N, or best: trainer.monitor's best), else the latest."""
     ckpt_root = os.path.join(run_dir, "ckpt")
     tags = sorted((d for d in os.listdir(ckpt_root) if d.startswith("step_")),
                   key=lambda d: int(d.split("_")[1])) if os.path.isdir(ckpt_root) else []
@@ -49,24 +55,36 @@ def export_run(run_dir: str, out: str | None = None, tag: str | None = None) -> 
         if not os.path.exists(latest):
             hint = " (it ran with trainer.ckpt_every=0: rerun it with export_at_end=true, or with checkpoints)" \
                 if not int(cfg.trainer.get("ckpt_every") or 0) else ""
-            raise ExportError(f"{run_dir} has no checkpoint to export{hint}")
+            raise error(f"{run_dir} has no checkpoint to {verb}{hint}")
         tag = open(latest).read().strip()
     elif tag == "best":    # the checkpoint of trainer.monitor's best evaluation
         best = os.path.join(ckpt_root, "best")
         if not os.path.exists(best):
-            raise ExportError(f"--tag best: {run_dir} has no best checkpoint (it is kept for runs with "
-                              f"trainer.monitor=<eval metric> and checkpoints on). Valid choices: "
-                              f"{', '.join(tags) or 'none'}")
+            raise error(f"--tag best: {run_dir} has no best checkpoint (it is kept for runs with "
+                        f"trainer.monitor=<eval metric> and checkpoints on). Valid choices: "
+                        f"{', '.join(tags) or 'none'}")
         tag = open(best).read().strip()
     if tag not in tags:
-        raise ExportError(f"--tag {tag}: no such checkpoint in {ckpt_root}. Valid choices: {', '.join(tags) or 'none'}")
-    recipe = info.load()(cfg, run_dir)
+        raise error(f"--tag {tag}: no such checkpoint in {ckpt_root}. Valid choices: {', '.join(tags) or 'none'}")
+    return tag
+
+
+def trained_model(recipe, run_dir: str, cfg, tag: str):
+    """The recipe's model with the checkpoint's weights (all of them: a LoRA-GA base keeps its offset)."""
     model = recipe.build_model()
-    sd = checkpoint_state_dict(ckpt_root, tag, int(cfg.trainer.zero_stage))
+    sd = checkpoint_state_dict(os.path.join(run_dir, "ckpt"), tag, int(cfg.trainer.zero_stage))
     missing = set(model.state_dict()) - set(sd)
     if missing:
         raise RuntimeError(f"checkpoint {tag} lacks {len(missing)} tensors, e.g. {sorted(missing)[:3]}")
     model.load_state_dict(sd)
+    return model, sd
+
+
+def export_run(run_dir: str, out: str | None = None, tag: str | None = None) -> str:
+    cfg, info = load_run_config(run_dir)
+    tag = checkpoint_tag(run_dir, cfg, tag)
+    recipe = info.load()(cfg, run_dir)
+    model, sd = trained_model(recipe, run_dir, cfg, tag)
     out = out or os.path.join(run_dir, "export")
     recipe.export(model, sd, out)
     from runx.trainers.datajob import readable_like_open

@@ -19,6 +19,7 @@ verbs:
   plan [overrides]            memory needed per ZeRO config on GPU / CPU / NVMe, and what fits
   report <dir> [--objective KEY] [--minimize|--maximize]  table + plots for a run or a sweep
   export <run_dir> [--out DIR] [--tag step_N|best]  HF safetensors / PEFT adapter from a checkpoint
+  eval <run_dir> [--tag step_N|best] [data.* overrides]  a checkpoint evaluated again (other data too)
 
 config groups: recipe model data trainer logger launcher debug experiment
 examples:
@@ -41,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     verb, rest = argv[0], argv[1:]
     verbs = {"train": _train, "ls": _ls, "show": _show, "validate": _validate, "plan": _plan,
-             "report": _report, "export": _export}
+             "report": _report, "export": _export, "eval": _eval}
     if verb not in verbs:
         print(f"runx: unknown verb {verb!r}. Valid verbs: {', '.join(verbs)}.\n", file=sys.stderr)
         print(USAGE, file=sys.stderr)
@@ -279,6 +280,27 @@ def _export(rest: list[str]) -> int:
         print(f"runx export: {e}", file=sys.stderr)
         return 2
     print(f"exported to {out}")
+    return 0
+
+
+def _eval(rest: list[str]) -> int:
+    import argparse
+    p = argparse.ArgumentParser(prog="runx eval", description="Evaluate a training run's checkpoint again, on its "
+                                "held-out data or on other data (data.eval_path=..., data.* overrides).")
+    p.add_argument("run_dir")
+    p.add_argument("overrides", nargs="*", help="data.* / trainer.micro_batch_size / trainer.device overrides")
+    p.add_argument("--tag", default=None,
+                   help="checkpoint tag: step_N, or best (trainer.monitor's best; default: latest)")
+    p.add_argument("--out", default=None, help="result file (default: <run_dir>/eval/<tag>[-<hash>].json)")
+    a = p.parse_intermixed_args(rest)
+    from runx.cli.evaluate import EvalError, evaluate_run, print_result
+    from runx.cli.export import ExportError
+    try:
+        out, metrics = evaluate_run(a.run_dir, a.tag, a.overrides, a.out)
+    except (EvalError, ExportError) as e:
+        print(f"runx eval: {e}", file=sys.stderr)
+        return 2
+    print_result(a.run_dir, out, metrics)
     return 0
 
 

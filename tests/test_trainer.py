@@ -415,6 +415,35 @@ def test_export_gives_engine_logits(tmp_path, recipe, zero):
         assert p.returncode == 2 and "not a runx run folder" in p.stderr, p.stderr
 
 
+def test_eval_reproduces_the_runs_evaluation_and_takes_other_data(tmp_path):
+    """`runx eval <run>` (lightning-hydra-template's eval.py): the checkpoint's consolidated weights (ZeRO-3, a
+    LoRA-GA model whose base carries its offset) give the run's own last evaluation; `--tag best` and
+    data.eval_path=<file> evaluate another checkpoint / other data; a key that would change the model is refused."""
+    from runx.cli.evaluate import EvalError, evaluate_run
+    run = tmp_path / "run"
+    run_cli(["train", "recipe=lora_ga", "trainer=zero3", f"run_dir={run}", *TINY, "trainer.max_steps=4",
+             "trainer.eval_every=2", "trainer.ckpt_every=2", "trainer.monitor=eval/loss"])
+    summary = json.load(open(run / "summary.json"))
+    p = run_cli(["eval", str(run)])
+    assert "eval/loss" in p.stdout and "step_4.json" in p.stdout, p.stdout
+    got = json.load(open(run / "eval" / "step_4.json"))
+    for k in ("eval/loss", "eval/accuracy"):
+        assert got[k] == pytest.approx(summary[k], rel=1e-5), (k, got, summary)
+    out, best = evaluate_run(str(run), tag="best")
+    assert best["eval/loss"] == pytest.approx(summary["best/eval/loss"], rel=1e-5)
+    rows = [{"text": "Return the absolute value of x.", "label": 1}, {"text": "Open a socket.", "label": 3}]
+    (tmp_path / "other.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out, _ = evaluate_run(str(run), overrides=[f"data.eval_path={tmp_path / 'other.jsonl'}", "data.kind=jsonl",
+                                               f"data.path={tmp_path / 'other.jsonl'}"])
+    assert json.load(open(out))["samples"] == 2 and out != str(run / "eval" / "step_4.json")
+    with pytest.raises(EvalError, match="optim.lr=1: runx eval changes only the evaluation data"):
+        evaluate_run(str(run), overrides=["optim.lr=1"])
+    with pytest.raises(EvalError, match="data=jsonl: runx eval takes dotted keys"):
+        evaluate_run(str(run), overrides=["data=jsonl"])
+    p = run_cli(["eval", str(run), "data.eval_path=/nope.jsonl"], check=False)
+    assert p.returncode == 2 and "data.eval_path=/nope.jsonl" in p.stderr and "Traceback" not in p.stderr, p.stderr
+
+
 def test_amp_bf16_autocasts_fp32_weights(tmp_path):
     """trainer.precision=amp_bf16: DeepSpeed's torch_autocast block. The forward runs in bf16 (losses differ
     from fp32 in the low bits, so autocast is really on) while weights and optimizer stay fp32 (losses track
