@@ -185,24 +185,38 @@ def test_a_config_problem_in_one_job_does_not_stop_the_sweep(tmp_path):
 
 def test_the_optuna_preset_goes_on_after_a_failed_trial(tmp_path):
     """runx_optuna used Hydra's max_failure_rate 0.0, so the first diverged (or crashed) trial ended the study;
-    now that trial is recorded as failed and the search goes on. Another sampler replaces the preset's seeded TPE
-    whole (its `seed` key made hydra/sweeper/sampler=grid fail to compose)."""
+    now that trial is recorded as failed and the search goes on (the seeded TPE draws 1e-3, 1e36, 1e-3 here).
+    Another sampler replaces the preset's seeded TPE whole (its `seed` key made hydra/sweeper/sampler=grid fail
+    to compose)."""
     import yaml
+    from hydra import compose as hcompose
+    from hydra import initialize_config_module
+
+    from runx.cli.main import _find_hydra_plugins
     sweep = tmp_path / "optuna"
-    p = run_cli(["train", "-m", "hydra/sweeper=runx_optuna", "hydra/sweeper/sampler=grid", "hydra.sweeper.n_trials=2",
-                 f"hydra.sweep.dir={sweep}", "objective=final_loss", "optim.lr=choice(1e36,1e-3)", "model=tiny_bert",
-                 "logger=none", "trainer.progress=false", "optim.warmup_ratio=0", "data.max_train_samples=64",
-                 "trainer.eval_every=0", "optim.name=sgd", "optim.scheduler=constant", "trainer.grad_clip=0",
-                 "trainer.max_steps=3", "trainer.ckpt_every=0", "trainer.micro_batch_size=8"], check=False)
-    assert p.returncode == 1 and "#0 diverged" in p.stderr, p.stderr[-3000:]
+    p = run_cli(["train", "-m", "hydra/sweeper=runx_optuna", "hydra.sweeper.n_trials=3", f"hydra.sweep.dir={sweep}",
+                 "objective=final_loss", "optim.lr=choice(1e36,1e-3)", "model=tiny_bert", "logger=none",
+                 "trainer.progress=false", "optim.warmup_ratio=0", "data.max_train_samples=64", "trainer.eval_every=0",
+                 "optim.name=sgd", "optim.scheduler=constant", "trainer.grad_clip=0", "trainer.max_steps=3",
+                 "trainer.ckpt_every=0", "trainer.micro_batch_size=8"], check=False)
+    assert p.returncode == 1 and "#1 diverged" in p.stderr, p.stderr[-3000:]
+    finals = {r: json.load(open(sweep / r / "summary.json")).get("final_loss") for r in ("0", "1", "2")}
+    assert finals["1"] is None and finals["0"] is not None and finals["2"] is not None   # #2 ran after #1 failed
     res = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
-    assert res["best_params"] == {"optim.lr": 0.001}
-    assert res["best_value"] == json.load(open(sweep / "1" / "summary.json"))["final_loss"]
-    # the report says which job diverged
+    assert res["best_params"] == {"optim.lr": 0.001} and res["best_value"] == min(finals["0"], finals["2"])
+    # the report says which job diverged, and lists it last
     from runx.cli.report import report
     assert report(str(sweep), objective="final_loss", plots=False) == 0
     rows = json.load(open(sweep / "report.json"))["rows"]
-    assert [(r["run"], r["status"]) for r in rows] == [("1", "done"), ("0", "diverged at step 2")]
+    assert rows[-1]["run"] == "1" and rows[-1]["status"] == "diverged at step 2", rows
+    _find_hydra_plugins()
+    with initialize_config_module(config_module="runx.conf", version_base="1.3"):
+        for sampler, target in (("grid", "GridSampler"), ("random", "RandomSampler")):
+            cfg = hcompose("config", overrides=["hydra/sweeper=runx_optuna", f"hydra/sweeper/sampler={sampler}"],
+                           return_hydra_config=True)
+            assert cfg.hydra.sweeper.sampler._target_ == f"optuna.samplers.{target}"
+        cfg = hcompose("config", overrides=["hydra/sweeper=runx_optuna"], return_hydra_config=True)
+        assert cfg.hydra.sweeper.sampler.seed == 0 and cfg.hydra.sweeper.max_failure_rate == 1.0
 
 
 def test_an_optuna_sweep_goes_the_way_its_objective_wants():
