@@ -5,6 +5,9 @@ log-prob kernel (`recipe.fused_logprob=true`), which never materialises [tokens 
 """
 from __future__ import annotations
 
+import json
+import os
+
 import torch
 import torch.nn.functional as F
 
@@ -82,6 +85,18 @@ class ExportsTokenizer:
 class SFT(ExportsTokenizer, TrainingRecipe):
     throughput_unit = "tokens"
 
+    def export(self, model, state_dict, out_dir):
+        """A classifier's config names its classes (id2label: the label names of the training data)."""
+        path = os.path.join(self.run_dir, ".runx", "label_names.json")
+        conf = getattr(getattr(model, "module", model), "config", None)
+        if self.task == "cls" and conf is not None and os.path.exists(path):
+            with open(path) as f:
+                names = json.load(f)
+            if len(names) == self.num_labels:
+                conf.id2label = {i: str(n) for i, n in enumerate(names)}
+                conf.label2id = {str(n): i for i, n in enumerate(names)}
+        super().export(model, state_dict, out_dir)
+
     def __init__(self, cfg, run_dir):
         super().__init__(cfg, run_dir)
         task = cfg.recipe.task
@@ -109,6 +124,10 @@ class SFT(ExportsTokenizer, TrainingRecipe):
                                              self.num_labels)
             eval_ds = ClassificationDataset(evals, self.tokenizer, d.text_field, d.label_field, d.max_length,
                                             self.num_labels, train_ds.label_names, "held-out") if evals else None
+            names = STDLIB_TOPICS if d.kind == "builtin" else train_ds.label_names
+            if names and os.path.isdir(self.run_dir):   # for the exported config's id2label (runx export too)
+                from runx.trainers.datajob import atomic_write_json
+                atomic_write_json(os.path.join(self.run_dir, ".runx", "label_names.json"), list(names))
             return train_ds, eval_ds
         mk = lambda rows: CausalLMDataset(   # noqa: E731
             rows, self.tokenizer, d.text_field, d.max_length, d.prompt_field, d.response_field,
