@@ -23,7 +23,8 @@ class LoRA(SFT):
         task = TaskType.SEQ_CLS if self.task == "cls" else TaskType.CAUSAL_LM
         return LoraConfig(r=int(r.rank), lora_alpha=float(r.alpha), lora_dropout=float(r.dropout),
                           target_modules=lora_target_modules(r.target_modules), task_type=task,
-                          modules_to_save=None if (self.task == "cls" and r.train_head) else [])
+                          modules_to_save=None if (self.task == "cls" and r.train_head) else [],
+                          use_rslora=r.get("scaling", "lora") == "rslora", use_dora=bool(r.get("use_dora", False)))
 
     def build_model(self):
         from peft import get_peft_model

@@ -375,15 +375,15 @@ class LoRAGA(LoRA):
         problem = size_problem("recipe.grad_sum_budget", str(r.grad_sum_budget), ("auto", "none"))
         if problem:
             raise ValueError(problem)
+        if r.get("use_dora"):
+            from runx.trainers.recipe import RecipeConfigError
+            raise RecipeConfigError("recipe.use_dora=true: LoRA-GA initialises plain LoRA factors (and shifts the base "
+                                    "weight by their product); a DoRA magnitude is not part of its init. Valid "
+                                    "choices: recipe.use_dora=false, or recipe=lora recipe.use_dora=true")
         self.timings: dict[str, float] = {}
         self.init_stats: dict[str, float] = {}
 
     # -------------------------------------------------------------- model
-    def peft_config(self):
-        cfg = super().peft_config()
-        cfg.use_rslora = self.cfg.recipe.scaling == "rslora"     # eta = alpha/sqrt(r) (paper)
-        return cfg
-
     def build_model(self):
         model = super().build_model()
         saved = self._saved_init_dir()

@@ -446,6 +446,33 @@ def test_eval_reproduces_the_runs_evaluation_and_takes_other_data(tmp_path):
     assert p.returncode == 2 and "data.eval_path=/nope.jsonl" in p.stderr and "Traceback" not in p.stderr, p.stderr
 
 
+def test_lora_scaling_and_dora_options(tmp_path):
+    """recipe.scaling=rslora gives peft's alpha/sqrt(r), the default alpha/r; recipe.use_dora adds DoRA's magnitude
+    vectors (and builds on the meta device, as `runx plan` needs); LoRA-GA, whose init is for plain LoRA, refuses
+    DoRA with the valid choices and keeps the paper's alpha/sqrt(r)."""
+    import torch
+
+    from runx.cli.config import compose
+    from runx.recipes.lora import LoRA
+    from runx.recipes.lora_ga import LoRAGA
+    from runx.trainers.recipe import RecipeConfigError, build_recipe
+
+    def built(cls, *o):
+        model = build_recipe(cls, compose(["model=tiny_bert", *o]), str(tmp_path)).build_model()
+        layer = next(m for m in model.modules() if isinstance(getattr(m, "scaling", None), dict))
+        return model, layer.scaling["default"]
+    model, eta = built(LoRA, "recipe=lora")
+    assert eta == 16 / 8 and not any("lora_magnitude_vector" in n for n, _ in model.named_parameters())
+    model, eta = built(LoRA, "recipe=lora", "recipe.use_dora=true", "recipe.scaling=rslora")
+    assert eta == pytest.approx(16 / 8 ** 0.5)
+    assert any("lora_magnitude_vector" in n and p.requires_grad for n, p in model.named_parameters())
+    with torch.device("meta"):
+        built(LoRA, "recipe=lora", "recipe.use_dora=true")
+    assert built(LoRAGA, "recipe=lora_ga")[1] == pytest.approx(16 / 8 ** 0.5)
+    with pytest.raises(RecipeConfigError, match="recipe.use_dora=true: LoRA-GA.*recipe=lora recipe.use_dora=true"):
+        build_recipe(LoRAGA, compose(["recipe=lora_ga", "model=tiny_bert", "recipe.use_dora=true"]), str(tmp_path))
+
+
 def test_amp_bf16_autocasts_fp32_weights(tmp_path):
     """trainer.precision=amp_bf16: DeepSpeed's torch_autocast block. The forward runs in bf16 (losses differ
     from fp32 in the low bits, so autocast is really on) while weights and optimizer stay fp32 (losses track

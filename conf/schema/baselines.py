@@ -25,3 +25,7 @@ class LoRAConfig(SFTConfig):
     target_modules: list = field(default_factory=lambda: ["auto"])
     # train the classifier head too (sequence classification)
     train_head: bool = True
+    # LoRA scaling eta: lora = alpha / r (Hu et al., peft's default); rslora = alpha / sqrt(r) (Kalajdzievski 2023)
+    scaling: Literal["lora", "rslora"] = "lora"
+    # DoRA (Liu et al. 2024, peft's use_dora): a learned magnitude per output column on top of LoRA's direction
+    use_dora: bool = False
