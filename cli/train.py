@@ -262,7 +262,8 @@ def launch(cfg, run_dir: str) -> dict:
         env["DS_ACCELERATOR"] = "cpu"
     from runx.cli.worker import problem_file
     from runx.trainers.runtime import diverged_file, submitit_preemption
-    for stale in (problem_file(run_dir), diverged_file(run_dir)):
+    import glob
+    for stale in [diverged_file(run_dir), *glob.glob(os.path.join(run_dir, ".runx", "config_problem*.txt"))]:
         if os.path.exists(stale):
             os.remove(stale)
     handover = submitit_preemption()
@@ -282,13 +283,15 @@ def launch(cfg, run_dir: str) -> dict:
         raise Stopped(f"stopped by {signalled}: the launched processes stopped at a step boundary"
                       + (f" (latest checkpoint: {saved})" if saved else "")
                       + f"; rerun the same command to resume ({run_dir})")
-    # the workers leave these with exit 0, so that torchrun does not print its failure report over the message
+    # the workers leave these with exit 0 where every rank has them (no torchrun failure report over the message)
     if os.path.exists(diverged_file(run_dir)):
         from runx.trainers.runtime import Diverged
         with open(diverged_file(run_dir)) as f:
             raise Diverged(f.read())
-    if os.path.exists(problem_file(run_dir)):
-        with open(problem_file(run_dir)) as f:
+    reported = [problem_file(run_dir)] if os.path.exists(problem_file(run_dir)) else \
+        sorted(glob.glob(os.path.join(run_dir, ".runx", "config_problem.*.txt")))
+    if reported:                      # rank 0's problem, else the one a single rank found
+        with open(reported[0]) as f:
             raise RecipeConfigError(f.read())
     if rc != 0:
         raise RuntimeError(f"the {kind} launcher exited with code {rc} (logs above; run dir {run_dir})")

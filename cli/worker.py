@@ -57,19 +57,15 @@ def main() -> int:
             from runx.cli.train import _log_to_files_only
             _log_to_files_only(f"runx: {e}", with_traceback=False, level=logging.WARNING)
         return 143
-    # A diverged run (every rank saw the same loss) or a config problem (every rank reads the same config and
-    # data): rank 0 leaves the message for the parent, which prints it and exits 1 / 2. The workers exit 0, so
-    # that torchrun does not print its failure report and a traceback over it.
+    # A diverged run (every rank saw the same all-reduced loss): rank 0 leaves the message for the parent, which
+    # prints it and exits 1. The workers exit 0, so that torchrun does not print its failure report over it.
     except Diverged as e:
         if rank0:
             from runx.trainers.datajob import atomic_write_bytes
             atomic_write_bytes(diverged_file(run_dir), str(e).encode())
         return 0
     except RecipeConfigError as e:
-        if rank0:
-            from runx.trainers.datajob import atomic_write_bytes
-            atomic_write_bytes(problem_file(run_dir), str(e).encode())
-        return 0
+        return _config_problem(run_dir, int(os.environ.get("RANK", "0")), str(e))
     except BaseException as e:
         if interrupted:   # Ctrl-C: no traceback (nor the one a peer's collective raises when the other rank left)
             return 130
@@ -80,10 +76,29 @@ def main() -> int:
     return 0
 
 
-def problem_file(run_dir: str) -> str:
-    """Where rank 0 of a launched run leaves a config problem found after the launch (in the recipe's
-    constructor or its data), for the parent to print."""
-    return os.path.join(run_dir, ".runx", "config_problem.txt")
+def problem_file(run_dir: str, rank: int = 0) -> str:
+    """Where a rank of a launched run leaves a config problem found after the launch (in the recipe's
+    constructor or its data), for the parent to print (rank 0's, else any rank's)."""
+    return os.path.join(run_dir, ".runx", "config_problem.txt" if rank == 0 else f"config_problem.{rank}.txt")
+
+
+def _config_problem(run_dir: str, rank: int, message: str, wait_s: float = 10.0) -> int:
+    """A config problem in a worker: written for the parent. Every rank reads the same config and data, so rank
+    0 has the same problem: then all leave with exit 0 (torchrun prints no failure report over the message).
+    A problem rank 0 did not have (a file missing on one node only) leaves with exit 2 once rank 0 has not
+    reported one within `wait_s`: torchrun then ends the ranks that wait for this one in a collective."""
+    import time
+
+    from runx.trainers.datajob import atomic_write_bytes
+    atomic_write_bytes(problem_file(run_dir, rank), message.encode())
+    if rank == 0:
+        return 0
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline:
+        if os.path.exists(problem_file(run_dir)):
+            return 0
+        time.sleep(0.1)
+    return 2
 
 
 def exit_without_teardown(code: int) -> None:

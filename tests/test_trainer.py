@@ -830,6 +830,22 @@ def test_a_data_problem_found_by_launched_workers_is_the_config_problem_paragrap
                  "trainer.max_steps=1", "data=jsonl", f"data.path={tmp_path / 'rows.jsonl'}"], check=False)
     assert p.returncode == 2 and "Invalid configuration" in p.stderr and "data.text_field" in p.stderr, p.stderr
     assert "Traceback" not in p.stderr and "Failures:" not in p.stderr, p.stderr
+    # a problem only rank 1 has (a file missing on one node): rank 1 leaves with exit 2 once rank 0 has reported
+    # none, torchrun ends rank 0 (waiting for it in a collective), and the parent prints rank 1's problem
+    patch = tmp_path / "rank1_only"
+    patch.mkdir()
+    (patch / "sitecustomize.py").write_text(
+        "import os\n"
+        "if os.environ.get('RUNX_WORKER') == '1' and os.environ.get('RANK') == '1':\n"
+        "    from runx.recipes.sft import SFT\n"
+        "    from runx.trainers.recipe import RecipeConfigError\n"
+        "    def build_data(self):\n"
+        "        raise RecipeConfigError('data.path=/only/on/node0.jsonl: no such file on this node')\n"
+        "    SFT.build_data = build_data\n")
+    env = {"PYTHONPATH": os.pathsep.join([str(patch)] + [q for q in [os.environ.get("PYTHONPATH")] if q])}
+    p = run_cli(["train", f"run_dir={tmp_path / 'run2'}", *TINY, "trainer=zero3", "trainer.num_procs=2",
+                 "trainer.max_steps=1"], check=False, env=env, timeout=180)
+    assert p.returncode == 2 and "data.path=/only/on/node0.jsonl: no such file on this node" in p.stderr, p.stderr
 
 
 def test_samples_without_a_response_token_are_dropped_and_an_empty_batch_loss_is_zero(tmp_path, caplog):
