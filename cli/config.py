@@ -414,8 +414,6 @@ def sweep_jobs(overrides: list[str]) -> list[list[str]]:
     return jobs
 
 
-
-
 def _argv_value(argv: list[str], key: str) -> str | None:
     return next((a.partition("=")[2] for a in argv if a.lstrip("+~").partition("=")[0] == key), None)
 

@@ -8,7 +8,6 @@ evaluation keys); everything that makes the model stays the run's.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 
 from runx.cli.export import checkpoint_tag, load_run_config, trained_model
@@ -57,7 +56,7 @@ def eval_config(run_dir: str, overrides: list[str]):
 def evaluate_run(run_dir: str, tag: str | None = None, overrides: list[str] | None = None,
                  out: str | None = None) -> tuple[str, dict]:
     """Evaluate checkpoint `tag` (default: latest; best: trainer.monitor's best) of `run_dir`. Returns (the result
-    file, {eval/<metric>: value}); the file also records the tag, the overrides and the number of samples."""
+    file, what it holds: {eval/<metric>: value} with the tag, the overrides and the number of samples)."""
     import torch
 
     from runx.trainers.datajob import atomic_write_json
@@ -81,14 +80,14 @@ def evaluate_run(run_dir: str, tag: str | None = None, overrides: list[str] | No
         metrics = {f"eval/{k}": v for k, v in recipe.evaluate(model, loader).items()}
     name = tag + (f"-{hashlib.sha1(' '.join(overrides).encode()).hexdigest()[:8]}" if overrides else "")
     out = out or os.path.join(run_dir, "eval", f"{name}.json")
-    atomic_write_json(out, {"run_dir": os.path.abspath(run_dir), "tag": tag, "overrides": overrides,
-                            "samples": len(eval_ds), **metrics})
-    return out, metrics
+    record = {"run_dir": os.path.abspath(run_dir), "tag": tag, "overrides": overrides, "samples": len(eval_ds),
+              **metrics}
+    atomic_write_json(out, record)
+    return out, record
 
 
-def print_result(run_dir: str, tag_file: str, metrics: dict) -> None:
+def print_result(run_dir: str, out: str, record: dict) -> None:
     from runx.trainers.tracking import console, summary_table
-    with open(tag_file) as f:
-        rec = json.load(f)
-    console().print(summary_table(f"runx eval — {run_dir} @ {rec['tag']} ({rec['samples']} samples)", metrics))
-    console().print(f"wrote {tag_file}", soft_wrap=True)
+    metrics = {k: v for k, v in record.items() if k.startswith("eval/")}
+    console().print(summary_table(f"runx eval — {run_dir} @ {record['tag']} ({record['samples']} samples)", metrics))
+    console().print(f"wrote {out}", soft_wrap=True)

@@ -296,11 +296,11 @@ def _eval(rest: list[str]) -> int:
     from runx.cli.evaluate import EvalError, evaluate_run, print_result
     from runx.cli.export import ExportError
     try:
-        out, metrics = evaluate_run(a.run_dir, a.tag, a.overrides, a.out)
+        out, record = evaluate_run(a.run_dir, a.tag, a.overrides, a.out)
     except (EvalError, ExportError) as e:
         print(f"runx eval: {e}", file=sys.stderr)
         return 2
-    print_result(a.run_dir, out, metrics)
+    print_result(a.run_dir, out, record)
     return 0
 
 

@@ -260,16 +260,16 @@ def launch(cfg, run_dir: str) -> dict:
     env = dict(os.environ, RUNX_WORKER="1", PYTHONUNBUFFERED="1")
     if not _has_cuda():
         env["DS_ACCELERATOR"] = "cpu"
-    from runx.cli.worker import problem_file
-    from runx.trainers.runtime import diverged_file, submitit_preemption
     import glob
-    for stale in [diverged_file(run_dir), *glob.glob(os.path.join(run_dir, ".runx", "config_problem*.txt"))]:
+
+    from runx.cli.worker import problem_file
+    from runx.trainers.runtime import diverged_file, parent_signal_file, submitit_preemption
+    # what the workers and this process leave for each other about one launch: none from an earlier one
+    for stale in [diverged_file(run_dir), parent_signal_file(run_dir),
+                  *glob.glob(os.path.join(run_dir, ".runx", "config_problem*.txt"))]:
         if os.path.exists(stale):
             os.remove(stale)
     handover = submitit_preemption()
-    from runx.trainers.runtime import parent_signal_file
-    if os.path.exists(parent_signal_file(run_dir)):
-        os.remove(parent_signal_file(run_dir))
     rc, signalled = _run_forwarding_signals(cmd, env, handover[0] if handover else None,
                                             record=parent_signal_file(run_dir))
     if rc != 0 and signalled:

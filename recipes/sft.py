@@ -131,8 +131,8 @@ class SFT(ExportsTokenizer, TrainingRecipe):
             return train_ds, eval_ds
         mk = lambda rows: CausalLMDataset(   # noqa: E731
             rows, self.tokenizer, d.text_field, d.max_length, d.prompt_field, d.response_field,
-            messages_field=d.messages_field, chat_template=d.chat_template, train_on_prompt=d.train_on_prompt,
-            source=self.cfg.model.get("tokenizer") or self.cfg.model.path)
+            messages_field=d.messages_field, train_on_prompt=d.train_on_prompt,   # the tokenizer carries
+            source=self.cfg.model.get("tokenizer") or self.cfg.model.path)      # data.chat_template (__init__)
         return mk(train), (mk(evals) if evals else None)
 
     def collate(self, items):

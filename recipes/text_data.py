@@ -165,16 +165,10 @@ def read_local_splits(dcfg) -> tuple[list[dict], list[dict] | None]:
     def split_file(split: str) -> str | None:
         return next((os.path.join(path, split + e) for e in FILE_EXTENSIONS[kind]
                      if os.path.isfile(os.path.join(path, split + e))), None)
-    evals = None
-    if os.path.isdir(path) and split_file(dcfg.train_split):
-        train = read_files(split_file(dcfg.train_split), kind)
-        if split_file(dcfg.eval_split):
-            evals = read_files(split_file(dcfg.eval_split), kind)
-    else:
-        train = read_files(path, kind)
-    if dcfg.get("eval_path"):
-        evals = read_files(os.path.expanduser(dcfg.eval_path), kind)
-    return train, evals
+    train_file = split_file(dcfg.train_split) if os.path.isdir(path) else None
+    eval_file = os.path.expanduser(dcfg.eval_path) if dcfg.get("eval_path") else \
+        split_file(dcfg.eval_split) if train_file else None
+    return read_files(train_file or path, kind), (read_files(eval_file, kind) if eval_file else None)
 
 
 def load_hf_splits(src: str, train_split: str):
@@ -291,11 +285,20 @@ SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system", "user
                   "tool": "tool"}
 
 
+def _chat_template_kind(value) -> str | None:
+    """What `data.chat_template=value` is: unset, name (built-in), text (Jinja), file, or None (none of them)."""
+    if value in (None, ""):
+        return "unset"
+    if value in CHAT_TEMPLATES:
+        return "name"
+    if "{{" in str(value) or "{%" in str(value):
+        return "text"
+    return "file" if os.path.isfile(os.path.expanduser(str(value))) else None
+
+
 def chat_template_problem(value) -> str | None:
     """Why `data.chat_template=value` cannot be used, or None: a built-in name, Jinja text, or a .jinja file."""
-    if value in (None, "") or value in CHAT_TEMPLATES or "{{" in str(value) or "{%" in str(value):
-        return None
-    if os.path.isfile(os.path.expanduser(str(value))):
+    if _chat_template_kind(value) is not None:
         return None
     return (f"data.chat_template={value}: neither a built-in template, Jinja text nor a file on this machine. "
             f"Valid choices: {', '.join(CHAT_TEMPLATES)}, a Jinja template ('{{% for m in messages %}}...'), a path "
@@ -304,14 +307,14 @@ def chat_template_problem(value) -> str | None:
 
 def resolve_chat_template(value, tokenizer, source: str) -> str:
     """The Jinja text a chat run renders with: data.chat_template (name, text or file), else the tokenizer's."""
-    if value not in (None, ""):
-        problem = chat_template_problem(value)
-        if problem:
-            raise RecipeConfigError(problem)
-        if value in CHAT_TEMPLATES:
-            return CHAT_TEMPLATES[value]
-        if "{{" in str(value) or "{%" in str(value):
-            return str(value)
+    kind = _chat_template_kind(value)
+    if kind is None:
+        raise RecipeConfigError(chat_template_problem(value))
+    if kind == "name":
+        return CHAT_TEMPLATES[value]
+    if kind == "text":
+        return str(value)
+    if kind == "file":
         with open(os.path.expanduser(str(value))) as f:
             return f.read()
     own = getattr(tokenizer, "chat_template", None)
