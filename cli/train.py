@@ -340,7 +340,7 @@ def _run_forwarding_signals(cmd: list[str], env: dict, preempt=None, record: str
         for p in tree:
             _quietly(p.suspend)
         os.kill(os.getpid(), signal.SIGSTOP)       # returns on SIGCONT (the shell's fg / bg)
-        for p in reversed(tree):
+        for p in tree:
             _quietly(p.resume)
 
     old = {sig: signal.signal(sig, forward)
