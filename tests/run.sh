@@ -17,7 +17,7 @@ python -m runx.trainers.nvme --build-aio > .pytest_cache/aio_build.log 2>&1 &
 echo $! > .pytest_cache/aio_build.pid
 
 set +e
-python -m pytest -q -p no:cacheprovider "$@" tests
+python -m pytest -q -p no:cacheprovider -n 2 --dist loadgroup "$@" tests
 rc=$?
 set -e
 wait "$(cat .pytest_cache/aio_build.pid)" 2>/dev/null || true

@@ -21,6 +21,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from runx.kernels import chunk_rows, linear_logprob, linear_logprob_weighted_sum, sinkhorn
 
+# pytest-xdist (tests/run.sh runs 2 workers) keeps this file on one worker: its interpreter runs start once
+pytestmark = pytest.mark.xdist_group("kernels")
+
 IGNORE = -100
 
 

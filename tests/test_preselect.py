@@ -20,6 +20,9 @@ from omegaconf import OmegaConf
 from runx.recipes import preselect as P
 from runx.recipes.preselect_ngram import CharNgramLM
 
+# pytest-xdist (tests/run.sh runs 2 workers) keeps this file on one worker: its smoke job runs once
+pytestmark = pytest.mark.xdist_group("preselect")
+
 
 def smoke_cfg(**recipe) -> "OmegaConf":
     return OmegaConf.create({"seed": 0, "smoke": True, "recipe": {"name": "preselect", **recipe}})

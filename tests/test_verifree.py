@@ -15,6 +15,9 @@ from runx.recipes import verifree as vf
 from runx.recipes.text_data import read_files
 from runx.recipes.verifree_task import ArithmeticTask, qa_rows
 
+# pytest-xdist (tests/run.sh runs 2 workers) keeps this file on one worker: its tiny model is built once
+pytestmark = pytest.mark.xdist_group("verifree")
+
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 
