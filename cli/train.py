@@ -260,13 +260,10 @@ def launch(cfg, run_dir: str) -> dict:
     env = dict(os.environ, RUNX_WORKER="1", PYTHONUNBUFFERED="1")
     if not _has_cuda():
         env["DS_ACCELERATOR"] = "cpu"
-    import glob
-
-    from runx.cli.worker import problem_file
+    from runx.cli.worker import problem_files
     from runx.trainers.runtime import diverged_file, parent_signal_file, submitit_preemption
     # what the workers and this process leave for each other about one launch: none from an earlier one
-    for stale in [diverged_file(run_dir), parent_signal_file(run_dir),
-                  *glob.glob(os.path.join(run_dir, ".runx", "config_problem*.txt"))]:
+    for stale in [diverged_file(run_dir), parent_signal_file(run_dir), *problem_files(run_dir)]:
         if os.path.exists(stale):
             os.remove(stale)
     handover = submitit_preemption()
@@ -288,8 +285,7 @@ def launch(cfg, run_dir: str) -> dict:
         from runx.trainers.runtime import Diverged
         with open(diverged_file(run_dir)) as f:
             raise Diverged(f.read())
-    reported = [problem_file(run_dir)] if os.path.exists(problem_file(run_dir)) else \
-        sorted(glob.glob(os.path.join(run_dir, ".runx", "config_problem.*.txt")))
+    reported = problem_files(run_dir)
     if reported:                      # rank 0's problem, else the one a single rank found
         with open(reported[0]) as f:
             raise RecipeConfigError(f.read())

@@ -31,7 +31,8 @@ def main() -> int:
         raise KeyboardInterrupt
     signal.signal(signal.SIGINT, on_interrupt)
     from runx.cli.train import hold_run_dir
-    if os.environ.get("RANK", "0") == "0":
+    rank = int(os.environ.get("RANK", "0"))
+    if rank == 0:
         hold_run_dir(run_dir, "workers")
     from omegaconf import OmegaConf
 
@@ -40,7 +41,7 @@ def main() -> int:
     from runx.trainers.console import NoCompilerProbes, RankZeroRichHandler
     import logging
     handlers: list[logging.Handler] = [RankZeroRichHandler()]
-    if os.environ.get("RANK", "0") == "0":   # the run's train.log gets rank 0's lines, as a 1-process run's does
+    if rank == 0:   # the run's train.log gets rank 0's lines, as a 1-process run's does
         log_file = logging.FileHandler(os.path.join(run_dir, "train.log"))
         log_file.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] %(message)s"))
         log_file.addFilter(NoCompilerProbes())
@@ -49,7 +50,7 @@ def main() -> int:
     cfg = OmegaConf.load(os.path.join(run_dir, ".runx", "job.yaml"))
     from runx.trainers.recipe import RecipeConfigError
     from runx.trainers.runtime import Diverged, Stopped, diverged_file
-    rank0 = os.environ.get("RANK", "0") == "0"
+    rank0 = rank == 0
     try:
         run_job(cfg, run_dir)
     except Stopped as e:      # the parent runx says it on the console, with the checkpoint's step
@@ -65,7 +66,7 @@ def main() -> int:
             atomic_write_bytes(diverged_file(run_dir), str(e).encode())
         return 0
     except RecipeConfigError as e:
-        return _config_problem(run_dir, int(os.environ.get("RANK", "0")), str(e))
+        return _config_problem(run_dir, rank, str(e))
     except BaseException as e:
         if interrupted:   # Ctrl-C: no traceback (nor the one a peer's collective raises when the other rank left)
             return 130
@@ -80,6 +81,13 @@ def problem_file(run_dir: str, rank: int = 0) -> str:
     """Where a rank of a launched run leaves a config problem found after the launch (in the recipe's
     constructor or its data), for the parent to print (rank 0's, else any rank's)."""
     return os.path.join(run_dir, ".runx", "config_problem.txt" if rank == 0 else f"config_problem.{rank}.txt")
+
+
+def problem_files(run_dir: str) -> list[str]:
+    """The config problems the ranks of a launch left in `run_dir`, rank 0's first."""
+    import glob
+    return [f for f in [problem_file(run_dir)] if os.path.exists(f)] + \
+        sorted(glob.glob(os.path.join(run_dir, ".runx", "config_problem.*.txt")))
 
 
 def _config_problem(run_dir: str, rank: int, message: str, wait_s: float = 10.0) -> int:
