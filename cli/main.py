@@ -3,6 +3,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 
@@ -93,14 +94,16 @@ def _train(rest: list[str]) -> int:
             return _fail(problems)
     _find_hydra_plugins()
     from runx.cli.train import hydra_main
-    from runx.cli.config import normalize_recipe_overrides, optuna_direction_override
+    from runx.cli.config import _argv_value, normalize_recipe_overrides, optuna_direction_override
     direction = optuna_direction_override(rest) if multirun else None
     if direction:
         print(f"runx: Optuna {direction.rpartition('=')[2]}s the objective ({direction})", file=sys.stderr)
     sys.argv = ["runx train"] + normalize_recipe_overrides(rest) + ([direction] if direction else [])
     from runx.cli import train
+    optuna = multirun and "optuna" in (_argv_value(rest, "hydra/sweeper") or "")
     try:
-        hydra_main()
+        with train.optuna_sweeps_end_cleanly() if optuna else contextlib.nullcontext():
+            hydra_main()
         code = train.LAST_EXIT_CODE
     except SystemExit as e:
         code = int(e.code or 0)

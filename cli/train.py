@@ -6,6 +6,7 @@ and each worker loads that resolved copy — one run dir, not one per rank.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import subprocess
@@ -120,8 +121,48 @@ def _sweep_job() -> int | None:
     return int(hc.job.num)
 
 
+@contextlib.contextmanager
+def optuna_sweeps_end_cleanly():
+    """Two endings of Hydra's Optuna sweeper that were tracebacks, mended while a runx sweep runs:
+
+    - Hydra drives its study with ask/tell and caps n_trials at a grid's size, yet Optuna's GridSampler still
+      calls study.stop() once the last grid point is told, which outside study.optimize raises RuntimeError
+      (optuna#4121). Hydra swallows it after a completed trial, not after a failed one: a grid sweep whose last
+      trial failed lost its optimization_results.yaml. That stop is a no-op here (the sweep ends by its count).
+    - A sweep whose every trial failed has no best trial (optuna raises ValueError): one line says so, and
+      `runx train -m` lists the failed jobs."""
+    from hydra_plugins.hydra_optuna_sweeper._impl import OptunaSweeperImpl
+    from optuna.samplers import GridSampler
+    after_trial, sweep = GridSampler.after_trial, OptunaSweeperImpl.sweep
+
+    def grid_after_trial(self, study, trial, state, values):
+        try:
+            after_trial(self, study, trial, state, values)
+        except RuntimeError as e:
+            if "Study.stop" not in str(e):
+                raise
+
+    def optuna_sweep(self, arguments):
+        try:
+            return sweep(self, arguments)
+        except ValueError as e:
+            if "No trials are completed" not in str(e):
+                raise
+            raise SweepWithoutResult("runx: every trial of the Optuna sweep failed, so it has no best trial") \
+                from None
+    GridSampler.after_trial, OptunaSweeperImpl.sweep = grid_after_trial, optuna_sweep
+    try:
+        yield
+    finally:
+        GridSampler.after_trial, OptunaSweeperImpl.sweep = after_trial, sweep
+
+
 class SweepJobDiverged(CompactHydraException):
     """A sweep job whose loss became NaN / inf: failed, as a crash is, without a traceback."""
+
+
+class SweepWithoutResult(CompactHydraException):
+    """An Optuna sweep whose every trial failed (each listed at the end by `runx train -m`)."""
 
 
 class SweepJobConfigProblem(CompactHydraException):

@@ -219,6 +219,27 @@ def test_the_optuna_preset_goes_on_after_a_failed_trial(tmp_path):
         assert cfg.hydra.sweeper.sampler.seed == 0 and cfg.hydra.sweeper.max_failure_rate == 1.0
 
 
+def test_an_optuna_grid_sweep_ends_cleanly_when_trials_fail(tmp_path):
+    """Optuna's GridSampler calls study.stop() after the last grid point, which raises outside study.optimize;
+    Hydra's sweeper swallowed that only after a completed trial, so a grid sweep whose last trial failed ended in
+    a traceback without optimization_results.yaml. A one-point grid whose trial diverges is that case every time
+    (and then no trial completed: one line says so, no traceback); in the two-point grid the failing point is
+    drawn first or last at random, and either way the good point is the result."""
+    import yaml
+    common = ["hydra/sweeper=runx_optuna", "hydra/sweeper/sampler=grid", "objective=final_loss", "model=tiny_bert",
+              "logger=none", "trainer.progress=false", "optim.warmup_ratio=0", "data.max_train_samples=64",
+              "trainer.eval_every=0", "optim.name=sgd", "optim.scheduler=constant", "trainer.grad_clip=0",
+              "trainer.max_steps=3", "trainer.ckpt_every=0", "trainer.micro_batch_size=8"]
+    p = run_cli(["train", "-m", f"hydra.sweep.dir={tmp_path / 'one'}", "optim.lr=choice(1e36)"] + common, check=False)
+    assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr[-3000:]
+    assert "every trial of the Optuna sweep failed, so it has no best trial" in p.stderr and "#0 diverged" in p.stderr
+    p = run_cli(["train", "-m", f"hydra.sweep.dir={tmp_path / 'two'}", "optim.lr=choice(1e-3,1e36)"] + common,
+                check=False)
+    assert p.returncode == 1 and "Traceback" not in p.stderr and "diverged" in p.stderr, p.stderr[-3000:]
+    res = yaml.safe_load((tmp_path / "two" / "optimization_results.yaml").read_text())
+    assert res["best_params"] == {"optim.lr": 0.001}
+
+
 def test_an_optuna_sweep_goes_the_way_its_objective_wants():
     """Hydra's optuna sweeper minimises unless told otherwise: runx sets the direction from the objective when
     the command line gives none, refuses a misspelt one, and `runx report` sorts a sweep the way it ran."""
