@@ -50,10 +50,12 @@ class LoRA(SFT):
         import os
         model.save_pretrained(out_dir, state_dict=state_dict, safe_serialization=True)
         self.tokenizer.save_pretrained(out_dir)
+        names = self.class_names()
         if self.cfg.model.get("from_config"):
             base_dir = os.path.abspath(os.path.join(out_dir, "base"))
             base_sd = base_state_dict(state_dict)
             base = SFT.build_model(self)
+            self.name_classes(base.config)     # the base's config names the classes (id2label)
             base.save_pretrained(base_dir, state_dict=base_sd, safe_serialization=True)
             conf_path = os.path.join(out_dir, "adapter_config.json")
             conf = json.load(open(conf_path))
@@ -61,12 +63,14 @@ class LoRA(SFT):
             json.dump(conf, open(conf_path, "w"), indent=2)
         elif self.task == "cls":   # the pretrained base's config has no head of this size: say how to load it
             from runx.trainers.datajob import atomic_write_bytes
+            labels = (f"id2label={dict(enumerate(names))!r},\n      label2id={ {n: i for i, n in enumerate(names)}!r}"
+                      if names else f"num_labels={self.num_labels}")
             atomic_write_bytes(os.path.join(out_dir, "README.txt"), (
                 "A PEFT LoRA adapter with a sequence-classification head of "
                 f"{self.num_labels} labels. Load it with\n"
                 "  from peft import AutoPeftModelForSequenceClassification\n"
-                f"  model = AutoPeftModelForSequenceClassification.from_pretrained(<this folder>, "
-                f"num_labels={self.num_labels})\n").encode())
+                f"  model = AutoPeftModelForSequenceClassification.from_pretrained(\n      <this folder>, "
+                f"{labels})\n").encode())
 
 
 def base_state_dict(peft_state_dict: dict) -> dict:

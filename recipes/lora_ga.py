@@ -583,9 +583,9 @@ class LoRAGA(LoRA):
             conf = json.load(f)
         conf["base_model_name_or_path"] = None
         atomic_write_bytes(conf_path, json.dumps(conf, indent=2).encode())
-        card = os.path.join(offset_dir, "README.md")   # peft's model card names the original base as base_model
-        if os.path.exists(card):
-            os.remove(card)
+        for card in ("README.md", "README.txt"):   # peft's card names the original base, LoRA's says load it
+            if os.path.exists(os.path.join(offset_dir, card)):          # with it: out_dir/README.txt says how
+                os.remove(os.path.join(offset_dir, card))
         own = os.path.join(self.run_dir, INIT_DIR)     # this run's init, whatever its resume setting
         init_dir = own if os.path.exists(os.path.join(own, INIT_META)) else self._saved_init_dir()
         if init_dir is None:
@@ -593,6 +593,7 @@ class LoRAGA(LoRA):
                                     f"({os.path.join(self.run_dir, INIT_DIR)}); was recipe.save_init false?")
         export_lora_ga_init_copy(init_dir, os.path.join(out_dir, INIT_DIR))
         export_rank2r_adapter(model, state_dict, init_dir, os.path.join(out_dir, "adapter_rank2r"))
+        self.name_classes(model.get_base_model().config)    # merged/'s config names the classes (id2label)
         export_merged(model, state_dict, os.path.join(out_dir, "merged"))
         self.tokenizer.save_pretrained(os.path.join(out_dir, "merged"))
         self.tokenizer.save_pretrained(os.path.join(out_dir, "adapter_rank2r"))

@@ -87,15 +87,24 @@ class SFT(ExportsTokenizer, TrainingRecipe):
 
     def export(self, model, state_dict, out_dir):
         """A classifier's config names its classes (id2label: the label names of the training data)."""
-        path = os.path.join(self.run_dir, ".runx", "label_names.json")
-        conf = getattr(getattr(model, "module", model), "config", None)
-        if self.task == "cls" and conf is not None and os.path.exists(path):
-            with open(path) as f:
-                names = json.load(f)
-            if len(names) == self.num_labels:
-                conf.id2label = {i: str(n) for i, n in enumerate(names)}
-                conf.label2id = {str(n): i for i, n in enumerate(names)}
+        self.name_classes(getattr(getattr(model, "module", model), "config", None))
         super().export(model, state_dict, out_dir)
+
+    def class_names(self) -> list[str] | None:
+        """A classifier's class names: its training data's label names (saved by build_data), else None."""
+        path = os.path.join(self.run_dir, ".runx", "label_names.json")
+        if self.task != "cls" or not os.path.exists(path):
+            return None
+        with open(path) as f:
+            names = [str(n) for n in json.load(f)]
+        return names if len(names) == self.num_labels else None
+
+    def name_classes(self, conf) -> None:
+        """Set a model config's id2label / label2id from class_names() (exported configs name the classes)."""
+        names = self.class_names()
+        if names and conf is not None:
+            conf.id2label = dict(enumerate(names))
+            conf.label2id = {n: i for i, n in enumerate(names)}
 
     def __init__(self, cfg, run_dir):
         super().__init__(cfg, run_dir)

@@ -546,6 +546,14 @@ def test_cli_smoke_on_the_embedded_default(tmp_path):
     assert 0.0 < summary["lora_ga/grad_energy_2r"] <= 1.0
     tensors, meta = read_lora_ga_init(run / "lora_ga_init")
     assert meta["rank"] == 8 and meta["direction"] == "ArB2r" and len(tensors) == 2 * len(meta["eta"])
+    # the merged export's config names the classes; the offset-base adapter has no README of its own (the
+    # export's README.txt says how to load it: not on the original base)
+    run_cli(["export", str(run)])
+    from transformers import AutoConfig
+
+    from runx.recipes.text_data import STDLIB_TOPICS
+    assert AutoConfig.from_pretrained(run / "export" / "merged").id2label == dict(enumerate(STDLIB_TOPICS))
+    assert not (run / "export" / "adapter_on_offset_base" / "README.txt").exists()
 
 
 @pytest.mark.slow

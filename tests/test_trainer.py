@@ -409,11 +409,14 @@ def test_export_gives_engine_logits(tmp_path, recipe, zero):
         from_engine = load(run / "export")(**batch).logits  # written in-process from the live engine
     assert torch.allclose(from_ckpt, from_engine, atol=1e-5), (from_ckpt, from_engine)
     assert from_ckpt.abs().sum() > 0
-    if recipe == "sft":   # the classifier's config names its classes (the default data's topics)
-        from transformers import AutoConfig
+    # the classifier's config names its classes (the default data's topics): the model's, or the LoRA base's
+    from transformers import AutoConfig
 
-        from runx.recipes.text_data import STDLIB_TOPICS
-        assert AutoConfig.from_pretrained(out).id2label == dict(enumerate(STDLIB_TOPICS))
+    from runx.recipes.text_data import STDLIB_TOPICS
+    assert AutoConfig.from_pretrained(out / ("base" if recipe == "lora" else "")).id2label == \
+        dict(enumerate(STDLIB_TOPICS))
+    if recipe == "lora":
+        assert load(out).config.id2label == dict(enumerate(STDLIB_TOPICS))
     if recipe == "sft":   # what cannot be exported says so in one line, with the choices
         p = run_cli(["export", str(run), "--tag", "step_9"], check=False)
         assert p.returncode == 2 and "Valid choices: step_3" in p.stderr and "Traceback" not in p.stderr, p.stderr
