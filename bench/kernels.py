@@ -270,7 +270,7 @@ LOGPROB_SWEEP = {"chunk x2": {"chunk_mult": 2}, "chunk x4": {"chunk_mult": 4},
                  "stages4": {"config": (128, 256, 64, 8, 4)}, "256x128x64": {"config": (256, 128, 64, 8, 3)}}
 
 
-def sweep_logprob(n, hsz, v, dtype, rounds, wsum_mults=(1, 4), variants=True):
+def sweep_logprob(n, hsz, v, dtype, rounds, wsum_mults=(1, 4), variants=True, weight_dw_mults=(1,)):
     from runx.kernels import _triton_logprob as tlp
 
     gen = torch.Generator(device="cpu").manual_seed(0)
@@ -301,13 +301,17 @@ def sweep_logprob(n, hsz, v, dtype, rounds, wsum_mults=(1, 4), variants=True):
         methods[name] = run(chunk=base_chunk * o["chunk_mult"] if "chunk_mult" in o else None, config=o.get("config"))
     ones = torch.ones(n, device="cuda")
     # the gradient made in the forward: larger row chunks = fewer fp32 dW accumulations, smaller ones = a smaller
-    # logits block beside the fp32 dW sum; torch = without the Triton row kernel
-    for mult, b in [(m, "auto") for m in wsum_mults] + [(1, "torch")]:
-        def ws(c=max(1, int(base_chunk * mult)), b=b):
+    # logits block beside the fp32 dW sum; torch = without the Triton row kernel; "dW bf16" = dw_accum="weight"
+    # (dW summed in the weight's dtype, as Liger does: half the sum's bytes and half its read-modify-write traffic)
+    runs = [(m, "auto", "fp32") for m in wsum_mults] + [(1, "torch", "fp32")] + \
+        [(m, "auto", "weight") for m in weight_dw_mults]
+    for mult, b, acc in runs:
+        def ws(c=max(1, int(base_chunk * mult)), b=b, acc=acc):
             h.grad = w.grad = None
-            rk.linear_logprob_weighted_sum(h, w, t, ones, chunk=c, backend=b).backward()
+            rk.linear_logprob_weighted_sum(h, w, t, ones, chunk=c, backend=b, dw_accum=acc).backward()
             h.grad = w.grad = None
-        methods["wsum" + (f" chunk x{mult:g}" if mult != 1 else "") + (" torch" if b == "torch" else "")] = ws
+        methods["wsum" + (f" chunk x{mult:g}" if mult != 1 else "") + (" torch" if b == "torch" else "") +
+                (" dW bf16" if acc == "weight" else "")] = ws
     liger = _liger_loss()
     if liger is not None:
         def lg():
@@ -320,6 +324,7 @@ def sweep_logprob(n, hsz, v, dtype, rounds, wsum_mults=(1, 4), variants=True):
     _cleanup("cuda")
     return {"kind": "linear_logprob_sweep", "N": n, "H": hsz, "V": v, "dtype": str(dtype).replace("torch.", ""),
             "default_chunk": base_chunk, "variants": LOGPROB_SWEEP if variants else {}, "wsum_chunk_mults": wsum_mults,
+            "wsum_weight_dw_chunk_mults": weight_dw_mults,
             "fwd_bwd": res}
 
 
@@ -506,9 +511,12 @@ def main(argv=None):
             cases.append(sweep_logprob(32768, hsz, 151936, dtype, rounds))
         except Exception as exc:
             cases.append({"kind": "linear_logprob_sweep", "error": str(exc)[:300]})
-        try:   # the one shape where the weighted sum's memory misses 0.25x eager: its fp32 dW sum (V·H·4 bytes)
-            # sits beside a [4096, 32000] logits block; does a smaller block keep the speed?
-            cases.append(sweep_logprob(8192, hsz, 32000, dtype, rounds, wsum_mults=(1, 0.5, 0.25), variants=False))
+        try:   # the one shape where the weighted sum's memory misses 0.25x eager: its fp32 dW sum (V·H·4 bytes,
+            # 500 MiB) sits beside a [4096, 32000] fp32 logits block (500 MiB) and its bf16 d_logits (250 MiB); by
+            # the bytes, x0.25 still holds 0.2505x eager's 3000 MiB, x0.125 0.22x with 4x the fp32 sum's traffic;
+            # dW summed in bf16 (dw_accum="weight") at x0.25: ~0.17x
+            cases.append(sweep_logprob(8192, hsz, 32000, dtype, rounds, wsum_mults=(1, 0.5, 0.25, 0.125),
+                                       variants=False, weight_dw_mults=(1, 0.25)))
         except Exception as exc:
             cases.append({"kind": "linear_logprob_sweep", "error": str(exc)[:300]})
         print(f"[{time.time() - t_start:6.1f}s] logprob sweep done", flush=True)

@@ -350,17 +350,17 @@ def _head_logprob(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Te
 
 
 def _head_weighted_sum(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor,
-                       temperature: float, chunk: int | None):
+                       temperature: float, chunk: int | None, dw_accum: str = "fp32"):
     """linear_logprob_weighted_sum through the LM-head module (the ZeRO-3 gather, as _head_logprob)."""
     from runx.kernels import linear_logprob_weighted_sum
     from runx.trainers.hf import through_module
     return through_module(head, lambda h: linear_logprob_weighted_sum(
         h, head.weight, targets, weights, bias=getattr(head, "bias", None), temperature=temperature, chunk=chunk,
-        return_logp=True, return_entropy=True), hidden)
+        return_logp=True, return_entropy=True, dw_accum=dw_accum), hidden)
 
 
 def linear_objective_logprobs(policy, batch: ScoredBatch, objective, temperature: float = 1.0,
-                              chunk: int | None = None, packed: bool = False):
+                              chunk: int | None = None, packed: bool = False, dw_accum: str = "fp32"):
     """The loss ``objective(think_lp, answer_lp)`` and the [N, T] log-probs / entropies, for an objective that
     is linear in the two per-sequence log-prob sums once the rewards are fixed (VeriFree's and the verifier
     baseline's without KL). Its gradient is made during the head's forward pass (6·N·H·V FLOPs, not 8):
@@ -368,7 +368,8 @@ def linear_objective_logprobs(policy, batch: ScoredBatch, objective, temperature
     1. the answer tokens' log-probs alone, without gradient (a few tokens per sequence): they fix R;
     2. the objective's coefficient for each sequence's two sums, by autograd on the objective itself
        (``objective`` is the same function the unfused path calls, so the two paths cannot disagree);
-    3. one weighted-sum pass over every scored token with those coefficients as token weights.
+    3. one weighted-sum pass over every scored token with those coefficients as token weights (``dw_accum``:
+       how the head's gradient is summed, as in ``linear_logprob_weighted_sum``).
     ``objective(think_lp, answer_lp, answer_lp_detached) -> (loss, parts)`` must not depend on think_lp
     except linearly; the value returned is re-evaluated on the final log-probs (for the logged parts)."""
     device = next(policy.parameters()).device
@@ -392,7 +393,7 @@ def linear_objective_logprobs(policy, batch: ScoredBatch, objective, temperature
     c_think = torch.zeros(n, device=device) if c_think is None else c_think
     c_ans = torch.zeros(n, device=device) if c_ans is None else c_ans
     weights = torch.where(is_ans, c_ans[seq], c_think[seq])
-    loss, lp, ent = _head_weighted_sum(head, h, targets, weights, temperature, chunk)   # 3.
+    loss, lp, ent = _head_weighted_sum(head, h, targets, weights, temperature, chunk, dw_accum)   # 3.
     return (loss, *_per_position(scored, lp, ent))
 
 
@@ -771,7 +772,7 @@ class VeriFree(ExportsTokenizer, TrainingRecipe):
         if rc.fused_logprob and rc.grad_in_forward and rc.kl_coef == 0:
             # the objective is linear in the log-prob sums: its gradient is made in the head's forward
             loss, logp, entropy = linear_objective_logprobs(policy, seqs, objective, rc.temperature,
-                                                            rc.logprob_chunk, rc.pack_sequences)
+                                                            rc.logprob_chunk, rc.pack_sequences, rc.logprob_dw_accum)
             think_lp, answer_lp = (logp * (role == THINK)).sum(1), (logp * (role == ANSWER)).sum(1)
             _, parts = objective(think_lp, answer_lp, answer_lp)          # the logged parts, from the final values
         else:

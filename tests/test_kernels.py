@@ -307,7 +307,8 @@ WSUM_CASES = [
 ]
 
 
-def _check_weighted_sum(n, hsz, v, bias, temperature, chunk, dtype, backend="torch", scale=3.0, ent_tol=None):
+def _check_weighted_sum(n, hsz, v, bias, temperature, chunk, dtype, backend="torch", scale=3.0, ent_tol=None,
+                        dw_accum="fp32"):
     """S = sum_i w_i logp_i, its per-token log-probs / entropies and the gradients of c·S (c != 1: the upstream
     scalar is applied) against fp64 autograd; ignored rows count 0."""
     gen = torch.Generator().manual_seed(n + v)
@@ -325,7 +326,7 @@ def _check_weighted_sum(n, hsz, v, bias, temperature, chunk, dtype, backend="tor
     xs = [x.to(dtype).requires_grad_() for x in (h, w) + ((b,) if bias else ())]
     s, lp_x, ent_x = linear_logprob_weighted_sum(xs[0], xs[1], t, tw, bias=xs[2] if bias else None,
                                                  temperature=temperature, chunk=chunk, return_logp=True,
-                                                 return_entropy=True, backend=backend)
+                                                 return_entropy=True, backend=backend, dw_accum=dw_accum)
     assert s.dtype == torch.float32 and not lp_x.requires_grad and (lp_x <= 0).all()
     (-2.5 * s).backward()
     assert abs(s.item() - s_ref.item()) <= tol * max(1.0, abs(s_ref.item()))
@@ -339,6 +340,20 @@ def _check_weighted_sum(n, hsz, v, bias, temperature, chunk, dtype, backend="tor
 @pytest.mark.parametrize("n,hsz,v,bias,temperature,chunk", WSUM_CASES)
 def test_weighted_sum_matches_fp64(n, hsz, v, bias, temperature, chunk, dtype):
     _check_weighted_sum(n, hsz, v, bias, temperature, chunk, dtype)
+
+
+@pytest.mark.parametrize("n,hsz,v,bias,temperature,chunk", WSUM_CASES[1:])
+def test_weighted_sum_with_dw_summed_in_bf16_matches_fp64(n, hsz, v, bias, temperature, chunk):
+    """dw_accum='weight' (Liger's way: a bf16 weight's gradient summed in bf16 over the row chunks, 3-4 of them
+    here) stays within the bf16 tolerance; it holds no fp32 [V, H] sum, and an unknown mode names the choices."""
+    _check_weighted_sum(n, hsz, v, bias, temperature, chunk, torch.bfloat16, dw_accum="weight")
+    from runx.kernels.logprob import _GradAccumulator
+    w, h = torch.zeros(v, hsz, dtype=torch.bfloat16), torch.zeros(n, hsz, dtype=torch.bfloat16)
+    kept = {m: _GradAccumulator(h, w, None, 4, True, True, False, dw_accum=m) for m in ("fp32", "weight")}
+    assert kept["weight"].halves is None and kept["weight"].dw.dtype == torch.bfloat16
+    assert kept["fp32"].dw is None and {p.dtype for *_, p in kept["fp32"].halves} == {torch.float32}
+    with pytest.raises(ValueError, match="valid choices: fp32, weight"):
+        linear_logprob_weighted_sum(h, w, torch.zeros(n, dtype=torch.long), torch.ones(n), dw_accum="bf16")
 
 
 def test_weighted_sum_equals_linear_logprob_and_costs_three_quarters():
@@ -762,11 +777,11 @@ def test_gpu_logprob(backend, dtype):
 
 @pytest.mark.gpu
 @needs_cuda
-@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("backend,dw_accum", [("triton", "fp32"), ("torch", "fp32"), ("triton", "weight")])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_gpu_weighted_sum(dtype, backend):
-    """The gradient-in-forward sum on CUDA (cuBLAS GEMMs, bf16 operands with fp32 output / accumulation)
-    against linear_logprob's fp64-checked path."""
+def test_gpu_weighted_sum(dtype, backend, dw_accum):
+    """The gradient-in-forward sum on CUDA (cuBLAS GEMMs, bf16 operands with fp32 output / accumulation; dW summed
+    over the 5 row chunks in fp32, or in the weight's dtype) against linear_logprob's fp64-checked path."""
     torch.manual_seed(0)
     n, hsz, v = 600, 256, 5003
     h = torch.randn(n, hsz, device="cuda").to(dtype)
@@ -778,7 +793,8 @@ def test_gpu_weighted_sum(dtype, backend):
     for name in ("sum", "reference"):
         xs = [x.clone().requires_grad_() for x in (h, w)]
         if name == "sum":
-            s = linear_logprob_weighted_sum(xs[0], xs[1], t, tw, temperature=0.8, chunk=128, backend=backend)
+            s = linear_logprob_weighted_sum(xs[0], xs[1], t, tw, temperature=0.8, chunk=128, backend=backend,
+                                            dw_accum=dw_accum)
         else:
             ref, _ = _ref_logprob(xs[0].double(), xs[1].double(), t, None, 0.8)
             s = (tw.double() * ref).sum()

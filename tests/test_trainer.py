@@ -896,6 +896,25 @@ def test_sft_fused_head_loss_matches_full_logits_under_zero3(tmp_path):
         assert abs(a[s] - b[s]) <= 1e-5 * abs(a[s]), (s, a[s], b[s])
 
 
+def test_sft_fused_head_loss_passes_its_dw_accumulation_to_the_kernel(tmp_path, monkeypatch):
+    """recipe.logprob_dw_accum reaches linear_logprob_weighted_sum (fp32 by default); a bad value is a config
+    problem naming the choices."""
+    import runx.kernels
+    from runx.cli.config import compose, validate
+    from runx.recipes.sft import SFT
+    seen, real = [], runx.kernels.linear_logprob_weighted_sum
+    monkeypatch.setattr(runx.kernels, "linear_logprob_weighted_sum",
+                        lambda *a, **k: seen.append(k["dw_accum"]) or real(*a, **k))
+    over = ["recipe=sft", "model=tiny_llama", "data=tiny_text", "logger=none", "recipe.fused_logprob=true"]
+    for acc in (None, "weight"):
+        rec = SFT(compose(over + ([f"recipe.logprob_dw_accum={acc}"] if acc else [])), str(tmp_path))
+        train, _ = rec.build_data()
+        rec.lm_loss(rec.build_model(), rec.collate([train[0], train[1]])).backward()
+    assert seen == ["fp32", "weight"]
+    assert validate(compose(over + ["recipe.logprob_dw_accum=bf16"])) == [
+        "recipe.logprob_dw_accum=bf16: invalid choice. Valid choices: fp32, weight."]
+
+
 def test_group_by_length_sampler_draws_the_same_samples_with_less_padding_and_resumes():
     """data.group_by_length: over each group of 50 steps the same samples as the plain draw, far less padding,
     every rank's micro-batches cut from one global batch, and a sampler started at step s (a resumed run)

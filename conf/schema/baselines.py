@@ -13,6 +13,9 @@ class SFTConfig:
     task: Literal["auto", "cls", "lm"] = "auto"
     # use runx.kernels.linear_logprob for the LM loss (no [tokens x vocab] logits)
     fused_logprob: bool = False
+    # with fused_logprob: how a bf16/fp16 head's gradient is summed over the row chunks (fp32: an fp32 [V, H] sum
+    # rounded once; weight: in the head's dtype, half the bytes, one rounding per chunk, as Liger's FLCE)
+    logprob_dw_accum: Literal["fp32", "weight"] = "fp32"
 
 
 @dataclass

@@ -68,6 +68,9 @@ class VeriFreeConfig:
     # coefficients (runx.kernels.linear_logprob_weighted_sum, 6·N·H·V FLOPs instead of 8); false = log-probs
     # first, then autograd through the objective (any objective)
     grad_in_forward: bool = True
+    # with grad_in_forward: how a bf16/fp16 head's gradient is summed over the row chunks (fp32: an fp32 [V, H]
+    # sum rounded once; weight: in the head's dtype, half the bytes, one rounding per chunk, as Liger's FLCE)
+    logprob_dw_accum: Literal["fp32", "weight"] = "fp32"
     # with fused_logprob: score the micro-batch's G x prompts sequences packed into as few rows as fit (position
     # ids restarting per sequence; transformers masks them apart), not padded to the longest reasoning
     pack_sequences: bool = False
