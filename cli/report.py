@@ -102,7 +102,8 @@ def report(root: str, objective: str | None = None, minimize: bool | None = None
         rows.sort(key=lambda r: r.get(objective, missing), reverse=not minimize)
     trained = any("steps" in r for r in rows)
     # data jobs: their own metrics, those every finished run has (two data recipes share few)
-    common = set.intersection(*(set(r) for r in rows if r["_status"] == "done") or [set()])
+    done = [set(r) for r in rows if r["_status"] == "done"]
+    common = set.intersection(*done) if done else set()   # (a sweep whose every job failed has none)
     shown = [k for k in metric_keys if k == objective or k in SHOWN_METRICS or k.startswith("best/")
              or k in ("best_step", "early_stopped_at") or not trained and k in common]
     t = Table(title=f"runx report — {root} ({len(rows)} run{'s' if len(rows) != 1 else ''})", header_style="bold")

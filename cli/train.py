@@ -129,8 +129,8 @@ def optuna_sweeps_end_cleanly():
       calls study.stop() once the last grid point is told, which outside study.optimize raises RuntimeError
       (optuna#4121). Hydra swallows it after a completed trial, not after a failed one: a grid sweep whose last
       trial failed lost its optimization_results.yaml. That stop is a no-op here (the sweep ends by its count).
-    - A sweep whose every trial failed has no best trial (optuna raises ValueError): one line says so, and
-      `runx train -m` lists the failed jobs."""
+    - A sweep whose every trial failed has no best trial (optuna raises ValueError): one line says so, the exit
+      status is a failed job's, and `runx train -m` lists the failed jobs."""
     from hydra_plugins.hydra_optuna_sweeper._impl import OptunaSweeperImpl
     from optuna.samplers import GridSampler
     after_trial, sweep = GridSampler.after_trial, OptunaSweeperImpl.sweep
@@ -143,13 +143,14 @@ def optuna_sweeps_end_cleanly():
                 raise
 
     def optuna_sweep(self, arguments):
+        global LAST_EXIT_CODE
         try:
             return sweep(self, arguments)
         except ValueError as e:
             if "No trials are completed" not in str(e):
                 raise
-            raise SweepWithoutResult("runx: every trial of the Optuna sweep failed, so it has no best trial") \
-                from None
+            print("runx: every trial of the Optuna sweep failed, so it has no best trial", file=sys.stderr)
+            LAST_EXIT_CODE = LAST_EXIT_CODE or 1
     GridSampler.after_trial, OptunaSweeperImpl.sweep = grid_after_trial, optuna_sweep
     try:
         yield
@@ -159,10 +160,6 @@ def optuna_sweeps_end_cleanly():
 
 class SweepJobDiverged(CompactHydraException):
     """A sweep job whose loss became NaN / inf: failed, as a crash is, without a traceback."""
-
-
-class SweepWithoutResult(CompactHydraException):
-    """An Optuna sweep whose every trial failed (each listed at the end by `runx train -m`)."""
 
 
 class SweepJobConfigProblem(CompactHydraException):

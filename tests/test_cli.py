@@ -233,6 +233,11 @@ def test_an_optuna_grid_sweep_ends_cleanly_when_trials_fail(tmp_path):
     p = run_cli(["train", "-m", f"hydra.sweep.dir={tmp_path / 'one'}", "optim.lr=choice(1e36)"] + common, check=False)
     assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr[-3000:]
     assert "every trial of the Optuna sweep failed, so it has no best trial" in p.stderr and "#0 diverged" in p.stderr
+    assert "HYDRA_FULL_ERROR" not in p.stderr
+    from runx.cli.report import report     # a report of a sweep without a finished job lists the failed one
+    assert report(str(tmp_path / "one"), plots=False) == 0
+    rows = json.load(open(tmp_path / "one" / "report.json"))["rows"]
+    assert [(r["run"], r["status"]) for r in rows] == [("0", "diverged at step 2")]
     p = run_cli(["train", "-m", f"hydra.sweep.dir={tmp_path / 'two'}", "optim.lr=choice(1e-3,1e36)"] + common,
                 check=False)
     assert p.returncode == 1 and "Traceback" not in p.stderr and "diverged" in p.stderr, p.stderr[-3000:]
