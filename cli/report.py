@@ -107,21 +107,27 @@ def report(root: str, objective: str | None = None, minimize: bool | None = None
     shown = [k for k in metric_keys if k == objective or k in SHOWN_METRICS or k.startswith("best/")
              or k in ("best_step", "early_stopped_at") or not trained and k in common]
     t = Table(title=f"runx report — {root} ({len(rows)} run{'s' if len(rows) != 1 else ''})", header_style="bold")
-    # narrow terminals: fold long names and values onto several lines instead of cutting them to "0.000…"
-    t.add_column("run", overflow="fold")
-    failed = any(r["_status"] != "done" for r in rows)
-    if failed:
-        t.add_column("status")
-    for k in varying:
-        t.add_column(k, overflow="fold")
-    for k in shown:
-        t.add_column(k + (" ↓" if k == objective and minimize else " ↑" if k == objective else ""), justify="right",
-                     overflow="fold")
     fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)
-    for r in rows:
-        cells = [r["run"]] + ([r["_status"]] if failed else []) + [fmt(r["_cfg"].get(k)) for k in varying]
-        cells += [fmt(r.get(k, "")) for k in shown]
-        t.add_row(*cells)
+    arrow = lambda k: " ↓" if k == objective and minimize else " ↑" if k == objective else ""
+    failed = any(r["_status"] != "done" for r in rows)
+    if len(rows) == 1:   # one run: a metric per line (a data job reports a dozen, too many for columns)
+        t.add_column("metric")
+        t.add_column("value", justify="right", overflow="fold")
+        for k, v in [("status", rows[0]["_status"])] * failed + [(k + arrow(k), fmt(rows[0].get(k, ""))) for k in shown]:
+            t.add_row(k, v)
+    else:
+        # narrow terminals: fold long names and values onto several lines instead of cutting them to "0.000…"
+        t.add_column("run", overflow="fold")
+        if failed:
+            t.add_column("status")
+        for k in varying:
+            t.add_column(k, overflow="fold")
+        for k in shown:
+            t.add_column(k + arrow(k), justify="right", overflow="fold")
+        for r in rows:
+            cells = [r["run"]] + ([r["_status"]] if failed else []) + [fmt(r["_cfg"].get(k)) for k in varying]
+            cells += [fmt(r.get(k, "")) for k in shown]
+            t.add_row(*cells)
     Console().print(t)
     table_rows = [{"run": r["run"], "status": r["_status"], **{k: r["_cfg"].get(k) for k in varying},
                    **{k: r.get(k) for k in metric_keys}} for r in rows]
