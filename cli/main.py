@@ -48,6 +48,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"runx: unknown verb {verb!r}. Valid verbs: {', '.join(verbs)}.\n", file=sys.stderr)
         print(USAGE, file=sys.stderr)
         return 2
+    _find_hydra_plugins()   # before anything composes: Hydra scans its plugins once
     try:
         return int(verbs[verb](rest) or 0)
     except KeyboardInterrupt:
@@ -92,7 +93,6 @@ def _train(rest: list[str]) -> int:
         problems = _check_group_overrides(overrides) or sweeper_problems(rest) or _sweep_problems(overrides)
         if problems:
             return _fail(problems)
-    _find_hydra_plugins()
     from runx.cli.train import hydra_main
     from runx.cli.config import _argv_value, normalize_recipe_overrides, optuna_direction_override
     direction = optuna_direction_override(rest) if multirun else None

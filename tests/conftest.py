@@ -18,7 +18,7 @@ os.environ.update(OFFLINE_ENV)
 os.environ.setdefault("RUNX_CACHE", tempfile.mkdtemp(prefix="runx_test_cache_"))
 
 
-def run_cli(args: list[str], timeout: int = 600, env: dict | None = None, check: bool = True):
+def run_cli(args: list[str], timeout: int = 600, env: dict | None = None, check: bool = True, cwd=None):
     e = dict(os.environ, **OFFLINE_ENV)
     for k, v in (env or {}).items():  # None removes a variable
         if v is None:
@@ -27,7 +27,7 @@ def run_cli(args: list[str], timeout: int = 600, env: dict | None = None, check:
             e[k] = v
     e.pop("RANK", None), e.pop("WORLD_SIZE", None), e.pop("LOCAL_RANK", None), e.pop("MASTER_PORT", None)
     p = subprocess.run([sys.executable, "-m", "runx.cli.main", *args], capture_output=True, text=True,
-                       timeout=timeout, env=e)
+                       timeout=timeout, env=e, cwd=cwd)
     if check and p.returncode != 0:
         raise AssertionError(f"runx {' '.join(args)} exited {p.returncode}\n--- stdout\n{p.stdout[-4000:]}"
                              f"\n--- stderr\n{p.stderr[-6000:]}")

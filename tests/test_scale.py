@@ -22,14 +22,11 @@ LLAMA = ["recipe=sft", "model=llama_m", "data=tiny_text", "logger=none", "traine
 
 
 def cli(args, **kw):
-    """`runx` from the repo root (so the in-tree hydra_plugins/ joins Hydra's plugin namespace)."""
+    """`runx` from outside the repo: Hydra finds runx's launcher plugin where it is installed (an editable install
+    included, through runx's own plugin path), not in the working directory's hydra_plugins/."""
+    import tempfile
     kw.setdefault("env", {})
-    cwd = os.getcwd()
-    os.chdir(REPO)
-    try:
-        return run_cli(args, **kw)
-    finally:
-        os.chdir(cwd)
+    return run_cli(args, cwd=tempfile.gettempdir(), **kw)
 
 
 # ------------------------------------------------------------------------------------------ plan: formulas
@@ -258,6 +255,24 @@ def test_2x2_parallel_multirun_report_and_plan_vs_measured_peak(tmp_path):
         os.environ.pop("RUNX_CACHE", None) if old_cache is None else os.environ.update(RUNX_CACHE=old_cache)
     print("plan / measured - 1:", errors)
     assert all(abs(e) <= 0.15 for e in errors.values()), errors
+
+
+def test_parallel_launcher_keeps_a_pinned_sweep_folder_and_lists_a_failed_job(tmp_path):
+    """run_dir=<path> with hydra/launcher=runx_parallel: job k runs in <path>/k (each job is a single `runx train`,
+    which took <path> itself, so the second job found it in use); a job that diverges is one line and is listed
+    at the end, as with the in-process launcher, and the other job finishes."""
+    sweep = tmp_path / "sweep"
+    p = cli(["train", "-m", "hydra/launcher=runx_parallel", "hydra.launcher.n_jobs=2", f"run_dir={sweep}",
+             "optim.lr=1e-3,1e36", "model=tiny_bert", "logger=none", "trainer.progress=false", "optim.warmup_ratio=0",
+             "data.max_train_samples=64", "trainer.eval_every=0", "optim.name=sgd", "optim.scheduler=constant",
+             "trainer.grad_clip=0", "trainer.max_steps=3", "trainer.ckpt_every=0", "trainer.micro_batch_size=8"],
+            check=False, timeout=300)
+    assert p.returncode == 1 and "Traceback" not in p.stderr and "of the sweep failed" in p.stderr, p.stderr[-3000:]
+    assert f"#1 diverged: {sweep / '1'}" in p.stderr.split("of the sweep failed")[1], p.stderr[-3000:]
+    assert json.loads((sweep / "0" / "summary.json").read_text())["steps"] == 3
+    assert "diverged_at" in json.loads((sweep / "1" / "summary.json").read_text())
+    import yaml
+    assert yaml.safe_load((sweep / "0" / "config.yaml").read_text())["run_dir"] == str(sweep / "0")
 
 
 def test_optuna_preset_runs_4_trials_on_the_default_job(tmp_path):

@@ -29,6 +29,7 @@ from typing import Any, Optional, Sequence
 from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.utils import JobReturn, JobStatus, configure_log, filter_overrides, setup_globals
+from hydra.errors import CompactHydraException
 from hydra.plugins.launcher import Launcher
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf, open_dict
@@ -58,6 +59,22 @@ ConfigStore.instance().store(group="hydra/launcher", name="runx_parallel", node=
 # hydra overrides that belong to the sweep, not to the single run each job is
 _SWEEP_ONLY = ("hydra/launcher", "hydra/sweeper", "hydra.launcher", "hydra.sweeper", "hydra.sweep.", "hydra.run.",
                "hydra.mode")
+
+
+class JobFailed(CompactHydraException):
+    """A job that exited non-zero: one line (its output is in its launcher.log, its problem printed there)."""
+
+
+def failure_kind(returncode: int, job_dir: Path) -> str:
+    """How a job failed, in the words `runx train -m` uses for in-process jobs."""
+    summary = job_dir / "summary.json"
+    try:
+        diverged = summary.exists() and "diverged_at" in json.loads(summary.read_text())
+    except ValueError:
+        diverged = False
+    if diverged:
+        return "diverged"
+    return {2: "config problem", 143: "stopped (SIGTERM)", 130: "interrupted"}.get(returncode, "crashed")
 
 
 def visible_gpus() -> list[str]:
@@ -146,7 +163,10 @@ class RunxParallelLauncher(Launcher):
         if gpu_group is not None:
             env["CUDA_VISIBLE_DEVICES"] = ",".join(gpu_group)
         env.setdefault("OMP_NUM_THREADS", str(threads))  # a user's own setting wins
-        cmd = [sys.executable, "-m", "runx.cli.main", "train", *overrides, *passthrough,
+        # the job's run dir is its sweep subdir, also when run_dir=<path> pinned the sweep's folder (a single run
+        # would take that path itself, every job the same one)
+        own = [o for o in overrides if o.lstrip("+~").partition("=")[0] != "run_dir"]
+        cmd = [sys.executable, "-m", "runx.cli.main", "train", *own, *passthrough, f"run_dir={job_dir}",
                f"hydra.run.dir={job_dir}"]
         rec: dict[str, Any] = {"idx": idx, "overrides": list(overrides), "gpus": gpu_group, "threads": threads,
                                "dir": str(job_dir), "start": time.time()}
@@ -166,10 +186,13 @@ class RunxParallelLauncher(Launcher):
         ret = JobReturn(overrides=list(overrides), cfg=sweep_config, hydra_cfg=None, working_dir=str(job_dir),
                         task_name=str(sweep_config.hydra.job.name))
         if p.returncode != 0:
-            tail = (job_dir / "launcher.log").read_text(errors="replace")[-2000:]
+            why = failure_kind(p.returncode, job_dir)
+            from runx.cli import train     # `runx train -m` lists the failed jobs at the end
+            with lock:
+                train.SWEEP_FAILURES.append((idx, why, str(job_dir)))
             ret.status = JobStatus.FAILED
-            ret.return_value = RuntimeError(f"job #{idx} ({' '.join(overrides)}) exited {p.returncode}; "
-                                            f"log {job_dir / 'launcher.log'}:\n{tail}")
+            ret.return_value = JobFailed(f"runx: job #{idx} {why} (exit {p.returncode}); its output: "
+                                         f"{job_dir / 'launcher.log'}")
             return ret
         try:
             ret.return_value = self._objective(sweep_config, job_dir)
