@@ -49,6 +49,8 @@ def main(argv: list[str] | None = None) -> int:
         print(USAGE, file=sys.stderr)
         return 2
     _find_hydra_plugins()   # before anything composes: Hydra scans its plugins once
+    from runx.trainers.console import quiet_warnings
+    quiet_warnings()
     try:
         return int(verbs[verb](rest) or 0)
     except KeyboardInterrupt:
@@ -277,6 +279,8 @@ def _export(rest: list[str]) -> int:
                    help="checkpoint tag: step_N, or best (trainer.monitor's best; default: latest)")
     a = p.parse_args(rest)
     from runx.cli.export import ExportError, export_run
+    from runx.trainers.console import quiet_libraries
+    quiet_libraries()   # e.g. transformers' load report calling the head, loaded from the checkpoint after, missing
     try:
         out = export_run(a.run_dir, a.out, a.tag)
     except ExportError as e:
@@ -297,6 +301,8 @@ def _eval(rest: list[str]) -> int:
     p.add_argument("--out", default=None, help="result file (default: <run_dir>/eval/<tag>[-<hash>].json)")
     a = p.parse_intermixed_args(rest)
     from runx.cli.evaluate import EvalError, evaluate_run, print_result
+    from runx.trainers.console import quiet_libraries
+    quiet_libraries()
     from runx.cli.export import ExportError
     try:
         out, record = evaluate_run(a.run_dir, a.tag, a.overrides, a.out)

@@ -55,6 +55,12 @@ class NoCompilerProbes(logging.Filter):
         return not (record.name.startswith("compilers") or "distutils" in record.pathname)
 
 
+def quiet_warnings() -> None:
+    """Deprecation warnings between the libraries runx pins, which a user can do nothing about."""
+    import warnings   # peft reads transformers' renamed model.is_gradient_checkpointing on every get_peft_model
+    warnings.filterwarnings("ignore", category=FutureWarning, message=r"`is_gradient_checkpointing` is deprecated")
+
+
 def quiet_libraries() -> None:
     """Libraries that attach their own handlers print every line twice under Hydra's root handler."""
     for name in ["deepspeed", "DeepSpeed", "transformers", "datasets", "torch.distributed", "wandb",
@@ -64,6 +70,7 @@ def quiet_libraries() -> None:
         lg.propagate = True
         if name not in ("transformers",):
             lg.setLevel(logging.WARNING)
+    quiet_warnings()
     try:
         import transformers
         transformers.logging.set_verbosity_error()
