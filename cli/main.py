@@ -109,6 +109,8 @@ def _train(rest: list[str]) -> int:
         code = train.LAST_EXIT_CODE
     except SystemExit as e:
         code = int(e.code or 0)
+    if multirun and code != 0 and not train.SWEEP_FAILURES:   # jobs that ran elsewhere (submitit): from their dirs
+        train.SWEEP_FAILURES.extend(train.failed_jobs_on_disk())
     if multirun and train.SWEEP_FAILURES:
         failed = sorted(train.SWEEP_FAILURES)
         print(f"runx: {len(failed)} job(s) of the sweep failed:", file=sys.stderr)

@@ -14,6 +14,7 @@ import sys
 
 import hydra
 from hydra.errors import CompactHydraException
+from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 log = logging.getLogger("runx")
@@ -109,6 +110,27 @@ def hydra_main(cfg: DictConfig):
 # In-process sweep jobs (Hydra's basic launcher) that failed: (job number, why, run dir). `runx train -m`
 # lists them once the sweep ends.
 SWEEP_FAILURES: list[tuple[int, str, str]] = []
+
+
+class SweepDirRecorder(Callback):
+    """Hydra callback (conf/config.yaml: hydra.callbacks.runx_sweep): remembers the folder of the sweep this
+    process runs, which Hydra's own config no longer says once the sweep has ended."""
+    sweep_dir: str | None = None
+
+    def on_multirun_start(self, config, **kwargs) -> None:
+        SweepDirRecorder.sweep_dir = os.path.abspath(str(config.hydra.sweep.dir))
+
+
+def failed_jobs_on_disk() -> list[tuple[int, str, str]]:
+    """The failed jobs of a sweep whose jobs ran in other processes (Hydra's submitit launchers), read from their
+    run dirs as `runx report` reads them: (job number, why, run dir)."""
+    sweep_dir = SweepDirRecorder.sweep_dir
+    if not sweep_dir or not os.path.isdir(sweep_dir):
+        return []
+    from runx.cli.report import collect
+    rows, _ = collect(sweep_dir)
+    return [(int(r["run"]), "diverged" if r["_status"].startswith("diverged") else r["_status"], r["_path"])
+            for r in rows if r["_status"] != "done" and r["run"].isdigit()]
 
 
 def _sweep_job() -> int | None:

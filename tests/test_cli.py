@@ -245,6 +245,20 @@ def test_an_optuna_grid_sweep_ends_cleanly_when_trials_fail(tmp_path):
     assert res["best_params"] == {"optim.lr": 0.001}
 
 
+def test_a_submitit_sweep_lists_its_failed_jobs(tmp_path):
+    """Jobs that ran in other processes (Hydra's submitit launcher, here its local flavour) fail there: runx finds
+    them in the sweep's folder, which a Hydra callback recorded, and lists them as it lists in-process jobs."""
+    sweep = tmp_path / "sweep"
+    p = run_cli(["train", "-m", "hydra/launcher=submitit_local", f"run_dir={sweep}", "optim.lr=1e-3,1e36",
+                 "model=tiny_bert", "logger=none", "trainer.progress=false", "optim.warmup_ratio=0",
+                 "data.max_train_samples=64", "trainer.eval_every=0", "optim.name=sgd", "optim.scheduler=constant",
+                 "trainer.grad_clip=0", "trainer.max_steps=3", "trainer.ckpt_every=0", "trainer.micro_batch_size=8"],
+                check=False, timeout=300)
+    assert p.returncode == 1 and "of the sweep failed" in p.stderr, p.stderr[-3000:]
+    assert p.stderr.split("of the sweep failed:")[1].split() == ["#1", "diverged:", str(sweep / "1")]
+    assert json.load(open(sweep / "0" / "summary.json"))["steps"] == 3
+
+
 def test_an_optuna_sweep_goes_the_way_its_objective_wants():
     """Hydra's optuna sweeper minimises unless told otherwise: runx sets the direction from the objective when
     the command line gives none, refuses a misspelt one, and `runx report` sorts a sweep the way it ran."""
