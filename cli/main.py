@@ -116,6 +116,7 @@ def _train(rest: list[str]) -> int:
         print(f"runx: {len(failed)} job(s) of the sweep failed:", file=sys.stderr)
         for num, why, run_dir in failed:
             print(f"  #{num} {why}: {run_dir}", file=sys.stderr)
+        code = code or 1   # also where the sweeper went on past them (Optuna) with jobs in other processes
         if code == 1 and all(why == "config problem" for _, why, _ in failed):
             code = 2    # what a single run with that config problem exits with
     return code
