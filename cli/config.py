@@ -228,6 +228,9 @@ def check_paths(cfg) -> list[str]:
     if kind in ("jsonl", "parquet", "csv"):
         need("data.path", d.get("path"), True)
         need("data.eval_path", d.get("eval_path"), True)
+        from runx.recipes.text_data import kind_mismatch
+        out += [p for p in (kind_mismatch(f"data.{k}", str(d.get(k)), kind) for k in ("path", "eval_path")
+                            if d.get(k)) if p]
     elif d.get("eval_path"):
         out.append(f"data.eval_path={d.get('eval_path')}: held-out files for data.kind=jsonl / parquet / csv, not "
                    f"data.kind={kind}. Valid choices: data.eval_split=<split> for a datasets source, or unset.")

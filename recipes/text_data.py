@@ -127,6 +127,15 @@ def _read_jsonl(path: str) -> list[dict]:
 HF_SAVED_MARKERS = ("dataset_dict.json", "dataset_info.json", "state.json")
 
 
+def kind_mismatch(key: str, path: str, kind: str) -> str | None:
+    """The problem with a file whose name says another format than data.kind (a .jsonl read as Parquet), or None."""
+    named = shard_format(path, ("jsonl", "parquet", "csv")) if os.path.isfile(os.path.expanduser(path)) else None
+    if named and named[0] != kind:
+        return (f"data.kind={kind}: {key}={path} is a {named[0]} file. Valid choices: data.kind={named[0]}, or a "
+                f"{' / '.join(FILE_EXTENSIONS[kind])} file")
+    return None
+
+
 def read_files(path: str, kind: str) -> list[dict]:
     """The rows of a JSONL (or JSON array) / Parquet / CSV file, or of every such file in a folder (recursive)."""
     ext = FILE_EXTENSIONS[kind]
@@ -138,13 +147,21 @@ def read_files(path: str, kind: str) -> list[dict]:
         if os.path.isdir(path) else [path]
     if not files or not all(os.path.exists(f) for f in files):
         raise RecipeConfigError(f"data.path={path}: no {' / '.join(ext)} files there (data.kind={kind})")
+    problem = kind_mismatch("data.path", path, kind)
+    if problem:
+        raise RecipeConfigError(problem)
     rows: list[dict] = []
     for f in files:
         if kind == "jsonl":
             rows += _read_jsonl(f)
         elif kind == "parquet":
+            import pyarrow
             import pyarrow.parquet as pq
-            rows += pq.read_table(f).to_pylist()
+            try:
+                rows += pq.read_table(f).to_pylist()
+            except (pyarrow.ArrowInvalid, OSError) as e:
+                raise RecipeConfigError(f"data.path={f}: not a readable Parquet file ({str(e).splitlines()[0]}). "
+                                        f"Valid choices: data.kind=jsonl|csv for text files") from None
         else:
             import csv
             with open(f, newline="") as fh:

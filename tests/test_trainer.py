@@ -732,6 +732,22 @@ def test_causal_lm_data_problems_are_config_problems_naming_the_key(tmp_path):
     # a save_to_disk folder given as JSONL: its metadata .json files are not rows; it says to use data=hf
     with pytest.raises(RecipeConfigError, match="saved Hugging Face dataset.*data=hf"):
         _sft(tmp_path, "data=jsonl", f"data.path={tmp_path / 'dd'}").build_data()
+    # a file whose name says another format than data.kind (validate says so too), or that is not what it says
+    from runx.cli.config import check_paths, compose
+    rows = "".join(json.dumps({"text": f"row {i}"}) + "\n" for i in range(20))
+    (tmp_path / "rows.jsonl").write_text(rows)
+    (tmp_path / "rows.parquet").write_text(rows)
+    with pytest.raises(RecipeConfigError, match=r"data.kind=parquet: data.path=.*rows.jsonl is a jsonl file. "
+                                                r"Valid choices: data.kind=jsonl"):
+        _sft(tmp_path, "data=jsonl", "data.kind=parquet", f"data.path={tmp_path / 'rows.jsonl'}").build_data()
+    assert check_paths(compose(["data=jsonl", "data.kind=csv", f"data.path={tmp_path / 'rows.jsonl'}",
+                                f"data.eval_path={tmp_path / 'rows.parquet'}"])) == [
+        f"data.kind=csv: data.path={tmp_path / 'rows.jsonl'} is a jsonl file. Valid choices: data.kind=jsonl, or a "
+        ".csv file",
+        f"data.kind=csv: data.eval_path={tmp_path / 'rows.parquet'} is a parquet file. Valid choices: "
+        "data.kind=parquet, or a .csv file"]
+    with pytest.raises(RecipeConfigError, match="rows.parquet: not a readable Parquet file"):
+        _sft(tmp_path, "data=jsonl", "data.kind=parquet", f"data.path={tmp_path / 'rows.parquet'}").build_data()
 
     PreTrainedTokenizerFast(tokenizer_object=byte_tokenizer().backend_tokenizer).save_pretrained(tmp_path / "tok")
     with pytest.raises(RecipeConfigError, match="no eos_token.*model.tokenizer="):
