@@ -246,7 +246,12 @@ class FolderImages:
                                      f"{', '.join(extra[:5])}")
                 return list(classes), {c: i for i, c in enumerate(classes)}
 
-        self.ds = _Folder(root, allow_empty=classes is not None)   # eval: a training class may be absent
+        try:
+            self.ds = _Folder(root, allow_empty=classes is not None)   # eval: a training class may be absent
+        except FileNotFoundError as e:   # torchvision: no class folder, or class folders without an image
+            from runx.trainers.recipe import RecipeConfigError
+            raise RecipeConfigError(f"data.path: {root} holds no images to read ({e}). Expected "
+                                    f"<data.path>/<split>/<class>/<image>") from None
         self.classes = self.ds.classes
 
     def __len__(self):

@@ -285,6 +285,14 @@ def test_imagefolder_and_hf_sources(tmp_path):
     problems = check_paths(compose(["recipe=swav", "data.kind=imagefolder", f"data.path={tmp_path / 'folder'}"]))
     assert len(problems) == 1 and "data.eval_split=validation" in problems[0] and "train, val" in problems[0]
     assert any("data.path: empty" in p for p in check_paths(compose(["recipe=swav", "data.kind=imagefolder"])))
+    # class folders without an image (or no class folder) are a config problem, not torchvision's traceback
+    from runx.trainers.recipe import RecipeConfigError
+    for cls in ("a", "b"):
+        os.makedirs(tmp_path / "empty" / "train" / cls)
+    (tmp_path / "empty" / "train" / "a" / "notes.txt").write_text("no image")
+    with pytest.raises(RecipeConfigError, match=r"data.path: .*empty/train holds no images to read \(Found no valid"):
+        S.SwAV(cfg("data.kind=imagefolder", f"data.path={tmp_path / 'empty'}", "data.eval_split=train"),
+               "x").build_data()
 
     import datasets
     imgs = [Image.fromarray(rng.integers(0, 255, (20, 20, 3), dtype=np.uint8)) for _ in range(4)]
