@@ -186,6 +186,12 @@ def validate(cfg) -> list[str]:
     from runx.cli.ranges import range_problems
     problems += range_problems(data)
     procs = (data.get("trainer") or {}).get("num_procs")
+    d = data.get("data") or {}
+    given = [f"{k}={d.get(k)}" for k in ("kind", "path", "hf_name", "eval_path")
+             if d.get(k) and not (k == "kind" and d.get(k) == "builtin")]
+    if name in RECIPES and RECIPES[name].kind == "data" and given:   # it would run on its default input instead
+        problems.append(f"data.{given[0]}: recipe={name} is a data job that reads no data.* key; its input is "
+                        f"{RECIPES[name].input_keys}. Valid choices: those keys, and no data override.")
     if name in RECIPES and RECIPES[name].kind == "data" and isinstance(procs, int) and procs > 1:
         problems.append(f"trainer.num_procs={procs}: recipe={name} is a data job, run by one process with its "
                         f"own worker pool. Valid values: 1; for parallel shards set recipe.num_workers={procs}.")

@@ -19,6 +19,7 @@ class RecipeInfo:
     description: str
     paper: str = ""
     eval_metrics: tuple = ()   # names its evaluation can report (as eval/<name>): what trainer.monitor may name
+    input_keys: str = ""       # a data job's own keys for its input (it reads no data.* key)
 
     def load(self):
         return getattr(importlib.import_module(self.module), self.cls)
@@ -47,9 +48,11 @@ RECIPES: dict[str, RecipeInfo] = {r.name: r for r in [
                eval_metrics=("knn_acc", "linear_acc", "assign_entropy", "prototypes_used", "z_std", "feature_std")),
     RecipeInfo("preselect", "data", "runx.recipes.preselect", "PreSelect", "runx.conf.schema.preselect:PreSelectConfig",
                "Score docs by how well model losses predict model ranking; fastText filter; filter a corpus.",
-               "Shum et al. 2025 (arXiv 2503.00808)"),
+               "Shum et al. 2025 (arXiv 2503.00808)",
+               input_keys="recipe.pool=<file|folder|glob> recipe.sample=<file|folder|glob>"),
     RecipeInfo("concept_prune", "data", "runx.recipes.concept_prune", "ConceptPrune",
                "runx.conf.schema.concept_prune:ConceptPruneConfig",
                "Embed, SemDeDup, cluster; complexity-weighted cluster quotas; keep least prototypical samples.",
-               "Abbas et al. ICLR 2024 (arXiv 2401.04578)"),
+               "Abbas et al. ICLR 2024 (arXiv 2401.04578)",
+               input_keys="recipe.input=embeddings|text|images recipe.path=<file|folder|glob>"),
 ]}
