@@ -192,6 +192,9 @@ def validate(cfg) -> list[str]:
     if name in RECIPES and RECIPES[name].kind == "data" and given:   # it would run on its default input instead
         problems.append(f"data.{given[0]}: recipe={name} is a data job that reads no data.* key; its input is "
                         f"{RECIPES[name].input_keys}. Valid choices: those keys, and no data override.")
+    source = RECIPES[name].data_problem(d.get("kind"), d.get("name")) if name in RECIPES else None
+    if source:
+        problems.append(source)
     if name in RECIPES and RECIPES[name].kind == "data" and isinstance(procs, int) and procs > 1:
         problems.append(f"trainer.num_procs={procs}: recipe={name} is a data job, run by one process with its "
                         f"own worker pool. Valid values: 1; for parallel shards set recipe.num_workers={procs}.")

@@ -37,10 +37,20 @@ def test_every_group_option_composes_and_validates_with_every_recipe(group):
             cfg = compose([f"recipe={recipe}", f"{group}={opt}"])
             problems = validate(cfg)
             # options that need a user value (model.path=???) may only fail for that reason; a data job refuses
-            # data.* sources (it reads its own recipe.* input keys)
-            problems = [p for p in problems if "required" not in p and "reads no data.* key" not in p]
+            # data.* sources (it reads its own recipe.* input keys), a training recipe those of other recipes
+            problems = [p for p in problems if "required" not in p and "reads no data.* key" not in p
+                        and not (group == "data" and f"not a data source of recipe={recipe}." in p)]
             assert problems == [], f"recipe={recipe} {group}={opt}: {problems}"
-    if group == "data":   # ... with the keys it does read
+    if group == "data":   # ... with the keys it does read; and each training recipe reads some of the options
+        readers = {opt: [r for r in group_options("recipe") if RECIPES[r].kind == "train" and not
+                         RECIPES[r].data_problem(compose([f"recipe={r}", f"data={opt}"]).data.kind, opt)]
+                   for opt in group_options("data")}
+        assert readers["stdlib_topics"] == ["lora", "lora_ga", "sft"] and readers["shapes"] == ["swav"]
+        assert readers["verifree_arith"] == ["verifree"] and len(readers["jsonl"]) == 4 and readers["hf"] == \
+            ["lora", "lora_ga", "sft", "swav", "verifree"]
+        p = validate(compose(["recipe=verifree", "data=stdlib_topics"]))   # it ran on its arithmetic task instead
+        assert p == ["data.kind=builtin data.name=stdlib_topics: not a data source of recipe=verifree. Valid choices: "
+                     "data.kind=generated (data.name=verifree_arith), jsonl, parquet, csv, hf"]
         for recipe in ("preselect", "concept_prune"):
             found = validate(compose([f"recipe={recipe}", "data=jsonl", "data.path=/x.jsonl"]))
             assert found == [f"data.kind=jsonl: recipe={recipe} is a data job that reads no data.* key; its input is "
