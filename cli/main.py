@@ -251,6 +251,13 @@ def _plan(rest: list[str]) -> int:
     cfg, problems = _compose_validated([a for a in rest if not a.startswith("-")])
     if problems:
         return _fail(problems)
+    from runx.recipes import RECIPES
+    if RECIPES[cfg.recipe.name].kind == "data":
+        print(f"runx plan: recipe={cfg.recipe.name} is a data job: no model on DeepSpeed to place, its shards run "
+              f"in recipe.num_workers={cfg.recipe.get('num_workers')} processes on this machine. runx plan sizes "
+              f"the training recipes: {', '.join(r for r, i in RECIPES.items() if i.kind == 'train')}.",
+              file=sys.stderr)
+        return 2
     from runx.trainers.plan import plan_and_print
     from runx.trainers.recipe import RecipeConfigError
     try:

@@ -127,6 +127,9 @@ def test_plan_cli_prints_and_writes_table(tmp_path):
     cfgd = plan["configured"]
     assert cfgd["layout"] == "zero3 + params,optimizer->nvme" and cfgd["nvme_total"] > 20 * plan["model"]["n_params"]
     assert cfgd["nvme_settings"]["buffer_count"] >= 9 and plan["cheapest"] == "zero0"
+    # a data job has no model to place: one line saying so (it was an AttributeError traceback)
+    p = cli(["plan", "recipe=concept_prune"], check=False)
+    assert p.returncode == 2 and "recipe=concept_prune is a data job" in p.stderr and "Traceback" not in p.stderr
 
 
 BIG = ["recipe=sft", "model=tiny_llama", "++model.from_config.hidden_size=4096",
