@@ -16,6 +16,17 @@ TINY = ["model=tiny_bert", "logger=none", "trainer.progress=false", "optim.lr=1e
 NO_DROPOUT = ["++model.from_config.hidden_dropout_prob=0.0", "++model.from_config.attention_probs_dropout_prob=0.0"]
 
 
+def test_a_wandb_key_without_a_reachable_server_logs_offline(tmp_path):
+    """With WANDB_API_KEY set (online) and a W&B server that does not answer, the run logs offline and says so at
+    once; wandb.init retried ~90 s and then failed the run with a traceback."""
+    import time
+    run, t0 = tmp_path / "run", time.monotonic()
+    p = run_cli(["train", f"run_dir={run}", *TINY, "logger=wandb", "trainer.max_steps=2", "trainer.ckpt_every=0"],
+                env={"WANDB_MODE": None, "WANDB_API_KEY": "0" * 40, "WANDB_BASE_URL": "http://127.0.0.1:9"})
+    assert "W&B (http://127.0.0.1:9) cannot be reached" in p.stderr + p.stdout and "wandb sync" in p.stdout
+    assert any(d.startswith("offline-run-") for d in os.listdir(run / "wandb")) and time.monotonic() - t0 < 60
+
+
 def test_default_job_learns(tmp_path):
     """The embedded default (pretrained MiniLM, stdlib_topics) — loss falls and held-out accuracy beats chance."""
     run = tmp_path / "run"

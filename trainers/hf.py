@@ -23,7 +23,6 @@ def resolve_path(path: str) -> str:
 
 
 _HUB_PROBED = False
-_PROXY_VARS = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")
 
 
 def offline_if_hub_unreachable(timeout_s: float = 3.0) -> bool:
@@ -36,25 +35,16 @@ def offline_if_hub_unreachable(timeout_s: float = 3.0) -> bool:
     if _HUB_PROBED:
         return False
     _HUB_PROBED = True
-    if any(k in os.environ for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", *_PROXY_VARS)):
+    if any(k in os.environ for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")):
         return False
-    import urllib.error
-    import urllib.request
+    from runx.trainers.runtime import unreachable
     endpoint = os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
-    if "://" not in endpoint:
-        endpoint = "https://" + endpoint
-    try:
-        urllib.request.urlopen(urllib.request.Request(endpoint, method="HEAD"), timeout=timeout_s).close()
+    why = unreachable(endpoint, timeout_s)
+    if why is None:
         return False
-    except urllib.error.HTTPError:      # an answer (even 4xx / 5xx): the hub is there
-        return False
-    except ValueError:                  # an endpoint this probe cannot parse: leave it to huggingface_hub
-        return False
-    except (OSError, urllib.error.URLError) as e:   # refused, unresolvable, timed out, TLS failed
-        import logging
-        logging.getLogger("runx").warning("the Hugging Face hub (%s) cannot be reached (%s): offline mode, models, "
-                                          "tokenizers and datasets come from the local cache", endpoint,
-                                          getattr(e, "reason", e))
+    import logging
+    logging.getLogger("runx").warning("the Hugging Face hub (%s) cannot be reached (%s): offline mode, models, "
+                                      "tokenizers and datasets come from the local cache", endpoint, why)
     os.environ["HF_HUB_OFFLINE"] = "1"
     os.environ["HF_DATASETS_OFFLINE"] = "1"
     import huggingface_hub.constants

@@ -20,6 +20,30 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+PROXY_VARS = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")
+
+
+def unreachable(endpoint: str, timeout_s: float = 3.0) -> str | None:
+    """Why `endpoint` (a service's base URL) does not answer one HTTP request within `timeout_s` (no DNS, no route,
+    a firewall that accepts and stalls, TLS failed), or None when it answers (any HTTP status), when a proxy is
+    configured (the proxy decides), or when the URL is not one this probe parses."""
+    if any(k in os.environ for k in PROXY_VARS):
+        return None
+    import urllib.error
+    import urllib.request
+    if "://" not in endpoint:
+        endpoint = "https://" + endpoint
+    try:
+        urllib.request.urlopen(urllib.request.Request(endpoint, method="HEAD"), timeout=timeout_s).close()
+        return None
+    except urllib.error.HTTPError:      # an answer (even 4xx / 5xx): the service is there
+        return None
+    except ValueError:
+        return None
+    except (OSError, urllib.error.URLError) as e:
+        return str(getattr(e, "reason", e))
+
+
 def cuda_available() -> bool:
     import torch
     return torch.cuda.is_available()

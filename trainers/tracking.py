@@ -146,6 +146,16 @@ class WandbRun:
         mode = lcfg.mode
         if mode == "auto":
             mode = "online" if os.environ.get("WANDB_API_KEY") else "offline"
+        if mode == "online":   # a W&B server that does not answer: log offline now, sync later (wandb.init would
+            from runx.trainers.runtime import unreachable          # retry ~90 s and then fail the run)
+            base = os.environ.get("WANDB_BASE_URL") or wandb.Settings().base_url
+            why = unreachable(base)
+            if why is not None:
+                import logging
+                logging.getLogger("runx").warning("W&B (%s) cannot be reached (%s): this run logs offline to %s; "
+                                                  "upload it with the `wandb sync` command printed at the end", base,
+                                                  why, os.path.join(run_dir, "wandb"))
+                mode = "offline"
         id_file = os.path.join(run_dir, "wandb_run_id.txt")
         run_id = open(id_file).read().strip() if os.path.exists(id_file) else uuid.uuid4().hex[:8]
         atomic_write_bytes(id_file, run_id.encode())
