@@ -149,6 +149,12 @@ def log_to_wandb(root: str, table_rows: list[dict], images: list[str]) -> str | 
     if not os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_MODE", "online") in ("offline", "disabled"):
         return None
     import wandb
+
+    from runx.trainers.tracking import wandb_unreachable
+    base, why = wandb_unreachable()
+    if why is not None:
+        print(f"runx report: W&B ({base}) cannot be reached ({why}): the report is not logged there")
+        return None
     cols = sorted({k for r in table_rows for k in r}, key=lambda k: (k != "run", k))
     run = wandb.init(project=os.environ.get("WANDB_PROJECT", "runx"), job_type="report",
                      name=f"report-{os.path.basename(os.path.abspath(root))}", dir=root,

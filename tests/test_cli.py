@@ -415,6 +415,13 @@ def test_report_compares_recipes_lists_failed_jobs_and_refuses_an_unknown_object
     (data / "job" / "summary.json").write_text(json.dumps({"kept": 512, "accuracy_kept": 0.91}))
     p = run_cli(["report", str(data)], env={"COLUMNS": "80"})   # one run: a metric per line, whole in 80 columns
     assert any("accuracy_kept" in line and "0.91" in line for line in p.stdout.splitlines()), p.stdout
+    # W&B online (a key) but its server does not answer: the report says so at once instead of failing after ~90 s
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("WANDB_API_KEY", "0" * 40)
+    monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")
+    capsys.readouterr()
+    assert report(str(data), plots=False) == 0
+    assert "W&B (http://127.0.0.1:9) cannot be reached" in capsys.readouterr().out
 
 
 def test_monitor_and_objective_name_metrics_this_run_reports():

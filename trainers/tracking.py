@@ -133,6 +133,16 @@ def read_metrics(run_dir: str) -> list[dict]:
     return out
 
 
+def wandb_unreachable() -> tuple[str, str | None]:
+    """(the W&B server's URL, why it does not answer, or None). Checked before an online wandb.init, which would
+    retry ~90 s against an unreachable server and then raise."""
+    import wandb
+
+    from runx.trainers.runtime import unreachable
+    base = os.environ.get("WANDB_BASE_URL") or wandb.Settings().base_url
+    return base, unreachable(base)
+
+
 class WandbRun:
     """W&B through the wandb package. mode=auto: online iff WANDB_API_KEY is set, else offline."""
 
@@ -146,10 +156,8 @@ class WandbRun:
         mode = lcfg.mode
         if mode == "auto":
             mode = "online" if os.environ.get("WANDB_API_KEY") else "offline"
-        if mode == "online":   # a W&B server that does not answer: log offline now, sync later (wandb.init would
-            from runx.trainers.runtime import unreachable          # retry ~90 s and then fail the run)
-            base = os.environ.get("WANDB_BASE_URL") or wandb.Settings().base_url
-            why = unreachable(base)
+        if mode == "online":   # a W&B server that does not answer: log offline now, sync later
+            base, why = wandb_unreachable()
             if why is not None:
                 import logging
                 logging.getLogger("runx").warning("W&B (%s) cannot be reached (%s): this run logs offline to %s; "
