@@ -276,6 +276,11 @@ def check_paths(cfg) -> list[str]:
             out.append("trainer.offload_param / offload_optimizer=nvme: DeepSpeed's async_io op cannot be built "
                        "here (libaio is missing). Install it (apt install libaio-dev; conda install libaio), or "
                        "choose trainer=zero3_cpu_offload.")
+    if t.get("device") == "cuda":   # (torch is imported only for this check)
+        from runx.trainers.runtime import cuda_available
+        if not cuda_available():
+            out.append("trainer.device=cuda: no CUDA device is visible on this machine. Valid choices: auto (the "
+                       "GPUs where there are some, else the CPU), cpu.")
     name = r.get("name")
     if name == "concept_prune" and r.get("input") != "digits":
         need("recipe.path", r.get("path"), True)

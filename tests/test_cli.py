@@ -424,6 +424,18 @@ def test_report_compares_recipes_lists_failed_jobs_and_refuses_an_unknown_object
     assert "W&B (http://127.0.0.1:9) cannot be reached" in capsys.readouterr().out
 
 
+def test_a_cuda_device_is_checked_where_the_run_runs():
+    """trainer.device=cuda on a machine without a visible GPU is a config problem before anything is built (it was
+    a RuntimeError traceback once the trainer started); where there is a GPU, nothing to say."""
+    import torch
+
+    from runx.cli.config import check_paths
+    problems = [p for p in check_paths(compose(["trainer.device=cuda"])) if "trainer.device" in p]
+    assert problems == ([] if torch.cuda.is_available() else [
+        "trainer.device=cuda: no CUDA device is visible on this machine. Valid choices: auto (the GPUs where there "
+        "are some, else the CPU), cpu."])
+
+
 def test_monitor_and_objective_name_metrics_this_run_reports():
     """trainer.monitor and an evaluation objective are checked before any work against what the run's evaluation
     reports: a classifier accuracy, a causal LM perplexity; VeriFree's sampled accuracy only with eval_samples."""
