@@ -276,7 +276,10 @@ def check_paths(cfg) -> list[str]:
             out.append("trainer.offload_param / offload_optimizer=nvme: DeepSpeed's async_io op cannot be built "
                        "here (libaio is missing). Install it (apt install libaio-dev; conda install libaio), or "
                        "choose trainer=zero3_cpu_offload.")
-    if t.get("device") == "cuda":   # (torch is imported only for this check)
+    # (torch is imported only for this check; `runx plan plan.gpus=8 ...` describes another machine: not checked)
+    described = (OmegaConf.select(cfg, "plan.gpus", default=0) or 0) > 0 or \
+        OmegaConf.select(cfg, "plan.gpu_mem", default="auto") != "auto"
+    if t.get("device") == "cuda" and not described:
         from runx.trainers.runtime import cuda_available
         if not cuda_available():
             out.append("trainer.device=cuda: no CUDA device is visible on this machine. Valid choices: auto (the "

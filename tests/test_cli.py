@@ -434,6 +434,7 @@ def test_a_cuda_device_is_checked_where_the_run_runs():
     assert problems == ([] if torch.cuda.is_available() else [
         "trainer.device=cuda: no CUDA device is visible on this machine. Valid choices: auto (the GPUs where there "
         "are some, else the CPU), cpu."])
+    assert not [p for p in check_paths(compose(["trainer.device=cuda", "plan.gpus=8"])) if "trainer.device" in p]
 
 
 def test_monitor_and_objective_name_metrics_this_run_reports():
