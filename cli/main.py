@@ -253,6 +253,9 @@ def _plan(rest: list[str]) -> int:
         return _fail(problems)
     from runx.recipes import RECIPES
     if RECIPES[cfg.recipe.name].kind == "data":
+        problems = _recipe_problems(cfg)   # its own config problems first, as for a training recipe
+        if problems:
+            return _fail(problems)
         print(f"runx plan: recipe={cfg.recipe.name} is a data job: no model on DeepSpeed to place, its shards run "
               f"in recipe.num_workers={cfg.recipe.get('num_workers')} processes on this machine. runx plan sizes "
               f"the training recipes: {', '.join(r for r, i in RECIPES.items() if i.kind == 'train')}.",
