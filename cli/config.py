@@ -203,6 +203,24 @@ def validate(cfg) -> list[str]:
     return problems
 
 
+def run_dir_problems(cfg) -> list[str]:
+    """run_dir=<path> (a run's folder, or a sweep's): a folder, or a path where one can be made."""
+    from omegaconf import OmegaConf
+    run_dir = OmegaConf.select(cfg, "run_dir", default=None, throw_on_resolution_failure=False)
+    if not isinstance(run_dir, str) or not run_dir:
+        return []
+    where = os.path.abspath(os.path.expanduser(run_dir))
+    parent = where
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if os.path.exists(where) and not os.path.isdir(where):
+        return [f"run_dir={run_dir}: a file, not a folder. Valid choices: a folder (created if missing)."]
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
+        return [f"run_dir={run_dir}: cannot be made here ({parent} is not a writable folder). Valid choices: a "
+                f"folder you can write to."]
+    return []
+
+
 def check_paths(cfg) -> list[str]:
     """Local files and folders the config names that do not exist on this machine, as problems naming the key.
     Run where the job runs, before any model is built (a hub id is not checked: only absolute, ./ or ~ paths
@@ -276,6 +294,7 @@ def check_paths(cfg) -> list[str]:
             out.append("trainer.offload_param / offload_optimizer=nvme: DeepSpeed's async_io op cannot be built "
                        "here (libaio is missing). Install it (apt install libaio-dev; conda install libaio), or "
                        "choose trainer=zero3_cpu_offload.")
+    out += run_dir_problems(cfg)
     # (torch is imported only for this check; `runx plan plan.gpus=8 ...` describes another machine: not checked)
     described = (OmegaConf.select(cfg, "plan.gpus", default=0) or 0) > 0 or \
         OmegaConf.select(cfg, "plan.gpu_mem", default="auto") != "auto"

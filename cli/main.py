@@ -124,17 +124,19 @@ def _train(rest: list[str]) -> int:
 
 def _sweep_problems(overrides: list[str]) -> list[str]:
     """Every job of a sweep composed and validated before the first one starts (a bad value in the 15th job
-    would otherwise surface after 14 runs). Paths are left to each job: a SLURM job checks them on its node."""
-    from runx.cli.config import ConfigError, compose, sweep_jobs, validate
+    would otherwise surface after 14 runs). Paths are left to each job (a SLURM job checks them on its node), but
+    for run_dir=<path>: the sweep's own folder, which this process makes."""
+    from runx.cli.config import ConfigError, compose, run_dir_problems, sweep_jobs, validate
     from hydra.errors import HydraException
     try:
         jobs = sweep_jobs(overrides)
     except HydraException as e:
         return [f"cannot parse the sweep: {e}"]
     problems: list[str] = []
-    for job in jobs:
+    for i, job in enumerate(jobs):
         try:
-            found = validate(compose(job))
+            cfg = compose(job)
+            found = validate(cfg) + (run_dir_problems(cfg) if i == 0 else [])   # (the sweep's folder)
         except ConfigError as e:
             found = e.problems
         for p in found:   # an unknown key is one problem, whatever values the sweep gives it

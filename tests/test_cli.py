@@ -100,6 +100,9 @@ def test_validate_all_recipes_cli():
     # a group option whose value the user must give (not a silent fall-back to the base default)
     ("model=hf_causal_lm", "model.path", "model.path=Qwen/"),
     ("data=jsonl", "data.path", "required"),
+    # a run's (or a sweep's) folder that is a file: Hydra's mkdir traceback before
+    (f"run_dir={os.path.abspath(__file__)}", "run_dir", "a file, not a folder"),
+    (f"run_dir={os.path.abspath(__file__)}/sub", "run_dir", "is not a writable folder"),
 ])
 def test_bad_override_is_a_clear_error(override, key, choice):
     p = run_cli(["train", override], check=False, timeout=60)
@@ -108,6 +111,13 @@ def test_bad_override_is_a_clear_error(override, key, choice):
     assert "Traceback" not in err and "Traceback" not in p.stdout
     assert key in err and choice in err, err
     assert len(err.strip().splitlines()) <= 4  # one paragraph
+
+
+def test_a_sweep_folder_that_cannot_be_made_is_refused_before_the_sweep():
+    """run_dir=<a file> for a sweep: one config-problem paragraph before any job (Hydra's mkdir traceback before)."""
+    p = run_cli(["train", "-m", f"run_dir={os.path.abspath(__file__)}", "seed=0,1"], check=False, timeout=60)
+    assert p.returncode == 2 and "Traceback" not in p.stderr and "run_dir=" in p.stderr and \
+        "a file, not a folder" in p.stderr, p.stderr[-2000:]
 
 
 @pytest.mark.parametrize("overrides,words", [
