@@ -83,6 +83,8 @@ def trained_model(recipe, run_dir: str, cfg, tag: str):
 def export_run(run_dir: str, out: str | None = None, tag: str | None = None) -> str:
     cfg, info = load_run_config(run_dir)
     tag = checkpoint_tag(run_dir, cfg, tag)
+    if out is not None and os.path.exists(out) and not os.path.isdir(out):
+        raise ExportError(f"--out {out}: a file, not a folder. Valid choices: a folder (created if missing)")
     recipe = info.load()(cfg, run_dir)
     model, sd = trained_model(recipe, run_dir, cfg, tag)
     out = out or os.path.join(run_dir, "export")

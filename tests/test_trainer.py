@@ -433,6 +433,9 @@ def test_export_gives_engine_logits(tmp_path, recipe, zero):
         assert p.returncode == 2 and "Valid choices: step_3" in p.stderr and "Traceback" not in p.stderr, p.stderr
         p = run_cli(["export", str(tmp_path / "nope")], check=False)
         assert p.returncode == 2 and "not a runx run folder" in p.stderr, p.stderr
+        (tmp_path / "a_file").write_text("")
+        p = run_cli(["export", str(run), "--out", str(tmp_path / "a_file")], check=False)
+        assert p.returncode == 2 and "a file, not a folder" in p.stderr and "Traceback" not in p.stderr, p.stderr
 
 
 def test_eval_reproduces_the_runs_evaluation_and_takes_other_data(tmp_path):
