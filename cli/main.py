@@ -313,7 +313,8 @@ def _eval(rest: list[str]) -> int:
     p.add_argument("overrides", nargs="*", help="data.* / trainer.micro_batch_size / trainer.device overrides")
     p.add_argument("--tag", default=None,
                    help="checkpoint tag: step_N, or best (trainer.monitor's best; default: latest)")
-    p.add_argument("--out", default=None, help="result file (default: <run_dir>/eval/<tag>[-<hash>].json)")
+    p.add_argument("--out", default=None,
+                   help="result file, or a folder for it (default: <run_dir>/eval/<tag>[-<hash>].json)")
     a = p.parse_intermixed_args(rest)
     from runx.cli.evaluate import EvalError, evaluate_run, print_result
     from runx.trainers.console import quiet_libraries

@@ -454,6 +454,9 @@ def test_eval_reproduces_the_runs_evaluation_and_takes_other_data(tmp_path):
         assert got[k] == pytest.approx(summary[k], rel=1e-5), (k, got, summary)
     out, best = evaluate_run(str(run), tag="best")
     assert best["eval/loss"] == pytest.approx(summary["best/eval/loss"], rel=1e-5)
+    (tmp_path / "evals").mkdir()    # --out <a folder>: the result file goes in it
+    out, _ = evaluate_run(str(run), out=str(tmp_path / "evals"))
+    assert out == str(tmp_path / "evals" / "step_4.json") and json.load(open(out))["tag"] == "step_4"
     rows = [{"text": "Return the absolute value of x.", "label": 1}, {"text": "Open a socket.", "label": 3}]
     (tmp_path / "other.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     out, _ = evaluate_run(str(run), overrides=[f"data.eval_path={tmp_path / 'other.jsonl'}", "data.kind=jsonl",
