@@ -457,13 +457,18 @@ def _argv_value(argv: list[str], key: str) -> str | None:
     return next((a.partition("=")[2] for a in argv if a.lstrip("+~").partition("=")[0] == key), None)
 
 
+def is_optuna_sweep(argv: list[str]) -> bool:
+    """Whether the command line picks an Optuna sweeper (Hydra's `optuna` preset or runx's `runx_optuna`)."""
+    return "optuna" in (_argv_value(argv, "hydra/sweeper") or "")
+
+
 def sweeper_problems(argv: list[str]) -> list[str]:
     """An Optuna sweep needs each job to return a number, objective=<final metric>, and a direction that is
     one of Optuna's."""
     sweeper = _argv_value(argv, "hydra/sweeper") or ""
     objective = _argv_value(argv, "objective")
     direction = _argv_value(argv, "hydra.sweeper.direction")
-    if "optuna" not in sweeper:
+    if not is_optuna_sweep(argv):
         return []
     if objective in (None, "", "null"):
         return [f"hydra/sweeper={sweeper}: each trial returns the run's final `objective` metric, and none is set. "
@@ -479,7 +484,7 @@ def optuna_direction_override(argv: list[str]) -> str | None:
 
     Hydra's optuna sweeper minimises by default, which would pick the worst trial for objective=eval/accuracy;
     the runx_optuna preset's default (maximize) would do the same for a loss."""
-    if "optuna" not in (_argv_value(argv, "hydra/sweeper") or "") or _argv_value(argv, "hydra.sweeper.direction"):
+    if not is_optuna_sweep(argv) or _argv_value(argv, "hydra.sweeper.direction"):
         return None
     objective = _argv_value(argv, "objective")
     return f"hydra.sweeper.direction={objective_direction(objective)}" if objective else None

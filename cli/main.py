@@ -96,13 +96,13 @@ def _train(rest: list[str]) -> int:
         if problems:
             return _fail(problems)
     from runx.cli.train import hydra_main
-    from runx.cli.config import _argv_value, normalize_recipe_overrides, optuna_direction_override
+    from runx.cli.config import is_optuna_sweep, normalize_recipe_overrides, optuna_direction_override
     direction = optuna_direction_override(rest) if multirun else None
     if direction:
         print(f"runx: Optuna {direction.rpartition('=')[2]}s the objective ({direction})", file=sys.stderr)
     sys.argv = ["runx train"] + normalize_recipe_overrides(rest) + ([direction] if direction else [])
     from runx.cli import train
-    optuna = multirun and "optuna" in (_argv_value(rest, "hydra/sweeper") or "")
+    optuna = multirun and is_optuna_sweep(rest)
     try:
         with train.optuna_sweeps_end_cleanly() if optuna else contextlib.nullcontext():
             hydra_main()

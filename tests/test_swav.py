@@ -317,6 +317,10 @@ def test_bad_config_names_key_and_choices():
         S.SwAV(cfg("model=minilm"), "x")
     with pytest.raises(ValueError, match="data.name='nope'.*shapes, shapes_gray, shapes_colour, digits, synthetic"):
         S.SwAV(cfg("data.name=nope"), "x").build_data()
+    # the registry's list that `runx validate` checks names what load_sources draws, no more, no less
+    from runx.recipes import RECIPES
+    from runx.recipes.swav_data import SHAPE_PALETTES
+    assert set(dict(RECIPES["swav"].data_sources)["generated"]) == {*SHAPE_PALETTES, "digits", "synthetic"}
 
 
 # ------------------------------------------------------------------------------------------------ evaluation

@@ -67,10 +67,10 @@ class JobFailed(CompactHydraException):
 
 def failure_kind(returncode: int, job_dir: Path) -> str:
     """How a job failed, in the words `runx train -m` uses for in-process jobs."""
-    summary = job_dir / "summary.json"
+    from runx.trainers.tracking import read_summary
     try:
-        diverged = summary.exists() and "diverged_at" in json.loads(summary.read_text())
-    except ValueError:
+        diverged = "diverged_at" in read_summary(str(job_dir))
+    except ValueError:   # a summary cut short
         diverged = False
     if diverged:
         return "diverged"
@@ -207,8 +207,8 @@ class RunxParallelLauncher(Launcher):
         key = sweep_config.get("objective")
         if not key:
             return None
-        summary_path = job_dir / "summary.json"
-        summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
+        from runx.trainers.tracking import read_summary
+        summary = read_summary(str(job_dir))
         if key not in summary:
             raise KeyError(f"objective={key!r} is not among the final metrics of {job_dir}: {sorted(summary)}")
         return float(summary[key])
