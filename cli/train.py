@@ -541,7 +541,10 @@ def run_job(cfg, run_dir: str, job=None) -> dict:
     from runx.trainers.deepspeed_trainer import Trainer
     trainer = Trainer(cfg, run_dir)
     recipe = build_recipe(cls, cfg, run_dir)
-    result = trainer.fit(recipe)
-    if cfg.get("export_at_end", False):
-        trainer.export(trainer.engine, recipe, os.path.join(run_dir, "export"))
+    try:
+        result = trainer.fit(recipe)
+        if cfg.get("export_at_end", False):
+            trainer.export(trainer.engine, recipe, os.path.join(run_dir, "export"))
+    finally:   # the next job of an in-process sweep gets this one's memory back
+        trainer.close()
     return result

@@ -423,6 +423,7 @@ class Trainer:
         engine, optimizer, _, scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, config=self.ds_config,
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, sched_fn))
+        self.engine = engine   # from here on close() releases it, also after a failed run
         start = 0
         if resume is not None:
             start = self.load_checkpoint(engine, *resume)
@@ -605,7 +606,6 @@ class Trainer:
                     if vals:
                         final[key] = sorted(vals)[len(vals) // 2]
         final.update(recipe.final_metrics())
-        self.engine = engine
         if self.is_main:
             write_summary(self.run_dir, final)
             sync = wb.finish(final)
@@ -614,6 +614,22 @@ class Trainer:
             if sync:   # soft_wrap: a log file must keep the command on one line, to be pasted whole
                 console().print(f"W&B run saved offline; upload it with: [bold]{sync}[/bold]", soft_wrap=True)
         return final
+
+    def close(self) -> None:
+        """Release the engine: its model, optimizer states and DeepSpeed's process-wide references to them
+        (`ds_patches.release_engine`), so that the next job in this process starts with the memory this one
+        started with. A Hydra sweep runs its jobs one after another in one process unless its launcher spawns
+        them; before this, each finished ZeRO-3 job stayed allocated."""
+        engine, self.engine = getattr(self, "engine", None), None
+        if engine is None:
+            return
+        from runx.trainers.ds_patches import release_engine
+        release_engine(engine)
+        del engine
+        import gc
+        gc.collect()
+        if self.device == "cuda":
+            torch.cuda.empty_cache()
 
     def _with_loss_norm(self, batches, recipe, grad_accum: int):
         """(micro-batch, loss norm) in order. For a recipe whose loss is a mean over a varying number of items
