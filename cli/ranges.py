@@ -51,14 +51,16 @@ COMMON = {
     "data.val_fraction": FRACTION, "data.max_length": COUNT, "data.max_train_samples": Range(1, none_ok=True),
     "data.max_eval_samples": Range(0, none_ok=True), "model.num_labels": COUNT, "launcher.num_nodes": COUNT,
 }
-_LORA = {"rank": COUNT, "alpha": POS, "dropout": FRACTION}
+_CHUNK = {"logprob_chunk": Range(1, none_ok=True)}
+_LORA = {"rank": COUNT, "alpha": POS, "dropout": FRACTION, **_CHUNK}
 # recipe name -> {key under recipe.: range}
 RECIPE = {
+    "sft": _CHUNK,
     "lora": _LORA,
     "lora_ga": {**_LORA, "grad_batches": COUNT, "stable_gamma": POS, "svd_niter": NONNEG},
     "verifree": {"group_size": COUNT, "temperature": NONNEG, "top_p": SHARE, "max_new_tokens": COUNT,
                  "kl_coef": NONNEG, "vllm_gpu_memory_utilization": SHARE, "rollout_chunk": NONNEG,
-                 "logprob_chunk": Range(1, none_ok=True), "eval_samples": NONNEG, "warmup_steps": NONNEG,
+                 **_CHUNK, "eval_samples": NONNEG, "warmup_steps": NONNEG,
                  "warmup_examples": NONNEG, "warmup_batch_size": COUNT, "warmup_lr": POS,
                  "warmup_corrupt_fraction": PROB},
     "swav": {"flip_prob": PROB, "color_jitter_prob": PROB, "grayscale_prob": PROB, "blur_prob": PROB,

@@ -187,7 +187,8 @@ class SFT(ExportsTokenizer, TrainingRecipe):
             w = torch.full(t.shape, -(norm if norm is not None else 1.0 / max(1, int((t != -100).sum()))),
                            device=t.device)
             return through_module(head, lambda h: linear_logprob_weighted_sum(
-                h, head.weight, t, w, bias=getattr(head, "bias", None), dw_accum=self.cfg.recipe.logprob_dw_accum),
+                h, head.weight, t, w, bias=getattr(head, "bias", None), chunk=self.cfg.recipe.get("logprob_chunk"),
+                dw_accum=self.cfg.recipe.logprob_dw_accum),
                 hidden.reshape(-1, hidden.shape[-1]))
         out = model(**self.lm_inputs(batch))
         logits = out.logits[:, :-1].float()
