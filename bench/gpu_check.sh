@@ -6,16 +6,15 @@
 # after every step, so a cut-off run still returns what it measured.
 #   bash bench/gpu_check.sh [tests,kernels,sinkhorn,overhead,offload]   (default: all but sinkhorn;
 #        DEADLINE=540 s by default). A second, shorter call picks what to re-run:
-#   OFFLOAD_ARMS=a,b  TO_TRAINERS=zero3,zero3_nvme  TO_ROUNDS=1  TO_STEPS=4  GPU_TESTS=tests/test_kernels.py
-# Measured on an H100 (bench/results/gpu_check_run*.log): every offload arm but raw nvme_params; trainer overhead
-# for zero3 (1.03), zero3_cpu_offload (0.98) and zero3_nvme (0.97 and 0.80 on 2026-11-27, runx the slower side in
-# all four runs so far; the bench now records every timed step to show the spread); all 15 GPU tests, including
-# the gradient-in-forward kernel, backend="triton_rows" and LoRA-GA's init with its sums on the GPU; the
-# log-prob table at 4 shapes (runs 7 and 8). Next: more zero3_nvme rounds, e.g.
-#   TO_ROUNDS=3 TO_STEPS=6 TO_LIMIT=400 bash bench/gpu_check.sh overhead        (one round: ~100-120 s)
-# The logprob group runs only the log-prob part (4 shapes, the 32k x 152k sweep, and the weighted sum with row
-# chunks of 1/2 and 1/4 the default at 8k x 32k, where its memory is 0.44x eager: if chunk x0.25 keeps >= 1.0x
-# Liger at <= 0.25x eager, cap the block there, next to the fp32 dW sum):
+#   OFFLOAD_ARMS=a,b  TO_TRAINERS=zero3,zero3_nvme  TO_ROUNDS=1  TO_STEPS=4  TO_ARGS=--phases  GPU_TESTS=tests/test_kernels.py
+# Measured on an H100 (runs 1-8): every offload arm but raw nvme_params; trainer overhead for zero3 (1.03),
+# zero3_cpu_offload (0.98) and zero3_nvme (0.97, 0.80); the log-prob table at 4 shapes. On an H200 (runs 9, 10,
+# 2026-11-27): all 17 GPU tests; the log-prob table and sweeps, including dw_accum="weight"; zero3_nvme 0.979 and
+# 0.987 with --phases (runx's own loop work outside DeepSpeed's calls: ~4 ms of a ~4.5 s step). The bench since
+# then warms the process up with an untimed raw run, removes each side's swap files before the other side runs,
+# and frees each engine (Trainer.close / ds_patches.release_engine). Next: the zero3_nvme row again,
+#   DEADLINE=420 TO_ROUNDS=4 TO_STEPS=5 TO_LIMIT=400 bash bench/gpu_check.sh overhead   (one round: ~90 s)
+# The logprob group runs only the log-prob part (4 shapes, the 32k x 152k sweep, the 8k x 32k weighted-sum sweep):
 #   bash bench/gpu_check.sh tests,logprob,overhead
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -83,7 +82,7 @@ step offload "offload (GPU)" $(( OFF_BUDGET + 30 )) python3 bench/offload.py --d
 # measured 2026-11-26 on an H100: zero3 + zero3_cpu_offload took ~115 s (rounds 2, steps 6); a zero3_nvme step
 # moves ~5 GB through the disk (0.3B bf16 params + fp32 states), so it gets its own row with fewer steps
 step overhead "trainer overhead (GPU)" "${TO_LIMIT:-150}" python3 bench/trainer_overhead.py --device cuda --model gpu_llama \
-  --trainers "${TO_TRAINERS:-zero3_nvme}" --rounds "${TO_ROUNDS:-2}" --steps "${TO_STEPS:-4}"
+  --trainers "${TO_TRAINERS:-zero3_nvme}" --rounds "${TO_ROUNDS:-2}" --steps "${TO_STEPS:-4}" ${TO_ARGS:---phases}
 
 echo; echo "summary ($(( $(date +%s) - T0 ))s total):" | tee -a "$LOG"
 for r in "${RESULTS[@]}"; do echo "  $r" | tee -a "$LOG"; done

@@ -30,6 +30,48 @@ GPU_LLAMA = [  # ~0.3B Llama built from a config (no download), bf16
 ]
 
 
+class Phases:
+    """--phases: device-synchronised wall time inside DeepSpeedEngine.forward / backward / step, per side and
+    optimizer step, so a gap between the sides shows whether it is inside DeepSpeed's calls (a different engine
+    state or config) or outside them (the loop's own bookkeeping: "other" = step wall time - the three). The
+    synchronisations cost both sides alike."""
+
+    def __init__(self):
+        import deepspeed
+        import torch
+        self.cur, self.steps = {}, []
+        eng = deepspeed.runtime.engine.DeepSpeedEngine
+        for name in ("forward", "backward", "step"):
+            orig = getattr(eng, name)
+
+            def timed(self_, *args, _orig=orig, _name=name, **kw):
+                if torch.cuda.is_available():
+                    torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                out = _orig(self_, *args, **kw)
+                if torch.cuda.is_available():
+                    torch.cuda.synchronize()
+                self.cur[_name] = self.cur.get(_name, 0.0) + time.perf_counter() - t0
+                if _name == "step":   # one engine.step() per micro-batch
+                    self.steps.append(self.cur)
+                    self.cur = {}
+                return out
+            setattr(eng, name, timed)
+
+    def take(self, step_s, grad_accum):
+        """This side's per-step phases (warm-up steps dropped like the step times), with "other"."""
+        micro, self.steps, self.cur = self.steps, [], {}
+        rows = []
+        for i in range(0, len(micro), grad_accum):
+            r = {}
+            for m in micro[i:i + grad_accum]:
+                for k, v in m.items():
+                    r[k] = r.get(k, 0.0) + v
+            rows.append(r)
+        rows = [dict(r, other=w - sum(r.values())) for r, w in zip(rows, step_s)]
+        return rows[2:]
+
+
 def compose(overrides):
     import runx.conf  # noqa: F401
     from runx.cli.config import compose as c
@@ -40,7 +82,10 @@ def runx_round(cfg, run_dir):
     from runx.recipes.sft import SFT
     from runx.trainers.deepspeed_trainer import Trainer
     tr = Trainer(cfg, run_dir)
-    tr.fit(SFT(cfg, run_dir))
+    try:
+        tr.fit(SFT(cfg, run_dir))
+    finally:
+        tr.close()
     from runx.trainers.tracking import read_metrics
     m = read_metrics(run_dir)
     return [r["step_time_s"] for r in m], [r["loss"] for r in m]
@@ -76,7 +121,8 @@ def raw_round(cfg, ds_config):
                                            lr_scheduler=lambda o: torch.optim.lr_scheduler.LambdaLR(o, fn))
     from _raw_deepspeed import raw_steps
     res = raw_steps(engine, recipe, train, cfg)
-    engine.destroy()
+    from runx.trainers.ds_patches import release_engine
+    release_engine(engine)   # engine.destroy() alone leaves a ZeRO-3 engine allocated (trainers/ds_patches.py)
     return res["step_s"], res["losses"]
 
 
@@ -97,13 +143,20 @@ def main():
     ap.add_argument("--rounds", type=int, default=None)
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--out", default=os.path.join(HERE, "results", "trainer_overhead.json"))
+    ap.add_argument("--warmup", action=argparse.BooleanOptionalAction, default=None,
+                    help="an untimed 2-step raw run before the rounds (default: on CUDA)")
+    ap.add_argument("--phases", action="store_true",
+                    help="also time forward / backward / step inside DeepSpeed per side (adds syncs to both)")
     a = ap.parse_args()
     rounds = a.rounds or (2 if a.quick else 3)
     steps = a.steps or (12 if a.quick else 25)
+    if a.warmup is None:
+        a.warmup = a.device == "cuda"
     if a.device == "cpu":
         os.environ["DS_ACCELERATOR"] = "cpu"
     model = {"tiny": ["model=tiny_llama"], "llama_m": ["model=llama_m"], "gpu_llama": GPU_LLAMA}[a.model]
     rows = []
+    phases = Phases() if a.phases else None
     for trainer in a.trainers.split(","):
         base = ["recipe=sft", "data=tiny_text", f"trainer={trainer}", f"trainer.device={a.device}", *model,
                 f"trainer.max_steps={steps}", "trainer.ckpt_every=0", "trainer.eval_every=0", "logger=none",
@@ -122,6 +175,26 @@ def main():
             base += ["trainer.aio.tune=false"]
             shutil.rmtree(probe_dir, ignore_errors=True)
         A, B, worst, same_config = [], [], 0.0, True
+        PA, PB = [], []
+
+        def raw_side(raw_cfg):
+            tr = Trainer(raw_cfg, raw_cfg.run_dir)  # same config builder -> identical DeepSpeed config
+            from runx.recipes.sft import SFT
+            m = SFT(raw_cfg, raw_cfg.run_dir).build_model()
+            ds_config = tr.build_ds_config(m)
+            del m
+            return raw_round(raw_cfg, ds_config) + (ds_config,)
+
+        if a.warmup:
+            # the process's first engine pays once for what later ones reuse (CUDA context and kernels, the aio
+            # and CPU-Adam ops, first pinned allocations); measured on an H200 it made the first side's steps of
+            # round 1 up to 1.4x slower than its later ones. An untimed 2-step raw run takes that cost here
+            wdir = tempfile.mkdtemp(prefix="runx_nvme_warmup_")
+            raw_side(compose(base + [f"run_dir={tempfile.mkdtemp(prefix='runx_bench_warmup_')}",
+                                     f"trainer.nvme_path={wdir}", "trainer.max_steps=2"]))
+            shutil.rmtree(wdir, ignore_errors=True)
+            if phases:
+                phases.take([], 1)
         for r in range(rounds):
             # each side swaps into its own fresh folder (no swap files left by the other side), and odd rounds
             # run raw first: neither side always meets a cold disk, allocator or page cache
@@ -134,22 +207,23 @@ def main():
                 if side == "runx":
                     ta, la = runx_round(cfg, run_dir)
                     A += ta[2:]  # drop warm-up steps
-                    continue
-                tr = Trainer(raw_cfg, raw_cfg.run_dir)  # same config builder -> identical DeepSpeed config
-                from runx.recipes.sft import SFT
-                m = SFT(raw_cfg, raw_cfg.run_dir).build_model()
-                ds_config = tr.build_ds_config(m)
-                del m
-                tb, lb = raw_round(raw_cfg, ds_config)
-                B += tb[2:]
+                    if phases:
+                        PA += phases.take(ta, int(cfg.trainer.grad_accum))
+                else:
+                    tb, lb, ds_config = raw_side(raw_cfg)
+                    B += tb[2:]
+                    if phases:
+                        PB += phases.take(tb, int(raw_cfg.trainer.grad_accum))
+                # its swap files gone and written back before the other side starts: on an H200 the side that
+                # ran second, beside the first side's ~5 GB of swap files, was the slower one in rounds 2 and 3
+                shutil.rmtree(nvme_dirs[0 if side == "runx" else 1], ignore_errors=True)
+                os.sync()
             # the runx side's DeepSpeed config (saved in its run dir) against the raw side's, swap folders aside
             with open(os.path.join(run_dir, "ds_config.json")) as f:
                 differ = config_diff(json.load(f), ds_config)
             if differ:
                 same_config = False
                 print(f"WARNING: the two sides ran different DeepSpeed configs: {differ}", flush=True)
-            for d in nvme_dirs:
-                shutil.rmtree(d, ignore_errors=True)
             # the same work on both sides: same batches, same init, same losses (up to float noise in offload)
             worst = max(worst, max(abs(x - y) / max(abs(x), 1e-12) for x, y in zip(la, lb)))
             ra, rb = statistics.median(A), statistics.median(B)
@@ -159,6 +233,11 @@ def main():
                    "same_ds_config": same_config, **({"aio": aio} if aio else {}),
                    # every timed step, in order (rounds alternate which side runs first): how much is spread
                    "runx_steps_s": [round(x, 5) for x in A], "raw_deepspeed_steps_s": [round(x, 5) for x in B]}
+            if phases:
+                row["phases_s"] = {side: {k: round(statistics.median(r.get(k, 0.0) for r in P), 5)
+                                          for k in ("forward", "backward", "step", "other")}
+                                   for side, P in (("runx", PA), ("raw", PB)) if P}
+                print(f"  phases (median s per step): {row['phases_s']}", flush=True)
             if r + 1 < rounds:  # a time-boxed GPU run keeps the rounds it finished
                 write(a, rows + [dict(row, partial=f"{r + 1} of {rounds} rounds")])
         rows.append(row)
