@@ -545,6 +545,12 @@ def run_job(cfg, run_dir: str, job=None) -> dict:
         result = trainer.fit(recipe)
         if cfg.get("export_at_end", False):
             trainer.export(trainer.engine, recipe, os.path.join(run_dir, "export"))
+    except BaseException as e:
+        # a failed job's exception outlives it (Hydra keeps it in the job's return until the sweep ends), and
+        # its frames' variables would keep the engine, the model and the batches: only the lines are kept
+        import traceback
+        traceback.clear_frames(e.__traceback__)
+        raise
     finally:   # the next job of an in-process sweep gets this one's memory back
         trainer.close()
     return result
