@@ -18,7 +18,9 @@ os.environ.update(OFFLINE_ENV)
 os.environ.setdefault("RUNX_CACHE", tempfile.mkdtemp(prefix="runx_test_cache_"))
 
 
-def run_cli(args: list[str], timeout: int = 600, env: dict | None = None, check: bool = True, cwd=None):
+def child_env(env: dict | None = None) -> dict:
+    """The environment of a runx process a test starts: offline, CPU, and without the distributed variables an
+    in-process test left in this worker (its process group holds that MASTER_PORT)."""
     e = dict(os.environ, **OFFLINE_ENV)
     for k, v in (env or {}).items():  # None removes a variable
         if v is None:
@@ -26,6 +28,11 @@ def run_cli(args: list[str], timeout: int = 600, env: dict | None = None, check:
         else:
             e[k] = v
     e.pop("RANK", None), e.pop("WORLD_SIZE", None), e.pop("LOCAL_RANK", None), e.pop("MASTER_PORT", None)
+    return e
+
+
+def run_cli(args: list[str], timeout: int = 600, env: dict | None = None, check: bool = True, cwd=None):
+    e = child_env(env)
     p = subprocess.run([sys.executable, "-m", "runx.cli.main", *args], capture_output=True, text=True,
                        timeout=timeout, env=e, cwd=cwd)
     if check and p.returncode != 0:

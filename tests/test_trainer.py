@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from conftest import losses, read_metrics, run_cli
+from conftest import child_env, losses, read_metrics, run_cli
 
 TINY = ["model=tiny_bert", "logger=none", "trainer.progress=false", "optim.lr=1e-3", "optim.warmup_ratio=0",
         "data.max_train_samples=256", "data.max_eval_samples=64", "trainer.eval_every=0"]
@@ -1109,6 +1109,8 @@ for k in range(3):   # the third job diverges; its exception is kept, as Hydra k
         run_job(compose(sys.argv[2:] + [f"run_dir={run_dir}", f"seed={k}"] + (["optim.lr=1e30"] if k == 2 else [])),
                 run_dir)
     except Exception as e:
+        if k != 2:
+            raise
         kept.append(e)
         print("job", k, "failed:", type(e).__name__)
     gc.collect()
@@ -1126,7 +1128,7 @@ def test_jobs_run_one_after_another_in_one_process_free_their_engines(tmp_path, 
     a failed job's exception kept its engine through its frames."""
     p = subprocess.run([sys.executable, "-c", SEQUENTIAL_JOBS, str(tmp_path), f"recipe={recipe}", "trainer=zero3",
                         "trainer.max_steps=2", "trainer.ckpt_every=0", "trainer.grad_clip=0", *TINY],
-                       capture_output=True, text=True, timeout=600, env=dict(os.environ, DS_ACCELERATOR="cpu"))
+                       capture_output=True, text=True, timeout=600, env=child_env())
     assert p.returncode == 0, p.stderr[-3000:]
     lines = [ln for ln in p.stdout.splitlines() if ln.startswith("after job")]
     assert lines == [f"after job {k} engines 0 parameters 0" for k in range(3)], p.stdout[-2000:]
