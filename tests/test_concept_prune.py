@@ -13,6 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from omegaconf import OmegaConf
+from conftest import child_env
 
 from runx.conf.schema.concept_prune import ConceptPruneConfig
 from runx.recipes import concept_prune as cp
@@ -369,7 +370,7 @@ def test_rerun_after_the_inputs_changed_is_refused_and_resume_never_starts_over_
     with pytest.raises(RecipeConfigError, match=r"input files \(1 files, \d+ bytes -> 1 files, \d+ bytes, e.g. "
                                                 r".*emb\.npy was modified\).*resume=never"):
         run_job(tmp_path / "run", **kw)
-    env = dict(os.environ, DS_ACCELERATOR="cpu", WANDB_MODE="disabled")
+    env = child_env({"WANDB_MODE": "disabled"})
     cmd = [sys.executable, "-m", "runx.cli.main", "train", "recipe=concept_prune", "recipe.input=embeddings",
            f"recipe.path={tmp_path / 'emb.npy'}", "recipe.num_clusters=3", "recipe.epsilon=0.01",
            "recipe.keep_fraction=0.5", "logger=none", f"run_dir={tmp_path / 'run'}"]
@@ -472,7 +473,7 @@ def test_digits_default_plants_duplicates_and_a_fixed_test_split():
 
 def test_cli_smoke_end_to_end(tmp_path):
     run_dir = tmp_path / "run"
-    env = dict(os.environ, DS_ACCELERATOR="cpu", WANDB_MODE="disabled")
+    env = child_env({"WANDB_MODE": "disabled"})
     out = subprocess.run([sys.executable, "-m", "runx.cli.main", "train", "recipe=concept_prune", "debug=smoke",
                           f"run_dir={run_dir}"], capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]

@@ -16,6 +16,7 @@ import textwrap
 import numpy as np
 import pytest
 from omegaconf import OmegaConf
+from conftest import child_env
 
 from runx.recipes import preselect as P
 from runx.recipes.preselect_ngram import CharNgramLM
@@ -607,7 +608,7 @@ def test_a_text_field_typo_stops_in_the_sample_stage_and_can_be_fixed_in_place(t
 # ------------------------------------------------------------------------------------------ end to end
 def test_cli_smoke_end_to_end(tmp_path):
     run_dir = str(tmp_path / "run")
-    env = dict(os.environ, DS_ACCELERATOR="cpu", HF_HUB_OFFLINE="1", WANDB_MODE="offline")
+    env = child_env()
     p = subprocess.run([sys.executable, "-m", "runx.cli.main", "train", "recipe=preselect", "debug=smoke",
                         f"run_dir={run_dir}"], capture_output=True, text=True, timeout=600, env=env)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-5000:]
