@@ -98,6 +98,11 @@ def raw_round(cfg, ds_config):
     from runx.recipes.sft import SFT
     from runx.trainers import runtime
     from runx.trainers.optim import build_optimizer, default_param_groups, lr_lambda
+    if str(cfg.trainer.offload_param).startswith("nvme"):
+        # the NVMe prefetch fix runx applies (trainers/ds_patches.py); a plain loop needs it too, and the raw
+        # warm-up run comes before any runx build would have applied it
+        from runx.trainers import ds_patches
+        ds_patches.apply()
     runtime.seed_everything(int(cfg.seed))
     recipe = SFT(cfg, tempfile.mkdtemp())
     keep = None
