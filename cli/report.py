@@ -72,6 +72,7 @@ def collect(root: str) -> tuple[list[dict], list[str]]:
 
 
 # final metrics the table shows when present (the objective and any metric a data job reports come on top)
+COL_MIN = 5   # characters a table column needs to stay readable
 SHOWN_METRICS = ("final_loss", "eval/loss", "eval/accuracy", "steps", "samples_per_s", "train_wall_s", "peak_mem_gb")
 
 
@@ -106,6 +107,7 @@ def report(root: str, objective: str | None = None, minimize: bool | None = None
     common = set.intersection(*done) if done else set()   # (a sweep whose every job failed has none)
     shown = [k for k in metric_keys if k == objective or k in SHOWN_METRICS or k.startswith("best/")
              or k in ("best_step", "early_stopped_at") or not trained and k in common]
+    console, note = Console(), ""
     t = Table(title=f"runx report — {root} ({len(rows)} run{'s' if len(rows) != 1 else ''})", header_style="bold")
     fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)
     arrow = lambda k: " ↓" if k == objective and minimize else " ↑" if k == objective else ""
@@ -116,19 +118,46 @@ def report(root: str, objective: str | None = None, minimize: bool | None = None
         for k, v in [("status", rows[0]["_status"])] * failed + [(k + arrow(k), fmt(rows[0].get(k, ""))) for k in shown]:
             t.add_row(k, v)
     else:
-        # narrow terminals: fold long names and values onto several lines instead of cutting them to "0.000…"
-        t.add_column("run", overflow="fold")
-        if failed:
+        # narrow terminals: fold long names and values onto several lines instead of cutting them to "0.000…";
+        # columns that would not get COL_MIN characters each (runs of several recipes differ in dozens of keys)
+        # become one "config" column of key=value lines, and beyond that only the first metrics are shown
+        merged = (1 + failed + len(varying) + len(shown)) * (COL_MIN + 3) > console.width
+        config_width = min(28, console.width // 2)
+        if merged:   # the run column 14 characters at most; a run's status goes into its config cell
+            order = sorted(shown, key=lambda k: k != objective)   # the objective first, then as listed
+            used, keep = 1 + (14 + 3) + (config_width + 3), []
+            for k in order:   # as many whole metric columns as fit beside them (headers do not fold)
+                w = max(len(k + arrow(k)), 8) + 3
+                if keep and used + w > console.width:
+                    break
+                keep.append(k)
+                used += w
+            left_out = len(shown) - len(keep)
+            shown = [k for k in shown if k in keep]
+            if left_out > 0:   # printed whole below the table (a path folded into the table's width breaks)
+                note = f"{left_out} more metric{'s' * (left_out > 1)} in {os.path.join(root, 'report.json')}"
+        t.add_column("run", overflow="fold", max_width=14 if merged else None)
+        if failed and not merged:
             t.add_column("status")
-        for k in varying:
-            t.add_column(k, overflow="fold")
+        if merged:
+            t.add_column("config", overflow="fold", min_width=config_width)
+        else:
+            for k in varying:
+                t.add_column(k, overflow="fold")
         for k in shown:
             t.add_column(k + arrow(k), justify="right", overflow="fold")
         for r in rows:
-            cells = [r["run"]] + ([r["_status"]] if failed else []) + [fmt(r["_cfg"].get(k)) for k in varying]
+            cfg = [(k, fmt(r["_cfg"].get(k))) for k in varying]
+            if merged:
+                lines = ([f"status={r['_status']}"] if failed else []) + [f"{k}={v}" for k, v in cfg]
+                cells = [r["run"], "\n".join(lines)]
+            else:
+                cells = [r["run"]] + ([r["_status"]] if failed else []) + [v for _, v in cfg]
             cells += [fmt(r.get(k, "")) for k in shown]
             t.add_row(*cells)
-    Console().print(t)
+    console.print(t)
+    if note:
+        console.print(note, soft_wrap=True)
     table_rows = [{"run": r["run"], "status": r["_status"], **{k: r["_cfg"].get(k) for k in varying},
                    **{k: r.get(k) for k in metric_keys}} for r in rows]
     with open(os.path.join(root, "report.json"), "w") as f:

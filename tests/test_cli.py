@@ -434,6 +434,35 @@ def test_report_compares_recipes_lists_failed_jobs_and_refuses_an_unknown_object
     assert "W&B (http://127.0.0.1:9) cannot be reached" in capsys.readouterr().out
 
 
+def test_report_of_runs_differing_in_many_keys_stays_readable_in_80_columns(tmp_path, capsys, monkeypatch):
+    """Runs of several recipes and settings (`runx report outputs/`) differ in dozens of keys: one column each
+    left every column one character wide in 80 columns. They go into one config column of key=value lines,
+    with the metrics that fit beside it (the objective first) and a note on where the others are."""
+    from runx.cli.report import report
+    import yaml
+    for k in range(3):
+        cfg = {"recipe": {"name": "sft"}, "seed": k, **{f"opt{j}": k * j for j in range(12)}}
+        (tmp_path / str(k)).mkdir()
+        (tmp_path / str(k) / "config.yaml").write_text(yaml.safe_dump(cfg))
+        (tmp_path / str(k) / "summary.json").write_text(json.dumps(
+            {"steps": 4, "eval/accuracy": 0.5 + k / 10, "eval/loss": 1.0 - k / 10, "final_loss": 1.1,
+             "samples_per_s": 100.0, "train_wall_s": 3.0, "peak_mem_gb": 1.5}))
+    monkeypatch.setenv("COLUMNS", "80")
+    assert report(str(tmp_path), plots=False) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert max(len(line) for line in out if "more metrics" not in line) <= 80, "\n".join(out)
+    header = next(line for line in out if "eval/accuracy" in line)
+    assert "config" in header and "opt3" not in header, header
+    assert any("opt11=22" in line for line in out) and any("seed=2" in line for line in out), "\n".join(out)
+    assert f"5 more metrics in {tmp_path / 'report.json'}" in out, "\n".join(out)   # whole, to copy
+    best = next(i for i, line in enumerate(out) if line.startswith("│ 2 "))
+    assert best < next(i for i, line in enumerate(out) if line.startswith("│ 0 "))   # sorted by eval/accuracy
+    monkeypatch.setenv("COLUMNS", "400")   # room for a column per key: as before
+    assert report(str(tmp_path), plots=False) == 0
+    header = next(line for line in capsys.readouterr().out.splitlines() if "eval/accuracy" in line)
+    assert "opt11" in header and "peak_mem_gb" in header, header
+
+
 def test_a_cuda_device_is_checked_where_the_run_runs():
     """trainer.device=cuda on a machine without a visible GPU is a config problem before anything is built (it was
     a RuntimeError traceback once the trainer started); where there is a GPU, nothing to say."""
