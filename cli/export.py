@@ -37,6 +37,14 @@ def load_run_config(run_dir: str, verb: str = "export", error=ExportError):
     private = os.path.join(run_dir, ".runx", "job.yaml")  # unredacted (the run dir's config.yaml is redacted)
     public = os.path.join(run_dir, "config.yaml")
     if not os.path.exists(private) and not os.path.exists(public):
+        from runx.cli.report import find_runs
+        runs = find_runs(run_dir) if os.path.isdir(run_dir) else []
+        if runs:   # a sweep's folder, or outputs/: its runs are the choices
+            names = [os.path.relpath(r, run_dir) for r in runs]
+            cmd = {"evaluate": "eval"}.get(verb, verb)
+            raise error(f"{run_dir}: a folder of {len(runs)} runs, not one run; runx {cmd} takes one run folder. "
+                        f"Valid choices: {', '.join(names[:8])}{', ...' if len(names) > 8 else ''} (e.g. runx "
+                        f"{cmd} {os.path.join(run_dir, names[0])})")
         raise error(f"{run_dir}: not a runx run folder (no config.yaml)")
     cfg = OmegaConf.load(private if os.path.exists(private) else public)
     info = RECIPES[cfg.recipe.name]

@@ -463,6 +463,28 @@ def test_report_of_runs_differing_in_many_keys_stays_readable_in_80_columns(tmp_
     assert "opt11" in header and "peak_mem_gb" in header, header
 
 
+def test_export_and_eval_of_a_sweep_folder_name_its_runs():
+    """`runx eval multirun/...` (the sweep, not a job) said only "not a runx run folder"; it names the runs."""
+    import tempfile
+
+    import yaml
+
+    from runx.cli.evaluate import EvalError
+    from runx.cli.export import ExportError, load_run_config
+    root = tempfile.mkdtemp()
+    for k in ("0", "1"):
+        os.makedirs(os.path.join(root, k))
+        with open(os.path.join(root, k, "config.yaml"), "w") as f:
+            yaml.safe_dump({"recipe": {"name": "sft"}}, f)
+        open(os.path.join(root, k, "summary.json"), "w").write("{}")
+    with pytest.raises(EvalError, match=r"a folder of 2 runs, not one run; runx eval takes one run folder\. "
+                                        r"Valid choices: 0, 1 \(e\.g\. runx eval .*/0\)"):
+        load_run_config(root, "evaluate", EvalError)
+    with pytest.raises(ExportError, match="runx export takes one run folder"):
+        load_run_config(root)
+    assert load_run_config(os.path.join(root, "1"))[1].name == "sft"
+
+
 def test_a_cuda_device_is_checked_where_the_run_runs():
     """trainer.device=cuda on a machine without a visible GPU is a config problem before anything is built (it was
     a RuntimeError traceback once the trainer started); where there is a GPU, nothing to say."""
