@@ -113,17 +113,21 @@ def test_hand_set_buffers_crash_raw_deepspeed_derived_settings_do_not(aio_ready,
 def test_zero_infinity_trains_llama_with_loss_parity_to_zero3(aio_ready, tmp_path):
     """llama_m (4.2M params, 8 matrices >= 1 MiB) with parameters and optimizer states on NVMe through
     `runx train trainer=zero3_nvme` (derived buffers, no hand-set numbers): 5 steps whose losses match
-    ZeRO-3's within 1e-3 relative, with the parameters and optimizer states really on disk."""
+    ZeRO-3's within 1e-3 relative, with the parameters and optimizer states really on disk: in the run's own
+    folder under nvme_path, which a finished run removes (here a hard stop after step 5's checkpoint keeps it)."""
     nv = tmp_path / "nvme"
     run_cli(["train", *LLAMA_M, "trainer=zero3", f"run_dir={tmp_path / 'z3'}"])
-    run_cli(["train", *LLAMA_M, "trainer=zero3_nvme", f"trainer.nvme_path={nv}", f"run_dir={tmp_path / 'nv'}"])
+    p = run_cli(["train", *LLAMA_M, "trainer=zero3_nvme", f"trainer.nvme_path={nv}", f"run_dir={tmp_path / 'nv'}",
+                 "trainer.ckpt_every=5"], env={"RUNX_CRASH_AFTER_STEP": "5"}, check=False)
+    assert p.returncode == 17, p.stderr[-3000:]
+    (swap,) = list(nv.glob("runx-nv-*"))
     a, b = losses(tmp_path / "z3"), losses(tmp_path / "nv")
     assert sorted(a) == sorted(b) == [1, 2, 3, 4, 5]
     for s in a:
         assert abs(a[s] - b[s]) <= 1e-3 * abs(a[s]), (s, a[s], b[s])
     assert a[5] < a[1]
-    params = list((nv / "zero_stage_3" / "float32params" / "rank0").glob("*_param.tensor.swp"))
-    states = list((nv / "zero_stage_3" / "optimizer" / "rank0").glob("exp_avg*.swp"))
+    params = list((swap / "zero_stage_3" / "float32params" / "rank0").glob("*_param.tensor.swp"))
+    states = list((swap / "zero_stage_3" / "optimizer" / "rank0").glob("exp_avg*.swp"))
     # the optimizer swapper pipelines over derived sub-groups (trainers/nvme.py: nvme_optimizer_settings):
     # two Adam states per sub-group on disk
     zero = json.loads((tmp_path / "nv" / "ds_config.json").read_text())["zero_optimization"]
@@ -244,6 +248,7 @@ def test_a_zero_infinity_checkpoint_resumes_exactly_under_cpu_offload_and_is_ref
               "trainer.ckpt_every=1", "trainer.keep_last=10", "logger=none", "trainer.progress=false"]
     nvme = lambda name: ["trainer=zero3_nvme", f"trainer.nvme_path={tmp_path / ('nv_' + name)}"]
     run_cli(["train", *common, *nvme("whole"), f"run_dir={tmp_path / 'whole'}"])
+    assert list((tmp_path / "nv_whole").iterdir()) == []   # a finished run removes its swap files
     p = run_cli(["train", *common, *nvme("cut"), f"run_dir={tmp_path / 'cut'}"], env={"RUNX_CRASH_AFTER_STEP": "2"},
                 check=False)
     assert p.returncode == 17
@@ -254,3 +259,23 @@ def test_a_zero_infinity_checkpoint_resumes_exactly_under_cpu_offload_and_is_ref
              f"run_dir={tmp_path / 'cpu'}"])
     a, b = losses(tmp_path / "whole"), losses(tmp_path / "cpu")
     assert sorted(b) == [3, 4] and all(abs(a[s] - b[s]) <= 1e-5 * abs(a[s]) for s in b), (a, b)
+
+
+def test_each_run_swaps_into_its_own_folder_and_removes_its_rank_files(tmp_path):
+    """Two runs with one nvme_path (a parallel sweep, SLURM jobs on one node) swapped into the same file names
+    and overwrote each other's optimizer states; each run now has its own folder, the same on a resume."""
+    from runx.trainers.nvme import remove_swap_files, run_swap_dir
+    a, b = run_swap_dir("/nvme", str(tmp_path / "sweep" / "0")), run_swap_dir("/nvme", str(tmp_path / "sweep" / "1"))
+    assert a != b and a.startswith("/nvme/runx-0-") and b.startswith("/nvme/runx-1-")
+    assert run_swap_dir("/nvme", str(tmp_path / "sweep" / "0") + "/") == a
+    swap = tmp_path / "swap"
+    for rank in (0, 1):
+        for kind in ("optimizer", "float32params"):
+            d = swap / "zero_stage_3" / kind / f"rank{rank}"
+            d.mkdir(parents=True)
+            (d / "exp_avg-0_0.tensor.swp").write_bytes(b"x")
+    remove_swap_files(str(swap), 0)   # rank 0 ends first: rank 1's files stay for it
+    assert sorted(str(p.relative_to(swap)) for p in swap.rglob("*.swp")) == [
+        "zero_stage_3/float32params/rank1/exp_avg-0_0.tensor.swp", "zero_stage_3/optimizer/rank1/exp_avg-0_0.tensor.swp"]
+    remove_swap_files(str(swap), 1)
+    assert not swap.exists()

@@ -125,6 +125,13 @@ class Trainer:
                                         self.tcfg.get("early_stop_patience", 0),
                                         self.tcfg.get("early_stop_min_delta", 0.0)) if monitor else None
 
+    @property
+    def swap_dir(self) -> str:
+        """Where ZeRO-Infinity swaps this run's tensors: its own folder under trainer.nvme_path (nvme.run_swap_dir),
+        removed when the run ends."""
+        from runx.trainers.nvme import run_swap_dir
+        return run_swap_dir(str(self.tcfg.nvme_path), self.run_dir)
+
     # ---------------------------------------------------------------- DeepSpeed config
     def build_ds_config(self, model) -> dict:
         t = self.tcfg
@@ -157,7 +164,7 @@ class Trainer:
                     2 if t.precision == "bf16" else 4))
                 self._nvme_checked = True
             if dev == "nvme":
-                block["nvme_path"] = str(t.nvme_path)
+                block["nvme_path"] = self.swap_dir
                 if kind == "param":
                     # the derived buffers also serve "nvme_in_cpu": until the engine moves the parameters
                     # into CPU memory (a LoRA-GA estimate runs before that) they are read from NVMe
@@ -619,17 +626,19 @@ class Trainer:
         """Release the engine: its model, optimizer states and DeepSpeed's process-wide references to them
         (`ds_patches.release_engine`), so that the next job in this process starts with the memory this one
         started with. A Hydra sweep runs its jobs one after another in one process unless its launcher spawns
-        them; before this, each finished ZeRO-3 job stayed allocated."""
+        them; before this, each finished ZeRO-3 job stayed allocated. Then this rank's NVMe swap files."""
         engine, self.engine = getattr(self, "engine", None), None
-        if engine is None:
-            return
-        from runx.trainers.ds_patches import release_engine
-        release_engine(engine)
-        del engine
-        import gc
-        gc.collect()
-        if self.device == "cuda":
-            torch.cuda.empty_cache()
+        if engine is not None:
+            from runx.trainers.ds_patches import release_engine
+            release_engine(engine)
+            del engine
+            import gc
+            gc.collect()
+            if self.device == "cuda":
+                torch.cuda.empty_cache()
+        if "nvme" in (str(self.tcfg.offload_param), str(self.tcfg.offload_optimizer)):
+            from runx.trainers.nvme import remove_swap_files
+            remove_swap_files(self.swap_dir, self.rank)
 
     def _with_loss_norm(self, batches, recipe, grad_accum: int):
         """(micro-batch, loss norm) in order. For a recipe whose loss is a mean over a varying number of items

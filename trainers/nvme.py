@@ -238,6 +238,32 @@ def _gib(b: float) -> str:
     return f"{b / 2**30:.2f} GiB"
 
 
+def run_swap_dir(nvme_path: str, run_dir: str) -> str:
+    """A run's own folder under trainer.nvme_path. DeepSpeed names its swap files by tensor and rank only
+    (`zero_stage_3/optimizer/rank0/exp_avg-0_0.tensor.swp`), so two runs swapping into one folder (the jobs of
+    a parallel sweep, SLURM jobs sharing a node's NVMe) would overwrite each other's optimizer states and
+    parameters. The name follows the run folder: a resumed run gets the same one."""
+    import hashlib
+    run = os.path.abspath(run_dir).rstrip("/")
+    tag = hashlib.sha1(run.encode()).hexdigest()[:8]
+    return os.path.join(os.path.expanduser(str(nvme_path)), f"runx-{os.path.basename(run)}-{tag}")
+
+
+def remove_swap_files(swap_dir: str, rank: int) -> None:
+    """This rank's swap files of a run that ended (a checkpoint holds what a resume needs), then the folders
+    left empty: a finished run left them behind (16 bytes per parameter for params + Adam on NVMe)."""
+    if not os.path.isdir(swap_dir):
+        return
+    for dirpath, _, _ in os.walk(swap_dir, topdown=False):
+        if os.path.basename(dirpath) == f"rank{rank}":
+            shutil.rmtree(dirpath, ignore_errors=True)
+    for dirpath, _, _ in os.walk(swap_dir, topdown=False):
+        try:
+            os.rmdir(dirpath)   # other ranks' folders, not yet empty, stay for them
+        except OSError:
+            pass
+
+
 def check_nvme_path(path: str, need_bytes: int) -> None:
     """Fail fast (before any model is built) on an unwritable or too-full nvme_path, naming the path and
     the space needed."""
