@@ -142,8 +142,10 @@ def test_params_in_cpu_with_optimizer_on_nvme_use_the_documented_block(aio_ready
     memory; trainers/nvme.py: deepspeed_param_device) and trains with ZeRO-3's losses."""
     nv = tmp_path / "nvme"
     run_cli(["train", *LLAMA_M, "trainer=zero3", f"run_dir={tmp_path / 'z3'}"])
-    run_cli(["train", *LLAMA_M, "trainer=zero3", "trainer.offload_param=cpu", "trainer.offload_optimizer=nvme",
-             f"trainer.nvme_path={nv}", f"run_dir={tmp_path / 'ic'}"])
+    p = run_cli(["train", *LLAMA_M, "trainer=zero3", "trainer.offload_param=cpu", "trainer.offload_optimizer=nvme",
+                 f"trainer.nvme_path={nv}", f"run_dir={tmp_path / 'ic'}", "trainer.ckpt_every=5"],
+                env={"RUNX_CRASH_AFTER_STEP": "5"}, check=False)   # a hard stop keeps the run's swap files
+    assert p.returncode == 17, p.stderr[-3000:]
     a, b = losses(tmp_path / "z3"), losses(tmp_path / "ic")
     assert sorted(a) == sorted(b) == [1, 2, 3, 4, 5]
     for s in a:
@@ -151,7 +153,8 @@ def test_params_in_cpu_with_optimizer_on_nvme_use_the_documented_block(aio_ready
     zero = json.loads((tmp_path / "ic" / "ds_config.json").read_text())["zero_optimization"]
     assert zero["offload_param"]["device"] == "nvme" and zero["offload_optimizer"]["device"] == "nvme"
     assert zero["offload_param"]["max_in_cpu"] > 4_000_000  # llama_m: 4.2M parameters, all of them
-    assert list((nv / "zero_stage_3" / "optimizer" / "rank0").glob("exp_avg*.swp"))
+    (swap,) = list(nv.glob("runx-ic-*"))
+    assert list((swap / "zero_stage_3" / "optimizer" / "rank0").glob("exp_avg*.swp"))
 
 
 def test_zero_infinity_bf16_survives_duplicate_nvme_prefetch(aio_ready, tmp_path):
