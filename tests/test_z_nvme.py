@@ -279,6 +279,7 @@ def test_each_run_swaps_into_its_own_folder_and_removes_its_rank_files(tmp_path)
             (d / "exp_avg-0_0.tensor.swp").write_bytes(b"x")
     remove_swap_files(str(swap), 0)   # rank 0 ends first: rank 1's files stay for it
     assert sorted(str(p.relative_to(swap)) for p in swap.rglob("*.swp")) == [
-        "zero_stage_3/float32params/rank1/exp_avg-0_0.tensor.swp", "zero_stage_3/optimizer/rank1/exp_avg-0_0.tensor.swp"]
+        "zero_stage_3/float32params/rank1/exp_avg-0_0.tensor.swp",
+        "zero_stage_3/optimizer/rank1/exp_avg-0_0.tensor.swp"]
     remove_swap_files(str(swap), 1)
     assert not swap.exists()

@@ -1,7 +1,8 @@
 """The two DeepSpeed bugs runx works around (DeepSpeed 0.19.8).
 
-1. (`apply`, only when parameters live on NVMe) ZeRO-Infinity's NVMe prefetcher (PartitionedParameterCoordinator.__prefetch_nvme_param_partitions) walks the
-parameter trace and collects every upcoming partition still on NVMe, without removing duplicates. A
+1. (`apply`, only when parameters live on NVMe) ZeRO-Infinity's NVMe prefetcher
+(PartitionedParameterCoordinator.__prefetch_nvme_param_partitions) walks the parameter trace and collects
+every upcoming partition still on NVMe, without removing duplicates. A
 parameter that occurs twice within the prefetch window (an LM head whose forward use is followed at once
 by its backward use, a tied embedding, a module called twice) is then handed to
 AsyncPartitionedParameterSwapper.swap_in twice in one call, and the second copy dies with
