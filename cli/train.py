@@ -241,12 +241,19 @@ def nvme_resume_problems(cfg, run_dir: str) -> list[str]:
     if not os.path.exists(os.path.join(root, "latest")):
         return []
     from importlib.metadata import version
+
+    from runx.trainers.nvme import run_swap_dir
+    swap = run_swap_dir(str(t.nvme_path), run_dir)
+    left = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(swap) for f in fs)
+    # a run stopped hard leaves its swap files (a finished or stopped-by-signal one removes them)
+    leftover = (f" The stopped run's swap files ({swap}, {left / 2**30:.2f} GiB) serve neither: delete them to "
+                "free the disk.") if left else ""
     return [f"resume={mode}: {root} holds a checkpoint, and this run offloads to NVMe (trainer.offload_param="
             f"{where['offload_param']}, trainer.offload_optimizer={where['offload_optimizer']}). DeepSpeed "
             f"{version('deepspeed')} cannot load a checkpoint into an NVMe-offloaded engine: it restarts Adam's "
             "state (optimizer on NVMe) or fails (parameters on NVMe), so the run would not continue where it "
             f"stopped. Valid choices: resume that checkpoint with CPU offload where it fits (trainer=zero3_cpu_offload "
-            f"resume={root} run_dir=<a new folder>: it continues exactly), or resume=never to start over."]
+            f"resume={root} run_dir=<a new folder>: it continues exactly), or resume=never to start over." + leftover]
 
 
 def _log_to_files_only(message: str, with_traceback: bool = True, level: int = logging.ERROR) -> None:

@@ -134,6 +134,11 @@ def test_zero_infinity_trains_llama_with_loss_parity_to_zero3(aio_ready, tmp_pat
     assert zero["offload_optimizer"]["pipeline_read"] and zero["offload_optimizer"]["pipeline_write"]
     groups = {p.name.split("-")[1] for p in states}
     assert len(params) == 8 and len(groups) >= 2 and len(states) == 2 * len(groups), (params, states)
+    # resuming it on NVMe is refused (DeepSpeed cannot load a checkpoint there); the message names the stopped
+    # run's swap files, which neither way out needs
+    p = run_cli(["train", *LLAMA_M, "trainer=zero3_nvme", f"trainer.nvme_path={nv}", f"run_dir={tmp_path / 'nv'}",
+                 "trainer.ckpt_every=5"], check=False)
+    assert p.returncode == 2 and f"The stopped run's swap files ({swap}, " in " ".join(p.stderr.split()), p.stderr
 
 
 def test_params_in_cpu_with_optimizer_on_nvme_use_the_documented_block(aio_ready, tmp_path):
@@ -258,6 +263,7 @@ def test_a_zero_infinity_checkpoint_resumes_exactly_under_cpu_offload_and_is_ref
     p = run_cli(["train", *common, *nvme("cut"), f"run_dir={tmp_path / 'cut'}"], check=False)
     assert p.returncode == 2 and "cannot load a checkpoint into an NVMe-offloaded engine" in p.stderr, p.stderr
     assert "trainer.offload_optimizer=nvme" in p.stderr and "Traceback" not in p.stderr
+
     run_cli(["train", *common, "trainer=zero3_cpu_offload", f"resume={tmp_path / 'cut' / 'ckpt'}",
              f"run_dir={tmp_path / 'cpu'}"])
     a, b = losses(tmp_path / "whole"), losses(tmp_path / "cpu")
