@@ -14,7 +14,8 @@
 # then warms the process up with an untimed raw run, removes each side's swap files before the other side runs,
 # and frees each engine (Trainer.close / ds_patches.release_engine). Next: the zero3_nvme row again,
 #   DEADLINE=420 TO_ROUNDS=4 TO_STEPS=5 TO_LIMIT=400 bash bench/gpu_check.sh overhead   (one round: ~90 s)
-# The logprob group runs only the log-prob part (4 shapes, the 32k x 152k sweep, the 8k x 32k weighted-sum sweep):
+# The logprob group runs only the log-prob part (4 shapes, the 32k x 152k sweep, the 8k x 32k weighted-sum sweep);
+# its 4-shape table has a runx_wsum_lean column since run 10 (dw_accum="weight", chunk <= max(N/8, 1024)):
 #   bash bench/gpu_check.sh tests,logprob,overhead
 set -uo pipefail
 cd "$(dirname "$0")/.."

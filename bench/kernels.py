@@ -228,6 +228,11 @@ def bench_logprob(n, hsz, v, dtype, device, rounds, with_fwd, chunk=None):
     if device == "cuda":
         methods["runx_wsum_torch"] = fwd_bwd(
             lambda: rk.linear_logprob_weighted_sum(h, w, t, ones, chunk=chunk, backend="torch"))
+        # the memory-lean setting: dW summed in bf16 (dw_accum="weight") and row chunks of at most max(N/8, 1024),
+        # i.e. recipe.logprob_dw_accum=weight recipe.logprob_chunk=1024 at 8k tokens (the default chunk elsewhere)
+        lean = min(rk.chunk_rows(n, v, chunk), max(n // 8, 1024))
+        methods["runx_wsum_lean"] = fwd_bwd(
+            lambda: rk.linear_logprob_weighted_sum(h, w, t, ones, chunk=lean, dw_accum="weight"))
     liger = _liger_loss() if device == "cuda" else None
     if liger is not None:
         methods["liger_flce"] = fwd_bwd(lambda: -liger(w, h, t))
