@@ -76,6 +76,19 @@ COL_MIN = 5   # characters a table column needs to stay readable
 SHOWN_METRICS = ("final_loss", "eval/loss", "eval/accuracy", "steps", "samples_per_s", "train_wall_s", "peak_mem_gb")
 
 
+def headline_metrics(rows: list[dict]) -> list[str]:
+    """The first two evaluation metrics each run's recipe lists (RecipeInfo.eval_metrics), as eval/<name>:
+    VeriFree's eval/acc, SwAV's eval/knn_acc, which the generic list above does not name."""
+    from runx.recipes import RECIPES
+    out: list[str] = []
+    for r in rows:
+        info = RECIPES.get(str(r["_cfg"].get("recipe.name")))
+        for m in (info.eval_metrics[:2] if info else ()):
+            if f"eval/{m}" not in out:
+                out.append(f"eval/{m}")
+    return out
+
+
 def report(root: str, objective: str | None = None, minimize: bool | None = None, plots: bool = True) -> int:
     """The table (and plots) of a run or a sweep, sorted by `objective`: minimized or maximized as `minimize`
     says, else as the sweep ran (Optuna's direction), else by the metric's kind (losses down, accuracy up)."""
@@ -95,7 +108,8 @@ def report(root: str, objective: str | None = None, minimize: bool | None = None
         # the sweep's own objective (objective=<metric> in the runs' config), else a sensible default
         declared = {r["_cfg"].get("objective") for r in rows} - {None}
         objective = declared.pop() if len(declared) == 1 and next(iter(declared)) in metric_keys else \
-            next((k for k in ("eval/accuracy", "eval/loss", "final_loss") if k in metric_keys), None)
+            next((k for k in ("eval/accuracy", *headline_metrics(rows), "eval/loss", "final_loss")
+                  if k in metric_keys), None)
     if minimize is None:
         minimize = bool(objective) and sweep_direction(root, objective) == "minimize"
     if objective:
@@ -105,7 +119,8 @@ def report(root: str, objective: str | None = None, minimize: bool | None = None
     # data jobs: their own metrics, those every finished run has (two data recipes share few)
     done = [set(r) for r in rows if r["_status"] == "done"]
     common = set.intersection(*done) if done else set()   # (a sweep whose every job failed has none)
-    shown = [k for k in metric_keys if k == objective or k in SHOWN_METRICS or k.startswith("best/")
+    headline = set(headline_metrics(rows))
+    shown = [k for k in metric_keys if k == objective or k in SHOWN_METRICS or k in headline or k.startswith("best/")
              or k in ("best_step", "early_stopped_at") or not trained and k in common]
     console, note = Console(), ""
     t = Table(title=f"runx report — {root} ({len(rows)} run{'s' if len(rows) != 1 else ''})", header_style="bold")

@@ -463,6 +463,26 @@ def test_report_of_runs_differing_in_many_keys_stays_readable_in_80_columns(tmp_
     assert "opt11" in header and "peak_mem_gb" in header, header
 
 
+def test_report_shows_and_sorts_by_the_recipes_own_evaluation_metric(tmp_path, capsys, monkeypatch):
+    """A VeriFree or SwAV sweep's report sorted by final_loss and left out eval/acc / eval/knn_acc (the list of
+    shown metrics named only eval/accuracy and eval/loss): each recipe's first evaluation metrics are shown, and
+    the first of them is the default objective."""
+    from runx.cli.report import report
+    import yaml
+    for k, acc in (("0", 0.2), ("1", 0.6), ("2", 0.4)):
+        (tmp_path / k).mkdir()
+        (tmp_path / k / "config.yaml").write_text(yaml.safe_dump({"recipe": {"name": "verifree"}, "seed": int(k)}))
+        (tmp_path / k / "summary.json").write_text(json.dumps(
+            {"steps": 4, "eval/acc": acc, "eval/acc_sampled": acc / 2, "eval/response_len": 24.0,
+             "final_loss": 1.0 - acc}))
+    monkeypatch.setenv("COLUMNS", "250")
+    assert report(str(tmp_path), plots=False) == 0
+    header = next(line for line in capsys.readouterr().out.splitlines() if "eval/acc" in line)
+    assert "eval/acc ↑" in header and "eval/acc_sampled" in header and "response_len" not in header, header
+    rep = json.loads((tmp_path / "report.json").read_text())
+    assert rep["objective"] == "eval/acc" and [r["run"] for r in rep["rows"]] == ["1", "2", "0"]
+
+
 def test_export_and_eval_of_a_sweep_folder_name_its_runs():
     """`runx eval multirun/...` (the sweep, not a job) said only "not a runx run folder"; it names the runs."""
     import tempfile
