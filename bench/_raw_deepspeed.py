@@ -37,3 +37,17 @@ def raw_steps(engine, recipe, train, cfg, label: str = "") -> dict:
         if label:
             print(f"raw {label} step {len(times)}: {times[-1]:.3f}s loss {losses[-1]:.4f}", flush=True)
     return {"step_s": times, "tokens": tokens, "losses": losses}
+
+
+def synced_call(fn, *args, **kwargs):
+    """(fn(*args, **kwargs), its wall time in seconds), the device synchronised before and after on CUDA: how the
+    benches time one DeepSpeed call on the side (offload.py: the optimizer step; trainer_overhead.py --phases)."""
+    import torch
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    out = fn(*args, **kwargs)
+    if cuda:
+        torch.cuda.synchronize()
+    return out, time.perf_counter() - t0

@@ -155,19 +155,15 @@ def child(impl: str, arm: str, overrides: list[str], out: str) -> None:
     """One arm in this process; the optimizer step (at the accumulation boundary) is timed on the side."""
     import deepspeed.runtime.engine as eng
 
+    from _raw_deepspeed import synced_call
+
     from runx.cli.config import compose
-    import torch
     opt_times: list[float] = []
     orig = eng.DeepSpeedEngine._take_model_step
 
     def timed(self, *a, **k):
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        r = orig(self, *a, **k)
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        opt_times.append(time.perf_counter() - t0)
+        r, seconds = synced_call(orig, self, *a, **k)
+        opt_times.append(seconds)
         return r
     eng.DeepSpeedEngine._take_model_step = timed
     cfg = compose(overrides)

@@ -38,20 +38,15 @@ class Phases:
 
     def __init__(self):
         import deepspeed
-        import torch
+        from _raw_deepspeed import synced_call
         self.cur, self.steps = {}, []
         eng = deepspeed.runtime.engine.DeepSpeedEngine
         for name in ("forward", "backward", "step"):
             orig = getattr(eng, name)
 
             def timed(self_, *args, _orig=orig, _name=name, **kw):
-                if torch.cuda.is_available():
-                    torch.cuda.synchronize()
-                t0 = time.perf_counter()
-                out = _orig(self_, *args, **kw)
-                if torch.cuda.is_available():
-                    torch.cuda.synchronize()
-                self.cur[_name] = self.cur.get(_name, 0.0) + time.perf_counter() - t0
+                out, seconds = synced_call(_orig, self_, *args, **kw)
+                self.cur[_name] = self.cur.get(_name, 0.0) + seconds
                 if _name == "step":   # one engine.step() per micro-batch
                     self.steps.append(self.cur)
                     self.cur = {}
