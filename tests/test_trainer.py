@@ -148,7 +148,7 @@ def test_sigterm_saves_a_checkpoint_at_the_step_boundary_and_the_run_resumes(tmp
     run = tmp_path / "run"
     args = [sys.executable, "-m", "runx.cli.main", "train", f"run_dir={run}", *TINY, "logger=wandb",
             "trainer.max_steps=100000", "trainer.ckpt_every=0", "trainer.micro_batch_size=8"]
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    env = child_env()
     p = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     deadline = time.time() + 240
     while time.time() < deadline and p.poll() is None:
@@ -181,7 +181,7 @@ def test_ctrl_z_and_ctrl_c_on_a_launched_run(tmp_path):
     run = tmp_path / "run"
     args = [sys.executable, "-m", "runx.cli.main", "train", f"run_dir={run}", *TINY, "trainer=zero2",
             "trainer.num_procs=2", "trainer.max_steps=100000", "trainer.ckpt_every=0", "trainer.micro_batch_size=8"]
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    env = child_env()
     p = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
                          start_new_session=True)
     launch = []
@@ -268,7 +268,7 @@ def test_submitit_preemption_saves_then_requeues(tmp_path, procs):
     args = [sys.executable, "-m", "runx.cli.main", "train", "-m", "hydra/launcher=submitit_local",
             f"hydra.sweep.dir={sweep}", *TINY, "trainer.max_steps=300", "trainer.ckpt_every=0",
             "trainer.micro_batch_size=8", f"trainer.num_procs={procs}", "trainer=zero2"]
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    env = child_env()
     p = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     run, deadline = sweep / "0", time.time() + 180
     while time.time() < deadline and p.poll() is None and not (
@@ -348,7 +348,7 @@ def test_a_signal_stops_a_launched_run_after_its_workers_saved(tmp_path):
         "        time.sleep(4)\n"
         "        return _save(self, engine, step)\n"
         "    Trainer.save_checkpoint = slow_save\n")
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    env = child_env()
     env["PYTHONPATH"] = os.pathsep.join([str(patch)] + [p for p in [env.get("PYTHONPATH")] if p])
     steps = []
     for sig in (signal.SIGUSR1, signal.SIGTERM):
