@@ -104,11 +104,12 @@ def report(root: str, objective: str | None = None, minimize: bool | None = None
         print(f"runx report: --objective {objective}: no run under {root} has that final metric. Valid choices: "
               f"{', '.join(metric_keys) or 'none'}.")
         return 2
+    headline = headline_metrics(rows)
     if objective is None:
         # the sweep's own objective (objective=<metric> in the runs' config), else a sensible default
         declared = {r["_cfg"].get("objective") for r in rows} - {None}
         objective = declared.pop() if len(declared) == 1 and next(iter(declared)) in metric_keys else \
-            next((k for k in ("eval/accuracy", *headline_metrics(rows), "eval/loss", "final_loss")
+            next((k for k in ("eval/accuracy", *headline, "eval/loss", "final_loss")
                   if k in metric_keys), None)
     if minimize is None:
         minimize = bool(objective) and sweep_direction(root, objective) == "minimize"
@@ -119,7 +120,6 @@ def report(root: str, objective: str | None = None, minimize: bool | None = None
     # data jobs: their own metrics, those every finished run has (two data recipes share few)
     done = [set(r) for r in rows if r["_status"] == "done"]
     common = set.intersection(*done) if done else set()   # (a sweep whose every job failed has none)
-    headline = set(headline_metrics(rows))
     shown = [k for k in metric_keys if k == objective or k in SHOWN_METRICS or k in headline or k.startswith("best/")
              or k in ("best_step", "early_stopped_at") or not trained and k in common]
     console, note = Console(), ""

@@ -126,6 +126,10 @@ class Trainer:
                                         self.tcfg.get("early_stop_min_delta", 0.0)) if monitor else None
 
     @property
+    def swaps_to_nvme(self) -> bool:
+        return "nvme" in (str(self.tcfg.offload_param), str(self.tcfg.offload_optimizer))
+
+    @property
     def swap_dir(self) -> str:
         """Where ZeRO-Infinity swaps this run's tensors: its own folder under trainer.nvme_path (nvme.run_swap_dir),
         removed when the run ends."""
@@ -196,7 +200,7 @@ class Trainer:
             cfg["bf16"] = {"enabled": True}
         elif t.precision == "amp_bf16":
             cfg["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
-        if "nvme" in (t.offload_param, t.offload_optimizer):
+        if self.swaps_to_nvme:
             from runx.trainers.nvme import resolve_aio
             cfg["aio"] = self._aio = getattr(self, "_aio", None) or resolve_aio(t)  # probe-tuned unless set
         for k, v in flatten_overrides(OmegaConf.to_container(t.ds_overrides, resolve=True)).items():
@@ -636,7 +640,7 @@ class Trainer:
             gc.collect()
             if self.device == "cuda":
                 torch.cuda.empty_cache()
-        if "nvme" in (str(self.tcfg.offload_param), str(self.tcfg.offload_optimizer)):
+        if self.swaps_to_nvme:
             from runx.trainers.nvme import remove_swap_files
             remove_swap_files(self.swap_dir, self.rank)
 
