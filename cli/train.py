@@ -11,6 +11,7 @@ import logging
 import os
 import subprocess
 import sys
+import time
 
 import hydra
 from hydra.errors import CompactHydraException
@@ -201,29 +202,66 @@ RESUMABLE_CHANGES = ("trainer.max_steps", "trainer.epochs", "trainer.eval_every"
                      "objective")
 
 
+# resume=<checkpoint of another run dir> may also move the run to another memory layout: DeepSpeed loads a ZeRO-3
+# checkpoint with or without CPU offload (how an NVMe run continues: nvme_resume_problems)
+RESUMABLE_ELSEWHERE = ("trainer.name", "trainer.offload_param", "trainer.offload_optimizer")
+
+
 def resume_problems(cfg, run_dir: str) -> list[str]:
-    """resume=auto into a run dir with a checkpoint: the config must be that run's, up to RESUMABLE_CHANGES."""
+    """A run that would resume a checkpoint (resume=auto into a run dir holding one, or resume=<path>): the config
+    must be that checkpoint's run's, up to RESUMABLE_CHANGES. Otherwise the checkpoint's optimizer and schedule
+    state would silently override the new settings (a new optim.lr), or fail to load (another recipe)."""
     from omegaconf import OmegaConf
 
     from runx.cli.report import _flatten
-    saved = os.path.join(run_dir, ".runx", "job.yaml")
-    if str(cfg.get("resume", "auto")) != "auto" or not os.path.exists(os.path.join(run_dir, "ckpt", "latest")) \
-            or not os.path.exists(saved):
+    from runx.trainers.runtime import checkpoint_root
+    mode = str(cfg.get("resume", "auto"))
+    if mode == "never":
         return []
+    root = checkpoint_root(mode, run_dir)
+    saved = os.path.join(os.path.dirname(os.path.normpath(root)), ".runx", "job.yaml")
+    if not os.path.exists(os.path.join(root, "latest")) or not os.path.exists(saved):
+        return []
+    allowed = RESUMABLE_CHANGES + (RESUMABLE_ELSEWHERE if mode != "auto" else ())
     old = _flatten(OmegaConf.to_container(OmegaConf.load(saved), resolve=False))
     new = _flatten(OmegaConf.to_container(cfg, resolve=True))
     # keys only one side has (a key added or removed by a runx upgrade) do not block; a changed recipe changes
     # recipe.name, which both have
     differ = [k for k in sorted(set(old) & set(new)) if old[k] != new[k]
-              and not any(k == p or p.endswith(".") and k.startswith(p) for p in RESUMABLE_CHANGES)]
+              and not any(k == p or p.endswith(".") and k.startswith(p) for p in allowed)]
     if not differ:
         return []
     shown = "; ".join(f"{k}: {old[k]} -> {new[k]}" for k in differ[:8])
     more = f" (and {len(differ) - 8} more)" if len(differ) > 8 else ""
-    return [f"resume=auto: {run_dir} holds a checkpoint of a run with another config ({shown}{more}). Resuming "
+    where = run_dir if mode == "auto" else root
+    return [f"resume={mode}: {where} holds a checkpoint of a run with another config ({shown}{more}). Resuming "
             "would continue that run under these settings. Valid choices: the same settings as that run (only "
-            "max_steps, early stopping, eval/log/checkpoint intervals, logger, launcher and machine keys may change), "
-            "resume=never to start over in this folder, or another run_dir."]
+            "max_steps, early stopping, eval/log/checkpoint intervals, logger, launcher and machine keys may change"
+            + (", and the offload layout when resuming another run's checkpoint" if mode != "auto" else "")
+            + "), resume=never to start over" + (" in this folder" if mode == "auto" else "") + ", or another run_dir."]
+
+
+# what a training run leaves in its run dir besides its config and logs: a run started over (resume=never) moves
+# them aside, so that its checkpoints, metrics and W&B run are its own
+RUN_STATE = ("ckpt", "metrics.jsonl", "summary.json", "wandb_run_id.txt", "wandb", "export")
+
+
+def supersede_previous_run(run_dir: str) -> str | None:
+    """resume=never into a run dir an earlier run wrote: that run's checkpoints, metrics, summary, W&B run and
+    export move to <run_dir>/.runx/superseded-<time>/ (nothing is deleted). Without this, keep_last pruning
+    deleted the new run's checkpoints as older than the earlier run's, `latest` then named a deleted folder, and
+    the new run's W&B steps were appended to the earlier run's. The folder moved to, or None."""
+    present = [n for n in RUN_STATE if os.path.lexists(os.path.join(run_dir, n))]
+    if not present:
+        return None
+    dest = os.path.join(run_dir, ".runx", "superseded-" + time.strftime("%Y%m%d-%H%M%S"))
+    while os.path.exists(dest):
+        dest += "_"
+    os.makedirs(dest)
+    for n in present:
+        os.replace(os.path.join(run_dir, n), os.path.join(dest, n))
+    log.info("resume=never: the earlier run's %s moved to %s", ", ".join(present), dest)
+    return dest
 
 
 def nvme_resume_problems(cfg, run_dir: str) -> list[str]:
@@ -315,6 +353,8 @@ def launch(cfg, run_dir: str) -> dict:
         from runx.trainers.plan import check_fits
         check_fits(cfg)  # stops with a clear message when the config cannot fit this machine (no config.yaml then)
     os.makedirs(run_dir, exist_ok=True)
+    if recipe_kind == "train" and not worker and str(cfg.get("resume", "auto")) == "never":
+        supersede_previous_run(run_dir)
     save_resolved_config(cfg, os.path.join(run_dir, "config.yaml"))
     save_resolved_config(cfg, os.path.join(run_dir, ".runx", "job.yaml"), redacted=False)
     atomic_write_json(os.path.join(run_dir, "env.json"), environment_record())

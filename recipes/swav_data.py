@@ -300,9 +300,8 @@ def _load_hf_split(dcfg, split: str):
     name = dcfg.hf_name or dcfg.path
     if not name:
         raise ValueError("data.kind=hf needs data.hf_name (a hub id) or data.path (a save_to_disk folder)")
-    from runx.trainers.hf import offline_if_hub_unreachable
-    offline_if_hub_unreachable()       # a hub id: fail at once where the hub cannot be reached
-    return datasets.load_dataset(name, split=split)
+    from runx.trainers.hf import load_hub_dataset
+    return load_hub_dataset("data.hf_name" if dcfg.hf_name else "data.path", name, split=split)
 
 
 class SyntheticCrops(Dataset):

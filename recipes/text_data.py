@@ -100,7 +100,7 @@ def _read_jsonl(path: str) -> list[dict]:
     if path.endswith(".gz"):
         import gzip
         opener = gzip.open
-    with opener(path, "rt") as f:
+    with opener(path, "rt", encoding="utf-8-sig") as f:   # -sig: a leading byte-order mark is not data
         text = f.read()
     if text.lstrip().startswith("["):  # a JSON array (alpaca-style .json), not JSON Lines
         try:
@@ -164,7 +164,7 @@ def read_files(path: str, kind: str) -> list[dict]:
                                         f"Valid choices: data.kind=jsonl|csv for text files") from None
         else:
             import csv
-            with open(f, newline="") as fh:
+            with open(f, newline="", encoding="utf-8-sig") as fh:   # Excel's "CSV UTF-8" starts with a BOM
                 rows += list(csv.DictReader(fh))
     return rows
 
@@ -183,9 +183,31 @@ def read_local_splits(dcfg) -> tuple[list[dict], list[dict] | None]:
         return next((os.path.join(path, split + e) for e in FILE_EXTENSIONS[kind]
                      if os.path.isfile(os.path.join(path, split + e))), None)
     train_file = split_file(dcfg.train_split) if os.path.isdir(path) else None
-    eval_file = os.path.expanduser(dcfg.eval_path) if dcfg.get("eval_path") else \
-        split_file(dcfg.eval_split) if train_file else None
+    eval_file = os.path.expanduser(dcfg.eval_path) if dcfg.get("eval_path") else None
+    if train_file and not eval_file:
+        ext = FILE_EXTENSIONS[kind]
+        splits = sorted({f[: -len(e)] for f in os.listdir(path) for e in ext
+                         if f.endswith(e) and os.path.isfile(os.path.join(path, f))})
+        split = held_out_split(splits, dcfg, path)
+        eval_file = split_file(split) if split else None
     return read_files(train_file or path, kind), (read_files(eval_file, kind) if eval_file else None)
+
+
+def held_out_split(splits, dcfg, src: str) -> str | None:
+    """The split of a source's `splits` that is evaluated on: data.eval_split. A source with no split besides
+    data.train_split gives None (data.val_fraction of the training rows is held out); one whose other splits do
+    not include data.eval_split is a config problem naming them, rather than an evaluation on carved-off
+    training rows while the source's own held-out split goes unused."""
+    splits = list(splits)
+    if dcfg.eval_split in splits:
+        return dcfg.eval_split
+    others = [s for s in splits if s != dcfg.train_split]
+    if others:
+        raise RecipeConfigError(f"data.eval_split={dcfg.eval_split}: not a split of {src}. Valid choices: "
+                                f"{', '.join(others)}.")
+    log.info("%s has no split besides data.train_split=%s: data.val_fraction=%s of it is held out for evaluation",
+             src, dcfg.train_split, dcfg.val_fraction)
+    return None
 
 
 def load_hf_splits(src: str, train_split: str):
@@ -197,9 +219,8 @@ def load_hf_splits(src: str, train_split: str):
         ds = datasets.load_from_disk(path)
         ds = {train_split: ds} if isinstance(ds, datasets.Dataset) else ds
     else:
-        from runx.trainers.hf import offline_if_hub_unreachable
-        offline_if_hub_unreachable()   # a hub id: fail at once where the hub cannot be reached
-        ds = datasets.load_dataset(src)
+        from runx.trainers.hf import load_hub_dataset
+        ds = load_hub_dataset("data.hf_name", src)
     if train_split not in ds:
         raise RecipeConfigError(f"data.train_split={train_split}: not a split of {src}. Valid choices: "
                                 f"{', '.join(ds)}.")
@@ -230,7 +251,8 @@ def load_rows(dcfg, seed: int = 0) -> tuple[list[dict], list[dict]]:
         src = dcfg.hf_name or dcfg.path
         ds = load_hf_splits(src, dcfg.train_split)
         train = list(ds[dcfg.train_split])
-        evals = list(ds[dcfg.eval_split]) if dcfg.eval_split in ds else []
+        split = held_out_split(ds, dcfg, src)
+        evals = list(ds[split]) if split else []
         if not evals:
             train, evals = _split(train, dcfg.val_fraction, seed=0)
     else:

@@ -39,7 +39,7 @@ from dataclasses import dataclass
 import torch
 
 from runx.recipes.sft import ExportsTokenizer, causal_lm_tokenizer, check_packed_attention
-from runx.recipes.text_data import first_fit, load_hf_splits, read_local_splits, require_rows
+from runx.recipes.text_data import first_fit, held_out_split, load_hf_splits, read_local_splits, require_rows
 from runx.recipes.verifree_task import ArithmeticTask, QADataset, corrupt_trace, qa_rows, split_rows
 from runx.trainers.recipe import TrainingRecipe
 
@@ -558,8 +558,9 @@ class VeriFree(ExportsTokenizer, TrainingRecipe):
             src = data.hf_name or data.path
             ds = load_hf_splits(src, data.train_split)
             train = qa(ds[data.train_split], f"{src}[{data.train_split}]")
-            if data.eval_split in ds:
-                held_out = qa(ds[data.eval_split], f"{src}[{data.eval_split}]")
+            split = held_out_split(ds, data, src)
+            if split:
+                held_out = qa(ds[split], f"{src}[{split}]")
         else:
             train, held_out = read_local_splits(data)
             train = qa(train, data.path)

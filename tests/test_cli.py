@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from conftest import run_cli
+from conftest import read_metrics, run_cli
 from runx.cli.config import GROUPS, ConfigError, compose, group_options, validate
 from runx.recipes import RECIPES
 
@@ -361,8 +361,22 @@ def test_resume_refuses_a_checkpoint_of_another_config_and_keeps_the_run_dir_as_
     assert (run / "config.yaml").read_text() == before
     p = run_cli(["train", "recipe=lora", "trainer.max_steps=2", *tiny], timeout=300)
     assert "resumed from" in p.stdout + p.stderr
-    run_cli(["train", "recipe=sft", "trainer.max_steps=1", "resume=never", *tiny], timeout=300)
+    # resume=<another run's checkpoint> is held to the same rule: its saved scheduler state would have replaced the
+    # new optim.lr silently, and another recipe's state dict failed to load with a traceback
+    p = run_cli(["train", "recipe=lora", "optim.lr=0.5", "trainer.max_steps=3", f"resume={run}",
+                 *tiny[:-1], f"run_dir={tmp_path / 'other'}"], check=False, timeout=300)
+    assert p.returncode == 2 and f"resume={run}: {run / 'ckpt'} holds a checkpoint" in p.stderr, p.stderr
+    assert "optim.lr: 0.001 -> 0.5" in p.stderr and "Traceback" not in p.stderr
+    # resume=never starts over in the folder: the earlier run's checkpoints (step_2 > the new step_1) used to stay
+    # in ckpt/, keep_last then deleted the new run's checkpoint and `latest` named a deleted folder
+    run_cli(["train", "recipe=sft", "trainer.max_steps=1", "trainer.keep_last=1", "resume=never", *tiny],
+            timeout=300)
     assert "name: sft" in (run / "config.yaml").read_text()
+    assert sorted(os.listdir(run / "ckpt")) == ["latest", "step_1"] and (run / "ckpt" / "latest").read_text() == \
+        "step_1"
+    assert [r["step"] for r in read_metrics(run)] == [1]
+    old = [d for d in os.listdir(run / ".runx") if d.startswith("superseded-")]
+    assert len(old) == 1 and "step_2" in os.listdir(run / ".runx" / old[0] / "ckpt")
 
 
 def test_a_causal_lm_trains_with_fp32_master_weights_whatever_the_zero_stage(tmp_path):
@@ -722,7 +736,6 @@ def test_llm_presets_run_on_local_stand_ins(tmp_path):
     import torch
     import transformers
 
-    from conftest import read_metrics
     from runx.trainers.hf import byte_tokenizer
     tok = byte_tokenizer()
     conf = transformers.LlamaConfig(vocab_size=260, hidden_size=32, intermediate_size=64, num_hidden_layers=2,

@@ -140,6 +140,50 @@ def test_killed_run_resumes_exactly(tmp_path):
     assert sorted(d for d in os.listdir(tmp_path / "cut" / "ckpt") if d.startswith("step_")) == ["step_6", "step_8"]
 
 
+def test_resume_auto_survives_a_latest_that_names_no_complete_checkpoint(tmp_path, caplog):
+    """`latest` naming a deleted or incomplete folder made resume=auto start over at step 0 without a word; it
+    now resumes the newest complete checkpoint, and says when there is none."""
+    from types import SimpleNamespace
+
+    from runx.trainers.deepspeed_trainer import Trainer
+    ckpt = tmp_path / "ckpt"
+    for step, complete in ((2, True), (4, True), (6, False)):
+        (ckpt / f"step_{step}").mkdir(parents=True)
+        if complete:
+            (ckpt / f"step_{step}" / "runx_complete.json").write_text("{}")
+    fake = SimpleNamespace(cfg=SimpleNamespace(resume="auto"), run_dir=str(tmp_path))
+    (ckpt / "latest").write_text("step_4")
+    assert Trainer.find_resume(fake) == (str(ckpt), "step_4")
+    (ckpt / "latest").write_text("step_8")
+    with caplog.at_level("WARNING", logger="runx"):
+        assert Trainer.find_resume(fake) == (str(ckpt), "step_4")
+    assert "step_8, which is not a complete checkpoint: resuming from step_4" in caplog.text
+    for step in (2, 4):
+        (ckpt / f"step_{step}" / "runx_complete.json").unlink()
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="runx"):
+        assert Trainer.find_resume(fake) is None
+    assert "holds no complete checkpoint (step_2, step_4, step_6): this run starts over" in caplog.text
+    assert Trainer.find_resume(SimpleNamespace(cfg=SimpleNamespace(resume="never"), run_dir=str(tmp_path))) is None
+
+
+def test_a_run_that_starts_at_step_0_gets_its_own_wandb_run(tmp_path):
+    """The W&B id in the run dir was reused by any later run there, also one starting over at step 0 (killed
+    before its first checkpoint, or resume=never): W&B then dropped its steps as repeats of the old run's."""
+    from omegaconf import OmegaConf
+
+    from runx.cli.config import compose
+    from runx.trainers.tracking import WandbRun
+    cfg = compose(["logger=wandb", "logger.mode=offline"])
+    ids = []
+    for resumed in (False, True, False):
+        wb = WandbRun(cfg.logger, cfg, str(tmp_path), "r", resumed=resumed)
+        ids.append(wb.run.id)
+        wb.finish({})
+    assert ids[0] == ids[1] != ids[2] and (tmp_path / "wandb_run_id.txt").read_text() == ids[2]
+    assert OmegaConf.select(cfg, "logger.backend") == "wandb"
+
+
 def test_sigterm_saves_a_checkpoint_at_the_step_boundary_and_the_run_resumes(tmp_path):
     """SLURM preemption / scancel send SIGTERM: the run saves a checkpoint after the current step and exits 143
     (with checkpoints off, too); the same command resumes it, and the W&B sync hint names both offline
@@ -632,10 +676,71 @@ def test_text_data_loads_local_files_and_saved_datasets(tmp_path):
                                "test": datasets.Dataset.from_list(cls_rows[12:])})
     ds = ds.rename_columns({"sentence": "text", "y": "label"})
     ds.save_to_disk(str(tmp_path / "saved"))
-    rec = SFT(compose(["recipe=sft", "model=tiny_bert", "data=hf", f"data.hf_name={tmp_path / 'saved'}"]),
-              str(tmp_path))
+    rec = SFT(compose(["recipe=sft", "model=tiny_bert", "data=hf", f"data.hf_name={tmp_path / 'saved'}",
+                       "data.eval_split=test"]), str(tmp_path))
     train, evals = rec.build_data()
     assert (len(train), len(evals)) == (12, 8)       # the folder's own test split, not a carved one
+
+
+def test_a_sources_own_held_out_split_is_used_or_named_never_silently_replaced(tmp_path):
+    """A DatasetDict (or a folder of split files) whose held-out split is not data.eval_split (default
+    validation) was silently given val_fraction of its training rows as held-out data, its own split unused; a
+    misspelled data.eval_split passed unnoticed. Now that is a config problem listing the source's splits; a
+    source with only a training split still holds out val_fraction of it."""
+    import datasets
+
+    from runx.cli.config import compose
+    from runx.recipes.text_data import load_rows
+    from runx.trainers.recipe import RecipeConfigError
+    rows = [{"text": f"t {i}", "label": i % 3} for i in range(20)]
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(rows[:16]),
+                          "test": datasets.Dataset.from_list(rows[16:])}).save_to_disk(str(tmp_path / "dd"))
+    hf = ["recipe=sft", "model=tiny_bert", "data=hf", f"data.hf_name={tmp_path / 'dd'}"]
+    with pytest.raises(RecipeConfigError, match=r"data.eval_split=validation: not a split of .*dd. Valid choices: "
+                                                 r"test\."):
+        load_rows(compose(hf).data)
+    with pytest.raises(RecipeConfigError, match=r"data.eval_split=tset: .*Valid choices: test\."):
+        load_rows(compose(hf + ["data.eval_split=tset"]).data)
+    train, evals = load_rows(compose(hf + ["data.eval_split=test"]).data)
+    assert (len(train), len(evals)) == (16, 4)
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(rows)}).save_to_disk(str(tmp_path / "only"))
+    train, evals = load_rows(compose(["recipe=sft", "model=tiny_bert", "data=hf",
+                                      f"data.hf_name={tmp_path / 'only'}", "data.val_fraction=0.25"]).data)
+    assert (len(train), len(evals)) == (15, 5)
+    (tmp_path / "d").mkdir()
+    for split, part in (("train", rows[:16]), ("test", rows[16:])):
+        (tmp_path / "d" / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in part))
+    local = ["recipe=sft", "model=tiny_bert", "data=jsonl", f"data.path={tmp_path / 'd'}"]
+    with pytest.raises(RecipeConfigError, match=r"data.eval_split=validation: .*Valid choices: test\."):
+        load_rows(compose(local).data)
+    assert [len(x) for x in load_rows(compose(local + ["data.eval_split=test"]).data)] == [16, 4]
+
+
+def test_a_dataset_id_neither_cached_nor_reachable_is_a_config_problem_naming_the_key(tmp_path):
+    """data.hf_name=<a hub id not in the cache> (or a mistyped relative folder, which reads as one) ended the run
+    in a datasets ConnectionError traceback while offline; now it is one config problem naming data.hf_name."""
+    from runx.cli.config import compose
+    from runx.recipes.text_data import load_rows
+    from runx.trainers.recipe import RecipeConfigError
+    cfg = compose(["recipe=sft", "model=tiny_bert", "data=hf", "data.hf_name=nobody/no_such_dataset_xyz"])
+    with pytest.raises(RecipeConfigError, match=r"^data.hf_name=nobody/no_such_dataset_xyz: .*not in the Hugging "
+                                                r"Face cache"):
+        load_rows(cfg.data)
+
+
+def test_files_with_a_byte_order_mark_read_like_any_other(tmp_path):
+    """Excel's "CSV UTF-8" and some editors' JSON start with a UTF-8 byte-order mark: the CSV's first column was
+    named '\\ufefftext' (a "missing field" error), the JSONL's first line was invalid JSON, a JSON array was
+    read as JSON Lines."""
+    from runx.recipes.text_data import read_files
+    rows = [{"text": f"t {i}", "label": "ab"[i % 2]} for i in range(4)]
+    (tmp_path / "a.csv").write_text("text,label\n" + "".join(f"{r['text']},{r['label']}\n" for r in rows),
+                                    encoding="utf-8-sig")
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8-sig")
+    (tmp_path / "a.json").write_text(json.dumps(rows), encoding="utf-8-sig")
+    assert read_files(str(tmp_path / "a.csv"), "csv") == rows
+    assert read_files(str(tmp_path / "a.jsonl"), "jsonl") == rows
+    assert read_files(str(tmp_path / "a.json"), "jsonl") == rows
 
 
 def test_held_out_rows_come_from_the_users_split_when_there_is_one(tmp_path):

@@ -12,6 +12,7 @@ import itertools
 import logging
 import math
 import os
+import re
 import shutil
 import time
 
@@ -281,12 +282,23 @@ class Trainer:
             return None
         root = runtime.checkpoint_root(mode, self.run_dir)
         latest = os.path.join(root, "latest")
-        if os.path.exists(latest):
-            tag = open(latest).read().strip()
-            if os.path.exists(os.path.join(root, tag, "runx_complete.json")):
-                return root, tag
+        tag = open(latest).read().strip() if os.path.exists(latest) else None
+        if tag and os.path.exists(os.path.join(root, tag, "runx_complete.json")):
+            return root, tag
         if mode != "auto":
             raise FileNotFoundError(f"resume={mode!r}: no complete checkpoint there (expected {latest})")
+        # `latest` names no complete checkpoint (its folder was deleted by hand, or the disk lost it): the newest
+        # complete one continues the run; a run dir holding only incomplete ones starts over, and says so
+        steps = sorted((d for d in (os.listdir(root) if os.path.isdir(root) else []) if re.fullmatch(r"step_\d+", d)),
+                       key=lambda d: int(d.split("_")[1]))
+        complete = [d for d in steps if os.path.exists(os.path.join(root, d, "runx_complete.json"))]
+        if complete:
+            log.warning("%s names %s, which is not a complete checkpoint: resuming from %s, the newest complete one",
+                        latest, tag, complete[-1])
+            return root, complete[-1]
+        if steps or tag:
+            log.warning("%s holds no complete checkpoint (%s): this run starts over at step 0", root,
+                        ", ".join(steps) or f"latest -> {tag}")
         return None
 
     def save_checkpoint(self, engine, step: int, best: bool = False) -> None:
@@ -444,8 +456,8 @@ class Trainer:
 
         metrics_log = MetricsLog(os.path.join(self.run_dir, "metrics.jsonl"), resume_step=start) \
             if self.is_main else None
-        wb = WandbRun(self.cfg.logger, self.cfg, self.run_dir, os.path.basename(self.run_dir.rstrip("/"))) \
-            if self.is_main else None
+        wb = WandbRun(self.cfg.logger, self.cfg, self.run_dir, os.path.basename(self.run_dir.rstrip("/")),
+                      resumed=resume is not None) if self.is_main else None
         loader = self.loader(train_ds, recipe, start, max_steps)
         eval_dl = self.eval_loader(eval_ds, recipe) if eval_ds is not None else None
         if self.best is not None and eval_dl is None:

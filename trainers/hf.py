@@ -95,12 +95,41 @@ def hub_unreachable(e: BaseException, cfg) -> str | None:
             ids = _hub_ids(cfg)
             missing = [(k, v) for k, v, t in ids if not _cached(v, t)]
             key, path = (missing or [(k, v) for k, v, _ in ids] or [("model.path", "?")])[0]
-            return (f"{key}={path}: not a local folder, not in the Hugging Face cache, and the hub cannot be "
-                    f"reached ({type(seen).__name__}). Download it where there is network (huggingface-cli "
-                    f"download {path}{' --repo-type dataset' if key == 'data.hf_name' else ''}, or HF_HOME on a "
-                    f"shared disk), or give a local folder.")
+            return _not_fetched(key, path, type(seen).__name__)
         seen = seen.__cause__ or seen.__context__
     return None
+
+
+def _not_fetched(key: str, path: str, why: str) -> str:
+    return (f"{key}={path}: not a local folder, not in the Hugging Face cache, and the hub cannot be "
+            f"reached ({why}). Download it where there is network (huggingface-cli "
+            f"download {path}{' --repo-type dataset' if key == 'data.hf_name' else ''}, or HF_HOME on a "
+            f"shared disk), or give a local folder.")
+
+
+def load_hub_dataset(key: str, name: str, **kw):
+    """datasets.load_dataset(name, **kw) for the hub id (or cache name) a config key gives; a dataset that is
+    neither on this machine nor reachable, or that the hub does not have, is a config problem naming the key."""
+    import datasets
+
+    from runx.trainers.recipe import RecipeConfigError
+    offline_if_hub_unreachable()   # fail at once where the hub cannot be reached
+    try:
+        return datasets.load_dataset(name, **kw)
+    except Exception as e:
+        if os.environ.get("RUNX_TRACEBACK"):
+            raise
+        if type(e).__name__ in ("DatasetNotFoundError", "FileNotFoundError"):
+            raise RecipeConfigError(f"{key}={name}: no such dataset on this machine or on the Hugging Face hub "
+                                    f"({str(e).splitlines()[0][:200]}). Valid choices: a saved dataset folder "
+                                    f"(save_to_disk), or a hub id") from e
+        seen = e
+        while seen is not None:
+            text = str(seen).lower()
+            if type(seen).__name__ in _HUB_UNREACHABLE or "couldn't reach" in text or "offline mode" in text:
+                raise RecipeConfigError(_not_fetched(key, name, type(seen).__name__)) from e
+            seen = seen.__cause__ or seen.__context__
+        raise
 
 
 def byte_tokenizer():

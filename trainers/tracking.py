@@ -146,7 +146,10 @@ def wandb_unreachable() -> tuple[str, str | None]:
 class WandbRun:
     """W&B through the wandb package. mode=auto: online iff WANDB_API_KEY is set, else offline."""
 
-    def __init__(self, lcfg, cfg, run_dir: str, run_name: str):
+    def __init__(self, lcfg, cfg, run_dir: str, run_name: str, resumed: bool = True):
+        """`resumed`: the run continues the one that wrote run_dir's W&B id (a training run resumed from its
+        checkpoint, a data job's rerun), whose W&B run it extends. A training run that starts at step 0 gets a
+        new id: W&B would drop its steps as repeats of the old run's."""
         self.run = None
         self.mode = None
         if lcfg.backend != "wandb" or lcfg.mode == "disabled":
@@ -165,7 +168,7 @@ class WandbRun:
                                                   why, os.path.join(run_dir, "wandb"))
                 mode = "offline"
         id_file = os.path.join(run_dir, "wandb_run_id.txt")
-        run_id = open(id_file).read().strip() if os.path.exists(id_file) else uuid.uuid4().hex[:8]
+        run_id = open(id_file).read().strip() if resumed and os.path.exists(id_file) else uuid.uuid4().hex[:8]
         atomic_write_bytes(id_file, run_id.encode())
         os.environ.setdefault("WANDB_SILENT", "true")
         self.run = wandb.init(project=lcfg.project, entity=lcfg.entity, name=lcfg.name or run_name,
