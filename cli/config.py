@@ -124,6 +124,41 @@ def fill_recipe_defaults(cfg) -> None:
         cfg.recipe = merged
 
 
+# config keys whose values may be local files or folders (a relative one is relative to where runx was started)
+PATH_KEYS = ("model.path", "model.tokenizer", "data.path", "data.eval_path", "data.hf_name", "data.chat_template",
+             "trainer.nvme_path", "launcher.hostfile", "resume", "recipe.path", "recipe.encoder",
+             "recipe.encoder_weights", "recipe.pool", "recipe.sample", "recipe.output_dir")
+
+
+def absolute_local_paths(cfg) -> list[str]:
+    """Relative values of PATH_KEYS that name something here (a file, a folder, a glob's matches) made absolute:
+    the run's saved config, `runx eval` / `runx export` of it from another folder, a SLURM job on another node
+    and an exported adapter's base_model_name_or_path then find them. Hub ids and built-ins are left as they
+    are. Returns the keys changed."""
+    import glob
+
+    from omegaconf import OmegaConf
+    changed = []
+    for key in PATH_KEYS:
+        value = OmegaConf.select(cfg, key, default=None, throw_on_resolution_failure=False)
+        if not isinstance(value, str) or not value or os.path.isabs(value) or value.startswith(("~", "builtin:")) \
+                or "://" in value or value in ("auto", "never", "builtin"):
+            continue
+        if os.path.exists(value) or glob.glob(value):
+            OmegaConf.update(cfg, key, os.path.abspath(value), force_add=False)
+            changed.append(key)
+    return changed
+
+
+def same_path_value(key: str, a, b) -> bool:
+    """Two values of a config key are the same setting: equal, or for PATH_KEYS the same absolute path (a run
+    saved before its relative paths were made absolute)."""
+    if a == b:
+        return True
+    return key in PATH_KEYS and isinstance(a, str) and isinstance(b, str) and \
+        os.path.abspath(os.path.expanduser(a)) == os.path.abspath(os.path.expanduser(b))
+
+
 def _explain_hydra_error(e: Exception, overrides: list[str]) -> str:
     msg = str(e).strip()
     # "Could not override 'optim.lrr'. ... Key 'lrr' is not in struct" -> name the valid keys

@@ -47,6 +47,11 @@ def eval_config(run_dir: str, overrides: list[str]):
     if overrides:
         OmegaConf.set_struct(cfg, False)
         cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([o.lstrip("+") for o in overrides]))
+        keys = {o.split("=", 1)[0].lstrip("+") for o in overrides}
+        if "data.path" in keys and not keys & {"data.eval_path", "data.eval_split"} and \
+                cfg.data.kind in ("jsonl", "parquet", "csv") and os.path.isfile(os.path.expanduser(cfg.data.path)):
+            # a file named to evaluate on is evaluated whole, not data.val_fraction of it
+            cfg.data.eval_path = cfg.data.path
     problems = validate(cfg) + check_paths(cfg)
     if problems:
         raise EvalError(format_problems(problems))
@@ -60,15 +65,19 @@ def evaluate_run(run_dir: str, tag: str | None = None, overrides: list[str] | No
     import torch
 
     from runx.trainers.datajob import atomic_write_json
-    from runx.trainers.recipe import build_recipe
+    from runx.trainers.recipe import RecipeConfigError, build_recipe
     from runx.trainers.runtime import pick_device
     overrides = list(overrides or [])
     cfg, info = eval_config(run_dir, overrides)
     tag = checkpoint_tag(run_dir, cfg, tag, "evaluate", EvalError)
-    recipe = build_recipe(info.load(), cfg, run_dir)
-    model, _ = trained_model(recipe, run_dir, cfg, tag)
-    model.to(pick_device(str(cfg.trainer.device))).eval()
-    _, eval_ds = recipe.build_data()
+    try:
+        recipe = build_recipe(info.load(), cfg, run_dir)
+        recipe.serving_run = True
+        model, _ = trained_model(recipe, run_dir, cfg, tag)
+        model.to(pick_device(str(cfg.trainer.device))).eval()
+        _, eval_ds = recipe.build_data()
+    except RecipeConfigError as e:
+        raise EvalError(str(e)) from None
     if eval_ds is None or len(eval_ds) == 0:
         raise EvalError(f"{run_dir}: no held-out data to evaluate on (data.max_eval_samples=0 or no held-out "
                         f"split). Valid choices: data.eval_path=<file or folder> (local files), data.eval_split=<split>, "

@@ -93,7 +93,16 @@ def export_run(run_dir: str, out: str | None = None, tag: str | None = None) -> 
     tag = checkpoint_tag(run_dir, cfg, tag)
     if out is not None and os.path.exists(out) and not os.path.isdir(out):
         raise ExportError(f"--out {out}: a file, not a folder. Valid choices: a folder (created if missing)")
-    recipe = info.load()(cfg, run_dir)
+    from runx.cli.config import check_paths, format_problems
+    from runx.trainers.recipe import RecipeConfigError, build_recipe
+    problems = [p for p in check_paths(cfg) if p.startswith(("model.", "recipe."))]
+    if problems:   # the run's base model (a local folder) is needed to rebuild the model
+        raise ExportError(format_problems(problems))
+    try:
+        recipe = build_recipe(info.load(), cfg, run_dir)
+    except RecipeConfigError as e:
+        raise ExportError(str(e)) from None
+    recipe.serving_run = True
     model, sd = trained_model(recipe, run_dir, cfg, tag)
     out = out or os.path.join(run_dir, "export")
     recipe.export(model, sd, out)

@@ -63,10 +63,11 @@ def _objective_problem(problem: str):
 @hydra.main(version_base="1.3", config_path="pkg://runx.conf", config_name="config")
 def hydra_main(cfg: DictConfig):
     global LAST_EXIT_CODE
-    from runx.cli.config import check_paths, fill_recipe_defaults, format_problems, validate
+    from runx.cli.config import absolute_local_paths, check_paths, fill_recipe_defaults, format_problems, validate
     from runx.trainers.recipe import RecipeConfigError
     from runx.trainers.runtime import Diverged, Stopped
     fill_recipe_defaults(cfg)
+    absolute_local_paths(cfg)
     job = _sweep_job()
     # multirun jobs are validated here (single runs already were, before Hydra started), and every job checks
     # its paths where it runs (a SLURM job: on its node)
@@ -213,6 +214,7 @@ def resume_problems(cfg, run_dir: str) -> list[str]:
     state would silently override the new settings (a new optim.lr), or fail to load (another recipe)."""
     from omegaconf import OmegaConf
 
+    from runx.cli.config import same_path_value
     from runx.cli.report import _flatten
     from runx.trainers.runtime import checkpoint_root
     mode = str(cfg.get("resume", "auto"))
@@ -227,7 +229,7 @@ def resume_problems(cfg, run_dir: str) -> list[str]:
     new = _flatten(OmegaConf.to_container(cfg, resolve=True))
     # keys only one side has (a key added or removed by a runx upgrade) do not block; a changed recipe changes
     # recipe.name, which both have
-    differ = [k for k in sorted(set(old) & set(new)) if old[k] != new[k]
+    differ = [k for k in sorted(set(old) & set(new)) if not same_path_value(k, old[k], new[k])
               and not any(k == p or p.endswith(".") and k.startswith(p) for p in allowed)]
     if not differ:
         return []

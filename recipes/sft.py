@@ -129,12 +129,16 @@ class SFT(ExportsTokenizer, TrainingRecipe):
         d = self.cfg.data
         train, evals = load_rows(d, int(self.cfg.seed))
         if self.task == "cls":
+            # a finished run's data (runx eval): its classes keep the numbers the run trained with, whatever
+            # labels the evaluation file happens to hold
+            trained = self.class_names() if self.serving_run else None
             train_ds = ClassificationDataset(train, self.tokenizer, d.text_field, d.label_field, d.max_length,
-                                             self.num_labels)
+                                             self.num_labels, trained)
             eval_ds = ClassificationDataset(evals, self.tokenizer, d.text_field, d.label_field, d.max_length,
-                                            self.num_labels, train_ds.label_names, "held-out") if evals else None
+                                            self.num_labels, trained or train_ds.label_names, "held-out") \
+                if evals else None
             names = STDLIB_TOPICS if d.kind == "builtin" else train_ds.label_names
-            if names and os.path.isdir(self.run_dir):   # for the exported config's id2label (runx export too)
+            if names and os.path.isdir(self.run_dir) and not self.serving_run:   # the exported id2label
                 from runx.trainers.datajob import atomic_write_json
                 atomic_write_json(os.path.join(self.run_dir, ".runx", "label_names.json"), list(names))
             return train_ds, eval_ds

@@ -284,12 +284,13 @@ class ClassificationDataset:
             raise RecipeConfigError(f"data rows need fields {text_field!r} and {label_field!r} "
                              f"(data.text_field / data.label_field); row {missing[0]} has {sorted(rows[missing[0]])}")
         self.labels = [r[label_field] for r in rows]
-        if all(isinstance(l, int) or isinstance(l, str) and l.strip().isdigit() for l in self.labels):
+        ids_given = all(isinstance(l, int) or isinstance(l, str) and l.strip().isdigit() for l in self.labels)
+        if ids_given:
             self.labels = [int(l) for l in self.labels]      # class ids, as CSV gives them too ("3")
         names = label_names if label_names is not None else sorted({str(l) for l in self.labels
                                                                     if not isinstance(l, int)})
         self.label_names = list(names) if names else None
-        if names:  # string labels -> ids, sorted for a stable mapping
+        if names and not ids_given:  # string labels -> ids, sorted for a stable mapping
             ids = {n: i for i, n in enumerate(names)}
             unknown = sorted({str(l) for l in self.labels} - set(ids))
             if unknown:

@@ -514,6 +514,34 @@ def test_eval_reproduces_the_runs_evaluation_and_takes_other_data(tmp_path):
     assert p.returncode == 2 and "data.eval_path=/nope.jsonl" in p.stderr and "Traceback" not in p.stderr, p.stderr
 
 
+def test_a_run_dir_is_usable_from_anywhere_and_eval_of_a_file_scores_all_of_it_with_the_runs_classes(tmp_path):
+    """Relative paths were saved as given, so `runx export` of the run from another folder died in a traceback;
+    `runx eval <run> data.kind=jsonl data.path=<file>` scored data.val_fraction of the file, numbered its string
+    labels from the file itself (a file lacking a class shifted every id: accuracy 1.0 -> 0.0) and overwrote the
+    run's saved class names."""
+    words = ["alpha", "beta", "gamma"]
+    rows = [{"text": f"{words[i % 3]} item {i}", "label": words[i % 3]} for i in range(60)]
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    sub = [r for r in rows if r["label"] != "alpha"][:10]
+    (tmp_path / "sub.jsonl").write_text("".join(json.dumps(r) + "\n" for r in sub))
+    run = tmp_path / "run"
+    run_cli(["train", "recipe=sft", *TINY, "data=jsonl", "data.path=d/train.jsonl", "model.num_labels=3",
+             "trainer.max_steps=3", "run_dir=run"], cwd=tmp_path)
+    assert f"path: {tmp_path / 'd' / 'train.jsonl'}" in (run / "config.yaml").read_text()
+    names = (run / ".runx" / "label_names.json").read_text()
+    run_cli(["export", str(run)], cwd="/")
+    assert json.load(open(run / "export" / "config.json"))["id2label"] == {"0": "alpha", "1": "beta", "2": "gamma"}
+    by_path = json.loads(run_cli(["eval", str(run), "data.kind=jsonl", f"data.path={tmp_path / 'sub.jsonl'}",
+                                  "--out", str(tmp_path / "a.json")]).stdout and (tmp_path / "a.json").read_text())
+    by_eval_path = json.loads(run_cli(["eval", str(run), f"data.eval_path={tmp_path / 'sub.jsonl'}", "--out",
+                                       str(tmp_path / "b.json")]).stdout and (tmp_path / "b.json").read_text())
+    assert by_path["samples"] == by_eval_path["samples"] == 10
+    assert by_path["eval/loss"] == pytest.approx(by_eval_path["eval/loss"], rel=1e-6)
+    assert by_path["eval/accuracy"] == by_eval_path["eval/accuracy"]
+    assert (run / ".runx" / "label_names.json").read_text() == names
+
+
 def test_lora_scaling_and_dora_options(tmp_path):
     """recipe.scaling=rslora gives peft's alpha/sqrt(r), the default alpha/r; recipe.use_dora adds DoRA's magnitude
     vectors (and builds on the meta device, as `runx plan` needs); LoRA-GA, whose init is for plain LoRA, refuses

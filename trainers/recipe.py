@@ -22,6 +22,10 @@ class TrainingRecipe:
     #: "tokens" or "samples": the unit of throughput in logs
     throughput_unit = "samples"
 
+    #: True under `runx eval` / `runx export`: the recipe serves a finished run (build_data must number classes
+    #: as the run did and leave the run dir as it is)
+    serving_run = False
+
     def __init__(self, cfg, run_dir: str):
         self.cfg = cfg            # the whole resolved config (OmegaConf DictConfig)
         self.run_dir = run_dir
