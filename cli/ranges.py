@@ -49,7 +49,8 @@ COMMON = {
     "trainer.grad_clip": NONNEG, "trainer.num_procs": COUNT,
     "trainer.dataloader_workers": NONNEG,
     "data.val_fraction": FRACTION, "data.max_length": COUNT, "data.max_train_samples": Range(1, none_ok=True),
-    "data.max_eval_samples": Range(0, none_ok=True), "model.num_labels": COUNT, "launcher.num_nodes": COUNT,
+    "data.max_eval_samples": Range(0, none_ok=True),   # 0: no evaluation; null: every held-out sample
+    "model.num_labels": COUNT, "launcher.num_nodes": COUNT,
 }
 _CHUNK = {"logprob_chunk": Range(1, none_ok=True)}
 _LORA = {"rank": COUNT, "alpha": POS, "dropout": FRACTION, **_CHUNK}
@@ -62,9 +63,13 @@ RECIPE = {
                  "kl_coef": NONNEG, "vllm_gpu_memory_utilization": SHARE, "rollout_chunk": NONNEG,
                  **_CHUNK, "eval_samples": NONNEG, "warmup_steps": NONNEG,
                  "warmup_examples": NONNEG, "warmup_batch_size": COUNT, "warmup_lr": POS,
-                 "warmup_corrupt_fraction": PROB},
+                 "warmup_corrupt_fraction": PROB, "eval_max_new_tokens": Range(1, none_ok=True),
+                 "task_steps": COUNT, "task_max_operand": COUNT, "task_train_size": COUNT, "task_eval_size": COUNT},
     "swav": {"flip_prob": PROB, "color_jitter_prob": PROB, "grayscale_prob": PROB, "blur_prob": PROB,
-             "feat_dim": COUNT, "nmb_prototypes": COUNT, "temperature": POS, "epsilon": POS,
+             "feat_dim": COUNT, "nmb_prototypes": Range(2), "temperature": POS, "epsilon": POS,
+             "hidden_mlp": NONNEG, "backbone_width": COUNT, "generated_train_size": COUNT,
+             "generated_eval_size": COUNT, "generated_image_size": COUNT, "probe_train_samples": COUNT,
+             "linear_probe_l2": NONNEG,
              "sinkhorn_iterations": COUNT, "freeze_prototypes_steps": NONNEG, "queue_length": NONNEG,
              "queue_start_epoch": NONNEG, "knn_k": COUNT, "knn_temperature": POS, "linear_probe_steps": NONNEG},
     "preselect": {"num_workers": COUNT, "bpc_window": Range(2), "bpc_stride": COUNT, "bpc_batch_size": COUNT,
@@ -148,10 +153,48 @@ def range_problems(data: dict) -> list[str]:
     metrics = _eval_metrics(name, data)
     out += _monitor_problems(name, data.get("trainer") or {}, metrics)
     out += _objective_problems(name, data.get("objective"), (data.get("trainer") or {}).get("monitor"), metrics)
+    if name == "swav":
+        out += _swav_list_problems(rec)
+    if name == "verifree":
+        out += [f"recipe.{k}={rec.get(k)!r}: empty. Valid values: a non-empty string (the paper's "
+                f"{ {'answer_split': '<answer', 'stop_string': '</answer>'}[k]})."
+                for k in ("answer_split", "stop_string") if rec.get(k) == ""]
     group = rec.get("group_size")
     if name == "verifree" and rec.get("advantage") in ("rloo", "grpo") and isinstance(group, int) and group < 2:
         out.append(f"recipe.group_size={group}: the {rec['advantage']} baseline needs at least 2 samples per "
                    "question. Valid values: >= 2, or recipe.advantage=naive.")
+    return out
+
+
+def _swav_list_problems(rec: dict) -> list[str]:
+    """SwAV's per-crop-group lists and augmentation pairs, whose bad values torchvision would reject only inside
+    the data loader (a traceback at the first batch) or turn into a NaN loss (a zero normalisation std)."""
+    out = []
+
+    def numbers(key):
+        v = rec.get(key)
+        return v if isinstance(v, list) and all(isinstance(x, (int, float)) and not isinstance(x, bool)
+                                                for x in v) else None
+    for key, ok, valid in (("nmb_crops", lambda x: x >= 1, "each >= 1"), ("size_crops", lambda x: x >= 1,
+                           "each >= 1 (pixels)"), ("min_scale_crops", lambda x: 0 < x <= 1, "each in (0, 1]"),
+                           ("max_scale_crops", lambda x: 0 < x <= 1, "each in (0, 1]"),
+                           ("normalize_std", lambda x: x > 0, "each > 0"), ("blur_sigma", lambda x: x > 0,
+                           "each > 0"), ("color_jitter", lambda x: x >= 0, "each >= 0")):
+        v = numbers(key)
+        if v is not None and not all(ok(x) for x in v):
+            out.append(f"recipe.{key}={v}: out of range. Valid values: {valid}.")
+    lo, hi = numbers("min_scale_crops"), numbers("max_scale_crops")
+    if lo and hi and len(lo) == len(hi) and any(a > b for a, b in zip(lo, hi)):
+        out.append(f"recipe.min_scale_crops={lo} with recipe.max_scale_crops={hi}: a crop group's minimum scale "
+                   "is above its maximum. Valid values: min_scale_crops[i] <= max_scale_crops[i].")
+    sigma = numbers("blur_sigma")
+    if sigma and (len(sigma) != 2 or sigma[0] > sigma[1]):
+        out.append(f"recipe.blur_sigma={sigma}: the blur's [min, max] sigma. Valid values: two numbers, "
+                   "0 < min <= max.")
+    jitter = numbers("color_jitter")
+    if jitter and len(jitter) == 4 and jitter[3] > 0.5:
+        out.append(f"recipe.color_jitter={jitter}: the hue jitter (4th value) is {jitter[3]}. Valid values: "
+                   "brightness, contrast, saturation >= 0 and hue in [0, 0.5].")
     return out
 
 

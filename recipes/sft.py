@@ -13,8 +13,8 @@ import torch.nn.functional as F
 
 from runx.recipes.text_data import (STDLIB_TOPICS, CausalLMDataset, ClassificationDataset, load_rows,
                                     pack_collate, pad_collate, resolve_chat_template)
-from runx.trainers.hf import count_params, load_model, load_tokenizer
-from runx.trainers.recipe import TrainingRecipe
+from runx.trainers.hf import count_params, head_size_problem, load_model, load_tokenizer
+from runx.trainers.recipe import RecipeConfigError, TrainingRecipe
 
 
 def check_packed_attention(model, key: str = "data.packing") -> None:
@@ -116,6 +116,10 @@ class SFT(ExportsTokenizer, TrainingRecipe):
         if self.task == "lm" and cfg.data.get("chat_template"):   # trained with it: exported with it
             self.tokenizer.chat_template = resolve_chat_template(cfg.data.chat_template, self.tokenizer, "")
         self.num_labels = len(STDLIB_TOPICS) if cfg.data.kind == "builtin" else int(cfg.model.num_labels)
+        if self.task == "cls":
+            problem = head_size_problem(cfg.model, self.num_labels)
+            if problem:
+                raise RecipeConfigError(problem)
 
     # -------------------------------------------------------------- model and data
     def build_model(self):

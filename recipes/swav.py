@@ -331,7 +331,7 @@ class SwAV(TrainingRecipe):
                                                         probe_idx)
         global_batch = int(cfg.trainer.micro_batch_size) * int(cfg.trainer.grad_accum) * self._world()
         self.steps_per_epoch = max(1, len(train) // global_batch)
-        return train, evalset
+        return train, (evalset if len(evalset) else None)   # data.max_eval_samples=0: no evaluation
 
     def collate(self, examples):
         return swav_data.collate(examples)

@@ -332,9 +332,9 @@ def load_sources(cfg) -> tuple:
         if d.name in SHAPE_PALETTES:   # draw only what data.max_*_samples will keep
             seed, palette = int(cfg.seed), SHAPE_PALETTES[d.name]
             n_train = min(int(rc.generated_train_size), int(d.max_train_samples or 1 << 62))
-            n_eval = min(int(rc.generated_eval_size), int(d.max_eval_samples or 1 << 62))
+            n_eval = min(int(rc.generated_eval_size), int(1 << 62 if d.max_eval_samples is None else d.max_eval_samples))
             train = generate_shapes(n_train, size, seed=10_007 + seed, palette=palette)
-            test = generate_shapes(n_eval, size, seed=20_011 + seed, palette=palette)
+            test = generate_shapes(max(n_eval, 1), size, seed=20_011 + seed, palette=palette)  # (0: sliced off)
             return train, test, False
         if d.name == "digits":
             allimg = load_digits_images(size)
@@ -344,7 +344,7 @@ def load_sources(cfg) -> tuple:
             return (TensorImages(allimg.images[tr], allimg.labels[tr]),
                     TensorImages(allimg.images[ev], allimg.labels[ev]), False)
         if d.name == "synthetic":
-            n_eval = min(int(rc.generated_eval_size), int(d.max_eval_samples or 1 << 62))
+            n_eval = min(int(rc.generated_eval_size), int(1 << 62 if d.max_eval_samples is None else d.max_eval_samples))
             images = torch.randint(0, 256, (n_eval, 3, int(rc.size_crops[0]), int(rc.size_crops[0])),
                                    dtype=torch.uint8, generator=torch.Generator().manual_seed(int(cfg.seed)))
             return None, TensorImages(images, torch.arange(n_eval) % 10), False

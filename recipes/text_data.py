@@ -13,6 +13,7 @@ import gzip
 import io
 import json
 import logging
+import math
 import os
 import random
 
@@ -260,7 +261,7 @@ def load_rows(dcfg, seed: int = 0) -> tuple[list[dict], list[dict]]:
     require_rows(train, dcfg)
     if dcfg.max_train_samples:
         train = train[: int(dcfg.max_train_samples)]
-    if dcfg.max_eval_samples:
+    if dcfg.max_eval_samples is not None:   # 0: no evaluation (None: all held-out rows)
         evals = evals[: int(dcfg.max_eval_samples)]
     return train, evals
 
@@ -284,8 +285,15 @@ class ClassificationDataset:
             raise RecipeConfigError(f"data rows need fields {text_field!r} and {label_field!r} "
                              f"(data.text_field / data.label_field); row {missing[0]} has {sorted(rows[missing[0]])}")
         self.labels = [r[label_field] for r in rows]
-        ids_given = all(isinstance(l, int) or isinstance(l, str) and l.strip().isdigit() for l in self.labels)
-        if ids_given:
+        empty = next((i for i, l in enumerate(self.labels) if l is None or isinstance(l, float) and math.isnan(l)
+                      or isinstance(l, str) and not l.strip()), None)
+        if empty is not None:
+            raise RecipeConfigError(f"data.label_field={label_field!r}: {split} row {empty + 1} has no label "
+                                    f"({self.labels[empty]!r}): {str(rows[empty].get(text_field))[:60]!r}. Valid "
+                                    f"values: a class id or name in every row (drop or fill the unlabelled rows)")
+        ids_given = all(isinstance(l, int) and not isinstance(l, bool) or isinstance(l, str) and l.strip().isdigit()
+                        or isinstance(l, float) and l.is_integer() and l >= 0 for l in self.labels)
+        if ids_given:   # (a float column of whole numbers, as pandas writes an int column with gaps: ids too)
             self.labels = [int(l) for l in self.labels]      # class ids, as CSV gives them too ("3")
         names = label_names if label_names is not None else sorted({str(l) for l in self.labels
                                                                     if not isinstance(l, int)})
@@ -294,9 +302,12 @@ class ClassificationDataset:
             ids = {n: i for i, n in enumerate(names)}
             unknown = sorted({str(l) for l in self.labels} - set(ids))
             if unknown:
+                hint = (" (held-out rows drawn from few rows by data.val_fraction can hold a class the training "
+                        "rows lack: name held-out rows with data.eval_path, or give more rows)"
+                        if split == "held-out" else "")
                 raise RecipeConfigError(f"data.label_field={label_field!r}: the {split} rows have label(s) "
                                         f"{', '.join(unknown[:5])} that the training rows lack, so they have no class "
-                                        f"id. Valid choices: {', '.join(map(str, names[:20]))}")
+                                        f"id. Valid choices: {', '.join(map(str, names[:20]))}{hint}")
             self.labels = [ids[str(l)] for l in self.labels]
         if num_labels is not None:
             bad = sorted({l for l in self.labels if not 0 <= l < num_labels})

@@ -587,10 +587,10 @@ class VeriFree(ExportsTokenizer, TrainingRecipe):
             held_out = task.generate(rc.task_eval_size, "eval")
         if data.max_train_samples:
             train = train[:data.max_train_samples]
-        if data.max_eval_samples:
+        if data.max_eval_samples is not None:   # 0: no evaluation (None: all held-out rows)
             held_out = held_out[:data.max_eval_samples]
         self._warmup_rows = train[:self.rc.warmup_examples]
-        self._held_out = QADataset(held_out)
+        self._held_out = QADataset(held_out) if held_out else None
         return QADataset(train), self._held_out
 
     def task(self) -> ArithmeticTask:
@@ -832,7 +832,9 @@ class VeriFree(ExportsTokenizer, TrainingRecipe):
                     tot[5] += float(extract_answer(r.text, rc.answer_split, rc.stop_string) == refs[r.prompt_index])
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(tot)
-        n = max(tot[0].item(), 1.0)
+        if tot[0].item() == 0:   # nothing held out: no numbers (0.0 would read as a measured accuracy)
+            return {}
+        n = tot[0].item()
         out = {"acc": tot[1].item() / n, "no_tag_frac": tot[2].item() / n, "response_len": tot[3].item() / n}
         if rc.eval_samples > 0:
             out["acc_sampled"] = tot[5].item() / max(tot[4].item(), 1.0)

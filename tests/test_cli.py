@@ -156,6 +156,28 @@ def test_out_of_range_values_are_named_with_their_valid_range():
     assert validate(compose(["optim.head_lr=null", "data.max_train_samples=null"])) == []
 
 
+@pytest.mark.parametrize("recipe,overrides,expected", [
+    # each passed validate and then died in torchvision inside the data loader, trained nothing (one prototype:
+    # the loss is 0 with no gradient), or stopped on a NaN loss with advice about the learning rate
+    ("swav", ["recipe.min_scale_crops=[0.9,0.5]", "recipe.max_scale_crops=[0.1,0.2]"],
+     ["recipe.min_scale_crops=[0.9, 0.5] with recipe.max_scale_crops=[0.1, 0.2]"]),
+    ("swav", ["recipe.size_crops=[32,0]"], ["recipe.size_crops=[32, 0]: out of range"]),
+    ("swav", ["recipe.blur_sigma=[2.0,0.5]"], ["recipe.blur_sigma=[2.0, 0.5]: the blur's [min, max] sigma"]),
+    ("swav", ["recipe.normalize_std=[0,0,0]"], ["recipe.normalize_std=[0, 0, 0]: out of range. Valid values: each > 0"]),
+    ("swav", ["recipe.nmb_prototypes=1", "recipe.hidden_mlp=-5"],
+     ["recipe.nmb_prototypes=1: out of range. Valid values: >= 2", "recipe.hidden_mlp=-5: out of range"]),
+    # each passed validate and then stopped in a traceback after the warm-up, or trained another objective
+    ("verifree", ["recipe.eval_max_new_tokens=0", "recipe.task_eval_size=0", "recipe.task_steps=0"],
+     ["recipe.eval_max_new_tokens=0: out of range", "recipe.task_eval_size=0: out of range",
+      "recipe.task_steps=0: out of range"]),
+    ("verifree", ["recipe.answer_split="], ["recipe.answer_split='': empty"]),
+])
+def test_recipe_values_that_broke_runs_late_are_named_by_validate(recipe, overrides, expected):
+    problems = validate(compose([f"recipe={recipe}", *overrides]))
+    assert len(problems) == len(expected) and all(any(p.startswith(e) for p in problems) for e in expected), \
+        problems
+
+
 def test_sweep_jobs_expand_choices_ranges_and_interval_ends():
     from runx.cli.config import SWEEP_CHECK_ALL_MAX, sweep_jobs
     jobs = sweep_jobs(["recipe=lora", "optim.lr=1e-4,3e-4", "trainer.micro_batch_size=range(1,4)"])

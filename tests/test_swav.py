@@ -450,3 +450,11 @@ def test_plan_traces_the_multi_crop_forward_and_matches_the_measured_peak(tmp_pa
     assert plan.facts.activation_bytes > 200 * 2**20
     predicted = plan.current.total("cpu")
     assert abs(predicted / measured - 1) <= 0.15, (predicted / 2**30, measured / 2**30)
+
+
+def test_max_eval_samples_0_means_no_evaluation():
+    """data.max_eval_samples=0 (in range) made an empty evaluation set, and SwAV's first evaluation then died in
+    torch.cat after the training it had done; 0 now means no evaluation set, as for every recipe."""
+    train, evalset = S.SwAV(cfg("data.max_eval_samples=0"), "x").build_data()
+    assert len(train) > 0 and evalset is None
+    assert len(S.SwAV(cfg("data.max_eval_samples=5"), "x").build_data()[1]) == 5

@@ -1266,3 +1266,46 @@ def test_jobs_run_one_after_another_in_one_process_free_their_engines(tmp_path, 
     lines = [ln for ln in p.stdout.splitlines() if ln.startswith("after job")]
     assert lines == [f"after job {k} engines 0 parameters 0" for k in range(3)], p.stdout[-2000:]
     assert "job 2 failed: Diverged" in p.stdout, p.stdout[-2000:]
+
+
+def test_a_classifier_loaded_with_another_class_count_is_a_config_problem_or_gets_a_new_head(tmp_path):
+    """A local sequence classifier whose head has 3 classes, loaded with model.num_labels=2 (or minilm.yaml's 4,
+    kept when only model.path is overridden), stopped in transformers' "ignore_mismatched_sizes" RuntimeError
+    after the data had loaded; now the recipe refuses it at once naming both sizes, and
+    model.ignore_mismatched_sizes=true puts a new head of model.num_labels classes in its place."""
+    import transformers
+
+    from runx.cli.config import compose
+    from runx.recipes.sft import SFT
+    from runx.trainers.recipe import RecipeConfigError, build_recipe
+    conf = transformers.BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                   intermediate_size=64, max_position_embeddings=128, num_labels=3,
+                                   architectures=["BertForSequenceClassification"],
+                                   id2label={0: "neg", 1: "neu", 2: "pos"}, label2id={"neg": 0, "neu": 1, "pos": 2})
+    transformers.BertForSequenceClassification(conf).save_pretrained(tmp_path / "cls3")
+    base = ["recipe=sft", f"model.path={tmp_path / 'cls3'}", "model.tokenizer=builtin:minilm", "data=jsonl",
+            f"data.path={tmp_path / 'x.jsonl'}"]
+    with pytest.raises(RecipeConfigError, match=r"model.num_labels=2: .*cls3 is a sequence classifier whose head "
+                                                r"has 3 classes \(neg, neu, pos\). Valid choices: model.num_labels=3"):
+        build_recipe(SFT, compose(base + ["model.num_labels=2"]), str(tmp_path))
+    assert build_recipe(SFT, compose(base + ["model.num_labels=3"]), str(tmp_path)).build_model().num_labels == 3
+    model = build_recipe(SFT, compose(base + ["model.num_labels=2", "model.ignore_mismatched_sizes=true"]),
+                         str(tmp_path)).build_model()
+    assert model.classifier.out_features == 2
+
+
+def test_an_unlabelled_row_is_named_and_whole_number_floats_are_class_ids():
+    """One null label made every int label read as an unknown class name ("the held-out rows have label(s) 0, 1, 2
+    that the training rows lack ... Valid choices: None"); labels 1.0, 2.0, 10.0 (a pandas int column with a gap)
+    were names in string order ("10.0" < "2.0")."""
+    from runx.recipes.text_data import ClassificationDataset
+    from runx.trainers.hf import byte_tokenizer
+    from runx.trainers.recipe import RecipeConfigError
+    tok = byte_tokenizer()
+    rows = [{"text": f"r{i}", "label": i % 3} for i in range(6)]
+    rows[4]["label"] = None
+    with pytest.raises(RecipeConfigError, match=r"data.label_field='label': training row 5 has no label \(None\)"):
+        ClassificationDataset(rows, tok, "text", "label", 16)
+    ds = ClassificationDataset([{"text": "a", "label": 2.0}, {"text": "b", "label": 10.0}], tok, "text", "label",
+                               16, num_labels=11)
+    assert ds.labels == [2, 10] and ds.label_names is None

@@ -784,3 +784,17 @@ def test_zero3_builds_partitioned_unless_prepare_needs_whole_weights(tmp_path):
                                (["recipe.eval_before_rl=false", "recipe.warmup_steps=5"], False)):
         cfg = compose(base + extra)
         assert builds_partitioned(cfg, build_recipe(vf.VeriFree, cfg, str(tmp_path))) == partitioned, extra
+
+
+def test_no_held_out_rows_means_no_evaluation_numbers(tmp_path):
+    """data.max_eval_samples=0 was read as "no limit", and an empty held-out set was scored 0/1: acc 0.0,
+    no_tag_frac 0.0, numbers that look measured. Now 0 means no evaluation set, and evaluating nothing gives
+    no numbers."""
+    import torch
+    rec = vf.VeriFree(_cfg("data.max_eval_samples=0"), str(tmp_path))
+    train, held = rec.build_data()
+    assert len(train) > 0 and held is None
+    rec3 = vf.VeriFree(_cfg("data.max_eval_samples=3"), str(tmp_path))
+    assert len(rec3.build_data()[1]) == 3
+    empty = torch.utils.data.DataLoader([], batch_size=2, collate_fn=rec.collate)
+    assert rec.evaluate(rec.build_model(), empty) == {}

@@ -426,6 +426,8 @@ class Trainer:
         # the same random numbers as it would have without the data built before it
         rng = runtime.rng_state()
         train_ds, eval_ds = recipe.build_data()
+        if eval_ds is not None and len(eval_ds) == 0:   # (data.max_eval_samples=0) nothing to evaluate on
+            eval_ds = None
         runtime.set_rng_state(rng)
         model = self._build_model(recipe)
         self._train_ds = train_ds

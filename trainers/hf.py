@@ -200,6 +200,8 @@ def load_model(model_cfg, num_labels: int | None = None, tokenizer=None):
             "causal_lm": transformers.AutoModelForCausalLM}[kind]
     dtype = torch_dtype(model_cfg.dtype)
     extra = {"num_labels": num_labels or model_cfg.num_labels} if kind == "seq_cls" else {}
+    if kind == "seq_cls" and model_cfg.get("ignore_mismatched_sizes") and not model_cfg.get("from_config"):
+        extra["ignore_mismatched_sizes"] = True
     if model_cfg.get("from_config"):
         conf = OmegaConf.to_container(model_cfg.from_config, resolve=True)
         if "model_type" not in conf:
@@ -225,6 +227,29 @@ def load_model(model_cfg, num_labels: int | None = None, tokenizer=None):
         enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
         enable()
     return model
+
+
+def head_size_problem(model_cfg, num_labels: int) -> str | None:
+    """A sequence classifier (a checkpoint with a trained head) asked for another number of classes than its head
+    has: transformers would stop with "ignore_mismatched_sizes" deep in the load. The problem names both sizes and
+    the two ways on; None when the sizes agree, the model has no head yet (a base encoder) or its config cannot
+    be read here (loading reports that)."""
+    if model_cfg.get("from_config") or model_cfg.get("ignore_mismatched_sizes") or model_cfg.kind != "seq_cls":
+        return None
+    try:
+        from transformers import AutoConfig
+        conf = AutoConfig.from_pretrained(resolve_path(model_cfg.path),
+                                          trust_remote_code=model_cfg.get("trust_remote_code", False))
+    except Exception:
+        return None
+    if not any(a.endswith("ForSequenceClassification") for a in (conf.architectures or [])) \
+            or conf.num_labels == num_labels:
+        return None
+    names = list((conf.id2label or {}).values())
+    shown = f" ({', '.join(map(str, names[:6]))}{', ...' if len(names) > 6 else ''})" if names else ""
+    return (f"model.num_labels={num_labels}: {model_cfg.path} is a sequence classifier whose head has "
+            f"{conf.num_labels} classes{shown}. Valid choices: model.num_labels={conf.num_labels} (fine-tune that "
+            f"head), or model.ignore_mismatched_sizes=true (a new {num_labels}-class head in its place).")
 
 
 def count_params(model, trainable_only: bool = False) -> int:

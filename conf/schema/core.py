@@ -21,6 +21,9 @@ class ModelConfig:
     from_config: Optional[dict] = None
     tokenizer: Optional[str] = None
     num_labels: int = 2
+    # a sequence classifier loaded with another num_labels than its head's: true replaces the head with a new
+    # one of num_labels classes (transformers' ignore_mismatched_sizes); false refuses, naming the head's size
+    ignore_mismatched_sizes: bool = False
     dtype: Literal["fp32", "bf16"] = "fp32"
     trust_remote_code: bool = False
     arch: str = ""  # vision backbone: small_cnn | resnet18 | resnet50
