@@ -1164,7 +1164,7 @@ def read_texts(file: str, a: int, b: int, rc):
         ids = t[rc.id_field].combine_chunks() if rc.id_field in t.column_names else None
         return ids, texts
     texts, ids, row = [], [], -1
-    with io.TextIOWrapper(open_shard(file, comp), encoding="utf-8") as f:
+    with io.TextIOWrapper(open_shard(file, comp), encoding="utf-8-sig") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
@@ -1190,6 +1190,8 @@ def read_texts(file: str, a: int, b: int, rc):
     has_ids = ids and all(i is not None for i in ids)
     if ids and not has_ids and any(i is not None for i in ids):
         raise ValueError(f"{file}: some rows have an id field {rc.id_field!r} and some do not")
+    if has_ids and len({type(i) for i in ids}) > 1:   # 7 and "doc-7" in one file: ids as text (as across files)
+        ids = [str(i) for i in ids]
     return (pa.array(ids) if has_ids else None), texts
 
 

@@ -1102,7 +1102,7 @@ def _write_kept(path: str, out: str, keep: set, out_fmt: str, out_comp: str, tex
         except Exception:  # noqa: BLE001
             table = pa.table({text_field: pa.array([], pa.string())})
     else:
-        table = pa.Table.from_pylist([json.loads(line) for n, line in _numbered_lines(path, in_comp) if n in keep])
+        table = _rows_table([json.loads(line) for n, line in _numbered_lines(path, in_comp) if n in keep], path)
     if out_fmt == "parquet":
         _remove_stale_temps(out)
         with atomic_path(out) as tmp:
@@ -1110,6 +1110,24 @@ def _write_kept(path: str, out: str, keep: set, out_fmt: str, out_comp: str, tex
     else:
         write_shard_lines(out, (json.dumps(r).encode() for r in table.to_pylist()), out_comp)
     return table.num_rows
+
+
+def _rows_table(records: list[dict], where: str):
+    """JSON records as an Arrow table with every field any record has (pyarrow's from_pylist takes the first
+    record's keys only, and dropped the rest silently). A field whose values mix types (1 in one record, "x4" in
+    another) becomes a string column, its non-string values as JSON text, with a warning."""
+    import pyarrow as pa
+    columns = {}
+    for key in dict.fromkeys(k for r in records for k in r):
+        values = [r.get(key) for r in records]
+        try:
+            columns[key] = pa.array(values)
+        except (pa.ArrowInvalid, pa.ArrowTypeError):
+            log.warning("%s: field %r has values of several types; written to Parquet as text (JSON for the "
+                        "non-strings)", where, key)
+            columns[key] = pa.array([v if v is None or isinstance(v, str) else json.dumps(v) for v in values],
+                                    pa.string())
+    return pa.table(columns) if columns else pa.table({})
 
 
 def _numbered_lines(path: str, comp: str):

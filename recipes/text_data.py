@@ -95,14 +95,20 @@ def _compressed_data_file(path: str, formats: tuple[str, ...]) -> bool:
     return False
 
 
+def _read_text(path: str) -> str:
+    """A (.gz / .zst compressed) text file's text; a leading UTF-8 byte-order mark is not data."""
+    fmt = shard_format(path, ("jsonl", "csv", "txt"))
+    try:
+        with open_shard(path, fmt[1] if fmt else "none") as f:
+            return f.read().decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise RecipeConfigError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}). Valid choices: UTF-8 "
+                                f"JSON Lines / CSV, optionally .gz or .zst compressed") from None
+
+
 def _read_jsonl(path: str) -> list[dict]:
     """Rows of a JSON Lines file (.gz too), or of a .json file that holds one JSON array of rows."""
-    opener = open
-    if path.endswith(".gz"):
-        import gzip
-        opener = gzip.open
-    with opener(path, "rt", encoding="utf-8-sig") as f:   # -sig: a leading byte-order mark is not data
-        text = f.read()
+    text = _read_text(path)
     if text.lstrip().startswith("["):  # a JSON array (alpaca-style .json), not JSON Lines
         try:
             rows = json.loads(text)
@@ -165,12 +171,12 @@ def read_files(path: str, kind: str) -> list[dict]:
                                         f"Valid choices: data.kind=jsonl|csv for text files") from None
         else:
             import csv
-            with open(f, newline="", encoding="utf-8-sig") as fh:   # Excel's "CSV UTF-8" starts with a BOM
-                rows += list(csv.DictReader(fh))
+            rows += list(csv.DictReader(io.StringIO(_read_text(f), newline="")))
     return rows
 
 
-FILE_EXTENSIONS = {"jsonl": (".jsonl", ".jsonl.gz", ".json"), "parquet": (".parquet",), "csv": (".csv",)}
+FILE_EXTENSIONS = {"jsonl": tuple(f"{e}{c}" for e in (".jsonl", ".json", ".ndjson") for c in ("", ".gz", ".zst")),
+                   "parquet": (".parquet",), "csv": (".csv", ".csv.gz", ".csv.zst")}
 
 
 def read_local_splits(dcfg) -> tuple[list[dict], list[dict] | None]:
@@ -217,6 +223,14 @@ def load_hf_splits(src: str, train_split: str):
     import datasets
     path = os.path.expanduser(src)
     if os.path.isdir(path):
+        if not any(os.path.exists(os.path.join(path, m)) for m in HF_SAVED_MARKERS):
+            kinds = sorted({fmt[0] for fmt in (shard_format(f, ("jsonl", "parquet", "csv"))
+                                                for f in files_at(path, True)) if fmt})
+            raise RecipeConfigError(f"data.hf_name={src}: a folder, but not a saved Hugging Face dataset "
+                                    f"(save_to_disk writes {' / '.join(HF_SAVED_MARKERS)}). Valid choices: "
+                                    + (f"data=jsonl data.kind={kinds[0]} data.path={src} for its "
+                                       f"{' / '.join(kinds)} files, or " if kinds else "")
+                                    + "a save_to_disk folder, or a hub id")
         ds = datasets.load_from_disk(path)
         ds = {train_split: ds} if isinstance(ds, datasets.Dataset) else ds
     else:

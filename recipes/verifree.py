@@ -637,6 +637,12 @@ class VeriFree(ExportsTokenizer, TrainingRecipe):
                 dist.barrier()
             model.load_state_dict(load_file(path), strict=True)
             log.info("warm-started policy from %s", path)
+        if self.rc.warmup_steps == 0 and self.cfg.model.get("from_config") and not self.cfg.get("smoke"):
+            log.warning("RL starts from a randomly initialised policy (model.from_config) without a supervised "
+                        "warm-up (recipe.warmup_steps=0): its samples will not open the answer tag %r, so every "
+                        "reward is 0 and nothing is learned. Start from a pretrained model (model=hf_causal_lm "
+                        "model.path=...), or warm up on worked traces (recipe.warmup_steps > 0, rows with a "
+                        "'trace' field, as data=verifree_arith has)", self.rc.answer_split)
         # a fresh run (prepare is skipped on resume) evaluates its start once the engine exists (after_engine)
         self._eval_start = bool(self.rc.eval_before_rl) and self._held_out is not None and len(self._held_out) > 0
         if self.rc.kl_coef > 0:
@@ -720,6 +726,11 @@ class VeriFree(ExportsTokenizer, TrainingRecipe):
                 self._start_metrics = {f"start/{k}": v for k, v in self.evaluate(engine, loader).items()}
             engine.train(training)
             log.info("before RL: %s", self._start_metrics)
+            if self._start_metrics.get("start/no_tag_frac") == 1.0:
+                log.warning("before RL, no greedy answer of the policy opens the answer tag %r (start/no_tag_frac "
+                            "= 1): if its samples do not either, every reward is 0 and RL has no signal. A model "
+                            "that follows recipe.prompt_template (or a warm-up, recipe.warmup_steps) gives it one",
+                            self.rc.answer_split)
             if trainer is None or trainer.is_main:   # kept for the summary of a resumed run (trainer None: in-process use)
                 from runx.trainers.datajob import atomic_write_json
                 atomic_write_json(self.start_metrics_file(), self._start_metrics)

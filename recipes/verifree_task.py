@@ -131,6 +131,12 @@ def _check_fields(row, source: str, question_field: str, answer_field: str) -> d
     if missing:
         raise ValueError(f"{source}: missing field(s) {missing}; has {sorted(row)} "
                          f"(set recipe.question_field / recipe.answer_field)")
+    for field, key in ((question_field, "recipe.question_field"), (answer_field, "recipe.answer_field")):
+        v = row[field]   # a number is text here (an answer 12 is "12"); null, "", a list or an object is no text
+        if v is None or isinstance(v, (bool, list, dict)) or not str(v).strip():
+            raise ValueError(f"{source}: {key}={field!r} is {json.dumps(v)[:60]}: every row needs a non-empty "
+                             f"string or number there (a null or empty reference answer would be rewarded as the "
+                             f"literal text). Drop or fix the row")
     out = {"question": str(row[question_field]), "answer": str(row[answer_field]).strip()}
     if "trace" in row:
         out["trace"] = str(row["trace"])

@@ -553,3 +553,16 @@ def test_cuda_paths_match_cpu_and_are_deterministic(tmp_path):
     _, r2 = run_job(tmp_path / "b", **kw)
     assert kept_rows(tmp_path / "a") == kept_rows(tmp_path / "b")
     assert 114 <= r1["dedup_removed"] <= 126
+
+
+def test_ids_of_mixed_types_in_one_file_are_read_as_text(tmp_path):
+    """ids 7 and "doc-7" in one JSONL file ended the embed stage in a bare pyarrow ArrowTypeError; a file with a
+    byte-order mark lost its first line to a JSON error."""
+    from types import SimpleNamespace
+
+    from runx.recipes.concept_prune import read_texts
+    path = tmp_path / "mixed.jsonl"
+    path.write_text("".join(json.dumps({"id": i if i % 2 else f"doc-{i}", "text": f"t{i}"}) + "\n" for i in range(4)),
+                    encoding="utf-8-sig")
+    ids, texts = read_texts(str(path), 0, 4, SimpleNamespace(text_field="text", id_field="id"))
+    assert ids.to_pylist() == ["doc-0", "1", "doc-2", "3"] and texts == ["t0", "t1", "t2", "t3"]

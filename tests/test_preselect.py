@@ -652,3 +652,14 @@ def test_a_slurm_array_splits_a_data_job_but_a_submitit_sweep_job_is_whole(monke
     monkeypatch.delenv("SLURM_ARRAY_TASK_COUNT")
     monkeypatch.delenv("SUBMITIT_FOLDER")
     assert slurm_array_task() == (0, 1)
+
+
+def test_parquet_output_of_jsonl_keeps_every_field_and_mixed_types():
+    """JSONL kept as Parquet took its columns from the first record only (a field the first record lacked was
+    dropped from every document), and a field mixing 1 and "x4" ended the last stage in an ArrowInvalid."""
+    from runx.recipes.preselect import _rows_table
+    table = _rows_table([{"id": 0, "text": "a"}, {"id": 1, "text": "b", "source": "web", "meta": 1},
+                         {"id": 2, "text": "c", "meta": "x4"}], "pool.jsonl")
+    assert table.column_names == ["id", "text", "source", "meta"]
+    assert table.column("source").to_pylist() == [None, "web", None]
+    assert table.column("meta").to_pylist() == [None, "1", "x4"] and table.column("id").to_pylist() == [0, 1, 2]

@@ -769,6 +769,21 @@ def test_files_with_a_byte_order_mark_read_like_any_other(tmp_path):
     assert read_files(str(tmp_path / "a.csv"), "csv") == rows
     assert read_files(str(tmp_path / "a.jsonl"), "jsonl") == rows
     assert read_files(str(tmp_path / "a.json"), "jsonl") == rows
+    # compressed files the shard helpers accept were opened as plain text (a UnicodeDecodeError traceback)
+    import gzip
+
+    import zstandard
+    (tmp_path / "z").mkdir()
+    (tmp_path / "z" / "a.csv.gz").write_bytes(gzip.compress((tmp_path / "a.csv").read_bytes()))
+    (tmp_path / "z" / "a.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress((tmp_path / "a.jsonl").read_bytes()))
+    assert read_files(str(tmp_path / "z" / "a.csv.gz"), "csv") == rows
+    assert read_files(str(tmp_path / "z"), "jsonl") == rows            # a folder's compressed shards are read
+    # data=hf pointed at a folder of plain files: a config problem naming the way to read them
+    from runx.recipes.text_data import load_hf_splits
+    from runx.trainers.recipe import RecipeConfigError
+    with pytest.raises(RecipeConfigError, match=r"data.hf_name=.*z: a folder, but not a saved Hugging Face "
+                                                r"dataset .*Valid choices: data=jsonl data.kind=csv"):
+        load_hf_splits(str(tmp_path / "z"), "train")
 
 
 def test_held_out_rows_come_from_the_users_split_when_there_is_one(tmp_path):

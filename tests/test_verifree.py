@@ -798,3 +798,15 @@ def test_no_held_out_rows_means_no_evaluation_numbers(tmp_path):
     assert len(rec3.build_data()[1]) == 3
     empty = torch.utils.data.DataLoader([], batch_size=2, collate_fn=rec.collate)
     assert rec.evaluate(rec.build_model(), empty) == {}
+
+
+def test_rows_without_a_question_or_answer_are_refused_with_their_row():
+    """null / "" / list answers and questions were taken as the literal text "None", "" or "['a', 'b']": RL then
+    rewarded the policy for writing \\boxed{None}, and an empty reference scored an empty box as correct."""
+    from runx.recipes.verifree_task import qa_rows
+    assert qa_rows([{"question": "1+1?", "answer": 2}], "d.jsonl") == [{"question": "1+1?", "answer": "2"}]
+    for row, field in (({"question": "1+1?", "answer": None}, "answer"), ({"question": None, "answer": "2"},
+                       "question"), ({"question": "q", "answer": "  "}, "answer"),
+                       ({"question": "q", "answer": ["a"]}, "answer")):
+        with pytest.raises(ValueError, match=rf"d.jsonl row 2: recipe.{field}_field='{field}' is .*non-empty"):
+            qa_rows([{"question": "ok", "answer": "1"}, row], "d.jsonl")
