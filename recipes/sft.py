@@ -90,14 +90,16 @@ class SFT(ExportsTokenizer, TrainingRecipe):
         self.name_classes(getattr(getattr(model, "module", model), "config", None))
         super().export(model, state_dict, out_dir)
 
-    def class_names(self) -> list[str] | None:
-        """A classifier's class names: its training data's label names (saved by build_data), else None."""
+    def class_names(self, whole_head: bool = True) -> list[str] | None:
+        """A classifier's class names: its training data's label names (saved by build_data), else None.
+        `whole_head`: only when they name every output of the head (for id2label); else also when the head has
+        more outputs than the data had classes (a numbering to keep)."""
         path = os.path.join(self.run_dir, ".runx", "label_names.json")
         if self.task != "cls" or not os.path.exists(path):
             return None
         with open(path) as f:
             names = [str(n) for n in json.load(f)]
-        return names if len(names) == self.num_labels else None
+        return names if len(names) == self.num_labels or not whole_head and len(names) <= self.num_labels else None
 
     def name_classes(self, conf) -> None:
         """Set a model config's id2label / label2id from class_names() (exported configs name the classes)."""
@@ -135,7 +137,7 @@ class SFT(ExportsTokenizer, TrainingRecipe):
         if self.task == "cls":
             # a finished run's data (runx eval): its classes keep the numbers the run trained with, whatever
             # labels the evaluation file happens to hold
-            trained = self.class_names() if self.serving_run else None
+            trained = self.class_names(whole_head=False) if self.serving_run else None
             train_ds = ClassificationDataset(train, self.tokenizer, d.text_field, d.label_field, d.max_length,
                                              self.num_labels, trained)
             eval_ds = ClassificationDataset(evals, self.tokenizer, d.text_field, d.label_field, d.max_length,

@@ -24,6 +24,7 @@ of its seed, also with worker processes (each worker's torch RNG is seeded from 
 """
 from __future__ import annotations
 
+import logging
 import math
 import os
 
@@ -31,6 +32,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, default_collate
 from torchvision.transforms import v2
+
+log = logging.getLogger("runx.swav")
 
 # data.name -> palette of the generated shapes
 SHAPE_PALETTES = {"shapes": "mono", "shapes_gray": "gray", "shapes_colour": "colour"}
@@ -246,23 +249,45 @@ class FolderImages:
                                      f"{', '.join(extra[:5])}")
                 return list(classes), {c: i for i, c in enumerate(classes)}
 
-        try:
-            self.ds = _Folder(root, allow_empty=classes is not None)   # eval: a training class may be absent
-        except FileNotFoundError as e:   # torchvision: no class folder, or class folders without an image
-            from runx.trainers.recipe import RecipeConfigError
+        from runx.trainers.recipe import RecipeConfigError
+        try:   # an empty class folder keeps its label number (an eval split may lack a training class)
+            self.ds = _Folder(root, allow_empty=True)
+        except FileNotFoundError as e:   # torchvision: no class folder at all
             raise RecipeConfigError(f"data.path: {root} holds no images to read ({e}). Expected "
                                     f"<data.path>/<split>/<class>/<image>") from None
+        if not self.ds.samples:
+            raise RecipeConfigError(f"data.path: {root} holds no images to read (class folders "
+                                    f"{', '.join(self.ds.classes[:5])} are empty or hold no image files). "
+                                    f"Expected <data.path>/<split>/<class>/<image>")
         self.classes = self.ds.classes
+        if classes is None:
+            empty = sorted(set(self.classes) - {self.classes[t] for _, t in self.ds.samples})
+            if empty:
+                log.warning("%s: class folder(s) without images: %s (they keep their label numbers)", root,
+                            ", ".join(empty[:5]))
+        self.unreadable = 0
 
     def __len__(self):
         return len(self.ds)
 
     def get(self, i):
-        path, label = self.ds.samples[i]
-        try:
-            return self.ds.loader(path), label
-        except Exception as exc:   # a corrupt file: name it
-            raise RuntimeError(f"cannot read image {path}: {exc}") from exc
+        """Image i, RGB; a file that cannot be decoded is skipped with a warning for the next readable one, so
+        that one corrupt JPEG among millions does not end a run in its first epoch (as the data jobs skip and
+        count bad records). Many in a row is a broken dataset: an error naming the last."""
+        n = len(self.ds.samples)
+        for k in range(min(n, 64)):
+            path, label = self.ds.samples[(i + k) % n]
+            try:
+                return self.ds.loader(path), label
+            except Exception as exc:   # noqa: BLE001 — PIL raises several types for a corrupt file
+                self.unreadable += 1
+                if self.unreadable <= 5:
+                    log.warning("cannot read image %s (%s: %s): skipped, the next image is used in its place%s",
+                                path, type(exc).__name__, exc, "" if self.unreadable < 5 else
+                                " (further unreadable images in this process are skipped without a warning)")
+                last = (path, exc)
+        raise RuntimeError(f"cannot read image {last[0]} and the {min(n, 64) - 1} images after it either "
+                           f"(last: {last[1]})") from last[1]
 
 
 class HFImages:
@@ -351,6 +376,9 @@ def load_sources(cfg) -> tuple:
         raise ValueError(f"data.name={d.name!r} with data.kind=generated: valid choices are "
                          f"{', '.join(SHAPE_PALETTES)}, digits, synthetic")
     if d.kind == "imagefolder":
+        if d.eval_split == d.train_split:
+            log.warning("data.eval_split=%s is the training split: the kNN / linear-probe accuracies are measured on "
+                        "the images the probe is fitted to, so they read high", d.eval_split)
         train = FolderImages(os.path.join(d.path, d.train_split))
         return train, FolderImages(os.path.join(d.path, d.eval_split), classes=train.classes), True
     if d.kind == "hf":

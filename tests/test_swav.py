@@ -290,7 +290,8 @@ def test_imagefolder_and_hf_sources(tmp_path):
     for cls in ("a", "b"):
         os.makedirs(tmp_path / "empty" / "train" / cls)
     (tmp_path / "empty" / "train" / "a" / "notes.txt").write_text("no image")
-    with pytest.raises(RecipeConfigError, match=r"data.path: .*empty/train holds no images to read \(Found no valid"):
+    with pytest.raises(RecipeConfigError, match=r"data.path: .*empty/train holds no images to read \(class folders a, b are "
+                                                r"empty"):
         S.SwAV(cfg("data.kind=imagefolder", f"data.path={tmp_path / 'empty'}", "data.eval_split=train"),
                "x").build_data()
 
@@ -458,3 +459,23 @@ def test_max_eval_samples_0_means_no_evaluation():
     train, evalset = S.SwAV(cfg("data.max_eval_samples=0"), "x").build_data()
     assert len(train) > 0 and evalset is None
     assert len(S.SwAV(cfg("data.max_eval_samples=5"), "x").build_data()[1]) == 5
+
+
+def test_image_folder_with_an_empty_class_and_a_corrupt_file_trains(tmp_path, caplog):
+    """An empty class folder made the training split "hold no images to read" (it held many; validate had passed),
+    and one undecodable file ended the run at whichever step first drew it. The empty class keeps its number,
+    with a warning; a corrupt file is skipped for the next image, with a warning naming it."""
+    from PIL import Image
+    for cls in ("cat", "dog"):
+        (tmp_path / "train" / cls).mkdir(parents=True)
+        for i in range(3):
+            Image.new("RGB", (12, 10), (40 * i, 90, 10)).save(tmp_path / "train" / cls / f"{i}.png")
+    (tmp_path / "train" / "empty").mkdir()
+    (tmp_path / "train" / "cat" / "1.png").write_bytes(b"not a png")
+    with caplog.at_level("WARNING", logger="runx"):
+        folder = swav_data.FolderImages(str(tmp_path / "train"))
+        assert folder.classes == ["cat", "dog", "empty"] and len(folder) == 6
+        images = [folder.get(i) for i in range(len(folder))]
+    assert [label for _, label in images] == [0, 0, 0, 1, 1, 1]          # 1.png -> 2.png in its place
+    assert all(img.mode == "RGB" for img, _ in images)
+    assert "class folder(s) without images: empty" in caplog.text and "cat/1.png" in caplog.text
