@@ -227,6 +227,15 @@ def validate(cfg) -> list[str]:
     if name in RECIPES and RECIPES[name].kind == "data" and given:   # it would run on its default input instead
         problems.append(f"data.{given[0]}: recipe={name} is a data job that reads no data.* key; its input is "
                         f"{RECIPES[name].input_keys}. Valid choices: those keys, and no data override.")
+    m = data.get("model") or {}
+    if name in RECIPES and RECIPES[name].kind == "data" and (m.get("kind") != "none" or m.get("path")):
+        # it would embed / score with its own models while the run's config named another
+        shown = f"model={m.get('name')}" if m.get("kind") != "none" else f"model.path={m.get('path')}"
+        problems.append(f"{shown}: recipe={name} is a data job that loads no model.* model; its models are "
+                        f"{RECIPES[name].model_keys}. Valid choices: those keys, and no model override.")
+    elif name in RECIPES and RECIPES[name].kind == "train" and m.get("kind") == "none":
+        problems.append(f"model=none: recipe={name} trains a model. Valid choices: "
+                        f"{', '.join(o for o in group_options('model') if o != 'none')}, or model.path=<id or folder>.")
     source = RECIPES[name].data_problem(d.get("kind"), d.get("name")) if name in RECIPES else None
     if source:
         problems.append(source)

@@ -75,10 +75,16 @@ RECIPE = {
     "preselect": {"num_workers": COUNT, "bpc_window": Range(2), "bpc_stride": COUNT, "bpc_batch_size": COUNT,
                   "positive_quantile": Range(0, 1, lo_open=True, hi_open=True), "heldout_fraction": FRACTION,
                   "ft_word_ngrams": COUNT, "ft_epoch": COUNT, "ft_lr": POS, "ft_dim": COUNT, "ft_bucket": COUNT,
-                  "ft_threads": COUNT, "keep_fraction": SHARE, "predict_batch": COUNT},
-    "concept_prune": {"batch_size": COUNT, "shard_size": COUNT, "epsilon": NONNEG, "dedup_clusters": NONNEG,
-                      "num_clusters": COUNT, "kmeans_iters": COUNT, "keep_fraction": SHARE, "num_neighbors": COUNT,
-                      "temperature": POS, "balance": PROB, "num_workers": COUNT},
+                  "ft_threads": COUNT, "keep_fraction": SHARE, "predict_batch": COUNT, "min_positives": COUNT,
+                  "histogram_bins": COUNT, "student_order": COUNT, "world.num_facts": COUNT,
+                  "world.pool_shards": COUNT, "world.docs_per_pool_shard": COUNT, "world.sample_shards": COUNT,
+                  "world.docs_per_sample_shard": COUNT, "world.reference_chars": COUNT,
+                  "world.benchmark_items": COUNT},
+    "concept_prune": {"batch_size": COUNT, "shard_size": COUNT, "epsilon": Range(0, 2, hi_open=True),
+                      "dedup_clusters": NONNEG, "num_clusters": COUNT, "kmeans_iters": COUNT, "keep_fraction": SHARE,
+                      "num_neighbors": COUNT, "temperature": POS, "balance": PROB, "num_workers": COUNT,
+                      "max_points_per_centroid": COUNT, "max_length": COUNT, "image_size": COUNT,
+                      "dup_fraction": PROB, "max_copies": COUNT, "dup_noise": NONNEG, "embed_dim": COUNT},
 }
 
 
@@ -155,6 +161,10 @@ def range_problems(data: dict) -> list[str]:
     out += _objective_problems(name, data.get("objective"), (data.get("trainer") or {}).get("monitor"), metrics)
     if name == "swav":
         out += _swav_list_problems(rec)
+    fractions = rec.get("eval_fractions")
+    if name == "concept_prune" and isinstance(fractions, list) and not all(
+            isinstance(f, (int, float)) and not isinstance(f, bool) and 0 < f <= 1 for f in fractions):
+        out.append(f"recipe.eval_fractions={fractions}: out of range. Valid values: each in (0, 1].")
     if name == "verifree":
         out += [f"recipe.{k}={rec.get(k)!r}: empty. Valid values: a non-empty string (the paper's "
                 f"{ {'answer_split': '<answer', 'stop_string': '</answer>'}[k]})."

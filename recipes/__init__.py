@@ -20,6 +20,8 @@ class RecipeInfo:
     paper: str = ""
     eval_metrics: tuple = ()   # names its evaluation can report (as eval/<name>): what trainer.monitor may name
     input_keys: str = ""       # a data job's own keys for its input (it reads no data.* key)
+    model_keys: str = ""       # a data job's own keys for the models it loads (it loads no model.* model)
+    zero_stages: tuple = (0, 1, 2, 3)   # the ZeRO stages its training runs under (runx plan offers only those)
     # a training recipe's data sources: (data.kind, the data.name values it reads for that kind, () = any name)
     data_sources: tuple = ()
 
@@ -64,14 +66,16 @@ RECIPES: dict[str, RecipeInfo] = {r.name: r for r in [
                "Caron et al. 2020 (arXiv 2006.09882)",
                eval_metrics=("knn_acc", "linear_acc", "assign_entropy", "prototypes_used", "z_std", "feature_std"),
                data_sources=(("generated", ("shapes", "shapes_gray", "shapes_colour", "digits", "synthetic")),
-                             ("imagefolder", ()), ("hf", ()))),
+                             ("imagefolder", ()), ("hf", ())), zero_stages=(0, 1, 2)),
     RecipeInfo("preselect", "data", "runx.recipes.preselect", "PreSelect", "runx.conf.schema.preselect:PreSelectConfig",
                "Score docs by how well model losses predict model ranking; fastText filter; filter a corpus.",
                "Shum et al. 2025 (arXiv 2503.00808)",
-               input_keys="recipe.pool=<file|folder|glob> recipe.sample=<file|folder|glob>"),
+               input_keys="recipe.pool=<file|folder|glob> recipe.sample=<file|folder|glob>",
+               model_keys="recipe.references=[{name, kind: hf, path: <id or folder>, score}, ...]"),
     RecipeInfo("concept_prune", "data", "runx.recipes.concept_prune", "ConceptPrune",
                "runx.conf.schema.concept_prune:ConceptPruneConfig",
                "Embed, SemDeDup, cluster; complexity-weighted cluster quotas; keep least prototypical samples.",
                "Abbas et al. ICLR 2024 (arXiv 2401.04578)",
-               input_keys="recipe.input=embeddings|text|images recipe.path=<file|folder|glob>"),
+               input_keys="recipe.input=embeddings|text|images recipe.path=<file|folder|glob>",
+               model_keys="recipe.encoder=<id or folder> (recipe.encoder_weights for images)"),
 ]}

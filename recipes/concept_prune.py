@@ -19,7 +19,8 @@ papers' two clusterings (a fine one for SemDeDup, a fresh one on the deduplicate
 
 The job is a DataJob: every step writes shards plus a done-marker, so a killed run resumes where it
 stopped, and shards split across worker processes (`num_workers`) and SLURM array tasks. Outputs land in
-<run_dir>/pruned/: kept_ids.parquet, clusters.parquet (the per-cluster table), quota_vs_size.png,
+<run_dir>/pruned/: kept_ids.parquet (id, row over all inputs, cluster, distance, file, file_row: the input file
+and the 0-based row there, blank lines not counted), clusters.parquet (the per-cluster table), quota_vs_size.png,
 manifest.json and, for the embedded default (input=digits), eval.json: test accuracy of a classifier
 trained on DBP-, SSP- and randomly pruned subsets against a fixed test split that is never pruned.
 """
@@ -476,21 +477,15 @@ class ConceptPrune(DataJob):
 
     # ---- configuration -------------------------------------------------------------------------
     def _check_config(self):
+        # (the value ranges are validate()'s: cli/ranges.py RECIPE["concept_prune"], all reported at once)
+        from omegaconf import OmegaConf
+
+        from runx.cli.ranges import range_problems
         rc = self.rc
-        checks = [("keep_fraction", 0 < rc.keep_fraction <= 1, "a fraction in (0, 1]"),
-                  ("epsilon", 0 <= rc.epsilon < 2, "in [0, 2) (a cosine distance)"),
-                  ("temperature", rc.temperature > 0, "> 0"),
-                  ("balance", 0 <= rc.balance <= 1, "in [0, 1]"),
-                  ("num_clusters", rc.num_clusters >= 1, ">= 1"),
-                  ("dedup_clusters", rc.dedup_clusters >= 0, ">= 0 (0: dedup inside the concept clusters)"),
-                  ("kmeans_iters", rc.kmeans_iters >= 1, ">= 1"),
-                  ("num_neighbors", rc.num_neighbors >= 1, ">= 1"),
-                  ("shard_size", rc.shard_size >= 1, ">= 1"),
-                  ("batch_size", rc.batch_size >= 1, ">= 1"),
-                  ("max_points_per_centroid", rc.max_points_per_centroid >= 1, ">= 1")]
-        for key, ok, want in checks:
-            if not ok:
-                raise ValueError(f"recipe.{key}={rc[key]}: must be {want}")
+        data = OmegaConf.to_container(self.cfg, resolve=True) if OmegaConf.is_config(self.cfg) else dict(self.cfg)
+        problems = [p for p in range_problems(data) if p.startswith("recipe.")]
+        if problems:
+            raise ValueError(" ".join(problems))
         if rc.input != "digits" and not rc.path:
             raise ValueError(f"recipe.path is empty: recipe.input={rc.input} reads its samples from files "
                              "(a file, a folder or a glob)")
@@ -502,9 +497,6 @@ class ConceptPrune(DataJob):
         if rc.input == "text" and rc.encoder.startswith("torchvision:"):
             raise ValueError(f"recipe.encoder={rc.encoder}: an image encoder. recipe.input=text needs a Hugging "
                              "Face / sentence-transformers text model: builtin:minilm, a hub id or a local folder")
-        bad = [f for f in rc.eval_fractions if not 0 < float(f) <= 1]
-        if bad:
-            raise ValueError(f"recipe.eval_fractions={list(rc.eval_fractions)}: {bad} not in (0, 1]")
 
     # ---- what the run dir pins (DataJob.pin_settings) -------------------------------------------
     job_name = "concept_prune"
@@ -977,18 +969,23 @@ class ConceptPrune(DataJob):
         rows = rows[order]
         cluster = np.concatenate([p["cluster"] for p in parts])[order]
         dist = np.concatenate([p["dist"] for p in parts])[order]
-        ids = []
+        ids, files, file_rows = [], [], []
         for p in self.input_plan():
             lo, hi = np.searchsorted(rows, [p["offset"], p["offset"] + p["stop"] - p["start"]])
             if hi > lo:
                 col = pq.read_table(os.path.join(ctx.job_dir, "embed", f"{p['key']}.ids.parquet"))["id"]
                 ids.append(col.take(pa.array(rows[lo:hi] - p["offset"])).combine_chunks())
+                # where each kept sample is: its input file and its row there (0-based; blank lines not counted)
+                files += [p["file"]] * int(hi - lo)
+                file_rows.append(rows[lo:hi] - p["offset"] + p["start"])
         if len({a.type for a in ids}) > 1:
             ids = [a.cast(pa.string()) for a in ids]
         id_col = pa.concat_arrays(ids) if ids else pa.array([], pa.int64())
         with atomic_path(os.path.join(out_dir, "kept_ids.parquet")) as tmp:
             pq.write_table(pa.table({"id": id_col, "row": rows, "cluster": cluster.astype(np.int32),
-                                     "distance": dist}), tmp)
+                                     "distance": dist, "file": pa.array(files, pa.string()),
+                                     "file_row": np.concatenate(file_rows) if file_rows else
+                                     np.zeros(0, np.int64)}), tmp)
         with np.load(os.path.join(ctx.job_dir, "quota", "clusters.npz")) as z:
             table = {k: z[k] for k in z.files}
         kept_per = np.bincount(cluster, minlength=len(table["size"]))

@@ -588,8 +588,22 @@ class PreSelect(DataJob):
 
     # ---- stage bpc: Eq. (1) for every (reference, sample shard) ---------------------------------------------
     def bpc_keys(self, ctx: JobContext) -> list[str]:
+        # a sample too small for recipe.min_positives fails here, before every reference scores it
+        keys = self.sample_keys(ctx)
+        if all(ctx.is_done("sample", k) for k in keys):
+            docs = sum(int(ctx.read_marker("sample", k).get("docs", 0)) for k in keys)
+            rc = self.rc
+            most = round(float(rc.positive_quantile) * docs) if rc.positives == "quantile" else docs
+            if most < int(rc.min_positives):
+                how = (f"the top recipe.positive_quantile={rc.positive_quantile} of them" if rc.positives ==
+                       "quantile" else "at most all of them")
+                raise RecipeConfigError(
+                    f"recipe.min_positives={rc.min_positives}: recipe.sample holds {docs} documents, so the labels "
+                    f"would have {most} positives ({how}); found before the references score them. Valid choices: "
+                    f"more documents in recipe.sample, a larger recipe.positive_quantile, or a lower "
+                    f"recipe.min_positives")
         # reference-major: a worker's consecutive keys share a model, which it loads once
-        return [f"{r['name']}__{s}" for r in self.references for s in self.sample_keys(ctx)]
+        return [f"{r['name']}__{s}" for r in self.references for s in keys]
 
     def _reference(self, name: str):
         if self._cache.get("ref_name") != name:
@@ -637,7 +651,7 @@ class PreSelect(DataJob):
         pos, neg = choose_labels(S, agree, comparable, self.rc.positives, float(self.rc.positive_quantile),
                                  self.seed)
         if len(pos) < int(self.rc.min_positives):
-            raise RuntimeError(self._too_few_positives(len(pos), len(S)))
+            raise RecipeConfigError(self._too_few_positives(len(pos), len(S)))
         rng = np.random.default_rng([self.seed, 12])
         split = {}
         for label, idx in ((1, pos), (0, neg)):
@@ -743,6 +757,14 @@ class PreSelect(DataJob):
             last = order[n_keep - 1]
             thr.update(score=float(score[last]), shard=int(shard[last]), line=int(line[last]))
         kept_chars = int(chars[order[:n_keep]].sum())
+        if total and abs(kept_chars - target) > 0.25 * target:
+            # whole documents are kept: a document at the cut as long as the target (or longer) moves it far
+            at_cut = int(chars[order[max(n_keep - 1, 0):n_keep + 1]].max())
+            log.warning("recipe.keep_fraction=%s: kept %d documents, %.3g%% of the pool's characters against the "
+                        "%.3g%% asked, because whole documents are kept and a document at the cut has %d "
+                        "characters (%.3g%% of the pool). A larger keep_fraction or a pool of shorter documents "
+                        "keeps closer to it", self.rc.keep_fraction, n_keep, 100 * kept_chars / total,
+                        100 * target / total, at_cut, 100 * at_cut / total)
         # bins over the observed range: a classifier trained briefly on few labels keeps scores near 0.5
         bins = int(self.rc.histogram_bins)
         lo, hi = (float(score.min()), float(score.max())) if len(score) else (0.0, 1.0)

@@ -39,7 +39,8 @@ def test_every_group_option_composes_and_validates_with_every_recipe(group):
             # options that need a user value (model.path=???) may only fail for that reason; a data job refuses
             # data.* sources (it reads its own recipe.* input keys), a training recipe those of other recipes
             problems = [p for p in problems if "required" not in p and "reads no data.* key" not in p
-                        and not (group == "data" and f"not a data source of recipe={recipe}." in p)]
+                        and not (group == "data" and f"not a data source of recipe={recipe}." in p)
+                        and not (group == "model" and ("loads no model.* model" in p or "trains a model" in p))]
             assert problems == [], f"recipe={recipe} {group}={opt}: {problems}"
     if group == "data":   # ... with the keys it does read; and each training recipe reads some of the options
         readers = {opt: [r for r in group_options("recipe") if RECIPES[r].kind == "train" and not
@@ -55,6 +56,13 @@ def test_every_group_option_composes_and_validates_with_every_recipe(group):
             found = validate(compose([f"recipe={recipe}", "data=jsonl", "data.path=/x.jsonl"]))
             assert found == [f"data.kind=jsonl: recipe={recipe} is a data job that reads no data.* key; its input is "
                              f"{RECIPES[recipe].input_keys}. Valid choices: those keys, and no data override."]
+    if group == "model":   # a data job would have embedded / scored with its own models, the model.* ignored
+        for recipe, override in (("concept_prune", "model.path=/models/x"), ("preselect", "model=minilm")):
+            found = validate(compose([f"recipe={recipe}", override]))
+            assert len(found) == 1 and found[0].startswith(f"{override}: recipe={recipe} is a data job that loads "
+                                                           f"no model.* model; its models are recipe."), found
+        assert validate(compose(["recipe=concept_prune"])) == []
+        assert validate(compose(["recipe=sft", "model=none"]))[0].startswith("model=none: recipe=sft trains a model")
 
 
 def test_experiment_presets_compose_validate_and_keep_the_papers_values():

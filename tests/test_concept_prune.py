@@ -276,6 +276,9 @@ def test_job_outputs_hard_pruning_and_quotas(tmp_path):
     assert table["size"].sum() == len(X) - res["dedup_removed"]
     assert not set(kept["row"]) & set(job.removed_rows().tolist())
     np.testing.assert_array_equal(kept["id"], kept["row"])              # .npy input: ids are row numbers
+    # each kept sample names its input file and its row there (the row number alone spans all the files)
+    assert set(kept["file"]) == {str(tmp_path / "emb.npy")}
+    np.testing.assert_array_equal(kept["file_row"], kept["row"])
     # hard: inside every cluster, every kept sample is at least as far from the centroid as any dropped one
     for g in job.concept_groups(None):
         m = job.concept_members(g)
@@ -566,3 +569,18 @@ def test_ids_of_mixed_types_in_one_file_are_read_as_text(tmp_path):
                     encoding="utf-8-sig")
     ids, texts = read_texts(str(path), 0, 4, SimpleNamespace(text_field="text", id_field="id"))
     assert ids.to_pylist() == ["doc-0", "1", "doc-2", "3"] and texts == ["t0", "t1", "t2", "t3"]
+
+
+def test_kept_samples_name_their_file_and_row_there(tmp_path):
+    """kept_ids.parquet's `row` counts across all input files (and its `id` is that row where the data has no id
+    field): the kept samples could not be found in a folder of files. Its `file` / `file_row` columns say where."""
+    X, _ = planted_embeddings(n_base=300, seed=3)
+    (tmp_path / "in").mkdir()
+    np.save(tmp_path / "in" / "a.npy", X[:200])
+    np.save(tmp_path / "in" / "b.npy", X[200:])
+    run_job(tmp_path / "j", input="embeddings", path=str(tmp_path / "in"), num_clusters=4, epsilon=0.01,
+            keep_fraction=0.5, shard_size=150)
+    kept = pq.read_table(tmp_path / "j" / "pruned" / "kept_ids.parquet").to_pandas()
+    assert set(kept["file"]) == {str(tmp_path / "in" / "a.npy"), str(tmp_path / "in" / "b.npy")}
+    for file, row, file_row in zip(kept["file"], kept["row"], kept["file_row"]):
+        np.testing.assert_array_equal(np.load(file)[file_row], X[row])

@@ -604,6 +604,13 @@ def test_a_text_field_typo_stops_in_the_sample_stage_and_can_be_fixed_in_place(t
     msg = job._too_few_positives(1, 20)
     assert "positive_quantile=0.05" in msg and "use recipe.positives=quantile" not in msg
     assert "S = 1" in P.PreSelect(own_data_cfg(sample, sample), run)._too_few_positives(1, 20)
+    # 6 sample documents cannot give min_positives=10: said before every reference scores them (it was a
+    # RuntimeError traceback after the scoring)
+    with pytest.raises(RecipeConfigError, match=r"recipe.min_positives=10: recipe.sample holds 6 documents, so "
+                                                r"the labels would have 6 positives \(at most all of them\); found "
+                                                r"before the references score them"):
+        P.PreSelect(own_data_cfg(sample, sample), run).run(only=["bpc"])
+    assert not os.listdir(os.path.join(run, "bpc")) if os.path.isdir(os.path.join(run, "bpc")) else True
 
 # ------------------------------------------------------------------------------------------ end to end
 def test_cli_smoke_end_to_end(tmp_path):

@@ -107,6 +107,7 @@ class ModelFacts:
     extra_memory: object = None
     # ZeRO-3 builds this model already partitioned (trainers/recipe.py builds_partitioned), not whole per rank
     zero3_partitioned_build: bool = False
+    micro_batch: str = ""         # one micro-batch in words, for a model that reads no tokens (SwAV's crops)
 
     def nvme_stats(self, world: int) -> dict:
         return {"n_params": self.n_params, "largest": self.largest_param, "count": len(self.numels),
@@ -240,7 +241,7 @@ def model_facts(cfg) -> ModelFacts:
     layer = max((sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules()), default=0)
     per_module = max((sum(1 for _ in m.parameters(recurse=False)) for m in model.modules()), default=1)
     pbytes = 2 if cfg.trainer.precision == "bf16" else 4
-    how = "none"
+    how, micro_batch = "none", ""
     act = 0
     if cfg.model.kind in ("causal_lm", "seq_cls"):
         batch = plan_batch(cfg, recipe)
@@ -257,6 +258,7 @@ def model_facts(cfg) -> ModelFacts:
             how += f", {batch[0]} sequences x {batch[1]} tokens"
     elif hasattr(recipe, "plan_inputs"):   # other models: the recipe's own training forward on meta inputs
         inputs, what = recipe.plan_inputs()
+        micro_batch = what
         try:
             act, how = _saved_bytes(model, lambda: model(*inputs)), f"traced on meta, {what}"
         except Exception as e:
@@ -267,7 +269,8 @@ def model_facts(cfg) -> ModelFacts:
     return ModelFacts(n_params=sum(numels), n_trainable=trainable, largest_layer=layer,
                       largest_param=max(numels, default=0), numels=numels, module_max_params=per_module,
                       activation_bytes=int(act), activation_how=how, param_bytes=pbytes, source=source,
-                      extra_memory=extra_memory, zero3_partitioned_build=zero3_builds_partitioned(cfg, recipe))
+                      extra_memory=extra_memory, zero3_partitioned_build=zero3_builds_partitioned(cfg, recipe),
+                      micro_batch=micro_batch)
 
 
 # ====================================================================================== layouts
@@ -723,8 +726,12 @@ def make_plan(cfg, facts: ModelFacts | None = None, machine: Machine | None = No
         machine.baseline_cpu = int(base["cpu_rss"])
         machine.baseline_gpu = int(base.get("gpu_context", 0))
         machine.baseline_how = f"measured ({'cached' if base.get('cached') else 'now'})"
-    rows = [estimate(cfg, facts, machine, lay) for lay in LAYOUTS
-            if not (machine.device == "cpu" and lay.offload_param == "nvme" and False)]
+    rows = [estimate(cfg, facts, machine, lay) for lay in LAYOUTS]
+    from runx.recipes import RECIPES
+    stages = RECIPES[cfg.recipe.name].zero_stages if cfg.recipe.name in RECIPES else (0, 1, 2, 3)
+    for r in rows:   # a layout the recipe refuses (SwAV: ZeRO-3) does not fit, whatever its memory
+        if r.layout.stage not in stages:
+            r.fits, r.why = False, f"recipe={cfg.recipe.name} runs ZeRO stage {', '.join(map(str, stages))} only"
     current_layout = layout_of(cfg.trainer)
     current = next((r for r in rows if r.layout == current_layout), None) or \
         estimate(cfg, facts, machine, current_layout)
@@ -740,7 +747,7 @@ def render(plan: Plan, cfg) -> tuple[object, str]:
     f, m = plan.facts, plan.machine
     title = (f"runx plan — {cfg.model.name}: {f.n_params / 1e6:.1f}M params ({f.n_trainable / 1e6:.1f}M trainable), "
              f"largest layer {f.largest_layer / 1e6:.2f}M, {cfg.trainer.precision}, micro-batch "
-             f"{cfg.trainer.micro_batch_size} x {cfg.data.max_length} tokens")
+             + (f.micro_batch or f"{cfg.trainer.micro_batch_size} x {cfg.data.max_length} tokens"))
     where = (f"{'described' if m.described else 'this machine'}: {m.nodes} node(s) x {m.gpus_per_node} "
              f"{'GPU' if m.device == 'cuda' else 'CPU process'}(es), "
              + (f"GPU {fmt(m.gpu_mem)} each, " if m.device == "cuda" else "")
