@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import glob
 import os
+import re
 
 
 def checkpoint_state_dict(ckpt_root: str, tag: str, zero_stage: int) -> dict:
@@ -56,8 +57,10 @@ def load_run_config(run_dir: str, verb: str = "export", error=ExportError):
 def checkpoint_tag(run_dir: str, cfg, tag: str | None, verb: str = "export", error=ExportError) -> str:
     """The checkpoint a verb reads: `tag` (step_N, or best: trainer.monitor's best), else the latest."""
     ckpt_root = os.path.join(run_dir, "ckpt")
-    tags = sorted((d for d in os.listdir(ckpt_root) if d.startswith("step_")),
-                  key=lambda d: int(d.split("_")[1])) if os.path.isdir(ckpt_root) else []
+    found = sorted((d for d in os.listdir(ckpt_root) if re.fullmatch(r"step_\d+", d)),
+                   key=lambda d: int(d.split("_")[1])) if os.path.isdir(ckpt_root) else []
+    # a folder without runx_complete.json is a save cut short by a kill: not loadable, not a choice
+    tags = [d for d in found if os.path.exists(os.path.join(ckpt_root, d, "runx_complete.json"))]
     if tag is None:
         latest = os.path.join(ckpt_root, "latest")
         if not os.path.exists(latest):
@@ -73,7 +76,8 @@ def checkpoint_tag(run_dir: str, cfg, tag: str | None, verb: str = "export", err
                         f"{', '.join(tags) or 'none'}")
         tag = open(best).read().strip()
     if tag not in tags:
-        raise error(f"--tag {tag}: no such checkpoint in {ckpt_root}. Valid choices: {', '.join(tags) or 'none'}")
+        what = "an incomplete checkpoint (its save was cut short)" if tag in found else "no such checkpoint"
+        raise error(f"--tag {tag}: {what} in {ckpt_root}. Valid choices: {', '.join(tags) or 'none'}")
     return tag
 
 

@@ -54,7 +54,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(verbs[verb](rest) or 0)
     except KeyboardInterrupt:
-        print("runx: interrupted (the last complete checkpoint is kept; rerun with the same run_dir to resume)",
+        print("runx: interrupted (the last complete checkpoint is kept; rerun with the same run_dir and resume=auto, "
+              "the default, to resume)",
               file=sys.stderr)
         return 130
 

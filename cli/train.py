@@ -339,6 +339,13 @@ def launch(cfg, run_dir: str) -> dict:
     from runx.trainers.datajob import atomic_write_json
     from runx.trainers.recipe import RecipeConfigError
     recipe_kind, worker = RECIPES_KIND(cfg), os.environ.get("RUNX_WORKER") == "1"
+    from runx.trainers.runtime import requeued_resume
+    resume = requeued_resume(cfg.get("resume", "auto"), run_dir)
+    if recipe_kind == "train" and not worker and resume != str(cfg.get("resume", "auto")):
+        log.info("a requeued SLURM job (SLURM_RESTART_COUNT=%s): it resumes its own checkpoint (resume=auto), not "
+                 "resume=%s", os.environ.get("SLURM_RESTART_COUNT"), cfg.resume)
+        from omegaconf import OmegaConf
+        OmegaConf.update(cfg, "resume", "auto")
     if recipe_kind == "train" and not worker:
         hold_run_dir(run_dir)   # a second run into the same folder would interleave checkpoints with this one
     problems = resume_problems(cfg, run_dir) + nvme_resume_problems(cfg, run_dir) if not worker else []
@@ -386,9 +393,10 @@ def launch(cfg, run_dir: str) -> dict:
             handover[1](handover[0], None)   # submitit requeues the job and exits; the requeued job resumes
         latest = os.path.join(run_dir, "ckpt", "latest")
         saved = open(latest).read().strip() if os.path.exists(latest) else None
+        from runx.trainers.runtime import how_to_resume
         raise Stopped(f"stopped by {signalled}: the launched processes stopped at a step boundary"
                       + (f" (latest checkpoint: {saved})" if saved else "")
-                      + f"; rerun the same command to resume ({run_dir})")
+                      + "; " + how_to_resume(cfg.get("resume", "auto"), run_dir))
     # the workers leave these with exit 0 where every rank has them (no torchrun failure report over the message)
     if os.path.exists(diverged_file(run_dir)):
         from runx.trainers.runtime import Diverged

@@ -184,6 +184,32 @@ def test_a_run_that_starts_at_step_0_gets_its_own_wandb_run(tmp_path):
     assert OmegaConf.select(cfg, "logger.backend") == "wandb"
 
 
+def test_a_save_cut_short_is_never_kept_over_a_complete_checkpoint_and_a_resumed_run_drops_its_old_summary(tmp_path):
+    """A folder left by a kill during a save (no runx_complete.json) counted among the newest keep_last: the next
+    save deleted the checkpoint it had just written, `latest` named nothing, and the run had no checkpoint left;
+    runx eval/export offered the cut folder and crashed loading it. A finished run resumed for more steps that
+    then died kept its old summary.json: runx report showed it done, with the earlier end's numbers."""
+    from runx.cli.evaluate import EvalError
+    from runx.cli.export import checkpoint_tag, load_run_config
+    run = tmp_path / "run"
+    common = TINY + [f"run_dir={run}", "trainer.ckpt_every=1", "trainer.keep_last=1", "trainer.micro_batch_size=4"]
+    run_cli(["train", *common, "trainer.max_steps=2"])
+    assert (run / "summary.json").exists()
+    (run / "ckpt" / "step_9").mkdir()             # a save of a later step that a kill cut short
+    (run / "ckpt" / "step_9" / "mp_rank_00_model_states.pt").write_bytes(b"trunc")
+    cfg, _ = load_run_config(str(run))
+    with pytest.raises(EvalError, match=r"--tag step_9: an incomplete checkpoint \(its save was cut short\).*"
+                                        r"Valid choices: step_2$"):
+        checkpoint_tag(str(run), cfg, "step_9", "evaluate", EvalError)
+    p = run_cli(["train", *common, "trainer.max_steps=5"], env={"RUNX_CRASH_AFTER_STEP": "3"}, check=False)
+    assert p.returncode == 17
+    assert sorted(os.listdir(run / "ckpt")) == ["latest", "step_3"] and (run / "ckpt" / "latest").read_text() == \
+        "step_3"
+    assert not (run / "summary.json").exists()    # stopped before its end: not done
+    run_cli(["train", *common, "trainer.max_steps=5"])
+    assert json.load(open(run / "summary.json"))["steps"] == 5 and sorted(losses(run)) == [1, 2, 3, 4, 5]
+
+
 def test_sigterm_saves_a_checkpoint_at_the_step_boundary_and_the_run_resumes(tmp_path):
     """SLURM preemption / scancel send SIGTERM: the run saves a checkpoint after the current step and exits 143
     (with checkpoints off, too); the same command resumes it, and the W&B sync hint names both offline
@@ -1325,3 +1351,20 @@ def test_an_unlabelled_row_is_named_and_whole_number_floats_are_class_ids():
     ds = ClassificationDataset([{"text": "a", "label": 2.0}, {"text": "b", "label": 10.0}], tok, "text", "label",
                                16, num_labels=11)
     assert ds.labels == [2, 10] and ds.label_names is None
+
+
+def test_a_stopped_run_says_how_to_resume_it_and_a_requeued_job_continues_its_checkpoint(tmp_path, monkeypatch):
+    """A run started with resume=never told its stop to "rerun the same command to resume": that command starts it
+    over. A SLURM job requeued after preemption re-executes its command: with resume=never (or another run's
+    checkpoint) it started over at every requeue."""
+    from runx.trainers.runtime import how_to_resume, requeued_resume
+    assert how_to_resume("auto", "/r") == "rerun the same command to resume (/r)"
+    assert "rerun it with resume=auto (the default) and run_dir=/r; the same command (resume=never) would start " \
+           "over" in how_to_resume("never", "/r")
+    (tmp_path / "ckpt").mkdir()
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    assert requeued_resume("never", str(tmp_path)) == "never"          # no checkpoint of its own yet
+    (tmp_path / "ckpt" / "latest").write_text("step_3")
+    assert requeued_resume("never", str(tmp_path)) == "auto" and requeued_resume("/other/run", str(tmp_path)) == "auto"
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "0")
+    assert requeued_resume("never", str(tmp_path)) == "never"

@@ -321,11 +321,16 @@ class Trainer:
             if best:
                 atomic_write_bytes(best_file, tag.encode())
             keep = {open(best_file).read().strip()} if self.best is not None and os.path.exists(best_file) else set()
-            tags = sorted((d for d in os.listdir(self.ckpt_dir) if d.startswith("step_")),
+            tags = sorted((d for d in os.listdir(self.ckpt_dir) if re.fullmatch(r"step_\d+", d)),
                           key=lambda d: int(d.split("_")[1]))
-            for old in tags[:-max(1, int(self.tcfg.keep_last))]:
-                if old not in keep:
-                    shutil.rmtree(os.path.join(self.ckpt_dir, old), ignore_errors=True)
+            complete = [d for d in tags if os.path.exists(os.path.join(self.ckpt_dir, d, "runx_complete.json"))]
+            # a folder without runx_complete.json is a save a kill cut short (this one is complete by now): never
+            # loadable, and it must not count among the newest keep_last (it pushed the checkpoint just written
+            # out); the newest complete ones are kept, this one always
+            stale = [d for d in tags if d not in complete and d != tag]
+            old = [d for d in complete[:-max(1, int(self.tcfg.keep_last))] if d not in keep and d != tag]
+            for d in stale + old:
+                shutil.rmtree(os.path.join(self.ckpt_dir, d), ignore_errors=True)
         dist.barrier()
 
     def load_checkpoint(self, engine, root: str, tag: str) -> int:
@@ -458,6 +463,10 @@ class Trainer:
 
         metrics_log = MetricsLog(os.path.join(self.run_dir, "metrics.jsonl"), resume_step=start) \
             if self.is_main else None
+        if self.is_main and os.path.exists(os.path.join(self.run_dir, "summary.json")):
+            # a finished run resumed for more steps: its summary describes the earlier end, and would mark this
+            # run done (runx report, a sweep's failed-job list) if it stopped before writing its own
+            os.remove(os.path.join(self.run_dir, "summary.json"))
         wb = WandbRun(self.cfg.logger, self.cfg, self.run_dir, os.path.basename(self.run_dir.rstrip("/")),
                       resumed=resume is not None) if self.is_main else None
         loader = self.loader(train_ds, recipe, start, max_steps)
@@ -595,8 +604,9 @@ class Trainer:
                                     "it", self.global_step)
                         stop.hand_over()
                     raise runtime.Stopped(f"stopped by {runtime.stop_cause(stop.signal_name, self.run_dir)} after step "
-                                          f"{self.global_step}, checkpoint saved; rerun the same command to resume "
-                                          f"({self.run_dir})" + (f". W&B so far: {sync}" if sync else ""))
+                                          f"{self.global_step}, checkpoint saved; "
+                                          + runtime.how_to_resume(self.cfg.resume, self.run_dir)
+                                          + (f". W&B so far: {sync}" if sync else ""))
                 if stop_early:
                     log.info("early stop after step %d: %s has not improved on %.6g (step %d) for %d evaluations",
                              self.global_step, self.best.key, self.best.best, self.best.best_step,

@@ -253,6 +253,25 @@ def parent_signal_file(run_dir: str) -> str:
     return os.path.join(run_dir, ".runx", "stop_signal")
 
 
+def how_to_resume(resume: str, run_dir: str) -> str:
+    """The words that tell a stopped run how to continue: the same command resumes a resume=auto run; one started
+    with resume=never (or from another run's checkpoint) would start over (or restart from there) instead."""
+    if str(resume) == "auto":
+        return f"rerun the same command to resume ({run_dir})"
+    return (f"to resume, rerun it with resume=auto (the default) and run_dir={run_dir}; the same command "
+            f"(resume={resume}) would " + ("start over" if str(resume) == "never" else "restart from that checkpoint"))
+
+
+def requeued_resume(resume: str, run_dir: str) -> str:
+    """A SLURM job requeued after preemption (SLURM_RESTART_COUNT > 0) re-executes its original command: with
+    resume=never or resume=<other run> it would start over at every requeue. It continues its own checkpoint
+    instead (resume=auto) when its run dir has one."""
+    if str(resume) != "auto" and int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0) > 0 \
+            and os.path.exists(os.path.join(run_dir, "ckpt", "latest")):
+        return "auto"
+    return str(resume)
+
+
 def stop_cause(signal_name: str | None, run_dir: str) -> str:
     """What stopped this process, for its log line: the signal runx was sent, where it forwarded one."""
     if signal_name is None:
