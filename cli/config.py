@@ -338,6 +338,13 @@ def check_paths(cfg) -> list[str]:
             out.append("trainer.offload_param / offload_optimizer=nvme: DeepSpeed's async_io op cannot be built "
                        "here (libaio is missing). Install it (apt install libaio-dev; conda install libaio), or "
                        "choose trainer=zero3_cpu_offload.")
+    from runx.recipes import RECIPES
+    from runx.trainers.runtime import resume_problem
+    name = OmegaConf.select(cfg, "recipe.name", default=None)
+    if name in RECIPES and RECIPES[name].kind == "train" and cfg.get("resume") is not None:
+        problem = resume_problem(str(cfg.get("resume")), "")   # (a data job's resume=<path> is its pin's business)
+        if problem:
+            out.append(problem + ".")
     out += run_dir_problems(cfg)
     # (torch is imported only for this check; `runx plan plan.gpus=8 ...` describes another machine: not checked)
     described = (OmegaConf.select(cfg, "plan.gpus", default=0) or 0) > 0 or \

@@ -346,8 +346,11 @@ def launch(cfg, run_dir: str) -> dict:
                  "resume=%s", os.environ.get("SLURM_RESTART_COUNT"), cfg.resume)
         from omegaconf import OmegaConf
         OmegaConf.update(cfg, "resume", "auto")
-    if recipe_kind == "train" and not worker:
-        hold_run_dir(run_dir)   # a second run into the same folder would interleave checkpoints with this one
+    from runx.trainers.datajob import slurm_array_task
+    if recipe_kind == "train" and not worker or recipe_kind == "data" and slurm_array_task()[1] <= 1:
+        # a second run into the same folder would interleave checkpoints (shards) with this one; a SLURM array's
+        # tasks share a data job's folder on purpose (each takes its own shards)
+        hold_run_dir(run_dir)
     problems = resume_problems(cfg, run_dir) + nvme_resume_problems(cfg, run_dir) if not worker else []
     job = None
     if recipe_kind == "data" and os.path.isdir(run_dir):   # a rerun of a data job: same settings?
@@ -364,6 +367,14 @@ def launch(cfg, run_dir: str) -> dict:
     os.makedirs(run_dir, exist_ok=True)
     if recipe_kind == "train" and not worker and str(cfg.get("resume", "auto")) == "never":
         supersede_previous_run(run_dir)
+    elif recipe_kind == "train" and not worker and str(cfg.get("resume", "auto")) == "auto" and \
+            os.path.exists(os.path.join(run_dir, "summary.json")) and \
+            not os.path.exists(os.path.join(run_dir, "ckpt", "latest")):
+        # a finished run without checkpoints (trainer.ckpt_every=0): nothing to resume, and its results would be
+        # overwritten by this one's
+        moved = supersede_previous_run(run_dir)
+        log.warning("%s holds a finished run without a checkpoint (trainer.ckpt_every=0), so there is nothing to "
+                    "resume: this run starts at step 0, and the earlier run's results moved to %s", run_dir, moved)
     save_resolved_config(cfg, os.path.join(run_dir, "config.yaml"))
     save_resolved_config(cfg, os.path.join(run_dir, ".runx", "job.yaml"), redacted=False)
     atomic_write_json(os.path.join(run_dir, "env.json"), environment_record())
@@ -591,7 +602,8 @@ def run_job(cfg, run_dir: str, job=None) -> dict:
                 log.info("W&B: the job is not complete yet (stage %s); the run that completes it records it",
                          result["incomplete_stage"])
             else:
-                sync = WandbRun(cfg.logger, cfg, run_dir, os.path.basename(run_dir.rstrip("/"))).finish(flat)
+                sync = WandbRun(cfg.logger, cfg, run_dir, os.path.basename(run_dir.rstrip("/")),
+                                resumed=str(cfg.get("resume", "auto")) != "never").finish(flat)
                 if sync:
                     console().print(f"W&B run saved offline; upload it with: [bold]{sync}[/bold]", soft_wrap=True)
         return result

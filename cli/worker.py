@@ -10,14 +10,9 @@ def _stop_with_the_launcher() -> None:
     workers training on (and racing a rerun in the same run_dir). PR_SET_PDEATHSIG has the kernel send SIGTERM
     when the launcher dies: the trainer then saves a checkpoint at the step boundary and stops."""
     import signal
-    try:
-        import ctypes
-        if ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM)) != 0:   # 1 = PR_SET_PDEATHSIG
-            return
-    except (OSError, AttributeError):
-        return
-    if os.getppid() == 1:   # the launcher died before the call
-        os.kill(os.getpid(), signal.SIGTERM)
+
+    from runx.trainers.runtime import die_with_parent
+    die_with_parent(signal.SIGTERM)
 
 
 def main() -> int:

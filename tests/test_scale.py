@@ -309,3 +309,41 @@ def test_cluster_presets_compose():
         cfg = hcompose("config", overrides=["hydra/launcher=runx_parallel", "hydra.launcher.n_jobs=3"],
                        return_hydra_config=True)
         assert cfg.hydra.launcher._target_.endswith("RunxParallelLauncher") and cfg.hydra.launcher.n_jobs == 3
+
+
+def test_a_parallel_sweeps_jobs_stop_and_checkpoint_when_runx_dies(tmp_path):
+    """hydra/launcher=runx_parallel ran each job as a child that outlived runx: a kill of runx left it training to
+    its last step, unseen (PPID 1). Now each job gets SIGTERM when runx dies: it saves a checkpoint at its step
+    boundary and stops, and rerunning the sweep resumes it."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import child_env
+    sweep = tmp_path / "sweep"
+    cmd = [sys.executable, "-m", "runx.cli.main", "train", "-m", "hydra/launcher=runx_parallel",
+           "hydra.launcher.n_jobs=1", f"hydra.sweep.dir={sweep}", "model=tiny_bert", "logger=none",
+           "trainer.progress=false", "trainer.max_steps=400", "trainer.ckpt_every=0", "trainer.eval_every=0",
+           "trainer.micro_batch_size=2", "data.max_length=16", "optim.lr=1e-4,2e-4"]
+    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=child_env())
+    metrics = sweep / "0" / "metrics.jsonl"
+    deadline = time.time() + 240
+    while time.time() < deadline and not (metrics.exists() and metrics.read_text().count("\n") >= 2):
+        time.sleep(0.2)
+    assert metrics.exists(), "the first job never logged a step"
+    os.kill(p.pid, signal.SIGKILL)
+    p.wait()
+    deadline = time.time() + 120
+    while time.time() < deadline and not (sweep / "0" / "launcher.json").exists() and \
+            not (sweep / "0" / "ckpt" / "latest").exists():
+        time.sleep(0.2)
+    time.sleep(3)
+    latest = sweep / "0" / "ckpt" / "latest"
+    assert latest.exists(), "the orphaned job did not checkpoint and stop"
+    steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
+    assert steps[-1] < 400 and latest.read_text() == f"step_{steps[-1]}"
+    n = len(steps)
+    time.sleep(2)
+    assert len(metrics.read_text().splitlines()) == n          # nothing trains on
+    assert not (sweep / "1").exists()

@@ -1368,3 +1368,65 @@ def test_a_stopped_run_says_how_to_resume_it_and_a_requeued_job_continues_its_ch
     assert requeued_resume("never", str(tmp_path)) == "auto" and requeued_resume("/other/run", str(tmp_path)) == "auto"
     monkeypatch.setenv("SLURM_RESTART_COUNT", "0")
     assert requeued_resume("never", str(tmp_path)) == "never"
+
+
+def test_log_every_holds_after_an_evaluation_and_a_finished_run_without_checkpoints_is_kept(tmp_path):
+    """After the first evaluation every step was logged (log_every=5 gave steps 3..10): the test was "or the last
+    evaluation's numbers", which stay set. A rerun into a finished run without checkpoints (ckpt_every=0) trained
+    again from step 0 and overwrote its metrics and summary without a word; they now move aside first."""
+    run = tmp_path / "run"
+    cmd = ["train", *TINY, f"run_dir={run}", "trainer.max_steps=10", "trainer.log_every=5", "trainer.eval_every=3",
+           "trainer.ckpt_every=0", "trainer.micro_batch_size=4", "data.max_eval_samples=8"]
+    run_cli(cmd)
+    assert [r["step"] for r in read_metrics(run)] == [3, 5, 6, 9, 10]
+    first = (run / "metrics.jsonl").read_text()
+    p = run_cli(cmd)
+    assert "holds a finished run without a checkpoint" in p.stdout + p.stderr
+    moved = [d for d in os.listdir(run / ".runx") if d.startswith("superseded-")]
+    assert len(moved) == 1 and (run / ".runx" / moved[0] / "metrics.jsonl").read_text() == first
+    assert [r["step"] for r in read_metrics(run)] == [3, 5, 6, 9, 10]
+
+
+def test_resume_from_a_path_that_holds_no_checkpoint_is_a_config_problem(tmp_path):
+    """resume=<path> was checked only once the data and the model were built: a FileNotFoundError traceback."""
+    from runx.cli.config import check_paths, compose
+    assert any(p.startswith(f"resume={tmp_path / 'nope'}: no complete checkpoint there")
+               for p in check_paths(compose([f"resume={tmp_path / 'nope'}"])))
+    (tmp_path / "r" / "ckpt" / "step_2").mkdir(parents=True)
+    (tmp_path / "r" / "ckpt" / "step_2" / "runx_complete.json").write_text("{}")
+    (tmp_path / "r" / "ckpt" / "step_4").mkdir()                      # cut short
+    for good in (tmp_path / "r" / "ckpt" / "step_2",):
+        assert not [p for p in check_paths(compose([f"resume={good}"])) if p.startswith("resume=")]
+    problems = check_paths(compose([f"resume={tmp_path / 'r'}"]))     # no `latest`: its newest is named
+    assert any(p.startswith(f"resume={tmp_path / 'r'}: no complete checkpoint there") and "step_2" in p
+               for p in problems), problems
+
+
+def test_a_data_jobs_pool_worker_dies_with_the_job():
+    """A killed data job left its pool workers computing on (PPID 1), writing shards into a rerun."""
+    import subprocess
+    import sys
+    import time
+    code = ("import os, time\n"
+            "pid = os.fork()\n"
+            "if pid == 0:\n"
+            "    from runx.trainers.datajob import _die_with_the_job\n"
+            "    _die_with_the_job()\n"
+            "    time.sleep(60)\n"
+            "    os._exit(0)\n"
+            "print(pid, flush=True)\n"
+            "time.sleep(0.5)\n"
+            "os._exit(0)\n")
+    child = int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60).stdout)
+    deadline = time.time() + 10
+    while time.time() < deadline:
+        try:   # gone, or a zombie nobody has reaped yet (state Z): dead either way
+            with open(f"/proc/{child}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                    break
+        except FileNotFoundError:
+            break
+        time.sleep(0.1)
+    else:
+        os.kill(child, 9)
+        raise AssertionError("the worker outlived its job")

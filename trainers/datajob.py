@@ -148,6 +148,15 @@ class JobContext:
             return json.load(f)
 
 
+def _die_with_the_job() -> None:
+    """A pool worker ends when the job's process does (PR_SET_PDEATHSIG: SIGKILL; its finished shards are on disk,
+    atomically): a killed job left its workers computing on, and they wrote shards into a rerun that had started
+    the job over with other settings."""
+    from runx.trainers.runtime import die_with_parent
+    import signal
+    die_with_parent(signal.SIGKILL)
+
+
 def _worker(job: "DataJob", stage: Stage, ctx: JobContext, keys: list[str]) -> list[tuple[str, dict]]:
     out = []
     for key in keys:
@@ -311,7 +320,7 @@ class DataJob:
         # Separate processes (not threads): scoring code is CPU-bound python/C++ holding the GIL.
         import multiprocessing as mp
         chunks = [keys[w::num_workers] for w in range(num_workers)]
-        with mp.get_context("fork").Pool(num_workers) as pool:
+        with mp.get_context("fork").Pool(num_workers, initializer=_die_with_the_job) as pool:
             pool.starmap(_worker, [(self, stage, ctx, c) for c in chunks if c])
 
 

@@ -282,6 +282,11 @@ class Trainer:
             return None
         root = runtime.checkpoint_root(mode, self.run_dir)
         latest = os.path.join(root, "latest")
+        step = os.path.basename(os.path.normpath(mode))
+        if mode != "auto" and re.fullmatch(r"step_\d+", step):   # resume=<run>/ckpt/step_N: that checkpoint
+            if os.path.exists(os.path.join(root, step, "runx_complete.json")):
+                return root, step
+            raise FileNotFoundError(f"resume={mode!r}: not a complete checkpoint")
         tag = open(latest).read().strip() if os.path.exists(latest) else None
         if tag and os.path.exists(os.path.join(root, tag, "runx_complete.json")):
             return root, tag
@@ -563,9 +568,10 @@ class Trainer:
                 rec["peak_mem_gb"] = runtime.peak_memory_bytes(self.device) / 2**30
                 if stop_nonfinite and not math.isfinite(rec["loss"]):   # the same reduced loss on every rank
                     self._diverged(rec, metrics_log, wb)
-                improved = False
+                improved = evaluated = False
                 if eval_every and eval_dl is not None and (self.global_step % eval_every == 0
                                                              or self.global_step == max_steps):
+                    evaluated = True
                     t_aside = time.perf_counter()
                     engine.eval()
                     with torch.no_grad():
@@ -576,7 +582,8 @@ class Trainer:
                         improved = self._track_best(last_eval)
                     step_t0 += time.perf_counter() - t_aside
                 stop_early = self.best is not None and self.best.should_stop
-                if self.is_main and (self.global_step % log_every == 0 or last_eval):
+                # (a step that evaluated is logged whatever log_every says, and so is the last one)
+                if self.is_main and (self.global_step % log_every == 0 or evaluated or self.global_step == max_steps):
                     metrics_log.log(rec)
                     wb.log(rec, self.global_step)
                 if progress is not None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import re
 import socket
 import warnings
 
@@ -149,8 +150,30 @@ def device_peak_tflops() -> float:
 def checkpoint_root(resume: str, run_dir: str) -> str:
     """The checkpoint folder a resume setting points at: <run_dir>/ckpt for resume=auto, else the given path, or
     its ckpt/ folder when it is a run dir. A complete one holds `latest`."""
-    root = os.path.join(run_dir, "ckpt") if resume == "auto" else resume
+    root = os.path.join(run_dir, "ckpt") if resume == "auto" else os.path.normpath(os.path.expanduser(resume))
+    if re.fullmatch(r"step_\d+", os.path.basename(root)) and os.path.isdir(root):   # one checkpoint of a run
+        return os.path.dirname(root)
     return os.path.join(root, "ckpt") if os.path.isdir(os.path.join(root, "ckpt")) else root
+
+
+def resume_problem(resume: str, run_dir: str) -> str | None:
+    """resume=<path> that names no complete checkpoint (a run folder, its ckpt/ folder, or one ckpt/step_N), as a
+    config problem before anything is built; None for auto / never / a good path."""
+    if str(resume) in ("auto", "never"):
+        return None
+    root = checkpoint_root(str(resume), run_dir)
+    step = os.path.basename(os.path.normpath(os.path.expanduser(str(resume))))
+    tag = step if re.fullmatch(r"step_\d+", step) else None
+    if tag is None and os.path.exists(os.path.join(root, "latest")):
+        tag = open(os.path.join(root, "latest")).read().strip()
+    if tag and os.path.exists(os.path.join(root, tag, "runx_complete.json")):
+        return None
+    have = sorted(d for d in os.listdir(root) if re.fullmatch(r"step_\d+", d)
+                  and os.path.exists(os.path.join(root, d, "runx_complete.json"))) if os.path.isdir(root) else []
+    return (f"resume={resume}: no complete checkpoint there. Valid choices: a run folder or its ckpt/ folder "
+            f"(resumes its latest checkpoint), or one of its checkpoints"
+            + (f" ({', '.join(os.path.join(root, d) for d in have[-3:])})" if have else "")
+            + ", or resume=auto / resume=never")
 
 
 def flatten_overrides(d: dict, prefix: str = "") -> dict:
@@ -251,6 +274,19 @@ def parent_signal_file(run_dir: str) -> str:
     """Where runx, running a launch, records the signal it was sent: the workers get SIGTERM whatever it was
     (USR1 / USR2 / TERM to runx end the launcher, and each worker's PR_SET_PDEATHSIG sends SIGTERM)."""
     return os.path.join(run_dir, ".runx", "stop_signal")
+
+
+def die_with_parent(sig) -> None:
+    """Have the kernel send `sig` to this process when its parent dies (Linux PR_SET_PDEATHSIG); if the parent is
+    already gone, send it now. A no-op where prctl is missing."""
+    try:
+        import ctypes
+        if ctypes.CDLL(None, use_errno=True).prctl(1, int(sig)) != 0:   # 1 = PR_SET_PDEATHSIG
+            return
+    except (OSError, AttributeError):
+        return
+    if os.getppid() == 1:   # the parent died before the call
+        os.kill(os.getpid(), sig)
 
 
 def how_to_resume(resume: str, run_dir: str) -> str:

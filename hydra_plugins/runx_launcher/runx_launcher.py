@@ -37,6 +37,20 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 log = logging.getLogger(__name__)
 
 
+try:   # looked up here: the function below runs between fork and exec, where an import could deadlock
+    import ctypes
+    import signal as _signal
+    _PRCTL, _SIGTERM = ctypes.CDLL(None, use_errno=True).prctl, int(_signal.SIGTERM)
+except (OSError, AttributeError):
+    _PRCTL = None
+
+
+def _term_with_the_launcher() -> None:
+    """In the job's process before exec: SIGTERM to it when runx (this thread, waiting on it) dies."""
+    if _PRCTL is not None:
+        _PRCTL(1, _SIGTERM)   # 1 = PR_SET_PDEATHSIG
+
+
 def say(msg: str) -> None:
     """Progress lines on stderr (Hydra's logging config keeps plugin INFO logs quiet)."""
     print(f"[runx_parallel] {msg}", file=sys.stderr, flush=True)
@@ -139,6 +153,7 @@ class RunxParallelLauncher(Launcher):
                        if not o.lstrip("+~").startswith(_SWEEP_ONLY)]
         lock = threading.Lock()
         records: list[dict] = []
+        self._running: dict = {}   # job number -> its runx process
 
         def run_one(job) -> JobReturn:
             idx, overrides, sweep_config, job_dir = job
@@ -150,7 +165,21 @@ class RunxParallelLauncher(Launcher):
                 slots.put(gpu_group)
 
         with ThreadPoolExecutor(max_workers=n) as pool:
-            results = list(pool.map(run_one, jobs))
+            try:
+                results = list(pool.map(run_one, jobs))
+            except BaseException as e:
+                # Ctrl-C / SIGTERM to runx: the running jobs get it too (a job checkpoints at its step boundary
+                # and stops) and are waited for; they had trained on to their last step, unseen
+                import signal
+                sig = signal.SIGINT if isinstance(e, KeyboardInterrupt) else signal.SIGTERM
+                with lock:
+                    running = list(self._running.values())
+                for p in running:
+                    try:
+                        p.send_signal(sig)
+                    except ProcessLookupError:
+                        pass
+                raise
         with open(sweep_dir / "launcher_jobs.json", "w") as f:
             json.dump(sorted(records, key=lambda r: r["idx"]), f, indent=1)
         return results
@@ -173,7 +202,17 @@ class RunxParallelLauncher(Launcher):
         say(f"#{idx} started" + (f" on GPU {','.join(gpu_group)}" if gpu_group else "") +
             f": {' '.join(filter_overrides(overrides))}")
         with open(job_dir / "launcher.log", "w") as out:
-            p = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=os.getcwd())
+            # the job gets SIGTERM if runx dies (kill -9 included): it checkpoints and stops instead of training
+            # on as an orphan
+            p = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=os.getcwd(),
+                                 preexec_fn=_term_with_the_launcher)
+            with lock:
+                self._running[idx] = p
+            try:
+                p.wait()
+            finally:
+                with lock:
+                    self._running.pop(idx, None)
         rec.update(end=time.time(), returncode=p.returncode)
         rec["seconds"] = round(rec["end"] - rec["start"], 2)
         with open(job_dir / "launcher.json", "w") as f:
