@@ -262,7 +262,7 @@ def supersede_previous_run(run_dir: str) -> str | None:
     os.makedirs(dest)
     for n in present:
         os.replace(os.path.join(run_dir, n), os.path.join(dest, n))
-    log.info("resume=never: the earlier run's %s moved to %s", ", ".join(present), dest)
+    log.info("the earlier run's %s moved to %s", ", ".join(present), dest)
     return dest
 
 

@@ -935,9 +935,9 @@ def test_causal_lm_data_problems_are_config_problems_naming_the_key(tmp_path):
     assert check_paths(compose(["data=jsonl", "data.kind=csv", f"data.path={tmp_path / 'rows.jsonl'}",
                                 f"data.eval_path={tmp_path / 'rows.parquet'}"])) == [
         f"data.kind=csv: data.path={tmp_path / 'rows.jsonl'} is a jsonl file. Valid choices: data.kind=jsonl, or a "
-        ".csv file",
+        ".csv / .csv.gz / .csv.zst file",
         f"data.kind=csv: data.eval_path={tmp_path / 'rows.parquet'} is a parquet file. Valid choices: "
-        "data.kind=parquet, or a .csv file"]
+        "data.kind=parquet, or a .csv / .csv.gz / .csv.zst file"]
     with pytest.raises(RecipeConfigError, match="rows.parquet: not a readable Parquet file"):
         _sft(tmp_path, "data=jsonl", "data.kind=parquet", f"data.path={tmp_path / 'rows.parquet'}").build_data()
 
