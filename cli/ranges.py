@@ -51,6 +51,7 @@ COMMON = {
     "data.val_fraction": FRACTION, "data.max_length": COUNT, "data.max_train_samples": Range(1, none_ok=True),
     "data.max_eval_samples": Range(0, none_ok=True),   # 0: no evaluation; null: every held-out sample
     "model.num_labels": COUNT, "launcher.num_nodes": COUNT,
+    "plan.gpus": Range(-1),   # -1: this machine; N: a described machine with N GPUs per node
 }
 _CHUNK = {"logprob_chunk": Range(1, none_ok=True)}
 _LORA = {"rank": COUNT, "alpha": POS, "dropout": FRACTION, **_CHUNK}

@@ -23,10 +23,12 @@ def find_runs(root: str) -> list[str]:
 
 
 def sweep_direction(root: str, objective: str) -> str:
-    """The direction an Optuna sweep under `root` ran with (its multirun.yaml), else the objective's usual one."""
+    """The direction an Optuna sweep under `root` ran with, else the objective's usual one. Hydra's basic sweeper
+    writes the sweep's multirun.yaml; the Optuna sweeper writes none, so its jobs' own .hydra/hydra.yaml say."""
     from runx.cli.config import objective_direction
-    path = os.path.join(root, "multirun.yaml")
-    if os.path.isfile(path):
+    paths = [os.path.join(root, "multirun.yaml")] + [os.path.join(r, ".hydra", "hydra.yaml") for r in find_runs(root)]
+    path = next((p for p in paths if os.path.isfile(p)), None)
+    if path is not None:
         from omegaconf import OmegaConf
         hcfg = OmegaConf.load(path).get("hydra", {})
         direction = OmegaConf.select(hcfg, "sweeper.direction", default=None) if hcfg else None

@@ -384,10 +384,10 @@ def launch(cfg, run_dir: str) -> dict:
         return run_job(cfg, run_dir, job)
     cmd = launcher_command(cfg, run_dir)
     log.info("launching %d processes: %s", n, " ".join(cmd))
-    env = dict(os.environ, RUNX_WORKER="1", PYTHONUNBUFFERED="1")
+    from runx.cli.worker import parent_identity, problem_files
+    env = dict(os.environ, RUNX_WORKER="1", PYTHONUNBUFFERED="1", **parent_identity())
     if not _has_cuda():
         env["DS_ACCELERATOR"] = "cpu"
-    from runx.cli.worker import problem_files
     from runx.trainers.runtime import diverged_file, parent_signal_file, submitit_preemption
     # what the workers and this process leave for each other about one launch: none from an earlier one
     for stale in [diverged_file(run_dir), parent_signal_file(run_dir), *problem_files(run_dir)]:

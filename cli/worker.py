@@ -15,9 +15,49 @@ def _stop_with_the_launcher() -> None:
     die_with_parent(signal.SIGTERM)
 
 
+def _stop_with_runx() -> None:
+    """The DeepSpeed launcher puts a process of its own (deepspeed.launcher.launch) between runx's launcher
+    process and the workers, and that one does not end with runx: a kill -9 of runx left the workers training on.
+    A worker on runx's machine watches runx's pid (RUNX_PARENT_PID, with its start time against reuse) and
+    SIGTERMs itself when runx is gone: it then saves a checkpoint at the step boundary and stops."""
+    import signal
+    import socket
+    import threading
+    import time
+    pid, host, start = (os.environ.get(k) for k in ("RUNX_PARENT_PID", "RUNX_PARENT_HOST", "RUNX_PARENT_START"))
+    if not pid or host != socket.gethostname():
+        return
+
+    def alive() -> bool:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            return fields[0] != "Z" and (not start or fields[19] == start)
+        except (OSError, IndexError):
+            return False
+
+    def watch():
+        while alive():
+            time.sleep(1.0)
+        os.kill(os.getpid(), signal.SIGTERM)
+    threading.Thread(target=watch, name="runx-parent-watch", daemon=True).start()
+
+
+def parent_identity() -> dict:
+    """The environment that lets this process's workers watch it (_stop_with_runx)."""
+    import socket
+    try:
+        with open(f"/proc/{os.getpid()}/stat") as f:
+            start = f.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        start = ""
+    return {"RUNX_PARENT_PID": str(os.getpid()), "RUNX_PARENT_HOST": socket.gethostname(), "RUNX_PARENT_START": start}
+
+
 def main() -> int:
     run_dir = sys.argv[1]
     _stop_with_the_launcher()
+    _stop_with_runx()
     import signal
     interrupted = []
 

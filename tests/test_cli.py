@@ -159,6 +159,10 @@ def test_out_of_range_values_are_named_with_their_valid_range():
     problems = validate(compose(["recipe=lora_ga", "recipe.grad_sum_budget=lots", "plan.cpu_mem=big"]))
     assert len(problems) == 2 and all("not a size" in p for p in problems), problems
     assert validate(compose(["recipe=lora_ga", "recipe.grad_sum_budget=16GB", "plan.cpu_mem=64GB"])) == []
+    # 0 was read as "unknown": a described GPU of 0 bytes fitted everything; plan.gpus=-3 planned this machine
+    problems = validate(compose(["plan.gpus=-3", "plan.gpu_mem=0GB"]))
+    assert len(problems) == 2 and problems[0].startswith("plan.gpus=-3: out of range") and \
+        problems[1].startswith("plan.gpu_mem=0GB: no memory"), problems
     # a key of another recipe keeps its own meaning; null where allowed; every shipped config is in range
     assert validate(compose(["recipe=verifree", "recipe.group_size=1", "recipe.advantage=naive"])) == []
     assert validate(compose(["optim.head_lr=null", "data.max_train_samples=null"])) == []
@@ -340,6 +344,13 @@ def test_report_sorts_an_optuna_sweep_by_the_direction_it_ran_with(tmp_path):
         "hydra:\n  sweeper:\n    _target_: hydra_plugins.hydra_optuna_sweeper.optuna_sweeper.OptunaSweeper\n"
         "    direction: minimize\n")
     assert sweep_direction(str(tmp_path), "eval/accuracy") == "minimize"
+    # the Optuna sweeper writes no multirun.yaml: its jobs' .hydra/hydra.yaml hold the direction
+    optuna = tmp_path / "optuna"
+    (optuna / "0" / ".hydra").mkdir(parents=True)
+    (optuna / "0" / "config.yaml").write_text("seed: 0\n")
+    (optuna / "0" / "summary.json").write_text("{}")
+    (optuna / "0" / ".hydra" / "hydra.yaml").write_text((tmp_path / "multirun.yaml").read_text())
+    assert sweep_direction(str(optuna), "samples_per_s") == "minimize"
 
 
 def test_a_sweep_with_a_pinned_run_dir_gives_each_job_its_own_folder(tmp_path, monkeypatch):

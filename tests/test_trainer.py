@@ -1268,6 +1268,23 @@ def test_a_run_dir_in_use_is_refused_and_workers_stop_with_their_launcher(tmp_pa
     launcher.send_signal(signal.SIGKILL)
     launcher.wait()
     assert launcher.stdout.readline().strip() == "SIGTERM"
+    # the DeepSpeed launcher puts a process of its own between runx's launcher and the workers, which outlives
+    # runx: a worker watches runx itself (runx -> middle -> worker; runx killed, the middle one lives on)
+    worker = code.replace("_stop_with_the_launcher", "_stop_with_runx")
+    middle = f"import os, subprocess, sys, time; print(os.getpid(), flush=True); " \
+             f"subprocess.Popen([sys.executable, '-c', {worker!r}]); time.sleep(60)"
+    runx = subprocess.Popen([sys.executable, "-c", "import os, subprocess, sys, time; from runx.cli.worker import "
+                             "parent_identity; subprocess.Popen([sys.executable, '-c', " + repr(middle) + "], "
+                             "env=dict(os.environ, **parent_identity())); time.sleep(60)"],
+                            stdout=subprocess.PIPE, text=True)
+    middle_pid = int(runx.stdout.readline())
+    assert runx.stdout.readline().strip() == "ready"
+    runx.send_signal(signal.SIGKILL)
+    runx.wait()
+    try:
+        assert runx.stdout.readline().strip() == "SIGTERM"
+    finally:
+        os.kill(middle_pid, signal.SIGKILL)
 
 
 SEQUENTIAL_JOBS = r"""

@@ -72,9 +72,11 @@ def size_problem(key: str, value, words: tuple = ("auto",)) -> str | None:
     if value is None or value in words or isinstance(value, str) and "${" in value:
         return None
     try:
-        parse_size(value, key)
+        size = parse_size(value, key)
     except ValueError:
         return f"{key}={value}: not a size. Valid values: {', '.join(words)} or a size such as 16GB, 512MB or 1.5TB."
+    if size is not None and size <= 0:   # (0 read as "unknown" planned this machine's memory, or a GPU that fit all)
+        return f"{key}={value}: no memory. Valid values: {', '.join(words)} or a size above 0 such as 16GB."
     return None
 
 
