@@ -30,16 +30,21 @@ class LoRA(SFT):
         from peft import get_peft_model
         model = super().build_model()
         cfg = self.peft_config()
-        if self.task == "cls" and not self.cfg.recipe.train_head:
-            cfg.modules_to_save = []
         try:
-            return get_peft_model(model, cfg)
+            peft_model = get_peft_model(model, cfg)
         except ValueError as e:   # peft's NoMatchingPeftModuleError and its other target checks
             import torch
             names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
             wanted = cfg.target_modules if isinstance(cfg.target_modules, str) else sorted(cfg.target_modules)
             raise RecipeConfigError(f"recipe.target_modules={wanted}: {str(e).splitlines()[0]} Valid choices: auto "
                                     f"(every linear layer), or names among {', '.join(names)}.") from e
+        if self.task == "cls" and not self.cfg.recipe.train_head:
+            # peft wraps a classifier's head (classifier / score) as trainable whatever modules_to_save says
+            # (PeftModelForSequenceClassification adds them): train_head=false froze nothing
+            for name, p in peft_model.named_parameters():
+                if ".modules_to_save." in name:
+                    p.requires_grad_(False)
+        return peft_model
 
     def export(self, model, state_dict, out_dir):
         """A PEFT adapter folder (adapter_config.json + adapter_model.safetensors) + the tokenizer.

@@ -386,6 +386,19 @@ class LoRAGA(LoRA):
     # -------------------------------------------------------------- model
     def build_model(self):
         model = super().build_model()
+        # 2·rank singular vectors per layer: checked here, before the gradient estimation (it failed after it)
+        from runx.trainers.recipe import RecipeConfigError
+        try:
+            shapes = {n: _weight_shape(m.get_base_layer().weight) for n, m in lora_ga_targets(model).items()}
+        except ValueError as e:
+            raise RecipeConfigError(str(e)) from None
+        name, shape = min(shapes.items(), key=lambda kv: min(kv[1]))
+        rank = int(self.cfg.recipe.rank)
+        if 2 * rank > min(shape):
+            raise RecipeConfigError(
+                f"recipe.rank={rank}: LoRA-GA initialises A and B from 2·rank singular vectors of each layer's "
+                f"gradient, and {name} ({shape[0]}x{shape[1]}) has {min(shape)}. Valid values: recipe.rank <= "
+                f"{min(shape) // 2}, or recipe.target_modules without the smallest layers")
         saved = self._saved_init_dir()
         if saved is not None:           # a resumed run: the checkpoint may not carry frozen weights
             load_lora_ga_init(model, saved)
@@ -698,7 +711,10 @@ def export_merged(model, state_dict: dict, out_dir: str) -> None:
     eta = {n: lora_eta(m) for n, m in model.named_modules() if isinstance(m, LoraLayer)}
     fio = {n: bool(getattr(m, "fan_in_fan_out", False)) for n, m in model.named_modules() if isinstance(m, LoraLayer)}
     lora = _lora_key_prefixes(state_dict)
-    merged = {}
+    base = model.get_base_model()
+    tied = bool(getattr(base.config, "tie_word_embeddings", False) or
+                getattr(getattr(base.config, "get_text_config", lambda: None)(), "tie_word_embeddings", False))
+    merged, storages = {}, set()
     for k, v in state_dict.items():
         if ".lora_" in k or ".original_module." in k:     # LoRA factors (merged below), the untrained head copy
             continue
@@ -713,8 +729,14 @@ def export_merged(model, state_dict: dict, out_dir: str) -> None:
         key = key.replace(f".modules_to_save.{ADAPTER}.", ".")
         if key.startswith("base_model.model."):
             key = key[len("base_model.model."):]
-        merged[key] = v.float().contiguous()
-    base = model.get_base_model()
+        v = v.float().contiguous()
+        ptr = v.untyped_storage().data_ptr()
+        if ptr in storages:   # a tied weight (lm_head = embed_tokens) seen under another key
+            if tied:
+                continue      # the config ties it again on load, as save_pretrained leaves it out
+            v = v.clone()     # safetensors refuses tensors that share memory
+        storages.add(ptr)
+        merged[key] = v
     os.makedirs(out_dir, exist_ok=True)
     base.config.save_pretrained(out_dir)
     from safetensors.torch import save_file

@@ -342,8 +342,11 @@ class ClassificationDataset:
 
 # ---- chat rows: {messages: [{role, content}, ...]} ------------------------------------------------------------
 # ChatML, for tokenizers without a chat template of their own (`data.chat_template=chatml`)
+# chatml for a tokenizer that has no chat template: its <|im_end|> is plain text there, not the tokenizer's eos, so
+# an assistant turn also ends with the eos token (trained on with the turn): generate() stops after a turn
 CHAT_TEMPLATES = {
-    "chatml": ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "chatml": ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>"
+               "{% if m['role'] == 'assistant' and eos_token %}{{ eos_token }}{% endif %}{{ '\\n' }}{% endfor %}"
                "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"),
 }
 SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system", "user": "user", "assistant": "assistant",

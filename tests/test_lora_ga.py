@@ -342,10 +342,13 @@ def test_first_sgd_step_follows_rank_2r_full_gradient(tmp_path, arch):
 
 
 # ============================================================================ exports
-@pytest.mark.parametrize("overrides", [TINY_LLAMA, ["model=tiny_bert"]], ids=["causal_lm", "classifier_with_head"])
+@pytest.mark.parametrize("overrides", [TINY_LLAMA, TINY_LLAMA + ["++model.from_config.tie_word_embeddings=true"],
+                                       ["model=tiny_bert"]], ids=["causal_lm", "causal_lm_tied", "classifier_with_head"])
 def test_export_rank2r_adapter_and_merged_weights_reproduce_logits(tmp_path, overrides):
     """Offline export pieces: after training moves A, B (and the head), the merged weights, the adapter on the
-    rebuilt offset base, and the rank-2r adapter on the ORIGINAL base give the fine-tuned model's logits."""
+    rebuilt offset base, and the rank-2r adapter on the ORIGINAL base give the fine-tuned model's logits. With
+    tied embeddings (the state dict of a ZeRO-0/1 checkpoint keeps lm_head and embed_tokens one tensor) the merged
+    export stopped in safetensors' "tensors share memory" error, half written."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
     from runx.recipes.lora_ga import load_lora_ga_init
@@ -359,7 +362,7 @@ def test_export_rank2r_adapter_and_merged_weights_reproduce_logits(tmp_path, ove
             if "lora_" in n or "modules_to_save" in n:
                 p.add_(0.05 * torch.randn_like(p))
     want = logits(model, batches[2])
-    sd = {k: v.detach().float().clone() for k, v in model.state_dict().items()}
+    sd = {k: v.detach().float() for k, v in model.state_dict().items()}   # tied weights stay one tensor
     out = tmp_path / "export"
     recipe.export(model, sd, str(out))
     auto = AutoModelForCausalLM if recipe.task == "lm" else AutoModelForSequenceClassification
@@ -636,3 +639,13 @@ def test_gradient_checkpointing_after_an_estimation_on_partitioned_weights(tmp_p
     assert "building the model partitioned" in (tmp_path / "z3" / "train.log").read_text()
     a, b = losses(tmp_path / "z2"), losses(tmp_path / "z3")
     assert sorted(a) == sorted(b) == [1, 2] and all(abs(a[k] - b[k]) <= 1e-5 * abs(a[k]) for k in a), (a, b)
+
+
+def test_a_rank_too_large_for_a_layer_is_a_config_problem_before_the_estimation(tmp_path):
+    """recipe.rank with 2·rank above a target layer's smaller side passed validate and stopped in a traceback
+    from the SVD, after the whole gradient estimation (hours on a 7B model), naming the first such layer only."""
+    from runx.trainers.recipe import RecipeConfigError
+    recipe = make_recipe(tmp_path, TINY_LLAMA + ["recipe.rank=40"])
+    with pytest.raises(RecipeConfigError, match=r"recipe.rank=40: LoRA-GA initialises A and B from 2·rank singular "
+                                                r"vectors .* Valid values: recipe.rank <= \d+"):
+        recipe.build_model()

@@ -977,6 +977,10 @@ def test_chat_rows_train_on_the_assistant_turns_only(tmp_path):
     items = sorted((train[i] for i in range(len(train))), key=lambda it: len(it["input_ids"]))
     assert _text(items[0]["input_ids"]) == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\nyo<|im_end|>\n"
     assert _text(items[0]["labels"]) == "yo<|im_end|>\n"
+    # chatml's <|im_end|> is plain text to this tokenizer: the turn also ends with its eos, trained on, so that an
+    # exported model's generate() stops after a turn (it ran on to max_new_tokens)
+    eos = rec.tokenizer.eos_token_id
+    assert items[0]["labels"].count(eos) == 1 and items[0]["labels"][items[0]["labels"].index(eos) - 1] != -100
     assert _text(items[-1]["labels"]) == "4, né<|im_end|>\n6<|im_end|>\n"
     # the labelled tokens are contiguous runs ending each assistant turn: the mask is positional, not a filter
     lab = items[-1]["labels"]
@@ -1447,3 +1451,18 @@ def test_a_data_jobs_pool_worker_dies_with_the_job():
     else:
         os.kill(child, 9)
         raise AssertionError("the worker outlived its job")
+
+
+def test_train_head_false_freezes_the_classifier_head(tmp_path):
+    """recipe.train_head=false was ignored: peft's sequence-classification model adds the head to modules_to_save
+    (trainable) whatever the config says, so the run was the same as with train_head=true."""
+    from runx.cli.config import compose
+    from runx.recipes.lora import LoRA
+    from runx.trainers.recipe import build_recipe
+
+    def head_trainable(*o):
+        model = build_recipe(LoRA, compose(["recipe=lora", "model=tiny_bert", *o]), str(tmp_path)).build_model()
+        return sorted(n for n, p in model.named_parameters() if p.requires_grad and "lora_" not in n)
+    assert head_trainable() == ["base_model.model.classifier.modules_to_save.default.bias",
+                                "base_model.model.classifier.modules_to_save.default.weight"]
+    assert head_trainable("recipe.train_head=false") == []
