@@ -14,7 +14,10 @@ def find_runs(root: str) -> list[str]:
     metrics) is a run as well, listed as failed."""
     runs = []
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        if "config.yaml" in filenames and ({"summary.json", "metrics.jsonl", "env.json"} & set(filenames)):
+        # (a sweep job stopped by a config problem before runx wrote config.yaml: Hydra's copy and train.log)
+        stopped_early = "train.log" in filenames and os.path.isfile(os.path.join(dirpath, ".hydra", "config.yaml"))
+        if "config.yaml" in filenames and ({"summary.json", "metrics.jsonl", "env.json"} & set(filenames)) \
+                or stopped_early:
             runs.append(dirpath)
             dirnames[:] = []  # a run's own subfolders are not runs
         else:
@@ -38,6 +41,21 @@ def sweep_direction(root: str, objective: str) -> str:
     return objective_direction(objective)
 
 
+def _in_use(run: str) -> bool:
+    """Whether a runx process holds the run dir's lock now (a run still training, not one stopped or crashed)."""
+    import fcntl
+    path = os.path.join(run, ".runx", "runx.lock")
+    if not os.path.exists(path):
+        return False
+    with open(path, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(f, fcntl.LOCK_UN)
+        return False
+
+
 def _flatten(d, prefix=""):
     out = {}
     for k, v in d.items():
@@ -56,13 +74,16 @@ def collect(root: str) -> tuple[list[dict], list[str]]:
     from runx.trainers.tracking import read_metrics, read_summary
     rows, configs = [], []
     for run in find_runs(root):
-        cfg = _flatten(OmegaConf.to_container(OmegaConf.load(os.path.join(run, "config.yaml"))))
+        own = os.path.join(run, "config.yaml")
+        cfg = _flatten(OmegaConf.to_container(OmegaConf.load(own if os.path.exists(own) else
+                                                             os.path.join(run, ".hydra", "config.yaml"))))
         summary = read_summary(run)
         status = "done" if "diverged_at" not in summary else f"diverged at step {summary['diverged_at']}"
         if not summary:  # a run that did not finish: its last logged metrics
             hist = read_metrics(run)
             summary = {k: v for k, v in (hist[-1] if hist else {}).items()}
-            status = "unfinished" if hist else "failed"
+            status = ("running" if _in_use(run) else "stopped") if hist else \
+                ("config problem" if not os.path.exists(own) else "failed")
         rows.append({"run": os.path.relpath(run, root) or ".", "_cfg": cfg, "_path": run, "_status": status,
                      **summary})
         configs.append(cfg)

@@ -377,6 +377,9 @@ def launch(cfg, run_dir: str) -> dict:
                     "resume: this run starts at step 0, and the earlier run's results moved to %s", run_dir, moved)
     save_resolved_config(cfg, os.path.join(run_dir, "config.yaml"))
     save_resolved_config(cfg, os.path.join(run_dir, ".runx", "job.yaml"), redacted=False)
+    if not worker:
+        from runx.trainers.tracking import redact_hydra_outputs
+        redact_hydra_outputs(run_dir)
     atomic_write_json(os.path.join(run_dir, "env.json"), environment_record())
     n = int(cfg.trainer.num_procs)
     kind = cfg.launcher.kind

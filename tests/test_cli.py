@@ -820,3 +820,29 @@ def test_missing_local_paths_fail_before_any_model_is_built(tmp_path):
     bad = check_paths(compose(["experiment=preselect_llama_family", f"recipe.pool={tmp_path}/pool/*.jsonl",
                                f"recipe.sample={tmp_path / 'a.jsonl'}"]))
     assert len(bad) == 1 and bad[0].startswith("recipe.pool=")
+
+
+def test_report_lists_jobs_stopped_by_a_config_problem_and_tells_running_from_stopped(tmp_path):
+    """A sweep job refused on a config problem found at run time (no config.yaml, only Hydra's copy and
+    train.log) was missing from the report ("1 run" for a 2-job sweep); a run that had crashed mid-training read
+    "unfinished", like one still training."""
+    import fcntl
+
+    from runx.cli.report import collect
+    for job in ("0", "1", "2", "3"):
+        (tmp_path / job / ".hydra").mkdir(parents=True)
+        (tmp_path / job / ".hydra" / "config.yaml").write_text(f"seed: {job}\n")
+        (tmp_path / job / "train.log").write_text("...")
+    for job in ("0", "2", "3"):
+        (tmp_path / job / "config.yaml").write_text(f"seed: {job}\n")
+    (tmp_path / "0" / "summary.json").write_text('{"final_loss": 0.5}')
+    for job in ("2", "3"):
+        (tmp_path / job / "metrics.jsonl").write_text('{"step": 1, "loss": 0.9}\n')
+        (tmp_path / job / ".runx").mkdir()
+        (tmp_path / job / ".runx" / "runx.lock").write_text("")
+    with open(tmp_path / "3" / ".runx" / "runx.lock") as held:   # job 3's runx is alive
+        fcntl.flock(held, fcntl.LOCK_EX)
+        rows, varying = collect(str(tmp_path))
+    assert {r["run"]: r["_status"] for r in rows} == {"0": "done", "1": "config problem", "2": "stopped",
+                                                      "3": "running"}
+    assert varying == ["seed"]

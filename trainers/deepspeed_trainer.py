@@ -23,7 +23,7 @@ from runx.trainers import runtime
 from runx.trainers.runtime import flatten_overrides
 from runx.trainers.datajob import atomic_write_bytes, atomic_write_json, readable_like_open
 from runx.trainers.optim import build_optimizer, default_param_groups, lr_lambda, with_head_lr
-from runx.trainers.tracking import MetricsLog, WandbRun, console, summary_table, write_summary
+from runx.trainers.tracking import MetricsLog, WandbRun, console, redact, summary_table, write_summary
 
 log = logging.getLogger("runx.trainer")
 
@@ -447,7 +447,7 @@ class Trainer:
             model = recipe.prepare(self, model)
         self.ds_config = self.build_ds_config(model)
         if self.is_main:  # the exact DeepSpeed config this run used, next to config.yaml
-            atomic_write_json(os.path.join(self.run_dir, "ds_config.json"), self.ds_config)
+            atomic_write_json(os.path.join(self.run_dir, "ds_config.json"), redact(self.ds_config))
         groups = recipe.param_groups(model) or default_param_groups(model, float(self.cfg.optim.weight_decay),
                                                                         str(self.cfg.optim.name))
         if self.cfg.optim.get("head_lr") is not None:

@@ -31,6 +31,36 @@ def redact(obj):
     return obj
 
 
+def redact_arg(arg: str) -> str:
+    """A command-line `key=value` override with a secret key's value replaced (++logger.api_key=x -> ...=***)."""
+    key, eq, value = str(arg).partition("=")
+    leaf = key.lstrip("+~").rsplit(".", 1)[-1]
+    return f"{key}=***" if eq and value and SECRET_KEY.search(leaf) else arg
+
+
+def redact_hydra_outputs(run_dir: str) -> None:
+    """Hydra's own copies of the job's config and overrides (<run_dir>/.hydra/*.yaml, beside config.yaml) with the
+    secrets redacted as in config.yaml: they held them in clear."""
+    import yaml
+    for name in ("config.yaml", "overrides.yaml", "hydra.yaml"):
+        path = os.path.join(run_dir, ".hydra", name)
+        if not os.path.isfile(path):
+            continue
+        with open(path) as f:
+            data = yaml.safe_load(f)
+
+        def clean(obj):
+            if isinstance(obj, dict):
+                return {k: ("***" if SECRET_KEY.search(str(k)) and v not in (None, "") else clean(v))
+                        for k, v in obj.items()}
+            if isinstance(obj, list):
+                return [clean(v) for v in obj]
+            return redact_arg(obj) if isinstance(obj, str) else obj
+        cleaned = clean(data)
+        if cleaned != data:
+            atomic_write_bytes(path, yaml.safe_dump(cleaned, sort_keys=False).encode())
+
+
 def save_resolved_config(cfg, path: str, redacted: bool = True) -> None:
     """The resolved config; redacted for the run dir, unredacted (mode 0600) for worker processes."""
     from omegaconf import OmegaConf
@@ -57,7 +87,7 @@ def environment_record() -> dict:
             pass
     rec = {"git_sha": git("rev-parse", "HEAD"), "git_dirty": bool(git("status", "--porcelain")),
            "python": sys.version.split()[0], "platform": platform.platform(), "host": platform.node(),
-           "argv": sys.argv, "versions": versions, "time": time.strftime("%Y-%m-%d %H:%M:%S")}
+           "argv": [redact_arg(a) for a in sys.argv], "versions": versions, "time": time.strftime("%Y-%m-%d %H:%M:%S")}
     try:
         import torch
         if torch.cuda.is_available():
@@ -171,10 +201,14 @@ class WandbRun:
         run_id = open(id_file).read().strip() if resumed and os.path.exists(id_file) else uuid.uuid4().hex[:8]
         atomic_write_bytes(id_file, run_id.encode())
         os.environ.setdefault("WANDB_SILENT", "true")
-        self.run = wandb.init(project=lcfg.project, entity=lcfg.entity, name=lcfg.name or run_name,
-                              group=lcfg.group, tags=list(lcfg.tags), mode=mode, id=run_id, resume="allow",
-                              dir=run_dir, config=redact(OmegaConf.to_container(cfg, resolve=True)),
-                              settings=wandb.Settings(silent=True, console="off"))
+        argv, sys.argv = sys.argv, [redact_arg(a) for a in sys.argv]   # W&B records the command line
+        try:
+            self.run = wandb.init(project=lcfg.project, entity=lcfg.entity, name=lcfg.name or run_name,
+                                  group=lcfg.group, tags=list(lcfg.tags), mode=mode, id=run_id, resume="allow",
+                                  dir=run_dir, config=redact(OmegaConf.to_container(cfg, resolve=True)),
+                                  settings=wandb.Settings(silent=True, console="off"))
+        finally:
+            sys.argv = argv
         self.mode = mode
 
     def log(self, rec: dict, step: int) -> None:
