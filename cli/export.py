@@ -109,7 +109,10 @@ def export_run(run_dir: str, out: str | None = None, tag: str | None = None) -> 
     recipe.serving_run = True
     model, sd = trained_model(recipe, run_dir, cfg, tag)
     out = out or os.path.join(run_dir, "export")
-    recipe.export(model, sd, out)
+    try:
+        recipe.export(model, sd, out)
+    except RecipeConfigError as e:
+        raise ExportError(str(e)) from None
     from runx.trainers.datajob import readable_like_open
     readable_like_open(out)
     return out

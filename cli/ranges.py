@@ -162,6 +162,9 @@ def range_problems(data: dict) -> list[str]:
     out += _objective_problems(name, data.get("objective"), (data.get("trainer") or {}).get("monitor"), metrics)
     if name == "swav":
         out += _swav_list_problems(rec)
+    if name == "lora_ga" and rec.get("save_init") is False and data.get("export_at_end") is True:
+        out.append("recipe.save_init=false with export_at_end=true: the export rebuilds the offset base from the "
+                   "saved init. Valid choices: recipe.save_init=true, or export_at_end=false.")
     fractions = rec.get("eval_fractions")
     if name == "concept_prune" and isinstance(fractions, list) and not all(
             isinstance(f, (int, float)) and not isinstance(f, bool) and 0 < f <= 1 for f in fractions):

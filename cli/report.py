@@ -137,8 +137,11 @@ def report(root: str, objective: str | None = None, minimize: bool | None = None
     if minimize is None:
         minimize = bool(objective) and sweep_direction(root, objective) == "minimize"
     if objective:
-        missing = float("inf") if minimize else float("-inf")
-        rows.sort(key=lambda r: r.get(objective, missing), reverse=not minimize)
+        def rank(r):   # missing, NaN and non-numbers last (NaN compares false with all: the sort was arbitrary)
+            v = r.get(objective)
+            ok = isinstance(v, (int, float)) and not isinstance(v, bool) and v == v
+            return (0, v if minimize else -v) if ok else (1, 0)
+        rows.sort(key=rank)
     trained = any("steps" in r for r in rows)
     # data jobs: their own metrics, those every finished run has (two data recipes share few)
     done = [set(r) for r in rows if r["_status"] == "done"]
@@ -196,8 +199,10 @@ def report(root: str, objective: str | None = None, minimize: bool | None = None
     console.print(t)
     if note:
         console.print(note, soft_wrap=True)
+    def plain(v):   # strict JSON: a NaN / inf metric (a diverged run) is null
+        return None if isinstance(v, float) and (v != v or v in (float("inf"), float("-inf"))) else v
     table_rows = [{"run": r["run"], "status": r["_status"], **{k: r["_cfg"].get(k) for k in varying},
-                   **{k: r.get(k) for k in metric_keys}} for r in rows]
+                   **{k: plain(r.get(k)) for k in metric_keys}} for r in rows]
     with open(os.path.join(root, "report.json"), "w") as f:
         json.dump({"objective": objective, "minimize": minimize, "varying": varying, "rows": table_rows}, f,
                   indent=2, default=str)

@@ -38,6 +38,15 @@ class LoRA(SFT):
             wanted = cfg.target_modules if isinstance(cfg.target_modules, str) else sorted(cfg.target_modules)
             raise RecipeConfigError(f"recipe.target_modules={wanted}: {str(e).splitlines()[0]} Valid choices: auto "
                                     f"(every linear layer), or names among {', '.join(names)}.") from e
+        if self.task == "lm" and self.cfg.recipe.get("fused_logprob"):
+            from peft.tuners.lora import LoraLayer
+            head = peft_model.get_base_model().get_output_embeddings()
+            if isinstance(head, LoraLayer):
+                raise RecipeConfigError(
+                    "recipe.fused_logprob=true with a LoRA adapter on the output layer (recipe.target_modules): the "
+                    "fused log-prob kernel reads the layer's base weight, so the adapter would be skipped (not "
+                    "trained; LoRA-GA's offset base uncorrected). Valid choices: recipe.fused_logprob=false, or "
+                    "recipe.target_modules without the output layer")
         if self.task == "cls" and not self.cfg.recipe.train_head:
             # peft wraps a classifier's head (classifier / score) as trainable whatever modules_to_save says
             # (PeftModelForSequenceClassification adds them): train_head=false froze nothing

@@ -411,6 +411,14 @@ class LoRAGA(LoRA):
         res = str(self.cfg.get("resume", "auto"))
         if res == "never":
             return None
+        from runx.trainers.runtime import checkpoint_root
+        root = checkpoint_root(res, self.run_dir)
+        latest = os.path.join(root, "latest")
+        tag = open(latest).read().strip() if os.path.exists(latest) else ""
+        if not (tag and os.path.exists(os.path.join(root, tag, "runx_complete.json"))):
+            # nothing to resume: this run starts at step 0 and estimates its own init (an init left in the run
+            # dir by an earlier run, on other data or batches, was re-applied)
+            return None
         cands = [os.path.join(self.run_dir, INIT_DIR)]
         if res != "auto":
             p = os.path.abspath(os.path.expanduser(res))
@@ -602,8 +610,10 @@ class LoRAGA(LoRA):
         own = os.path.join(self.run_dir, INIT_DIR)     # this run's init, whatever its resume setting
         init_dir = own if os.path.exists(os.path.join(own, INIT_META)) else self._saved_init_dir()
         if init_dir is None:
-            raise FileNotFoundError(f"LoRA-GA export needs the init saved at prepare "
-                                    f"({os.path.join(self.run_dir, INIT_DIR)}); was recipe.save_init false?")
+            from runx.trainers.recipe import RecipeConfigError
+            raise RecipeConfigError(f"recipe.save_init={self.cfg.recipe.get('save_init')}: a LoRA-GA export needs the "
+                                    f"init saved at the start ({os.path.join(self.run_dir, INIT_DIR)}), which this "
+                                    f"run did not keep. Valid choices: recipe.save_init=true (its default)")
         export_lora_ga_init_copy(init_dir, os.path.join(out_dir, INIT_DIR))
         export_rank2r_adapter(model, state_dict, init_dir, os.path.join(out_dir, "adapter_rank2r"))
         self.name_classes(model.get_base_model().config)    # merged/'s config names the classes (id2label)

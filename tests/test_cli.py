@@ -183,6 +183,7 @@ def test_out_of_range_values_are_named_with_their_valid_range():
      ["recipe.eval_max_new_tokens=0: out of range", "recipe.task_eval_size=0: out of range",
       "recipe.task_steps=0: out of range"]),
     ("verifree", ["recipe.answer_split="], ["recipe.answer_split='': empty"]),
+    ("lora_ga", ["recipe.save_init=false", "export_at_end=true"], ["recipe.save_init=false with export_at_end=true"]),
 ])
 def test_recipe_values_that_broke_runs_late_are_named_by_validate(recipe, overrides, expected):
     problems = validate(compose([f"recipe={recipe}", *overrides]))
@@ -846,3 +847,18 @@ def test_report_lists_jobs_stopped_by_a_config_problem_and_tells_running_from_st
     assert {r["run"]: r["_status"] for r in rows} == {"0": "done", "1": "config problem", "2": "stopped",
                                                       "3": "running"}
     assert varying == ["seed"]
+
+
+def test_report_sorts_a_nan_objective_last_and_writes_strict_json(tmp_path, capsys):
+    """A run whose objective is NaN (trained on with stop_on_nonfinite_loss=false) left the table unsorted (NaN
+    compares false with everything) and report.json held a bare NaN, which strict JSON parsers refuse."""
+    import yaml
+
+    from runx.cli.report import report
+    for k, loss in enumerate([0.5, float("nan"), 0.3, 0.9]):
+        (tmp_path / str(k)).mkdir()
+        (tmp_path / str(k) / "config.yaml").write_text(yaml.safe_dump({"recipe": {"name": "sft"}, "seed": k}))
+        (tmp_path / str(k) / "summary.json").write_text(json.dumps({"eval/loss": loss}))
+    assert report(str(tmp_path), objective="eval/loss", plots=False) == 0
+    rows = json.loads((tmp_path / "report.json").read_text(), parse_constant=lambda c: pytest.fail(c))["rows"]
+    assert [r["run"] for r in rows] == ["2", "0", "3", "1"] and rows[-1]["eval/loss"] is None

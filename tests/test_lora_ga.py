@@ -649,3 +649,21 @@ def test_a_rank_too_large_for_a_layer_is_a_config_problem_before_the_estimation(
     with pytest.raises(RecipeConfigError, match=r"recipe.rank=40: LoRA-GA initialises A and B from 2·rank singular "
                                                 r"vectors .* Valid values: recipe.rank <= \d+"):
         recipe.build_model()
+
+
+def test_a_run_that_starts_at_step_0_estimates_its_own_init(tmp_path):
+    """An init left in the run dir by an earlier run (killed before its first checkpoint, or finished without
+    one) was re-applied to a new run starting at step 0, though estimated on other data or batches. It is
+    reused only by a run that resumes a checkpoint."""
+    import json
+
+    from runx.recipes import lora_ga as LG
+    recipe = make_recipe(tmp_path, TINY_LLAMA)
+    init = tmp_path / LG.INIT_DIR
+    init.mkdir()
+    (init / LG.INIT_META).write_text(json.dumps(recipe._meta()))
+    assert recipe._saved_init_dir() is None                     # nothing to resume
+    (tmp_path / "ckpt" / "step_3").mkdir(parents=True)
+    (tmp_path / "ckpt" / "step_3" / "runx_complete.json").write_text("{}")
+    (tmp_path / "ckpt" / "latest").write_text("step_3")
+    assert recipe._saved_init_dir() == str(init)                # a resumed run: the init its checkpoint needs

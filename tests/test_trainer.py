@@ -1483,3 +1483,17 @@ def test_secrets_are_redacted_in_every_file_of_the_run_dir_but_the_private_job_c
     assert "hf_token: '***'" in (run / "config.yaml").read_text()
     assert "++data.extra.hf_token=***" in (run / "env.json").read_text()
     assert (run / ".hydra" / "overrides.yaml").exists() and list(run.glob("wandb/offline-run-*"))
+
+
+def test_fused_logprob_with_a_lora_adapter_on_the_output_layer_is_refused(tmp_path):
+    """The fused log-prob kernel reads lm_head's base weight and replaces its forward: a LoRA adapter there was
+    never computed (its B stayed 0; LoRA-GA's offset base started at a loss of 19.6 instead of 5.5)."""
+    from runx.cli.config import compose
+    from runx.recipes.lora import LoRA
+    from runx.recipes.lora_ga import LoRAGA
+    from runx.trainers.recipe import RecipeConfigError, build_recipe
+    for cls, name in ((LoRA, "lora"), (LoRAGA, "lora_ga")):
+        base = [f"recipe={name}", "model=tiny_llama", "data=tiny_text", "recipe.target_modules=[q_proj,lm_head]"]
+        with pytest.raises(RecipeConfigError, match=r"recipe.fused_logprob=true with a LoRA adapter on the output"):
+            build_recipe(cls, compose(base + ["recipe.fused_logprob=true"]), str(tmp_path)).build_model()
+        build_recipe(cls, compose(base), str(tmp_path)).build_model()          # unfused: the adapter is computed
