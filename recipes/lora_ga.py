@@ -617,7 +617,8 @@ class LoRAGA(LoRA):
         export_lora_ga_init_copy(init_dir, os.path.join(out_dir, INIT_DIR))
         export_rank2r_adapter(model, state_dict, init_dir, os.path.join(out_dir, "adapter_rank2r"))
         self.name_classes(model.get_base_model().config)    # merged/'s config names the classes (id2label)
-        export_merged(model, state_dict, os.path.join(out_dir, "merged"))
+        export_merged(model, state_dict, os.path.join(out_dir, "merged"),
+                      torch.bfloat16 if self.cfg.model.get("dtype") == "bf16" else torch.float32)
         self.tokenizer.save_pretrained(os.path.join(out_dir, "merged"))
         self.tokenizer.save_pretrained(os.path.join(out_dir, "adapter_rank2r"))
         atomic_write_bytes(os.path.join(out_dir, "README.txt"), EXPORT_README.encode())
@@ -714,9 +715,10 @@ def export_rank2r_adapter(model, state_dict: dict, init_dir: str, out_dir: str) 
               metadata={"format": "pt"})
 
 
-def export_merged(model, state_dict: dict, out_dir: str) -> None:
-    """Full HF weights of the fine-tuned model: W = W_init + eta·B·A per LoRA layer, heads from
-    modules_to_save, everything else as is."""
+def export_merged(model, state_dict: dict, out_dir: str, dtype=torch.float32) -> None:
+    """Full HF weights of the fine-tuned model: W = W_init + eta·B·A per LoRA layer (in fp32), heads from
+    modules_to_save, everything else as is; saved in `dtype` (the model's: a bf16 model's merged weights are
+    bf16, as its config.json says, not fp32 at twice the size)."""
     from peft.tuners.lora import LoraLayer
     eta = {n: lora_eta(m) for n, m in model.named_modules() if isinstance(m, LoraLayer)}
     fio = {n: bool(getattr(m, "fan_in_fan_out", False)) for n, m in model.named_modules() if isinstance(m, LoraLayer)}
@@ -739,14 +741,13 @@ def export_merged(model, state_dict: dict, out_dir: str) -> None:
         key = key.replace(f".modules_to_save.{ADAPTER}.", ".")
         if key.startswith("base_model.model."):
             key = key[len("base_model.model."):]
-        v = v.float().contiguous()
         ptr = v.untyped_storage().data_ptr()
-        if ptr in storages:   # a tied weight (lm_head = embed_tokens) seen under another key
-            if tied:
-                continue      # the config ties it again on load, as save_pretrained leaves it out
-            v = v.clone()     # safetensors refuses tensors that share memory
+        shared = ptr in storages   # a tied weight (lm_head = embed_tokens) seen under another key
+        if shared and tied:
+            continue               # the config ties it again on load, as save_pretrained leaves it out
         storages.add(ptr)
-        merged[key] = v
+        v = v.to(dtype).contiguous()
+        merged[key] = v.clone() if shared else v   # safetensors refuses tensors that share memory
     os.makedirs(out_dir, exist_ok=True)
     base.config.save_pretrained(out_dir)
     from safetensors.torch import save_file
