@@ -160,6 +160,7 @@ def range_problems(data: dict) -> list[str]:
     metrics = _eval_metrics(name, data)
     out += _monitor_problems(name, data.get("trainer") or {}, metrics)
     out += _objective_problems(name, data.get("objective"), (data.get("trainer") or {}).get("monitor"), metrics)
+    out += _logger_problems(data.get("logger") or {})
     if name == "swav":
         out += _swav_list_problems(rec)
     if name == "lora_ga" and rec.get("save_init") is False and data.get("export_at_end") is True:
@@ -177,6 +178,28 @@ def range_problems(data: dict) -> list[str]:
     if name == "verifree" and rec.get("advantage") in ("rloo", "grpo") and isinstance(group, int) and group < 2:
         out.append(f"recipe.group_size={group}: the {rec['advantage']} baseline needs at least 2 samples per "
                    "question. Valid values: >= 2, or recipe.advantage=naive.")
+    return out
+
+
+def _logger_problems(lg: dict) -> list[str]:
+    """W&B's own rules for tags and project names, which it enforced only at wandb.init: after the model was
+    built, as a traceback (a sweep counted the job crashed)."""
+    if lg.get("backend") != "wandb":
+        return []
+    out = []
+    tags = lg.get("tags")
+    if isinstance(tags, list):
+        bad = [t for t in tags if not isinstance(t, (str, int, float)) or isinstance(t, bool)
+               or not 1 <= len(str(t)) <= 64]
+        if bad:
+            out.append(f"logger.tags={tags}: W&B takes tags of 1 to 64 characters (numbers are written as text); "
+                       f"{bad[0]!r} is not one. Valid values: a list of short strings.")
+    for key in ("project", "entity", "group"):
+        v = lg.get(key)
+        if isinstance(v, str) and "${" not in v and any(c in v for c in "/\\#?%:"):
+            out.append(f"logger.{key}={v}: W&B refuses the characters / \\ # ? % : in it"
+                       + (" (the team goes in logger.entity)" if key == "project" and "/" in v else "")
+                       + ". Valid values: a name without them.")
     return out
 
 

@@ -184,6 +184,10 @@ def test_out_of_range_values_are_named_with_their_valid_range():
       "recipe.task_steps=0: out of range"]),
     ("verifree", ["recipe.answer_split="], ["recipe.answer_split='': empty"]),
     ("lora_ga", ["recipe.save_init=false", "export_at_end=true"], ["recipe.save_init=false with export_at_end=true"]),
+    # W&B refused these at wandb.init, after the model was built, in a pydantic traceback
+    ("sft", ["logger=wandb", "logger.tags=[a,[b]]", "logger.project=team/proj"],
+     ["logger.tags=['a', ['b']]: W&B takes tags of 1 to 64 characters", "logger.project=team/proj: W&B refuses"]),
+    ("sft", ["logger=wandb", "logger.tags=[2026,seed0]"], []),      # numbers are written as text
 ])
 def test_recipe_values_that_broke_runs_late_are_named_by_validate(recipe, overrides, expected):
     problems = validate(compose([f"recipe={recipe}", *overrides]))

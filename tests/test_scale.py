@@ -347,3 +347,15 @@ def test_a_parallel_sweeps_jobs_stop_and_checkpoint_when_runx_dies(tmp_path):
     time.sleep(2)
     assert len(metrics.read_text().splitlines()) == n          # nothing trains on
     assert not (sweep / "1").exists()
+
+
+def test_plan_of_a_described_machine_names_the_process_count_it_planned_with():
+    """plan.gpus=8 planned 8 ranks while the config ran trainer.num_procs=2, and its advice left the count out:
+    following it, runx train planned (and refused) differently."""
+    from runx.cli.config import compose
+    from runx.trainers.plan import make_plan, render
+    cfg = compose(["model=llama_m", "plan.gpus=8", "plan.gpu_mem=80GB", "trainer.num_procs=2"])
+    _, text = render(make_plan(cfg, measure=False), cfg)
+    assert "trainer.zero_stage=0 trainer.num_procs=8" in text and "this config runs 2" in text, text
+    cfg = compose(["model=llama_m", "plan.gpus=8", "plan.gpu_mem=80GB", "trainer.num_procs=8"])
+    assert "trainer.num_procs" not in render(make_plan(cfg, measure=False), cfg)[1]

@@ -757,13 +757,17 @@ def render(plan: Plan, cfg) -> tuple[object, str]:
     t = Table(title=title, caption=where, header_style="bold")
     for col in ("config", "GPU / rank", "CPU / node", "NVMe / node", "fits", "trainer overrides"):
         t.add_column(col, justify="right" if col in ("GPU / rank", "CPU / node", "NVMe / node") else "left")
+    # a described machine is planned with a rank per GPU: the advice says so when the run has another count
+    procs = f" trainer.num_procs={m.gpus_per_node}" if m.described and \
+        m.gpus_per_node != max(1, int(cfg.trainer.num_procs)) else ""
     for r in plan.rows:
         mark = "yes" if r.fits else "no"
         if plan.cheapest is r:
             mark = "yes (cheapest)"
         name = r.layout.name + ("  <- configured" if r is plan.current else "")
         t.add_row(name, fmt(r.total("gpu")) if m.device == "cuda" else "-", fmt(r.total("cpu")),
-                  fmt(r.total("nvme")) if r.nvme else "-", mark if r.fits else f"no: {r.why}", r.layout.overrides)
+                  fmt(r.total("nvme")) if r.nvme else "-", mark if r.fits else f"no: {r.why}",
+                  r.layout.overrides + procs)
     b = Table(title=f"breakdown of the configured run ({plan.current.layout.name})", header_style="bold")
     b.add_column("where")
     b.add_column("term")
@@ -779,7 +783,11 @@ def render(plan: Plan, cfg) -> tuple[object, str]:
     if plan.cheapest is None:
         notes.append("nothing fits: reduce the model, micro-batch or sequence length, or add GPUs / nodes")
     elif plan.cheapest is not plan.current:
-        notes.append(f"cheapest config that fits: {plan.cheapest.layout.name} ({plan.cheapest.layout.overrides})")
+        notes.append(f"cheapest config that fits: {plan.cheapest.layout.name} ({plan.cheapest.layout.overrides}"
+                     f"{procs})")
+    if procs:
+        notes.append(f"planned with{procs} (one rank per described GPU); this config runs "
+                     f"{max(1, int(cfg.trainer.num_procs))}")
     from rich.text import Text
     group = Group(t, b, *[Text(n) for n in notes])
     con = Console(record=True, width=170, file=open(os.devnull, "w"))

@@ -204,7 +204,8 @@ class WandbRun:
         argv, sys.argv = sys.argv, [redact_arg(a) for a in sys.argv]   # W&B records the command line
         try:
             self.run = wandb.init(project=lcfg.project, entity=lcfg.entity, name=lcfg.name or run_name,
-                                  group=lcfg.group, tags=list(lcfg.tags), mode=mode, id=run_id, resume="allow",
+                                  group=lcfg.group, tags=[str(t) for t in lcfg.tags], mode=mode, id=run_id,
+                                  resume="allow",
                                   dir=run_dir, config=redact(OmegaConf.to_container(cfg, resolve=True)),
                                   settings=wandb.Settings(silent=True, console="off"))
         finally:

@@ -180,8 +180,14 @@ class RunxParallelLauncher(Launcher):
                     except ProcessLookupError:
                         pass
                 raise
-        with open(sweep_dir / "launcher_jobs.json", "w") as f:
-            json.dump(sorted(records, key=lambda r: r["idx"]), f, indent=1)
+        # a sweeper that launches in batches (Optuna with n_jobs) calls launch() once per batch: the earlier
+        # batches' records are kept (each batch rewrote the file with its own jobs only)
+        path = sweep_dir / "launcher_jobs.json"
+        earlier = json.loads(path.read_text()) if initial_job_idx > 0 and path.exists() else []
+        done = {r["idx"] for r in records}
+        with open(path, "w") as f:
+            json.dump(sorted([r for r in earlier if r["idx"] not in done] + records, key=lambda r: r["idx"]), f,
+                      indent=1)
         return results
 
     def _run(self, idx, overrides, sweep_config, job_dir: Path, gpu_group, threads, passthrough, records, lock):
