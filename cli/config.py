@@ -293,6 +293,8 @@ def check_paths(cfg) -> list[str]:
         need("model.path", m.get("path"), False, "no such folder on this machine (give a local model folder "
              "or a hub id)")
     need("model.tokenizer", m.get("tokenizer"), False)
+    need("launcher.hostfile", OmegaConf.select(cfg, "launcher.hostfile", default=None,
+                                               throw_on_resolution_failure=False), True, "no such file on this machine")
     kind = d.get("kind")
     if kind in ("jsonl", "parquet", "csv", "imagefolder") and d.get("path") == "":
         out.append(f"data.path: empty; data.kind={kind} reads local files. Set data.path=<file or folder>.")

@@ -41,6 +41,21 @@ def sweep_direction(root: str, objective: str) -> str:
     return objective_direction(objective)
 
 
+def _end_of(run: str) -> str:
+    """How a run that is not running ended, from its train.log: crashed (an exception), or stopped (a signal,
+    a checkpoint saved; or killed with no word)."""
+    path = os.path.join(run, "train.log")
+    try:
+        with open(path, "rb") as f:
+            f.seek(max(0, os.path.getsize(path) - 20000))
+            tail = f.read().decode(errors="replace")
+    except OSError:
+        return "stopped"
+    failed = max(tail.rfind("the run failed"), tail.rfind("rank 0 failed"))
+    stopped = tail.rfind("stopped by")
+    return "crashed" if failed > stopped else "stopped"
+
+
 def _in_use(run: str) -> bool:
     """Whether a runx process holds the run dir's lock now (a run still training, not one stopped or crashed)."""
     import fcntl
@@ -79,10 +94,10 @@ def collect(root: str) -> tuple[list[dict], list[str]]:
                                                              os.path.join(run, ".hydra", "config.yaml"))))
         summary = read_summary(run)
         status = "done" if "diverged_at" not in summary else f"diverged at step {summary['diverged_at']}"
-        if not summary:  # a run that did not finish: its last logged metrics
+        if not summary:  # a run that did not finish: the latest value of each metric it logged
             hist = read_metrics(run)
-            summary = {k: v for k, v in (hist[-1] if hist else {}).items()}
-            status = ("running" if _in_use(run) else "stopped") if hist else \
+            summary = {k: v for rec in hist for k, v in rec.items()}
+            status = ("running" if _in_use(run) else _end_of(run)) if hist else \
                 ("config problem" if not os.path.exists(own) else "failed")
         rows.append({"run": os.path.relpath(run, root) or ".", "_cfg": cfg, "_path": run, "_status": status,
                      **summary})

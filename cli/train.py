@@ -379,7 +379,14 @@ def launch(cfg, run_dir: str) -> dict:
     save_resolved_config(cfg, os.path.join(run_dir, ".runx", "job.yaml"), redacted=False)
     if not worker:
         from runx.trainers.tracking import redact_hydra_outputs
-        redact_hydra_outputs(run_dir)
+        sweep = None
+        try:   # (no Hydra context when launch() is called directly)
+            if _sweep_job() is not None:
+                from hydra.core.hydra_config import HydraConfig
+                sweep = str(HydraConfig.get().sweep.dir)
+        except ValueError:
+            pass
+        redact_hydra_outputs(run_dir, sweep)
     atomic_write_json(os.path.join(run_dir, "env.json"), environment_record())
     n = int(cfg.trainer.num_procs)
     kind = cfg.launcher.kind
@@ -457,7 +464,14 @@ def _run_forwarding_signals(cmd: list[str], env: dict, preempt=None, record: str
         if record and len(got) == 1:
             with open(record, "w") as f:
                 f.write(got[0])
-        proc.send_signal(signal.SIGTERM if signum == preempt else signum)
+        sig = signal.SIGTERM if signum == preempt else signum
+        # the DeepSpeed launcher's runner dies on SIGTERM without passing it on, and its launch process (between
+        # it and the workers) lives on: the workers get the signal straight away (torchrun passes it on itself)
+        workers = [p for p in _launch_tree(proc)[1:] if "runx.cli.worker" in " ".join(_cmdline(p))] \
+            if "deepspeed.launcher" in " ".join(cmd) else []
+        proc.send_signal(sig)
+        for p in workers:
+            _quietly(p.send_signal, sig)
 
     def suspend(signum, frame):
         # Ctrl-Z: the launch (a session of its own) does not get the terminal's SIGTSTP; it stops and continues
@@ -510,6 +524,14 @@ def _launch_tree(proc) -> list:
     try:
         launcher = psutil.Process(proc.pid)
         return [launcher] + launcher.children(recursive=True)
+    except psutil.Error:
+        return []
+
+
+def _cmdline(p) -> list:
+    import psutil
+    try:
+        return p.cmdline()
     except psutil.Error:
         return []
 

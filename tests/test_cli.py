@@ -834,23 +834,29 @@ def test_report_lists_jobs_stopped_by_a_config_problem_and_tells_running_from_st
     import fcntl
 
     from runx.cli.report import collect
-    for job in ("0", "1", "2", "3"):
+    for job in ("0", "1", "2", "3", "4"):
         (tmp_path / job / ".hydra").mkdir(parents=True)
         (tmp_path / job / ".hydra" / "config.yaml").write_text(f"seed: {job}\n")
         (tmp_path / job / "train.log").write_text("...")
-    for job in ("0", "2", "3"):
+    for job in ("0", "2", "3", "4"):
         (tmp_path / job / "config.yaml").write_text(f"seed: {job}\n")
     (tmp_path / "0" / "summary.json").write_text('{"final_loss": 0.5}')
-    for job in ("2", "3"):
-        (tmp_path / job / "metrics.jsonl").write_text('{"step": 1, "loss": 0.9}\n')
+    for job in ("2", "3", "4"):
+        (tmp_path / job / "metrics.jsonl").write_text('{"step": 1, "loss": 0.9, "eval/loss": 0.8}\n'
+                                                      '{"step": 2, "loss": 0.7}\n')
         (tmp_path / job / ".runx").mkdir()
         (tmp_path / job / ".runx" / "runx.lock").write_text("")
+    (tmp_path / "2" / "train.log").write_text("runx: stopped by SIGTERM after step 2, checkpoint saved\n")
+    (tmp_path / "4" / "train.log").write_text("[runx][ERROR] the run failed: RuntimeError\n")
     with open(tmp_path / "3" / ".runx" / "runx.lock") as held:   # job 3's runx is alive
         fcntl.flock(held, fcntl.LOCK_EX)
         rows, varying = collect(str(tmp_path))
     assert {r["run"]: r["_status"] for r in rows} == {"0": "done", "1": "config problem", "2": "stopped",
-                                                      "3": "running"}
+                                                      "3": "running", "4": "crashed"}
     assert varying == ["seed"]
+    # an unfinished run shows the latest value of each metric it logged (the last line alone had no eval)
+    assert {k: v for k, v in rows[2].items() if not k.startswith("_")} == {"run": "2", "step": 2, "loss": 0.7,
+                                                                            "eval/loss": 0.8}
 
 
 def test_report_sorts_a_nan_objective_last_and_writes_strict_json(tmp_path, capsys):
@@ -866,3 +872,11 @@ def test_report_sorts_a_nan_objective_last_and_writes_strict_json(tmp_path, caps
     assert report(str(tmp_path), objective="eval/loss", plots=False) == 0
     rows = json.loads((tmp_path / "report.json").read_text(), parse_constant=lambda c: pytest.fail(c))["rows"]
     assert [r["run"] for r in rows] == ["2", "0", "3", "1"] and rows[-1]["eval/loss"] is None
+
+
+def test_a_missing_hostfile_is_a_config_problem():
+    """launcher.hostfile was never checked: a missing one ran the job on this machine alone (num_nodes=1) or
+    ended in DeepSpeed's ValueError traceback (num_nodes > 1)."""
+    from runx.cli.config import check_paths
+    problems = check_paths(compose(["launcher=deepspeed", "launcher.hostfile=/nonexistent/hostfile"]))
+    assert "launcher.hostfile=/nonexistent/hostfile: no such file on this machine." in problems, problems

@@ -38,12 +38,12 @@ def redact_arg(arg: str) -> str:
     return f"{key}=***" if eq and value and SECRET_KEY.search(leaf) else arg
 
 
-def redact_hydra_outputs(run_dir: str) -> None:
-    """Hydra's own copies of the job's config and overrides (<run_dir>/.hydra/*.yaml, beside config.yaml) with the
-    secrets redacted as in config.yaml: they held them in clear."""
+def redact_hydra_outputs(run_dir: str, sweep_dir: str | None = None) -> None:
+    """Hydra's own copies of the job's config and overrides (<run_dir>/.hydra/*.yaml, beside config.yaml, and a
+    sweep's multirun.yaml) with the secrets redacted as in config.yaml: they held them in clear."""
     import yaml
-    for name in ("config.yaml", "overrides.yaml", "hydra.yaml"):
-        path = os.path.join(run_dir, ".hydra", name)
+    paths = [os.path.join(run_dir, ".hydra", n) for n in ("config.yaml", "overrides.yaml", "hydra.yaml")]
+    for path in paths + ([os.path.join(sweep_dir, "multirun.yaml")] if sweep_dir else []):
         if not os.path.isfile(path):
             continue
         with open(path) as f:
