@@ -22,13 +22,15 @@ from runx.trainers.datajob import atomic_write_bytes, atomic_write_json
 SECRET_KEY = re.compile(r"(api[_-]?key|(^|_)token$|secret|password|passwd)", re.I)
 
 
-def redact(obj):
+def redact(obj, args: bool = False):
+    """A config with the values of secret-named keys replaced by ***; `args`: also `key=value` override strings
+    (Hydra's overrides lists)."""
     if isinstance(obj, dict):
-        return {k: ("***" if SECRET_KEY.search(str(k)) and v not in (None, "") else redact(v))
+        return {k: ("***" if SECRET_KEY.search(str(k)) and v not in (None, "") else redact(v, args))
                 for k, v in obj.items()}
     if isinstance(obj, list):
-        return [redact(v) for v in obj]
-    return obj
+        return [redact(v, args) for v in obj]
+    return redact_arg(obj) if args and isinstance(obj, str) else obj
 
 
 def redact_arg(arg: str) -> str:
@@ -48,15 +50,7 @@ def redact_hydra_outputs(run_dir: str, sweep_dir: str | None = None) -> None:
             continue
         with open(path) as f:
             data = yaml.safe_load(f)
-
-        def clean(obj):
-            if isinstance(obj, dict):
-                return {k: ("***" if SECRET_KEY.search(str(k)) and v not in (None, "") else clean(v))
-                        for k, v in obj.items()}
-            if isinstance(obj, list):
-                return [clean(v) for v in obj]
-            return redact_arg(obj) if isinstance(obj, str) else obj
-        cleaned = clean(data)
+        cleaned = redact(data, args=True)
         if cleaned != data:
             atomic_write_bytes(path, yaml.safe_dump(cleaned, sort_keys=False).encode())
 
