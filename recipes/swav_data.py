@@ -319,7 +319,12 @@ class HFImages:
 def _load_hf_split(dcfg, split: str):
     import datasets
     if dcfg.path and os.path.isdir(dcfg.path) and os.path.exists(os.path.join(dcfg.path, "dataset_dict.json")):
-        return datasets.load_from_disk(dcfg.path)[split]
+        dd = datasets.load_from_disk(dcfg.path)
+        if split not in dd:   # (a KeyError traceback at the data's first use)
+            from runx.trainers.recipe import RecipeConfigError
+            key = "data.train_split" if split == dcfg.train_split else "data.eval_split"
+            raise RecipeConfigError(f"{key}={split}: not a split of {dcfg.path}. Valid choices: {', '.join(dd)}.")
+        return dd[split]
     if dcfg.path and os.path.isdir(dcfg.path) and os.path.exists(os.path.join(dcfg.path, "dataset_info.json")):
         return datasets.load_from_disk(dcfg.path)
     name = dcfg.hf_name or dcfg.path

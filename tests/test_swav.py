@@ -307,6 +307,9 @@ def test_imagefolder_and_hf_sources(tmp_path):
     assert len(train) == 4 and ev[3][1] == 3 and tuple(ev[0][0].shape) == (3, 16, 16)
     with pytest.raises(KeyError, match="recipe.image_field='image'.*columns"):
         S.SwAV(cfg("data.kind=hf", f"data.path={tmp_path / 'hf'}", "data.eval_split=test"), "x").build_data()
+    with pytest.raises(RecipeConfigError, match=r"data.eval_split=validation: not a split of .*hf. Valid choices: "
+                                                r"train, test\."):
+        S.SwAV(cfg("data.kind=hf", f"data.path={tmp_path / 'hf'}", "recipe.image_field=img"), "x").build_data()
 
 
 def test_bad_config_names_key_and_choices():
