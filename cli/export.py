@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import glob
 import os
-import re
 
 
 def checkpoint_state_dict(ckpt_root: str, tag: str, zero_stage: int) -> dict:
@@ -57,10 +56,10 @@ def load_run_config(run_dir: str, verb: str = "export", error=ExportError):
 def checkpoint_tag(run_dir: str, cfg, tag: str | None, verb: str = "export", error=ExportError) -> str:
     """The checkpoint a verb reads: `tag` (step_N, or best: trainer.monitor's best), else the latest."""
     ckpt_root = os.path.join(run_dir, "ckpt")
-    found = sorted((d for d in os.listdir(ckpt_root) if re.fullmatch(r"step_\d+", d)),
-                   key=lambda d: int(d.split("_")[1])) if os.path.isdir(ckpt_root) else []
+    from runx.trainers.runtime import checkpoint_steps, is_complete
+    found = checkpoint_steps(ckpt_root)
     # a folder without runx_complete.json is a save cut short by a kill: not loadable, not a choice
-    tags = [d for d in found if os.path.exists(os.path.join(ckpt_root, d, "runx_complete.json"))]
+    tags = [d for d in found if is_complete(ckpt_root, d)]
     if tag is None:
         latest = os.path.join(ckpt_root, "latest")
         if not os.path.exists(latest):

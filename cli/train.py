@@ -339,15 +339,16 @@ def launch(cfg, run_dir: str) -> dict:
     from runx.trainers.datajob import atomic_write_json
     from runx.trainers.recipe import RecipeConfigError
     recipe_kind, worker = RECIPES_KIND(cfg), os.environ.get("RUNX_WORKER") == "1"
+    trains_here = recipe_kind == "train" and not worker   # (the launching process of a training run)
     from runx.trainers.runtime import requeued_resume
-    resume = requeued_resume(cfg.get("resume", "auto"), run_dir)
-    if recipe_kind == "train" and not worker and resume != str(cfg.get("resume", "auto")):
+    if trains_here and requeued_resume(cfg.get("resume", "auto"), run_dir) != str(cfg.get("resume", "auto")):
         log.info("a requeued SLURM job (SLURM_RESTART_COUNT=%s): it resumes its own checkpoint (resume=auto), not "
                  "resume=%s", os.environ.get("SLURM_RESTART_COUNT"), cfg.resume)
         from omegaconf import OmegaConf
         OmegaConf.update(cfg, "resume", "auto")
+    mode = str(cfg.get("resume", "auto"))
     from runx.trainers.datajob import slurm_array_task
-    if recipe_kind == "train" and not worker or recipe_kind == "data" and slurm_array_task()[1] <= 1:
+    if trains_here or recipe_kind == "data" and slurm_array_task()[1] <= 1:
         # a second run into the same folder would interleave checkpoints (shards) with this one; a SLURM array's
         # tasks share a data job's folder on purpose (each takes its own shards)
         hold_run_dir(run_dir)
@@ -355,20 +356,18 @@ def launch(cfg, run_dir: str) -> dict:
     job = None
     if recipe_kind == "data" and os.path.isdir(run_dir):   # a rerun of a data job: same settings?
         from runx.recipes import RECIPES
-        from runx.trainers.datajob import slurm_array_task
         from runx.trainers.recipe import build_recipe
         job = build_recipe(RECIPES[cfg.recipe.name].load(), cfg, run_dir)   # run_job runs this one
-        problems += [p for p in [job.pin_refusal(str(cfg.get("resume", "auto")), slurm_array_task()[1])] if p]
+        problems += [p for p in [job.pin_refusal(mode, slurm_array_task()[1])] if p]
     if problems:   # before config.yaml is rewritten: the run dir keeps describing its checkpoint / shards
         raise RecipeConfigError(problems[0])
-    if cfg.plan.check and recipe_kind == "train" and not worker:
+    if cfg.plan.check and trains_here:
         from runx.trainers.plan import check_fits
         check_fits(cfg)  # stops with a clear message when the config cannot fit this machine (no config.yaml then)
     os.makedirs(run_dir, exist_ok=True)
-    if recipe_kind == "train" and not worker and str(cfg.get("resume", "auto")) == "never":
+    if trains_here and mode == "never":
         supersede_previous_run(run_dir)
-    elif recipe_kind == "train" and not worker and str(cfg.get("resume", "auto")) == "auto" and \
-            os.path.exists(os.path.join(run_dir, "summary.json")) and \
+    elif trains_here and mode == "auto" and os.path.exists(os.path.join(run_dir, "summary.json")) and \
             not os.path.exists(os.path.join(run_dir, "ckpt", "latest")):
         # a finished run without checkpoints (trainer.ckpt_every=0): nothing to resume, and its results would be
         # overwritten by this one's

@@ -29,12 +29,8 @@ def _stop_with_runx() -> None:
         return
 
     def alive() -> bool:
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-            return fields[0] != "Z" and (not start or fields[19] == start)
-        except (OSError, IndexError):
-            return False
+        fields = _proc_stat(pid)
+        return len(fields) > 19 and fields[0] != "Z" and (not start or fields[19] == start)
 
     def watch():
         while alive():
@@ -43,14 +39,21 @@ def _stop_with_runx() -> None:
     threading.Thread(target=watch, name="runx-parent-watch", daemon=True).start()
 
 
+def _proc_stat(pid) -> list[str]:
+    """The fields of /proc/<pid>/stat after the command name (state first, start time at index 19); [] when the
+    process is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return []
+
+
 def parent_identity() -> dict:
     """The environment that lets this process's workers watch it (_stop_with_runx)."""
     import socket
-    try:
-        with open(f"/proc/{os.getpid()}/stat") as f:
-            start = f.read().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
-        start = ""
+    fields = _proc_stat(os.getpid())
+    start = fields[19] if len(fields) > 19 else ""
     return {"RUNX_PARENT_PID": str(os.getpid()), "RUNX_PARENT_HOST": socket.gethostname(), "RUNX_PARENT_START": start}
 
 

@@ -411,11 +411,8 @@ class LoRAGA(LoRA):
         res = str(self.cfg.get("resume", "auto"))
         if res == "never":
             return None
-        from runx.trainers.runtime import checkpoint_root
-        root = checkpoint_root(res, self.run_dir)
-        latest = os.path.join(root, "latest")
-        tag = open(latest).read().strip() if os.path.exists(latest) else ""
-        if not (tag and os.path.exists(os.path.join(root, tag, "runx_complete.json"))):
+        from runx.trainers.runtime import is_complete, resume_target
+        if not is_complete(*resume_target(res, self.run_dir)):
             # nothing to resume: this run starts at step 0 and estimates its own init (an init left in the run
             # dir by an earlier run, on other data or batches, was re-applied)
             return None

@@ -12,7 +12,6 @@ import itertools
 import logging
 import math
 import os
-import re
 import shutil
 import time
 
@@ -280,23 +279,16 @@ class Trainer:
         mode = str(self.cfg.resume)
         if mode == "never":
             return None
-        root = runtime.checkpoint_root(mode, self.run_dir)
+        root, tag = runtime.resume_target(mode, self.run_dir)   # (resume=<run>/ckpt/step_N: that checkpoint)
         latest = os.path.join(root, "latest")
-        step = os.path.basename(os.path.normpath(mode))
-        if mode != "auto" and re.fullmatch(r"step_\d+", step):   # resume=<run>/ckpt/step_N: that checkpoint
-            if os.path.exists(os.path.join(root, step, "runx_complete.json")):
-                return root, step
-            raise FileNotFoundError(f"resume={mode!r}: not a complete checkpoint")
-        tag = open(latest).read().strip() if os.path.exists(latest) else None
-        if tag and os.path.exists(os.path.join(root, tag, "runx_complete.json")):
+        if runtime.is_complete(root, tag):
             return root, tag
         if mode != "auto":
             raise FileNotFoundError(f"resume={mode!r}: no complete checkpoint there (expected {latest})")
         # `latest` names no complete checkpoint (its folder was deleted by hand, or the disk lost it): the newest
         # complete one continues the run; a run dir holding only incomplete ones starts over, and says so
-        steps = sorted((d for d in (os.listdir(root) if os.path.isdir(root) else []) if re.fullmatch(r"step_\d+", d)),
-                       key=lambda d: int(d.split("_")[1]))
-        complete = [d for d in steps if os.path.exists(os.path.join(root, d, "runx_complete.json"))]
+        steps = runtime.checkpoint_steps(root)
+        complete = [d for d in steps if runtime.is_complete(root, d)]
         if complete:
             log.warning("%s names %s, which is not a complete checkpoint: resuming from %s, the newest complete one",
                         latest, tag, complete[-1])
@@ -326,9 +318,8 @@ class Trainer:
             if best:
                 atomic_write_bytes(best_file, tag.encode())
             keep = {open(best_file).read().strip()} if self.best is not None and os.path.exists(best_file) else set()
-            tags = sorted((d for d in os.listdir(self.ckpt_dir) if re.fullmatch(r"step_\d+", d)),
-                          key=lambda d: int(d.split("_")[1]))
-            complete = [d for d in tags if os.path.exists(os.path.join(self.ckpt_dir, d, "runx_complete.json"))]
+            tags = runtime.checkpoint_steps(self.ckpt_dir)
+            complete = [d for d in tags if runtime.is_complete(self.ckpt_dir, d)]
             # a folder without runx_complete.json is a save a kill cut short (this one is complete by now): never
             # loadable, and it must not count among the newest keep_last (it pushed the checkpoint just written
             # out); the newest complete ones are kept, this one always

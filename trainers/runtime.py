@@ -147,13 +147,40 @@ def device_peak_tflops() -> float:
     return next((v for k, v in PEAK_TFLOPS.items() if k in name), 0.0)
 
 
+STEP_DIR = re.compile(r"step_\d+")   # a checkpoint's folder under ckpt/
+
+
 def checkpoint_root(resume: str, run_dir: str) -> str:
     """The checkpoint folder a resume setting points at: <run_dir>/ckpt for resume=auto, else the given path, or
-    its ckpt/ folder when it is a run dir. A complete one holds `latest`."""
+    its ckpt/ folder when it is a run dir, or the folder of the one ckpt/step_N it names. A complete one holds
+    `latest`."""
     root = os.path.join(run_dir, "ckpt") if resume == "auto" else os.path.normpath(os.path.expanduser(resume))
-    if re.fullmatch(r"step_\d+", os.path.basename(root)) and os.path.isdir(root):   # one checkpoint of a run
+    if STEP_DIR.fullmatch(os.path.basename(root)) and os.path.isdir(root):   # one checkpoint of a run
         return os.path.dirname(root)
     return os.path.join(root, "ckpt") if os.path.isdir(os.path.join(root, "ckpt")) else root
+
+
+def resume_target(resume: str, run_dir: str) -> tuple[str, str | None]:
+    """(checkpoint root, the tag a resume setting names: the step_N of a resume=<run>/ckpt/step_N, else the
+    root's `latest`, or None)."""
+    root = checkpoint_root(str(resume), run_dir)
+    step = os.path.basename(os.path.normpath(os.path.expanduser(str(resume))))
+    if str(resume) != "auto" and STEP_DIR.fullmatch(step):
+        return root, step
+    latest = os.path.join(root, "latest")
+    return root, (open(latest).read().strip() or None) if os.path.exists(latest) else None
+
+
+def is_complete(root: str, tag: str | None) -> bool:
+    """Whether ckpt folder `tag` holds a whole checkpoint (runx_complete.json: a save a kill cut short has none)."""
+    return bool(tag) and os.path.exists(os.path.join(root, tag, "runx_complete.json"))
+
+
+def checkpoint_steps(root: str) -> list[str]:
+    """The step_N folders under a checkpoint root, oldest first, complete or not."""
+    if not os.path.isdir(root):
+        return []
+    return sorted((d for d in os.listdir(root) if STEP_DIR.fullmatch(d)), key=lambda d: int(d.split("_")[1]))
 
 
 def resume_problem(resume: str, run_dir: str) -> str | None:
@@ -161,15 +188,10 @@ def resume_problem(resume: str, run_dir: str) -> str | None:
     config problem before anything is built; None for auto / never / a good path."""
     if str(resume) in ("auto", "never"):
         return None
-    root = checkpoint_root(str(resume), run_dir)
-    step = os.path.basename(os.path.normpath(os.path.expanduser(str(resume))))
-    tag = step if re.fullmatch(r"step_\d+", step) else None
-    if tag is None and os.path.exists(os.path.join(root, "latest")):
-        tag = open(os.path.join(root, "latest")).read().strip()
-    if tag and os.path.exists(os.path.join(root, tag, "runx_complete.json")):
+    root, tag = resume_target(str(resume), run_dir)
+    if is_complete(root, tag):
         return None
-    have = sorted(d for d in os.listdir(root) if re.fullmatch(r"step_\d+", d)
-                  and os.path.exists(os.path.join(root, d, "runx_complete.json"))) if os.path.isdir(root) else []
+    have = [d for d in checkpoint_steps(root) if is_complete(root, d)]
     return (f"resume={resume}: no complete checkpoint there. Valid choices: a run folder or its ckpt/ folder "
             f"(resumes its latest checkpoint), or one of its checkpoints"
             + (f" ({', '.join(os.path.join(root, d) for d in have[-3:])})" if have else "")
