@@ -598,6 +598,10 @@ def launcher_command(cfg, run_dir: str) -> list[str]:
                 "--rdzv_endpoint", f"{L.master_addr}:{port}"]
     else:
         cmd += ["--master_addr", "127.0.0.1", "--master_port", str(port)]
+    if not any(a.split("=")[0] in ("--log-dir", "--log_dir") for a in map(str, L.extra_args)):
+        # torchrun's per-worker folders (and the error.json of a worker that fails) go with the run, not into a
+        # /tmp/torchelastic_* folder that it never removes
+        cmd += ["--log-dir", os.path.join(run_dir, ".runx", "torchrun")]
     return cmd + list(L.extra_args) + ["-m"] + worker
 
 

@@ -116,8 +116,11 @@ def test_nvme_optimizer_swapper_pipelines_when_its_buffers_fit():
 
 # ------------------------------------------------------------------------------------------ plan: CLI + check
 def test_plan_cli_prints_and_writes_table(tmp_path):
+    (tmp_path / "tmp").mkdir()
     p = cli(["plan", *LLAMA, "trainer=zero3_nvme", f"trainer.nvme_path={tmp_path / 'nv'}",
-             f"run_dir={tmp_path / 'plan'}"], env={"COLUMNS": "200"})
+             f"run_dir={tmp_path / 'plan'}"], env={"COLUMNS": "200", "TMPDIR": str(tmp_path / "tmp")})
+    # the model's scratch run dir is gone (a runx_plan_* per call); torch's compile cache may stay
+    assert [f.name for f in (tmp_path / "tmp").iterdir() if not f.name.startswith("torchinductor_")] == []
     text = (tmp_path / "plan" / "plan.txt").read_text()
     for s in ("zero0", "zero3 + params,optimizer->nvme", "GPU / rank", "CPU / node", "NVMe / node",
               "derived NVMe settings", "baseline"):

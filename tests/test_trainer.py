@@ -53,7 +53,12 @@ def test_zero3_two_processes_match_one(tmp_path):
     common = TINY + NO_DROPOUT + ["trainer=zero3", "trainer.max_steps=5", "trainer.ckpt_every=0",
                                   "trainer.eval_every=1", "trainer.monitor=eval/loss"]
     run_cli(["train", f"run_dir={tmp_path / 'one'}", "trainer.micro_batch_size=8", *common])
-    run_cli(["train", f"run_dir={tmp_path / 'two'}", "trainer.micro_batch_size=4", "trainer.num_procs=2", *common])
+    (tmp_path / "tmp").mkdir()
+    run_cli(["train", f"run_dir={tmp_path / 'two'}", "trainer.micro_batch_size=4", "trainer.num_procs=2", *common],
+            env={"TMPDIR": str(tmp_path / "tmp")})
+    # torchrun's worker folders stay with the run (they were a /tmp/torchelastic_* folder per run, never removed)
+    assert [f.name for f in (tmp_path / "tmp").iterdir() if not f.name.startswith("torchinductor_")] == []
+    assert (tmp_path / "two" / ".runx" / "torchrun").is_dir()
     a, b = losses(tmp_path / "one"), losses(tmp_path / "two")
     assert sorted(a) == sorted(b) == [1, 2, 3, 4, 5]
     for s in a:

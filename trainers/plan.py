@@ -119,15 +119,25 @@ class ModelFacts:
 
 def build_on_meta(cfg):
     """The recipe's model on the meta device (no memory, no weights read). Pretrained models are built from
-    their config with the recipe's own wrapping (LoRA etc.)."""
+    their config with the recipe's own wrapping (LoRA etc.). The recipe's run dir is a scratch folder, removed
+    again: nothing is written there."""
+    import shutil
+    import tempfile
+
+    from runx.recipes import RECIPES
+    recipe_cls = RECIPES[cfg.recipe.name].load()
+    scratch = tempfile.mkdtemp(prefix="runx_plan_")
+    try:
+        return _build_on_meta(cfg, recipe_cls, scratch)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _build_on_meta(cfg, recipe_cls, scratch):
     import torch
     from omegaconf import OmegaConf, open_dict
 
-    from runx.recipes import RECIPES
     from runx.trainers.recipe import RecipeConfigError, build_recipe
-    import tempfile
-    recipe_cls = RECIPES[cfg.recipe.name].load()
-    scratch = tempfile.mkdtemp(prefix="runx_plan_")   # the recipe's run dir: nothing is written there
     try:
         recipe = build_recipe(recipe_cls, cfg, scratch)
         with torch.device("meta"):
