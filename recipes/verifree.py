@@ -212,7 +212,9 @@ def sample_responses(policy, tokenizer, prompts: list[str], group_size: int, tem
                 ids, finish = [], "length"
                 for t in gen:
                     if t in end_ids:
-                        if t == eos_id:
+                        # a sampled eos is trained on; generate's fill after the stop string is not, also where the
+                        # tokenizer pads with its eos (Qwen base, Llama without a pad token)
+                        if t == eos_id and stop not in tokenizer.decode(ids, skip_special_tokens=True):
                             ids.append(t)
                         finish = "eos"
                         break

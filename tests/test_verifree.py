@@ -419,6 +419,20 @@ def test_rollout_stops_at_closing_tag_and_groups_by_prompt(tiny):
     assert all(r.text == "3+4=7. <answer> \\boxed{7} </answer>" and r.finish == "stop" for r in out)
     short = vf.sample_responses(pol, tok, ["Q: a\nA: "], 2, 1.0, 1.0, 10, "</answer>")
     assert all(r.finish == "length" and len(r.ids) == 10 for r in short)
+    # a tokenizer that pads with its eos: generate's fill after the closing tag is not a sampled eos (the verifier
+    # baseline trained on it), an eos the policy sampled is
+    eos, saved_pad = tok.eos_token_id, tok.pad_token
+    tok.pad_token = tok.eos_token
+    try:
+        stopped = tok("1 <answer> \\boxed{1} </answer>", add_special_tokens=False).input_ids
+        ended = tok("no tag here, " * 4, add_special_tokens=False).input_ids + [eos]   # longer: fill after a
+        pol = Scripted(model, tok, ["x"])
+        pol.scripts = [stopped, ended]
+        a, b = vf.sample_responses(pol, tok, ["Q: a\nA: "], 2, 1.0, 1.0, 64, "</answer>")
+    finally:
+        tok.pad_token = saved_pad
+    assert a.finish == "stop" and a.ids == stopped
+    assert b.finish == "eos" and b.ids == ended
 
 
 def test_kl_to_the_starting_policy_is_zero_at_start_and_grows_after_a_step(tiny, tmp_path):
