@@ -1474,16 +1474,17 @@ def test_train_head_false_freezes_the_classifier_head(tmp_path):
 
 
 def test_secrets_are_redacted_in_every_file_of_the_run_dir_but_the_private_job_config(tmp_path):
-    """Only config.yaml was redacted: env.json's argv, ds_config.json, Hydra's .hydra/*.yaml and the W&B run (the
-    command line it records) held a token given on the command line in clear. The workers' own copy
+    """Only config.yaml was redacted: env.json's argv, ds_config.json, Hydra's .hydra/*.yaml, the W&B run (the
+    command line it records) and the checkpoint's files held a token given on the command line in clear. The workers' own copy
     (.runx/job.yaml) keeps it, readable by the owner only."""
     run = tmp_path / "run"
     run_cli(["train", "model=tiny_bert", "debug=smoke", "logger=wandb", "trainer.progress=false",
-             "data.max_length=32", "trainer.ckpt_every=0", "++data.extra.hf_token=SECRETTOK",
+             "data.max_length=32", "trainer.ckpt_every=100", "++data.extra.hf_token=SECRETTOK",
              "++trainer.ds_overrides.comet.api_key=SECRETCOMET", "++trainer.ds_overrides.comet.enabled=false",
              f"run_dir={run}"], cwd=tmp_path)
     leaked = [str(p.relative_to(run)) for p in run.rglob("*") if p.is_file() and b"SECRET" in p.read_bytes()]
-    assert leaked == [".runx/job.yaml"], leaked
+    assert leaked == [".runx/job.yaml"], leaked     # the checkpoint's files too (DeepSpeed pickles its config)
+    assert list(run.glob("ckpt/step_*/*model_states.pt"))
     assert oct((run / ".runx" / "job.yaml").stat().st_mode & 0o777) == "0o600"
     assert "hf_token: '***'" in (run / "config.yaml").read_text()
     assert "++data.extra.hf_token=***" in (run / "env.json").read_text()

@@ -450,6 +450,9 @@ class Trainer:
             model=model, optimizer=optimizer, config=self.ds_config,
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, sched_fn))
         self.engine = engine   # from here on close() releases it, also after a failed run
+        # DeepSpeed pickles engine.config into every checkpoint file: a secret in trainer.ds_overrides (a Comet
+        # key) stayed there in clear. It reads only the config's keys after initialize.
+        engine.config = redact(engine.config)
         start = 0
         if resume is not None:
             start = self.load_checkpoint(engine, *resume)
