@@ -218,6 +218,21 @@ def test_nvme_path_unwritable_or_full_fails_fast(tmp_path, capsys):
 
 
 # ------------------------------------------------------------------------------------------ sweeps
+def test_launcher_jobs_of_optuna_batches_add_up_and_a_new_sweep_starts_over(tmp_path):
+    """Optuna with n_jobs calls the launcher once per batch: each batch rewrote launcher_jobs.json with its own
+    jobs only."""
+    from hydra_plugins.runx_launcher.runx_launcher import record_jobs
+    path = tmp_path / "launcher_jobs.json"
+    record_jobs(path, [{"idx": 1, "returncode": 0}, {"idx": 0, "returncode": 0}], 0)
+    record_jobs(path, [{"idx": 3, "returncode": 1}, {"idx": 2, "returncode": 0}], 2)
+    assert [(j["idx"], j["returncode"]) for j in json.loads(path.read_text())] == [(0, 0), (1, 0), (2, 0), (3, 1)]
+    record_jobs(path, [{"idx": 3, "returncode": 0}], 3)       # a job run again replaces its record
+    assert [j["returncode"] for j in json.loads(path.read_text())] == [0, 0, 0, 0]
+    record_jobs(path, [{"idx": 0, "returncode": 2}], 0)       # another sweep into the folder
+    assert json.loads(path.read_text()) == [{"idx": 0, "returncode": 2}]
+    assert [f.name for f in tmp_path.iterdir()] == ["launcher_jobs.json"]   # no temporary file left
+
+
 def test_2x2_parallel_multirun_report_and_plan_vs_measured_peak(tmp_path):
     """One 2x2 sweep (two Llama sizes x ZeRO-0/ZeRO-3) through the parallel local launcher, 2 jobs at once:
     4 run dirs, jobs that overlap in time, one `runx report` table, and for every run the plan's CPU total

@@ -102,6 +102,17 @@ def visible_gpus() -> list[str]:
     return [str(i) for i, line in enumerate(ln for ln in out.splitlines() if ln.startswith("GPU "))]
 
 
+def record_jobs(path: Path, records: list[dict], initial_job_idx: int) -> None:
+    """The sweep's launcher_jobs.json, written atomically. A sweeper that launches in batches (Optuna with n_jobs)
+    calls launch() once per batch: the earlier batches' records are kept (each batch rewrote the file with its own
+    jobs only); a new sweep into the same folder (initial_job_idx 0) starts the file over."""
+    from runx.trainers.datajob import atomic_write_json
+    earlier = json.loads(path.read_text()) if initial_job_idx > 0 and path.exists() else []
+    done = {r["idx"] for r in records}
+    atomic_write_json(str(path), sorted([r for r in earlier if r["idx"] not in done] + records,
+                                        key=lambda r: r["idx"]))
+
+
 class RunxParallelLauncher(Launcher):
     def __init__(self, n_jobs: int = -1, gpus_per_job: int = 1, threads_per_job: int = -1) -> None:
         super().__init__()
@@ -180,14 +191,7 @@ class RunxParallelLauncher(Launcher):
                     except ProcessLookupError:
                         pass
                 raise
-        # a sweeper that launches in batches (Optuna with n_jobs) calls launch() once per batch: the earlier
-        # batches' records are kept (each batch rewrote the file with its own jobs only)
-        path = sweep_dir / "launcher_jobs.json"
-        earlier = json.loads(path.read_text()) if initial_job_idx > 0 and path.exists() else []
-        done = {r["idx"] for r in records}
-        with open(path, "w") as f:
-            json.dump(sorted([r for r in earlier if r["idx"] not in done] + records, key=lambda r: r["idx"]), f,
-                      indent=1)
+        record_jobs(sweep_dir / "launcher_jobs.json", records, initial_job_idx)
         return results
 
     def _run(self, idx, overrides, sweep_config, job_dir: Path, gpu_group, threads, passthrough, records, lock):
