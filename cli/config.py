@@ -173,10 +173,10 @@ def _explain_hydra_error(e: Exception, overrides: list[str]) -> str:
             parent, _, leaf = parent.rpartition(".")
             valid = _schema_keys(parent, recipe)
         value = next((o.partition("=")[2] for o in overrides if o.lstrip("+~").partition("=")[0] == full), "?")
-        hint = difflib.get_close_matches(leaf, valid, n=1)
+        hint = [f"{parent + '.' if parent else ''}{h}" for h in difflib.get_close_matches(leaf, valid, n=1)]
+        hint = [ELSEWHERE[full]] if full in ELSEWHERE else hint
         return (f"{full}={value}: '{leaf}' is not a key of '{parent or '<root>'}'. "
-                f"Valid keys: {', '.join(valid)}." + (f" Did you mean '{parent + '.' if parent else ''}{hint[0]}'?"
-                                                      if hint else ""))
+                f"Valid keys: {', '.join(valid)}." + (f" Did you mean '{hint[0]}'?" if hint else ""))
     return msg.splitlines()[0] + ("" if len(msg.splitlines()) == 1 else " " + " ".join(msg.splitlines()[1:])[:500])
 
 
@@ -244,7 +244,41 @@ def validate(cfg) -> list[str]:
                         f"own worker pool. Valid values: 1; for parallel shards set recipe.num_workers={procs}.")
     if not problems:  # interpolations resolve? (each value on its own, so that every failure is reported)
         _resolve_all(cfg, "", problems)
+    if not problems:  # the values interpolations gave (${oc.env:MBS}) checked like values written out
+        resolved = OmegaConf.to_container(cfg, resolve=True)
+        resolved.pop("hydra", None)
+        given = _interpolated_values(data, resolved)
+        if given is not None:
+            if name in RECIPES:
+                _walk(given.get("recipe") or {}, RECIPES[name].load_schema(), "recipe", problems)
+            _walk({k: v for k, v in given.items() if k != "recipe"}, RunConfig, "", problems, skip={"recipe"})
+            problems += range_problems(given)
     return problems
+
+
+def _interpolated_values(raw, resolved):
+    """`raw` with each interpolation replaced by its resolved value (a number given as text, as oc.env gives
+    every value, read as the number); None when `raw` has no interpolation."""
+    found = False
+
+    def merge(r, v):
+        nonlocal found
+        if isinstance(r, dict) and isinstance(v, dict):
+            return {k: merge(r[k], v.get(k)) if k in v else r[k] for k in r}
+        if isinstance(r, list) and isinstance(v, list) and len(r) == len(v):
+            return [merge(a, b) for a, b in zip(r, v)]
+        if isinstance(r, str) and "${" in r:
+            found = True
+            if isinstance(v, str):
+                for read in (int, float):
+                    try:
+                        return read(v)
+                    except ValueError:
+                        pass
+            return v
+        return r
+    out = merge(raw, resolved)
+    return out if found else None
 
 
 def run_dir_problems(cfg) -> list[str]:
@@ -293,8 +327,10 @@ def check_paths(cfg) -> list[str]:
         need("model.path", m.get("path"), False, "no such folder on this machine (give a local model folder "
              "or a hub id)")
     need("model.tokenizer", m.get("tokenizer"), False)
-    need("launcher.hostfile", OmegaConf.select(cfg, "launcher.hostfile", default=None,
-                                               throw_on_resolution_failure=False), True, "no such file on this machine")
+    hostfile = OmegaConf.select(cfg, "launcher.hostfile", default=None, throw_on_resolution_failure=False)
+    need("launcher.hostfile", hostfile, True, "no such file on this machine")
+    if hostfile and os.path.isfile(os.path.expanduser(str(hostfile))):
+        out += hostfile_problems(str(hostfile))
     kind = d.get("kind")
     if kind in ("jsonl", "parquet", "csv", "imagefolder") and d.get("path") == "":
         out.append(f"data.path: empty; data.kind={kind} reads local files. Set data.path=<file or folder>.")
@@ -366,6 +402,22 @@ def check_paths(cfg) -> list[str]:
     return out
 
 
+def hostfile_problems(path: str) -> list[str]:
+    """DeepSpeed's hostfile format (one `hostname slots=N` per line, # comments), which its launcher checked
+    only after runx had started it (a traceback)."""
+    import re
+    with open(os.path.expanduser(path), errors="replace") as f:
+        lines = [(i, ln.split("#", 1)[0].strip()) for i, ln in enumerate(f, 1)]
+    hosts = [(i, ln) for i, ln in lines if ln]
+    bad = [(i, ln) for i, ln in hosts if not re.fullmatch(r"\S+\s+slots=[1-9]\d*", ln)]
+    valid = "lines of 'hostname slots=N' (N GPUs on that node), # for comments"
+    if bad:
+        return [f"launcher.hostfile={path}: line {bad[0][0]} is {bad[0][1]!r}. Valid values: a file of {valid}."]
+    if not hosts:
+        return [f"launcher.hostfile={path}: names no host. Valid values: a file of {valid}."]
+    return []
+
+
 def _resolve_all(node, prefix: str, problems: list[str]) -> None:
     from omegaconf import DictConfig, ListConfig
 
@@ -384,6 +436,11 @@ def _resolve_all(node, prefix: str, problems: list[str]) -> None:
             _resolve_all(value, full, problems)
 
 
+# keys a user may look for under another group
+ELSEWHERE = {"data.micro_batch_size": "trainer.micro_batch_size",
+             "data.batch_size": "trainer.micro_batch_size", "trainer.lr": "optim.lr", "trainer.seed": "seed"}
+
+
 def _walk(data: dict, schema, prefix: str, problems: list[str], skip=()):
     hints = typing.get_type_hints(schema)
     fields = [f.name for f in dataclasses.fields(schema)]
@@ -393,9 +450,9 @@ def _walk(data: dict, schema, prefix: str, problems: list[str], skip=()):
             continue
         if key not in hints:
             hint = difflib.get_close_matches(str(key), fields, n=1)
+            hint = [ELSEWHERE[full]] if full in ELSEWHERE else [f"{(prefix + '.') if prefix else ''}{h}" for h in hint]
             problems.append(f"{full}={_show(value)}: unknown key. Valid keys under '{prefix or '<root>'}': "
-                            f"{', '.join(fields)}." + (f" Did you mean '{(prefix + '.') if prefix else ''}{hint[0]}'?"
-                                                       if hint else ""))
+                            f"{', '.join(fields)}." + (f" Did you mean '{hint[0]}'?" if hint else ""))
             continue
         _check_value(value, hints[key], full, problems)
 
@@ -443,6 +500,8 @@ def _check_value(value, t, full: str, problems: list[str]):
     if ok is not None and not ok(value):
         tname = getattr(origin or t, "__name__", str(t))
         problems.append(f"{full}={_show(value)}: expected {tname}, got {type(value).__name__}.")
+    elif (origin or t) is float and isinstance(value, float) and not math.isfinite(value):
+        problems.append(f"{full}={value}: not a finite number. Valid values: a finite float.")
 
 
 def format_problems(problems: list[str], title: str = "Invalid configuration") -> str:

@@ -14,8 +14,8 @@ class Range:
     def ok(self, v) -> bool:
         if v is None:
             return self.none_ok
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or math.isnan(v):
-            return True  # a type problem, reported by the type check
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            return True  # a type problem (nan, inf included), reported by the type check
         if self.lo is not None and (v <= self.lo if self.lo_open else v < self.lo):
             return False
         if self.hi is not None and (v >= self.hi if self.hi_open else v > self.hi):
@@ -51,6 +51,7 @@ COMMON = {
     "data.val_fraction": FRACTION, "data.max_length": COUNT, "data.max_train_samples": Range(1, none_ok=True),
     "data.max_eval_samples": Range(0, none_ok=True),   # 0: no evaluation; null: every held-out sample
     "model.num_labels": COUNT, "launcher.num_nodes": COUNT,
+    "launcher.master_port": Range(0, 65535),   # 0: a free port (one node) or torchrun's 29500 (several)
     "plan.gpus": Range(-1),   # -1: this machine; N: a described machine with N GPUs per node
 }
 _CHUNK = {"logprob_chunk": Range(1, none_ok=True)}
@@ -129,6 +130,13 @@ def range_problems(data: dict) -> list[str]:
     if head_lr is not None and kind_known and kind != "seq_cls":
         out.append(f"optim.head_lr={head_lr}: only a sequence classifier has a new task head to give its own lr "
                    f"(model.kind={kind}). Valid choices: null, or model.kind=seq_cls.")
+    out += _pair_problems(name, data)
+    if dat.get("num_workers") not in (0, None):
+        out.append(f"data.num_workers={dat['num_workers']}: read by nothing (kept so that saved runs load). Valid "
+                   f"choices: trainer.dataloader_workers={dat['num_workers']} for the data loader's workers.")
+    if dat.get("extra") and dat.get("kind") != "hf":
+        out.append(f"data.extra={dat['extra']}: keyword arguments of datasets.load_dataset, which data.kind="
+                   f"{dat.get('kind')} does not call. Valid choices: data.extra={{}}, or data=hf with a hub id.")
     if dat.get("group_by_length") is True and name not in ("sft", "lora", "lora_ga"):
         out.append(f"data.group_by_length=true: only the text fine-tuning recipes draw tokenised batches "
                    f"(recipe={name}). Valid values: false, or recipe=sft|lora|lora_ga.")
@@ -178,6 +186,57 @@ def range_problems(data: dict) -> list[str]:
     if name == "verifree" and rec.get("advantage") in ("rloo", "grpo") and isinstance(group, int) and group < 2:
         out.append(f"recipe.group_size={group}: the {rec['advantage']} baseline needs at least 2 samples per "
                    "question. Valid values: >= 2, or recipe.advantage=naive.")
+    return out
+
+
+def _pair_problems(name, data: dict) -> list[str]:
+    """Settings that are each valid but do not go together, which the trainer or a library refused only after
+    the model was built (a traceback; LoRA-GA after its whole gradient estimate)."""
+    out = []
+    t, o, rec, lau = (data.get(k) or {} for k in ("trainer", "optim", "recipe", "launcher"))
+    stage = t.get("zero_stage")
+    for key, need in (("offload_param", 3), ("offload_optimizer", 1)):
+        dev = t.get(key)
+        if isinstance(stage, int) and dev in ("cpu", "nvme") and stage < need:
+            out.append(f"trainer.{key}={dev} with trainer.zero_stage={stage}: DeepSpeed offloads "
+                       f"{'parameters only at ZeRO stage 3' if need == 3 else 'the optimizer from ZeRO stage 1 on'}. "
+                       f"Valid choices: trainer.zero_stage={'3' if need == 3 else '1|2|3'} (trainer=zero3"
+                       f"{'_cpu_offload' if dev == 'cpu' else '_nvme'}), or trainer.{key}=none.")
+    betas = o.get("betas")
+    if isinstance(betas, list) and not (len(betas) == 2 and all(
+            isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1 for b in betas)):
+        out.append(f"optim.betas={betas}: Adam's two decay rates. Valid values: [beta1, beta2], each in [0, 1).")
+    if o.get("head_lr") is not None and name == "lora" and rec.get("train_head") is False:
+        out.append(f"optim.head_lr={o['head_lr']} with recipe.train_head=false: the head is frozen, nothing "
+                   "trains at that lr. Valid choices: optim.head_lr=null, or recipe.train_head=true.")
+    steps, warmup = t.get("max_steps"), o.get("warmup_steps")
+    if t.get("epochs") is None and isinstance(steps, int) and isinstance(warmup, int) and 0 < steps <= warmup:
+        out.append(f"optim.warmup_steps={warmup} with trainer.max_steps={steps}: the run would end still warming "
+                   f"up, below optim.lr. Valid values: optim.warmup_steps < {steps}.")
+    m, d = data.get("model") or {}, data.get("data") or {}
+    labels = m.get("num_labels")
+    if name in ("sft", "lora", "lora_ga") and d.get("kind") == "builtin" and m.get("kind") == "seq_cls" \
+            and isinstance(labels, int) and labels != 4:
+        out.append(f"model.num_labels={labels}: the built-in data (data={d.get('name')}) has 4 classes. Valid "
+                   "values: 4 (or your own data with data.kind=jsonl|parquet|csv|hf).")
+    nodes = lau.get("num_nodes")
+    if lau.get("kind") == "deepspeed" and isinstance(nodes, int) and nodes > 1 and not lau.get("hostfile"):
+        out.append(f"launcher.num_nodes={nodes} with launcher=deepspeed and no launcher.hostfile: the DeepSpeed "
+                   "launcher finds the other nodes in a hostfile. Valid choices: launcher.hostfile=<file of "
+                   "'host slots=N' lines>, or launcher=torchrun on every node.")
+    if name == "verifree" and rec.get("rollout_backend") == "vllm":
+        import importlib.util
+        if importlib.util.find_spec("vllm") is None:
+            out.append("recipe.rollout_backend=vllm: the vllm package is not installed here (pip install vllm). "
+                       "Valid choices: hf, or vllm once installed.")
+        if isinstance(stage, int) and stage == 3:
+            out.append("recipe.rollout_backend=vllm with trainer.zero_stage=3: vLLM needs the whole weights on "
+                       "each rank. Valid choices: trainer.zero_stage=0|1|2, or recipe.rollout_backend=hf.")
+    if name == "swav":
+        for key in ("normalize_mean", "normalize_std"):
+            v = rec.get(key)
+            if isinstance(v, list) and len(v) != 3:
+                out.append(f"recipe.{key}={v}: one value per RGB channel. Valid values: 3 numbers.")
     return out
 
 
@@ -246,6 +305,8 @@ def _eval_metrics(name, data: dict) -> list[str] | None:
     kind = (data.get("model") or {}).get("kind")
     if name in ("sft", "lora", "lora_ga") and kind in ("seq_cls", "causal_lm"):
         metrics.remove("perplexity" if kind == "seq_cls" else "accuracy")
+    if (data.get("data") or {}).get("max_eval_samples") == 0 and RECIPES[name].kind == "train":
+        return []   # no evaluation
     samples = (data.get("recipe") or {}).get("eval_samples")
     if name == "verifree" and isinstance(samples, int) and samples == 0:
         metrics.remove("acc_sampled")
@@ -260,7 +321,7 @@ def _monitor_problems(name, trainer: dict, valid: list[str] | None) -> list[str]
         if monitor not in valid:
             out.append(f"trainer.monitor={monitor}: not an evaluation metric of this run (recipe={name}). "
                        "Valid choices: "
-                       f"{', '.join(valid + ['null']) if valid else 'null (this recipe does not evaluate)'}.")
+                       f"{', '.join(valid + ['null']) if valid else 'null (this run does not evaluate)'}.")
         eval_every = trainer.get("eval_every")
         if isinstance(eval_every, int) and eval_every == 0:
             out.append(f"trainer.eval_every=0 with trainer.monitor={monitor}: nothing is evaluated to monitor. "
@@ -280,7 +341,7 @@ def _objective_problems(name, objective, monitor, valid: list[str] | None) -> li
     metric = objective.removeprefix("best/")
     if metric not in valid:
         return [f"objective={objective}: not an evaluation metric of this run (recipe={name}). Valid choices: "
-                f"{', '.join(valid) if valid else 'none (this recipe does not evaluate)'} (with best/ in front when "
+                f"{', '.join(valid) if valid else 'none (this run does not evaluate)'} (with best/ in front when "
                 f"trainer.monitor names it), or another final metric of the run."]
     if objective.startswith("best/") and monitor != metric:
         shown = "null" if monitor is None else monitor

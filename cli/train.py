@@ -466,7 +466,9 @@ def _run_forwarding_signals(cmd: list[str], env: dict, preempt=None, record: str
         sig = signal.SIGTERM if signum == preempt else signum
         # the DeepSpeed launcher's runner dies on SIGTERM without passing it on, and its launch process (between
         # it and the workers) lives on: the workers get the signal straight away (torchrun passes it on itself)
-        workers = [p for p in _launch_tree(proc)[1:] if "runx.cli.worker" in " ".join(_cmdline(p))] \
+        # (the workers only: the launch process, whose command line names runx.cli.worker too, would end every
+        # process under it on SIGTERM, W&B's service included, before rank 0 had saved)
+        workers = [p for p in _launch_tree(proc)[1:] if _is_worker(_cmdline(p))] \
             if "deepspeed.launcher" in " ".join(cmd) else []
         proc.send_signal(sig)
         for p in workers:
@@ -525,6 +527,11 @@ def _launch_tree(proc) -> list:
         return [launcher] + launcher.children(recursive=True)
     except psutil.Error:
         return []
+
+
+def _is_worker(argv: list) -> bool:
+    """A runx worker's command line (python [-u] -m runx.cli.worker <run_dir>), not a launcher's that names it."""
+    return any(a == "-m" and b == "runx.cli.worker" for a, b in zip(argv, argv[1:]))
 
 
 def _cmdline(p) -> list:

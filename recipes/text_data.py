@@ -217,9 +217,10 @@ def held_out_split(splits, dcfg, src: str) -> str | None:
     return None
 
 
-def load_hf_splits(src: str, train_split: str):
+def load_hf_splits(src: str, train_split: str, load_kwargs: dict | None = None):
     """A Hugging Face dataset as {split: rows}: a `save_to_disk` folder of a DatasetDict, or of a single Dataset
-    (which is then the `train_split`), or a hub / cache name (datasets.load_dataset)."""
+    (which is then the `train_split`), or a hub / cache name (datasets.load_dataset(src, **data.extra): a
+    subset's name, a revision)."""
     import datasets
     path = os.path.expanduser(src)
     if os.path.isdir(path):
@@ -235,7 +236,7 @@ def load_hf_splits(src: str, train_split: str):
         ds = {train_split: ds} if isinstance(ds, datasets.Dataset) else ds
     else:
         from runx.trainers.hf import load_hub_dataset
-        ds = load_hub_dataset("data.hf_name", src)
+        ds = load_hub_dataset("data.hf_name", src, **dict(load_kwargs or {}))
     if train_split not in ds:
         raise RecipeConfigError(f"data.train_split={train_split}: not a split of {src}. Valid choices: "
                                 f"{', '.join(ds)}.")
@@ -264,7 +265,7 @@ def load_rows(dcfg, seed: int = 0) -> tuple[list[dict], list[dict]]:
             train, evals = _split(train, dcfg.val_fraction, seed=0)
     elif kind == "hf":
         src = dcfg.hf_name or dcfg.path
-        ds = load_hf_splits(src, dcfg.train_split)
+        ds = load_hf_splits(src, dcfg.train_split, dcfg.extra)
         train = list(ds[dcfg.train_split])
         split = held_out_split(ds, dcfg, src)
         evals = list(ds[split]) if split else []

@@ -558,7 +558,7 @@ class VeriFree(ExportsTokenizer, TrainingRecipe):
         held_out = None
         if data.kind == "hf":
             src = data.hf_name or data.path
-            ds = load_hf_splits(src, data.train_split)
+            ds = load_hf_splits(src, data.train_split, data.extra)
             train = qa(ds[data.train_split], f"{src}[{data.train_split}]")
             split = held_out_split(ds, data, src)
             if split:

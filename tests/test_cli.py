@@ -1,6 +1,7 @@
 """The CLI surface: fast help, listing, validation of every config file, clear errors for bad input."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -188,11 +189,50 @@ def test_out_of_range_values_are_named_with_their_valid_range():
     ("sft", ["logger=wandb", "logger.tags=[a,[b]]", "logger.project=team/proj"],
      ["logger.tags=['a', ['b']]: W&B takes tags of 1 to 64 characters", "logger.project=team/proj: W&B refuses"]),
     ("sft", ["logger=wandb", "logger.tags=[2026,seed0]"], []),      # numbers are written as text
+    # each passed validate and trained nothing (eps=inf), or stopped after the model loaded in a traceback
+    ("sft", ["optim.lr=nan", "optim.eps=inf"], ["optim.lr=nan: not a finite number", "optim.eps=inf: not a finite"]),
+    ("sft", ["trainer.offload_param=cpu", "trainer.offload_optimizer=nvme"],
+     ["trainer.offload_param=cpu with trainer.zero_stage=0", "trainer.offload_optimizer=nvme with trainer.zero_stage=0"]),
+    ("lora_ga", ["trainer=zero2", "trainer.offload_param=cpu"], ["trainer.offload_param=cpu with trainer.zero_stage=2"]),
+    ("sft", ["optim.betas=[0.9]"], ["optim.betas=[0.9]: Adam's two decay rates"]),
+    ("lora", ["recipe.train_head=false", "optim.head_lr=1e-3"], ["optim.head_lr=0.001 with recipe.train_head=false"]),
+    ("sft", ["optim.warmup_steps=10", "trainer.max_steps=10"], ["optim.warmup_steps=10 with trainer.max_steps=10"]),
+    ("sft", ["model.num_labels=2"], ["model.num_labels=2: the built-in data"]),
+    ("sft", ["launcher=deepspeed", "launcher.num_nodes=2"], ["launcher.num_nodes=2 with launcher=deepspeed"]),
+    ("sft", ["launcher.master_port=70000"], ["launcher.master_port=70000: out of range"]),
+    ("swav", ["recipe.normalize_mean=[0.5,0.5]"], ["recipe.normalize_mean=[0.5, 0.5]: one value per RGB channel"]),
+    ("sft", ["data.num_workers=4", "++data.extra.name=sst2"],
+     ["data.num_workers=4: read by nothing", "data.extra={'name': 'sst2'}: keyword arguments of datasets.load_dataset"]),
+    ("sft", ["objective=eval/accuracy", "data.max_eval_samples=0"], ["objective=eval/accuracy: not an evaluation"]),
+    ("verifree", ["recipe.rollout_backend=vllm", "trainer=zero3"],
+     ["recipe.rollout_backend=vllm with trainer.zero_stage=3"] +
+     ([] if importlib.util.find_spec("vllm") else ["recipe.rollout_backend=vllm: the vllm package is not installed"])),
 ])
 def test_recipe_values_that_broke_runs_late_are_named_by_validate(recipe, overrides, expected):
     problems = validate(compose([f"recipe={recipe}", *overrides]))
     assert len(problems) == len(expected) and all(any(p.startswith(e) for p in problems) for e in expected), \
         problems
+
+
+def test_values_given_through_interpolations_and_hostfiles_are_checked(tmp_path, monkeypatch):
+    """A value written as an interpolation skipped every type and range check (${oc.env:MBS} with MBS=0 reached
+    DeepSpeed's assertion after the model loaded); a number from oc.env (text) is read as the number. DeepSpeed's
+    launcher read the hostfile only after runx had started it."""
+    monkeypatch.setenv("MBS", "0")
+    monkeypatch.setenv("STEPS", "abc")
+    monkeypatch.setenv("LR", "1e-3")
+    problems = validate(compose(["trainer.micro_batch_size=${oc.env:MBS}", "trainer.max_steps=${oc.env:STEPS}",
+                                 "optim.lr=${oc.env:LR}"]))
+    assert problems == ["trainer.max_steps=abc: expected int, got str.",
+                        "trainer.micro_batch_size=0: out of range. Valid values: >= 1."], problems
+    monkeypatch.setenv("MBS", "4")
+    assert validate(compose(["trainer.micro_batch_size=${oc.env:MBS}", "optim.lr=${oc.env:LR}"])) == []
+    from runx.cli.config import check_paths
+    for text, expected in (("node01 slots=8 # gpus\nnode02 slots=8\n", None), ("node01 slot=8\n", "line 1 is"),
+                           ("# none yet\n\n", "names no host")):
+        (tmp_path / "hostfile").write_text(text)
+        problems = check_paths(compose(["launcher=deepspeed", f"launcher.hostfile={tmp_path / 'hostfile'}"]))
+        assert (problems == []) if expected is None else (len(problems) == 1 and expected in problems[0]), problems
 
 
 def test_sweep_jobs_expand_choices_ranges_and_interval_ends():
@@ -309,6 +349,21 @@ def test_an_optuna_grid_sweep_ends_cleanly_when_trials_fail(tmp_path):
     assert p.returncode == 1 and "Traceback" not in p.stderr and "diverged" in p.stderr, p.stderr[-3000:]
     res = yaml.safe_load((tmp_path / "two" / "optimization_results.yaml").read_text())
     assert res["best_params"] == {"optim.lr": 0.001}
+
+
+def test_a_job_that_fails_ends_its_w_and_b_run_and_the_next_job_logs_to_its_own(tmp_path):
+    """A job of an in-process sweep that raised left its W&B run open; wandb.init then handed that run to the next
+    job, whose curve and summary went into the failed job's W&B run (and none into its own)."""
+    sweep = tmp_path / "sweep"
+    (sweep / "0").mkdir(parents=True)
+    (sweep / "0" / "ckpt").touch()   # job 0 fails at its first checkpoint, W&B running
+    p = run_cli(["train", "-m", f"run_dir={sweep}", "seed=0,1", "model=tiny_bert", "debug=smoke", "logger=wandb",
+                 "trainer.progress=false", "data.max_length=32", "trainer.max_steps=2", "trainer.ckpt_every=2",
+                 "trainer.eval_every=0"], check=False, timeout=300)
+    assert p.returncode == 1 and "#0" in p.stderr, p.stderr[-3000:]
+    own = list((sweep / "1" / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert own and own[0].stat().st_size > 0, p.stdout[-2000:]
+    assert f"wandb sync {own[0].parent}" in p.stdout and str(sweep / "0" / "wandb") not in p.stdout
 
 
 def test_a_submitit_sweep_lists_its_failed_jobs(tmp_path):

@@ -449,6 +449,18 @@ def test_a_signal_stops_a_launched_run_after_its_workers_saved(tmp_path):
     assert steps[1] > steps[0] >= 3 and max(losses(run)) == steps[1]
 
 
+def test_a_signal_under_the_deepspeed_launcher_goes_to_the_workers_not_to_its_launch_process():
+    """runx passes SIGTERM to the DeepSpeed launcher's workers itself. It matched every process whose command line
+    named runx.cli.worker, DeepSpeed's launch process too, whose handler then ended every process under it (W&B's
+    service included) before rank 0 had saved: no checkpoint, yet 'stopped at a step boundary'."""
+    from runx.cli.train import _is_worker
+    launch = [sys.executable, "-u", "-m", "deepspeed.launcher.launch", "--world_info=e30=", "--master_addr=127.0.0.1",
+              "--master_port=29511", "--module", "--no_local_rank", "runx.cli.worker", "/runs/a"]
+    assert not _is_worker(launch)
+    assert _is_worker([sys.executable, "-u", "-m", "runx.cli.worker", "/runs/a"])
+    assert not _is_worker([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "runx.cli.main"])
+
+
 @pytest.mark.parametrize("trainer", ["zero3_cpu_offload"])
 def test_cpu_offload_matches_zero3(tmp_path, trainer):
     common = TINY + NO_DROPOUT + ["trainer.max_steps=5", "trainer.ckpt_every=0", "trainer.micro_batch_size=8"]
@@ -774,6 +786,12 @@ def test_a_sources_own_held_out_split_is_used_or_named_never_silently_replaced(t
     with pytest.raises(RecipeConfigError, match=r"data.eval_split=validation: .*Valid choices: test\."):
         load_rows(compose(local).data)
     assert [len(x) for x in load_rows(compose(local + ["data.eval_split=test"]).data)] == [16, 4]
+    # data.extra: datasets.load_dataset's own arguments (a subset's name, data_files of a packaged builder); they
+    # were read by nothing
+    files = f"{{train:{tmp_path / 'd' / 'train.jsonl'},test:{tmp_path / 'd' / 'test.jsonl'}}}"
+    built = ["recipe=sft", "model=tiny_bert", "data=hf", "data.hf_name=json", f"++data.extra.data_files={files}",
+             "data.eval_split=test"]
+    assert [len(x) for x in load_rows(compose(built).data)] == [16, 4]
 
 
 def test_a_dataset_id_neither_cached_nor_reachable_is_a_config_problem_naming_the_key(tmp_path):
@@ -1479,15 +1497,14 @@ def test_secrets_are_redacted_in_every_file_of_the_run_dir_but_the_private_job_c
     (.runx/job.yaml) keeps it, readable by the owner only."""
     run = tmp_path / "run"
     run_cli(["train", "model=tiny_bert", "debug=smoke", "logger=wandb", "trainer.progress=false",
-             "data.max_length=32", "trainer.ckpt_every=100", "++data.extra.hf_token=SECRETTOK",
-             "++trainer.ds_overrides.comet.api_key=SECRETCOMET", "++trainer.ds_overrides.comet.enabled=false",
+             "data.max_length=32", "trainer.ckpt_every=100", "++trainer.ds_overrides.comet.api_key=SECRETCOMET", "++trainer.ds_overrides.comet.enabled=false",
              f"run_dir={run}"], cwd=tmp_path)
     leaked = [str(p.relative_to(run)) for p in run.rglob("*") if p.is_file() and b"SECRET" in p.read_bytes()]
     assert leaked == [".runx/job.yaml"], leaked     # the checkpoint's files too (DeepSpeed pickles its config)
     assert list(run.glob("ckpt/step_*/*model_states.pt"))
     assert oct((run / ".runx" / "job.yaml").stat().st_mode & 0o777) == "0o600"
-    assert "hf_token: '***'" in (run / "config.yaml").read_text()
-    assert "++data.extra.hf_token=***" in (run / "env.json").read_text()
+    assert "api_key: '***'" in (run / "config.yaml").read_text()
+    assert "++trainer.ds_overrides.comet.api_key=***" in (run / "env.json").read_text()
     assert (run / ".hydra" / "overrides.yaml").exists() and list(run.glob("wandb/offline-run-*"))
 
 

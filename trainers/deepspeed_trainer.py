@@ -468,6 +468,7 @@ class Trainer:
             os.remove(os.path.join(self.run_dir, "summary.json"))
         wb = WandbRun(self.cfg.logger, self.cfg, self.run_dir, os.path.basename(self.run_dir.rstrip("/")),
                       resumed=resume is not None) if self.is_main else None
+        self._open_logs = (wb, metrics_log)   # close() ends them if the run fails
         loader = self.loader(train_ds, recipe, start, max_steps)
         eval_dl = self.eval_loader(eval_ds, recipe) if eval_ds is not None else None
         if self.best is not None and eval_dl is None:
@@ -646,6 +647,7 @@ class Trainer:
             write_summary(self.run_dir, final)
             sync = wb.finish(final)
             metrics_log.close()
+            self._open_logs = None
             console().print(summary_table(f"runx {self.cfg.recipe.name} — {self.run_dir}", final))
             if sync:   # soft_wrap: a log file must keep the command on one line, to be pasted whole
                 console().print(f"W&B run saved offline; upload it with: [bold]{sync}[/bold]", soft_wrap=True)
@@ -656,6 +658,12 @@ class Trainer:
         (`ds_patches.release_engine`), so that the next job in this process starts with the memory this one
         started with. A Hydra sweep runs its jobs one after another in one process unless its launcher spawns
         them; before this, each finished ZeRO-3 job stayed allocated. Then this rank's NVMe swap files."""
+        wb, metrics_log = getattr(self, "_open_logs", None) or (None, None)
+        self._open_logs = None
+        if wb is not None:   # a failed run's W&B run ends as failed: left open, the next job of an in-process
+            wb.finish({}, exit_code=1)   # sweep was handed it by wandb.init and logged its own curve into it
+        if metrics_log is not None:
+            metrics_log.close()
         engine, self.engine = getattr(self, "engine", None), None
         if engine is not None:
             from runx.trainers.ds_patches import release_engine

@@ -112,8 +112,12 @@ def load_hub_dataset(key: str, name: str, **kw):
     neither on this machine nor reachable, or that the hub does not have, is a config problem naming the key."""
     import datasets
 
+    from omegaconf import DictConfig, ListConfig, OmegaConf
+
     from runx.trainers.recipe import RecipeConfigError
     offline_if_hub_unreachable()   # fail at once where the hub cannot be reached
+    kw = {k: OmegaConf.to_container(v, resolve=True) if isinstance(v, (DictConfig, ListConfig)) else v
+          for k, v in kw.items()}   # data.extra's nested values (data_files={train: ...}) as plain ones
     try:
         return datasets.load_dataset(name, **kw)
     except Exception as e:

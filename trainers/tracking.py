@@ -210,15 +210,17 @@ class WandbRun:
         if self.run is not None:
             self.run.log({k: v for k, v in rec.items() if isinstance(v, (int, float))}, step=step)
 
-    def finish(self, summary: dict) -> str | None:
-        """Returns the `wandb sync` command for offline runs."""
+    def finish(self, summary: dict, exit_code: int = 0) -> str | None:
+        """Returns the `wandb sync` command for offline runs. A second call does nothing. exit_code 1: the run
+        failed (W&B marks it so)."""
         if self.run is None:
             return None
         for k, v in summary.items():
             if isinstance(v, (int, float)):
                 self.run.summary[k] = v
         run_dir, run_id = self.run.dir, self.run.id
-        self.run.finish()
+        run, self.run = self.run, None
+        run.finish(exit_code=exit_code)
         if self.mode == "offline":   # a resumed run has one offline folder per segment, all with the same id
             import glob
             segments = sorted(glob.glob(os.path.join(os.path.dirname(os.path.dirname(run_dir)),

@@ -66,7 +66,9 @@ class DataConfig:
     packing: bool = False
     max_train_samples: Optional[int] = None
     max_eval_samples: Optional[int] = None
-    num_workers: int = 0
+    num_workers: int = 0   # read by nothing: the loader's workers are trainer.dataloader_workers (kept: saved runs have it)
+    # data.kind=hf with a hub id: keyword arguments of datasets.load_dataset (++data.extra.name=sst2 for a subset,
+    # revision=..., token=...)
     extra: dict = field(default_factory=dict)
 
 
@@ -140,8 +142,8 @@ class OptimConfig:
     eps: float = 1e-8
     momentum: float = 0.9
     scheduler: Literal["cosine", "linear", "constant"] = "linear"
-    warmup_steps: int = 0
-    warmup_ratio: float = 0.0
+    warmup_steps: int = 0       # > 0: used instead of warmup_ratio
+    warmup_ratio: float = 0.0   # of the run's optimizer steps
     min_lr_ratio: float = 0.0
     # lr of a sequence classifier's task head (modules named classifier / score, new at init and trained in
     # full by sft, lora and lora_ga alike); null = optim.lr. Same schedule. Lets methods whose adapter lr
