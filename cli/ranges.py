@@ -5,6 +5,7 @@ negative learning rate, a keep fraction above 1), and the value checks that span
 from __future__ import annotations
 
 import math
+import os
 
 
 class Range:
@@ -131,6 +132,9 @@ def range_problems(data: dict) -> list[str]:
         out.append(f"optim.head_lr={head_lr}: only a sequence classifier has a new task head to give its own lr "
                    f"(model.kind={kind}). Valid choices: null, or model.kind=seq_cls.")
     out += _pair_problems(name, data)
+    overrides = (data.get("trainer") or {}).get("ds_overrides")
+    if isinstance(overrides, dict) and overrides:
+        out += ds_override_problems(overrides)
     if dat.get("num_workers") not in (0, None):
         out.append(f"data.num_workers={dat['num_workers']}: read by nothing (kept so that saved runs load). Valid "
                    f"choices: trainer.dataloader_workers={dat['num_workers']} for the data loader's workers.")
@@ -186,6 +190,80 @@ def range_problems(data: dict) -> list[str]:
     if name == "verifree" and rec.get("advantage") in ("rloo", "grpo") and isinstance(group, int) and group < 2:
         out.append(f"recipe.group_size={group}: the {rec['advantage']} baseline needs at least 2 samples per "
                    "question. Valid values: >= 2, or recipe.advantage=naive.")
+    return out
+
+
+# DeepSpeed keys runx writes from its own settings: an override would make them disagree (DeepSpeed's batch-size
+# assertion after the model was built) or change the run behind runx's back
+_RUNX_SETS = {"train_batch_size": "trainer.micro_batch_size x trainer.grad_accum x processes",
+              "train_micro_batch_size_per_gpu": "trainer.micro_batch_size",
+              "gradient_accumulation_steps": "trainer.grad_accum", "zero_optimization.stage": "trainer.zero_stage"}
+# DeepSpeed config sections that its runtime/constants.py does not name
+_DS_SECTIONS = ("zero_optimization", "aio", "comet", "wandb", "tensorboard", "csv_monitor", "activation_checkpointing",
+                "flops_profiler", "compression_training", "data_efficiency", "curriculum_learning", "nebula",
+                "elasticity", "autotuning", "sparse_attention", "pipeline", "amp", "compile", "timers",
+                "weight_quantization", "hybrid_engine", "sequence_parallel_size", "tensor_parallel", "zenflow")
+
+
+def _deepspeed_keys() -> tuple[set, list, set]:
+    """(the config key names in DeepSpeed's runtime/constants.py, the fields of its DeepSpeedZeroConfig, their
+    aliases), read from its source: importing DeepSpeed takes seconds and probes the accelerator."""
+    import ast
+    import importlib.util
+    spec = importlib.util.find_spec("deepspeed")
+    root = os.path.dirname(spec.origin) if spec and spec.origin else None
+    if root is None:
+        return set(), [], set()
+
+    def tree(*parts):
+        with open(os.path.join(root, *parts)) as f:
+            return ast.parse(f.read())
+    known = {n.value.value for n in ast.walk(tree("runtime", "constants.py")) if isinstance(n, ast.Assign)
+             and isinstance(n.value, ast.Constant) and isinstance(n.value.value, str) and n.value.value.isidentifier()
+             and all(isinstance(t, ast.Name) and t.id.isupper() and not t.id.endswith("_DEFAULT") for t in n.targets)}
+    fields, aliases = [], set()
+    for cls in ast.walk(tree("runtime", "zero", "config.py")):
+        if isinstance(cls, ast.ClassDef) and cls.name == "DeepSpeedZeroConfig":
+            for st in cls.body:
+                if isinstance(st, ast.AnnAssign) and isinstance(st.target, ast.Name):
+                    fields.append(st.target.id)
+                    if isinstance(st.value, ast.Call):
+                        aliases |= {k.value.value for k in st.value.keywords
+                                    if k.arg == "alias" and isinstance(k.value, ast.Constant)}
+    return known, sorted(fields), aliases
+
+
+def ds_override_problems(overrides: dict) -> list[str]:
+    """trainer.ds_overrides checked before any model is built: a key runx sets itself, an unknown key of the
+    zero_optimization block (DeepSpeed's pydantic model refused it only inside deepspeed.initialize), and a
+    top-level key that is a near miss of one of DeepSpeed's (gradient_clippin was silently ignored, the clip
+    the user asked for never applied). Imports DeepSpeed only when there are overrides."""
+    import difflib
+
+    from runx.trainers.runtime import flatten_overrides
+    out = []
+    flat = flatten_overrides(overrides)
+    for key, where in _RUNX_SETS.items():
+        if key in flat or (key == "zero_optimization.stage" and isinstance(overrides.get("zero_optimization"), int)):
+            out.append(f"trainer.ds_overrides.{key}={flat.get(key)}: runx sets it from {where}. Valid choices: "
+                       f"set {where.split(' x ')[0]} instead.")
+    known, fields, aliases = _deepspeed_keys()
+    known.update(_DS_SECTIONS)
+    zero_keys = set(fields) | aliases
+    seen = set()
+    for key in flat:   # dotted: {aio.queue_depth: 16} and nested blocks alike
+        top, _, rest = str(key).partition(".")
+        if top not in known and top not in seen:
+            seen.add(top)
+            near = difflib.get_close_matches(top, sorted(known), n=1, cutoff=0.85)
+            if near:
+                out.append(f"trainer.ds_overrides.{top}: not a DeepSpeed config key (DeepSpeed would ignore it). "
+                           f"Did you mean trainer.ds_overrides.{near[0]}?")
+        sub = rest.partition(".")[0]
+        if top == "zero_optimization" and sub and sub not in zero_keys:
+            near = difflib.get_close_matches(sub, sorted(zero_keys), n=1)
+            out.append(f"trainer.ds_overrides.zero_optimization.{sub}: not a key of DeepSpeed's zero_optimization "
+                       "block." + (f" Did you mean {near[0]}?" if near else f" Valid keys: {', '.join(sorted(fields))}."))
     return out
 
 

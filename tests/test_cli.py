@@ -204,6 +204,16 @@ def test_out_of_range_values_are_named_with_their_valid_range():
     ("sft", ["data.num_workers=4", "++data.extra.name=sst2"],
      ["data.num_workers=4: read by nothing", "data.extra={'name': 'sst2'}: keyword arguments of datasets.load_dataset"]),
     ("sft", ["objective=eval/accuracy", "data.max_eval_samples=0"], ["objective=eval/accuracy: not an evaluation"]),
+    # a misspelt DeepSpeed key was silently ignored (the clip asked for never applied), others failed inside
+    # deepspeed.initialize after the model was built
+    ("sft", ["++trainer.ds_overrides.gradient_clippin=0.5", "++trainer.ds_overrides.gradient_accumulation_steps=2",
+             "++trainer.ds_overrides={zero_optimization.reduce_bucket_sise:2e8}"],
+     ["trainer.ds_overrides.gradient_clippin: not a DeepSpeed config key (DeepSpeed would ignore it). Did you mean "
+      "trainer.ds_overrides.gradient_clipping?", "trainer.ds_overrides.gradient_accumulation_steps=2: runx sets it",
+      "trainer.ds_overrides.zero_optimization.reduce_bucket_sise: not a key of DeepSpeed's zero_optimization block. "
+      "Did you mean reduce_bucket_size?"]),
+    ("sft", ["++trainer.ds_overrides={gradient_clipping:0.5,aio.queue_depth:16,comet.enabled:false}",
+             "++trainer.ds_overrides.zero_optimization.stage3_max_live_parameters=1e9"], []),
     ("verifree", ["recipe.rollout_backend=vllm", "trainer=zero3"],
      ["recipe.rollout_backend=vllm with trainer.zero_stage=3"] +
      ([] if importlib.util.find_spec("vllm") else ["recipe.rollout_backend=vllm: the vllm package is not installed"])),
