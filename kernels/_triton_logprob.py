@@ -96,7 +96,7 @@ def _fwd_kernel(h_ptr, w_ptr, b_ptr, t_ptr, m_ptr, s_ptr, e_ptr, z_ptr,
         p = tl.exp(z - m_new[:, None])  # 0 on masked columns
         if WANT_ENT:
             # e tracks sum p (z - m) relative to the running max: shift it when m moves.
-            zc = tl.where(col_ok[None, :], z - m_new[:, None], 0.0)
+            zc = tl.where(p > 0, z - m_new[:, None], 0.0)   # 0 log 0 = 0 (masked columns, -inf logits)
             e = alpha * (e + (m - m_new) * s) + tl.sum(p * zc, axis=1)
         s = s * alpha + tl.sum(p, axis=1)
         m = m_new
@@ -134,8 +134,9 @@ def _dlogits_kernel(h_ptr, w_ptr, b_ptr, t_ptr, lse_ptr, g_ptr, ge_ptr, ent_ptr,
     lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
     g = tl.load(g_ptr + rows, mask=row_ok, other=0.0)
     tgt = tl.load(t_ptr + rows, mask=row_ok, other=-1)
-    logq = tl.where(col_ok[None, :], z - lse[:, None], 0.0)
-    p = tl.where(col_ok[None, :], tl.exp(logq), 0.0)
+    logq = tl.where(col_ok[None, :], z - lse[:, None], float("-inf"))
+    p = tl.exp(logq)
+    logq = tl.where(p > 0, logq, 0.0)   # p log p = 0 where p = 0 (a -inf logit): no 0 * -inf
     coef = g[:, None] + tl.zeros((BLOCK_N, BLOCK_V), tl.float32)
     if WANT_ENT:
         ge = tl.load(ge_ptr + rows, mask=row_ok, other=0.0)
@@ -165,10 +166,10 @@ def _wsum_rows_kernel(z_ptr, t_ptr, g_ptr, dx_ptr, logp_ptr, ent_ptr, lse_ptr, V
         z = tl.load(z_row + v0 + cols, mask=ok, other=float("-inf"))
         m_new = tl.maximum(m, z)
         alpha = tl.where(m == m_new, 1.0, tl.exp(m - m_new))   # 1 while a lane has seen nothing (-inf)
-        p = tl.where(ok, tl.exp(z - m_new), 0.0)
+        p = tl.where(ok & (z > float("-inf")), tl.exp(z - m_new), 0.0)   # -inf - -inf: a lane of -inf so far
         if WANT_ENT:
             shift = tl.where(s > 0, (m - m_new) * s, 0.0)
-            e = alpha * (e + shift) + tl.where(ok, p * (z - m_new), 0.0)
+            e = alpha * (e + shift) + tl.where(p > 0, p * (z - m_new), 0.0)
         s = alpha * s + p
         m = m_new
     big = tl.max(m, 0)

@@ -139,8 +139,8 @@ def _torch_forward(hidden, weight, bias, targets, valid, inv_temp, chunk, want_e
         tgt[s:e] = z.gather(1, safe_t[s:e, None]).squeeze(1)
         if want_ent:
             z -= lse_c[:, None]  # z now holds log p
-            # H = -sum p log p; torch.special.xlogy would also do, this keeps one temp.
-            ent[s:e] = -(z.exp() * z).sum(-1)
+            # H = -sum p log p, with 0 log 0 = 0 (a -inf logit); one temp
+            ent[s:e] = -(z.exp() * z).nan_to_num_(nan=0.0).sum(-1)
         del z
     return tgt, lse, ent
 
@@ -157,7 +157,8 @@ def _dlogits_from_logp(z, t_c, g_c, ge_c, ent_c, inv_temp):
     there is no entropy term) and the per-row upstream gradients g (log-prob) and ge (entropy)."""
     p = z.exp_() if ge_c is None else z.exp()
     if ge_c is not None:
-        # dz_j = -p_j (g + ge (log p_j + H)) + g [j == t]
+        # dz_j = -p_j (g + ge (log p_j + H)) + g [j == t]; 0 where p_j = 0 (log p_j = -inf)
+        z.masked_fill_(p == 0, 0.0)
         z += ent_c[:, None]
         z *= ge_c[:, None]
         z += g_c[:, None]
@@ -473,7 +474,7 @@ def _weighted_forward(hidden, weight, bias, targets, valid, tw, inv_temp, chunk,
             z -= lse_c  # log p
             logp[s:e] = z.gather(1, safe_t[s:e, None]).squeeze(1)
             if want_ent:
-                ent[s:e] = -(z.exp() * z).sum(-1)
+                ent[s:e] = -(z.exp() * z).nan_to_num_(nan=0.0).sum(-1)
             dx = _dlogits_from_logp(z, safe_t[s:e], g[s:e], None, None, inv_temp) if grads else None
         if grads:
             acc.add(s, e, hidden[s:e], dx, w32=w32)
@@ -626,8 +627,8 @@ def linear_logprob(
     impl = resolve_backend(backend, h2, variants=("triton_rows",))
     n, v = h2.shape[0], w.shape[0]
     rows = chunk_rows(n, v, chunk)
-    if n == 0:
-        out = h2.new_zeros(lead, dtype=torch.float32)
+    if n == 0:   # zeros that keep the graph: backward() gives zero gradients (it raised on a detached zero)
+        out = h2.new_zeros(lead, dtype=torch.float32) + (h2.sum() + w.sum()).float() * 0.0
         return (out, out.clone()) if return_entropy else out
     with torch.autocast(dev_type, enabled=False):  # our matmuls pick their own precision
         logp, ent = _LinearLogprob.apply(h2, w, b, t1, 1.0 / float(temperature), int(ignore_index), rows,

@@ -75,6 +75,8 @@ class _TorchOps:
     def proto_stats(scores, inv_eps, g):
         """Per prototype k: local max_b and sum_b exp(x_bk + g_b - max)."""
         x = scores.float() * inv_eps
+        if x.shape[0] == 0:   # a rank without samples this step still takes part in the global sums
+            return x.new_full((x.shape[1],), float("-inf")), x.new_zeros(x.shape[1])
         if g is not None:
             x += g[:, None]
         m = x.amax(dim=0)
@@ -127,6 +129,8 @@ def sinkhorn(
         raise ValueError(f"scores must be [B, K], got {tuple(scores.shape)}")
     if not scores.dtype.is_floating_point:
         raise TypeError("scores must be a floating tensor")
+    if scores.shape[1] == 0:
+        raise ValueError("scores must have at least one prototype (K >= 1), got [B, 0]")
     if int(iters) < 1:
         raise ValueError("iters must be >= 1 (SwAV uses 3)")
     if not eps > 0:
@@ -138,6 +142,8 @@ def sinkhorn(
     else:
         ops = _TorchOps
     b_local, k = scores.shape
+    if b_local == 0 and reduce is None:
+        return scores.new_zeros((0, k), dtype=torch.float32)
     inv_eps = 1.0 / float(eps)
     log_k = math.log(k)
     log_b = math.log(max(b_local, 1))
@@ -152,7 +158,7 @@ def sinkhorn(
         m, s = ops.proto_stats(scores, inv_eps, g)
         if reduce is not None:
             m_glob = reduce(m.clone(), "max")
-            s = s * torch.exp(m - m_glob)
+            s = torch.where(s > 0, s * torch.exp(m - m_glob), 0.0)   # (no samples here: m = -inf, s = 0)
             if it == 0:  # piggy-back the global batch size on the first sum
                 packed = reduce(torch.cat([s, s.new_tensor([float(b_local)])]), "sum")
                 s, log_b = packed[:-1], torch.log(packed[-1])  # stays on device: no sync

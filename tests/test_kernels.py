@@ -203,6 +203,12 @@ def test_logprob_all_ignored_gives_zero_and_no_grad():
     assert (lp == 0).all() and (ent == 0).all()
     (lp.sum() + ent.sum()).backward()
     assert (h.grad == 0).all() and (w.grad == 0).all()
+    # an empty batch too (its detached zeros made backward() raise)
+    h0 = torch.randn(0, 8, requires_grad=True)
+    lp, ent = linear_logprob(h0, w, torch.zeros(0, dtype=torch.long), return_entropy=True)
+    w.grad = None
+    (lp.sum() + ent.sum()).backward()
+    assert lp.shape == (0,) and h0.grad.shape == (0, 8) and (w.grad == 0).all()
 
 
 def test_logprob_chunk_size_does_not_change_result():
@@ -297,6 +303,46 @@ def test_logprob_torch_path_never_materialises_full_logits(dtype):
 # ----------------------------------------------------------------------------------------
 # linear_logprob_weighted_sum: the gradient made in the forward
 # ----------------------------------------------------------------------------------------
+
+
+def _check_masked_vocab(backend):
+    """A bias of -inf (banned tokens, a padded vocabulary) in the first vocabulary block and later: the entropy and
+    its gradients were NaN on every path (0 * log 0), and the row kernel's log-probs too (-inf - -inf on a lane
+    that had seen only -inf). Log-probs, entropies and gradients against fp64 with 0 log 0 = 0."""
+    gen = torch.Generator().manual_seed(3)
+    n, hsz, v = 7, 8, 150
+    h = torch.randn(n, hsz, generator=gen, dtype=torch.float64)
+    w = torch.randn(v, hsz, generator=gen, dtype=torch.float64)
+    b = torch.zeros(v, dtype=torch.float64)
+    b[[0, 1, 5, 77, 149]] = -float("inf")
+    t = torch.tensor([2, 3, 4, 6, 100, 148, 10])
+    ga, ge = torch.randn(n, generator=gen, dtype=torch.float64), torch.randn(n, generator=gen, dtype=torch.float64)
+    # the reference leaves the banned columns out (p = 0 there), so that its own gradients stay finite
+    keep = torch.isfinite(b)
+    t_keep = torch.cumsum(keep, 0)[t] - 1
+    ref = [x.clone().requires_grad_() for x in (h, w)]
+    logp = torch.log_softmax(ref[0] @ ref[1][keep].T, -1)
+    lp_r, ent_r = logp.gather(1, t_keep[:, None]).squeeze(1), -(logp.exp() * logp).sum(-1)
+    (ga * lp_r + ge * ent_r).sum().backward()
+    xs = [x.float().requires_grad_() for x in (h, w)]
+    if backend == "wsum":
+        s, lp, ent = linear_logprob_weighted_sum(xs[0], xs[1], t, ga.float(), bias=b.float(), return_logp=True,
+                                                 return_entropy=True, backend="triton")
+        s.backward()
+        h2, w2 = (x.clone().requires_grad_() for x in (h, w))
+        lp2 = torch.log_softmax(h2 @ w2[keep].T, -1).gather(1, t_keep[:, None]).squeeze(1)
+        grads_ref = torch.autograd.grad((ga * lp2).sum(), (h2, w2))
+    else:
+        lp, ent = linear_logprob(xs[0], xs[1], t, bias=b.float(), return_entropy=True, chunk=4, backend=backend)
+        (ga.float() * lp + ge.float() * ent).sum().backward()
+        grads_ref = [r.grad for r in ref]
+    assert _rel(lp, lp_r.detach()) < 1e-5 and _rel(ent, ent_r.detach()) < 1e-5, (lp, ent)
+    for x, r in zip(xs, grads_ref):
+        assert torch.isfinite(x.grad).all() and _rel(x.grad, r) < 1e-5, _rel(x.grad, r)
+
+
+def test_logprob_with_minus_inf_logits_torch():
+    _check_masked_vocab("torch")
 
 
 WSUM_CASES = [
@@ -501,6 +547,9 @@ def test_sinkhorn_rejects_bad_args():
         sinkhorn(s, eps=0.0)
     with pytest.raises(ValueError):
         sinkhorn(s, world_sums="nccl")
+    with pytest.raises(ValueError, match="at least one prototype"):   # (a 'math domain error')
+        sinkhorn(torch.randn(4, 0))
+    assert sinkhorn(torch.randn(0, 5)).shape == (0, 5)               # (an IndexError from amax on the CPU path)
 
 
 def test_sinkhorn_callable_world_sums_with_threads():
@@ -537,6 +586,16 @@ def test_sinkhorn_callable_world_sums_with_threads():
     assert not errors, errors
     full = sinkhorn(scores, eps=0.05, iters=3)
     torch.testing.assert_close(torch.cat(results), full, rtol=0, atol=1e-6)
+    # a rank without samples this step takes part in the sums and gets [0, K]
+    parts[:] = [scores, scores[:0]]
+    threads = [threading.Thread(target=worker, args=(r,)) for r in range(2)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(60)
+    assert not errors, errors
+    assert results[1].shape == (0, 30)
+    torch.testing.assert_close(results[0], full, rtol=0, atol=1e-6)
 
 
 def _gloo_worker(rank, world, init_file, out_dir, scores):
@@ -607,6 +666,8 @@ def _interp_logprob_checks():
     # huge logits: near-one-hot rows, whose entropies are tiny numbers (the torch path also misses 1e-5 on them)
     _check_weighted_sum(23, 16, 300, True, 1.0, 8, torch.float32, backend="triton", scale=100.0, ent_tol=1e-4)
     _check_wsum_rows_low_precision_output()
+    for backend in ("triton", "triton_rows", "wsum"):
+        _check_masked_vocab(backend)
     print("INTERP-OK logprob")
 
 
