@@ -88,7 +88,8 @@ def evaluate_run(run_dir: str, tag: str | None = None, overrides: list[str] | No
     with torch.no_grad():
         metrics = {f"eval/{k}": v for k, v in recipe.evaluate(model, loader).items()}
     name = tag + (f"-{hashlib.sha1(' '.join(overrides).encode()).hexdigest()[:8]}" if overrides else "")
-    if out and os.path.isdir(out):   # --out <folder>: the result file goes in it
+    if out and (os.path.isdir(out) or out.endswith(("/", os.sep))):   # --out <folder>: the result file goes in it
+        os.makedirs(out, exist_ok=True)
         out = os.path.join(out, f"{name}.json")
     out = out or os.path.join(run_dir, "eval", f"{name}.json")
     record = {"run_dir": os.path.abspath(run_dir), "tag": tag, "overrides": overrides, "samples": len(eval_ds),

@@ -45,6 +45,16 @@ def load_run_config(run_dir: str, verb: str = "export", error=ExportError):
             raise error(f"{run_dir}: a folder of {len(runs)} runs, not one run; runx {cmd} takes one run folder. "
                         f"Valid choices: {', '.join(names[:8])}{', ...' if len(names) > 8 else ''} (e.g. runx "
                         f"{cmd} {os.path.join(run_dir, names[0])})")
+        if not os.path.exists(run_dir):
+            raise error(f"{run_dir}: no such folder")
+        # a checkpoint folder given for its run: <run>/ckpt or <run>/ckpt/step_N
+        parts = os.path.normpath(os.path.abspath(run_dir)).split(os.sep)
+        if "ckpt" in parts[1:]:
+            i = len(parts) - 1 - parts[::-1].index("ckpt")
+            run, step = os.sep.join(parts[:i]), parts[i + 1] if i + 1 < len(parts) else None
+            cmd = {"evaluate": "eval"}.get(verb, verb)
+            raise error(f"{run_dir}: a checkpoint folder; runx {cmd} takes the run folder. Valid choices: runx "
+                        f"{cmd} {run}" + (f" --tag {step}" if step else ""))
         raise error(f"{run_dir}: not a runx run folder (no config.yaml)")
     cfg = OmegaConf.load(private if os.path.exists(private) else public)
     info = RECIPES[cfg.recipe.name]
@@ -60,7 +70,7 @@ def checkpoint_tag(run_dir: str, cfg, tag: str | None, verb: str = "export", err
     found = checkpoint_steps(ckpt_root)
     # a folder without runx_complete.json is a save cut short by a kill: not loadable, not a choice
     tags = [d for d in found if is_complete(ckpt_root, d)]
-    if tag is None:
+    if tag in (None, "latest"):
         latest = os.path.join(ckpt_root, "latest")
         if not os.path.exists(latest):
             hint = " (it ran with trainer.ckpt_every=0: rerun it with export_at_end=true, or with checkpoints)" \
@@ -106,12 +116,48 @@ def export_run(run_dir: str, out: str | None = None, tag: str | None = None) -> 
     except RecipeConfigError as e:
         raise ExportError(str(e)) from None
     recipe.serving_run = True
-    model, sd = trained_model(recipe, run_dir, cfg, tag)
+    default = out is None
     out = out or os.path.join(run_dir, "export")
+    clear_earlier_export(out, default)
+    model, sd = trained_model(recipe, run_dir, cfg, tag)
     try:
         recipe.export(model, sd, out)
     except RecipeConfigError as e:
         raise ExportError(str(e)) from None
-    from runx.trainers.datajob import readable_like_open
+    from runx.trainers.datajob import atomic_write_json, readable_like_open
+    files = sorted(os.path.relpath(os.path.join(d, f), out) for d, _, fs in os.walk(out) for f in fs)
+    atomic_write_json(os.path.join(out, EXPORT_MANIFEST), {"run_dir": os.path.abspath(run_dir), "tag": tag,
+                                                           "files": files})
     readable_like_open(out)
     return out
+
+
+EXPORT_MANIFEST = "runx_export.json"   # what an export wrote, so that the next one into the folder replaces it
+
+
+def clear_earlier_export(out: str, owned: bool) -> None:
+    """The files of an earlier export into `out` removed (an export of another run or recipe left its files
+    beside the new ones: an sft model.safetensors under a lora adapter loaded as a model neither run trained). A
+    folder with other files in it is refused, unless it is the run's own export folder (`owned`)."""
+    import json
+    import shutil
+    if not os.path.isdir(out) or not os.listdir(out):
+        return
+    manifest = os.path.join(out, EXPORT_MANIFEST)
+    if os.path.isfile(manifest):
+        with open(manifest) as f:
+            listed = json.load(f).get("files", [])
+        for rel in listed:
+            path = os.path.join(out, rel)
+            if os.path.isfile(path) or os.path.islink(path):
+                os.remove(path)
+        for d, _, _ in sorted(os.walk(out), key=lambda x: -len(x[0])):   # folders it emptied
+            if d != out and not os.listdir(d):
+                os.rmdir(d)
+        os.remove(manifest)
+    elif owned:
+        shutil.rmtree(out)
+    else:
+        raise ExportError(f"--out {out}: a folder with other files in it (e.g. {sorted(os.listdir(out))[0]}); an "
+                          "export there would mix with them. Valid choices: a new or empty folder, or one an "
+                          "earlier runx export wrote")

@@ -516,10 +516,25 @@ def test_export_gives_engine_logits(tmp_path, recipe, zero):
     if recipe == "lora":
         assert load(out).config.id2label == dict(enumerate(STDLIB_TOPICS))
     if recipe == "sft":   # what cannot be exported says so in one line, with the choices
+        # an export into a folder replaces the earlier export's files (another run's adapter beside this model
+        # loaded as a mix of both); a folder of other files is refused
+        from runx.cli.export import ExportError, clear_earlier_export
+        manifest = json.load(open(out / "runx_export.json"))
+        assert "model.safetensors" in manifest["files"] and manifest["tag"] == "step_3"
+        (out / "adapter_config.json").write_text("{}")
+        json.dump({**manifest, "files": manifest["files"] + ["adapter_config.json"]}, open(out / "runx_export.json", "w"))
+        clear_earlier_export(str(out), owned=False)
+        assert list(out.iterdir()) == []
+        (tmp_path / "mine").mkdir()
+        (tmp_path / "mine" / "notes.txt").write_text("mine")
+        with pytest.raises(ExportError, match=r"a folder with other files in it \(e.g. notes.txt\)"):
+            clear_earlier_export(str(tmp_path / "mine"), owned=False)
+        p = run_cli(["export", str(run / "ckpt" / "step_3")], check=False)
+        assert p.returncode == 2 and f"Valid choices: runx export {run} --tag step_3" in p.stderr, p.stderr
         p = run_cli(["export", str(run), "--tag", "step_9"], check=False)
         assert p.returncode == 2 and "Valid choices: step_3" in p.stderr and "Traceback" not in p.stderr, p.stderr
         p = run_cli(["export", str(tmp_path / "nope")], check=False)
-        assert p.returncode == 2 and "not a runx run folder" in p.stderr, p.stderr
+        assert p.returncode == 2 and "nope: no such folder" in p.stderr, p.stderr
         (tmp_path / "a_file").write_text("")
         p = run_cli(["export", str(run), "--out", str(tmp_path / "a_file")], check=False)
         assert p.returncode == 2 and "a file, not a folder" in p.stderr and "Traceback" not in p.stderr, p.stderr
@@ -544,6 +559,8 @@ def test_eval_reproduces_the_runs_evaluation_and_takes_other_data(tmp_path):
     (tmp_path / "evals").mkdir()    # --out <a folder>: the result file goes in it
     out, _ = evaluate_run(str(run), out=str(tmp_path / "evals"))
     assert out == str(tmp_path / "evals" / "step_4.json") and json.load(open(out))["tag"] == "step_4"
+    out, _ = evaluate_run(str(run), out=str(tmp_path / "new") + "/", tag="latest")   # a new folder (a traceback)
+    assert out == str(tmp_path / "new" / "step_4.json")
     rows = [{"text": "Return the absolute value of x.", "label": 1}, {"text": "Open a socket.", "label": 3}]
     (tmp_path / "other.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     out, _ = evaluate_run(str(run), overrides=[f"data.eval_path={tmp_path / 'other.jsonl'}", "data.kind=jsonl",
