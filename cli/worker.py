@@ -161,9 +161,25 @@ def exit_without_teardown(code: int) -> None:
     except Exception:
         pass
     logging.shutdown()
+    remove_library_temp_dirs()
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
+
+
+def remove_library_temp_dirs() -> None:
+    """W&B's module-level temporary folders (tmp*wandb-media, tmp*wandb-artifacts), which the interpreter's exit
+    removes and os._exit skips: two left in $TMPDIR per rank of every multi-process run."""
+    for module, owner, attr in (("wandb.sdk.data_types._private", None, "MEDIA_TMP"),
+                                ("wandb.sdk.artifacts.artifact", "Artifact", "_TMP_DIR")):
+        mod = sys.modules.get(module)
+        holder = getattr(mod, owner, None) if owner else mod
+        tmp = getattr(holder, attr, None)
+        try:
+            if tmp is not None:
+                tmp.cleanup()
+        except Exception:
+            pass
 
 
 if __name__ == "__main__":
