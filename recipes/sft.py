@@ -44,7 +44,7 @@ def check_packed_attention(model, key: str = "data.packing") -> None:
                                 f"Valid values: {key}=false for this model.")
 
 
-def check_positions(model, max_length: int, key: str = "data.max_length") -> None:
+def check_positions(model, max_length: int, key: str = "data.max_length", warn: bool = True) -> None:
     """A model with learned position embeddings (BERT, GPT-2, OPT) cannot encode a sample longer than its
     max_position_embeddings: that is a config problem (it would fail with an index error, on a GPU a device-side
     assert, at the first long batch). Rotary models (Llama, Qwen) run past it, with a warning."""
@@ -58,10 +58,40 @@ def check_positions(model, max_length: int, key: str = "data.max_length") -> Non
         from runx.trainers.recipe import RecipeConfigError
         raise RecipeConfigError(f"{key}={max_length}: {type(model).__name__} has learned position embeddings for "
                                 f"{limit} tokens, so a longer sample cannot be encoded. Valid values: {key} <= {limit}.")
+    if not warn:
+        return
     import logging
     logging.getLogger("runx.sft").warning("%s=%d is beyond %s's max_position_embeddings (%d): samples that long run "
                                           "past the positions it was trained on", key, max_length,
                                           type(model).__name__, limit)
+
+
+def check_positions_from_config(model_cfg, max_length: int, key: str = "data.max_length") -> None:
+    """check_positions before any weight is read (the recipe's constructor, which `runx validate` runs too): the
+    checkpoint's config gives the position limit; only when max_length is beyond it is the model's skeleton built
+    on the meta device to see whether its positions are learned. Best effort: a config that cannot be read here
+    leaves the check to check_positions once the model is built."""
+    try:
+        import transformers
+        from omegaconf import OmegaConf
+
+        from runx.trainers.hf import resolve_path
+        if model_cfg.get("from_config"):
+            conf = dict(OmegaConf.to_container(model_cfg.from_config, resolve=True))
+            conf = transformers.AutoConfig.for_model(conf.pop("model_type"), **conf)
+        else:
+            conf = transformers.AutoConfig.from_pretrained(resolve_path(str(model_cfg.path)),
+                                                           trust_remote_code=bool(model_cfg.get("trust_remote_code")))
+        limit = getattr(conf, "max_position_embeddings", None) or getattr(conf, "n_positions", None)
+        if not isinstance(limit, int) or max_length <= limit:
+            return
+        auto = {"seq_cls": transformers.AutoModelForSequenceClassification,
+                "causal_lm": transformers.AutoModelForCausalLM}.get(str(model_cfg.get("kind")), transformers.AutoModel)
+        with torch.device("meta"):
+            skeleton = auto.from_config(conf)
+    except Exception:
+        return
+    check_positions(skeleton, max_length, key, warn=False)   # (the warning comes once the model is built)
 
 
 def causal_lm_tokenizer(model_cfg):
@@ -115,6 +145,7 @@ class SFT(ExportsTokenizer, TrainingRecipe):
         if self.task == "cls" and cfg.model.kind != "seq_cls":
             raise ValueError(f"recipe.task=cls needs model.kind=seq_cls (got {cfg.model.kind})")
         self.tokenizer = causal_lm_tokenizer(cfg.model) if self.task == "lm" else load_tokenizer(cfg.model)
+        check_positions_from_config(cfg.model, int(cfg.data.max_length))
         if self.task == "lm" and cfg.data.get("chat_template"):   # trained with it: exported with it
             self.tokenizer.chat_template = resolve_chat_template(cfg.data.chat_template, self.tokenizer, "")
         self.num_labels = len(STDLIB_TOPICS) if cfg.data.kind == "builtin" else int(cfg.model.num_labels)

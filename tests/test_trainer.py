@@ -910,11 +910,15 @@ def test_data_max_length_beyond_learned_positions_is_a_config_problem(tmp_path, 
     """BERT-like models cannot encode more tokens than their position table holds: data.max_length beyond it is
     refused before training (and before `runx plan` sizes a run that long); a rotary model only warns."""
     from runx.cli.config import compose
+    from runx.cli.main import _recipe_problems
     from runx.recipes.sft import SFT
     from runx.trainers.recipe import RecipeConfigError
     with pytest.raises(RecipeConfigError, match="data.max_length=200: BertForSequenceClassification has learned "
                                                 "position embeddings for 128 tokens.*data.max_length <= 128"):
         SFT(compose(["recipe=sft", "model=tiny_bert", "data.max_length=200"]), str(tmp_path)).build_model()
+    # runx validate too, from the checkpoint's config (it said ok, and runx train refused)
+    problems = _recipe_problems(compose(["recipe=sft", "data.max_length=600"]))
+    assert problems and "BertForSequenceClassification has learned position embeddings for 512 tokens" in problems[0]
     SFT(compose(["recipe=sft", "model=tiny_bert", "data.max_length=128"]), str(tmp_path)).build_model()
     with caplog.at_level("WARNING", logger="runx.sft"):
         SFT(compose(["recipe=sft", "model=tiny_llama", "data.max_length=300"]), str(tmp_path)).build_model()
