@@ -533,6 +533,16 @@ class ConceptPrune(DataJob):
             return self.k_concepts()
         return min(int(self.rc.dedup_clusters), 16) if self.smoke else int(self.rc.dedup_clusters)
 
+    @staticmethod
+    def check_k(key: str, k: int, rows: int) -> None:
+        """As many clusters as rows puts every row in a cluster of its own: SemDeDup then finds no pair and the
+        quotas have nothing to weigh (faiss was silently given k = rows; the run removed nothing)."""
+        if k >= rows:
+            from runx.trainers.recipe import RecipeConfigError
+            raise RecipeConfigError(f"{key}={k}: the data has {rows} rows to cluster, so every row would be a "
+                                    f"cluster of its own. Valid values: {key} < {rows} (tens to hundreds of rows "
+                                    "per cluster)")
+
     def niter(self) -> int:
         return min(int(self.rc.kmeans_iters), 5) if self.smoke else int(self.rc.kmeans_iters)
 
@@ -751,6 +761,7 @@ class ConceptPrune(DataJob):
     def kmeans_all(self, ctx: JobContext, key: str) -> dict:
         k = self.k_dedup()
         x = self.sample_rows(k * int(self.rc.max_points_per_centroid), self.seed)
+        self.check_k("recipe.num_clusters" if self.shared_clustering else "recipe.dedup_clusters", k, len(x))
         C = spherical_kmeans(x, k, self.niter(), self.seed, self.device)
         with atomic_path(os.path.join(ctx.stage_dir("kmeans"), "centroids.npy")) as tmp:
             np.save(tmp, C)
@@ -867,6 +878,7 @@ class ConceptPrune(DataJob):
     def recluster_all(self, ctx: JobContext, key: str) -> dict:
         k = self.k_concepts()
         x = self.sample_rows(k * int(self.rc.max_points_per_centroid), self.seed + 1, exclude=self.removed_rows())
+        self.check_k("recipe.num_clusters", k, len(x))
         C = spherical_kmeans(x, k, self.niter(), self.seed + 1, self.device)
         with atomic_path(os.path.join(ctx.stage_dir("recluster"), "centroids.npy")) as tmp:
             np.save(tmp, C)

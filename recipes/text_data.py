@@ -288,6 +288,11 @@ def _split(rows, frac, seed):
     return rows[n_eval:], rows[:n_eval]
 
 
+def _missing_value(v) -> bool:
+    """A null / NaN cell (JSON null, an empty CSV or Parquet cell as pandas reads it)."""
+    return v is None or isinstance(v, float) and math.isnan(v)
+
+
 class ClassificationDataset:
     """Tokenised {text, label} rows. Labels are class ids 0..num_labels-1, or names: those are numbered in sorted
     order of the training split's names (`label_names`), which the held-out split is given so that its ids
@@ -299,6 +304,11 @@ class ClassificationDataset:
         if missing:
             raise RecipeConfigError(f"data rows need fields {text_field!r} and {label_field!r} "
                              f"(data.text_field / data.label_field); row {missing[0]} has {sorted(rows[missing[0]])}")
+        no_text = next((i for i, r in enumerate(rows) if _missing_value(r[text_field])), None)
+        if no_text is not None:   # (it was trained on as the text "None" / "nan")
+            raise RecipeConfigError(f"data.text_field={text_field!r}: {split} row {no_text + 1} has no text "
+                                    f"({rows[no_text][text_field]!r}). Valid values: a string in every row (drop or "
+                                    f"fill the rows without one)")
         self.labels = [r[label_field] for r in rows]
         empty = next((i for i, l in enumerate(self.labels) if l is None or isinstance(l, float) and math.isnan(l)
                       or isinstance(l, str) and not l.strip()), None)
@@ -494,6 +504,13 @@ class CausalLMDataset:
                 f"causal-LM rows need data.text_field ({text_field!r}), data.prompt_field + data.response_field "
                 f"({prompt_field!r}, {response_field!r}) or data.messages_field ({messages_field!r}); row {bad} "
                 f"has {sorted(rows[bad])}")
+        for field in (text_field, prompt_field, response_field):
+            hole = next((i for i, r in enumerate(rows) if field in r and not chat(r) and _missing_value(r[field])),
+                        None)
+            if hole is not None:   # (trained on as the text "None")
+                key = {text_field: "data.text_field", prompt_field: "data.prompt_field"}.get(field, "data.response_field")
+                raise RecipeConfigError(f"{key}={field!r}: row {hole + 1} has no text ({rows[hole][field]!r}). Valid "
+                                        "values: a string in every row (drop or fill the rows without one)")
         template = resolve_chat_template(chat_template, tokenizer, source) if any(map(chat, rows)) else None
         self.items = []
         for i, r in enumerate(rows):

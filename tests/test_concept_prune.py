@@ -145,6 +145,17 @@ def test_cluster_complexity_matches_a_direct_computation():
 
 
 # ====================================================================================== SemDeDup (step 2)
+def test_as_many_clusters_as_rows_is_a_config_problem():
+    """recipe.num_clusters=100000 on 4186 rows: faiss was silently given k = rows, every row its own cluster, and
+    the run removed no duplicate."""
+    from runx.recipes.concept_prune import ConceptPrune
+    from runx.trainers.recipe import RecipeConfigError
+    with pytest.raises(RecipeConfigError, match=r"recipe.num_clusters=100000: the data has 4186 rows to cluster.*"
+                                                r"Valid values: recipe.num_clusters < 4186"):
+        ConceptPrune.check_k("recipe.num_clusters", 100000, 4186)
+    ConceptPrune.check_k("recipe.dedup_clusters", 40, 4186)
+
+
 def test_semdedup_cluster_rule_and_tiling():
     e = np.eye(4, dtype=np.float32)
     a, c = e[0], e[1]

@@ -1417,6 +1417,14 @@ def test_an_unlabelled_row_is_named_and_whole_number_floats_are_class_ids():
     ds = ClassificationDataset([{"text": "a", "label": 2.0}, {"text": "b", "label": 10.0}], tok, "text", "label",
                                16, num_labels=11)
     assert ds.labels == [2, 10] and ds.label_names is None
+    # a null text was trained on as the text "None" (a NaN cell as "nan"), in either task
+    from runx.recipes.text_data import CausalLMDataset
+    rows = [{"text": "a", "label": 0}, {"text": float("nan"), "label": 1}]
+    with pytest.raises(RecipeConfigError, match=r"data.text_field='text': training row 2 has no text \(nan\)"):
+        ClassificationDataset(rows, tok, "text", "label", 16)
+    tok.eos_token = tok.pad_token
+    with pytest.raises(RecipeConfigError, match=r"data.response_field='response': row 1 has no text \(None\)"):
+        CausalLMDataset([{"prompt": "q", "response": None}], tok, "text", 16)
 
 
 def test_a_stopped_run_says_how_to_resume_it_and_a_requeued_job_continues_its_checkpoint(tmp_path, monkeypatch):
