@@ -41,6 +41,10 @@ def test_default_job_learns(tmp_path):
     assert last < first - 0.1, (first, last)
     summary = json.load(open(run / "summary.json"))
     assert summary["eval/accuracy"] > 0.4  # 4 balanced-ish classes: chance ~0.33 (majority class)
+    # train.log (what a SLURM user reads) has the run's plan, its evaluations and its end: it was empty
+    log = (run / "train.log").read_text()
+    assert "training sft on" in log and "step 24: eval/loss=" in log and "finished: steps=24" in log, log
+    assert "finished: steps=" not in p.stdout    # the console gets the summary table instead
     from runx.recipes import RECIPES     # what trainer.monitor may name covers what the evaluation reports
     assert {k[5:] for k in summary if k.startswith("eval/")} <= set(RECIPES["sft"].eval_metrics)
     cfg = open(run / "config.yaml").read()

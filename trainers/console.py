@@ -42,7 +42,7 @@ class RankZeroRichHandler(logging.Handler):
             self._inner.setFormatter(fmt)
 
     def emit(self, record):
-        if is_rank_zero():
+        if is_rank_zero() and not getattr(record, "file_only", False):   # file_only: the console shows it otherwise
             self._inner.emit(record)
 
 

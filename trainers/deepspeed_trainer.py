@@ -495,6 +495,11 @@ class Trainer:
         stop_nonfinite = bool(t.get("stop_on_nonfinite_loss", True))
         log_every = max(1, int(t.log_every))
         step_t0 = time.perf_counter()
+        if self.is_main:   # (train.log held nothing of a 1-process run: what a SLURM user reads)
+            log.info("training %s on %d samples (%s held out): steps %d..%d, micro-batch %d x %d accumulation x %d "
+                     "process(es); run dir %s", self.cfg.recipe.name, len(train_ds),
+                     len(eval_ds) if eval_ds is not None else "none", start + 1, max_steps,
+                     int(t.micro_batch_size), grad_accum, self.world_size, self.run_dir)
         # train_wall_s counts every segment of a resumed run up to its checkpoint, and this one
         self._loop_t0 = time.perf_counter() - self._prior_wall
         steps_done = 0
@@ -573,6 +578,9 @@ class Trainer:
                         last_eval = {f"eval/{k}": v for k, v in recipe.evaluate(engine, eval_dl).items()}
                     engine.train()
                     rec.update(last_eval)
+                    if self.is_main:
+                        log.info("step %d: %s", self.global_step, "  ".join(
+                            f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in last_eval.items()))
                     if self.best is not None:
                         improved = self._track_best(last_eval)
                     step_t0 += time.perf_counter() - t_aside
@@ -648,6 +656,9 @@ class Trainer:
             sync = wb.finish(final)
             metrics_log.close()
             self._open_logs = None
+            log.info("finished: %s", "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                               for k, v in final.items() if isinstance(v, (int, float))),
+                     extra={"file_only": True})   # the console gets the table below
             console().print(summary_table(f"runx {self.cfg.recipe.name} — {self.run_dir}", final))
             if sync:   # soft_wrap: a log file must keep the command on one line, to be pasted whole
                 console().print(f"W&B run saved offline; upload it with: [bold]{sync}[/bold]", soft_wrap=True)
