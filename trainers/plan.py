@@ -828,11 +828,10 @@ def plan_and_print(cfg, out_dir=None) -> int:
         con = Console(width=170)
     con.print(group)
     out_dir = str(out_dir) if out_dir else _default_out_dir(cfg)
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "plan.txt"), "w") as f:
-        f.write(text)
-    with open(os.path.join(out_dir, "plan.json"), "w") as f:
-        json.dump(plan_json(plan), f, indent=1, default=str)
+    from runx.trainers.datajob import atomic_write_bytes
+    atomic_write_bytes(os.path.join(out_dir, "plan.txt"), text.encode())
+    atomic_write_bytes(os.path.join(out_dir, "plan.json"),
+                       json.dumps(plan_json(plan), indent=1, default=str).encode())
     print(f"wrote {os.path.join(out_dir, 'plan.txt')} and plan.json")
     return 0 if plan.current.fits else 3
 
