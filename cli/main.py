@@ -67,12 +67,30 @@ def _fail(problems: list[str]) -> int:
 
 
 def _compose_validated(overrides: list[str]):
+    """(config, every problem). Hydra stops at its first bad override: each one it refuses (an unknown key, a
+    config group option that does not exist) is set aside and the rest composed again, so that the problems of
+    all of them, and of the values of the others, are reported at once. Not past a bad recipe= or experiment=,
+    which decide what the other keys mean."""
     from runx.cli.config import ConfigError, check_paths, compose, validate
-    try:
-        cfg = compose(overrides)
-    except ConfigError as e:
-        return None, e.problems
-    return cfg, validate(cfg) + check_paths(cfg)
+    problems: list[str] = []
+    remaining = list(overrides)
+    dropped_groups: set = set()
+    while True:
+        try:
+            cfg = compose(remaining)
+            break
+        except ConfigError as e:
+            problems += [p for p in e.problems if p not in problems]
+            keys = {p.partition("=")[0] for p in e.problems}
+            culprits = [o for o in remaining if o.lstrip("+~").partition("=")[0] in keys]
+            if not culprits or keys & {"recipe", "experiment"}:
+                return None, problems
+            remaining = [o for o in remaining if o not in culprits]
+            dropped_groups |= {k for k in keys if "." not in k}
+    found = validate(cfg) + check_paths(cfg)
+    # (not the keys of a group whose option was refused: its default stood in for it)
+    found = [p for p in found if p not in problems and not p.startswith(tuple(g + "." for g in dropped_groups))]
+    return (None if problems else cfg), problems + found
 
 
 # ------------------------------------------------------------------------------------------ train

@@ -224,6 +224,22 @@ def test_recipe_values_that_broke_runs_late_are_named_by_validate(recipe, overri
         problems
 
 
+def test_validate_reports_every_bad_override_at_once():
+    """Hydra stops at its first unknown key or missing group option: a second typo, and every value problem,
+    showed only once the first was fixed."""
+    from runx.cli.main import _compose_validated
+    cfg, problems = _compose_validated(["optim.lrr=1", "trainer.max_stepz=3", "optim.lr=oops", "data.max_length=-1"])
+    assert cfg is None and [p.partition(":")[0] for p in problems] == [
+        "optim.lrr=1", "trainer.max_stepz=3", "optim.lr=oops", "data.max_length=-1"], problems
+    # a refused group option: the others' problems too, not those its stand-in default would give
+    _, problems = _compose_validated(["trainer=zero3_cpu_ofload", "logger=wandbb", "trainer.offload_param=cpu",
+                                      "optim.lr=-1"])
+    assert [p.partition(":")[0] for p in problems] == ["trainer=zero3_cpu_ofload", "logger=wandbb", "optim.lr=-1"]
+    # not past a bad recipe, which decides what recipe.* keys mean
+    _, problems = _compose_validated(["recipe=lroa", "recipe.rank=4"])
+    assert len(problems) == 1 and problems[0].startswith("recipe=lroa")
+
+
 def test_values_given_through_interpolations_and_hostfiles_are_checked(tmp_path, monkeypatch):
     """A value written as an interpolation skipped every type and range check (${oc.env:MBS} with MBS=0 reached
     DeepSpeed's assertion after the model loaded); a number from oc.env (text) is read as the number. DeepSpeed's
