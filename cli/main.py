@@ -262,8 +262,8 @@ def _recipe_problems(cfg) -> list[str]:
     with tempfile.TemporaryDirectory(prefix="runx_validate_") as tmp:
         try:
             build_recipe(RECIPES[cfg.recipe.name].load(), cfg, tmp)
-        except RecipeConfigError as e:
-            return [str(e)]
+        except RecipeConfigError as e:   # a recipe's list of problems ("...:\n  - a\n  - b") counts as each
+            return str(e).split("\n  - ")[1:] or [str(e)]
     return []
 
 

@@ -235,6 +235,11 @@ def test_validate_reports_every_bad_override_at_once():
     _, problems = _compose_validated(["trainer=zero3_cpu_ofload", "logger=wandbb", "trainer.offload_param=cpu",
                                       "optim.lr=-1"])
     assert [p.partition(":")[0] for p in problems] == ["trainer=zero3_cpu_ofload", "logger=wandbb", "optim.lr=-1"]
+    # a recipe's own list of problems counts as that many (it was "1 problem" holding three)
+    from runx.cli.main import _recipe_problems
+    problems = _recipe_problems(compose(["recipe=preselect", "recipe.references=[{name: a, kind: x},{name: b, kind: y}]"]))
+    assert problems == ["recipe.references[0].kind='x': valid choices are hf, ngram",
+                        "recipe.references[1].kind='y': valid choices are hf, ngram"], problems
     # not past a bad recipe, which decides what recipe.* keys mean
     _, problems = _compose_validated(["recipe=lroa", "recipe.rank=4"])
     assert len(problems) == 1 and problems[0].startswith("recipe=lroa")
