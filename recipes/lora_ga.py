@@ -746,6 +746,7 @@ def export_merged(model, state_dict: dict, out_dir: str, dtype=torch.float32) ->
         v = v.to(dtype).contiguous()
         merged[key] = v.clone() if shared else v   # safetensors refuses tensors that share memory
     os.makedirs(out_dir, exist_ok=True)
+    base.config.architectures = [type(base).__name__]   # as save_pretrained writes it (the checkpoint's said BertModel)
     base.config.save_pretrained(out_dir)
     from safetensors.torch import save_file
     save_file(merged, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})

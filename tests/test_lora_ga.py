@@ -558,7 +558,9 @@ def test_cli_smoke_on_the_embedded_default(tmp_path):
     from transformers import AutoConfig
 
     from runx.recipes.text_data import STDLIB_TOPICS
-    assert AutoConfig.from_pretrained(run / "export" / "merged").id2label == dict(enumerate(STDLIB_TOPICS))
+    merged = AutoConfig.from_pretrained(run / "export" / "merged")
+    assert merged.id2label == dict(enumerate(STDLIB_TOPICS))
+    assert merged.architectures == ["BertForSequenceClassification"]   # (the checkpoint's BertModel)
     assert not (run / "export" / "adapter_on_offset_base" / "README.txt").exists()
 
 
