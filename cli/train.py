@@ -333,6 +333,54 @@ def hold_run_dir(run_dir: str, who: str = "runx") -> None:
             _HELD.append(f)
 
 
+def multi_node(cfg) -> bool:
+    """A torchrun run whose nodes each run the same runx command (launcher=torchrun launcher.num_nodes > 1)."""
+    return cfg.launcher.kind == "torchrun" and int(cfg.launcher.num_nodes) > 1
+
+
+def run_dir_lock_name(cfg) -> str:
+    """The run dir's lock: one per run, and of a run across nodes one per node (on a shared filesystem whose
+    flock is cluster-wide, NFSv4, Lustre, GPFS, the second node found the first one's lock and refused to start,
+    leaving the first waiting in the rendezvous)."""
+    if not multi_node(cfg):
+        return "runx"
+    import socket
+    return f"runx-{socket.gethostname()}"
+
+
+def is_master_node(addr: str) -> bool:
+    """Whether launcher.master_addr names this machine (its host name, or an address of it)."""
+    import socket
+    host = socket.gethostname()
+    if addr in (host, host.split(".")[0], socket.getfqdn(), "localhost") or addr.startswith("127."):
+        return True
+    try:
+        target = socket.gethostbyname(addr)
+        mine = set(socket.gethostbyname_ex(host)[2])
+    except OSError:
+        return False
+    return target in mine or target.startswith("127.")
+
+
+def slurm_step_problem(cfg, env=None) -> str | None:
+    """A SLURM step (srun, or submitit's tasks) of several tasks each running this command: runx starts the run's
+    own processes (trainer.num_procs, through torchrun), one runx per node. With hydra.launcher.tasks_per_node=8
+    (submitit's one-task-per-GPU habit) or nodes=2 without launcher.num_nodes, every task ran a run of its own
+    into the same run dir (up to 8 x 8 processes; all but one stopped at the run dir's lock)."""
+    env = os.environ if env is None else env
+    if "SLURM_STEP_NUM_TASKS" not in env or env.get("RANK") is not None:   # not an srun step / a launched rank
+        return None
+    tasks, nodes = int(env["SLURM_STEP_NUM_TASKS"]), int(env.get("SLURM_STEP_NUM_NODES", "1") or 1)
+    run_nodes = int(cfg.launcher.num_nodes) if cfg.launcher.kind == "torchrun" else 1
+    if tasks == 1 or run_nodes > 1 and tasks == nodes == run_nodes:   # one runx per node of the run
+        return None
+    return (f"this SLURM step runs {tasks} task(s) on {nodes} node(s), each starting this run: runx starts its "
+            f"own trainer.num_procs={cfg.trainer.num_procs} process(es) per node. Valid choices: one task "
+            "(hydra.launcher.tasks_per_node=1 hydra.launcher.nodes=1, srun -n 1) with hydra.launcher.gpus_per_node "
+            "= trainer.num_procs; across nodes one task per node with launcher=torchrun "
+            "launcher.num_nodes=<nodes>, or launcher=deepspeed with a hostfile from one task")
+
+
 def launch(cfg, run_dir: str) -> dict:
     """Write the resolved config, then run in-process (1 process) or through a launcher."""
     from runx.trainers.tracking import environment_record, save_resolved_config
@@ -347,11 +395,14 @@ def launch(cfg, run_dir: str) -> dict:
         from omegaconf import OmegaConf
         OmegaConf.update(cfg, "resume", "auto")
     mode = str(cfg.get("resume", "auto"))
+    shape = slurm_step_problem(cfg) if trains_here else None
+    if shape:
+        raise RecipeConfigError(shape)
     from runx.trainers.datajob import slurm_array_task
     if trains_here or recipe_kind == "data" and slurm_array_task()[1] <= 1:
         # a second run into the same folder would interleave checkpoints (shards) with this one; a SLURM array's
         # tasks share a data job's folder on purpose (each takes its own shards)
-        hold_run_dir(run_dir)
+        hold_run_dir(run_dir, run_dir_lock_name(cfg))
     problems = resume_problems(cfg, run_dir) + nvme_resume_problems(cfg, run_dir) if not worker else []
     job = None
     if recipe_kind == "data" and os.path.isdir(run_dir):   # a rerun of a data job: same settings?
@@ -365,9 +416,12 @@ def launch(cfg, run_dir: str) -> dict:
         from runx.trainers.plan import check_fits
         check_fits(cfg)  # stops with a clear message when the config cannot fit this machine (no config.yaml then)
     os.makedirs(run_dir, exist_ok=True)
-    if trains_here and mode == "never":
+    # a torchrun run across nodes: every node runs this command; the first node (launcher.master_addr) moves an
+    # earlier run aside and records the environment, the others only start their processes
+    first_node = not multi_node(cfg) or is_master_node(str(cfg.launcher.master_addr))
+    if trains_here and mode == "never" and first_node:
         supersede_previous_run(run_dir)
-    elif trains_here and mode == "auto" and os.path.exists(os.path.join(run_dir, "summary.json")) and \
+    elif trains_here and first_node and mode == "auto" and os.path.exists(os.path.join(run_dir, "summary.json")) and \
             not os.path.exists(os.path.join(run_dir, "ckpt", "latest")):
         # a finished run without checkpoints (trainer.ckpt_every=0): nothing to resume, and its results would be
         # overwritten by this one's
@@ -386,7 +440,8 @@ def launch(cfg, run_dir: str) -> dict:
         except ValueError:
             pass
         redact_hydra_outputs(run_dir, sweep)
-    atomic_write_json(os.path.join(run_dir, "env.json"), environment_record())
+    if first_node:
+        atomic_write_json(os.path.join(run_dir, "env.json"), environment_record())
     n = int(cfg.trainer.num_procs)
     kind = cfg.launcher.kind
     if n <= 1 and kind == "local" or worker:
@@ -403,6 +458,8 @@ def launch(cfg, run_dir: str) -> dict:
         if os.path.exists(stale):
             os.remove(stale)
     handover = submitit_preemption()
+    if handover:   # SLURM signals every process of the step: the workers stop on it too, the launcher ignores it
+        env["RUNX_PREEMPT_SIGNAL"] = str(int(handover[0]))
     rc, signalled = _run_forwarding_signals(cmd, env, handover[0] if handover else None,
                                             record=parent_signal_file(run_dir))
     if rc != 0 and signalled:
@@ -410,7 +467,8 @@ def launch(cfg, run_dir: str) -> dict:
         from runx.trainers.runtime import Stopped
         _wait_for_workers(run_dir)
         if handover and signalled == signal.Signals(handover[0]).name:
-            handover[1](handover[0], None)   # submitit requeues the job and exits; the requeued job resumes
+            from runx.trainers.runtime import submitit_requeue   # requeues the job and exits; it then resumes
+            submitit_requeue(*handover)
         latest = os.path.join(run_dir, "ckpt", "latest")
         saved = open(latest).read().strip() if os.path.exists(latest) else None
         from runx.trainers.runtime import how_to_resume
@@ -441,8 +499,11 @@ TORCHRUN_SIGNALS = "SIGINT,SIGHUP,SIGQUIT"
 # The launcher runs in a session of its own, so a Ctrl-C in the terminal reaches runx only (torchrun's handler
 # would print a SignalException traceback); it ends with runx, however runx ends (PR_SET_PDEATHSIG, which
 # survives the exec).
+# Under submitit the launcher also ignores its preemption signal (SIG_IGN survives the exec; the workers install
+# their own handler for it), which SLURM sends to every process of the job step: its default action ended it.
 _DIE_WITH_PARENT = ("import ctypes, os, signal, sys; ctypes.CDLL(None).prctl(1, int(signal.SIGTERM)); "
                     "os.getppid() != {parent} and os._exit(143); "
+                    "p = os.environ.get('RUNX_PREEMPT_SIGNAL'); p and signal.signal(int(p), signal.SIG_IGN); "
                     "os.execv(sys.executable, [sys.executable] + sys.argv[1:])")
 
 

@@ -339,7 +339,9 @@ def test_submitit_preemption_saves_then_requeues(tmp_path, procs):
     """Under Hydra's submitit launcher (submitit_local here, as on SLURM) the preemption signal (USR2) ran
     submitit's handler wherever the training loop was: it requeued the job and exited without a checkpoint. Now
     runx saves at the step boundary first (with 2 processes: after the workers saved), then submitit requeues,
-    and the requeued job resumes from that step: every step is logged once and the run completes."""
+    and the requeued job resumes from that step: every step is logged once and the run completes. The signal goes
+    to every process of the job, as SLURM's --signal sends it: it ended torchrun and the workers before they had
+    saved, and a data loader worker ran submitit's inherited handler (requeueing the job itself)."""
     import signal
     import time
 
@@ -347,7 +349,8 @@ def test_submitit_preemption_saves_then_requeues(tmp_path, procs):
     sweep = tmp_path / "sweep"
     args = [sys.executable, "-m", "runx.cli.main", "train", "-m", "hydra/launcher=submitit_local",
             f"hydra.sweep.dir={sweep}", *TINY, "trainer.max_steps=300", "trainer.ckpt_every=0",
-            "trainer.micro_batch_size=8", f"trainer.num_procs={procs}", "trainer=zero2"]
+            "trainer.micro_batch_size=8", f"trainer.num_procs={procs}", "trainer=zero2",
+            f"trainer.dataloader_workers={2 - procs}"]
     env = child_env()
     p = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     run, deadline = sweep / "0", time.time() + 180
@@ -356,8 +359,12 @@ def test_submitit_preemption_saves_then_requeues(tmp_path, procs):
         time.sleep(0.2)
     tasks = [c for c in psutil.Process(p.pid).children(recursive=True)
              if "submitit.core._submit" in " ".join(c.cmdline())]
+    tasks = [c for c in tasks if c.ppid() not in {t.pid for t in tasks}]   # (not its forked data loader worker)
     assert len(tasks) == 1 and p.poll() is None
-    tasks[0].send_signal(signal.SIGUSR2)
+    job = [tasks[0]] + tasks[0].children(recursive=True)
+    assert len(job) > 1, job    # the data loader's worker / torchrun and its workers
+    for proc in job:
+        proc.send_signal(signal.SIGUSR2)
     out, _ = p.communicate(timeout=300)
     assert p.returncode == 0, out[-3000:]
     logs = (run / "train.log").read_text()
@@ -365,6 +372,48 @@ def test_submitit_preemption_saves_then_requeues(tmp_path, procs):
     assert len(resumed) == 1 and "ckpt/step_" in resumed[0], logs[-3000:]
     assert [r["step"] for r in read_metrics(run)] == list(range(1, 301))
     assert json.load(open(run / "summary.json"))["steps"] == 300
+
+
+def test_a_slurm_step_of_several_tasks_per_node_is_refused():
+    """submitit's tasks_per_node=8 (or srun -n 8) ran the command once per task: 8 runs, each starting its own
+    trainer.num_procs processes into one run dir. One task per node is right, or one per node of a torchrun run."""
+    from runx.cli.config import compose
+    from runx.cli.train import slurm_step_problem
+    cfg = compose(["trainer.num_procs=8"])
+    assert slurm_step_problem(cfg, {}) is None                                            # not under srun
+    assert slurm_step_problem(cfg, {"SLURM_STEP_NUM_TASKS": "1", "SLURM_STEP_NUM_NODES": "1"}) is None
+    problem = slurm_step_problem(cfg, {"SLURM_STEP_NUM_TASKS": "8", "SLURM_STEP_NUM_NODES": "1"})
+    assert problem.startswith("this SLURM step runs 8 task(s) on 1 node(s)") and "tasks_per_node=1" in problem
+    assert slurm_step_problem(cfg, {"SLURM_STEP_NUM_TASKS": "2", "SLURM_STEP_NUM_NODES": "2"})     # 2 separate runs
+    multi = compose(["trainer.num_procs=8", "launcher=torchrun", "launcher.num_nodes=2", "launcher.master_addr=n1",
+                     "run_dir=/shared/r"])
+    assert slurm_step_problem(multi, {"SLURM_STEP_NUM_TASKS": "2", "SLURM_STEP_NUM_NODES": "2"}) is None
+    assert slurm_step_problem(multi, {"SLURM_STEP_NUM_TASKS": "4", "SLURM_STEP_NUM_NODES": "2"})
+    assert slurm_step_problem(cfg, {"SLURM_STEP_NUM_TASKS": "8", "RANK": "3"}) is None   # a rank torchrun started
+
+
+def test_each_node_of_a_torchrun_run_across_nodes_holds_its_own_lock(tmp_path):
+    """Every node of launcher=torchrun launcher.num_nodes=2 runs the same command into one shared run dir: where
+    the filesystem's flock is cluster-wide the second node found the first one's run-dir lock and refused to
+    start. Now each node takes its own; only the first node (launcher.master_addr) moves an earlier run aside."""
+    import socket
+    import subprocess as sp
+
+    from runx.cli.config import compose
+    from runx.cli.train import hold_run_dir, is_master_node, run_dir_lock_name
+    host = socket.gethostname()
+    multi = compose(["launcher=torchrun", "launcher.num_nodes=2", f"launcher.master_addr={host}", "run_dir=/s/r"])
+    assert run_dir_lock_name(compose([])) == "runx" and run_dir_lock_name(multi) == f"runx-{host}"
+    assert is_master_node(host) and is_master_node("127.0.0.1") and not is_master_node("no-such-node-x.invalid")
+    # another node's lock (here: another process holding it) does not stop this one
+    held = sp.Popen([sys.executable, "-c", "import fcntl, os, sys, time; os.makedirs(sys.argv[1], exist_ok=True); "
+                     "f = open(os.path.join(sys.argv[1], 'runx-node02.lock'), 'a+'); fcntl.flock(f, fcntl.LOCK_EX); "
+                     "print('held', flush=True); time.sleep(60)", str(tmp_path / ".runx")], stdout=sp.PIPE, text=True)
+    try:
+        assert held.stdout.readline().strip() == "held"
+        hold_run_dir(str(tmp_path), run_dir_lock_name(multi))
+    finally:
+        held.kill()
 
 
 def test_epochs_set_the_number_of_steps(tmp_path):

@@ -378,10 +378,11 @@ class Trainer:
         sampler = StepBatchSampler(len(dataset), int(t.micro_batch_size), int(t.grad_accum), self.world_size,
                                    self.rank, int(self.cfg.seed if seed is None else seed), start_step,
                                    max_steps, shuffle, lengths=lengths)
+        workers = int(t.dataloader_workers)
         return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=recipe.collate,
-                                           num_workers=int(t.dataloader_workers),
-                                           pin_memory=self.device == "cuda",
-                                           persistent_workers=False)
+                                           num_workers=workers, pin_memory=self.device == "cuda",
+                                           persistent_workers=False,
+                                           worker_init_fn=runtime.quiet_data_worker if workers else None)
 
     def eval_loader(self, dataset, recipe, batch_size: int | None = None):
         return torch.utils.data.DataLoader(dataset, batch_size=batch_size or int(self.tcfg.micro_batch_size),
@@ -405,7 +406,9 @@ class Trainer:
         micro_batches = [idx[j:j + micro] for j in range(0, len(idx), micro)]
         mine = [b for j, b in enumerate(micro_batches) if j % self.world_size == self.rank]
         return torch.utils.data.DataLoader(ds, batch_sampler=mine, collate_fn=self.recipe.collate,
-                                           num_workers=int(t.dataloader_workers), pin_memory=self.device == "cuda")
+                                           num_workers=int(t.dataloader_workers), pin_memory=self.device == "cuda",
+                                           worker_init_fn=runtime.quiet_data_worker if int(t.dataloader_workers)
+                                           else None)
 
     def to_device(self, batch):
         if isinstance(batch, torch.Tensor):
@@ -610,8 +613,8 @@ class Trainer:
                         self.save_checkpoint(engine, self.global_step)
                     sync = wb.finish({}) if wb is not None else None   # the resumed run continues this W&B run
                     if stop.handing_over:   # a submitit job: submitit requeues it and exits this process
-                        log.warning("checkpoint saved after step %d; submitit requeues the job, which resumes from "
-                                    "it", self.global_step)
+                        log.warning("checkpoint saved after step %d; asking submitit to requeue the job, which "
+                                    "resumes from it", self.global_step)
                         stop.hand_over()
                     raise runtime.Stopped(f"stopped by {runtime.stop_cause(stop.signal_name, self.run_dir)} after step "
                                           f"{self.global_step}, checkpoint saved; "

@@ -292,6 +292,32 @@ def submitit_preemption():
     return None
 
 
+def submitit_requeue(sig, handler) -> None:
+    """submitit's handler: requeues the job and exits this process. A job it will not requeue (a time limit hit
+    more than hydra.launcher.max_num_timeout times) is stopped like any other signalled run: its checkpoint is
+    saved, and the same command resumes it (submitit's UncompletedJobError made it read as a crash)."""
+    try:
+        handler(sig, None)
+    except Exception as e:
+        if type(e).__name__ != "UncompletedJobError":
+            raise
+        logging.getLogger("runx.trainer").warning("submitit did not requeue the job: %s (hydra.launcher."
+                                                  "max_num_timeout sets how many time limits it requeues)", e)
+
+
+def quiet_data_worker(worker_id: int) -> None:
+    """DataLoader worker_init_fn: SLURM's scancel / preemption / --signal reach every process of the job step,
+    the loader's workers too. A worker that ended on SIGTERM made PyTorch raise 'DataLoader worker killed' in
+    the training process while it was saving its checkpoint; one that ran submitit's inherited handler on
+    SIGUSR2 requeued the job itself. The training process stops them when it is done."""
+    import signal
+    sigs = [signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2]
+    if os.environ.get("RUNX_PREEMPT_SIGNAL"):
+        sigs.append(int(os.environ["RUNX_PREEMPT_SIGNAL"]))
+    for sig in sigs:
+        signal.signal(sig, signal.SIG_IGN)
+
+
 def parent_signal_file(run_dir: str) -> str:
     """Where runx, running a launch, records the signal it was sent: the workers get SIGTERM whatever it was
     (USR1 / USR2 / TERM to runx end the launcher, and each worker's PR_SET_PDEATHSIG sends SIGTERM)."""
@@ -366,6 +392,11 @@ class StopOnSignal:
                     self._old[sig] = signal.signal(sig, self._handle)
             if self._handover is not None:
                 self._old[self._handover[0]] = signal.signal(self._handover[0], self._handle)
+            elif os.environ.get("RUNX_PREEMPT_SIGNAL"):
+                # a worker of a submitit job: SLURM sends the preemption signal to every process of the job
+                # step, these too (it was the default action: the worker ended before rank 0 had saved)
+                sig = int(os.environ["RUNX_PREEMPT_SIGNAL"])
+                self._old[sig] = signal.signal(sig, self._handle)
 
     @property
     def handing_over(self) -> bool:
@@ -378,7 +409,7 @@ class StopOnSignal:
         if self.handing_over:
             sig, handler = self._handover
             self.restore()
-            handler(sig, None)
+            submitit_requeue(sig, handler)
 
     def _handle(self, signum, frame) -> None:
         import signal
