@@ -26,18 +26,42 @@ class LoRA(SFT):
                           modules_to_save=None if (self.task == "cls" and r.train_head) else [],
                           use_rslora=r.get("scaling", "lora") == "rslora", use_dora=bool(r.get("use_dora", False)))
 
-    def build_model(self):
+    def __init__(self, cfg, run_dir):
+        super().__init__(cfg, run_dir)
+        # the adapter placed on the model's skeleton (meta device, no weights): recipe.target_modules (and LoRA-GA's
+        # rank) checked where `runx validate` sees them, not only once the model is loaded
+        from runx.recipes.sft import meta_skeleton
+        skeleton = meta_skeleton(cfg.model, num_labels=self.num_labels)
+        if skeleton is None:
+            return
+        import torch
+        try:
+            with torch.device("meta"):
+                wrapped = self.wrap(skeleton)
+        except RecipeConfigError:
+            raise
+        except Exception:   # best effort: the real model's build checks the same
+            return
+        self.check_adapter(wrapped)
+
+    def check_adapter(self, peft_model) -> None:
+        """Checks of the wrapped model that need its layers (LoRA-GA: the rank against their sizes)."""
+
+    def wrap(self, model):
+        """`model` with the LoRA adapter (peft); target modules peft finds no match for are a config problem."""
         from peft import get_peft_model
-        model = super().build_model()
         cfg = self.peft_config()
         try:
-            peft_model = get_peft_model(model, cfg)
+            return get_peft_model(model, cfg)
         except ValueError as e:   # peft's NoMatchingPeftModuleError and its other target checks
             import torch
             names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
             wanted = cfg.target_modules if isinstance(cfg.target_modules, str) else sorted(cfg.target_modules)
             raise RecipeConfigError(f"recipe.target_modules={wanted}: {str(e).splitlines()[0]} Valid choices: auto "
                                     f"(every linear layer), or names among {', '.join(names)}.") from e
+
+    def build_model(self):
+        peft_model = self.wrap(super().build_model())
         if self.task == "lm" and self.cfg.recipe.get("fused_logprob"):
             from peft.tuners.lora import LoraLayer
             head = peft_model.get_base_model().get_output_embeddings()

@@ -384,9 +384,9 @@ class LoRAGA(LoRA):
         self.init_stats: dict[str, float] = {}
 
     # -------------------------------------------------------------- model
-    def build_model(self):
-        model = super().build_model()
-        # 2·rank singular vectors per layer: checked here, before the gradient estimation (it failed after it)
+    def check_adapter(self, model) -> None:
+        # 2·rank singular vectors per layer: checked on the skeleton (runx validate) and on the model, before the
+        # gradient estimation (it failed after it)
         from runx.trainers.recipe import RecipeConfigError
         try:
             shapes = {n: _weight_shape(m.get_base_layer().weight) for n, m in lora_ga_targets(model).items()}
@@ -399,6 +399,10 @@ class LoRAGA(LoRA):
                 f"recipe.rank={rank}: LoRA-GA initialises A and B from 2·rank singular vectors of each layer's "
                 f"gradient, and {name} ({shape[0]}x{shape[1]}) has {min(shape)}. Valid values: recipe.rank <= "
                 f"{min(shape) // 2}, or recipe.target_modules without the smallest layers")
+
+    def build_model(self):
+        model = super().build_model()
+        self.check_adapter(model)
         saved = self._saved_init_dir()
         if saved is not None:           # a resumed run: the checkpoint may not carry frozen weights
             load_lora_ga_init(model, saved)

@@ -66,11 +66,9 @@ def check_positions(model, max_length: int, key: str = "data.max_length", warn: 
                                           type(model).__name__, limit)
 
 
-def check_positions_from_config(model_cfg, max_length: int, key: str = "data.max_length") -> None:
-    """check_positions before any weight is read (the recipe's constructor, which `runx validate` runs too): the
-    checkpoint's config gives the position limit; only when max_length is beyond it is the model's skeleton built
-    on the meta device to see whether its positions are learned. Best effort: a config that cannot be read here
-    leaves the check to check_positions once the model is built."""
+def model_config(model_cfg):
+    """The model's transformers config (model.from_config, or the checkpoint's config.json: no weights read);
+    None where it cannot be read here (a hub id not in the cache: the model's load reports that)."""
     try:
         import transformers
         from omegaconf import OmegaConf
@@ -78,20 +76,43 @@ def check_positions_from_config(model_cfg, max_length: int, key: str = "data.max
         from runx.trainers.hf import resolve_path
         if model_cfg.get("from_config"):
             conf = dict(OmegaConf.to_container(model_cfg.from_config, resolve=True))
-            conf = transformers.AutoConfig.for_model(conf.pop("model_type"), **conf)
-        else:
-            conf = transformers.AutoConfig.from_pretrained(resolve_path(str(model_cfg.path)),
-                                                           trust_remote_code=bool(model_cfg.get("trust_remote_code")))
-        limit = getattr(conf, "max_position_embeddings", None) or getattr(conf, "n_positions", None)
-        if not isinstance(limit, int) or max_length <= limit:
-            return
+            return transformers.AutoConfig.for_model(conf.pop("model_type"), **conf)
+        return transformers.AutoConfig.from_pretrained(resolve_path(str(model_cfg.path)),
+                                                       trust_remote_code=bool(model_cfg.get("trust_remote_code")))
+    except Exception:
+        return None
+
+
+def meta_skeleton(model_cfg, conf=None, num_labels: int | None = None):
+    """The model's modules on the meta device (no memory, no weights), from its config; None where it cannot be
+    built here. For the recipes' constructors, which `runx validate` runs: checks that need the layers' shapes."""
+    conf = conf or model_config(model_cfg)
+    if conf is None:
+        return None
+    try:
+        import transformers
         auto = {"seq_cls": transformers.AutoModelForSequenceClassification,
                 "causal_lm": transformers.AutoModelForCausalLM}.get(str(model_cfg.get("kind")), transformers.AutoModel)
+        if num_labels is not None and model_cfg.get("kind") == "seq_cls":
+            conf.num_labels = num_labels
         with torch.device("meta"):
-            skeleton = auto.from_config(conf)
+            return auto.from_config(conf)
     except Exception:
+        return None
+
+
+def check_positions_from_config(model_cfg, max_length: int, key: str = "data.max_length") -> None:
+    """check_positions before any weight is read (the recipe's constructor, which `runx validate` runs too): the
+    checkpoint's config gives the position limit; only when max_length is beyond it is the model's skeleton built
+    on the meta device to see whether its positions are learned. Best effort: a config that cannot be read here
+    leaves the check to check_positions once the model is built."""
+    conf = model_config(model_cfg)
+    limit = getattr(conf, "max_position_embeddings", None) or getattr(conf, "n_positions", None)
+    if not isinstance(limit, int) or max_length <= limit:
         return
-    check_positions(skeleton, max_length, key, warn=False)   # (the warning comes once the model is built)
+    skeleton = meta_skeleton(model_cfg, conf)
+    if skeleton is not None:
+        check_positions(skeleton, max_length, key, warn=False)   # (the warning comes once the model is built)
 
 
 def causal_lm_tokenizer(model_cfg):

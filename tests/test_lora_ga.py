@@ -647,10 +647,19 @@ def test_a_rank_too_large_for_a_layer_is_a_config_problem_before_the_estimation(
     """recipe.rank with 2·rank above a target layer's smaller side passed validate and stopped in a traceback
     from the SVD, after the whole gradient estimation (hours on a 7B model), naming the first such layer only."""
     from runx.trainers.recipe import RecipeConfigError
-    recipe = make_recipe(tmp_path, TINY_LLAMA + ["recipe.rank=40"])
+    recipe = make_recipe(tmp_path, TINY_LLAMA)
+    recipe.cfg.recipe.rank = 40
     with pytest.raises(RecipeConfigError, match=r"recipe.rank=40: LoRA-GA initialises A and B from 2·rank singular "
                                                 r"vectors .* Valid values: recipe.rank <= \d+"):
         recipe.build_model()
+    # and by the constructor, on the model's skeleton (meta device), so that runx validate names it too
+    from runx.cli.config import compose
+    from runx.cli.main import _recipe_problems
+    problems = _recipe_problems(compose(["recipe=lora_ga", "recipe.rank=200"]))
+    assert len(problems) == 1 and problems[0].startswith("recipe.rank=200: LoRA-GA initialises") and \
+        "recipe.rank <= 192" in problems[0], problems
+    problems = _recipe_problems(compose(["recipe=lora", "recipe.target_modules=[nothere]"]))
+    assert len(problems) == 1 and problems[0].startswith("recipe.target_modules=['nothere']"), problems
 
 
 def test_a_run_that_starts_at_step_0_estimates_its_own_init(tmp_path):

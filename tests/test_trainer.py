@@ -1328,7 +1328,10 @@ def test_unknown_lora_target_modules_name_the_key_and_the_layers_there(tmp_path)
     from runx.cli.config import compose
     from runx.recipes.lora import LoRA
     from runx.trainers.recipe import RecipeConfigError
-    rec = LoRA(compose(["recipe=lora", "model=tiny_llama", "recipe.target_modules=[qproj]"]), str(tmp_path))
+    with pytest.raises(RecipeConfigError, match=r"recipe.target_modules=\['qproj'\].*q_proj.*v_proj"):
+        LoRA(compose(["recipe=lora", "model=tiny_llama", "recipe.target_modules=[qproj]"]), str(tmp_path))
+    rec = LoRA(compose(["recipe=lora", "model=tiny_llama"]), str(tmp_path))   # (and on the loaded model)
+    rec.cfg.recipe.target_modules = ["qproj"]
     with pytest.raises(RecipeConfigError, match=r"recipe.target_modules=\['qproj'\].*q_proj.*v_proj"):
         rec.build_model()
 
