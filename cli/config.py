@@ -247,7 +247,8 @@ def validate(cfg) -> list[str]:
     if not problems:  # the values interpolations gave (${oc.env:MBS}) checked like values written out
         resolved = OmegaConf.to_container(cfg, resolve=True)
         resolved.pop("hydra", None)
-        given = _interpolated_values(data, resolved)
+        given = _interpolated_values(data, resolved, RunConfig, RECIPES[name].load_schema() if name in RECIPES
+                                     else None)
         if given is not None:
             if name in RECIPES:
                 _walk(given.get("recipe") or {}, RECIPES[name].load_schema(), "recipe", problems)
@@ -256,28 +257,39 @@ def validate(cfg) -> list[str]:
     return problems
 
 
-def _interpolated_values(raw, resolved):
-    """`raw` with each interpolation replaced by its resolved value (a number given as text, as oc.env gives
-    every value, read as the number); None when `raw` has no interpolation."""
+def _field_type(schema, key):
+    """The type of `schema`'s field `key` (Optional unwrapped), or None (no such field / not a dataclass)."""
+    if schema is None or not dataclasses.is_dataclass(schema):
+        return None
+    t = typing.get_type_hints(schema).get(key)
+    if typing.get_origin(t) is typing.Union:
+        t = next((a for a in typing.get_args(t) if a is not type(None)), None)
+    return t
+
+
+def _interpolated_values(raw, resolved, root_schema, recipe_schema):
+    """`raw` with each interpolation replaced by its resolved value: text (as oc.env gives every value) is read
+    as a number where the schema's field is a number (logger.group=${oc.env:SLURM_JOB_ID} stays text); None when
+    `raw` has no interpolation."""
     found = False
 
-    def merge(r, v):
+    def merge(r, v, schema):
         nonlocal found
         if isinstance(r, dict) and isinstance(v, dict):
-            return {k: merge(r[k], v.get(k)) if k in v else r[k] for k in r}
+            return {k: merge(r[k], v.get(k), _field_type(schema, k)) if k in v else r[k] for k in r}
         if isinstance(r, list) and isinstance(v, list) and len(r) == len(v):
-            return [merge(a, b) for a, b in zip(r, v)]
+            return [merge(a, b, None) for a, b in zip(r, v)]
         if isinstance(r, str) and "${" in r:
             found = True
-            if isinstance(v, str):
-                for read in (int, float):
-                    try:
-                        return read(v)
-                    except ValueError:
-                        pass
+            if isinstance(v, str) and schema in (int, float):
+                try:
+                    return schema(v)
+                except ValueError:
+                    pass
             return v
         return r
-    out = merge(raw, resolved)
+    out = {k: merge(v, resolved.get(k), recipe_schema if k == "recipe" else _field_type(root_schema, k))
+           for k, v in raw.items() if k in resolved}
     return out if found else None
 
 
@@ -409,7 +421,7 @@ def hostfile_problems(path: str) -> list[str]:
     with open(os.path.expanduser(path), errors="replace") as f:
         lines = [(i, ln.split("#", 1)[0].strip()) for i, ln in enumerate(f, 1)]
     hosts = [(i, ln) for i, ln in lines if ln]
-    bad = [(i, ln) for i, ln in hosts if not re.fullmatch(r"\S+\s+slots=[1-9]\d*", ln)]
+    bad = [(i, ln) for i, ln in hosts if not re.match(r"\S+\s+slots=[1-9]\d*(\s|$)", ln)]
     valid = "lines of 'hostname slots=N' (N GPUs on that node), # for comments"
     if bad:
         return [f"launcher.hostfile={path}: line {bad[0][0]} is {bad[0][1]!r}. Valid values: a file of {valid}."]

@@ -118,46 +118,62 @@ def export_run(run_dir: str, out: str | None = None, tag: str | None = None) -> 
     recipe.serving_run = True
     default = out is None
     out = out or os.path.join(run_dir, "export")
+    refuse_foreign_folder(out, default)
+    model, sd = trained_model(recipe, run_dir, cfg, tag)   # (a load that fails leaves the earlier export as it was)
     clear_earlier_export(out, default)
-    model, sd = trained_model(recipe, run_dir, cfg, tag)
+    before = _files_under(out)
     try:
         recipe.export(model, sd, out)
     except RecipeConfigError as e:
         raise ExportError(str(e)) from None
     from runx.trainers.datajob import atomic_write_json, readable_like_open
-    files = sorted(os.path.relpath(os.path.join(d, f), out) for d, _, fs in os.walk(out) for f in fs)
     atomic_write_json(os.path.join(out, EXPORT_MANIFEST), {"run_dir": os.path.abspath(run_dir), "tag": tag,
-                                                           "files": files})
+                                                           "files": sorted(_files_under(out) - before)})
     readable_like_open(out)
     return out
+
+
+def _files_under(folder: str) -> set:
+    return {os.path.relpath(os.path.join(d, f), folder) for d, _, fs in os.walk(folder) for f in fs}
 
 
 EXPORT_MANIFEST = "runx_export.json"   # what an export wrote, so that the next one into the folder replaces it
 
 
+def refuse_foreign_folder(out: str, owned: bool) -> None:
+    """An --out folder with files in it that no runx export wrote (no manifest) is refused before any work,
+    unless it is the run's own export folder (`owned`)."""
+    if owned or not os.path.isdir(out) or not os.listdir(out) or os.path.isfile(os.path.join(out, EXPORT_MANIFEST)):
+        return
+    raise ExportError(f"--out {out}: a folder with other files in it (e.g. {sorted(os.listdir(out))[0]}); an "
+                      "export there would mix with them. Valid choices: a new or empty folder, or one an "
+                      "earlier runx export wrote")
+
+
 def clear_earlier_export(out: str, owned: bool) -> None:
     """The files of an earlier export into `out` removed (an export of another run or recipe left its files
-    beside the new ones: an sft model.safetensors under a lora adapter loaded as a model neither run trained). A
-    folder with other files in it is refused, unless it is the run's own export folder (`owned`)."""
+    beside the new ones: an sft model.safetensors under a lora adapter loaded as a model neither run trained):
+    those its manifest lists, inside the folder only; files of the user's own beside them stay. A folder with
+    other files and no manifest is refused, unless it is the run's own export folder (`owned`)."""
     import json
     import shutil
+    refuse_foreign_folder(out, owned)
     if not os.path.isdir(out) or not os.listdir(out):
         return
     manifest = os.path.join(out, EXPORT_MANIFEST)
     if os.path.isfile(manifest):
         with open(manifest) as f:
             listed = json.load(f).get("files", [])
+        root = os.path.realpath(out)
         for rel in listed:
-            path = os.path.join(out, rel)
-            if os.path.isfile(path) or os.path.islink(path):
+            path = os.path.join(out, str(rel))
+            inside = not os.path.isabs(str(rel)) and ".." not in str(rel).split(os.sep) and \
+                os.path.commonpath([root, os.path.realpath(os.path.dirname(path))]) == root
+            if inside and (os.path.isfile(path) or os.path.islink(path)):
                 os.remove(path)
         for d, _, _ in sorted(os.walk(out), key=lambda x: -len(x[0])):   # folders it emptied
             if d != out and not os.listdir(d):
                 os.rmdir(d)
         os.remove(manifest)
-    elif owned:
+    else:   # the run's own export folder, written before manifests
         shutil.rmtree(out)
-    else:
-        raise ExportError(f"--out {out}: a folder with other files in it (e.g. {sorted(os.listdir(out))[0]}); an "
-                          "export there would mix with them. Valid choices: a new or empty folder, or one an "
-                          "earlier runx export wrote")

@@ -288,15 +288,10 @@ def _pair_problems(name, data: dict) -> list[str]:
         out.append(f"optim.head_lr={o['head_lr']} with recipe.train_head=false: the head is frozen, nothing "
                    "trains at that lr. Valid choices: optim.head_lr=null, or recipe.train_head=true.")
     steps, warmup = t.get("max_steps"), o.get("warmup_steps")
-    if t.get("epochs") is None and isinstance(steps, int) and isinstance(warmup, int) and 0 < steps <= warmup:
+    if t.get("epochs") is None and isinstance(steps, int) and isinstance(warmup, int) and 0 < steps <= warmup \
+            and data.get("smoke") is not True:   # (debug=smoke: a few steps to check a setup, its warm-up as set)
         out.append(f"optim.warmup_steps={warmup} with trainer.max_steps={steps}: the run would end still warming "
                    f"up, below optim.lr. Valid values: optim.warmup_steps < {steps}.")
-    m, d = data.get("model") or {}, data.get("data") or {}
-    labels = m.get("num_labels")
-    if name in ("sft", "lora", "lora_ga") and d.get("kind") == "builtin" and m.get("kind") == "seq_cls" \
-            and isinstance(labels, int) and labels != 4:
-        out.append(f"model.num_labels={labels}: the built-in data (data={d.get('name')}) has 4 classes. Valid "
-                   "values: 4 (or your own data with data.kind=jsonl|parquet|csv|hf).")
     nodes = lau.get("num_nodes")
     if lau.get("kind") == "deepspeed" and isinstance(nodes, int) and nodes > 1 and not lau.get("hostfile"):
         out.append(f"launcher.num_nodes={nodes} with launcher=deepspeed and no launcher.hostfile: the DeepSpeed "

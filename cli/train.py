@@ -356,9 +356,10 @@ def is_master_node(addr: str) -> bool:
         return True
     try:
         target = socket.gethostbyname(addr)
-        mine = set(socket.gethostbyname_ex(host)[2])
     except OSError:
         return False
+    import psutil   # every address of this machine (an InfiniBand interface's too), not only its host name's
+    mine = {a.address for addrs in psutil.net_if_addrs().values() for a in addrs}
     return target in mine or target.startswith("127.")
 
 

@@ -166,7 +166,8 @@ def _wsum_rows_kernel(z_ptr, t_ptr, g_ptr, dx_ptr, logp_ptr, ent_ptr, lse_ptr, V
         z = tl.load(z_row + v0 + cols, mask=ok, other=float("-inf"))
         m_new = tl.maximum(m, z)
         alpha = tl.where(m == m_new, 1.0, tl.exp(m - m_new))   # 1 while a lane has seen nothing (-inf)
-        p = tl.where(ok & (z > float("-inf")), tl.exp(z - m_new), 0.0)   # -inf - -inf: a lane of -inf so far
+        p = tl.where(ok & (z != float("-inf")), tl.exp(z - m_new), 0.0)   # -inf - -inf: a lane of -inf so far (a NaN
+        # logit still makes the row NaN, so that the loss shows it)
         if WANT_ENT:
             shift = tl.where(s > 0, (m - m_new) * s, 0.0)
             e = alpha * (e + shift) + tl.where(p > 0, p * (z - m_new), 0.0)

@@ -158,7 +158,7 @@ def sinkhorn(
         m, s = ops.proto_stats(scores, inv_eps, g)
         if reduce is not None:
             m_glob = reduce(m.clone(), "max")
-            s = torch.where(s > 0, s * torch.exp(m - m_glob), 0.0)   # (no samples here: m = -inf, s = 0)
+            s = torch.where(torch.isneginf(m), 0.0, s * torch.exp(m - m_glob))   # (no samples here: m = -inf)
             if it == 0:  # piggy-back the global batch size on the first sum
                 packed = reduce(torch.cat([s, s.new_tensor([float(b_local)])]), "sum")
                 s, log_b = packed[:-1], torch.log(packed[-1])  # stays on device: no sync

@@ -170,6 +170,11 @@ class SFT(ExportsTokenizer, TrainingRecipe):
         if self.task == "lm" and cfg.data.get("chat_template"):   # trained with it: exported with it
             self.tokenizer.chat_template = resolve_chat_template(cfg.data.chat_template, self.tokenizer, "")
         self.num_labels = len(STDLIB_TOPICS) if cfg.data.kind == "builtin" else int(cfg.model.num_labels)
+        if self.task == "cls" and cfg.data.kind == "builtin" and int(cfg.model.num_labels) != self.num_labels:
+            import logging
+            logging.getLogger("runx.sft").warning(
+                "model.num_labels=%s is not used: the built-in data has %d classes, so the head has %d",
+                cfg.model.num_labels, self.num_labels, self.num_labels)
         if self.task == "cls":
             problem = head_size_problem(cfg.model, self.num_labels)
             if problem:

@@ -331,7 +331,7 @@ def _load_hf_split(dcfg, split: str):
     if not name:
         raise ValueError("data.kind=hf needs data.hf_name (a hub id) or data.path (a save_to_disk folder)")
     from runx.trainers.hf import load_hub_dataset
-    return load_hub_dataset("data.hf_name" if dcfg.hf_name else "data.path", name, split=split, **dict(dcfg.extra))
+    return load_hub_dataset("data.hf_name" if dcfg.hf_name else "data.path", name, **{**dcfg.extra, "split": split})
 
 
 class SyntheticCrops(Dataset):

@@ -504,9 +504,9 @@ class CausalLMDataset:
                 f"causal-LM rows need data.text_field ({text_field!r}), data.prompt_field + data.response_field "
                 f"({prompt_field!r}, {response_field!r}) or data.messages_field ({messages_field!r}); row {bad} "
                 f"has {sorted(rows[bad])}")
-        for field in (text_field, prompt_field, response_field):
-            hole = next((i for i, r in enumerate(rows) if field in r and not chat(r) and _missing_value(r[field])),
-                        None)
+        for field, uses in ((text_field, lambda r: not chat(r) and not pair(r)),
+                            (prompt_field, pair), (response_field, pair)):   # the fields each row is read from
+            hole = next((i for i, r in enumerate(rows) if uses(r) and _missing_value(r[field])), None)
             if hole is not None:   # (trained on as the text "None")
                 key = {text_field: "data.text_field", prompt_field: "data.prompt_field"}.get(field, "data.response_field")
                 raise RecipeConfigError(f"{key}={field!r}: row {hole + 1} has no text ({rows[hole][field]!r}). Valid "

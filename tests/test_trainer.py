@@ -576,9 +576,17 @@ def test_export_gives_engine_logits(tmp_path, recipe, zero):
         manifest = json.load(open(out / "runx_export.json"))
         assert "model.safetensors" in manifest["files"] and manifest["tag"] == "step_3"
         (out / "adapter_config.json").write_text("{}")
-        json.dump({**manifest, "files": manifest["files"] + ["adapter_config.json"]}, open(out / "runx_export.json", "w"))
+        (out / "serve.py").write_text("mine")               # the user's own file beside the export stays
+        (tmp_path / "outside.txt").write_text("keep")       # a manifest entry outside the folder is not followed
+        json.dump({**manifest, "files": manifest["files"] + ["adapter_config.json", "../outside.txt",
+                                                             str(tmp_path / "outside.txt")]},
+                  open(out / "runx_export.json", "w"))
+        run_cli(["export", str(run), "--out", str(out)])   # its manifest lists what it wrote, not serve.py
+        files = json.load(open(out / "runx_export.json"))["files"]
+        assert "model.safetensors" in files and "serve.py" not in files and (out / "serve.py").exists()
+        assert not (out / "adapter_config.json").exists() and (tmp_path / "outside.txt").exists()
         clear_earlier_export(str(out), owned=False)
-        assert list(out.iterdir()) == []
+        assert [f.name for f in out.iterdir()] == ["serve.py"]
         (tmp_path / "mine").mkdir()
         (tmp_path / "mine" / "notes.txt").write_text("mine")
         with pytest.raises(ExportError, match=r"a folder with other files in it \(e.g. notes.txt\)"):
@@ -861,8 +869,20 @@ def test_a_sources_own_held_out_split_is_used_or_named_never_silently_replaced(t
     # were read by nothing
     files = f"{{train:{tmp_path / 'd' / 'train.jsonl'},test:{tmp_path / 'd' / 'test.jsonl'}}}"
     built = ["recipe=sft", "model=tiny_bert", "data=hf", "data.hf_name=json", f"++data.extra.data_files={files}",
-             "data.eval_split=test"]
+             "++data.extra.name=mine", "data.eval_split=test"]   # (name: a TypeError against the helper's own)
     assert [len(x) for x in load_rows(compose(built).data)] == [16, 4]
+    # runx eval of such a run on other files: data.extra is the run's own data's (it was refused, and the
+    # suggested data.extra={} merged away nothing); a training-only rule added since does not stop an eval
+    from omegaconf import OmegaConf
+
+    from runx.cli.evaluate import eval_config
+    run = tmp_path / "hf_run"
+    run.mkdir()
+    saved = compose(built)
+    OmegaConf.update(saved, "optim.warmup_steps", 10**6)   # (a rule added after this run was trained)
+    OmegaConf.save(saved, run / "config.yaml")
+    cfg, _ = eval_config(str(run), ["data.kind=jsonl", f"data.path={tmp_path / 'd' / 'test.jsonl'}"])
+    assert cfg.data.kind == "jsonl" and not cfg.data.extra
 
 
 def test_a_dataset_id_neither_cached_nor_reachable_is_a_config_problem_naming_the_key(tmp_path):
@@ -1481,6 +1501,8 @@ def test_an_unlabelled_row_is_named_and_whole_number_floats_are_class_ids():
     tok.eos_token = tok.pad_token
     with pytest.raises(RecipeConfigError, match=r"data.response_field='response': row 1 has no text \(None\)"):
         CausalLMDataset([{"prompt": "q", "response": None}], tok, "text", 16)
+    # a field the row is not read from may be empty (prompt / response rows with a null text column)
+    CausalLMDataset([{"prompt": "q", "response": "a", "text": None}], tok, "text", 16)
 
 
 def test_a_stopped_run_says_how_to_resume_it_and_a_requeued_job_continues_its_checkpoint(tmp_path, monkeypatch):

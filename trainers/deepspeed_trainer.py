@@ -675,7 +675,10 @@ class Trainer:
         wb, metrics_log = getattr(self, "_open_logs", None) or (None, None)
         self._open_logs = None
         if wb is not None:   # a failed run's W&B run ends as failed: left open, the next job of an in-process
-            wb.finish({}, exit_code=1)   # sweep was handed it by wandb.init and logged its own curve into it
+            try:             # sweep was handed it by wandb.init and logged its own curve into it
+                wb.finish({}, exit_code=1)
+            except Exception as e:   # (not in the way of the engine's release and the run's own error)
+                log.warning("W&B: could not end the failed run's W&B run: %s", e)
         if metrics_log is not None:
             metrics_log.close()
         engine, self.engine = getattr(self, "engine", None), None

@@ -107,7 +107,7 @@ def _not_fetched(key: str, path: str, why: str) -> str:
             f"shared disk), or give a local folder.")
 
 
-def load_hub_dataset(key: str, name: str, **kw):
+def load_hub_dataset(key: str, name: str, /, **kw):
     """datasets.load_dataset(name, **kw) for the hub id (or cache name) a config key gives; a dataset that is
     neither on this machine nor reachable, or that the hub does not have, is a config problem naming the key."""
     import datasets
