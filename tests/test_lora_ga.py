@@ -466,7 +466,8 @@ def run_workers(tmp_path, name, overrides, partitioned=False, nproc=2):
         env.pop(k, None)
     from runx.trainers.runtime import free_port
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr",
-           "127.0.0.1", "--master_port", str(free_port()), str(script), str(tmp_path / name),
+           "127.0.0.1", "--master_port", str(free_port()), "--log-dir", str(tmp_path / f"{name}_torchrun"),
+           str(script), str(tmp_path / name),
            "1" if partitioned else "0", *MP, *overrides]
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-6000:]
