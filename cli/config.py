@@ -173,10 +173,8 @@ def _explain_hydra_error(e: Exception, overrides: list[str]) -> str:
             parent, _, leaf = parent.rpartition(".")
             valid = _schema_keys(parent, recipe)
         value = next((o.partition("=")[2] for o in overrides if o.lstrip("+~").partition("=")[0] == full), "?")
-        hint = [f"{parent + '.' if parent else ''}{h}" for h in difflib.get_close_matches(leaf, valid, n=1)]
-        hint = [ELSEWHERE[full]] if full in ELSEWHERE else hint
         return (f"{full}={value}: '{leaf}' is not a key of '{parent or '<root>'}'. "
-                f"Valid keys: {', '.join(valid)}." + (f" Did you mean '{hint[0]}'?" if hint else ""))
+                f"Valid keys: {', '.join(valid)}." + _did_you_mean(full, parent, leaf, valid))
     return msg.splitlines()[0] + ("" if len(msg.splitlines()) == 1 else " " + " ".join(msg.splitlines()[1:])[:500])
 
 
@@ -212,10 +210,11 @@ def validate(cfg) -> list[str]:
     problems: list[str] = []
     recipe = data.get("recipe") or {}
     name = recipe.get("name") if isinstance(recipe, dict) else None
-    if name not in RECIPES:
+    recipe_schema = RECIPES[name].load_schema() if name in RECIPES else None
+    if recipe_schema is None:
         problems.append(f"recipe.name={name}: unknown recipe. Valid choices: {', '.join(RECIPES)}.")
     else:
-        _walk(recipe, RECIPES[name].load_schema(), "recipe", problems)
+        _walk(recipe, recipe_schema, "recipe", problems)
     root = {k: v for k, v in data.items() if k != "recipe"}
     _walk(root, RunConfig, "", problems, skip={"recipe"})
     from runx.cli.ranges import range_problems
@@ -247,11 +246,10 @@ def validate(cfg) -> list[str]:
     if not problems:  # the values interpolations gave (${oc.env:MBS}) checked like values written out
         resolved = OmegaConf.to_container(cfg, resolve=True)
         resolved.pop("hydra", None)
-        given = _interpolated_values(data, resolved, RunConfig, RECIPES[name].load_schema() if name in RECIPES
-                                     else None)
+        given = _interpolated_values(data, resolved, RunConfig, recipe_schema)
         if given is not None:
-            if name in RECIPES:
-                _walk(given.get("recipe") or {}, RECIPES[name].load_schema(), "recipe", problems)
+            if recipe_schema is not None:
+                _walk(given.get("recipe") or {}, recipe_schema, "recipe", problems)
             _walk({k: v for k, v in given.items() if k != "recipe"}, RunConfig, "", problems, skip={"recipe"})
             problems += range_problems(given)
     return problems
@@ -453,6 +451,14 @@ ELSEWHERE = {"data.micro_batch_size": "trainer.micro_batch_size",
              "data.batch_size": "trainer.micro_batch_size", "trainer.lr": "optim.lr", "trainer.seed": "seed"}
 
 
+def _did_you_mean(full: str, parent: str, leaf: str, keys: list) -> str:
+    """The hint after an unknown key (`full`, `leaf` under `parent`): where it lives if in another group, else
+    the closest of `keys`."""
+    near = difflib.get_close_matches(leaf, keys, n=1)
+    hint = ELSEWHERE.get(full) or (f"{parent + '.' if parent else ''}{near[0]}" if near else None)
+    return f" Did you mean '{hint}'?" if hint else ""
+
+
 def _walk(data: dict, schema, prefix: str, problems: list[str], skip=()):
     hints = typing.get_type_hints(schema)
     fields = [f.name for f in dataclasses.fields(schema)]
@@ -461,10 +467,8 @@ def _walk(data: dict, schema, prefix: str, problems: list[str], skip=()):
         if key in skip:
             continue
         if key not in hints:
-            hint = difflib.get_close_matches(str(key), fields, n=1)
-            hint = [ELSEWHERE[full]] if full in ELSEWHERE else [f"{(prefix + '.') if prefix else ''}{h}" for h in hint]
             problems.append(f"{full}={_show(value)}: unknown key. Valid keys under '{prefix or '<root>'}': "
-                            f"{', '.join(fields)}." + (f" Did you mean '{hint[0]}'?" if hint else ""))
+                            f"{', '.join(fields)}." + _did_you_mean(full, prefix, str(key), fields))
             continue
         _check_value(value, hints[key], full, problems)
 

@@ -293,11 +293,12 @@ def _pair_problems(name, data: dict) -> list[str]:
         out.append(f"optim.warmup_steps={warmup} with trainer.max_steps={steps}: the run would end still warming "
                    f"up, below optim.lr. Valid values: optim.warmup_steps < {steps}.")
     nodes = lau.get("num_nodes")
-    if lau.get("kind") == "deepspeed" and isinstance(nodes, int) and nodes > 1 and not lau.get("hostfile"):
+    ds_nodes = lau.get("kind") == "deepspeed" and isinstance(nodes, int) and nodes > 1
+    if ds_nodes and not lau.get("hostfile"):
         out.append(f"launcher.num_nodes={nodes} with launcher=deepspeed and no launcher.hostfile: the DeepSpeed "
                    "launcher finds the other nodes in a hostfile. Valid choices: launcher.hostfile=<file of "
                    "'host slots=N' lines>, or launcher=torchrun on every node.")
-    if lau.get("kind") == "deepspeed" and isinstance(nodes, int) and nodes > 1 and not data.get("run_dir"):
+    if ds_nodes and not data.get("run_dir"):
         out.append(f"launcher.num_nodes={nodes} with launcher=deepspeed: the other nodes' processes read the run's "
                    "config from its folder and rank 0 writes there. Set run_dir=<path on a shared filesystem>.")
     if name == "verifree" and rec.get("rollout_backend") == "vllm":

@@ -31,7 +31,7 @@ class LoRA(SFT):
         # the adapter placed on the model's skeleton (meta device, no weights): recipe.target_modules (and LoRA-GA's
         # rank) checked where `runx validate` sees them, not only once the model is loaded
         from runx.recipes.sft import meta_skeleton
-        skeleton = meta_skeleton(cfg.model, num_labels=self.num_labels)
+        skeleton = meta_skeleton(cfg.model, self.hf_config, num_labels=self.num_labels)
         if skeleton is None:
             return
         import torch

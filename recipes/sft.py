@@ -94,6 +94,8 @@ def meta_skeleton(model_cfg, conf=None, num_labels: int | None = None):
         auto = {"seq_cls": transformers.AutoModelForSequenceClassification,
                 "causal_lm": transformers.AutoModelForCausalLM}.get(str(model_cfg.get("kind")), transformers.AutoModel)
         if num_labels is not None and model_cfg.get("kind") == "seq_cls":
+            import copy
+            conf = copy.deepcopy(conf)   # (the caller's config stays as read)
             conf.num_labels = num_labels
         with torch.device("meta"):
             return auto.from_config(conf)
@@ -101,12 +103,12 @@ def meta_skeleton(model_cfg, conf=None, num_labels: int | None = None):
         return None
 
 
-def check_positions_from_config(model_cfg, max_length: int, key: str = "data.max_length") -> None:
+def check_positions_from_config(model_cfg, max_length: int, key: str = "data.max_length", conf=None) -> None:
     """check_positions before any weight is read (the recipe's constructor, which `runx validate` runs too): the
     checkpoint's config gives the position limit; only when max_length is beyond it is the model's skeleton built
     on the meta device to see whether its positions are learned. Best effort: a config that cannot be read here
-    leaves the check to check_positions once the model is built."""
-    conf = model_config(model_cfg)
+    leaves the check to check_positions once the model is built. `conf`: model_config(model_cfg), when read."""
+    conf = conf or model_config(model_cfg)
     limit = getattr(conf, "max_position_embeddings", None) or getattr(conf, "n_positions", None)
     if not isinstance(limit, int) or max_length <= limit:
         return
@@ -166,7 +168,8 @@ class SFT(ExportsTokenizer, TrainingRecipe):
         if self.task == "cls" and cfg.model.kind != "seq_cls":
             raise ValueError(f"recipe.task=cls needs model.kind=seq_cls (got {cfg.model.kind})")
         self.tokenizer = causal_lm_tokenizer(cfg.model) if self.task == "lm" else load_tokenizer(cfg.model)
-        check_positions_from_config(cfg.model, int(cfg.data.max_length))
+        self.hf_config = model_config(cfg.model)   # (read once for the constructors' checks; None: not here)
+        check_positions_from_config(cfg.model, int(cfg.data.max_length), conf=self.hf_config)
         if self.task == "lm" and cfg.data.get("chat_template"):   # trained with it: exported with it
             self.tokenizer.chat_template = resolve_chat_template(cfg.data.chat_template, self.tokenizer, "")
         self.num_labels = len(STDLIB_TOPICS) if cfg.data.kind == "builtin" else int(cfg.model.num_labels)

@@ -578,22 +578,20 @@ def test_sinkhorn_callable_world_sums_with_threads():
             errors.append(exc)
             barrier.abort()
 
-    threads = [threading.Thread(target=worker, args=(r,)) for r in range(2)]
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join(60)
-    assert not errors, errors
+    def run_ranks():
+        threads = [threading.Thread(target=worker, args=(r,)) for r in range(2)]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join(60)
+        assert not errors, errors
+
+    run_ranks()
     full = sinkhorn(scores, eps=0.05, iters=3)
     torch.testing.assert_close(torch.cat(results), full, rtol=0, atol=1e-6)
     # a rank without samples this step takes part in the sums and gets [0, K]
     parts[:] = [scores, scores[:0]]
-    threads = [threading.Thread(target=worker, args=(r,)) for r in range(2)]
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join(60)
-    assert not errors, errors
+    run_ranks()
     assert results[1].shape == (0, 30)
     torch.testing.assert_close(results[0], full, rtol=0, atol=1e-6)
 

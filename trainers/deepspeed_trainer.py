@@ -107,6 +107,20 @@ def copy_into_partitioned(model, reference, rank: int) -> None:
                 p.data.copy_(ref[name].data.to(p.dtype))
 
 
+
+def _loader_workers(tcfg, device: str) -> dict:
+    """A training loader's worker settings: trainer.dataloader_workers processes, which ignore the signals that
+    stop the run (runtime.quiet_data_worker), pinned memory on CUDA."""
+    workers = int(tcfg.dataloader_workers)
+    return {"num_workers": workers, "pin_memory": device == "cuda",
+            "worker_init_fn": runtime.quiet_data_worker if workers else None}
+
+
+def _metrics_line(metrics: dict) -> str:
+    """`key=value` for each number, as train.log gets a run's evaluations and final metrics."""
+    return "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()
+                     if isinstance(v, (int, float)))
+
 class Trainer:
     def __init__(self, cfg, run_dir: str):
         self.cfg = cfg
@@ -378,11 +392,8 @@ class Trainer:
         sampler = StepBatchSampler(len(dataset), int(t.micro_batch_size), int(t.grad_accum), self.world_size,
                                    self.rank, int(self.cfg.seed if seed is None else seed), start_step,
                                    max_steps, shuffle, lengths=lengths)
-        workers = int(t.dataloader_workers)
         return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=recipe.collate,
-                                           num_workers=workers, pin_memory=self.device == "cuda",
-                                           persistent_workers=False,
-                                           worker_init_fn=runtime.quiet_data_worker if workers else None)
+                                           persistent_workers=False, **_loader_workers(t, self.device))
 
     def eval_loader(self, dataset, recipe, batch_size: int | None = None):
         return torch.utils.data.DataLoader(dataset, batch_size=batch_size or int(self.tcfg.micro_batch_size),
@@ -406,9 +417,7 @@ class Trainer:
         micro_batches = [idx[j:j + micro] for j in range(0, len(idx), micro)]
         mine = [b for j, b in enumerate(micro_batches) if j % self.world_size == self.rank]
         return torch.utils.data.DataLoader(ds, batch_sampler=mine, collate_fn=self.recipe.collate,
-                                           num_workers=int(t.dataloader_workers), pin_memory=self.device == "cuda",
-                                           worker_init_fn=runtime.quiet_data_worker if int(t.dataloader_workers)
-                                           else None)
+                                           **_loader_workers(t, self.device))
 
     def to_device(self, batch):
         if isinstance(batch, torch.Tensor):
@@ -582,8 +591,7 @@ class Trainer:
                     engine.train()
                     rec.update(last_eval)
                     if self.is_main:
-                        log.info("step %d: %s", self.global_step, "  ".join(
-                            f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in last_eval.items()))
+                        log.info("step %d: %s", self.global_step, _metrics_line(last_eval))
                     if self.best is not None:
                         improved = self._track_best(last_eval)
                     step_t0 += time.perf_counter() - t_aside
@@ -659,9 +667,7 @@ class Trainer:
             sync = wb.finish(final)
             metrics_log.close()
             self._open_logs = None
-            log.info("finished: %s", "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                                               for k, v in final.items() if isinstance(v, (int, float))),
-                     extra={"file_only": True})   # the console gets the table below
+            log.info("finished: %s", _metrics_line(final), extra={"file_only": True})   # the console: the table below
             console().print(summary_table(f"runx {self.cfg.recipe.name} — {self.run_dir}", final))
             if sync:   # soft_wrap: a log file must keep the command on one line, to be pasted whole
                 console().print(f"W&B run saved offline; upload it with: [bold]{sync}[/bold]", soft_wrap=True)
