@@ -363,6 +363,28 @@ def is_master_node(addr: str) -> bool:
     return target in mine or target.startswith("127.")
 
 
+def node_log_aside(run_dir: str) -> str | None:
+    """On a node other than the first of a torchrun run across nodes: this node's log lines go to
+    .runx/train-<host>.log instead of the shared train.log (which every node's Hydra file handler appended to,
+    interleaved). Returns the new log file, or None where no handler wrote train.log."""
+    import socket
+    shared = os.path.abspath(os.path.join(run_dir, "train.log"))
+    root, moved = logging.getLogger(), None
+    for h in list(root.handlers):
+        if isinstance(h, logging.FileHandler) and os.path.abspath(h.baseFilename) == shared:
+            moved = os.path.join(run_dir, ".runx", f"train-{socket.gethostname()}.log")
+            os.makedirs(os.path.dirname(moved), exist_ok=True)
+            aside = logging.FileHandler(moved)
+            aside.setFormatter(h.formatter)
+            aside.setLevel(h.level)
+            for f in h.filters:
+                aside.addFilter(f)
+            root.removeHandler(h)
+            h.close()
+            root.addHandler(aside)
+    return moved
+
+
 def slurm_step_problem(cfg, env=None) -> str | None:
     """A SLURM step (srun, or submitit's tasks) of several tasks each running this command: runx starts the run's
     own processes (trainer.num_procs, through torchrun), one runx per node. With hydra.launcher.tasks_per_node=8
@@ -420,6 +442,10 @@ def launch(cfg, run_dir: str) -> dict:
     # a torchrun run across nodes: every node runs this command; the first node (launcher.master_addr) moves an
     # earlier run aside and records the environment, the others only start their processes
     first_node = not multi_node(cfg) or is_master_node(str(cfg.launcher.master_addr))
+    if not first_node and not worker:
+        aside = node_log_aside(run_dir)
+        if aside:
+            log.info("this node's log: %s (train.log is the first node's)", aside)
     if trains_here and mode == "never" and first_node:
         supersede_previous_run(run_dir)
     elif trains_here and first_node and mode == "auto" and os.path.exists(os.path.join(run_dir, "summary.json")) and \
@@ -461,8 +487,11 @@ def launch(cfg, run_dir: str) -> dict:
     handover = submitit_preemption()
     if handover:   # SLURM signals every process of the step: the workers stop on it too, the launcher ignores it
         env["RUNX_PREEMPT_SIGNAL"] = str(int(handover[0]))
+    # DeepSpeed's launcher across nodes (pdsh): a signal to its runner reaches the other nodes' workers only as a
+    # kill 30 s later (SIGUSR1 not at all); the first signal reaches them through the run dir instead
+    ds_nodes = kind == "deepspeed" and bool(cfg.launcher.hostfile) and int(cfg.launcher.num_nodes) > 1
     rc, signalled = _run_forwarding_signals(cmd, env, handover[0] if handover else None,
-                                            record=parent_signal_file(run_dir))
+                                            record=parent_signal_file(run_dir), through_record=ds_nodes)
     if rc != 0 and signalled:
         import signal
         from runx.trainers.runtime import Stopped
@@ -508,12 +537,14 @@ _DIE_WITH_PARENT = ("import ctypes, os, signal, sys; ctypes.CDLL(None).prctl(1, 
                     "os.execv(sys.executable, [sys.executable] + sys.argv[1:])")
 
 
-def _run_forwarding_signals(cmd: list[str], env: dict, preempt=None, record: str | None = None
-                            ) -> tuple[int, str | None]:
+def _run_forwarding_signals(cmd: list[str], env: dict, preempt=None, record: str | None = None,
+                            through_record: bool = False) -> tuple[int, str | None]:
     """Run the launcher; a SIGTERM / SIGUSR1 sent to this process (kill <pid>, a scheduler that signals only the
     parent) goes on to it, and from it to the workers, which checkpoint and stop. `preempt`: submitit's
     preemption signal, taken over here and passed on as SIGTERM. `record`: a file the first signal's name is
-    written to, for the workers' log lines."""
+    written to; the workers read it each second and stop on it too. `through_record`: the first signal goes to
+    the workers only that way (and to the ones on this machine directly), the launcher keeps running until they
+    have stopped; a second signal goes on to the launcher."""
     import signal
     if cmd[0] == sys.executable and sys.platform.startswith("linux"):
         cmd = [sys.executable, "-c", _DIE_WITH_PARENT.format(parent=os.getpid())] + cmd[1:]
@@ -523,9 +554,14 @@ def _run_forwarding_signals(cmd: list[str], env: dict, preempt=None, record: str
     def forward(signum, frame):
         got.append(signal.Signals(signum).name)
         if record and len(got) == 1:
-            with open(record, "w") as f:
-                f.write(got[0])
+            from runx.trainers.datajob import atomic_write_bytes   # (a worker polling it reads all or nothing)
+            atomic_write_bytes(record, got[0].encode())
         sig = signal.SIGTERM if signum == preempt else signum
+        if through_record and len(got) == 1:
+            for p in _launch_tree(proc)[1:]:
+                if _is_worker(_cmdline(p)):
+                    _quietly(p.send_signal, sig)
+            return
         # the DeepSpeed launcher's runner dies on SIGTERM without passing it on, and its launch process (between
         # it and the workers) lives on: the workers get the signal straight away (torchrun passes it on itself)
         # (the workers only: the launch process, whose command line names runx.cli.worker too, would end every

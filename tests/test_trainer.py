@@ -416,6 +416,37 @@ def test_each_node_of_a_torchrun_run_across_nodes_holds_its_own_lock(tmp_path):
         held.kill()
 
 
+def test_a_node_other_than_the_first_logs_beside_the_shared_train_log(tmp_path):
+    """Every node of a torchrun run across nodes runs `runx train` with Hydra's file handler on the shared
+    <run_dir>/train.log: their lines were interleaved there. A node other than the first now writes its own
+    .runx/train-<host>.log; handlers on other files stay as they were."""
+    import logging
+    import socket
+
+    from runx.cli.train import node_log_aside
+    root = logging.getLogger()
+    shared = logging.FileHandler(tmp_path / "train.log")
+    shared.setFormatter(logging.Formatter("[%(levelname)s] %(message)s"))
+    other = logging.FileHandler(tmp_path / "other.log")
+    root.addHandler(shared)
+    root.addHandler(other)
+    try:
+        root.warning("before")
+        aside = node_log_aside(str(tmp_path))
+        root.warning("after")
+        assert aside == str(tmp_path / ".runx" / f"train-{socket.gethostname()}.log")
+        assert shared not in root.handlers and other in root.handlers
+        assert (tmp_path / "train.log").read_text() == "[WARNING] before\n"
+        assert open(aside).read() == "[WARNING] after\n"          # the same format as train.log's
+        assert (tmp_path / "other.log").read_text() == "before\nafter\n"
+        assert node_log_aside(str(tmp_path / "elsewhere")) is None
+    finally:
+        for h in list(root.handlers):
+            if isinstance(h, logging.FileHandler) and str(tmp_path) in h.baseFilename:
+                root.removeHandler(h)
+                h.close()
+
+
 def test_epochs_set_the_number_of_steps(tmp_path):
     """trainer.epochs: ceil(epochs * training samples / global batch) steps, whatever max_steps says; the LR
     schedule ends with them (linear decay reaches 0 at the last step, not at max_steps)."""
@@ -496,9 +527,11 @@ def test_a_signal_stops_a_launched_run_after_its_workers_saved(tmp_path):
         err = (tmp_path / "err.txt").read_text()
         assert rc == 143 and f"stopped by {sig.name}" in err and f"latest checkpoint: {latest}" in err, (rc, err)
         assert "Traceback" not in err and "SignalException" not in err, err[-3000:]
-        # the workers get SIGTERM whatever runx got; their log line names both
-        said = "SIGUSR1 (sent to runx; SIGTERM here)" if sig == signal.SIGUSR1 else "SIGTERM"
-        assert f"stopped by {said} after step {latest.removeprefix('step_')}" in (run / "train.log").read_text()
+        # the workers get SIGTERM whatever runx got; their log line names both (or only runx's, where a worker
+        # read runx's stop request in the run dir before the SIGTERM reached it)
+        said = ["SIGUSR1 (sent to runx; SIGTERM here)", "SIGUSR1"] if sig == signal.SIGUSR1 else ["SIGTERM"]
+        log_text = (run / "train.log").read_text()
+        assert any(f"stopped by {s} after step {latest.removeprefix('step_')}" in log_text for s in said), log_text
         steps.append(int(latest.removeprefix("step_")))
     assert steps[1] > steps[0] >= 3 and max(losses(run)) == steps[1]
 
@@ -513,6 +546,41 @@ def test_a_signal_under_the_deepspeed_launcher_goes_to_the_workers_not_to_its_la
     assert not _is_worker(launch)
     assert _is_worker([sys.executable, "-u", "-m", "runx.cli.worker", "/runs/a"])
     assert not _is_worker([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "runx.cli.main"])
+
+
+def test_a_stop_reaches_the_workers_of_a_deepspeed_run_across_nodes_through_the_run_dir(tmp_path, monkeypatch):
+    """The DeepSpeed launcher reaches other nodes through pdsh: SIGUSR1 to runx reached no worker there, SIGTERM
+    only as a kill 30 s later. runx now writes the signal into the run dir, where every worker looks each second
+    and stops at its step boundary; the launcher is left running until they have stopped (a second signal goes on
+    to it)."""
+    import signal
+    import threading
+
+    from runx.cli.train import _run_forwarding_signals
+    from runx.trainers.runtime import StopOnSignal, parent_signal_file
+    record = parent_signal_file(str(tmp_path))
+    os.makedirs(os.path.dirname(record))
+    stop = StopOnSignal(record)
+    monkeypatch.setattr(stop, "POLL_S", 0.0)
+    try:
+        assert not stop.signalled
+        # a stand-in for the launcher: it ends (143, as a stopped worker does) once the request is there, and
+        # would end at once with -15 on a SIGTERM of its own
+        waits = ("import os, sys, time\n"
+                 "while not os.path.exists(sys.argv[1]): time.sleep(0.05)\n"
+                 "sys.exit(143)\n")
+        cmd = [sys.executable, "-c", waits, record]
+        threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGUSR1)).start()
+        rc, got = _run_forwarding_signals(cmd, dict(os.environ), record=record, through_record=True)
+        assert (rc, got) == (143, "SIGUSR1")
+        assert open(record).read() == "SIGUSR1" and stop.signalled and stop.signal_name == "SIGUSR1"
+        # without through_record the launcher gets the signal (the one-machine launchers pass it on themselves)
+        os.remove(record)
+        threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGTERM)).start()
+        rc, got = _run_forwarding_signals(cmd, dict(os.environ), record=record)
+        assert (rc, got) == (-signal.SIGTERM, "SIGTERM")
+    finally:
+        stop.restore()
 
 
 @pytest.mark.parametrize("trainer", ["zero3_cpu_offload"])

@@ -523,7 +523,9 @@ class Trainer:
         if getattr(self, "_pending_rng", None) is not None:
             runtime.set_rng_state(self._pending_rng)
             self._pending_rng = None
-        stop = runtime.StopOnSignal()   # SIGTERM (SLURM preemption, scancel): save, then stop
+        # SIGTERM (SLURM preemption, scancel), or the launching runx's request: save, then stop
+        stop = runtime.StopOnSignal(runtime.parent_signal_file(self.run_dir)
+                                    if os.environ.get("RUNX_WORKER") == "1" else None)
         try:
             for batch, norm in self._with_loss_norm(batches, recipe, grad_accum):
                 if micro_in_step == 0:

@@ -377,13 +377,18 @@ class StopOnSignal:
     step even if only one got the signal, at no extra collective."""
 
     SIGNALS = ("SIGTERM", "SIGUSR1")
+    POLL_S = 1.0     # how often a worker looks for the launching runx's stop request (one stat a second)
 
-    def __init__(self):
+    def __init__(self, request_file: str | None = None):
+        """request_file: a launched worker's parent_signal_file. The launching runx writes the signal it was sent
+        there; a worker that finds it stops as if signalled. This is how a stop reaches every node of a DeepSpeed
+        launcher run (pdsh passes no SIGUSR1 on, and SIGTERM only with a 30 s kill behind it)."""
         import signal
         import threading
         self.signal_name = None
         self._old = {}
         self._handover = None
+        self._request, self._next_poll = request_file, 0.0
         if threading.current_thread() is threading.main_thread():   # handlers can only be set there
             self._handover = submitit_preemption()
             for name in self.SIGNALS:
@@ -417,6 +422,16 @@ class StopOnSignal:
 
     @property
     def signalled(self) -> bool:
+        if self.signal_name is None and self._request is not None:
+            import time
+            now = time.monotonic()
+            if now >= self._next_poll:
+                self._next_poll = now + self.POLL_S
+                try:
+                    with open(self._request) as f:
+                        self.signal_name = f.read().strip() or "SIGTERM"
+                except OSError:
+                    pass
         return self.signal_name is not None
 
     def restore(self) -> None:
