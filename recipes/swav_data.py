@@ -331,7 +331,16 @@ def _load_hf_split(dcfg, split: str):
     if not name:
         raise ValueError("data.kind=hf needs data.hf_name (a hub id) or data.path (a save_to_disk folder)")
     from runx.trainers.hf import load_hub_dataset
-    return load_hub_dataset("data.hf_name" if dcfg.hf_name else "data.path", name, **{**dcfg.extra, "split": split})
+    try:
+        return load_hub_dataset("data.hf_name" if dcfg.hf_name else "data.path", name,
+                                **{**dcfg.extra, "split": split})
+    except ValueError as e:   # datasets' 'Unknown split "x". Should be one of [...]', a traceback before
+        if not str(e).startswith("Unknown split") or os.environ.get("RUNX_TRACEBACK"):
+            raise
+        from runx.trainers.recipe import RecipeConfigError
+        key = "data.train_split" if split == dcfg.train_split else "data.eval_split"
+        valid = str(e).split("Should be one of", 1)[-1].strip(" .[]").replace("'", "")
+        raise RecipeConfigError(f"{key}={split}: not a split of {name}. Valid choices: {valid}.") from None
 
 
 class SyntheticCrops(Dataset):

@@ -310,6 +310,15 @@ def test_imagefolder_and_hf_sources(tmp_path):
     with pytest.raises(RecipeConfigError, match=r"data.eval_split=validation: not a split of .*hf. Valid choices: "
                                                 r"train, test\."):
         S.SwAV(cfg("data.kind=hf", f"data.path={tmp_path / 'hf'}", "recipe.image_field=img"), "x").build_data()
+    # the same through datasets.load_dataset (a hub id; here its packaged imagefolder builder on the local folder):
+    # a split the dataset lacks was datasets' ValueError traceback
+    for cls in ("a", "b"):
+        os.makedirs(tmp_path / "hubish" / "train" / cls)
+        imgs[0].save(tmp_path / "hubish" / "train" / cls / "0.png")
+    with pytest.raises(RecipeConfigError, match=r"data.eval_split=validation: not a split of imagefolder\. Valid "
+                                                r"choices: train\."):
+        S.SwAV(cfg("data.kind=hf", "data.hf_name=imagefolder", f"++data.extra.data_dir={tmp_path / 'hubish'}",
+                   "recipe.image_field=image"), "x").build_data()
 
 
 def test_bad_config_names_key_and_choices():
