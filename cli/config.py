@@ -376,6 +376,10 @@ def check_paths(cfg) -> list[str]:
     if kind == "hf":
         need("data.hf_name" if d.get("hf_name") else "data.path", d.get("hf_name") or d.get("path"), False,
              "no such folder on this machine (give a saved dataset folder or a hub id)")
+    if kind == "hf" and d.get("hf_name") or r.get("name") == "concept_prune":
+        # hub ids the model build does not already look up (that names model.path / model.tokenizer)
+        from runx.trainers.hf import offline_uncached
+        out += offline_uncached(cfg, ("data.hf_name", "recipe.encoder"))
     if "nvme" in (t.get("offload_param"), t.get("offload_optimizer")):
         nvme = os.path.expanduser(str(t.get("nvme_path") or ""))
         if os.path.exists(nvme) and not os.path.isdir(nvme):

@@ -1,8 +1,10 @@
 """Shared test helpers: run the CLI in a subprocess with an offline, CPU-only environment."""
 from __future__ import annotations
 
+import atexit
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -14,8 +16,20 @@ OFFLINE_ENV = {
     "WANDB_MODE": "offline", "WANDB_SILENT": "true", "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false",
 }
 os.environ.update(OFFLINE_ENV)
-# the aio probe / plan caches of a test session stay out of ~/.cache/runx
-os.environ.setdefault("RUNX_CACHE", tempfile.mkdtemp(prefix="runx_test_cache_"))
+
+
+def _session_folder(var: str, prefix: str) -> None:
+    """A temporary folder for the test session in `var`, removed when the process that made it exits (pytest-xdist's
+    workers inherit the controller's): one was left in /tmp per worker and run."""
+    if var not in os.environ:
+        os.environ[var] = tempfile.mkdtemp(prefix=prefix)
+        atexit.register(shutil.rmtree, os.environ[var], True)
+
+
+# the aio probe / plan caches of a test session stay out of ~/.cache/runx, and the datasets the tests prepare with
+# datasets' packaged builders (json, imagefolder) out of ~/.cache/huggingface/datasets
+_session_folder("RUNX_CACHE", "runx_test_cache_")
+_session_folder("HF_DATASETS_CACHE", "runx_test_datasets_")
 
 
 def child_env(env: dict | None = None) -> dict:

@@ -963,6 +963,20 @@ def test_a_dataset_id_neither_cached_nor_reachable_is_a_config_problem_naming_th
     with pytest.raises(RecipeConfigError, match=r"^data.hf_name=nobody/no_such_dataset_xyz: .*not in the Hugging "
                                                 r"Face cache"):
         load_rows(cfg.data)
+    # runx validate says so too, before anything loads (it reported a missing model id, not a dataset or encoder
+    # id); datasets' packaged builders and runx's own encoders name no hub repo
+    from runx.cli.config import check_paths
+    problems = check_paths(cfg)
+    assert len(problems) == 1 and problems[0].startswith("data.hf_name=nobody/no_such_dataset_xyz: not a local "
+                                                         "folder, not in the Hugging Face cache"), problems
+    assert check_paths(compose(["recipe=sft", "model=tiny_bert", "data=hf", "data.hf_name=json"])) == []
+    enc = check_paths(compose(["recipe=concept_prune", "recipe.encoder=nobody/no_such_encoder"]))
+    assert len(enc) == 1 and enc[0].startswith("recipe.encoder=nobody/no_such_encoder: not a local folder"), enc
+    assert check_paths(compose(["recipe=concept_prune"])) == []
+    # a dataset that datasets prepared earlier reloads offline from its own cache: not a problem
+    import datasets.config
+    os.makedirs(os.path.join(str(datasets.config.HF_DATASETS_CACHE), "nobody___no_such_dataset_xyz"))
+    assert check_paths(cfg) == []
 
 
 def test_files_with_a_byte_order_mark_read_like_any_other(tmp_path):

@@ -79,8 +79,39 @@ def _hub_ids(cfg) -> list[tuple[str, str, str]]:
     rec = cfg.get("recipe") or {}
     cands = [("model.path", model.get("path"), "model"), ("model.tokenizer", model.get("tokenizer"), "model"),
              ("data.hf_name", data.get("hf_name"), "dataset"), ("recipe.encoder", rec.get("encoder"), "model")]
+    # (builtin:minilm, torchvision:resnet50 and datasets' packaged builders such as json name no hub repo)
     return [(k, str(v), t) for k, v, t in cands
-            if v and not str(v).startswith("builtin:") and not os.path.exists(os.path.expanduser(str(v)))]
+            if v and ":" not in str(v) and not os.path.exists(os.path.expanduser(str(v)))
+            and not (t == "dataset" and str(v) in _packaged_builders())]
+
+
+def _packaged_builders() -> set[str]:
+    try:
+        from datasets.packaged_modules import _PACKAGED_DATASETS_MODULES
+        return set(_PACKAGED_DATASETS_MODULES)
+    except ImportError:
+        return {"json", "csv", "parquet", "text", "arrow", "imagefolder", "audiofolder", "webdataset", "pandas"}
+
+
+def _datasets_cached(name: str) -> bool:
+    """Whether `datasets` holds a prepared copy of a hub dataset (which it reloads offline without the hub)."""
+    import datasets.config
+    return os.path.isdir(os.path.join(str(datasets.config.HF_DATASETS_CACHE), name.replace("/", "___")))
+
+
+def offline_uncached(cfg, keys: tuple[str, ...]) -> list[str]:
+    """For `runx validate`: the hub ids under `keys` that this run could only fetch from the hub while the hub is
+    off (offline mode set, or not answering): not in the local cache. [] when the hub is on."""
+    ids = [(k, v, t) for k, v, t in _hub_ids(cfg) if k in keys]
+    if not ids:
+        return []
+    offline_if_hub_unreachable()
+    import huggingface_hub.constants
+    if not (huggingface_hub.constants.HF_HUB_OFFLINE or os.environ.get("HF_DATASETS_OFFLINE", "0").upper()
+            in ("1", "ON", "YES", "TRUE")):
+        return []
+    return [_not_fetched(k, v, "offline mode") for k, v, t in ids
+            if not _cached(v, t) and not (t == "dataset" and _datasets_cached(v))]
 
 
 def hub_unreachable(e: BaseException, cfg) -> str | None:
