@@ -73,6 +73,7 @@ def hydra_main(cfg: DictConfig):
     # its paths where it runs (a SLURM job: on its node)
     problems = validate(cfg) + check_paths(cfg)
     run_dir = run_dir_for(cfg)
+    _redact_hydra_copies(run_dir)   # first: a run refused below keeps Hydra's copies of the overrides too
     if not problems:
         try:
             result = launch(cfg, run_dir)
@@ -107,6 +108,20 @@ def hydra_main(cfg: DictConfig):
         SWEEP_FAILURES.append((job, "config problem", run_dir))
         raise SweepJobConfigProblem(f"runx: job #{job} stopped on the config problem printed with it")
     return objective_value(result, cfg)
+
+
+def _redact_hydra_copies(run_dir: str) -> None:
+    """Hydra's copies of the config and overrides (<run_dir>/.hydra/*.yaml, a sweep's multirun.yaml) with secrets
+    redacted as in config.yaml."""
+    from runx.trainers.tracking import redact_hydra_outputs
+    sweep = None
+    try:   # (no Hydra context when launch() is called directly)
+        if _sweep_job() is not None:
+            from hydra.core.hydra_config import HydraConfig
+            sweep = str(HydraConfig.get().sweep.dir)
+    except ValueError:
+        pass
+    redact_hydra_outputs(run_dir, sweep)
 
 
 # In-process sweep jobs (Hydra's basic launcher) that failed: (job number, why, run dir). `runx train -m`
@@ -233,7 +248,11 @@ def resume_problems(cfg, run_dir: str) -> list[str]:
               and not any(k == p or p.endswith(".") and k.startswith(p) for p in allowed)]
     if not differ:
         return []
-    shown = "; ".join(f"{k}: {old[k]} -> {new[k]}" for k in differ[:8])
+    from runx.trainers.tracking import SECRET_KEY   # (the saved job.yaml holds secrets unredacted)
+
+    def value(k, v):
+        return "***" if SECRET_KEY.search(k.rsplit(".", 1)[-1]) and v not in (None, "") else v
+    shown = "; ".join(f"{k}: {value(k, old[k])} -> {value(k, new[k])}" for k in differ[:8])
     more = f" (and {len(differ) - 8} more)" if len(differ) > 8 else ""
     where = run_dir if mode == "auto" else root
     return [f"resume={mode}: {where} holds a checkpoint of a run with another config ({shown}{more}). Resuming "
@@ -458,15 +477,7 @@ def launch(cfg, run_dir: str) -> dict:
     save_resolved_config(cfg, os.path.join(run_dir, "config.yaml"))
     save_resolved_config(cfg, os.path.join(run_dir, ".runx", "job.yaml"), redacted=False)
     if not worker:
-        from runx.trainers.tracking import redact_hydra_outputs
-        sweep = None
-        try:   # (no Hydra context when launch() is called directly)
-            if _sweep_job() is not None:
-                from hydra.core.hydra_config import HydraConfig
-                sweep = str(HydraConfig.get().sweep.dir)
-        except ValueError:
-            pass
-        redact_hydra_outputs(run_dir, sweep)
+        _redact_hydra_copies(run_dir)
     if first_node:
         atomic_write_json(os.path.join(run_dir, "env.json"), environment_record())
     n = int(cfg.trainer.num_procs)

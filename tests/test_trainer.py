@@ -27,6 +27,29 @@ def test_a_wandb_key_without_a_reachable_server_logs_offline(tmp_path):
     assert any(d.startswith("offline-run-") for d in os.listdir(run / "wandb")) and time.monotonic() - t0 < 60
 
 
+def test_wandb_mode_variable_decides_under_logger_mode_auto(tmp_path, monkeypatch):
+    """WANDB_MODE (W&B's own variable; the README has multi-node users set it in .deepspeed_env) was ignored:
+    logger.mode=auto went online whenever a key was set, and WANDB_MODE=disabled still wrote an offline run."""
+    from omegaconf import OmegaConf
+
+    import runx.trainers.tracking as tracking
+    lcfg = OmegaConf.create({"backend": "wandb", "mode": "auto", "project": "p", "entity": None, "name": None,
+                             "group": None, "tags": []})
+    def no_server_check():
+        raise AssertionError("an online run was attempted")
+    monkeypatch.setattr(tracking, "wandb_unreachable", no_server_check)
+    monkeypatch.setenv("WANDB_API_KEY", "0" * 40)
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    wb = tracking.WandbRun(lcfg, OmegaConf.create({"x": 1}), str(tmp_path), "r")
+    assert wb.run is None and os.listdir(tmp_path) == []
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    wb = tracking.WandbRun(lcfg, OmegaConf.create({"x": 1}), str(tmp_path), "r")
+    assert wb.mode == "offline" and wb.finish({"loss": 1.0}).startswith("wandb sync ")
+    monkeypatch.setenv("WANDB_MODE", "online")      # and with it, the server check an online run makes
+    with pytest.raises(AssertionError, match="an online run was attempted"):
+        tracking.WandbRun(lcfg, OmegaConf.create({"x": 1}), str(tmp_path), "r")
+
+
 def test_default_job_learns(tmp_path):
     """The embedded default (pretrained MiniLM, stdlib_topics) — loss falls and held-out accuracy beats chance."""
     run = tmp_path / "run"
@@ -1687,15 +1710,29 @@ def test_secrets_are_redacted_in_every_file_of_the_run_dir_but_the_private_job_c
     (.runx/job.yaml) keeps it, readable by the owner only."""
     run = tmp_path / "run"
     run_cli(["train", "model=tiny_bert", "debug=smoke", "logger=wandb", "trainer.progress=false",
-             "data.max_length=32", "trainer.ckpt_every=100", "++trainer.ds_overrides.comet.api_key=SECRETCOMET", "++trainer.ds_overrides.comet.enabled=false",
-             f"run_dir={run}"], cwd=tmp_path)
+             "data.max_length=32", "trainer.ckpt_every=100",
+             "++trainer.ds_overrides.comet={enabled: false, api_key: SECRETCOMET}", f"run_dir={run}"], cwd=tmp_path)
     leaked = [str(p.relative_to(run)) for p in run.rglob("*") if p.is_file() and b"SECRET" in p.read_bytes()]
     assert leaked == [".runx/job.yaml"], leaked     # the checkpoint's files too (DeepSpeed pickles its config)
     assert list(run.glob("ckpt/step_*/*model_states.pt"))
     assert oct((run / ".runx" / "job.yaml").stat().st_mode & 0o777) == "0o600"
     assert "api_key: '***'" in (run / "config.yaml").read_text()
-    assert "++trainer.ds_overrides.comet.api_key=***" in (run / "env.json").read_text()
+    # a dict value holding a secret-named key (it was kept whole: only the override's own key was looked at)
+    assert "++trainer.ds_overrides.comet=***" in (run / "env.json").read_text()
     assert (run / ".hydra" / "overrides.yaml").exists() and list(run.glob("wandb/offline-run-*"))
+    # a run refused before it starts (here: another seed than the checkpoint's) keeps Hydra's copies clean too
+    p = run_cli(["train", "model=tiny_bert", "debug=smoke", "logger=none", "seed=5", "data.max_length=32",
+                 "++trainer.ds_overrides.comet.api_key=SECRETAGAIN", "++trainer.ds_overrides.comet.enabled=false",
+                 f"run_dir={run}"], cwd=tmp_path, check=False)
+    assert p.returncode == 2 and "seed: 0 -> 5" in p.stderr, p.stderr
+    # (the refusal listed the changed keys with their values: both tokens, the saved one from job.yaml)
+    assert "comet.api_key: *** -> ***" in p.stderr and "SECRET" not in p.stderr + p.stdout, p.stderr
+    leaked = [str(p.relative_to(run)) for p in run.rglob("*") if p.is_file() and b"SECRETAGAIN" in p.read_bytes()]
+    assert leaked == [], leaked
+    from runx.trainers.tracking import redact_arg
+    assert redact_arg("++data.extra={token: hf_x, name: a}") == "++data.extra=***"
+    assert redact_arg("data.extra={name: tokenizer_v2}") == "data.extra={name: tokenizer_v2}"   # a value, not a key
+    assert redact_arg("++logger.api_key=x") == "++logger.api_key=***" and redact_arg("optim.lr=0.1") == "optim.lr=0.1"
 
 
 def test_fused_logprob_with_a_lora_adapter_on_the_output_layer_is_refused(tmp_path):

@@ -33,11 +33,16 @@ def redact(obj, args: bool = False):
     return redact_arg(obj) if args and isinstance(obj, str) else obj
 
 
+_INNER_KEY = re.compile(r"([A-Za-z0-9_\-]+)\s*:")
+
+
 def redact_arg(arg: str) -> str:
-    """A command-line `key=value` override with a secret key's value replaced (++logger.api_key=x -> ...=***)."""
+    """A command-line `key=value` override with a secret key's value replaced (++logger.api_key=x -> ...=***),
+    also where the value is a dict holding one (data.extra={token: x}, ds_overrides.comet={api_key: x})."""
     key, eq, value = str(arg).partition("=")
     leaf = key.lstrip("+~").rsplit(".", 1)[-1]
-    return f"{key}=***" if eq and value and SECRET_KEY.search(leaf) else arg
+    inner = value.lstrip().startswith(("{", "[")) and any(SECRET_KEY.search(k) for k in _INNER_KEY.findall(value))
+    return f"{key}=***" if eq and value and (SECRET_KEY.search(leaf) or inner) else arg
 
 
 def redact_hydra_outputs(run_dir: str, sweep_dir: str | None = None) -> None:
@@ -168,7 +173,8 @@ def wandb_unreachable() -> tuple[str, str | None]:
 
 
 class WandbRun:
-    """W&B through the wandb package. mode=auto: online iff WANDB_API_KEY is set, else offline."""
+    """W&B through the wandb package. mode=auto: WANDB_MODE where it is set, else online iff WANDB_API_KEY is set,
+    else offline."""
 
     def __init__(self, lcfg, cfg, run_dir: str, run_name: str, resumed: bool = True):
         """`resumed`: the run continues the one that wrote run_dir's W&B id (a training run resumed from its
@@ -181,6 +187,12 @@ class WandbRun:
         import wandb
         from omegaconf import OmegaConf
         mode = lcfg.mode
+        env_mode = os.environ.get("WANDB_MODE", "").strip().lower()
+        if mode == "auto" and env_mode in ("disabled", "dryrun", "offline", "online", "run"):
+            # W&B's own variable (e.g. set for every node through .deepspeed_env) decides, as in wandb.init
+            mode = {"dryrun": "offline", "run": "online"}.get(env_mode, env_mode)
+            if mode == "disabled":
+                return
         if mode == "auto":
             mode = "online" if os.environ.get("WANDB_API_KEY") else "offline"
         if mode == "online":   # a W&B server that does not answer: log offline now, sync later

@@ -51,6 +51,14 @@ def _term_with_the_launcher() -> None:
         _PRCTL(1, _SIGTERM)   # 1 = PR_SET_PDEATHSIG
 
 
+def usable_cpus() -> int:
+    """The CPUs this process may run on (a SLURM allocation's or taskset's share of a big node), not the node's."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
 def say(msg: str) -> None:
     """Progress lines on stderr (Hydra's logging config keeps plugin INFO logs quiet)."""
     print(f"[runx_parallel] {msg}", file=sys.stderr, flush=True)
@@ -131,6 +139,9 @@ class RunxParallelLauncher(Launcher):
         configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
         sweep_dir = Path(str(self.config.hydra.sweep.dir)).absolute()
         sweep_dir.mkdir(parents=True, exist_ok=True)
+        from runx.trainers.tracking import redact_arg, redact_hydra_outputs
+        redact_hydra_outputs(str(sweep_dir / "-"), str(sweep_dir))   # the sweeper's multirun.yaml
+        self._redact = redact_arg
 
         gpus = visible_gpus()
         per = max(1, self.gpus_per_job)
@@ -141,7 +152,7 @@ class RunxParallelLauncher(Launcher):
                         n, len(groups), per, len(groups))
             n = len(groups)
         n = max(1, min(n, len(job_overrides)))
-        threads = self.threads_per_job if self.threads_per_job > 0 else max(1, (os.cpu_count() or 1) // n)
+        threads = self.threads_per_job if self.threads_per_job > 0 else max(1, usable_cpus() // n)
         slots: queue.Queue = queue.Queue()
         for g in (groups[:n] if groups else [None] * n):
             slots.put(g)
@@ -207,10 +218,11 @@ class RunxParallelLauncher(Launcher):
         own = [o for o in overrides if o.lstrip("+~").partition("=")[0] != "run_dir"]
         cmd = [sys.executable, "-m", "runx.cli.main", "train", *own, *passthrough, f"run_dir={job_dir}",
                f"hydra.run.dir={job_dir}"]
-        rec: dict[str, Any] = {"idx": idx, "overrides": list(overrides), "gpus": gpu_group, "threads": threads,
+        shown = [self._redact(o) for o in overrides]   # (a token given on the command line stays out of both)
+        rec: dict[str, Any] = {"idx": idx, "overrides": shown, "gpus": gpu_group, "threads": threads,
                                "dir": str(job_dir), "start": time.time()}
         say(f"#{idx} started" + (f" on GPU {','.join(gpu_group)}" if gpu_group else "") +
-            f": {' '.join(filter_overrides(overrides))}")
+            f": {' '.join(filter_overrides(shown))}")
         with open(job_dir / "launcher.log", "w") as out:
             # the job gets SIGTERM if runx dies (kill -9 included): it checkpoints and stops instead of training
             # on as an orphan
