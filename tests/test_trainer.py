@@ -821,6 +821,36 @@ def test_nested_ds_overrides_merge_key_by_key(tmp_path):
     assert ds["gradient_clipping"] == 0.5 and ds["aio"] == {"queue_depth": 16}
 
 
+def test_a_users_reuse_distance_sizes_the_nvme_buffers_and_never_outgrows_them(tmp_path):
+    """ZeRO-Infinity buffers are sized for a reuse distance. A user's zero_optimization.stage3_max_reuse_distance
+    (DeepSpeed's documented 1e9) was merged over the distance runx had fitted to trainer.nvme_buffer_count=5, so
+    all six 1M-element weights stayed live for 5 buffers: "Not enough buffers". Now a hand-set count keeps a
+    distance that fits it (at most the user's), and buffer_count=auto sizes the buffers for the user's distance."""
+    import torch
+
+    from runx.cli.config import compose
+    from runx.trainers.deepspeed_trainer import Trainer
+    from runx.trainers.nvme import nvme_param_settings, param_stats
+    model = torch.nn.Sequential(*[torch.nn.Linear(1024, 1024, bias=False) for _ in range(6)])
+    base = ["trainer=zero3_nvme", "trainer.device=cpu", f"trainer.nvme_path={tmp_path / 'nvme'}",
+            "trainer.aio.tune=false", f"run_dir={tmp_path}"]
+    stats = param_stats(model, 1)
+    fit5 = nvme_param_settings(stats, 4, 5)["stage3_max_reuse_distance"]
+    assert fit5 < 1e9
+    z = Trainer(compose(base + ["trainer.nvme_buffer_count=5",
+                                "++trainer.ds_overrides.zero_optimization.stage3_max_reuse_distance=1e9"]),
+                str(tmp_path)).build_ds_config(model)["zero_optimization"]
+    assert z["offload_param"]["buffer_count"] == 5 and z["stage3_max_reuse_distance"] == fit5
+    small = Trainer(compose(base + ["trainer.nvme_buffer_count=5",
+                                    "++trainer.ds_overrides.zero_optimization.stage3_max_reuse_distance=1000"]),
+                    str(tmp_path)).build_ds_config(model)["zero_optimization"]
+    assert small["stage3_max_reuse_distance"] == 1000          # a shorter one than the fit is the user's to pick
+    auto = {r: Trainer(compose(base + [f"++trainer.ds_overrides.zero_optimization.stage3_max_reuse_distance={r}"]),
+                       str(tmp_path)).build_ds_config(model)["zero_optimization"] for r in (1000, 1e9)}
+    assert [auto[r]["stage3_max_reuse_distance"] for r in (1000, 1e9)] == [1000, 1e9]
+    assert auto[1000]["offload_param"]["buffer_count"] < auto[1e9]["offload_param"]["buffer_count"]
+
+
 def test_param_groups_split_only_when_it_changes_the_math():
     """Decay/no-decay groups only with weight decay (or LARS): under ZeRO-3 each group is an optimizer sub-group,
     one more NVMe swap round-trip per step when the optimizer lives on disk."""

@@ -217,12 +217,15 @@ class Trainer:
         if self.swaps_to_nvme:
             from runx.trainers.nvme import resolve_aio
             cfg["aio"] = self._aio = getattr(self, "_aio", None) or resolve_aio(t)  # probe-tuned unless set
+        reuse = zero.get("stage3_max_reuse_distance") if param_dev.startswith("nvme") else None
         for k, v in flatten_overrides(OmegaConf.to_container(t.ds_overrides, resolve=True)).items():
             node = cfg
             *parents, leaf = k.split(".")
             for p in parents:
                 node = node.setdefault(p, {})
             node[leaf] = v
+        if reuse is not None:   # the distance the NVMe buffers were sized for (at most the user's, never more)
+            zero["stage3_max_reuse_distance"] = reuse
         return cfg
 
     def param_device(self) -> str:
@@ -237,8 +240,11 @@ class Trainer:
         from runx.trainers.nvme import nvme_param_settings, resolve_aio
         t = self.tcfg
         self._aio = getattr(self, "_aio", None) or resolve_aio(t)
+        user = flatten_overrides(OmegaConf.to_container(t.ds_overrides, resolve=True)).get(
+            "zero_optimization.stage3_max_reuse_distance")   # (the buffers are sized for it; it was merged over)
         return nvme_param_settings(stats, 2 if t.precision == "bf16" else 4,
-                                   t.nvme_buffer_count, t.nvme_buffer_size, self._aio["block_size"])
+                                   t.nvme_buffer_count, t.nvme_buffer_size, self._aio["block_size"],
+                                   None if user is None else float(user))
 
     def _build_model(self, recipe):
         """The recipe's model; under ZeRO-3 (Hugging Face models) and for ZeRO-Infinity, built already partitioned.

@@ -669,8 +669,7 @@ def estimate(cfg, facts: ModelFacts, machine: Machine, lay: Layout) -> Row:
             row.nvme["params (written at start-up, read into CPU memory)"] = p * psi
         if param_dev.startswith("nvme"):
             s = nvme_param_settings(facts.nvme_stats(N), p, str(t.nvme_buffer_count), str(t.nvme_buffer_size),
-                                    int(t.aio.block_size),
-                                    z["reuse"] if t.nvme_buffer_count == "auto" else None)
+                                    int(t.aio.block_size), z["reuse"])
             if param_dev == "nvme_in_cpu":
                 s = {**s, "max_in_cpu": int(psi) + 1}
             row.nvme_settings = s
