@@ -139,7 +139,15 @@ def absolute_local_paths(cfg) -> list[str]:
 
     from omegaconf import OmegaConf
     changed = []
+    nvme = OmegaConf.select(cfg, "trainer.nvme_path", default=None, throw_on_resolution_failure=False)
+    if isinstance(nvme, str) and nvme and os.path.abspath(os.path.expanduser(nvme)) != nvme:
+        # a folder runx creates, so it need not exist yet: `trainer.nvme_path="~/nvme"` (the shell leaves a ~ after
+        # `=` or in quotes as it is) made the space check and the aio probe measure ./~/nvme, DeepSpeed swap to ~/nvme
+        OmegaConf.update(cfg, "trainer.nvme_path", os.path.abspath(os.path.expanduser(nvme)), force_add=False)
+        changed.append("trainer.nvme_path")
     for key in PATH_KEYS:
+        if key == "trainer.nvme_path":
+            continue
         value = OmegaConf.select(cfg, key, default=None, throw_on_resolution_failure=False)
         if not isinstance(value, str) or not value or os.path.isabs(value) or value.startswith(("~", "builtin:")) \
                 or "://" in value or value in ("auto", "never", "builtin"):

@@ -489,9 +489,12 @@ def _weighted_forward(hidden, weight, bias, targets, valid, tw, inv_temp, chunk,
 
 class _WeightedLogprobSum(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, tw, inv_temp, ignore_index, chunk, want_ent, impl, dw_accum):
+    def forward(ctx, hidden, weight, bias, targets, tw, inv_temp, ignore_index, chunk, want_ent, impl, dw_accum,
+                grad_on):
         valid = targets != ignore_index
-        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        # (needs_input_grad follows requires_grad alone: under torch.no_grad, an evaluation, the [V, H] gradient
+        # was still computed and held; `grad_on` is the caller's grad mode, off inside any forward)
+        need_h, need_w, need_b = (bool(x) and grad_on for x in ctx.needs_input_grad[:3])
         need_b = need_b and bias is not None
         logp, ent, dh, dw, db = _weighted_forward(hidden, weight, bias, targets, valid, tw, inv_temp, chunk,
                                                   want_ent, need_h, need_w, need_b, impl, dw_accum=dw_accum)
@@ -512,9 +515,9 @@ class _WeightedLogprobSum(torch.autograd.Function):
         dh, dw, db = ctx.grads
         ctx.grads = None  # scaled in place below: they belong to this backward only
         if g_total is None:
-            return (None,) * 11
+            return (None,) * 12
         scale = lambda x: None if x is None else x.mul_(g_total.to(x.dtype))
-        return scale(dh), scale(dw), scale(db), None, None, None, None, None, None, None, None
+        return scale(dh), scale(dw), scale(db), None, None, None, None, None, None, None, None, None
 
 
 def linear_logprob_weighted_sum(
@@ -573,7 +576,8 @@ def linear_logprob_weighted_sum(
     with torch.autocast(dev_type, enabled=False):
         total, logp, ent = _WeightedLogprobSum.apply(h2, w, bias, t1, tw, 1.0 / float(temperature),
                                                      int(ignore_index), chunk_rows(n, v, chunk),
-                                                     bool(return_entropy), impl, dw_accum)
+                                                     bool(return_entropy), impl, dw_accum,
+                                                     torch.is_grad_enabled())
     out = (total,)
     if return_logp:
         out += (logp.detach().reshape(lead),)

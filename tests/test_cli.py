@@ -969,3 +969,25 @@ def test_a_missing_hostfile_is_a_config_problem():
     from runx.cli.config import check_paths
     problems = check_paths(compose(["launcher=deepspeed", "launcher.hostfile=/nonexistent/hostfile"]))
     assert "launcher.hostfile=/nonexistent/hostfile: no such file on this machine." in problems, problems
+
+
+def test_nvme_path_is_made_absolute_with_its_home_expanded(tmp_path, monkeypatch):
+    """`trainer.nvme_path='~/nvme'` (quoted for Hydra's grammar) reaches runx with the ~: the space check and the
+    aio probe ran in ./~/nvme while DeepSpeed swapped to the home folder. A relative nvme_path
+    (a folder runx creates, so it need not exist) is made absolute like the other paths."""
+    from runx.cli.config import absolute_local_paths
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    cfg = compose(["trainer=zero3_nvme", "trainer.nvme_path='~/nvme'"])
+    assert "trainer.nvme_path" in absolute_local_paths(cfg) and cfg.trainer.nvme_path == str(tmp_path / "home" / "nvme")
+    cfg = compose(["trainer=zero3_nvme", "trainer.nvme_path=swap"])
+    absolute_local_paths(cfg)
+    assert cfg.trainer.nvme_path == str(tmp_path / "swap")
+    default = compose(["trainer=zero3_nvme"])
+    assert "trainer.nvme_path" not in absolute_local_paths(default)    # ${oc.env:TMPDIR,/tmp}/runx_nvme stays
+    # the space ZeRO-Infinity needs counts optimizer states for the trainable parameters only (a LoRA run on a
+    # 7B base was refused for 129 GiB where 15 GiB do)
+    from runx.trainers.nvme import nvme_bytes_needed
+    full = nvme_bytes_needed(7 * 10**9, True, True, 2)
+    lora = nvme_bytes_needed(7 * 10**9, True, True, 2, n_trainable=20 * 10**6)
+    assert full / 2**30 > 120 and 14 < lora / 2**30 < 16

@@ -423,10 +423,12 @@ def test_weighted_sum_equals_linear_logprob_and_costs_three_quarters():
     for a, r in zip(grads["in_forward"], grads["recompute"]):
         torch.testing.assert_close(a, r, rtol=1e-5, atol=1e-6)
     assert flops["recompute"] == 8 * n * hsz * v and flops["in_forward"] == 6 * n * hsz * v, flops
-    # no gradient work at all under no_grad
-    with torch.no_grad(), _MatmulFlops() as probe:
-        linear_logprob_weighted_sum(h, w, t, tw, chunk=chunk)
-    assert probe.flops == 2 * n * hsz * v
+    # no gradient work at all under no_grad, also for a model's own weights (requires_grad: an evaluation with
+    # the fused head ran the dW GEMM and held an fp32 [V, H] buffer)
+    for leaves in ((h, w), (h.clone().requires_grad_(), w.clone().requires_grad_())):
+        with torch.no_grad(), _MatmulFlops() as probe:
+            linear_logprob_weighted_sum(*leaves, t, tw, chunk=chunk)
+        assert probe.flops == 2 * n * hsz * v, probe.flops
 
 
 def test_weighted_sum_follows_autocast():

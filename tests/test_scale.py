@@ -112,6 +112,18 @@ def test_nvme_optimizer_swapper_pipelines_when_its_buffers_fit():
     assert not tiny["pipelined"]
     two_ranks = nvme_optimizer_settings({**st, "world_size": 2}, pin_budget_bytes=2 ** 30)
     assert two_ranks["sub_group_size"] <= s["sub_group_size"]
+    # the 5%-of-RAM budget is the node's, shared by its ranks (each rank took all of it: 8 ranks pinned 20%)
+    from runx.trainers.nvme import default_pin_budget
+    ram = 128 * 2 ** 30
+    assert default_pin_budget(1, ram) == int(0.05 * ram) and default_pin_budget(8, ram) == int(0.05 * ram) // 8
+    assert default_pin_budget(1, 10 ** 15) == 8 * 2 ** 30                      # at most 8 GiB
+    import os
+    old = os.environ.get("LOCAL_WORLD_SIZE")
+    os.environ["LOCAL_WORLD_SIZE"] = "4"
+    try:
+        assert default_pin_budget(ram_bytes=ram) == int(0.05 * ram) // 4       # a launched rank's own share
+    finally:
+        os.environ.pop("LOCAL_WORLD_SIZE") if old is None else os.environ.update(LOCAL_WORLD_SIZE=old)
 
 
 # ------------------------------------------------------------------------------------------ plan: CLI + check

@@ -151,7 +151,7 @@ class Trainer:
         return run_swap_dir(str(self.tcfg.nvme_path), self.run_dir)
 
     # ---------------------------------------------------------------- DeepSpeed config
-    def build_ds_config(self, model) -> dict:
+    def build_ds_config(self, model, check_disk: bool = True) -> dict:
         t = self.tcfg
         zero: dict = {"stage": int(t.zero_stage)}
         if t.zero_stage == 3:
@@ -175,11 +175,16 @@ class Trainer:
             in_cpu = kind == "param" and param_dev == "nvme_in_cpu"
             dev = "nvme" if in_cpu else dev
             block = {"device": dev, "pin_memory": pin}
-            if dev == "nvme" and not getattr(self, "_nvme_checked", False):
+            # (checked on the model itself, whose frozen weights have no optimizer state; `runx plan`'s check,
+            # before anything is built, counts the recipe's trainable parameters the same way)
+            if dev == "nvme" and check_disk and not getattr(self, "_nvme_checked", False):
                 from runx.trainers.nvme import check_nvme_path, nvme_bytes_needed
+                from runx.trainers.plan import optimizer_state_bytes
                 check_nvme_path(str(t.nvme_path), nvme_bytes_needed(
                     stats["n_params"], param_dev.startswith("nvme"), t.offload_optimizer == "nvme",
-                    2 if t.precision == "bf16" else 4))
+                    2 if t.precision == "bf16" else 4,
+                    optimizer_state_bytes(str(self.cfg.optim.name), float(self.cfg.optim.momentum)),
+                    param_stats(model, self.world_size, trainable_only=True)["n_params"]))
                 self._nvme_checked = True
             if dev == "nvme":
                 block["nvme_path"] = self.swap_dir
@@ -275,7 +280,7 @@ class Trainer:
         # builds under zero.Init (a collective). It lives for this build only: a later build on one rank (rank 0's
         # export builds a whole model to merge into) would otherwise wait forever for the other ranks.
         from transformers.integrations.deepspeed import unset_hf_deepspeed_config
-        hf_ds_config = HfDeepSpeedConfig(self.build_ds_config(reference))
+        hf_ds_config = HfDeepSpeedConfig(self.build_ds_config(reference, check_disk=False))
         if self.is_main:
             log.info("ZeRO-3: building the model partitioned across %d rank(s) (zero.Init)", self.world_size)
         try:

@@ -178,10 +178,22 @@ def optimizer_swap_buffers(n_states: int) -> int:
     return 3 * (n_states + 2) + n_states
 
 
-def default_pin_budget() -> int:
-    """Host memory the pipelined optimizer swapper may pin: 5% of RAM, at most 8 GiB."""
+def local_ranks() -> int:
+    """This node's ranks (torchrun: LOCAL_WORLD_SIZE; the DeepSpeed launcher: LOCAL_SIZE); 1 outside a launch."""
+    for var in ("LOCAL_WORLD_SIZE", "LOCAL_SIZE"):
+        if os.environ.get(var, "").isdigit():
+            return max(1, int(os.environ[var]))
+    return 1
+
+
+def default_pin_budget(ranks_per_node: int | None = None, ram_bytes: int | None = None) -> int:
+    """Host memory one rank's pipelined optimizer swapper may pin: 5% of the node's RAM (at most 8 GiB), shared
+    by its ranks (each took the whole 5%: 8 ranks pinned 20% of RAM). `ram_bytes`: another machine's (runx plan
+    describing it), else this one's."""
     import psutil
-    return int(min(8 * 2 ** 30, 0.05 * psutil.virtual_memory().total))
+    ram = psutil.virtual_memory().total if ram_bytes is None else int(ram_bytes)
+    n = local_ranks() if ranks_per_node is None else max(1, int(ranks_per_node))
+    return int(min(8 * 2 ** 30, 0.05 * ram) // n)
 
 
 def nvme_optimizer_settings(stats: dict, n_states: int = 2, pin_budget_bytes: int | None = None,
@@ -195,7 +207,8 @@ def nvme_optimizer_settings(stats: dict, n_states: int = 2, pin_budget_bytes: in
     That needs several sub-groups and `optimizer_swap_buffers` pinned buffers, each as large as the largest
     sub-group (a sub-group closes at the first parameter that takes it to sub_group_size, so it can exceed
     it by up to one parameter). Sub-groups are kept >= MIN_AIO_BYTES so that DeepSpeed swaps them at all.
-    Pipelined when that fits `pin_budget_bytes`, else DeepSpeed's serial swapper (buffer_count 4).
+    Pipelined when that fits `pin_budget_bytes` (default: this rank's share of 5% of RAM), else DeepSpeed's
+    serial swapper (buffer_count 4).
     Measured on CPU (llama_m, optimizer step): 0.05-0.06 s pipelined vs 0.07-0.10 s serial."""
     world = stats.get("world_size", 1)
     per_rank = _partition(int(stats["n_params"]), world)
@@ -220,17 +233,18 @@ def param_buffer_bytes(count: int, size: int, bytes_per_elem: int) -> int:
 
 # ----------------------------------------------------------------------------------- disk space
 def nvme_bytes_needed(n_params: int, offload_param: bool, offload_optimizer: bool, param_bytes: int,
-                      optimizer_state_bytes: int = 8) -> int:
+                      optimizer_state_bytes: int = 8, n_trainable: int | None = None) -> int:
     """Bytes ZeRO-Infinity writes under nvme_path (all ranks of this node together).
 
-    params: one `param_bytes` copy each; optimizer: fp32 master (4) + optimizer states (Adam: 8) + the
-    fp32 gradient partition DeepSpeed swaps with them (4). 10% + 64 MiB headroom for alignment padding.
+    params: one `param_bytes` copy each; optimizer (of the `n_trainable` parameters only, all by default):
+    fp32 master (4) + optimizer states (Adam: 8) + the fp32 gradient partition DeepSpeed swaps with them (4).
+    10% + 64 MiB headroom for alignment padding.
     """
     need = 0
     if offload_param:
         need += n_params * param_bytes
     if offload_optimizer:
-        need += n_params * (4 + optimizer_state_bytes + 4)
+        need += (n_params if n_trainable is None else n_trainable) * (4 + optimizer_state_bytes + 4)
     return int(need * 1.1) + 64 * MIN_AIO_BYTES
 
 
@@ -356,6 +370,17 @@ def probe_aio(path: str, size_mb: int = 64, grid: dict | None = None, refresh: b
         hit = cached_probe(path)
         if hit is not None:
             return hit
+    # one probe at a time per machine: every rank of a run resolves its aio block, and ranks probing one disk at
+    # once measured it under each other's load (and could pick different blocks); the others then read the cache
+    import fcntl
+    os.makedirs(os.path.dirname(_cache_file()), exist_ok=True)
+    with open(_cache_file() + ".lock", "a+") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        hit = None if refresh else cached_probe(path)
+        return hit if hit is not None else _probe_aio(path, size_mb, grid, time_budget_s, repeats)
+
+
+def _probe_aio(path: str, size_mb: int, grid: dict | None, time_budget_s: float, repeats: int) -> dict:
     default_accelerator()
     import logging
 
@@ -365,6 +390,12 @@ def probe_aio(path: str, size_mb: int = 64, grid: dict | None = None, refresh: b
     ds_logger.setLevel(logging.ERROR)  # the one-time SSD write-endurance warning
     aio = AsyncIOBuilder().load(verbose=False)
     grid = grid or PROBE_GRID
+    # DeepSpeed's defaults first and always measured: a slow disk ran out of time_budget_s before reaching them,
+    # and the fastest point then won without having to beat them by PROBE_MIN_GAIN
+    keys = ("block_size", "queue_depth", "intra_op_parallelism")
+    points = [(bs, qd, th) for bs in grid["block_size"] for qd in grid["queue_depth"]
+              for th in grid["intra_op_parallelism"]]
+    points.sort(key=lambda p: p != tuple(DEEPSPEED_AIO_DEFAULTS[k] for k in keys))
     numel = size_mb * 2**20 // 4
     fname = os.path.join(path, f".runx_aio_probe.{os.getpid()}")
     trials, t_start = [], time.perf_counter()
@@ -372,24 +403,21 @@ def probe_aio(path: str, size_mb: int = 64, grid: dict | None = None, refresh: b
     buf = owner.new_cpu_locked_tensor(numel, torch.empty(0, dtype=torch.float32))
     buf.uniform_()
     try:
-        for bs in grid["block_size"]:
-            for qd in grid["queue_depth"]:
-                for th in grid["intra_op_parallelism"]:
-                    if trials and time.perf_counter() - t_start > time_budget_s:
-                        break
-                    h = aio.aio_handle(bs, qd, False, True, th)
-                    w = r = float("inf")
-                    for _ in range(max(1, repeats)):
-                        t0 = time.perf_counter()
-                        assert h.sync_pwrite(buf, fname) >= 0
-                        t1 = time.perf_counter()
-                        assert h.sync_pread(buf, fname) >= 0
-                        t2 = time.perf_counter()
-                        w, r = min(w, t1 - t0), min(r, t2 - t1)
-                    nbytes = numel * 4
-                    trials.append({"block_size": bs, "queue_depth": qd, "intra_op_parallelism": th,
-                                   "write_GBps": nbytes / w / 1e9, "read_GBps": nbytes / r / 1e9,
-                                   "seconds": w + r})
+        for bs, qd, th in points:
+            if trials and time.perf_counter() - t_start > time_budget_s:
+                break
+            h = aio.aio_handle(bs, qd, False, True, th)
+            w = r = float("inf")
+            for _ in range(max(1, repeats)):
+                t0 = time.perf_counter()
+                assert h.sync_pwrite(buf, fname) >= 0
+                t1 = time.perf_counter()
+                assert h.sync_pread(buf, fname) >= 0
+                t2 = time.perf_counter()
+                w, r = min(w, t1 - t0), min(r, t2 - t1)
+            nbytes = numel * 4
+            trials.append({"block_size": bs, "queue_depth": qd, "intra_op_parallelism": th,
+                           "write_GBps": nbytes / w / 1e9, "read_GBps": nbytes / r / 1e9, "seconds": w + r})
     finally:
         owner.free_cpu_locked_tensor(buf)
         if os.path.exists(fname):

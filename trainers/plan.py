@@ -454,13 +454,13 @@ def describe_machine(cfg) -> Machine:
         per_node = max(1, int(t.num_procs))
     gpu_mem = parse_size(P.gpu_mem, "plan.gpu_mem") or (cuda_mem if device == "cuda" else None)
     cpu_mem = parse_size(P.cpu_mem, "plan.cpu_mem") or int(psutil.virtual_memory().available)
-    path = str(t.nvme_path)
+    path = os.path.abspath(os.path.expanduser(str(t.nvme_path)))
     nvme = parse_size(P.nvme_free, "plan.nvme_free")
     if nvme is None:
         probe = path
         while probe and not os.path.exists(probe):
             probe = os.path.dirname(probe)
-        nvme = shutil.disk_usage(probe or "/").free if probe else None
+        nvme = shutil.disk_usage(probe or "/").free if probe else None   # (a relative path walks up to cwd)
     nodes = max(1, int(cfg.launcher.num_nodes))
     return Machine(device, per_node, nodes, gpu_mem, cpu_mem, nvme, path, described)
 
@@ -609,9 +609,11 @@ def estimate(cfg, facts: ModelFacts, machine: Machine, lay: Layout) -> Row:
     z = _zero_knobs(t, overrides)
     opt_nvme = None
     if lay.offload_optimizer == "nvme":  # the trainer derives the swapper (and maybe the sub-group size)
-        from runx.trainers.nvme import nvme_optimizer_settings, swapped_state_count
+        from runx.trainers.nvme import default_pin_budget, nvme_optimizer_settings, swapped_state_count
         opt_nvme = nvme_optimizer_settings({"n_params": tr, "largest": min(facts.largest_param, tr),
-                                            "world_size": N}, n_states=swapped_state_count(str(cfg.optim.name)))
+                                            "world_size": N}, n_states=swapped_state_count(str(cfg.optim.name)),
+                                           pin_budget_bytes=default_pin_budget(
+                                               machine.gpus_per_node, machine.cpu_mem if machine.described else None))
         if opt_nvme["sub_group_size"] and "zero_optimization.sub_group_size" not in overrides:
             z["sub_group"] = float(opt_nvme["sub_group_size"])
     from runx.trainers.nvme import deepspeed_param_device
@@ -865,7 +867,8 @@ def check_fits(cfg) -> None:
         from runx.trainers.nvme import check_nvme_path, deepspeed_param_device, nvme_bytes_needed
         param_dev = deepspeed_param_device(int(t.zero_stage), str(t.offload_param), str(t.offload_optimizer))
         need = nvme_bytes_needed(facts.n_params, param_dev.startswith("nvme"), t.offload_optimizer == "nvme",
-                                 facts.param_bytes, optimizer_state_bytes(cfg.optim.name, float(cfg.optim.momentum)))
+                                 facts.param_bytes, optimizer_state_bytes(cfg.optim.name, float(cfg.optim.momentum)),
+                                 facts.n_trainable)
         try:
             check_nvme_path(str(t.nvme_path), need)
         except RuntimeError as e:
