@@ -512,10 +512,10 @@ def launch(cfg, run_dir: str) -> dict:
             submitit_requeue(*handover)
         latest = os.path.join(run_dir, "ckpt", "latest")
         saved = open(latest).read().strip() if os.path.exists(latest) else None
-        from runx.trainers.runtime import how_to_resume
+        from runx.trainers.runtime import resume_hint
         raise Stopped(f"stopped by {signalled}: the launched processes stopped at a step boundary"
                       + (f" (latest checkpoint: {saved})" if saved else "")
-                      + "; " + how_to_resume(cfg.get("resume", "auto"), run_dir))
+                      + "; " + resume_hint(cfg, run_dir))
     # the workers leave these with exit 0 where every rank has them (no torchrun failure report over the message)
     if os.path.exists(diverged_file(run_dir)):
         from runx.trainers.runtime import Diverged

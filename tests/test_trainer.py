@@ -357,6 +357,34 @@ def test_a_diverged_run_stops_at_the_nonfinite_step(tmp_path):
     assert "Traceback" not in p.stderr and "launcher exited" not in p.stderr, p.stderr[-3000:]
 
 
+def test_a_diverged_run_ends_its_w_and_b_run_as_failed(tmp_path):
+    """A diverged run's W&B run was finished with exit code 0 (a success in W&B's list; the failed-run end that
+    close() makes came after it and did nothing), and its `wandb sync` command was not printed. The message
+    also told a run clipping at 1.0 to "set trainer.grad_clip"."""
+    from runx.cli.config import compose
+    from runx.trainers.deepspeed_trainer import Trainer
+    from runx.trainers.runtime import Diverged
+
+    class Record:
+        def __init__(self):
+            self.ends = []
+
+        def log(self, *a):
+            pass
+
+        def flush(self):
+            pass
+
+        def finish(self, summary, exit_code=0):
+            self.ends.append((summary, exit_code))
+            return "wandb sync /x/wandb/offline-run-1"
+    trainer = Trainer(compose(["model=tiny_bert", f"run_dir={tmp_path}", "trainer.grad_clip=1.0"]), str(tmp_path))
+    wb = Record()
+    with pytest.raises(Diverged, match=r"lower trainer.grad_clip \(now 1\), or .*W&B: wandb sync /x/wandb"):
+        trainer._diverged({"step": 3, "loss": float("nan"), "lr": 0.1}, Record(), wb)
+    assert wb.ends == [({"diverged_at": 0}, 1)]
+
+
 @pytest.mark.parametrize("procs", [1, 2])
 def test_submitit_preemption_saves_then_requeues(tmp_path, procs):
     """Under Hydra's submitit launcher (submitit_local here, as on SLURM) the preemption signal (USR2) ran
@@ -472,13 +500,16 @@ def test_a_node_other_than_the_first_logs_beside_the_shared_train_log(tmp_path):
 
 def test_epochs_set_the_number_of_steps(tmp_path):
     """trainer.epochs: ceil(epochs * training samples / global batch) steps, whatever max_steps says; the LR
-    schedule ends with them (linear decay reaches 0 at the last step, not at max_steps)."""
+    schedule ends with them (linear decay reaches 0 after the last step, not at max_steps)."""
     run = tmp_path / "run"
     run_cli(["train", f"run_dir={run}", *TINY, "trainer.epochs=0.3", "trainer.max_steps=1000", "trainer.grad_accum=2",
              "trainer.micro_batch_size=8", "trainer.ckpt_every=0", "optim.scheduler=linear"])
     rows = read_metrics(run)
     assert [r["step"] for r in rows] == list(range(1, 6))          # ceil(0.3 * 256 / 16) = 5
-    assert [r["lr"] for r in rows] == pytest.approx([8e-4, 6e-4, 4e-4, 2e-4, 0.0])   # (logged after each step)
+    # the lr each step applied (it was logged after the scheduler had moved on: one step ahead, 0 at the end)
+    assert [r["lr"] for r in rows] == pytest.approx([1e-3, 8e-4, 6e-4, 4e-4, 2e-4])
+    # the default trainer (ZeRO-0, fp32) logs the gradient norm too (DeepSpeed's clip dropped it)
+    assert all(r["grad_norm"] > 0 for r in rows), rows[0]
 
 
 def test_monitor_keeps_the_best_checkpoint_and_stops_early(tmp_path):
@@ -1648,6 +1679,16 @@ def test_a_stopped_run_says_how_to_resume_it_and_a_requeued_job_continues_its_ch
     assert how_to_resume("auto", "/r") == "rerun the same command to resume (/r)"
     assert "rerun it with resume=auto (the default) and run_dir=/r; the same command (resume=never) would start " \
            "over" in how_to_resume("never", "/r")
+    # a run without run_dir= (a new dated folder each time): the same command would start a new run elsewhere
+    from omegaconf import OmegaConf
+
+    from runx.trainers.runtime import resume_hint
+    assert resume_hint(OmegaConf.create({"run_dir": None, "resume": "auto"}), "/o/12-00-00-sft") == \
+        "to resume, rerun the same command with run_dir=/o/12-00-00-sft (without it a new run starts in a new folder)"
+    assert resume_hint(OmegaConf.create({"run_dir": "/r", "resume": "auto"}), "/r") == \
+        "rerun the same command to resume (/r)"
+    assert how_to_resume("auto", "/m/sw/3", pinned=False, sweep_dir="/m/sw").startswith(
+        "to resume, rerun the sweep with run_dir=/m/sw (job folders /m/sw/<k>")
     (tmp_path / "ckpt").mkdir()
     monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
     assert requeued_resume("never", str(tmp_path)) == "never"          # no checkpoint of its own yet

@@ -116,6 +116,20 @@ def _loader_workers(tcfg, device: str) -> dict:
             "worker_init_fn": runtime.quiet_data_worker if workers else None}
 
 
+def keep_clipped_grad_norm(engine) -> None:
+    """ZeRO-0 without bf16 (the default job): DeepSpeed clips the gradients and drops the norm it computed, so
+    get_global_grad_norm() was None and metrics.jsonl had no grad_norm there. The same clip, keeping the norm."""
+    if engine.zero_optimization() or engine.bfloat16_enabled() or engine.fp16_enabled():
+        return
+    from deepspeed.runtime.utils import clip_grad_norm_
+
+    def clip_fp32_gradients():
+        norm = clip_grad_norm_(parameters=engine.module.parameters(), max_norm=engine.gradient_clipping(),
+                               mpu=engine.mpu)
+        engine._global_grad_norm = float(norm)
+    engine.clip_fp32_gradients = clip_fp32_gradients
+
+
 def _metrics_line(metrics: dict) -> str:
     """`key=value` for each number, as train.log gets a run's evaluations and final metrics."""
     return "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()
@@ -476,6 +490,7 @@ class Trainer:
         # DeepSpeed pickles engine.config into every checkpoint file: a secret in trainer.ds_overrides (a Comet
         # key) stayed there in clear. It reads only the config's keys after initialize.
         engine.config = redact(engine.config)
+        keep_clipped_grad_norm(engine)
         start = 0
         if resume is not None:
             start = self.load_checkpoint(engine, *resume)
@@ -547,6 +562,8 @@ class Trainer:
                 recipe.loss_norm = None      # evaluation and anything else: each micro-batch's own mean
                 engine.backward(loss)
                 recipe.after_backward(self, engine, self.global_step)
+                if micro_in_step + 1 == grad_accum:   # the lr this optimizer step applies (engine.step moves it on)
+                    step_lr = scheduler.get_last_lr()[0] if scheduler is not None else float(self.cfg.optim.lr)
                 engine.step()
                 acc_loss += float(loss.detach())
                 for k, v in metrics.items():
@@ -577,7 +594,7 @@ class Trainer:
                     dist.all_reduce(red)
                 loss_sum, n_samples, n_tokens, n_stopping = red.tolist()
                 rec = {"step": self.global_step, "loss": loss_sum / self.world_size,
-                       "lr": scheduler.get_last_lr()[0] if scheduler is not None else float(self.cfg.optim.lr),
+                       "lr": step_lr,
                        "samples_per_s": n_samples / dt, "step_time_s": dt}
                 gn = engine.get_global_grad_norm()
                 if gn is not None:
@@ -639,7 +656,7 @@ class Trainer:
                         stop.hand_over()
                     raise runtime.Stopped(f"stopped by {runtime.stop_cause(stop.signal_name, self.run_dir)} after step "
                                           f"{self.global_step}, checkpoint saved; "
-                                          + runtime.how_to_resume(self.cfg.resume, self.run_dir)
+                                          + runtime.resume_hint(self.cfg, self.run_dir)
                                           + (f". W&B so far: {sync}" if sync else ""))
                 if stop_early:
                     log.info("early stop after step %d: %s has not improved on %.6g (step %d) for %d evaluations",
@@ -742,20 +759,23 @@ class Trainer:
     def _diverged(self, rec: dict, metrics_log, wb) -> None:
         """A NaN / infinite training loss: log the step, end the W&B run, write the summary and stop without a
         checkpoint (the optimizer has already stepped on that gradient)."""
-        step = self.global_step
+        step, sync = self.global_step, None
         if self.is_main:
             metrics_log.log(rec)
             metrics_log.flush()
             write_summary(self.run_dir, {"steps": step, "diverged_at": step})
             wb.log(rec, step)
-            wb.finish({"diverged_at": step})
+            sync = wb.finish({"diverged_at": step}, exit_code=1)   # a failed W&B run, not a finished one
         latest = os.path.join(self.run_dir, "ckpt", "latest")
         saved = open(latest).read().strip() if os.path.exists(latest) else None
         gn = f", grad norm {rec['grad_norm']:.3g}" if "grad_norm" in rec else ""
+        clip = float(self.tcfg.grad_clip)
         raise runtime.Diverged(
             f"the training loss is {rec['loss']} at step {step} (lr {rec['lr']:.3g}{gn}): the run diverged and "
             f"stopped without saving" + (f"; its last checkpoint is {saved}" if saved else "") + ". Lower "
-            f"optim.lr, set trainer.grad_clip, or trainer.stop_on_nonfinite_loss=false to train on ({self.run_dir})")
+            f"optim.lr, {'lower trainer.grad_clip (now ' + f'{clip:g})' if clip > 0 else 'set trainer.grad_clip'}, "
+            f"or trainer.stop_on_nonfinite_loss=false to train on ({self.run_dir})"
+            + (f". W&B: {sync}" if sync else ""))
 
     # ---------------------------------------------------------------- export
     def full_state_dict(self, engine) -> dict | None:

@@ -337,13 +337,34 @@ def die_with_parent(sig) -> None:
         os.kill(os.getpid(), sig)
 
 
-def how_to_resume(resume: str, run_dir: str) -> str:
-    """The words that tell a stopped run how to continue: the same command resumes a resume=auto run; one started
-    with resume=never (or from another run's checkpoint) would start over (or restart from there) instead."""
+def how_to_resume(resume: str, run_dir: str, pinned: bool = True, sweep_dir: str | None = None) -> str:
+    """The words that tell a stopped run how to continue: the same command resumes a resume=auto run whose folder
+    it names (run_dir=...); without run_dir= it would start a new run in a new dated folder, so the words add it
+    (a sweep's: the sweep's folder, whose job k resumes in <folder>/k). One started with resume=never (or from
+    another run's checkpoint) would start over (or restart from there) instead."""
     if str(resume) == "auto":
-        return f"rerun the same command to resume ({run_dir})"
+        if pinned:
+            return f"rerun the same command to resume ({run_dir})"
+        if sweep_dir:
+            return (f"to resume, rerun the sweep with run_dir={sweep_dir} (job folders {sweep_dir}/<k>; without it "
+                    "a new sweep starts in a new folder)")
+        return f"to resume, rerun the same command with run_dir={run_dir} (without it a new run starts in a new folder)"
     return (f"to resume, rerun it with resume=auto (the default) and run_dir={run_dir}; the same command "
             f"(resume={resume}) would " + ("start over" if str(resume) == "never" else "restart from that checkpoint"))
+
+
+def resume_hint(cfg, run_dir: str) -> str:
+    """how_to_resume for a run's config: whether run_dir= was given, and the sweep folder of a sweep's job."""
+    pinned, sweep = bool(cfg.get("run_dir")), None
+    if not pinned:
+        try:
+            from hydra.core.hydra_config import HydraConfig
+            from hydra.types import RunMode
+            if HydraConfig.get().mode == RunMode.MULTIRUN:
+                sweep = os.path.dirname(os.path.abspath(run_dir))
+        except (ValueError, ImportError):   # no Hydra job here (a launched worker, a direct call)
+            pass
+    return how_to_resume(cfg.get("resume", "auto"), run_dir, pinned, sweep)
 
 
 def requeued_resume(resume: str, run_dir: str) -> str:
