@@ -111,6 +111,10 @@ def _train(rest: list[str]) -> int:
             print(OmegaConf.to_yaml(cfg, resolve="--resolve" in rest), end="")
             return 0
     elif multirun:
+        if flags & {"--cfg", "-c"}:   # (Hydra's ValueError traceback: only one of --run, --multirun, --cfg ...)
+            print("runx train: --cfg prints one run's config and -m runs a sweep: give one of them. A sweep job's "
+                  "config: `runx train --cfg job <that job's values>`, or `runx show <overrides>`.", file=sys.stderr)
+            return 2
         problems = _check_group_overrides(overrides) or sweeper_problems(rest) or _sweep_problems(overrides)
         if problems:
             return _fail(problems)
@@ -128,7 +132,9 @@ def _train(rest: list[str]) -> int:
         code = train.LAST_EXIT_CODE
     except SystemExit as e:
         code = int(e.code or 0)
-    if multirun and code != 0 and not train.SWEEP_FAILURES:   # jobs that ran elsewhere (submitit): from their dirs
+    # jobs that ran elsewhere (submitit): from their dirs; not for a sweep stopped by a signal (the job it stopped
+    # read as "failed: running", its own lock still held by this process), which said how to resume it
+    if multirun and code not in (0, 143) and not train.SWEEP_FAILURES:
         train.SWEEP_FAILURES.extend(train.failed_jobs_on_disk())
     if multirun and train.SWEEP_FAILURES:
         failed = sorted(train.SWEEP_FAILURES)

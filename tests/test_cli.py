@@ -991,3 +991,28 @@ def test_nvme_path_is_made_absolute_with_its_home_expanded(tmp_path, monkeypatch
     full = nvme_bytes_needed(7 * 10**9, True, True, 2)
     lora = nvme_bytes_needed(7 * 10**9, True, True, 2, n_trainable=20 * 10**6)
     assert full / 2**30 > 120 and 14 < lora / 2**30 < 16
+
+
+def test_a_sweep_stopped_by_a_signal_says_how_to_resume_and_lists_no_failure(tmp_path):
+    """SIGTERM to `runx train -m` (basic launcher): the job it stopped saved its checkpoint, and the sweep then
+    listed it as "1 job(s) of the sweep failed: #0 running" (its own lock, still held, read as a live run) and
+    said "rerun the same command" (a new sweep in a new folder without run_dir=). `-m --cfg job` ended in a
+    ValueError traceback."""
+    import signal
+    sweep = tmp_path / "sweep"
+    cmd = [sys.executable, "-m", "runx.cli.main", "train", "-m", f"hydra.sweep.dir={sweep}", "seed=0,1",
+           "model=tiny_bert", "logger=none", "trainer.progress=false", "data.max_length=32",
+           "trainer.max_steps=100000", "trainer.eval_every=0", "trainer.ckpt_every=0", "trainer.micro_batch_size=8"]
+    from conftest import child_env
+    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=child_env())
+    deadline = time.time() + 240
+    while time.time() < deadline and not (sweep / "0" / "metrics.jsonl").exists():
+        time.sleep(0.2)
+    time.sleep(1.0)
+    p.send_signal(signal.SIGTERM)
+    err = p.communicate(timeout=180)[1]
+    assert p.returncode == 143 and "of the sweep failed" not in err, err[-3000:]
+    assert f"to resume, rerun the sweep with run_dir={sweep}" in err and "Traceback" not in err, err[-3000:]
+    assert (sweep / "0" / "ckpt" / "latest").exists() and not (sweep / "1").exists()
+    q = run_cli(["train", "-m", "--cfg", "job", "seed=0,1"], check=False)
+    assert q.returncode == 2 and "give one of them" in q.stderr and "Traceback" not in q.stderr, q.stderr
