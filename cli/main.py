@@ -126,12 +126,16 @@ def _train(rest: list[str]) -> int:
     sys.argv = ["runx train"] + normalize_recipe_overrides(rest) + ([direction] if direction else [])
     from runx.cli import train
     optuna = multirun and is_optuna_sweep(rest)
+    from runx.trainers.tracking import RedactingStream
+    stderr, sys.stderr = sys.stderr, RedactingStream(sys.stderr)
     try:
         with train.optuna_sweeps_end_cleanly() if optuna else contextlib.nullcontext():
             hydra_main()
         code = train.LAST_EXIT_CODE
     except SystemExit as e:
         code = int(e.code or 0)
+    finally:
+        sys.stderr = stderr
     # jobs that ran elsewhere (submitit): from their dirs; not for a sweep stopped by a signal (the job it stopped
     # read as "failed: running", its own lock still held by this process), which said how to resume it
     if multirun and code not in (0, 143) and not train.SWEEP_FAILURES:

@@ -393,11 +393,16 @@ def test_a_job_that_fails_ends_its_w_and_b_run_and_the_next_job_logs_to_its_own(
     (sweep / "0" / "ckpt").touch()   # job 0 fails at its first checkpoint, W&B running
     p = run_cli(["train", "-m", f"run_dir={sweep}", "seed=0,1", "model=tiny_bert", "debug=smoke", "logger=wandb",
                  "trainer.progress=false", "data.max_length=32", "trainer.max_steps=2", "trainer.ckpt_every=2",
-                 "trainer.eval_every=0"], check=False, timeout=300)
+                 "trainer.eval_every=0", "++trainer.ds_overrides.comet.api_key=SECRETX"], check=False, timeout=300)
+    # (Hydra prints a failed job's overrides itself, and now its launcher's lines: the token stays out of both)
+    assert "SECRETX" not in p.stdout + p.stderr and "Error executing job with overrides" in p.stderr
     assert p.returncode == 1 and "#0" in p.stderr, p.stderr[-3000:]
     own = list((sweep / "1" / "wandb").glob("offline-run-*/run-*.wandb"))
     assert own and own[0].stat().st_size > 0, p.stdout[-2000:]
     assert f"wandb sync {own[0].parent}" in p.stdout and str(sweep / "0" / "wandb") not in p.stdout
+    # the sweep says what it launches (Hydra's launcher lines were hidden), and each job's W&B run its sweep
+    out = p.stdout + p.stderr
+    assert "Launching 2 jobs locally" in out and any("#1 : " in line and "seed=1" in line for line in out.splitlines())
 
 
 def test_a_submitit_sweep_lists_its_failed_jobs(tmp_path):

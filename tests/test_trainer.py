@@ -45,6 +45,16 @@ def test_wandb_mode_variable_decides_under_logger_mode_auto(tmp_path, monkeypatc
     monkeypatch.setenv("WANDB_MODE", "offline")
     wb = tracking.WandbRun(lcfg, OmegaConf.create({"x": 1}), str(tmp_path), "r")
     assert wb.mode == "offline" and wb.finish({"loss": 1.0}).startswith("wandb sync ")
+    # a sweep's job (<sweep folder>/<k> beside multirun.yaml) is named <sweep folder>-<k> and grouped by its sweep
+    # (all sweeps' runs were named 0, 1, ... without a group)
+    from runx.trainers.tracking import sweep_of
+    (tmp_path / "lr_sweep" / "3").mkdir(parents=True)
+    assert sweep_of(str(tmp_path / "lr_sweep" / "3")) is None
+    (tmp_path / "lr_sweep" / "multirun.yaml").write_text("{}")
+    assert sweep_of(str(tmp_path / "lr_sweep" / "3")) == "lr_sweep" and sweep_of(str(tmp_path / "lr_sweep")) is None
+    job = tracking.WandbRun(lcfg, OmegaConf.create({"x": 1}), str(tmp_path / "lr_sweep" / "3"), "3")
+    assert (job.run.name, job.run.group) == ("lr_sweep-3", "lr_sweep")
+    job.finish({})
     monkeypatch.setenv("WANDB_MODE", "online")      # and with it, the server check an online run makes
     with pytest.raises(AssertionError, match="an online run was attempted"):
         tracking.WandbRun(lcfg, OmegaConf.create({"x": 1}), str(tmp_path), "r")
@@ -1804,6 +1814,11 @@ def test_secrets_are_redacted_in_every_file_of_the_run_dir_but_the_private_job_c
     assert redact_arg("++data.extra={token: hf_x, name: a}") == "++data.extra=***"
     assert redact_arg("data.extra={name: tokenizer_v2}") == "data.extra={name: tokenizer_v2}"   # a value, not a key
     assert redact_arg("++logger.api_key=x") == "++logger.api_key=***" and redact_arg("optim.lr=0.1") == "optim.lr=0.1"
+    # the overrides inside Hydra's launcher lines (now shown: `#0 : seed=0 ...`) go through the same rule
+    from runx.trainers.tracking import redact_text
+    assert redact_text("#0 : seed=0 ++logger.api_key=abc model.tokenizer=x data.extra={token: t, name: {a: 1}}") \
+        == "#0 : seed=0 ++logger.api_key=*** model.tokenizer=x data.extra=***"
+    assert redact_text("overrides: ['seed=0', '++a.api_key=abc']") == "overrides: ['seed=0', '++a.api_key=***']"
 
 
 def test_fused_logprob_with_a_lora_adapter_on_the_output_layer_is_refused(tmp_path):

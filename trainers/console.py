@@ -55,6 +55,20 @@ class NoCompilerProbes(logging.Filter):
         return not (record.name.startswith("compilers") or "distutils" in record.pathname)
 
 
+class RedactOverrides(logging.Filter):
+    """Hydra's launcher and sweeper lines list each job's overrides (`#0 : seed=0 ++logger.api_key=...`): their
+    secret-named values are shown as *** (tracking.redact_text), as in the run's saved files."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name.startswith("hydra"):
+            from runx.trainers.tracking import redact_text
+            text = record.getMessage()
+            clean = redact_text(text)
+            if clean != text:
+                record.msg, record.args = clean, None
+        return True
+
+
 def quiet_warnings() -> None:
     """Deprecation warnings between the libraries runx pins, which a user can do nothing about."""
     import warnings   # peft reads transformers' renamed model.is_gradient_checkpointing on every get_peft_model

@@ -45,6 +45,30 @@ def redact_arg(arg: str) -> str:
     return f"{key}=***" if eq and value and (SECRET_KEY.search(leaf) or inner) else arg
 
 
+# an override inside a line of text: key=value, the value a {...} / [...] (one level of nesting) or a word (up to
+# a quote or comma: a Python list's repr)
+_OVERRIDE = re.compile(r"([+~]*[\w.\-/@]+=)(\{[^{}]*(?:\{[^{}]*\}[^{}]*)*\}|\[[^\[\]]*\]|[^\s'\",]*)")
+
+
+def redact_text(text: str) -> str:
+    """Every `key=value` override in a line of text through redact_arg."""
+    return _OVERRIDE.sub(lambda m: redact_arg(m.group(1) + m.group(2)), text)
+
+
+class RedactingStream:
+    """A text stream whose writes go through redact_text where they name a secret-like key: Hydra writes a failed
+    sweep job's overrides straight to sys.stderr ("Error executing job with overrides: [...]")."""
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def write(self, text):
+        return self._stream.write(redact_text(text) if isinstance(text, str) and SECRET_KEY.search(text) else text)
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
+
+
 def redact_hydra_outputs(run_dir: str, sweep_dir: str | None = None) -> None:
     """Hydra's own copies of the job's config and overrides (<run_dir>/.hydra/*.yaml, beside config.yaml, and a
     sweep's multirun.yaml) with the secrets redacted as in config.yaml: they held them in clear."""
@@ -172,6 +196,17 @@ def wandb_unreachable() -> tuple[str, str | None]:
     return base, unreachable(base)
 
 
+def sweep_of(run_dir: str) -> str | None:
+    """The sweep folder's name for a sweep job's run dir (<sweep folder>/<job number>, beside Hydra's
+    multirun.yaml), else None. A sweep's W&B runs were all named 0, 1, 2 ... with no group: every sweep of a
+    project gave the same names and nothing tied one sweep's runs together."""
+    run = os.path.abspath(run_dir).rstrip("/")
+    parent = os.path.dirname(run)
+    if os.path.basename(run).isdigit() and os.path.exists(os.path.join(parent, "multirun.yaml")):
+        return os.path.basename(parent)
+    return None
+
+
 class WandbRun:
     """W&B through the wandb package. mode=auto: WANDB_MODE where it is set, else online iff WANDB_API_KEY is set,
     else offline."""
@@ -208,9 +243,11 @@ class WandbRun:
         atomic_write_bytes(id_file, run_id.encode())
         os.environ.setdefault("WANDB_SILENT", "true")
         argv, sys.argv = sys.argv, [redact_arg(a) for a in sys.argv]   # W&B records the command line
+        sweep = sweep_of(run_dir)
         try:
-            self.run = wandb.init(project=lcfg.project, entity=lcfg.entity, name=lcfg.name or run_name,
-                                  group=lcfg.group, tags=[str(t) for t in lcfg.tags], mode=mode, id=run_id,
+            self.run = wandb.init(project=lcfg.project, entity=lcfg.entity,
+                                  name=lcfg.name or (f"{sweep}-{run_name}" if sweep else run_name),
+                                  group=lcfg.group or sweep, tags=[str(t) for t in lcfg.tags], mode=mode, id=run_id,
                                   resume="allow",
                                   dir=run_dir, config=redact(OmegaConf.to_container(cfg, resolve=True)),
                                   settings=wandb.Settings(silent=True, console="off"))
