@@ -264,7 +264,7 @@ def resume_problems(cfg, run_dir: str) -> list[str]:
 
 # what a training run leaves in its run dir besides its config and logs: a run started over (resume=never) moves
 # them aside, so that its checkpoints, metrics and W&B run are its own
-RUN_STATE = ("ckpt", "metrics.jsonl", "summary.json", "wandb_run_id.txt", "wandb", "export")
+RUN_STATE = ("ckpt", "metrics.jsonl", "summary.json", "wandb_run_id.txt", "wandb", "export", "eval")
 
 
 def supersede_previous_run(run_dir: str) -> str | None:
@@ -611,11 +611,13 @@ def _run_forwarding_signals(cmd: list[str], env: dict, preempt=None, record: str
 def _interrupt(proc) -> None:
     """SIGTERM to the launcher (which then just ends, before it could report its workers' exits as failures),
     SIGINT to its workers (they leave where they are, quietly, exit 130); wait for them (15 s at most) so that
-    their last lines come before runx's."""
+    their last lines come before runx's. Only the workers: W&B's service under rank 0 ended on the SIGINT too,
+    and the segment's whole W&B history was lost ("Connection lost")."""
     import signal
 
     import psutil
-    alive = _launch_tree(proc)
+    tree = _launch_tree(proc)
+    alive = tree[:1] + [p for p in tree[1:] if _is_worker(_cmdline(p))]
     proc.terminate()
     for w in alive[1:]:
         _quietly(w.send_signal, signal.SIGINT)

@@ -509,14 +509,18 @@ def test_resume_refuses_a_checkpoint_of_another_config_and_keeps_the_run_dir_as_
     assert "optim.lr: 0.001 -> 0.5" in p.stderr and "Traceback" not in p.stderr
     # resume=never starts over in the folder: the earlier run's checkpoints (step_2 > the new step_1) used to stay
     # in ckpt/, keep_last then deleted the new run's checkpoint and `latest` named a deleted folder
+    (run / "eval").mkdir()
+    (run / "eval" / "step_2.json").write_text("{}")   # `runx eval` of the earlier run: moves aside with it
     run_cli(["train", "recipe=sft", "trainer.max_steps=1", "trainer.keep_last=1", "resume=never", *tiny],
             timeout=300)
+    assert not (run / "eval").exists()
     assert "name: sft" in (run / "config.yaml").read_text()
     assert sorted(os.listdir(run / "ckpt")) == ["latest", "step_1"] and (run / "ckpt" / "latest").read_text() == \
         "step_1"
     assert [r["step"] for r in read_metrics(run)] == [1]
     old = [d for d in os.listdir(run / ".runx") if d.startswith("superseded-")]
     assert len(old) == 1 and "step_2" in os.listdir(run / ".runx" / old[0] / "ckpt")
+    assert os.listdir(run / ".runx" / old[0] / "eval") == ["step_2.json"]
 
 
 def test_a_causal_lm_trains_with_fp32_master_weights_whatever_the_zero_stage(tmp_path):

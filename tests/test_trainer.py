@@ -293,7 +293,8 @@ def test_ctrl_z_and_ctrl_c_on_a_launched_run(tmp_path):
     import psutil
     run = tmp_path / "run"
     args = [sys.executable, "-m", "runx.cli.main", "train", f"run_dir={run}", *TINY, "trainer=zero2",
-            "trainer.num_procs=2", "trainer.max_steps=100000", "trainer.ckpt_every=0", "trainer.micro_batch_size=8"]
+            "trainer.num_procs=2", "trainer.max_steps=100000", "trainer.ckpt_every=0", "trainer.micro_batch_size=8",
+            "logger=wandb"]
     env = child_env()
     p = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
                          start_new_session=True)
@@ -335,6 +336,17 @@ def test_ctrl_z_and_ctrl_c_on_a_launched_run(tmp_path):
     assert "Traceback" not in err and "Failures:" not in err and "KeyboardInterrupt" not in err, err[-3000:]
     with open(run / ".runx" / "workers.lock", "a+") as lock:       # rank 0's worker has exited
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    # the W&B run keeps its steps: Ctrl-C reached W&B's service under rank 0 too, which shut down at once
+    # ("Connection lost"; the segment's history file could stay at its 7-byte header)
+    assert "could not end" not in err, err[-3000:]
+    core_log = "".join(f.read_text() for f in run.glob("wandb/*/logs/debug-core.log"))
+    assert core_log and "received shutdown signal" not in core_log, core_log[-2000:]
+    history = list(run.glob("wandb/offline-run-*/run-*.wandb"))
+    deadline = time.time() + 30    # (the service, no longer runx's child, writes its last records on its own)
+    while time.time() < deadline and not (history and history[0].stat().st_size > 1000):
+        time.sleep(0.5)
+        history = list(run.glob("wandb/offline-run-*/run-*.wandb"))
+    assert history and history[0].stat().st_size > 1000, [h.stat().st_size for h in history]
 
 
 DIVERGE = ["optim.name=sgd", "optim.lr=1e36", "optim.scheduler=constant", "trainer.grad_clip=0"]
@@ -1833,3 +1845,62 @@ def test_fused_logprob_with_a_lora_adapter_on_the_output_layer_is_refused(tmp_pa
         with pytest.raises(RecipeConfigError, match=r"recipe.fused_logprob=true with a LoRA adapter on the output"):
             build_recipe(cls, compose(base + ["recipe.fused_logprob=true"]), str(tmp_path)).build_model()
         build_recipe(cls, compose(base), str(tmp_path)).build_model()          # unfused: the adapter is computed
+
+
+def test_a_data_loader_worker_does_not_hold_the_run_dirs_lock(tmp_path):
+    """DataLoader workers are forked with the run dir's lock files open: one orphaned by a kill -9 of the training
+    process kept the lock for seconds, and the rerun was refused as "in use by another runx run"."""
+    import fcntl
+    import multiprocessing
+
+    from runx.cli import train
+    from runx.trainers.runtime import quiet_data_worker
+    train.hold_run_dir(str(tmp_path))
+    ours = [f for f in train._HELD if f.name.startswith(str(tmp_path))]
+    ready = multiprocessing.get_context("fork").Event()
+
+    def worker():
+        quiet_data_worker(0)
+        ready.set()
+        import time
+        time.sleep(60)
+    p = multiprocessing.get_context("fork").Process(target=worker, daemon=True)
+    p.start()
+    try:
+        assert ready.wait(30)
+        for f in ours:                  # the training process is gone; its worker lives on
+            train._HELD.remove(f)
+            f.close()
+        with open(tmp_path / ".runx" / "runx.lock", "a+") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    finally:
+        p.kill()
+
+
+def test_a_save_into_an_existing_checkpoint_folder_cut_short_is_not_complete(tmp_path):
+    """A run rolled back in its own folder (resume=<run>/ckpt/step_2) saves step_4 again over the old step_4: a
+    kill during that save left the new model file beside the old optimizer file and the old runx_complete.json,
+    and resume=auto loaded the mix without a word. The marker goes before the save; the cut-short folder is then
+    incomplete, and resume=auto continues from step_2."""
+    run = tmp_path / "run"
+    args = ["train", f"run_dir={run}", *TINY, "trainer.max_steps=4", "trainer.ckpt_every=2",
+            "trainer.micro_batch_size=8"]
+    run_cli(args)
+    patch = tmp_path / "crash_in_save"
+    patch.mkdir()
+    (patch / "sitecustomize.py").write_text(
+        "import os\n"
+        "from deepspeed.runtime.engine import DeepSpeedEngine\n"
+        "_save = DeepSpeedEngine.save_checkpoint\n"
+        "def save(self, save_dir, tag=None, **kw):\n"
+        "    if tag == 'step_4':\n"
+        "        os._exit(9)   # killed during the save\n"
+        "    return _save(self, save_dir, tag=tag, **kw)\n"
+        "DeepSpeedEngine.save_checkpoint = save\n")
+    env = {"PYTHONPATH": os.pathsep.join([str(patch)] + [p for p in [os.environ.get("PYTHONPATH")] if p])}
+    p = run_cli(args + [f"resume={run / 'ckpt' / 'step_2'}"], env=env, check=False)
+    assert p.returncode == 9, p.stderr[-2000:]
+    from runx.trainers.runtime import is_complete
+    assert is_complete(str(run / "ckpt"), "step_2") and not is_complete(str(run / "ckpt"), "step_4")
+    p = run_cli(args)
+    assert "resuming from step_2, the newest complete one" in p.stdout + p.stderr, (p.stdout + p.stderr)[-2000:]

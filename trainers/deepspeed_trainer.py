@@ -347,6 +347,12 @@ class Trainer:
         client = {"runx_step": step, "runx_train_wall_s": wall}
         if self.best is not None:
             client["runx_best"] = self.best.state()
+        marker = os.path.join(self.ckpt_dir, tag, "runx_complete.json")
+        if self.is_main and os.path.exists(marker):
+            # a save into an existing folder (a run rolled back with resume=<its ckpt/step_N>): the old marker
+            # named a half-written mix of both saves complete if this one was cut short
+            os.remove(marker)
+        dist.barrier()
         engine.save_checkpoint(self.ckpt_dir, tag=tag, client_state=client, save_latest=False)
         torch.save(runtime.rng_state(), os.path.join(self.ckpt_dir, tag, f"rng_rank{self.rank}.pt"))
         dist.barrier()

@@ -316,6 +316,15 @@ def quiet_data_worker(worker_id: int) -> None:
         sigs.append(int(os.environ["RUNX_PREEMPT_SIGNAL"]))
     for sig in sigs:
         signal.signal(sig, signal.SIG_IGN)
+    # the run dir's locks: a forked worker holds them with its parent, and one orphaned by a kill -9 of the
+    # training process kept them for seconds (the rerun was refused as "in use by another runx run")
+    import sys
+    train = sys.modules.get("runx.cli.train")
+    for f in getattr(train, "_HELD", ()):
+        try:
+            f.close()
+        except OSError:
+            pass
 
 
 def parent_signal_file(run_dir: str) -> str:
