@@ -154,6 +154,31 @@ class SFT(ExportsTokenizer, TrainingRecipe):
             names = [str(n) for n in json.load(f)]
         return names if len(names) == self.num_labels or not whole_head and len(names) <= self.num_labels else None
 
+    def checkpoint_classes(self, rows) -> list[str] | None:
+        """A classifier checkpoint's own class names (id2label), in its order, when the training rows' labels are
+        names it has: fine-tuning that head keeps its numbering (sorted names scrambled it: roberta-large-mnli's
+        contradiction/neutral/entailment head trained on entailment=0). None for a new head, default LABEL_i
+        names, or class ids; names the checkpoint lacks are a warning (numbered in sorted order then)."""
+        conf = self.hf_config
+        if conf is None or self.cfg.model.get("from_config") or self.cfg.model.get("ignore_mismatched_sizes"):
+            return None
+        names = [str(conf.id2label[i]) for i in sorted(getattr(conf, "id2label", None) or {})]
+        if len(names) != self.num_labels or all(n == f"LABEL_{i}" for i, n in enumerate(names)):
+            return None
+        from runx.recipes.text_data import _class_id
+        field = self.cfg.data.label_field
+        labels = {str(r[field]) for r in rows if field in r and r[field] is not None and _class_id(r[field]) is None}
+        if not labels:
+            return None
+        if labels <= set(names):
+            return names
+        import logging
+        logging.getLogger("runx.sft").warning(
+            "model.path=%s names its classes %s; the data's labels %s are not all among them, so the classes are "
+            "numbered in sorted order and the head's outputs are retrained under those numbers", self.cfg.model.path,
+            ", ".join(names), ", ".join(sorted(labels - set(names))[:5]))
+        return None
+
     def name_classes(self, conf) -> None:
         """Set a model config's id2label / label2id from class_names() (exported configs name the classes)."""
         names = self.class_names()
@@ -197,7 +222,7 @@ class SFT(ExportsTokenizer, TrainingRecipe):
         if self.task == "cls":
             # a finished run's data (runx eval): its classes keep the numbers the run trained with, whatever
             # labels the evaluation file happens to hold
-            trained = self.class_names(whole_head=False) if self.serving_run else None
+            trained = self.class_names(whole_head=False) if self.serving_run else self.checkpoint_classes(train)
             train_ds = ClassificationDataset(train, self.tokenizer, d.text_field, d.label_field, d.max_length,
                                              self.num_labels, trained)
             eval_ds = ClassificationDataset(evals, self.tokenizer, d.text_field, d.label_field, d.max_length,

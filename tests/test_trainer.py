@@ -559,6 +559,14 @@ def test_monitor_keeps_the_best_checkpoint_and_stops_early(tmp_path):
     assert sorted(d for d in os.listdir(run / "ckpt") if d.startswith("step_")) == ["step_10", "step_2"]
     out = export_run(str(run), str(tmp_path / "best"), tag="best")
     assert os.path.exists(os.path.join(out, "model.safetensors")) or os.listdir(out)
+    # another run continuing this one's step_10 starts its own best: that run's best step_2 is not a checkpoint of
+    # the new run (its summary named step 2, and `--tag best` found nothing there)
+    other = tmp_path / "other"
+    p = run_cli(["train", f"run_dir={other}", *args[2:], "trainer.max_steps=12", "trainer.early_stop_patience=4",
+                 f"resume={run}"])
+    assert "starts afresh here" in p.stdout + p.stderr
+    summary = json.load(open(other / "summary.json"))
+    assert summary["best_step"] == 12 and (other / "ckpt" / "best").read_text() == "step_12", summary
 
 
 def test_a_signal_stops_a_launched_run_after_its_workers_saved(tmp_path):
@@ -1664,6 +1672,20 @@ def test_a_classifier_loaded_with_another_class_count_is_a_config_problem_or_get
     model = build_recipe(SFT, compose(base + ["model.num_labels=2", "model.ignore_mismatched_sizes=true"]),
                          str(tmp_path)).build_model()
     assert model.classifier.out_features == 2
+    # a head fine-tuned on data labelled with its own class names keeps its numbering (pos = 0 here; sorted names
+    # made neg 0, and the head's outputs scrambled)
+    import json
+    order = {0: "pos", 1: "neg", 2: "neu"}
+    conf.id2label, conf.label2id = order, {v: k for k, v in order.items()}
+    transformers.BertForSequenceClassification(conf).save_pretrained(tmp_path / "cls3b")
+    rows = [{"text": f"t {i}", "label": ["neg", "neu", "pos"][i % 3]} for i in range(12)]
+    (tmp_path / "x.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    own = base[:1] + [f"model.path={tmp_path / 'cls3b'}"] + base[2:] + ["model.num_labels=3", "data.val_fraction=0.25"]
+    train_ds, _ = build_recipe(SFT, compose(own), str(tmp_path / "run")).build_data()
+    assert train_ds.label_names == ["pos", "neg", "neu"] and sorted(set(train_ds.labels)) == [0, 1, 2]
+    # a new head (ignore_mismatched_sizes) or labels the checkpoint lacks: numbered in sorted order
+    fresh, _ = build_recipe(SFT, compose(own + ["model.ignore_mismatched_sizes=true"]), str(tmp_path / "r2")).build_data()
+    assert fresh.label_names == ["neg", "neu", "pos"]
 
 
 def test_an_unlabelled_row_is_named_and_whole_number_floats_are_class_ids():
@@ -1750,6 +1772,10 @@ def test_resume_from_a_path_that_holds_no_checkpoint_is_a_config_problem(tmp_pat
     problems = check_paths(compose([f"resume={tmp_path / 'r'}"]))     # no `latest`: its newest is named
     assert any(p.startswith(f"resume={tmp_path / 'r'}: no complete checkpoint there") and "step_2" in p
                for p in problems), problems
+    # a step that keep_last deleted: the checkpoints that are there are named
+    gone = check_paths(compose([f"resume={tmp_path / 'r' / 'ckpt' / 'step_1'}"]))
+    assert any(p.startswith(f"resume={tmp_path / 'r' / 'ckpt' / 'step_1'}: no complete checkpoint there") and
+               str(tmp_path / "r" / "ckpt" / "step_2") in p for p in gone), gone
 
 
 def test_a_data_jobs_pool_worker_dies_with_the_job():

@@ -380,7 +380,14 @@ class Trainer:
         self._pending_rng = torch.load(rng, weights_only=False) if os.path.exists(rng) else None
         self._prior_wall = float(client.get("runx_train_wall_s", 0.0))
         if self.best is not None:
-            self.best.load(client.get("runx_best"))
+            own = os.path.realpath(root) == os.path.realpath(self.ckpt_dir)
+            if own:
+                self.best.load(client.get("runx_best"))
+            elif client.get("runx_best"):
+                # another run's best step is a checkpoint of that run, not of this one: imported, its summary
+                # named a best step that `runx export --tag best` could not find here
+                log.warning("resumed another run's checkpoint: %s starts afresh here (that run's best is in %s)",
+                            self.best.key, root)
         return int(client["runx_step"])
 
     def _track_best(self, last_eval: dict) -> bool:

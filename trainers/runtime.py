@@ -155,8 +155,8 @@ def checkpoint_root(resume: str, run_dir: str) -> str:
     its ckpt/ folder when it is a run dir, or the folder of the one ckpt/step_N it names. A complete one holds
     `latest`."""
     root = os.path.join(run_dir, "ckpt") if resume == "auto" else os.path.normpath(os.path.expanduser(resume))
-    if STEP_DIR.fullmatch(os.path.basename(root)) and os.path.isdir(root):   # one checkpoint of a run
-        return os.path.dirname(root)
+    if STEP_DIR.fullmatch(os.path.basename(root)) and (os.path.isdir(root) or os.path.isdir(os.path.dirname(root))):
+        return os.path.dirname(root)   # one checkpoint of a run (or one keep_last deleted: its folder's others)
     return os.path.join(root, "ckpt") if os.path.isdir(os.path.join(root, "ckpt")) else root
 
 
