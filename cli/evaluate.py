@@ -54,6 +54,12 @@ def eval_config(run_dir: str, overrides: list[str]):
             cfg.data.eval_path = cfg.data.path
         if cfg.data.kind != "hf" and cfg.data.get("extra"):
             cfg.data.extra = {}   # datasets.load_dataset's arguments for the run's own hub data, not for these files
+        import glob
+        if cfg.data.kind in ("jsonl", "parquet", "csv") and cfg.data.get("eval_path") and cfg.data.get("path") and \
+                not glob.glob(os.path.expanduser(str(cfg.data.path))):
+            # the run's training files moved or deleted since: an evaluation of other files does not need them (its
+            # classes are the run's, from .runx/label_names.json); they were "no such file" problems
+            cfg.data.path = cfg.data.eval_path
     # the problems of what eval reads (the data, the model's files): a rule added since the run was trained that
     # its training settings break does not stop its evaluation
     read = ("data.", "model.") + tuple(o.split("=", 1)[0].lstrip("+") for o in overrides)

@@ -815,6 +815,12 @@ def test_a_run_dir_is_usable_from_anywhere_and_eval_of_a_file_scores_all_of_it_w
     assert by_path["eval/loss"] == pytest.approx(by_eval_path["eval/loss"], rel=1e-6)
     assert by_path["eval/accuracy"] == by_eval_path["eval/accuracy"]
     assert (run / ".runx" / "label_names.json").read_text() == names
+    # the run's training file moved away: an evaluation of another file does not need it (it was "data.path=...:
+    # no such file"), and scores the same
+    os.rename(tmp_path / "d" / "train.jsonl", tmp_path / "d" / "moved.jsonl")
+    moved = json.loads(run_cli(["eval", str(run), f"data.eval_path={tmp_path / 'sub.jsonl'}", "--out",
+                                str(tmp_path / "c.json")]).stdout and (tmp_path / "c.json").read_text())
+    assert moved["samples"] == 10 and moved["eval/loss"] == pytest.approx(by_eval_path["eval/loss"], rel=1e-6)
 
 
 def test_lora_scaling_and_dora_options(tmp_path):
@@ -1669,6 +1675,11 @@ def test_a_classifier_loaded_with_another_class_count_is_a_config_problem_or_get
                                                 r"has 3 classes \(neg, neu, pos\). Valid choices: model.num_labels=3"):
         build_recipe(SFT, compose(base + ["model.num_labels=2"]), str(tmp_path))
     assert build_recipe(SFT, compose(base + ["model.num_labels=3"]), str(tmp_path)).build_model().num_labels == 3
+    # the folder has no tokenizer: said so, naming model.tokenizer (transformers said to install sentencepiece)
+    no_tok = [b for b in base if not b.startswith("model.tokenizer=")] + ["model.num_labels=3"]
+    with pytest.raises(RecipeConfigError, match=r"model.path=.*cls3: a folder without tokenizer files .*Valid "
+                                                r"choices: model.tokenizer="):
+        build_recipe(SFT, compose(no_tok), str(tmp_path))
     model = build_recipe(SFT, compose(base + ["model.num_labels=2", "model.ignore_mismatched_sizes=true"]),
                          str(tmp_path)).build_model()
     assert model.classifier.out_features == 2

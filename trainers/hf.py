@@ -209,12 +209,25 @@ def _byte_unicode_table() -> dict:
     return _TABLE
 
 
+# files any transformers tokenizer is loaded from (fast, slow: BPE / WordPiece / SentencePiece / tiktoken vocabularies)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "tokenizer.model",
+                   "spiece.model", "sentencepiece.bpe.model", "merges.txt", "tokenizer.tiktoken")
+
+
 def load_tokenizer(model_cfg):
     src = model_cfg.get("tokenizer") or model_cfg.path
     if src == "builtin:bytes":
         return byte_tokenizer()
     from transformers import AutoTokenizer
-    tok = AutoTokenizer.from_pretrained(resolve_path(src), trust_remote_code=model_cfg.trust_remote_code)
+    path = resolve_path(src)
+    if os.path.isdir(path) and not any(os.path.exists(os.path.join(path, f)) for f in TOKENIZER_FILES):
+        # (transformers then says to install sentencepiece or tiktoken, which does not help)
+        from runx.trainers.recipe import RecipeConfigError
+        key = "model.tokenizer" if model_cfg.get("tokenizer") else "model.path"
+        raise RecipeConfigError(f"{key}={src}: a folder without tokenizer files ({', '.join(TOKENIZER_FILES[:3])}, "
+                                f"...). Valid choices: model.tokenizer=<a folder or hub id with the model's "
+                                f"tokenizer>, or save the tokenizer beside the model (tokenizer.save_pretrained)")
+    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=model_cfg.trust_remote_code)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
