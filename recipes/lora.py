@@ -49,16 +49,29 @@ class LoRA(SFT):
 
     def wrap(self, model):
         """`model` with the LoRA adapter (peft); target modules peft finds no match for are a config problem."""
+        import torch
         from peft import get_peft_model
         cfg = self.peft_config()
+        wanted = cfg.target_modules if isinstance(cfg.target_modules, str) else sorted(cfg.target_modules)
+        # a classifier's head (classifier / score) is trained whole (recipe.train_head), never adapted
+        head = {"classifier", "score"} if self.task == "cls" else set()
+        names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)
+                        and not set(n.split(".")) & head})
         try:
-            return get_peft_model(model, cfg)
+            wrapped = get_peft_model(model, cfg)
         except ValueError as e:   # peft's NoMatchingPeftModuleError and its other target checks
-            import torch
-            names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
-            wanted = cfg.target_modules if isinstance(cfg.target_modules, str) else sorted(cfg.target_modules)
             raise RecipeConfigError(f"recipe.target_modules={wanted}: {str(e).splitlines()[0]} Valid choices: auto "
                                     f"(every linear layer), or names among {', '.join(names)}.") from e
+        if not isinstance(wanted, str):   # a list: every name must have got an adapter
+            from peft.tuners.lora import LoraLayer
+            adapted = [n for n, m in wrapped.named_modules() if isinstance(m, LoraLayer)]
+            idle = [t for t in wanted if not any(n == t or n.endswith("." + t) for n in adapted)]
+            if idle:   # (peft matched them, but a head it trains whole got none: dropped without a word)
+                raise RecipeConfigError(
+                    f"recipe.target_modules={wanted}: {', '.join(idle)} got no LoRA adapter (a classifier's head is "
+                    f"trained whole, recipe.train_head). Valid choices: auto (every linear layer), or names among "
+                    f"{', '.join(names)}.")
+        return wrapped
 
     def build_model(self):
         peft_model = self.wrap(super().build_model())

@@ -1556,6 +1556,14 @@ def test_unknown_lora_target_modules_name_the_key_and_the_layers_there(tmp_path)
     rec.cfg.recipe.target_modules = ["qproj"]
     with pytest.raises(RecipeConfigError, match=r"recipe.target_modules=\['qproj'\].*q_proj.*v_proj"):
         rec.build_model()
+    # a classifier's head is trained whole (train_head), never adapted: naming it was dropped without a word, and
+    # the error offered it among the valid names
+    from runx.recipes.lora_ga import LoRAGA
+    for cls, name in ((LoRA, "lora"), (LoRAGA, "lora_ga")):
+        with pytest.raises(RecipeConfigError, match=r"recipe.target_modules=\['classifier', 'query'\]: classifier got "
+                                                    r"no LoRA adapter .*names among dense, key, query, value\.$"):
+            cls(compose([f"recipe={name}", "model=tiny_bert", "recipe.target_modules=[query,classifier]"]),
+                str(tmp_path))
 
 
 def test_a_bf16_model_is_exported_in_bf16(tmp_path):
