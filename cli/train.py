@@ -81,6 +81,7 @@ def hydra_main(cfg: DictConfig):
             problems = [str(e)]
         except Stopped as e:            # SIGTERM: checkpoint saved at a step boundary
             print(f"runx: {e}", file=sys.stderr)
+            _log_to_files_only(f"runx: {e}", with_traceback=False, level=logging.WARNING)   # (what SLURM users read)
             LAST_EXIT_CODE = 143
             raise SystemExit(143) from None
         except Diverged as e:           # NaN / inf loss: one line, no traceback; a sweep goes on with its other jobs
@@ -471,9 +472,13 @@ def launch(cfg, run_dir: str) -> dict:
             not os.path.exists(os.path.join(run_dir, "ckpt", "latest")):
         # a finished run without checkpoints (trainer.ckpt_every=0): nothing to resume, and its results would be
         # overwritten by this one's
+        from runx.trainers.tracking import read_summary
+        earlier = read_summary(run_dir) or {}
         moved = supersede_previous_run(run_dir)
-        log.warning("%s holds a finished run without a checkpoint (trainer.ckpt_every=0), so there is nothing to "
-                    "resume: this run starts at step 0, and the earlier run's results moved to %s", run_dir, moved)
+        how = (f"a run that diverged at step {earlier['diverged_at']} before its first checkpoint"
+               if earlier.get("diverged_at") else "a finished run without a checkpoint (trainer.ckpt_every=0)")
+        log.warning("%s holds %s, so there is nothing to resume: this run starts at step 0, and the earlier run's "
+                    "results moved to %s", run_dir, how, moved)
     save_resolved_config(cfg, os.path.join(run_dir, "config.yaml"))
     save_resolved_config(cfg, os.path.join(run_dir, ".runx", "job.yaml"), redacted=False)
     if not worker:

@@ -274,6 +274,8 @@ def test_sigterm_saves_a_checkpoint_at_the_step_boundary_and_the_run_resumes(tmp
     assert "W&B so far: wandb sync" in err and "offline-run-" in err, err[-2000:]
     step = max(losses(run))
     assert open(run / "ckpt" / "latest").read() == f"step_{step}"
+    # train.log (what a SLURM user reads) says so too: a one-process run's stop was on the console only
+    assert f"stopped by SIGTERM after step {step}, checkpoint saved" in (run / "train.log").read_text()
     done = run_cli(["train", f"run_dir={run}", *TINY, "logger=wandb", f"trainer.max_steps={step + 2}",
                     "trainer.ckpt_every=0", "trainer.micro_batch_size=8"])
     assert sorted(losses(run)) == list(range(1, step + 3))
@@ -1776,6 +1778,10 @@ def test_log_every_holds_after_an_evaluation_and_a_finished_run_without_checkpoi
     moved = [d for d in os.listdir(run / ".runx") if d.startswith("superseded-")]
     assert len(moved) == 1 and (run / ".runx" / moved[0] / "metrics.jsonl").read_text() == first
     assert [r["step"] for r in read_metrics(run)] == [3, 5, 6, 9, 10]
+    # one that diverged before its first checkpoint is called that (it read "trainer.ckpt_every=0" whatever it was)
+    (run / "summary.json").write_text(json.dumps({"steps": 2, "diverged_at": 2}))
+    p = run_cli(cmd[:-3] + ["trainer.max_steps=1", "trainer.ckpt_every=0", "trainer.micro_batch_size=4"])
+    assert "holds a run that diverged at step 2 before its first checkpoint" in p.stdout + p.stderr
 
 
 def test_resume_from_a_path_that_holds_no_checkpoint_is_a_config_problem(tmp_path):
@@ -1949,3 +1955,27 @@ def test_a_save_into_an_existing_checkpoint_folder_cut_short_is_not_complete(tmp
     assert is_complete(str(run / "ckpt"), "step_2") and not is_complete(str(run / "ckpt"), "step_4")
     p = run_cli(args)
     assert "resuming from step_2, the newest complete one" in p.stdout + p.stderr, (p.stdout + p.stderr)[-2000:]
+
+
+def test_the_environment_record_names_the_repository_it_could_read(tmp_path, monkeypatch):
+    """Installed with the README's `pip install .`, runx's own folder is no git checkout: env.json said git_sha ""
+    and git_dirty false (a clean tree). It now records the repository runx was started in, else null."""
+    import subprocess
+
+    import runx.trainers.tracking as tracking
+    monkeypatch.setattr(tracking, "__file__", str(tmp_path / "site" / "runx" / "trainers" / "tracking.py"))
+    (tmp_path / "site").mkdir()
+    monkeypatch.chdir(tmp_path / "site")
+    rec = tracking.environment_record()
+    assert rec["git_sha"] is None and rec["git_dirty"] is None and rec["git_repo"] is None
+    project = tmp_path / "project"
+    project.mkdir()
+    git = ["git", "-c", "user.email=t@t", "-c", "user.name=t"]
+    subprocess.run(git + ["init", "-q"], cwd=project, check=True)
+    (project / "a.txt").write_text("a")
+    subprocess.run(git + ["add", "a.txt"], cwd=project, check=True)
+    subprocess.run(git + ["commit", "-qm", "a"], cwd=project, check=True)
+    monkeypatch.chdir(project)
+    rec = tracking.environment_record()
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=project, capture_output=True, text=True).stdout.strip()
+    assert (rec["git_sha"], rec["git_dirty"], rec["git_repo"]) == (head, False, str(project))

@@ -94,12 +94,17 @@ def save_resolved_config(cfg, path: str, redacted: bool = True) -> None:
 
 
 def environment_record() -> dict:
-    def git(*args):
+    """git sha (and whether the tree had changes) of runx's own checkout where it runs from one (an editable
+    install), else of the repository runx was started in (a project using an installed runx); versions, host,
+    the redacted command line. Outside any repository git_sha / git_dirty are null (they read as "" and clean)."""
+    def git(*args, where=None):
         try:
-            return subprocess.run(["git", *args], capture_output=True, text=True, timeout=5,
-                                  cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
+            p = subprocess.run(["git", *args], capture_output=True, text=True, timeout=5,
+                               cwd=where or os.path.dirname(os.path.abspath(__file__)))
+            return p.stdout.strip() if p.returncode == 0 else ""
         except Exception:
             return ""
+    repo = git("rev-parse", "--show-toplevel") or git("rev-parse", "--show-toplevel", where=os.getcwd())
     versions = {}
     from importlib import metadata
     for pkg in ["runx", "torch", "deepspeed", "transformers", "peft", "accelerate", "hydra-core", "wandb",
@@ -108,7 +113,9 @@ def environment_record() -> dict:
             versions[pkg] = metadata.version(pkg)
         except metadata.PackageNotFoundError:
             pass
-    rec = {"git_sha": git("rev-parse", "HEAD"), "git_dirty": bool(git("status", "--porcelain")),
+    sha = git("rev-parse", "HEAD", where=repo) if repo else ""
+    rec = {"git_sha": sha or None, "git_dirty": bool(git("status", "--porcelain", where=repo)) if sha else None,
+           "git_repo": repo or None,
            "python": sys.version.split()[0], "platform": platform.platform(), "host": platform.node(),
            "argv": [redact_arg(a) for a in sys.argv], "versions": versions, "time": time.strftime("%Y-%m-%d %H:%M:%S")}
     try:
