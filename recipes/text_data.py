@@ -14,8 +14,10 @@ import io
 import json
 import logging
 import math
+import numbers
 import os
 import random
+import re
 
 from runx.trainers.recipe import RecipeConfigError
 
@@ -95,39 +97,86 @@ def _compressed_data_file(path: str, formats: tuple[str, ...]) -> bool:
     return False
 
 
+class Row(dict):
+    """A row read from a file, which remembers where (`origin`: "file:line", or "file row n" for Parquet), so that a
+    problem with one row among thousands can name the line to fix. Equal to the plain dict of its fields."""
+    __slots__ = ("origin",)
+
+    def __init__(self, fields, origin: str):
+        super().__init__(fields)
+        self.origin = origin
+
+
+def row_at(rows, i: int, split: str = "training") -> str:
+    """'<split> row <i+1>', with the file and line it was read from when known ('training row 5 (a.jsonl:5)')."""
+    origin = getattr(rows[i], "origin", None)
+    return f"{split} row {i + 1}".lstrip() + (f" ({origin})" if origin else "")
+
+
+def _zstd_bytes(raw: bytes) -> bytes:
+    """A .zst file's bytes, every frame of it (concatenated files, pzstd). A truncated frame is an error: zstandard's
+    stream reader ends it silently, which lost the file's last rows (or cut one mid-line)."""
+    import zstandard
+    out = []
+    while raw:
+        d = zstandard.ZstdDecompressor().decompressobj()
+        out.append(d.decompress(raw))
+        if not d.eof:
+            raise EOFError("the file ends inside a zstandard frame (truncated)")
+        raw = d.unused_data
+    return b"".join(out)
+
+
 def _read_text(path: str) -> str:
-    """A (.gz / .zst compressed) text file's text; a leading UTF-8 byte-order mark is not data."""
+    """A (.gz / .zst compressed) text file's text; a leading UTF-8 byte-order mark is not data. A compressed file
+    that does not decompress (truncated by an interrupted copy, or not compressed at all) is a problem naming it."""
     fmt = shard_format(path, ("jsonl", "csv", "txt"))
+    comp = fmt[1] if fmt else "none"
+    with open(path, "rb") as f:
+        data = f.read()
+    if comp != "none":
+        import zstandard
+        try:
+            data = _zstd_bytes(data) if comp == "zst" else gzip.decompress(data)
+        except (OSError, EOFError, zstandard.ZstdError) as e:   # (gzip.BadGzipFile is an OSError)
+            raise RecipeConfigError(f"{path}: corrupt or not {'gzip' if comp == 'gz' else 'zstd'} data ({e}). "
+                                    f"Valid choices: a complete {'.gz' if comp == 'gz' else '.zst'} file (copy it "
+                                    f"again), or the file without the {os.path.splitext(path)[1]} suffix if it is "
+                                    f"not compressed") from None
     try:
-        with open_shard(path, fmt[1] if fmt else "none") as f:
-            return f.read().decode("utf-8-sig")
+        return data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         raise RecipeConfigError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}). Valid choices: UTF-8 "
                                 f"JSON Lines / CSV, optionally .gz or .zst compressed") from None
 
 
 def _read_jsonl(path: str) -> list[dict]:
-    """Rows of a JSON Lines file (.gz too), or of a .json file that holds one JSON array of rows."""
+    """Rows of a JSON Lines file (.gz too), or of a .json file that holds one JSON array of rows. A line ends at a
+    line feed only (CRLF too): U+2028 / U+2029 / U+0085 inside a string are valid JSON, which json.dumps(...,
+    ensure_ascii=False) writes unescaped, and str.splitlines() broke such a line in two."""
     text = _read_text(path)
     if text.lstrip().startswith("["):  # a JSON array (alpaca-style .json), not JSON Lines
         try:
             rows = json.loads(text)
         except json.JSONDecodeError as e:
             raise RecipeConfigError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
+        origins = [f"{path} row {i + 1}" for i in range(len(rows))]
     else:
-        rows = []
-        for lineno, line in enumerate(text.splitlines(), 1):
+        rows, origins = [], []
+        for lineno, line in enumerate(text.split("\n"), 1):
+            line = line.removesuffix("\r")
             if not line.strip():
                 continue
             try:
                 rows.append(json.loads(line))
             except json.JSONDecodeError as e:
                 raise RecipeConfigError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
+            origins.append(f"{path}:{lineno}")
     bad = next((i for i, r in enumerate(rows) if not isinstance(r, dict)), None)
     if bad is not None:
         raise RecipeConfigError(f"{path}: row {bad + 1} is a JSON {type(rows[bad]).__name__}, not an object "
                                 f"({{field: value, ...}})")
-    return rows
+    return [Row(r, o) for r, o in zip(rows, origins)]
 
 
 # the metadata files of a datasets save_to_disk folder (a DatasetDict's, and each split's)
@@ -143,20 +192,34 @@ def kind_mismatch(key: str, path: str, kind: str) -> str | None:
     return None
 
 
-def read_files(path: str, kind: str) -> list[dict]:
-    """The rows of a JSONL (or JSON array) / Parquet / CSV file, or of every such file in a folder (recursive)."""
+def data_files(path: str, kind: str, key: str = "data.path") -> list[str]:
+    """The files of data.kind that data.path (or data.eval_path: `key`) names: the file itself, a folder's files
+    (its subfolders' too, hidden ones left out, as a save_to_disk folder's metadata .json files), or the files a
+    glob matches (`runx validate` accepts a glob, so the run reads one too)."""
     ext = FILE_EXTENSIONS[kind]
-    if os.path.isdir(path) and any(os.path.exists(os.path.join(path, m)) for m in HF_SAVED_MARKERS):
-        raise RecipeConfigError(f"data.path={path}: a saved Hugging Face dataset (save_to_disk), not "
+    full = os.path.expanduser(path)
+    if os.path.isdir(full) and any(os.path.exists(os.path.join(full, m)) for m in HF_SAVED_MARKERS):
+        raise RecipeConfigError(f"{key}={path}: a saved Hugging Face dataset (save_to_disk), not "
                                 f"{kind} files. Valid choices: data=hf data.hf_name={path}")
-    files = sorted(f for f in glob.glob(os.path.join(path, "**", "*"), recursive=True)
-                   if f.endswith(ext) and os.path.basename(f) not in HF_SAVED_MARKERS) \
-        if os.path.isdir(path) else [path]
-    if not files or not all(os.path.exists(f) for f in files):
-        raise RecipeConfigError(f"data.path={path}: no {' / '.join(ext)} files there (data.kind={kind})")
-    problem = kind_mismatch("data.path", path, kind)
+    if os.path.isdir(full):
+        files = glob.glob(os.path.join(full, "**", "*"), recursive=True)
+    elif os.path.isfile(full):
+        files = [full]
+    else:   # a glob (files_at: nothing when it is neither)
+        files = files_at(full, recursive=True)
+    if not os.path.isfile(full):
+        files = sorted(f for f in files if f.endswith(ext) and os.path.isfile(f)
+                       and os.path.basename(f) not in HF_SAVED_MARKERS)
+    if not files:
+        raise RecipeConfigError(f"{key}={path}: no {' / '.join(ext)} files there (data.kind={kind})")
+    problem = kind_mismatch(key, path, kind)
     if problem:
         raise RecipeConfigError(problem)
+    return files
+
+
+def read_rows(files: list[str], kind: str, key: str = "data.path") -> list[dict]:
+    """The rows of these JSONL (or JSON array) / Parquet / CSV files, each a `Row` that knows its file and line."""
     rows: list[dict] = []
     for f in files:
         if kind == "jsonl":
@@ -165,39 +228,93 @@ def read_files(path: str, kind: str) -> list[dict]:
             import pyarrow
             import pyarrow.parquet as pq
             try:
-                rows += pq.read_table(f).to_pylist()
+                rows += [Row(r, f"{f} row {i + 1}") for i, r in enumerate(pq.read_table(f).to_pylist())]
             except (pyarrow.ArrowInvalid, OSError) as e:
-                raise RecipeConfigError(f"data.path={f}: not a readable Parquet file ({str(e).splitlines()[0]}). "
+                raise RecipeConfigError(f"{key}={f}: not a readable Parquet file ({str(e).splitlines()[0]}). "
                                         f"Valid choices: data.kind=jsonl|csv for text files") from None
         else:
             import csv
-            rows += list(csv.DictReader(io.StringIO(_read_text(f), newline="")))
+            reader = csv.DictReader(io.StringIO(_read_text(f), newline=""))
+            rows += [Row(r, f"{f}:{reader.line_num}") for r in reader]   # (the line a record ends on)
     return rows
+
+
+def read_files(path: str, kind: str, key: str = "data.path") -> list[dict]:
+    """The rows of a JSONL (or JSON array) / Parquet / CSV file, of every such file in a folder (recursive), or of
+    the files a glob matches."""
+    return read_rows(data_files(path, kind, key), kind, key)
 
 
 FILE_EXTENSIONS = {"jsonl": tuple(f"{e}{c}" for e in (".jsonl", ".json", ".ndjson") for c in ("", ".gz", ".zst")),
                    "parquet": (".parquet",), "csv": (".csv", ".csv.gz", ".csv.zst")}
 
+# names that make a file or folder of a data.path folder a split of it (besides data.train_split / data.eval_split):
+# a folder of shards with other names (part-0.jsonl, ...) is training data as a whole
+SPLIT_NAMES = ("train", "training", "validation", "valid", "val", "dev", "eval", "evaluation", "test", "testing")
+HF_SHARD = re.compile(r"(.+?)-\d+-of-\d+")    # datasets' (and the hub's) shard names: train-00000-of-00004
+
+
+def _split_of(rel: str, ext: tuple[str, ...], names) -> str | None:
+    """The split a file of a data.path folder belongs to (`rel`: its path in the folder), or None: it lies in a
+    <split>/ folder, or is named <split>.<ext>, <split>-*.<ext> / <split>_*.<ext> (shards), or <name>-NNNNN-of-NNNNN
+    as datasets writes a split's shards (any split name)."""
+    *folders, name = rel.split(os.sep)
+    split = next((d for d in folders if d in names), None)
+    if split:
+        return split
+    stem = next((name[: -len(e)] for e in sorted(ext, key=len, reverse=True) if name.endswith(e)), name)
+    shard = HF_SHARD.fullmatch(stem)
+    if shard:
+        return shard.group(1)
+    if stem in names:
+        return stem
+    return next((n for n in sorted(names, key=len, reverse=True) if stem.startswith((n + "-", n + "_"))), None)
+
 
 def read_local_splits(dcfg) -> tuple[list[dict], list[dict] | None]:
-    """(train rows, held-out rows or None) of local files (data.kind jsonl / parquet / csv). A data.path folder
-    holding <data.train_split>.<ext> is read as splits: that file is the training data and
-    <data.eval_split>.<ext>, if there, the held-out data (a folder of shards is training data as a whole).
-    data.eval_path (a file or folder) names the held-out data outright. None: no held-out rows were named."""
-    kind, path = dcfg.kind, os.path.expanduser(dcfg.path)
-
-    def split_file(split: str) -> str | None:
-        return next((os.path.join(path, split + e) for e in FILE_EXTENSIONS[kind]
-                     if os.path.isfile(os.path.join(path, split + e))), None)
-    train_file = split_file(dcfg.train_split) if os.path.isdir(path) else None
-    eval_file = os.path.expanduser(dcfg.eval_path) if dcfg.get("eval_path") else None
-    if train_file and not eval_file:
-        ext = FILE_EXTENSIONS[kind]
-        splits = sorted({f[: -len(e)] for f in os.listdir(path) for e in ext
-                         if f.endswith(e) and os.path.isfile(os.path.join(path, f))})
-        split = held_out_split(splits, dcfg, path)
-        eval_file = split_file(split) if split else None
-    return read_files(train_file or path, kind), (read_files(eval_file, kind) if eval_file else None)
+    """(train rows, held-out rows or None) of local files (data.kind jsonl / parquet / csv). A data.path folder whose
+    files name splits (`_split_of`: train.jsonl + validation.jsonl, datasets' train-00000-of-00001.jsonl shards,
+    train/ + validation/ folders) is read as those splits: data.train_split is the training data and
+    data.eval_split, if there, the held-out data (the other files are not read); a folder of shards with no split
+    names is training data as a whole. data.eval_path (a file, folder or glob) names the held-out data outright;
+    its files are not training data even where they lie inside data.path (unless they are all of data.path's files,
+    as runx eval names a file to evaluate whole). None: no held-out rows were named."""
+    kind = dcfg.kind
+    files = data_files(dcfg.path, kind, "data.path")
+    eval_files = data_files(dcfg.eval_path, kind, "data.eval_path") if dcfg.get("eval_path") else None
+    if eval_files:
+        held = {os.path.realpath(f) for f in eval_files}
+        inside = [f for f in files if os.path.realpath(f) in held]
+        if inside and len(inside) < len(files):   # (the same files: runx eval's data.path=<file> evaluated whole)
+            files = [f for f in files if os.path.realpath(f) not in held]
+            log.info("data.eval_path=%s: %d file(s) inside data.path=%s are held out, not trained on", dcfg.eval_path,
+                     len(inside), dcfg.path)
+    folder = os.path.expanduser(dcfg.path)
+    if os.path.isdir(folder):
+        names = {*SPLIT_NAMES, dcfg.train_split, dcfg.eval_split}
+        splits: dict = {}
+        for f in files:
+            splits.setdefault(_split_of(os.path.relpath(f, folder), FILE_EXTENSIONS[kind], names), []).append(f)
+        rest = splits.pop(None, [])
+        if splits:
+            if dcfg.train_split not in splits:
+                unnamed = (f", and {len(rest)} file(s) named for no split ({os.path.relpath(rest[0], folder)}"
+                           f"{', ...' if len(rest) > 1 else ''})" if rest else "")
+                raise RecipeConfigError(
+                    f"data.train_split={dcfg.train_split}: no such split in data.path={dcfg.path}, whose files name "
+                    f"the split(s) {', '.join(sorted(splits))} (<split>.<ext>, <split>-*.<ext>, <split>_*.<ext> or a "
+                    f"<split>/ folder){unnamed}. Valid choices: data.train_split={' | '.join(sorted(splits))}, or "
+                    f"data.path / data.eval_path naming the training and held-out files")
+            if rest:
+                log.warning("data.path=%s: %d file(s) named for no split are not read (data.train_split=%s is): %s%s",
+                            dcfg.path, len(rest), dcfg.train_split,
+                            ", ".join(os.path.relpath(f, folder) for f in rest[:5]), ", ..." if len(rest) > 5 else "")
+            if eval_files is None:
+                split = held_out_split(sorted(splits), dcfg, dcfg.path)
+                eval_files = splits[split] if split else None
+            files = splits[dcfg.train_split]
+    return read_rows(files, kind, "data.path"), (read_rows(eval_files, kind, "data.eval_path")
+                                                 if eval_files is not None else None)
 
 
 def held_out_split(splits, dcfg, src: str) -> str | None:
@@ -266,9 +383,11 @@ def load_rows(dcfg, seed: int = 0) -> tuple[list[dict], list[dict]]:
     elif kind == "hf":
         src = dcfg.hf_name or dcfg.path
         ds = load_hf_splits(src, dcfg.train_split, dcfg.extra)
-        train = list(ds[dcfg.train_split])
+        def rows_of(split):   # rows that name their split: a problem with one says "imdb[test] row 7"
+            return [Row(r, f"{src}[{split}] row {i + 1}") for i, r in enumerate(ds[split])]
+        train = rows_of(dcfg.train_split)
         split = held_out_split(ds, dcfg, src)
-        evals = list(ds[split]) if split else []
+        evals = rows_of(split) if split else []
         if not evals:
             train, evals = _split(train, dcfg.val_fraction, seed=0)
     else:
@@ -293,35 +412,87 @@ def _missing_value(v) -> bool:
     return v is None or isinstance(v, float) and math.isnan(v)
 
 
+INT_TEXT = re.compile(r"\s*-?\d+\s*")   # a class id as CSV gives it ("3", "-1")
+
+
+def _class_id(label) -> int | None:
+    """A label's class id: an int, a whole float (pandas writes an int column with gaps as floats) or an int's text
+    (CSV); None for a class name (text; a bool is named "False" / "True": isinstance(True, int) left bool classes
+    unnamed)."""
+    if isinstance(label, bool):
+        return None
+    if isinstance(label, numbers.Integral) or isinstance(label, numbers.Real) and float(label).is_integer():
+        return int(label)
+    if isinstance(label, str) and INT_TEXT.fullmatch(label):
+        return int(label)
+    return None
+
+
+def _not_a_class(label) -> str | None:
+    """What a label that is neither a class id nor a class name is (a list: multi-label, a fraction: a regression
+    target), or None. They were read as class names ("[0, 2]") or, for 0.5 / 1.5 / 2.5, numbered as classes."""
+    if isinstance(label, (str, bool)) or isinstance(label, numbers.Real) and float(label).is_integer():
+        return None
+    if isinstance(label, numbers.Real):
+        return f"a {type(label).__name__}: a regression target"
+    if isinstance(label, (list, tuple, set)):
+        return f"a {type(label).__name__}: several classes, multi-label"
+    return f"a {type(label).__name__}"
+
+
+def _not_text(value) -> bool:
+    """A list / dict (anything but text or a number) in a text field: it was trained on as its Python repr."""
+    return not isinstance(value, (str, numbers.Number))
+
+
+def _not_text_problem(key: str, field: str, rows, i: int, split: str, lm: bool = False) -> RecipeConfigError:
+    value = rows[i][field]
+    chat = lm and isinstance(value, list) and value and all(isinstance(m, dict) for m in value)
+    return RecipeConfigError(f"{key}={field!r}: {row_at(rows, i, split)} has a {type(value).__name__} "
+                             f"({str(value)[:60]!r}), not text. Valid values: a string in every row"
+                             + (f"; a conversation (list of turns) is read with data.messages_field={field!r}"
+                                if chat else ""))
+
+
 class ClassificationDataset:
     """Tokenised {text, label} rows. Labels are class ids 0..num_labels-1, or names: those are numbered in sorted
     order of the training split's names (`label_names`), which the held-out split is given so that its ids
-    agree. A label outside the model's classes is a config problem naming model.num_labels."""
+    agree. A label outside the model's classes is a config problem naming model.num_labels; so is a label that is
+    no class (a list, a fraction: multi-label and regression are not supported) and a negative one (an unlabelled
+    row, as GLUE's test splits have). Training rows with fewer classes than model.num_labels are a warning."""
 
     def __init__(self, rows, tokenizer, text_field: str, label_field: str, max_length: int,
                  num_labels: int | None = None, label_names: list | None = None, split: str = "training"):
-        missing = [i for i, r in enumerate(rows[:1000]) if text_field not in r or label_field not in r]
-        if missing:
-            raise RecipeConfigError(f"data rows need fields {text_field!r} and {label_field!r} "
-                             f"(data.text_field / data.label_field); row {missing[0]} has {sorted(rows[missing[0]])}")
+        missing = next((i for i, r in enumerate(rows) if text_field not in r or label_field not in r), None)
+        if missing is not None:   # (every row: one after the first 1000 was a KeyError traceback)
+            raise RecipeConfigError(f"data rows need fields {text_field!r} and {label_field!r} (data.text_field / "
+                                    f"data.label_field); {row_at(rows, missing, split)} has {sorted(rows[missing])}")
         no_text = next((i for i, r in enumerate(rows) if _missing_value(r[text_field])), None)
         if no_text is not None:   # (it was trained on as the text "None" / "nan")
-            raise RecipeConfigError(f"data.text_field={text_field!r}: {split} row {no_text + 1} has no text "
+            raise RecipeConfigError(f"data.text_field={text_field!r}: {row_at(rows, no_text, split)} has no text "
                                     f"({rows[no_text][text_field]!r}). Valid values: a string in every row (drop or "
                                     f"fill the rows without one)")
+        odd = next((i for i, r in enumerate(rows) if _not_text(r[text_field])), None)
+        if odd is not None:
+            raise _not_text_problem("data.text_field", text_field, rows, odd, split)
         self.labels = [r[label_field] for r in rows]
         empty = next((i for i, l in enumerate(self.labels) if l is None or isinstance(l, float) and math.isnan(l)
                       or isinstance(l, str) and not l.strip()), None)
         if empty is not None:
-            raise RecipeConfigError(f"data.label_field={label_field!r}: {split} row {empty + 1} has no label "
+            raise RecipeConfigError(f"data.label_field={label_field!r}: {row_at(rows, empty, split)} has no label "
                                     f"({self.labels[empty]!r}): {str(rows[empty].get(text_field))[:60]!r}. Valid "
                                     f"values: a class id or name in every row (drop or fill the unlabelled rows)")
-        ids_given = all(isinstance(l, int) and not isinstance(l, bool) or isinstance(l, str) and l.strip().isdigit()
-                        or isinstance(l, float) and l.is_integer() and l >= 0 for l in self.labels)
+        odd = next((i for i, l in enumerate(self.labels) if _not_a_class(l)), None)
+        if odd is not None:
+            raise RecipeConfigError(f"data.label_field={label_field!r}: {row_at(rows, odd, split)} has label "
+                                    f"{str(self.labels[odd])[:60]} ({_not_a_class(self.labels[odd])}): regression "
+                                    f"and multi-label classification are not supported. Valid values: one class id "
+                                    f"(0..num_labels-1) or class name in every row")
+        ids_given = all(_class_id(l) is not None for l in self.labels)
         if ids_given:   # (a float column of whole numbers, as pandas writes an int column with gaps: ids too)
-            self.labels = [int(l) for l in self.labels]      # class ids, as CSV gives them too ("3")
-        names = label_names if label_names is not None else sorted({str(l) for l in self.labels
-                                                                    if not isinstance(l, int)})
+            self.labels = [_class_id(l) for l in self.labels]      # class ids, as CSV gives them too ("3")
+        names = label_names if label_names is not None else sorted(
+            {str(l) for l in self.labels if not isinstance(l, int) or isinstance(l, bool)})
         self.label_names = list(names) if names else None
         if names and not ids_given:  # string labels -> ids, sorted for a stable mapping
             ids = {n: i for i, n in enumerate(names)}
@@ -334,13 +505,37 @@ class ClassificationDataset:
                                         f"{', '.join(unknown[:5])} that the training rows lack, so they have no class "
                                         f"id. Valid choices: {', '.join(map(str, names[:20]))}{hint}")
             self.labels = [ids[str(l)] for l in self.labels]
+        negative = [i for i, l in enumerate(self.labels) if l < 0]
+        if negative:   # (it said "outside 0..2. Valid choices: model.num_labels=0")
+            fix = ("another data.eval_split (a labelled split, e.g. validation), data.eval_path=<a labelled file>, "
+                   "or the held-out rows without the unlabelled ones" if split == "held-out" else
+                   "another data.train_split, or the rows without the unlabelled ones (if -1 is a class, number "
+                   "the classes from 0 or name them)")
+            raise RecipeConfigError(f"data.label_field={label_field!r}: {len(negative)} {split} row(s) have label "
+                                    f"{self.labels[negative[0]]} (first: {row_at(rows, negative[0], split)}): a "
+                                    f"negative label marks an unlabelled row (a split whose labels are withheld, as "
+                                    f"GLUE's test splits), which cannot be "
+                                    f"{'evaluated' if split == 'held-out' else 'trained on'}. Valid choices: {fix}")
         if num_labels is not None:
-            bad = sorted({l for l in self.labels if not 0 <= l < num_labels})
+            bad = sorted({l for l in self.labels if l >= num_labels})
             if bad:
-                n = len(names) if names else max(self.labels) + 1
+                n = max(self.labels) + 1 if ids_given else len(names)
+                fix = (f"model.num_labels={n} (the classes of data.label_field={label_field!r})" if n > num_labels
+                       else f"class ids 0..{num_labels - 1} in data.label_field={label_field!r}")
                 raise RecipeConfigError(f"model.num_labels={num_labels}: the {split} rows have class id(s) "
                                         f"{', '.join(map(str, bad[:5]))} outside 0..{num_labels - 1}. Valid choices: "
-                                        f"model.num_labels={n} (the classes of data.label_field={label_field!r})")
+                                        f"{fix}")
+            present = set(self.labels)
+            if split == "training" and label_names is None and present and len(present) < num_labels:
+                # (a run's own data; not the classes a finished run is evaluated with)
+                unused = [i for i in range(num_labels) if i not in present]
+                fits = max(present) + 1
+                log.warning("data.label_field=%r: the training rows have %d class(es)%s, and model.num_labels=%d: "
+                            "class id(s) %s%s have no training row, and the head's outputs for them are never "
+                            "trained%s", label_field, len(present),
+                            f" ({', '.join(map(str, names[:10]))})" if names and not ids_given else "", num_labels,
+                            ", ".join(map(str, unused[:5])), ", ..." if len(unused) > 5 else "",
+                            f". Valid choices: model.num_labels={fits}" if fits < num_labels else "")
         self.enc = tokenizer([str(r[text_field]) for r in rows], truncation=True, max_length=max_length)
 
     def __len__(self):
@@ -502,15 +697,19 @@ class CausalLMDataset:
         if bad is not None:
             raise RecipeConfigError(
                 f"causal-LM rows need data.text_field ({text_field!r}), data.prompt_field + data.response_field "
-                f"({prompt_field!r}, {response_field!r}) or data.messages_field ({messages_field!r}); row {bad} "
-                f"has {sorted(rows[bad])}")
+                f"({prompt_field!r}, {response_field!r}) or data.messages_field ({messages_field!r}); "
+                f"{row_at(rows, bad, '')} has {sorted(rows[bad])}")
         for field, uses in ((text_field, lambda r: not chat(r) and not pair(r)),
                             (prompt_field, pair), (response_field, pair)):   # the fields each row is read from
+            key = {text_field: "data.text_field", prompt_field: "data.prompt_field"}.get(field, "data.response_field")
             hole = next((i for i, r in enumerate(rows) if uses(r) and _missing_value(r[field])), None)
             if hole is not None:   # (trained on as the text "None")
-                key = {text_field: "data.text_field", prompt_field: "data.prompt_field"}.get(field, "data.response_field")
-                raise RecipeConfigError(f"{key}={field!r}: row {hole + 1} has no text ({rows[hole][field]!r}). Valid "
-                                        "values: a string in every row (drop or fill the rows without one)")
+                raise RecipeConfigError(f"{key}={field!r}: {row_at(rows, hole, '')} has no text "
+                                        f"({rows[hole][field]!r}). Valid values: a string in every row (drop or fill "
+                                        "the rows without one)")
+            odd = next((i for i, r in enumerate(rows) if uses(r) and _not_text(r[field])), None)
+            if odd is not None:   # (trained on as its Python repr)
+                raise _not_text_problem(key, field, rows, odd, "", lm=True)
         template = resolve_chat_template(chat_template, tokenizer, source) if any(map(chat, rows)) else None
         self.items = []
         for i, r in enumerate(rows):

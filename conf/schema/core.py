@@ -52,8 +52,8 @@ class DataConfig:
     chat_template: Optional[str] = None
     # train on the prompt / non-assistant tokens too (prompt+response and chat rows)
     train_on_prompt: bool = False
-    # held-out rows: data.eval_path (local files), the eval_split file of a data.path folder (<split>.jsonl),
-    # the eval_split of a datasets source, or else val_fraction of the training rows
+    # held-out rows: data.eval_path (local files), the eval_split files of a data.path folder (<split>.jsonl,
+    # <split>-*.jsonl, <split>/), the eval_split of a datasets source, or else val_fraction of the training rows
     eval_path: Optional[str] = None
     val_fraction: float = 0.2
     max_length: int = 64

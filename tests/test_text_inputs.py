@@ -1,0 +1,209 @@
+"""Text data inputs of the language recipes (runx.recipes.text_data): which files are which split, and rows whose
+labels or text cannot be trained on. CPU only, no model is built (the byte tokenizer tokenises)."""
+from __future__ import annotations
+
+import gzip
+import json
+import logging
+
+import pytest
+
+
+def _jsonl(path, rows):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def _rows(a, b, **extra):
+    return [{"text": f"row {i}", "label": i % 2, **extra} for i in range(a, b)]
+
+
+def _data_cfg(*overrides):
+    from runx.cli.config import compose
+    return compose(["recipe=sft", "model=tiny_bert", *overrides])
+
+
+def _data(*overrides):
+    return _data_cfg("data=jsonl", *overrides).data
+
+
+def _tok():
+    from runx.trainers.hf import byte_tokenizer
+    return byte_tokenizer()
+
+
+def test_shard_files_and_split_folders_are_their_splits_not_one_training_pool(tmp_path, caplog):
+    """datasets' shard names (train-00000-of-00001.jsonl + validation-00000-of-00001.jsonl) and split folders
+    (train/part-0.jsonl + validation/part-0.jsonl) were read as one training pool, val_fraction of it held out at
+    random: the user's validation rows were trained on. A data.eval_path inside data.path was read as training data
+    too, and a data.train_split naming no split of a split folder read the whole folder."""
+    from runx.recipes.text_data import read_local_splits
+    from runx.trainers.recipe import RecipeConfigError
+    layouts = {"hf": ("train-00000-of-00002.jsonl", "train-00001-of-00002.jsonl", "validation-00000-of-00001.jsonl"),
+               "folders": ("train/part-0.jsonl", "train/part-1.jsonl", "validation/part-0.jsonl"),
+               "underscore": ("train_0.jsonl", "train_1.jsonl", "validation_0.jsonl")}
+    for name, (t0, t1, v0) in layouts.items():
+        _jsonl(tmp_path / name / t0, _rows(0, 20))
+        _jsonl(tmp_path / name / t1, _rows(20, 40))
+        _jsonl(tmp_path / name / v0, _rows(100, 110))
+        train, held = read_local_splits(_data(f"data.path={tmp_path / name}"))
+        assert len(train) == 40 and sorted(r["text"] for r in held) == [f"row {i}" for i in range(100, 110)], name
+    # a folder of shards named for no split is still training data as a whole (val_fraction is held out later)
+    _jsonl(tmp_path / "pool" / "part-0.jsonl", _rows(0, 20))
+    _jsonl(tmp_path / "pool" / "part-1.jsonl", _rows(20, 40))
+    train, held = read_local_splits(_data(f"data.path={tmp_path / 'pool'}"))
+    assert len(train) == 40 and held is None
+    # data.eval_path inside data.path: held out, not also trained on
+    _jsonl(tmp_path / "pool" / "heldout.jsonl", _rows(100, 110))
+    with caplog.at_level(logging.INFO, logger="runx.text_data"):
+        train, held = read_local_splits(_data(f"data.path={tmp_path / 'pool'}",
+                                              f"data.eval_path={tmp_path / 'pool' / 'heldout.jsonl'}"))
+    assert len(train) == 40 and len(held) == 10 and not {r["text"] for r in train} & {r["text"] for r in held}
+    assert "held out, not trained on" in caplog.text
+    # (the same file for both, as runx eval names a file to evaluate whole, is still read as both)
+    train, held = read_local_splits(_data(f"data.path={tmp_path / 'pool' / 'heldout.jsonl'}",
+                                          f"data.eval_path={tmp_path / 'pool' / 'heldout.jsonl'}"))
+    assert len(train) == len(held) == 10
+    # data.train_split naming no split of a folder whose files name splits (a typo): refused, naming those found
+    with pytest.raises(RecipeConfigError, match=r"data.train_split=trian: no such split in data.path=.*hf, whose files "
+                                                r"name the split\(s\) train, validation.*Valid choices: "
+                                                r"data.train_split=train \| validation"):
+        read_local_splits(_data(f"data.path={tmp_path / 'hf'}", "data.train_split=trian"))
+
+
+def test_labels_that_are_no_class_and_text_that_is_no_text_are_refused(tmp_path):
+    """Multi-label lists ([0, 2]) and dicts were read as class names, fractional (regression) labels numbered as
+    classes (the message recommended model.num_labels=47 for 47 distinct floats); a list or dict in a text field was
+    trained on as its Python repr, in either task. Each is a config problem naming the key, the row (file:line) and
+    the value's type."""
+    from runx.recipes.text_data import CausalLMDataset, ClassificationDataset, read_files
+    from runx.trainers.recipe import RecipeConfigError
+    tok = _tok()
+    for label, words in (([0, 2], r"a list: several classes, multi-label"), ({"a": 1}, r"a dict"),
+                         (2.5, r"a float: a regression target")):
+        _jsonl(tmp_path / "l.jsonl", _rows(0, 5) + [{"text": "odd", "label": label}])
+        rows = read_files(str(tmp_path / "l.jsonl"), "jsonl")
+        with pytest.raises(RecipeConfigError, match=rf"data.label_field='label': training row 6 \(.*l.jsonl:6\) has "
+                                                    rf"label .*\({words}\): regression and multi-label classification "
+                                                    rf"are not supported"):
+            ClassificationDataset(rows, tok, "text", "label", 16, num_labels=4)
+    rows = [{"text": "a", "label": 0}, {"text": ["para 1", "para 2"], "label": 1}]
+    with pytest.raises(RecipeConfigError, match=r"data.text_field='text': training row 2 has a list .*not text"):
+        ClassificationDataset(rows, tok, "text", "label", 16, num_labels=2)
+    tok.eos_token = tok.pad_token
+    with pytest.raises(RecipeConfigError, match=r"data.prompt_field='prompt': row 2 has a dict .*not text"):
+        CausalLMDataset([{"prompt": "q", "response": "a"}, {"prompt": {"q": 1}, "response": "a"}], tok, "text", 16)
+    with pytest.raises(RecipeConfigError, match=r"data.text_field='text': row 1 has a list .*"
+                                                r"data.messages_field='text'"):
+        CausalLMDataset([{"text": [{"role": "user", "content": "hi"}]}], tok, "text", 16)
+
+
+def test_json_lines_with_unicode_line_separators_inside_strings_are_read(tmp_path):
+    """U+2028 / U+2029 / U+0085 inside a JSON string are valid JSON, and json.dumps(ensure_ascii=False) writes them
+    unescaped: str.splitlines() broke such a line in two ("invalid JSON")."""
+    from runx.recipes.text_data import read_files
+    rows = [{"text": f"a\u2028b\u2029c\x85d {i}", "label": 0} for i in range(3)]
+    (tmp_path / "u.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\r\n" for r in rows),
+                                      encoding="utf-8")
+    assert read_files(str(tmp_path / "u.jsonl"), "jsonl") == rows
+
+
+def test_a_row_after_the_first_thousand_without_the_field_is_named(tmp_path):
+    """Only the first 1000 rows were checked for the text / label fields: a later row was a KeyError traceback."""
+    from runx.recipes.text_data import ClassificationDataset, read_files
+    from runx.trainers.recipe import RecipeConfigError
+    rows = _rows(0, 1200)
+    rows[1100] = {"sentence": "renamed", "label": 1}
+    _jsonl(tmp_path / "late.jsonl", rows)
+    with pytest.raises(RecipeConfigError, match=r"data rows need fields 'text' and 'label' .*training row 1101 "
+                                                r"\(.*late.jsonl:1101\) has \['label', 'sentence'\]"):
+        ClassificationDataset(read_files(str(tmp_path / "late.jsonl"), "jsonl"), _tok(), "text", "label", 16, 2)
+
+
+def test_a_corrupt_or_truncated_compressed_file_is_named(tmp_path):
+    """A truncated .gz was an EOFError traceback, a .gz that is not gzip a BadGzipFile one; a truncated .zst lost
+    its last rows silently (zstandard's stream reader ends a cut frame without an error)."""
+    import zstandard
+
+    from runx.recipes.text_data import read_files
+    from runx.trainers.recipe import RecipeConfigError
+    data = "".join(json.dumps(r) + "\n" for r in _rows(0, 2000)).encode()
+    gz, zst = gzip.compress(data), zstandard.ZstdCompressor().compress(data)
+    (tmp_path / "cut.jsonl.gz").write_bytes(gz[: len(gz) // 2])
+    (tmp_path / "plain.jsonl.gz").write_bytes(data)
+    (tmp_path / "cut.jsonl.zst").write_bytes(zst[: len(zst) - 20])
+    (tmp_path / "plain.jsonl.zst").write_bytes(data)
+    for name, what in (("cut.jsonl.gz", "gzip"), ("plain.jsonl.gz", "gzip"), ("cut.jsonl.zst", "zstd"),
+                       ("plain.jsonl.zst", "zstd")):
+        with pytest.raises(RecipeConfigError, match=rf"{name}: corrupt or not {what} data"):
+            read_files(str(tmp_path / name), "jsonl")
+    # several zstandard frames (concatenated files, pzstd) are read whole
+    (tmp_path / "frames.jsonl.zst").write_bytes(zst + zst)
+    assert len(read_files(str(tmp_path / "frames.jsonl.zst"), "jsonl")) == 4000
+
+
+def test_an_unlabelled_held_out_split_says_so(tmp_path):
+    """A GLUE-style test split (every label -1) said "class id(s) -1 outside 0..2. Valid choices:
+    model.num_labels=0"; CSV's "-1" was read as a class name, renumbering the held-out classes."""
+    from runx.recipes.text_data import ClassificationDataset, read_files
+    from runx.trainers.recipe import RecipeConfigError
+    tok = _tok()
+    _jsonl(tmp_path / "test.jsonl", [{"text": f"t{i}", "label": -1} for i in range(4)])
+    with pytest.raises(RecipeConfigError, match=r"data.label_field='label': 4 held-out row\(s\) have label -1 \(first: "
+                                                r"held-out row 1 \(.*test.jsonl:1\)\): a negative label marks an "
+                                                r"unlabelled row.*Valid choices: another data.eval_split") as e:
+        ClassificationDataset(read_files(str(tmp_path / "test.jsonl"), "jsonl"), tok, "text", "label", 16, 3,
+                              split="held-out")
+    assert "num_labels" not in str(e.value)
+    # a datasets source's test split: the message names it (the rows remember their split)
+    import datasets
+
+    from runx.recipes.sft import SFT
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(_rows(0, 12)),
+                          "test": datasets.Dataset.from_list([{"text": "t", "label": -1}] * 3)}).save_to_disk(
+        str(tmp_path / "glue"))
+    with pytest.raises(RecipeConfigError, match=r"3 held-out row\(s\) have label -1 \(first: held-out row 1 "
+                                                r"\(.*glue\[test\] row 1\)\): a negative label marks an "
+                                                r"unlabelled row"):
+        SFT(_data_cfg("data=hf", f"data.hf_name={tmp_path / 'glue'}", "data.eval_split=test"),
+            str(tmp_path)).build_data()
+    # CSV's "-1" is a class id too (it was a class name, and the held-out ids silently shifted)
+    (tmp_path / "test.csv").write_text("text,label\na,1\nb,-1\n")
+    with pytest.raises(RecipeConfigError, match=r"1 held-out row\(s\) have label -1 .*test.csv:3"):
+        ClassificationDataset(read_files(str(tmp_path / "test.csv"), "csv"), tok, "text", "label", 16, 3,
+                              split="held-out")
+
+
+def test_bool_labels_are_named_and_fewer_classes_than_the_head_warn(tmp_path, caplog):
+    """True / False labels gave no class names (isinstance(True, int)), so the exported config named no classes; a
+    head with more outputs than the data has classes (model.num_labels' default 4, 2 classes) said nothing."""
+    from runx.recipes.text_data import ClassificationDataset
+    rows = [{"text": f"t{i}", "label": i % 3 == 0} for i in range(6)]
+    with caplog.at_level(logging.WARNING, logger="runx.text_data"):
+        ds = ClassificationDataset(rows, _tok(), "text", "label", 16, num_labels=4)
+    assert ds.label_names == ["False", "True"] and ds.labels == [1, 0, 0, 1, 0, 0]
+    assert "the training rows have 2 class(es) (False, True), and model.num_labels=4: class id(s) 2, 3 have no " \
+           "training row" in caplog.text and "model.num_labels=2" in caplog.text
+    held = ClassificationDataset([{"text": "h", "label": True}], _tok(), "text", "label", 16, 4, ds.label_names,
+                                 "held-out")
+    assert held.labels == [1]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="runx.text_data"):
+        ClassificationDataset(rows, _tok(), "text", "label", 16, num_labels=2)
+    assert "class(es)" not in caplog.text
+
+
+def test_a_glob_in_data_path_is_read_as_validate_accepts_it(tmp_path):
+    """runx validate accepted data.path=d/shards/*.jsonl (a glob match exists), and runx train said there were no
+    files there."""
+    from runx.cli.config import check_paths, compose
+    from runx.recipes.text_data import load_rows, read_files
+    _jsonl(tmp_path / "shards" / "part-0.jsonl", _rows(0, 10))
+    _jsonl(tmp_path / "shards" / "part-1.jsonl", _rows(10, 20))
+    (tmp_path / "shards" / "notes.txt").write_text("not data")
+    pattern = str(tmp_path / "shards" / "*.jsonl")
+    cfg = compose(["recipe=sft", "model=tiny_bert", "data=jsonl", f"data.path={pattern}", "data.val_fraction=0.25"])
+    assert check_paths(cfg) == []
+    train, held = load_rows(cfg.data)
+    assert (len(train), len(held)) == (15, 5)
+    assert len(read_files(str(tmp_path / "shards" / "*"), "jsonl")) == 20     # only the files of data.kind
