@@ -1036,21 +1036,33 @@ class ConceptPrune(DataJob):
         fractions = sorted({float(f) for f in rc.eval_fractions})
         if self.smoke:
             fractions = fractions[:2]
+        # the arms that sample from SemDeDup's survivors cannot keep more than n_dedup rows: at a larger budget they
+        # would be capped and compared with random at a larger size. Those fractions are skipped for them (null
+        # accuracy and kept count, aligned with `fractions`) and named in `capped_fractions`.
+        pruned_arms = ("dedup_random", "ssp", "dbp")
+        sizes = [int(round(f * n_input)) for f in fractions]
+        capped = [f for f, n in zip(fractions, sizes) if n > n_dedup]
+        if capped:
+            log.warning("evaluate: eval_fractions %s of the %d input rows ask for more than the %d left after SemDeDup "
+                        "(a fraction of at most %.4f): only random is trained there; dbp, ssp and dedup_random are "
+                        "skipped, not capped at %d rows", ", ".join(f"{f:g}" for f in capped), n_input, n_dedup,
+                        n_dedup / n_input, n_dedup)
         res = {"fractions": fractions, "n_input": n_input, "n_after_dedup": n_dedup, "n_unique": data["n_unique"],
-               "accuracy": {m: [] for m in ("random", "dedup_random", "ssp", "dbp")},
-               "kept": {m: [] for m in ("random", "dedup_random", "ssp", "dbp")}}
+               "target": sizes, "capped_fractions": capped,
+               "accuracy": {m: [] for m in ("random",) + pruned_arms},
+               "kept": {m: [] for m in ("random",) + pruned_arms}}
         res["accuracy_full"] = subset_accuracy(data, np.arange(n_input))
-        for f in fractions:
-            n = int(round(f * n_input))
-            m = min(n, n_dedup)
-            picks = {"random": np.sort(rng.choice(n_input, n, replace=False)),
-                     "dedup_random": np.sort(rng.choice(survivors, m, replace=False))}
-            for name, kind in (("ssp", "uniform"), ("dbp", rc.complexity)):
-                quotas = stats.quotas(rc, m, kind)["quota"]
-                picks[name] = np.sort(np.concatenate([select(g, quotas, rc.keep, self.seed) for g in groups]))
-            for name, rows in picks.items():
-                res["accuracy"][name].append(subset_accuracy(data, rows))
-                res["kept"][name].append(int(len(rows)))
+        for f, n in zip(fractions, sizes):
+            picks = {"random": np.sort(rng.choice(n_input, n, replace=False))}
+            if n <= n_dedup:
+                picks["dedup_random"] = np.sort(rng.choice(survivors, n, replace=False))
+                for name, kind in (("ssp", "uniform"), ("dbp", rc.complexity)):
+                    quotas = stats.quotas(rc, n, kind)["quota"]
+                    picks[name] = np.sort(np.concatenate([select(g, quotas, rc.keep, self.seed) for g in groups]))
+            for name in res["accuracy"]:
+                rows = picks.get(name)
+                res["accuracy"][name].append(None if rows is None else subset_accuracy(data, rows))
+                res["kept"][name].append(None if rows is None else int(len(rows)))
         kept = pq.read_table(os.path.join(ctx.job_dir, "pruned", "kept_ids.parquet"))["row"].to_numpy()
         res["accuracy_kept"] = subset_accuracy(data, kept)
         res["kept_fraction"] = len(kept) / n_input
@@ -1066,9 +1078,14 @@ class ConceptPrune(DataJob):
             with open(os.path.join(ctx.job_dir, "pruned", "eval.json")) as f:
                 ev = json.load(f)
             out["accuracy_full"], out["accuracy_kept"] = ev["accuracy_full"], ev["accuracy_kept"]
+            # only the arms trained at a fraction are reported there, each with the rows it kept
             for name, accs in ev["accuracy"].items():
-                for fr, acc in zip(ev["fractions"], accs):
-                    out[f"accuracy_{name}@{fr:g}"] = acc
+                for fr, acc, kept in zip(ev["fractions"], accs, ev["kept"][name]):
+                    if acc is not None:
+                        out[f"accuracy_{name}@{fr:g}"] = acc
+                        out[f"kept_{name}@{fr:g}"] = kept
+            if ev.get("capped_fractions"):
+                out["eval_capped_fractions"] = ",".join(f"{f:g}" for f in ev["capped_fractions"])
         return out
 
 

@@ -118,9 +118,12 @@ class HFReference:
         self.model = load_model(mcfg, tokenizer=self.tokenizer).to(self.device).eval()
         self.window = int(ref.get("window", rc.bpc_window))
         self.stride = int(ref.get("stride", rc.bpc_stride))
-        limit = getattr(self.model.config, "max_position_embeddings", None)
+        key, limit = position_limit(self.model.config.to_dict())
+        if limit is None:   # an alias the saved dict does not spell out
+            key, limit = position_limit({"max_position_embeddings": getattr(self.model.config,
+                                                                            "max_position_embeddings", None)})
         if limit and self.window > limit:
-            raise ValueError(window_problem(ref["name"], self.window, limit))
+            raise ValueError(window_problem(ref["name"], self.window, limit, key))
         self.batch_size = int(rc.bpc_batch_size)
 
     def doc_bits(self, texts: list[str]) -> np.ndarray:
@@ -128,8 +131,23 @@ class HFReference:
                                   self.device) / LN2
 
 
-def window_problem(name: str, window: int, limit: int) -> str:
-    return (f"recipe.bpc_window={window} exceeds {name}'s max_position_embeddings={limit}; set recipe.bpc_window "
+# Where a config.json keeps the longest input its position embeddings allow: the common name first, then the
+# GPT-2 family's n_positions (n_ctx, its older twin) and the max_sequence_length of some others. transformers maps
+# max_position_embeddings onto n_positions only on a loaded GPT2Config; the raw file has the alias.
+POSITION_LIMIT_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "n_ctx")
+
+
+def position_limit(config: dict) -> tuple[str | None, int | None]:
+    """(key, value) of the first position limit a model config (config.json as a dict) gives, or (None, None)."""
+    for key in POSITION_LIMIT_KEYS:
+        value = config.get(key)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return key, value
+    return None, None
+
+
+def window_problem(name: str, window: int, limit: int, key: str = "max_position_embeddings") -> str:
+    return (f"recipe.bpc_window={window} exceeds {name}'s {key}={limit}; set recipe.bpc_window "
             f"(and bpc_stride below it) or the reference's `window` to at most {limit}")
 
 
@@ -298,10 +316,11 @@ def _local_reference_problems(key: str, ref: dict, window: int) -> list[str]:
         return [f"{key}.path={ref['path']}: no such folder on this machine (give a local model folder or a hub id)"]
     try:
         with open(os.path.join(path, "config.json")) as f:
-            limit = json.load(f).get("max_position_embeddings")
+            config = json.load(f)
     except (OSError, ValueError):
         return []
-    return [window_problem(ref["name"], window, limit)] if isinstance(limit, int) and window > limit else []
+    key, limit = position_limit(config) if isinstance(config, dict) else (None, None)
+    return [window_problem(ref["name"], window, limit, key)] if limit and window > limit else []
 
 
 def _all_at_once(ctx: JobContext) -> list[str]:
@@ -318,7 +337,8 @@ def _shrink_for_smoke(rc: dict) -> dict:
         keep = {id(ngram[0]), id(ngram[len(ngram) // 2]), id(ngram[-1])}
         rc["references"] = [r for r in rc["references"] if r.get("kind") != "ngram" or id(r) in keep]
     rc["ft_bucket"] = min(int(rc["ft_bucket"]), 20000)
-    rc["random_budget_multiples"] = list(rc["random_budget_multiples"])[:2]
+    multiples = rc["random_budget_multiples"]
+    rc["random_budget_multiples"] = list(multiples)[:2] if isinstance(multiples, (list, tuple)) else multiples
     rc["min_positives"] = min(int(rc["min_positives"]), 2)
     return rc
 
@@ -332,6 +352,7 @@ class PreSelect(DataJob):
         rc["world"] = {**dataclasses.asdict(PreSelectWorldConfig()), **(given.get("world") or {})}
         self.seed = int(cfg.get("seed", 0) or 0)
         self.smoke = bool(cfg.get("smoke", False))
+        self._given_multiples = rc["random_budget_multiples"]   # checked whole, also under smoke (it keeps 2)
         self.rc = OmegaConf.create(_shrink_for_smoke(rc) if self.smoke else rc)
         self.builtin = self.rc.pool == "builtin"
         self._shards: dict[str, list[str]] = {}     # recipe.pool / recipe.sample listed once, in _check_config
@@ -358,6 +379,14 @@ class PreSelect(DataJob):
             problems.append(f"recipe.heldout_fraction={rc.heldout_fraction}: must be in [0, 1)")
         if not 0.0 < float(rc.positive_quantile) < 1.0:
             problems.append(f"recipe.positive_quantile={rc.positive_quantile}: must be in (0, 1)")
+        multiples = self._given_multiples
+        numeric = isinstance(multiples, (list, tuple)) and \
+            all(isinstance(m, (int, float)) and not isinstance(m, bool) for m in multiples)
+        if not numeric or any(m <= 0 for m in multiples) or len(set(multiples)) != len(multiples):
+            # a zero or negative budget has no log for the curve's interpolation; a repeated one trains the same
+            # student twice and gives the curve a flat step that is not there
+            problems.append(f"recipe.random_budget_multiples={multiples}: must be distinct positive numbers "
+                            f"(multiples of the PreSelect budget, e.g. [1, 2, 4, 8])")
         names_given = [r.get("name") for r in (rc.references or [])]
         if rc.perplexity_reference is not None and rc.perplexity_reference not in names_given:
             problems.append(f"recipe.perplexity_reference={rc.perplexity_reference}: not a reference name; "
@@ -849,6 +878,9 @@ class PreSelect(DataJob):
                             chars.sum())
                 continue
             curve.append({"multiple": m, **student(take(perm, m * budget))})
+        # compute_multiplier reads the curve left to right as budgets grow: in the config's order, [2, 1] would
+        # interpolate a different (wrong) multiplier than [1, 2] from the same students
+        curve.sort(key=lambda c: (c["chars"], c["multiple"]))
         results["random"] = curve
         target = results["preselect"]["accuracy"]
         mult = compute_multiplier([c["chars"] for c in curve], [c["accuracy"] for c in curve], target,

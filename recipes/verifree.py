@@ -477,6 +477,14 @@ class VeriFree(ExportsTokenizer, TrainingRecipe):
                 rc.eval_samples = min(rc.eval_samples, 1)
         if rc.group_size < 1 or (rc.advantage == "rloo" and rc.group_size < 2):
             raise ValueError(f"recipe.group_size={rc.group_size}: must be >= 2 with recipe.advantage=rloo")
+        chunk, least = rc.rollout_chunk, max(int(rc.group_size), int(rc.eval_samples))
+        if not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 0 or 0 < chunk < least:
+            # a generate call samples whole groups (all the sequences of a prompt): below the largest group the
+            # chunk could not keep its limit, the call would make a whole group anyway
+            raise ValueError(f"recipe.rollout_chunk={chunk}: at most this many sequences per generate call, and a "
+                             f"call samples whole groups (recipe.group_size={rc.group_size} per training prompt, "
+                             f"recipe.eval_samples={rc.eval_samples} per held-out one). Valid values: 0 (the whole "
+                             f"micro-batch at once) or >= {least}")
         if not rc.temperature > 0:
             raise ValueError(f"recipe.temperature={rc.temperature}: RL sampling needs a temperature > 0")
         if "{question}" not in rc.prompt_template:
@@ -708,7 +716,11 @@ class VeriFree(ExportsTokenizer, TrainingRecipe):
         if self.rc.kl_coef > 0:
             # the KL anchor: the policy RL starts from (saved by prepare), frozen, outside the engine
             from safetensors.torch import load_file
-            ref = self.build_model()
+            # built on a forked random stream: a model built from its config initialises its weights from the
+            # global RNG, which would shift every rollout after it, so a kl_coef ablation would sample other
+            # traces than the run without KL (the weights are overwritten by the anchor's below anyway)
+            with torch.random.fork_rng(devices=self._rng_devices(engine)):
+                ref = self.build_model()
             ref.load_state_dict(load_file(self.kl_reference_file()))
             self._ref_model = ref.to(next(unwrap(engine).parameters()).device).eval().requires_grad_(False)
         if self._eval_start:
@@ -721,10 +733,7 @@ class VeriFree(ExportsTokenizer, TrainingRecipe):
             engine.eval()
             # on its own random stream: sampled answers (eval_samples > 0) must not move the training rollouts',
             # so that eval_before_rl=false trains the same run
-            dev = next(unwrap(engine).parameters()).device
-            devices = [dev.index if dev.index is not None else torch.cuda.current_device()] if dev.type == "cuda" \
-                else []
-            with torch.no_grad(), torch.random.fork_rng(devices=devices):
+            with torch.no_grad(), torch.random.fork_rng(devices=self._rng_devices(engine)):
                 self._start_metrics = {f"start/{k}": v for k, v in self.evaluate(engine, loader).items()}
             engine.train(training)
             log.info("before RL: %s", self._start_metrics)
@@ -736,6 +745,12 @@ class VeriFree(ExportsTokenizer, TrainingRecipe):
             if trainer is None or trainer.is_main:   # kept for the summary of a resumed run (trainer None: in-process use)
                 from runx.trainers.datajob import atomic_write_json
                 atomic_write_json(self.start_metrics_file(), self._start_metrics)
+
+    @staticmethod
+    def _rng_devices(engine) -> list[int]:
+        """The CUDA device whose generator a forked random stream must also save and restore: the policy's."""
+        dev = next(unwrap(engine).parameters()).device
+        return [dev.index if dev.index is not None else torch.cuda.current_device()] if dev.type == "cuda" else []
 
     # ---- one step: rollout, patch, score, loss ---------------------------------------------------
     def rollout(self, policy, prompts: list[str], group_size: int, temperature: float,

@@ -301,6 +301,29 @@ def test_job_outputs_hard_pruning_and_quotas(tmp_path):
     assert np.corrcoef(table["complexity"], table["quota"] / table["size"].clip(1))[0, 1] > 0
 
 
+def test_eval_fractions_beyond_the_deduplicated_set_are_not_compared_with_capped_arms(tmp_path, caplog):
+    """The embedded default under smoke (fractions 0.2 and 0.4 of ~900 rows, ~300 left after SemDeDup): at 0.4 the
+    arms drawing from the survivors could keep only ~300 rows, not 360. They are skipped there, not silently capped
+    and compared with random at 360; eval.json and the summary give each arm's kept count, and a warning names 0.4."""
+    caplog.set_level("WARNING", logger="runx.concept_prune")
+    job, res = run_job(tmp_path / "j", smoke=True, epsilon=0.03, num_clusters=30, keep_fraction=0.3, temperature=0.1,
+                       eval_fractions=[0.2, 0.4])
+    ev = json.loads((tmp_path / "j" / "pruned" / "eval.json").read_text())
+    n_input, n_dedup = ev["n_input"], ev["n_after_dedup"]
+    assert ev["fractions"] == [0.2, 0.4] and round(0.2 * n_input) <= n_dedup < round(0.4 * n_input)
+    for arm in ("dedup_random", "ssp", "dbp"):                 # at 0.4 they are not reported, rather than capped
+        assert ev["accuracy"][arm][1] is None and ev["kept"][arm][1] is None
+        assert f"accuracy_{arm}@0.4" not in res and f"kept_{arm}@0.4" not in res
+    for arm in ("random", "dedup_random", "ssp", "dbp"):       # at 0.2 every arm trains on the same number of rows
+        assert ev["kept"][arm][0] == round(0.2 * n_input) and 0 < ev["accuracy"][arm][0] <= 1
+        assert res[f"kept_{arm}@0.2"] == ev["kept"][arm][0] and res[f"accuracy_{arm}@0.2"] == ev["accuracy"][arm][0]
+    assert ev["kept"]["random"][1] == round(0.4 * n_input) and res["accuracy_random@0.4"] == ev["accuracy"]["random"][1]
+    assert ev["capped_fractions"] == [0.4] and ev["target"] == [round(0.2 * n_input), round(0.4 * n_input)]
+    assert res["eval_capped_fractions"] == "0.4"
+    warned = [r.getMessage() for r in caplog.records if "eval_fractions" in r.getMessage()]
+    assert len(warned) == 1 and "0.4" in warned[0] and "0.2" not in warned[0] and f"{n_dedup} left" in warned[0]
+
+
 def test_separate_dedup_clustering_and_float16_shards(tmp_path):
     X, group = planted_embeddings(seed=7)
     np.save(tmp_path / "emb.npy", X)

@@ -379,6 +379,30 @@ def test_kept_character_fraction_within_one_document(smoke_job, tmp_path):
                                                                 int(d["id"].split("-")[2]) + 1)] > thr)
 
 
+def test_compute_multiplier_does_not_depend_on_the_order_of_the_random_budgets(smoke_job, tmp_path):
+    """The random curve is read as budgets grow: [2, 1] and [1, 2] train the same students and must give the
+    same multiplier (it used to interpolate the curve in the config's order)."""
+    filtered = str(tmp_path / "filtered")
+    shutil.copytree(smoke_job, filtered)
+    P.PreSelect(smoke_cfg(), filtered).run(only=["filter"])
+    got = {}
+    for multiples in ([1, 2], [2, 1]):
+        run_dir = str(tmp_path / "x".join(map(str, multiples)))
+        shutil.copytree(filtered, run_dir)
+        os.unlink(os.path.join(run_dir, "preselect_job.json"))     # by hand: only the students rerun
+        P.PreSelect(smoke_cfg(random_budget_multiples=multiples), run_dir).run(only=["students"])
+        got[tuple(multiples)] = json.load(open(os.path.join(run_dir, "students", "all.done.json")))
+    up, down = got[(1, 2)], got[(2, 1)]
+    assert [c["multiple"] for c in down["students"]["random"]] == [1, 2]          # the curve in budget order
+    assert down["students"]["random"] == up["students"]["random"]
+    assert (down["compute_multiplier"], down["multiplier_bound"]) == (up["compute_multiplier"],
+                                                                       up["multiplier_bound"])
+    curve = up["students"]["random"]
+    assert up["compute_multiplier"] == P.compute_multiplier(
+        [c["chars"] for c in curve], [c["accuracy"] for c in curve], up["students"]["preselect"]["accuracy"],
+        up["students"]["preselect"]["chars"])["multiplier"]
+
+
 def test_split_across_tasks_and_workers_gives_identical_outputs(tmp_path):
     cfg = smoke_cfg(world={"compression": "gz"}, evaluate=False)
     one = str(tmp_path / "one")
@@ -485,6 +509,11 @@ def test_config_errors_name_the_key(tmp_path):
         P.PreSelect(smoke_cfg(bpc_window=10, bpc_stride=10), str(tmp_path))
     with pytest.raises(FileNotFoundError, match=r"recipe.pool='/nonexistent/\*.jsonl': no shards found"):
         P.list_shards("/nonexistent/*.jsonl", "pool")
+    # the random curve's budgets: distinct and positive (checked whole, though smoke keeps only the first two)
+    for bad in ([1, 1, 2], [0, 1], [1, -2], [1, 2, 4, 2], "2"):
+        with pytest.raises(ValueError, match=r"recipe.random_budget_multiples=.*: must be distinct positive"):
+            P.PreSelect(smoke_cfg(random_budget_multiples=bad), str(tmp_path))
+    P.PreSelect(smoke_cfg(random_budget_multiples=[4, 1, 0.5]), str(tmp_path))   # any order is fine
 
 
 
@@ -588,6 +617,32 @@ def test_config_problems_come_before_any_model_loads(tmp_path):
                                          r"bpc_window=128 exceeds b's max_position_embeddings=96"):
         P.PreSelect(own_data_cfg(sample, sample, references=refs, bpc_window=128, bpc_stride=64),
                     str(tmp_path / "r"))
+
+
+def test_a_window_too_long_for_a_local_gpt2_style_reference_is_a_config_problem(tmp_path):
+    """GPT-2's config.json says n_positions (and n_ctx), not max_position_embeddings: the check must read it too,
+    before any reference scores the sample, and agree with the check on the loaded model."""
+    import transformers
+    sample = write_docs(tmp_path / "sample.jsonl", 6)
+    gpt2 = tmp_path / "gpt2"
+    transformers.GPT2Config(n_positions=128, n_embd=16, n_layer=1, n_head=2, vocab_size=260).save_pretrained(gpt2)
+    assert "max_position_embeddings" not in json.loads((gpt2 / "config.json").read_text())
+    refs = [{"name": "a", "kind": "hf", "path": "hub-org/a", "score": 1},
+            {"name": "g", "kind": "hf", "path": str(gpt2), "score": 2}]
+    with pytest.raises(ValueError, match=r"recipe.bpc_window=256 exceeds g's n_positions=128"):
+        P.PreSelect(own_data_cfg(sample, sample, references=refs, bpc_window=256, bpc_stride=64),
+                    str(tmp_path / "r"))
+    P.PreSelect(own_data_cfg(sample, sample, references=refs, bpc_window=128, bpc_stride=64), str(tmp_path / "r2"))
+    for config in ({"max_sequence_length": 100}, {"n_ctx": 100}, {"max_position_embeddings": 100, "n_ctx": 999}):
+        (gpt2 / "config.json").write_text(json.dumps(config))
+        key = next(iter(config))
+        with pytest.raises(ValueError, match=rf"bpc_window=128 exceeds g's {key}=100"):
+            P.PreSelect(own_data_cfg(sample, sample, references=refs, bpc_window=128, bpc_stride=64),
+                        str(tmp_path / "r3"))
+    # the loaded model's check reads the same keys
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_positions=128, n_embd=16, n_layer=1, n_head=2,
+                                                                 vocab_size=260))
+    assert P.position_limit(model.config.to_dict()) == ("n_positions", 128)
 
 
 def test_a_text_field_typo_stops_in_the_sample_stage_and_can_be_fixed_in_place(tmp_path):

@@ -462,6 +462,45 @@ def test_kl_to_the_starting_policy_is_zero_at_start_and_grows_after_a_step(tiny,
         model.zero_grad()
 
 
+def test_a_kl_term_does_not_change_the_sampled_rollouts(tiny, tmp_path):
+    """kl_coef > 0 builds the reference model in after_engine, before the first rollout: building it (weights
+    initialised from the config) must not draw from the global RNG, or a KL ablation samples other traces."""
+    recipe, model, train, _ = tiny
+    rc = recipe.rc
+    prompts = [vf.fill(rc.prompt_template, question=ex["question"]) for ex in train[:2]]
+    old = (recipe.run_dir, rc.kl_coef, rc.eval_before_rl)
+    recipe.run_dir, rc.eval_before_rl = str(tmp_path), False
+    rollouts = {}
+    try:
+        for kl in (0.0, 0.5):
+            rc.kl_coef, recipe._ref_model = kl, None
+            recipe.prepare(None, model)
+            torch.manual_seed(123)
+            state = torch.get_rng_state()
+            recipe.after_engine(None, model)
+            assert torch.equal(torch.get_rng_state(), state), f"kl_coef={kl} moved the global RNG"
+            assert (recipe._ref_model is not None) == (kl > 0)
+            rollouts[kl] = [r.ids for r in recipe.rollout(model, prompts, rc.group_size, rc.temperature, 16)]
+    finally:
+        recipe.run_dir, rc.kl_coef, rc.eval_before_rl = old
+        recipe._ref_model = None
+    assert rollouts[0.0] == rollouts[0.5]
+    assert len({tuple(ids) for ids in rollouts[0.0]}) > 1     # sampled, not one greedy answer repeated
+
+
+def test_a_rollout_chunk_below_a_group_is_a_config_error():
+    """rollout_chunk caps the sequences of one generate call, which samples whole groups: 0 < chunk < G (or < the
+    held-out eval_samples) could not keep the cap, so it is refused with the valid range."""
+    for ov, least in ((["recipe.rollout_chunk=3"], 8), (["recipe.rollout_chunk=-1"], 8),
+                      (["recipe.rollout_chunk=8", "recipe.eval_samples=12"], 12)):
+        with pytest.raises(ValueError, match=rf"recipe.rollout_chunk={ov[0].split('=')[1]}: .*Valid values: 0 "
+                                             rf"\(the whole micro-batch at once\) or >= {least}"):
+            vf.VeriFree(_cfg("recipe.group_size=8", *ov), "/tmp")
+    for ok in ("0", "8", "12"):
+        recipe = vf.VeriFree(_cfg("recipe.group_size=8", f"recipe.rollout_chunk={ok}"), "/tmp")
+        assert recipe.rc.rollout_chunk == int(ok)
+
+
 def test_vllm_backend_is_optional_and_says_how_to_get_it(tiny, monkeypatch):
     recipe, model, _, _ = tiny
     monkeypatch.setitem(sys.modules, "vllm", None)       # as if vllm were not installed

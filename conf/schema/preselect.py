@@ -84,5 +84,7 @@ class PreSelectConfig:
     world: PreSelectWorldConfig = field(default_factory=PreSelectWorldConfig)
     evaluate: bool = True               # train students on random / PreSelect / perplexity-filter selections
     student_order: int = 9
+    # random students at these multiples of PreSelect's kept characters: distinct, > 0, any order (the curve the
+    # compute multiplier is read from is sorted by budget); debug=smoke keeps the first two
     random_budget_multiples: list = field(default_factory=lambda: [1, 2, 4, 8])
     perplexity_reference: Optional[str] = None   # None = the highest-ability reference

@@ -57,7 +57,8 @@ class VeriFreeConfig:
     # hf: model.generate with KV cache (works on ZeRO-3 partitioned policies); vllm: needs vllm installed
     rollout_backend: Literal["hf", "vllm"] = "hf"
     vllm_gpu_memory_utilization: float = 0.3    # the colocated vLLM engine's share of GPU memory
-    # at most this many sequences per generate call (0 = the whole micro-batch x G at once)
+    # at most this many sequences per generate call (0 = the whole micro-batch x G at once); a call samples whole
+    # groups, so a chunk is at least max(group_size, eval_samples) (smaller values are a config error)
     rollout_chunk: int = 0
 
     # ---- log-probs -------------------------------------------------------------------------------
