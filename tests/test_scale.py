@@ -312,7 +312,7 @@ def test_optuna_preset_runs_4_trials(tmp_path):
     """The preset's fallback direction is maximize; objective=eval/loss with no direction given is minimised.
     (model=tiny_bert: the preset's search over the default job's recipe, at a tenth of MiniLM's load time)"""
     sweep = tmp_path / "optuna"
-    cli(["train", "-m", "hydra/sweeper=runx_optuna", "hydra.sweeper.n_trials=4", f"hydra.sweep.dir={sweep}",
+    p = cli(["train", "-m", "hydra/sweeper=runx_optuna", "hydra.sweeper.n_trials=4", f"hydra.sweep.dir={sweep}",
          "model=tiny_bert", "data.max_length=32",
          "objective=eval/loss", "trainer.max_steps=1", "trainer.eval_every=1", "trainer.ckpt_every=0",
          "trainer.micro_batch_size=4", "data.max_train_samples=32", "data.max_eval_samples=16", "logger=none",
@@ -323,6 +323,7 @@ def test_optuna_preset_runs_4_trials(tmp_path):
     res = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
     losses = {json.load(open(sweep / r / "summary.json"))["eval/loss"] for r in runs}
     assert len(losses) == 4 and res["best_value"] == min(losses)
+    assert "Best value: " in p.stdout + p.stderr       # the sweeper's own result lines are shown (they were hidden)
     lr_used = {yaml.safe_load(open(sweep / r / "config.yaml"))["optim"]["lr"] for r in runs}
     assert len(lr_used) == 4 and all(1e-5 <= lr <= 1e-3 for lr in lr_used)
 
@@ -339,6 +340,8 @@ def test_cluster_presets_compose():
         assert cfg.hydra.launcher.max_num_timeout == 20     # a time limit requeues (submitit's 0 ended the job)
         cfg = hcompose("config", overrides=["hydra/sweeper=runx_optuna"], return_hydra_config=True)
         assert cfg.hydra.sweeper.direction == "maximize" and "optim.lr" in cfg.hydra.sweeper.params
+        # no fixed study name: with a storage, Optuna continued the study of that name, one for every sweep
+        assert cfg.hydra.sweeper.study_name is None
         cfg = hcompose("config", overrides=["hydra/launcher=runx_parallel", "hydra.launcher.n_jobs=3"],
                        return_hydra_config=True)
         assert cfg.hydra.launcher._target_.endswith("RunxParallelLauncher") and cfg.hydra.launcher.n_jobs == 3
