@@ -3,7 +3,8 @@
 Importing this package registers, once per process:
 - `base`: every key with its default, generated from the dataclass schemas in runx.conf.schema
   (so YAML files only state what differs and a key typo is an error, not a silent new key);
-- the `runx_first` resolver: first non-null argument (used for the run dir);
+- the `runx_first` resolver: first non-null argument (used for a sweep's folder);
+- the `runx_new_run_dir` resolver: a single run's folder, run_dir or a new dated folder that no other run took;
 - the `runx_sweep_name` resolver: the recipe part of a sweep folder's name, the same for every job of the sweep
   (`recipe=a,b` on the command line gives `a+b`; otherwise its argument, the recipe's name);
 - the `runx_weights_dtype` resolver: the dtype a trained model is loaded in, from `trainer.precision` (bf16
@@ -41,6 +42,30 @@ def _sweep_name(default: str) -> str:
     return default
 
 
+_CLAIMED: dict[str, str] = {}
+
+
+def _new_run_dir(pinned, candidate: str) -> str:
+    """A single run's folder: run_dir where given, else `candidate` (outputs/<date>/<time>-<recipe>) made here and
+    now, or <candidate>-2, -3, ... where another run took that name in the same second (two runs started together
+    by a script shared one folder: the second was refused as "in use" and Hydra's files of both mixed there)."""
+    if pinned not in (None, "", "null"):
+        return pinned
+    if candidate not in _CLAIMED:   # (resolved more than once per run: the same folder each time)
+        import os
+        os.makedirs(os.path.dirname(os.path.abspath(candidate)), exist_ok=True)
+        path, n = candidate, 1
+        while True:
+            try:
+                os.mkdir(path)
+                break
+            except FileExistsError:
+                n += 1
+                path = f"{candidate}-{n}"
+        _CLAIMED[candidate] = path
+    return _CLAIMED[candidate]
+
+
 def _verifree_prompt(model_name: str) -> str:
     from runx.conf.schema.verifree import EMBEDDED_MODEL, PAPER_PROMPT, SHORT_PROMPT
     return SHORT_PROMPT if model_name == EMBEDDED_MODEL else PAPER_PROMPT
@@ -55,6 +80,8 @@ def _register() -> None:
     if not OmegaConf.has_resolver("runx_first"):
         OmegaConf.register_new_resolver(
             "runx_first", lambda *args: next((a for a in args if a not in (None, "", "null")), None))
+    if not OmegaConf.has_resolver("runx_new_run_dir"):
+        OmegaConf.register_new_resolver("runx_new_run_dir", _new_run_dir, use_cache=True)
     if not OmegaConf.has_resolver("runx_sweep_name"):
         OmegaConf.register_new_resolver("runx_sweep_name", _sweep_name)
     if not OmegaConf.has_resolver("runx_weights_dtype"):

@@ -1025,3 +1025,18 @@ def test_a_sweep_stopped_by_a_signal_says_how_to_resume_and_lists_no_failure(tmp
     assert (sweep / "0" / "ckpt" / "latest").exists() and not (sweep / "1").exists()
     q = run_cli(["train", "-m", "--cfg", "job", "seed=0,1"], check=False)
     assert q.returncode == 2 and "give one of them" in q.stderr and "Traceback" not in q.stderr, q.stderr
+
+
+def test_runs_started_in_the_same_second_get_folders_of_their_own(tmp_path):
+    """outputs/<date>/<time>-<recipe> has a one-second grain: two runs a script started together shared a folder,
+    the second was refused as "in use by another runx run" and Hydra's files of both mixed there. A run now takes
+    its folder when Hydra names it, and a taken name gets -2, -3, ..."""
+    from runx.conf import _CLAIMED, _new_run_dir
+    taken = tmp_path / "outputs" / "d" / "12-00-00-sft"
+    taken.mkdir(parents=True)                                   # another process's run, a moment earlier
+    assert _new_run_dir(None, str(taken)) == f"{taken}-2" and os.path.isdir(f"{taken}-2")
+    assert _new_run_dir(None, str(taken)) == f"{taken}-2"       # Hydra resolves it again: the same folder
+    fresh = tmp_path / "outputs" / "d" / "12-00-01-sft"
+    assert _new_run_dir("null", str(fresh)) == str(fresh) and fresh.is_dir()
+    assert _new_run_dir("/pinned/run", str(tmp_path / "never")) == "/pinned/run" and not (tmp_path / "never").exists()
+    _CLAIMED.pop(str(taken)), _CLAIMED.pop(str(fresh))
