@@ -105,12 +105,20 @@ class SwAVNet(nn.Module):
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1) * 255, persistent=False)
         self.channels_last = False
         # the queue: embeddings of the last batches of each assigned crop, [len(crops_for_assign), L, D]; in the
-        # module's state so that checkpoints carry it
+        # module's state so that checkpoints carry it. With N processes each uses its own L/N rows
+        # (`queue_rows`: rank r's part, r*L/N..(r+1)*L/N), and every rank holds all N parts (SwAV._push_queue
+        # gathers each step's embeddings): DeepSpeed saves rank 0's module state and every rank loads it, so a
+        # resumed rank 1 got rank 0's queue when each rank held only its own.
+        self.queue_rows = slice(None)
         if queue_shape is not None:
             self.register_buffer("queue", torch.zeros(queue_shape))
             self.register_buffer("queue_in_use", torch.zeros((), dtype=torch.bool))
         else:
             self.queue = None
+
+    def local_queue(self) -> torch.Tensor:
+        """This process's part of the queue, [len(crops_for_assign), L/N, D] (a view)."""
+        return self.queue[:, self.queue_rows]
 
     def _input(self, x: torch.Tensor) -> torch.Tensor:
         x = ((x.float() - self.mean) / self.std).to(self.prototypes.weight.dtype)
@@ -135,7 +143,7 @@ class SwAVNet(nn.Module):
         queue_scores = None
         if with_queue:
             with torch.no_grad():
-                q = self.queue.to(z.dtype)
+                q = self.local_queue().to(z.dtype)
                 queue_scores = self.prototypes(q.flatten(0, 1), frozen=True).view(q.shape[0], q.shape[1], -1)
         return z, scores, queue_scores
 
@@ -229,6 +237,7 @@ class SwAV(TrainingRecipe):
         self.queue_length_local = 0
         self.steps_per_epoch = 1
         self._probe_train = None
+        self._train = None
 
     def _check_config(self):
         rc, m = self.rc, self.cfg.model
@@ -253,11 +262,49 @@ class SwAV(TrainingRecipe):
         if int(self.cfg.trainer.zero_stage) == 3:
             raise ValueError("recipe=swav runs data parallel under trainer.zero_stage 0, 1 or 2 "
                              "(prototype renormalisation needs full parameters); got trainer.zero_stage=3")
+        # (the queue and the kernel backend failed at build / the first step, after validate had passed)
+        if int(rc.queue_length) > 0:
+            world, micro = self._planned_world(), int(self.cfg.trainer.micro_batch_size)
+            if int(rc.queue_length) < micro * world:
+                raise ValueError(f"recipe.queue_length={rc.queue_length} is smaller than the global micro-batch "
+                                 f"{micro * world} (trainer.micro_batch_size={micro} x {world} process(es)): the "
+                                 f"queue is rounded down to a multiple of it, here none. Valid choices: 0 (no "
+                                 f"queue), or at least {micro * world} (best a multiple of it)")
+        if rc.codes == "sinkhorn" and rc.sinkhorn_backend == "triton":
+            from runx.kernels._backend import interpret_mode, triton_import_error
+            if not (self._on_cuda() or interpret_mode()):
+                raise ValueError(f"recipe.sinkhorn_backend=triton runs a Triton kernel on CUDA tensors, and this run "
+                                 f"computes on the CPU (trainer.device={self.cfg.trainer.device}"
+                                 f"{', no CUDA device here' if self.cfg.trainer.device == 'auto' else ''}). Valid "
+                                 f"choices: auto, torch (or trainer.device=cuda for a GPU machine, or "
+                                 f"TRITON_INTERPRET=1 to run the kernel in Triton's CPU interpreter)")
+            err = triton_import_error()
+            if err is not None:
+                raise ValueError(f"recipe.sinkhorn_backend=triton: triton is unusable here ({err}). Valid "
+                                 f"choices: auto, torch")
 
     # ---- building ---------------------------------------------------------------------------------------
     def _world(self) -> int:
         import torch.distributed as dist
         return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+    def _rank(self) -> int:
+        import torch.distributed as dist
+        return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+    def _planned_world(self) -> int:
+        """The run's number of processes: the actual world where distributed is initialised (`runx train` builds
+        the recipe in its processes after that), else the config's (`runx validate`): trainer.num_procs per
+        node, times launcher.num_nodes for a multi-node launcher."""
+        import torch.distributed as dist
+        if dist.is_available() and dist.is_initialized():
+            return dist.get_world_size()
+        procs, launcher = max(1, int(self.cfg.trainer.num_procs)), self.cfg.get("launcher") or {}
+        kind = launcher.get("kind", "local")
+        if procs == 1 and kind == "local":
+            return 1
+        nodes = 1 if kind == "deepspeed" and not launcher.get("hostfile") else max(1, int(launcher.get("num_nodes", 1)))
+        return procs * nodes
 
     def _on_cuda(self) -> bool:
         dev = self.cfg.trainer.device
@@ -279,18 +326,19 @@ class SwAV(TrainingRecipe):
             backbone = resnet_backbone(m.arch, rc.small_image_stem)
         if m.path:
             self._load_backbone(backbone, m.path)
-        # queue: rounded down to a multiple of the global micro-batch, split evenly over the processes
+        # queue: rounded down to a multiple of the global micro-batch (_check_config: at least one), split evenly
+        # over the processes; every rank holds all parts (SwAVNet.queue_rows)
         world, micro = self._world(), int(t.micro_batch_size)
         queue_shape = None
         if rc.queue_length > 0:
             qlen = int(rc.queue_length) - int(rc.queue_length) % (micro * world)
-            if qlen == 0:
-                raise ValueError(f"recipe.queue_length={rc.queue_length} is smaller than the global micro-batch "
-                                 f"{micro * world}: use 0 (no queue) or a multiple of it")
             self.queue_length_local = qlen // world
-            queue_shape = (len(rc.crops_for_assign), self.queue_length_local, int(rc.feat_dim))
+            queue_shape = (len(rc.crops_for_assign), qlen, int(rc.feat_dim))
         model = SwAVNet(backbone, int(rc.hidden_mlp), int(rc.feat_dim), int(rc.nmb_prototypes), bool(rc.head_bn),
                         list(rc.normalize_mean), list(rc.normalize_std), queue_shape)
+        if queue_shape is not None:
+            rank = self._rank()
+            model.queue_rows = slice(rank * self.queue_length_local, (rank + 1) * self.queue_length_local)
         if self._on_cuda() and rc.sync_bn and world > 1:
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         # (no channels_last weights: DeepSpeed's broadcast views every parameter as bytes, needs stride(-1) == 1)
@@ -316,17 +364,22 @@ class SwAV(TrainingRecipe):
     def build_data(self):
         cfg, rc, d = self.cfg, self.rc, self.cfg.data
         train_src, eval_src, resize = swav_data.load_sources(cfg)
-        size = int(rc.size_crops[0])
-        eval_idx = swav_data.first(d.max_eval_samples, len(eval_src))
+        size, seed = int(rc.size_crops[0]), int(cfg.seed)
+        # subsets are seeded random draws, not the first images (an image folder lists them class by class)
+        eval_idx = swav_data.subset(d.max_eval_samples, len(eval_src), seed, "eval")
         if train_src is None:    # data.name=synthetic: ready-made crops; the eval images double as probe set
-            train = swav_data.SyntheticCrops(int(d.max_train_samples or rc.generated_train_size), rc, int(cfg.seed))
+            train = swav_data.SyntheticCrops(int(d.max_train_samples or rc.generated_train_size), rc, seed)
             train_src, train_idx = eval_src, eval_idx
         else:
-            train_idx = swav_data.first(d.max_train_samples, len(train_src))
-            train = swav_data.TransformedImages(train_src, swav_data.MultiCrop(rc), train_idx)
+            train_idx = swav_data.subset(d.max_train_samples, len(train_src), seed, "train")
+            # crops a pure function of (seed, step, image): a resumed run's loader workers draw what the
+            # uninterrupted run's did (after_engine tells it the step it starts at)
+            train = swav_data.TransformedImages(train_src, swav_data.MultiCrop(rc), train_idx, seed=seed,
+                                                micro_per_step=int(cfg.trainer.grad_accum))
+        self._train = train
         evalset = swav_data.TransformedImages(eval_src, swav_data.eval_pipeline(rc, size, resize), eval_idx)
         # held-out labels of (un-augmented) training images: the kNN bank and linear-probe training set
-        probe_idx = train_idx[:int(rc.probe_train_samples)]
+        probe_idx = [train_idx[j] for j in swav_data.subset(int(rc.probe_train_samples), len(train_idx), seed, "probe")]
         self._probe_train = swav_data.TransformedImages(train_src, swav_data.eval_pipeline(rc, size, resize),
                                                         probe_idx)
         global_batch = int(cfg.trainer.micro_batch_size) * int(cfg.trainer.grad_accum) * self._world()
@@ -353,8 +406,12 @@ class SwAV(TrainingRecipe):
         return [{"params": [p for _, p in params], "weight_decay": float(o.weight_decay)}]
 
     def after_engine(self, trainer, engine) -> None:
-        """DeepSpeed bf16 casts parameters but keeps buffers fp32; BatchNorm needs its running statistics in the
-        dtype of its weight (else: "expected scalar type BFloat16 but found Float")."""
+        """The training set learns the step the loop starts at (a resumed run: its checkpoint's, which DeepSpeed's
+        engine restored), so that its crops are those of that step (swav_data.TransformedImages); the loader is
+        made after this. And: DeepSpeed bf16 casts parameters but keeps buffers fp32; BatchNorm needs its running
+        statistics in the dtype of its weight (else: "expected scalar type BFloat16 but found Float")."""
+        if isinstance(self._train, swav_data.TransformedImages):
+            self._train.begin(int(getattr(engine, "global_steps", 0)))
         module = engine.module
         dtype = module.prototypes.weight.dtype
         if dtype == torch.float32:
@@ -379,7 +436,7 @@ class SwAV(TrainingRecipe):
         module = getattr(model, "module", model)
         crops = batch["crops"]
         bs, n_crops = crops[0].shape[0], len(crops)
-        use_queue = self.queue_active(step) and bool(module.queue_in_use or (module.queue[:, -1] != 0).any())
+        use_queue = self.queue_active(step) and bool(module.queue_in_use or (module.local_queue()[:, -1] != 0).any())
         # steps 2 and 5: embeddings z and scores s = z C^T of every crop (C detached while frozen)
         z, scores, queue_scores = model(crops, freeze_prototypes=self.prototypes_frozen(step), with_queue=use_queue)
         scores = scores.float()
@@ -400,11 +457,22 @@ class SwAV(TrainingRecipe):
 
     @torch.no_grad()
     def _push_queue(self, module, z, bs: int, in_use: bool):
-        """FIFO: shift by one batch, insert this batch's embeddings of each assigned crop."""
-        q = module.queue
-        for i, a in enumerate(self.rc.crops_for_assign):
-            q[i, bs:] = q[i, :-bs].clone()
-            q[i, :bs] = z[int(a) * bs:(int(a) + 1) * bs].to(q.dtype)
+        """FIFO: shift by one batch, insert this batch's embeddings of each assigned crop; in every process's
+        part of the queue, with the embeddings that process computed (all-gathered: each rank keeps the whole
+        queue, so that rank 0's checkpoint carries every rank's part)."""
+        new = torch.stack([z[int(a) * bs:(int(a) + 1) * bs] for a in self.rc.crops_for_assign]).float()
+        world = self._world()
+        if world > 1:
+            import torch.distributed as dist
+            parts = [torch.empty_like(new) for _ in range(world)]
+            dist.all_gather(parts, new.contiguous())
+        else:
+            parts = [new]
+        q, n = module.queue, self.queue_length_local
+        for r, part in enumerate(parts):
+            rows = q[:, r * n:(r + 1) * n]          # rank r's part (a view)
+            rows[:, bs:] = rows[:, :-bs].clone()
+            rows[:, :bs] = part.to(q.dtype)
         if in_use:
             module.queue_in_use.fill_(True)
 

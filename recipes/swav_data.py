@@ -19,8 +19,12 @@ Crops and images stay uint8 [3, s, s] up to the model, which converts and normal
 A training item is (list of crops, label); an evaluation item is (image, label). `collate` batches either
 into {"crops": [tensor per crop, B x 3 x s x s], "label"} or {"image", "label"}.
 
-All randomness goes through torch's RNG (never numpy's global one), so a DataLoader is a pure function
-of its seed, also with worker processes (each worker's torch RNG is seeded from the loader's generator).
+All randomness goes through torch's RNG (never numpy's global one). A training item's crops are a pure function
+of (seed, optimizer step, image index) (`TransformedImages` with a seed): not of which DataLoader worker makes
+them or what that worker drew before, so that a resumed run, whose workers start afresh at its checkpoint's step,
+draws the crops the uninterrupted run drew (a worker's own RNG, seeded when the loader's iterator is created, did
+not). Subsets (data.max_*_samples, the probe set) are seeded random draws (`subset`), not the first images: an
+image folder lists its images class by class.
 """
 from __future__ import annotations
 
@@ -102,11 +106,25 @@ def collate(examples: list):
 # datasets
 # ---------------------------------------------------------------------------------------------------------
 class TransformedImages(Dataset):
-    """(transform(image_i), label_i) over images held by a `source` with __len__ and get(i) -> (img, label)."""
+    """(transform(image_i), label_i) over images held by a `source` with __len__ and get(i) -> (img, label).
 
-    def __init__(self, source, transform, indices=None):
+    With `seed` (the training set), a DataLoader's batch of image indices (`__getitems__`) is transformed with
+    torch's RNG seeded from (seed, optimizer step, image index), the step counted from `begin(step)` over the
+    micro-batches this rank's loader fetches (`micro_per_step` per optimizer step; a worker of W fetches every
+    W-th, in turn: DataLoader hands the batches out round-robin). The same image at the same step gets the same
+    crops whichever worker, or how many processes, make them; a resumed run gets the crops of the uninterrupted
+    one. One pass per `begin`: the trainer makes one training iterator per run. A single item (`ds[i]`) draws
+    from torch's global RNG, as without a seed."""
+
+    def __init__(self, source, transform, indices=None, seed: int | None = None, micro_per_step: int = 1):
         self.source, self.transform = source, transform
         self.indices = list(range(len(source))) if indices is None else list(indices)
+        self.seed, self.micro_per_step = seed, max(1, int(micro_per_step))
+        self.begin(0)
+
+    def begin(self, step: int) -> None:
+        """The next loader over this dataset starts at optimizer step `step` (a resumed run: its checkpoint's)."""
+        self._first_micro, self._fetched = int(step) * self.micro_per_step, 0
 
     def __len__(self):
         return len(self.indices)
@@ -115,15 +133,42 @@ class TransformedImages(Dataset):
         img, label = self.source.get(self.indices[i])
         return self.transform(img), label
 
+    def sample(self, i, step: int):
+        """Item i as the training loader makes it at optimizer step `step`: a pure function of (seed, step, image)."""
+        state = torch.get_rng_state()
+        try:   # (the CPU generator the transforms draw from; torch.manual_seed would reseed the GPUs' too)
+            torch.default_generator.manual_seed(augmentation_seed(self.seed, step, self.indices[i]))
+            return self[i]
+        finally:   # (the main process's RNG is the trainer's, checkpointed and restored on resume)
+            torch.set_rng_state(state)
+
     def __getitems__(self, indices):
         """A whole batch (DataLoader's batched fetch) on one intra-op thread: per-image ops on small tensors
         are many times slower with a thread pool (hue jitter on 3x32x32: 47 ms with 2 threads, 0.9 ms with 1)."""
         n = torch.get_num_threads()
         torch.set_num_threads(1)
         try:
-            return [self[i] for i in indices]
+            if self.seed is None:
+                return [self[i] for i in indices]
+            info = torch.utils.data.get_worker_info()
+            worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+            step = (self._first_micro + self._fetched * workers + worker) // self.micro_per_step
+            self._fetched += 1
+            return [self.sample(i, step) for i in indices]
         finally:
             torch.set_num_threads(n)
+
+
+def seed_of(*parts) -> int:
+    """A 64-bit seed for torch's RNG that is a hash of `parts` (ints and strings): nearby parts (step 7, step 8)
+    give unrelated random streams."""
+    import hashlib
+    return int.from_bytes(hashlib.blake2b(":".join(map(str, parts)).encode(), digest_size=8).digest(), "little")
+
+
+def augmentation_seed(seed: int, step: int, index: int) -> int:
+    """The seed of the augmentation of image `index` at optimizer step `step` of a run seeded `seed`."""
+    return seed_of("swav-crops", int(seed), int(step), int(index))
 
 
 class TensorImages:
@@ -404,5 +449,12 @@ def load_sources(cfg) -> tuple:
                      f"imagefolder, hf")
 
 
-def first(n: int | None, total: int) -> list[int]:
-    return list(range(total if n is None else min(int(n), total)))
+def subset(n: int | None, total: int, seed: int, what: str) -> list[int]:
+    """Indices of n of `total` items (all, in order, for n None or >= total): a random draw seeded from (seed,
+    what), in index order. Not the first n: torchvision's ImageFolder lists images class by class (and many hub
+    datasets are sorted by label too), so the first 4000 ImageNet images are 3 classes, and a kNN / linear probe
+    fitted on them, or a training subset, sees only those. The same on every rank and across a resume."""
+    if n is None or int(n) >= total:
+        return list(range(total))
+    g = torch.Generator().manual_seed(seed_of("swav-subset", what, int(seed)))
+    return sorted(torch.randperm(total, generator=g)[:max(0, int(n))].tolist())

@@ -230,6 +230,7 @@ def test_multicrop_batches_have_the_configured_shapes():
 
 def _batches(train, collate, seed, workers):
     torch.manual_seed(seed)          # what the trainer's seed_everything does before it builds the loader
+    train.begin(0)                   # what SwAV.after_engine does before the trainer builds it (one pass per begin)
     dl = torch.utils.data.DataLoader(train, batch_size=8, shuffle=True, collate_fn=collate, num_workers=workers)
     return [b["crops"] for _, b in zip(range(2), dl)]
 
@@ -241,6 +242,73 @@ def test_dataloader_is_deterministic_for_a_seed(workers):
     a, b, c = (_batches(train, rec.collate, s, workers) for s in (1, 1, 2))
     assert all(torch.equal(x, y) for ba, bb in zip(a, b) for x, y in zip(ba, bb))
     assert not all(torch.equal(x, y) for ba, bc in zip(a, c) for x, y in zip(ba, bc))
+
+
+def _step_batches(train, collate, start, max_steps, workers, micro=4, accum=2, world=2, rank=1):
+    """This rank's micro-batches from optimizer step `start` on, through the trainer's own sampler, as a (resumed)
+    run's loader makes them."""
+    from runx.trainers.deepspeed_trainer import StepBatchSampler
+    train.begin(start)               # SwAV.after_engine: the step the engine resumed at
+    sampler = StepBatchSampler(len(train), micro, accum, world, rank, 0, start, max_steps)
+    dl = torch.utils.data.DataLoader(train, batch_sampler=sampler, collate_fn=collate, num_workers=workers)
+    return [b["crops"] for b in dl]
+
+
+def test_crops_are_a_function_of_seed_step_and_image_not_of_the_loader_workers():
+    """The crops came from each DataLoader worker's own RNG, seeded when the iterator was made: a run resumed with
+    trainer.dataloader_workers>0 drew other crops than the uninterrupted run (its workers start afresh at the
+    checkpoint). Now an image's crops at a step are a function of (seed, step, image): a loader resumed at step 2
+    gives the uninterrupted loader's batches, with any number of workers."""
+    rec = S.SwAV(cfg("trainer.grad_accum=2"), "/tmp/unused")
+    train, _ = rec.build_data()
+    # 2 accumulated micro-batches of 4 per step, rank 1 of 2; steps 0..3 (64 images: 16 per step, 1 epoch)
+    whole = _step_batches(train, rec.collate, 0, 4, workers=2)
+    assert len(whole) == 8
+    for workers in (0, 1):
+        resumed = _step_batches(train, rec.collate, 2, 4, workers=workers)
+        assert len(resumed) == 4
+        for a, b in zip(whole[4:], resumed):
+            assert all(torch.equal(x, y) for x, y in zip(a, b)), workers
+    # a pure function: the same (seed, step, image) in any order and whatever the global RNG did before ...
+    torch.manual_seed(123)
+    one = train.sample(5, step=3)
+    torch.rand(7)
+    train.sample(6, step=3)
+    again = train.sample(5, step=3)
+    assert one[1] == again[1] and all(torch.equal(x, y) for x, y in zip(one[0], again[0]))
+    # ... and a different one at another step or for another run seed (each epoch sees new crops)
+    assert not torch.equal(one[0][0], train.sample(5, step=4)[0][0])
+    other, _ = S.SwAV(cfg("seed=7"), "/tmp/unused").build_data()
+    assert not torch.equal(one[0][0], other.sample(5, step=3)[0][0])
+
+
+def test_subsets_are_seeded_random_draws_that_cover_every_class(monkeypatch):
+    """data.max_train_samples / max_eval_samples (debug=smoke: 64 / 32) and the probe set took the FIRST images;
+    torchvision's ImageFolder lists them class by class, so the kNN / linear probe saw only the first classes
+    (ImageNet, 4000 probe images: about 3 of 1000). Now they are seeded random draws: every class, the same draw
+    for the same seed (every rank, a resumed run), another for another seed."""
+    n_cls, per = 10, 50
+    images = torch.zeros(n_cls * per, 3, 16, 16, dtype=torch.uint8)
+    for c in range(n_cls):
+        images[c * per:(c + 1) * per] = 20 * c
+    labels = torch.arange(n_cls).repeat_interleave(per)        # sorted by class, as ImageFolder lists them
+    folder = swav_data.TensorImages(images, labels)
+    monkeypatch.setattr(swav_data, "load_sources", lambda c: (folder, folder, False))
+
+    def drawn(*overrides):
+        rec = S.SwAV(cfg("data.max_train_samples=100", "data.max_eval_samples=60", "recipe.probe_train_samples=50",
+                         *overrides), "x")
+        train, ev = rec.build_data()
+        return [[int(labels[i]) for i in ds.indices] for ds in (train, ev, rec._probe_train)]
+
+    train, ev, probe = drawn()
+    assert (len(train), len(ev), len(probe)) == (100, 60, 50)
+    for subset in (train, ev, probe):
+        assert set(subset) == set(range(n_cls)), subset           # the first N: classes 0-1 (probe: 0 only)
+    assert drawn() == [train, ev, probe]
+    assert drawn("seed=1") != [train, ev, probe]
+    # no limit: every image, in order
+    assert swav_data.subset(None, 7, 0, "train") == swav_data.subset(9, 7, 0, "train") == list(range(7))
 
 
 def test_generated_data_is_a_function_of_the_seed():
@@ -321,6 +389,39 @@ def test_imagefolder_and_hf_sources(tmp_path):
                    "recipe.image_field=image"), "x").build_data()
 
 
+def test_validate_reports_queue_length_and_triton_backend_problems(monkeypatch):
+    """recipe.queue_length below the global micro-batch failed in build_model (a traceback, exit 1) and
+    recipe.sinkhorn_backend=triton on a CPU at the first training step, both after `runx validate` had passed:
+    now the recipe's config check reports them, naming the key, the value and the valid choices."""
+    from runx.cli.main import _recipe_problems
+    problems = _recipe_problems(compose(TINY + ["recipe.queue_length=100", "trainer.micro_batch_size=128"]))
+    assert problems == ["recipe.queue_length=100 is smaller than the global micro-batch 128 (trainer.micro_batch_size"
+                        "=128 x 1 process(es)): the queue is rounded down to a multiple of it, here none. Valid "
+                        "choices: 0 (no queue), or at least 128 (best a multiple of it)"], problems
+    # the processes the run will have count (validate runs in one, before any is started; an in-process run of an
+    # earlier test made this one a world of one)
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: False)
+    assert "global micro-batch 32 (trainer.micro_batch_size=8 x 4 process(es))" in _recipe_problems(compose(TINY + [
+        "recipe.queue_length=24", "trainer.micro_batch_size=8", "trainer.num_procs=2", "launcher=torchrun",
+        "launcher.num_nodes=2"]))[0]
+    assert _recipe_problems(compose(TINY + ["recipe.queue_length=16", "trainer.micro_batch_size=8",
+                                            "trainer.num_procs=2"])) == []
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    problems = _recipe_problems(compose(TINY + ["recipe.sinkhorn_backend=triton", "trainer.device=cpu"]))
+    assert len(problems) == 1 and problems[0].startswith("recipe.sinkhorn_backend=triton runs a Triton kernel on "
+                                                         "CUDA tensors") and "Valid choices: auto, torch" in \
+        problems[0], problems
+    if not torch.cuda.is_available():
+        assert "no CUDA device here" in _recipe_problems(compose(TINY + ["recipe.sinkhorn_backend=triton"]))[0]
+    # not a problem where the backend is unused, or where Triton's interpreter runs it on the CPU
+    assert _recipe_problems(compose(TINY + ["recipe.sinkhorn_backend=triton", "recipe.codes=softmax",
+                                            "trainer.device=cpu"])) == []
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    from runx.kernels._backend import triton_import_error
+    if triton_import_error() is None:
+        assert _recipe_problems(compose(TINY + ["recipe.sinkhorn_backend=triton", "trainer.device=cpu"])) == []
+
+
 def test_bad_config_names_key_and_choices():
     with pytest.raises(ValueError, match=r"recipe.size_crops=\[16\].*one entry per crop group"):
         S.SwAV(cfg("recipe.size_crops=[16]"), "x")
@@ -388,6 +489,24 @@ def test_two_processes_give_the_loss_of_one(tmp_path):
         assert two[step] == pytest.approx(one[step], rel=REL), (one, two)
 
 
+def test_two_process_run_with_a_queue_resumes_exactly(tmp_path):
+    """The queue is a per-process buffer (recipe.queue_length / processes rows each), but DeepSpeed saves rank 0's
+    module state and every rank loads it: a resumed rank 1 continued with rank 0's queue, and the losses after
+    the resume differed from the uninterrupted run's (by 1e-3 here). Every rank now keeps every rank's part
+    (all-gathered each step), so the checkpoint carries them all: resumed from step 2's checkpoint, the run gives
+    the uninterrupted run's steps 3-4 exactly."""
+    from conftest import losses, run_cli
+    # the queue (2 x 8 rows per process) fills in steps 1-2 and is in use from step 3 on
+    args = ["train", *DP, "trainer.micro_batch_size=8", "trainer.num_procs=2", "trainer.max_steps=4",
+            "trainer.ckpt_every=2", "recipe.queue_length=32", "recipe.queue_start_epoch=0", "trainer.progress=false"]
+    run_cli([*args, f"run_dir={tmp_path / 'whole'}"], timeout=300)
+    run_cli([*args, f"run_dir={tmp_path / 'resumed'}", f"resume={tmp_path / 'whole' / 'ckpt' / 'step_2'}"],
+            timeout=300)
+    whole, resumed = losses(tmp_path / "whole"), losses(tmp_path / "resumed")
+    assert sorted(whole) == [1, 2, 3, 4] and sorted(resumed) == [3, 4], (whole, resumed)
+    assert resumed == {3: whole[3], 4: whole[4]}, (whole, resumed)
+
+
 def test_two_process_comparison_is_sensitive_to_the_cross_process_sums():
     """What the 2 processes would compute without all-reducing Sinkhorn's sums is far outside REL."""
     from runx.trainers import runtime
@@ -414,6 +533,27 @@ def test_cli_smoke_trains_end_to_end(tmp_path):
     from runx.recipes import RECIPES     # what trainer.monitor may name covers what the evaluation reports
     assert {k[5:] for k in rows[-1] if k.startswith("eval/")} == set(RECIPES["swav"].eval_metrics)
     assert all(k in rows[0] for k in ("assign_entropy", "code_entropy", "z_std", "samples_per_s"))
+
+
+def test_run_with_dataloader_workers_resumes_exactly(tmp_path):
+    """With trainer.dataloader_workers>0 the crops came from the workers' own RNG, which a resumed run seeds
+    afresh: resumed from step 2's checkpoint, its steps 3-4 trained on other crops than the uninterrupted run's.
+    The crops are now a function of (seed, step, image): the losses are the same exactly."""
+    from conftest import losses
+    from runx.trainers.deepspeed_trainer import Trainer
+    args = ["debug=smoke", "trainer.max_steps=4", "trainer.eval_every=0", "trainer.ckpt_every=2",
+            "trainer.dataloader_workers=1", "trainer.progress=false"]
+    whole, resumed = str(tmp_path / "whole"), str(tmp_path / "resumed")
+    for run_dir, resume in ((whole, "never"), (resumed, os.path.join(whole, "ckpt", "step_2"))):
+        c = cfg(*args, f"run_dir={run_dir}", f"resume={resume}")
+        os.makedirs(run_dir)
+        trainer = Trainer(c, run_dir)
+        try:
+            trainer.fit(S.SwAV(c, run_dir))
+        finally:
+            trainer.close()
+    assert sorted(losses(whole)) == [1, 2, 3, 4]
+    assert losses(resumed) == {3: losses(whole)[3], 4: losses(whole)[4]}, (losses(whole), losses(resumed))
 
 
 def test_recipe_yaml_lists_every_schema_key():

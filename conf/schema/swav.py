@@ -47,9 +47,12 @@ class SwAVConfig:
     sinkhorn_iterations: int = 3
     # sinkhorn: the method; softmax: ablation without equipartition (codes = softmax(scores / epsilon))
     codes: Literal["sinkhorn", "softmax"] = "sinkhorn"
+    # auto: Triton on CUDA, torch otherwise; triton: CUDA only (or TRITON_INTERPRET=1, Triton's CPU interpreter)
     sinkhorn_backend: Literal["auto", "torch", "triton"] = "auto"
     freeze_prototypes_steps: int = 313    # optimizer steps during which prototypes get no gradient
-    queue_length: int = 0                 # 0 = no queue; rounded down to a multiple of the global batch
+    # 0 = no queue; else at least the global micro-batch (micro_batch_size x processes), rounded down to a multiple
+    # of it; each process uses its share, every process keeps (and checkpoints) all shares
+    queue_length: int = 0
     queue_start_epoch: int = 15
 
     # ---- data -----------------------------------------------------------------------------------------------
