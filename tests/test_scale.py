@@ -298,9 +298,12 @@ def test_parallel_launcher_keeps_a_pinned_sweep_folder_and_lists_a_failed_job(tm
     p = cli(["train", "-m", "hydra/launcher=runx_parallel", "hydra.launcher.n_jobs=2", f"run_dir={sweep}",
              "optim.lr=1e-3,1e36", "model=tiny_bert", "logger=none", "trainer.progress=false", "optim.warmup_ratio=0",
              "data.max_train_samples=64", "trainer.eval_every=0", "optim.name=sgd", "optim.scheduler=constant",
-             "trainer.grad_clip=0", "trainer.max_steps=3", "trainer.ckpt_every=0", "trainer.micro_batch_size=8"],
-            check=False, timeout=300)
+             "trainer.grad_clip=0", "trainer.max_steps=3", "trainer.ckpt_every=0", "trainer.micro_batch_size=8",
+             "++trainer.ds_overrides.comet={enabled: false, api_key: SECRETPAR}"], check=False, timeout=300)
     assert p.returncode == 1 and "Traceback" not in p.stderr and "of the sweep failed" in p.stderr, p.stderr[-3000:]
+    # a token on the command line stays out of the launcher's console lines and records (and Hydra's multirun.yaml)
+    leaked = [str(f) for f in sweep.rglob("*") if f.is_file() and f.name != "job.yaml" and b"SECRETPAR" in f.read_bytes()]
+    assert "SECRETPAR" not in p.stdout + p.stderr and leaked == [], leaked
     assert f"#1 diverged: {sweep / '1'}" in p.stderr.split("of the sweep failed")[1], p.stderr[-3000:]
     assert json.loads((sweep / "0" / "summary.json").read_text())["steps"] == 3
     assert "diverged_at" in json.loads((sweep / "1" / "summary.json").read_text())

@@ -474,37 +474,29 @@ DP = ["recipe=swav", "debug=smoke", "data.name=synthetic", "recipe.size_crops=[1
 REL = 2e-6   # float32 summation-order noise between 1 and 2 processes is ~1e-7
 
 
-def test_two_processes_give_the_loss_of_one(tmp_path):
+def test_two_processes_give_the_loss_of_one_and_resume_their_queue_exactly(tmp_path):
+    """2 processes x 8 images give the loss of 1 process x 16, with the queue in use too (2 x 8 rows per process
+    fill it in steps 1-2, it is used from step 3 on). The queue was a per-process buffer, but DeepSpeed saves rank
+    0's module state and every rank loads it: a resumed rank 1 continued with rank 0's queue (losses off by 1e-3).
+    Every rank now keeps every rank's part (all-gathered each step), so the checkpoint carries them all: resumed
+    from step 2's checkpoint, the run gives the uninterrupted run's steps 3-4 exactly."""
     from conftest import losses, run_cli
     from runx.trainers.deepspeed_trainer import Trainer
+    queue = ["trainer.max_steps=4", "recipe.queue_length=32", "recipe.queue_start_epoch=0", "trainer.progress=false"]
     one_dir = str(tmp_path / "one")   # the 1-process reference runs in this process (DeepSpeed, world of one)
-    c = compose(DP + ["trainer.micro_batch_size=16", "trainer.progress=false", f"run_dir={one_dir}"])
+    c = compose(DP + queue + ["trainer.micro_batch_size=16", f"run_dir={one_dir}"])
     os.makedirs(one_dir)
     Trainer(c, one_dir).fit(S.SwAV(c, one_dir))
-    run_cli(["train", *DP, "trainer.micro_batch_size=8", "trainer.num_procs=2", f"run_dir={tmp_path / 'two'}"],
-            timeout=300)
+    args = ["train", *DP, *queue, "trainer.micro_batch_size=8", "trainer.num_procs=2", "trainer.ckpt_every=2"]
+    run_cli([*args, f"run_dir={tmp_path / 'two'}"], timeout=300)
     one, two = losses(one_dir), losses(tmp_path / "two")
-    assert sorted(one) == sorted(two) == [1, 2]
-    for step in (1, 2):    # step 2 also checks the ZeRO-2 update (and the prototype renormalisation in it)
+    assert sorted(one) == sorted(two) == [1, 2, 3, 4]
+    for step in (1, 2, 3, 4):   # step 2 on also checks the ZeRO-2 update (and the prototype renormalisation in it)
         assert two[step] == pytest.approx(one[step], rel=REL), (one, two)
-
-
-def test_two_process_run_with_a_queue_resumes_exactly(tmp_path):
-    """The queue is a per-process buffer (recipe.queue_length / processes rows each), but DeepSpeed saves rank 0's
-    module state and every rank loads it: a resumed rank 1 continued with rank 0's queue, and the losses after
-    the resume differed from the uninterrupted run's (by 1e-3 here). Every rank now keeps every rank's part
-    (all-gathered each step), so the checkpoint carries them all: resumed from step 2's checkpoint, the run gives
-    the uninterrupted run's steps 3-4 exactly."""
-    from conftest import losses, run_cli
-    # the queue (2 x 8 rows per process) fills in steps 1-2 and is in use from step 3 on
-    args = ["train", *DP, "trainer.micro_batch_size=8", "trainer.num_procs=2", "trainer.max_steps=4",
-            "trainer.ckpt_every=2", "recipe.queue_length=32", "recipe.queue_start_epoch=0", "trainer.progress=false"]
-    run_cli([*args, f"run_dir={tmp_path / 'whole'}"], timeout=300)
-    run_cli([*args, f"run_dir={tmp_path / 'resumed'}", f"resume={tmp_path / 'whole' / 'ckpt' / 'step_2'}"],
+    run_cli([*args, f"run_dir={tmp_path / 'resumed'}", f"resume={tmp_path / 'two' / 'ckpt' / 'step_2'}"],
             timeout=300)
-    whole, resumed = losses(tmp_path / "whole"), losses(tmp_path / "resumed")
-    assert sorted(whole) == [1, 2, 3, 4] and sorted(resumed) == [3, 4], (whole, resumed)
-    assert resumed == {3: whole[3], 4: whole[4]}, (whole, resumed)
+    resumed = losses(tmp_path / "resumed")
+    assert resumed == {3: two[3], 4: two[4]}, (two, resumed)
 
 
 def test_two_process_comparison_is_sensitive_to_the_cross_process_sums():
