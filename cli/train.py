@@ -137,6 +137,12 @@ class SweepDirRecorder(Callback):
 
     def on_multirun_start(self, config, **kwargs) -> None:
         SweepDirRecorder.sweep_dir = os.path.abspath(str(config.hydra.sweep.dir))
+        # the mark of a sweep's folder that its jobs find (tracking.sweep_of: their W&B name and group); Hydra's
+        # multirun.yaml is written by its basic sweeper only, not by Optuna's
+        from runx.trainers.tracking import SWEEP_MARK
+        os.makedirs(SweepDirRecorder.sweep_dir, exist_ok=True)
+        with open(os.path.join(SweepDirRecorder.sweep_dir, SWEEP_MARK), "a"):
+            pass
 
 
 def failed_jobs_on_disk() -> list[tuple[int, str, str]]:

@@ -66,11 +66,17 @@ class LoRA(SFT):
             from peft.tuners.lora import LoraLayer
             adapted = [n for n, m in wrapped.named_modules() if isinstance(m, LoraLayer)]
             idle = [t for t in wanted if not any(n == t or n.endswith("." + t) for n in adapted)]
-            if idle:   # (peft matched them, but a head it trains whole got none: dropped without a word)
+            heads = [t for t in idle if t.rsplit(".", 1)[-1] in head]
+            if heads:   # (peft matched them, but a head it trains whole gets none: dropped without a word)
                 raise RecipeConfigError(
-                    f"recipe.target_modules={wanted}: {', '.join(idle)} got no LoRA adapter (a classifier's head is "
-                    f"trained whole, recipe.train_head). Valid choices: auto (every linear layer), or names among "
-                    f"{', '.join(names)}.")
+                    f"recipe.target_modules={wanted}: {', '.join(heads)} is the classifier's head, which is trained "
+                    f"whole (recipe.train_head), not adapted. Valid choices: auto (every linear layer), or names "
+                    f"among {', '.join(names)}.")
+            if idle:   # a list shared across models (q_proj on a BERT): peft adapts the names this model has
+                import logging
+                logging.getLogger("runx.lora").warning(
+                    "recipe.target_modules: %s match no layer of this model (its linear layers: %s); the others "
+                    "get the adapter", ", ".join(idle), ", ".join(names))
         return wrapped
 
     def build_model(self):

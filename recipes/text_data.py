@@ -256,19 +256,20 @@ HF_SHARD = re.compile(r"(.+?)-\d+-of-\d+")    # datasets' (and the hub's) shard 
 
 def _split_of(rel: str, ext: tuple[str, ...], names) -> str | None:
     """The split a file of a data.path folder belongs to (`rel`: its path in the folder), or None: it lies in a
-    <split>/ folder, or is named <split>.<ext>, <split>-*.<ext> / <split>_*.<ext> (shards), or <name>-NNNNN-of-NNNNN
-    as datasets writes a split's shards (any split name)."""
+    <split>/ folder (at the top of data.path), or is named <split>.<ext>, a shard <split>-NNNNN-of-NNNNN.<ext> (as
+    datasets writes a split), or <split>-<number>... / <split>_<number>... Other names that merely start with a
+    split word (test_results.jsonl, training_notes.jsonl) name no split."""
     *folders, name = rel.split(os.sep)
-    split = next((d for d in folders if d in names), None)
-    if split:
-        return split
+    if folders and folders[0] in names:
+        return folders[0]
     stem = next((name[: -len(e)] for e in sorted(ext, key=len, reverse=True) if name.endswith(e)), name)
     shard = HF_SHARD.fullmatch(stem)
-    if shard:
+    if shard and shard.group(1) in names:
         return shard.group(1)
     if stem in names:
         return stem
-    return next((n for n in sorted(names, key=len, reverse=True) if stem.startswith((n + "-", n + "_"))), None)
+    return next((n for n in sorted(names, key=len, reverse=True)
+                 if re.match(re.escape(n) + r"[-_]\d", stem)), None)
 
 
 def read_local_splits(dcfg) -> tuple[list[dict], list[dict] | None]:
@@ -290,14 +291,23 @@ def read_local_splits(dcfg) -> tuple[list[dict], list[dict] | None]:
             log.info("data.eval_path=%s: %d file(s) inside data.path=%s are held out, not trained on", dcfg.eval_path,
                      len(inside), dcfg.path)
     folder = os.path.expanduser(dcfg.path)
-    if os.path.isdir(folder):
+    same = eval_files is not None and {os.path.realpath(f) for f in files} <= {os.path.realpath(f) for f in eval_files}
+    if os.path.isdir(folder) and not same:   # (same: a folder runx eval evaluates whole, as data.eval_path too)
         names = {*SPLIT_NAMES, dcfg.train_split, dcfg.eval_split}
         splits: dict = {}
         for f in files:
             splits.setdefault(_split_of(os.path.relpath(f, folder), FILE_EXTENSIONS[kind], names), []).append(f)
         rest = splits.pop(None, [])
+        if splits and dcfg.train_split not in splits and not {"train", "training"} & set(splits):
+            # split-named files but no training split (corpus.jsonl + test.jsonl, dev/ + other/): the folder is
+            # training data as a whole, as before split names were read; said, since a held-out file is in it
+            log.warning("data.path=%s: file(s) named for the split(s) %s, but none for data.train_split=%s: the "
+                        "whole folder is training data (name the splits with data.train_split / data.eval_split, "
+                        "or the held-out files with data.eval_path)", dcfg.path, ", ".join(sorted(splits)),
+                        dcfg.train_split)
+            splits = {}
         if splits:
-            if dcfg.train_split not in splits:
+            if dcfg.train_split not in splits:   # (a training split under another name: data.train_split mistyped)
                 unnamed = (f", and {len(rest)} file(s) named for no split ({os.path.relpath(rest[0], folder)}"
                            f"{', ...' if len(rest) > 1 else ''})" if rest else "")
                 raise RecipeConfigError(

@@ -327,6 +327,9 @@ def test_optuna_preset_runs_4_trials(tmp_path):
     losses = {json.load(open(sweep / r / "summary.json"))["eval/loss"] for r in runs}
     assert len(losses) == 4 and res["best_value"] == min(losses)
     assert "Best value: " in p.stdout + p.stderr       # the sweeper's own result lines are shown (they were hidden)
+    # its jobs know their sweep (their W&B runs are named <sweep>-<k> and grouped): Optuna writes no multirun.yaml
+    from runx.trainers.tracking import sweep_of
+    assert sweep_of(str(sweep / "0")) == "optuna"
     lr_used = {yaml.safe_load(open(sweep / r / "config.yaml"))["optim"]["lr"] for r in runs}
     assert len(lr_used) == 4 and all(1e-5 <= lr <= 1e-3 for lr in lr_used)
 

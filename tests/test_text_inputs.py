@@ -69,6 +69,23 @@ def test_shard_files_and_split_folders_are_their_splits_not_one_training_pool(tm
                                                 r"name the split\(s\) train, validation.*Valid choices: "
                                                 r"data.train_split=train \| validation"):
         read_local_splits(_data(f"data.path={tmp_path / 'hf'}", "data.train_split=trian"))
+    # names that only look like splits: shards of another name (data-00000-of-00002), files that merely start with
+    # a split word (test_results, training_notes), or split-named files without a training split: the folder is
+    # read whole, as before split names were read
+    for name, files in {"datashards": ("data-00000-of-00002.jsonl", "data-00001-of-00002.jsonl"),
+                        "words": ("corpus.jsonl", "test_results.jsonl"),
+                        "notes": ("a.jsonl", "training_notes.jsonl"),
+                        "devonly": ("dev/x.jsonl", "other/y.jsonl")}.items():
+        _jsonl(tmp_path / name / files[0], _rows(0, 20))
+        _jsonl(tmp_path / name / files[1], _rows(20, 40))
+        train, held = read_local_splits(_data(f"data.path={tmp_path / name}"))
+        assert len(train) == 40 and held is None, name
+    # runx eval naming a folder as both (the run's training files moved): the folder is evaluated whole
+    _jsonl(tmp_path / "evalset" / "test_part1.jsonl", _rows(0, 5))
+    _jsonl(tmp_path / "evalset" / "test.jsonl", _rows(5, 10))
+    train, held = read_local_splits(_data(f"data.path={tmp_path / 'evalset'}",
+                                          f"data.eval_path={tmp_path / 'evalset'}"))
+    assert len(train) == len(held) == 10
 
 
 def test_labels_that_are_no_class_and_text_that_is_no_text_are_refused(tmp_path):

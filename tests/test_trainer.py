@@ -1095,10 +1095,13 @@ def test_a_dataset_id_neither_cached_nor_reachable_is_a_config_problem_naming_th
     enc = check_paths(compose(["recipe=concept_prune", "recipe.encoder=nobody/no_such_encoder"]))
     assert len(enc) == 1 and enc[0].startswith("recipe.encoder=nobody/no_such_encoder: not a local folder"), enc
     assert check_paths(compose(["recipe=concept_prune"])) == []
-    # a dataset that datasets prepared earlier reloads offline from its own cache: not a problem
+    # a dataset that datasets prepared earlier reloads offline from its own cache: not a problem; nor is one the hub
+    # moved to another owner (imdb -> stanfordnlp/imdb), which is cached under that owner's name
     import datasets.config
+    moved = compose(["recipe=sft", "model=tiny_bert", "data=hf", "data.hf_name=no_such_dataset_xyz"])
+    assert len(check_paths(moved)) == 1
     os.makedirs(os.path.join(str(datasets.config.HF_DATASETS_CACHE), "nobody___no_such_dataset_xyz"))
-    assert check_paths(cfg) == []
+    assert check_paths(cfg) == [] and check_paths(moved) == []
 
 
 def test_files_with_a_byte_order_mark_read_like_any_other(tmp_path):
@@ -1562,10 +1565,12 @@ def test_unknown_lora_target_modules_name_the_key_and_the_layers_there(tmp_path)
     # the error offered it among the valid names
     from runx.recipes.lora_ga import LoRAGA
     for cls, name in ((LoRA, "lora"), (LoRAGA, "lora_ga")):
-        with pytest.raises(RecipeConfigError, match=r"recipe.target_modules=\['classifier', 'query'\]: classifier got "
-                                                    r"no LoRA adapter .*names among dense, key, query, value\.$"):
+        with pytest.raises(RecipeConfigError, match=r"recipe.target_modules=\['classifier', 'query'\]: classifier is "
+                                                    r"the classifier's head, .*names among dense, key, query, value\.$"):
             cls(compose([f"recipe={name}", "model=tiny_bert", "recipe.target_modules=[query,classifier]"]),
                 str(tmp_path))
+    # a list shared across models (a Llama name on a BERT): the names this model has get the adapter, as peft does
+    LoRA(compose(["recipe=lora", "model=tiny_bert", "recipe.target_modules=[query,value,gate_proj]"]), str(tmp_path))
 
 
 def test_a_bf16_model_is_exported_in_bf16(tmp_path):

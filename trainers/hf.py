@@ -94,9 +94,19 @@ def _packaged_builders() -> set[str]:
 
 
 def _datasets_cached(name: str) -> bool:
-    """Whether `datasets` holds a prepared copy of a hub dataset (which it reloads offline without the hub)."""
+    """Whether `datasets` (or the hub cache) may hold a copy of a hub dataset that it reloads offline. A canonical
+    id the hub has moved (imdb -> stanfordnlp/imdb) is cached under the new owner's name, so any owner of the same
+    name counts: a false "not cached" would refuse a run that loads fine."""
+    import glob
+
     import datasets.config
-    return os.path.isdir(os.path.join(str(datasets.config.HF_DATASETS_CACHE), name.replace("/", "___")))
+    from huggingface_hub.constants import HF_HUB_CACHE
+    base = name.rsplit("/", 1)[-1]
+    prepared = str(datasets.config.HF_DATASETS_CACHE)
+    return bool(os.path.isdir(os.path.join(prepared, name.replace("/", "___")))
+                or os.path.isdir(os.path.join(prepared, base))
+                or glob.glob(os.path.join(glob.escape(prepared), f"*___{glob.escape(base)}"))
+                or glob.glob(os.path.join(glob.escape(str(HF_HUB_CACHE)), f"datasets--*--{glob.escape(base)}")))
 
 
 def offline_uncached(cfg, keys: tuple[str, ...]) -> list[str]:

@@ -203,13 +203,17 @@ def wandb_unreachable() -> tuple[str, str | None]:
     return base, unreachable(base)
 
 
+SWEEP_MARK = ".runx_sweep"   # an empty file runx leaves in a sweep's folder when the sweep starts
+
+
 def sweep_of(run_dir: str) -> str | None:
-    """The sweep folder's name for a sweep job's run dir (<sweep folder>/<job number>, beside Hydra's
-    multirun.yaml), else None. A sweep's W&B runs were all named 0, 1, 2 ... with no group: every sweep of a
-    project gave the same names and nothing tied one sweep's runs together."""
+    """The sweep folder's name for a sweep job's run dir (<sweep folder>/<job number>, beside the mark runx leaves
+    there or Hydra's multirun.yaml), else None. A sweep's W&B runs were all named 0, 1, 2 ... with no group: every
+    sweep of a project gave the same names and nothing tied one sweep's runs together."""
     run = os.path.abspath(run_dir).rstrip("/")
     parent = os.path.dirname(run)
-    if os.path.basename(run).isdigit() and os.path.exists(os.path.join(parent, "multirun.yaml")):
+    if os.path.basename(run).isdigit() and any(os.path.exists(os.path.join(parent, m))
+                                               for m in (SWEEP_MARK, "multirun.yaml")):
         return os.path.basename(parent)
     return None
 
