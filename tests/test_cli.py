@@ -298,7 +298,8 @@ def test_a_sweep_is_checked_before_its_first_job(tmp_path):
                 check=False, timeout=60)
     assert p.returncode == 2 and "objective=eval/acc: not an evaluation metric of this run (recipe=lora)" in p.stderr \
         and "eval/accuracy" in p.stderr and not sweep.exists(), p.stderr
-    p = run_cli(["train", "-m", "recipe=lora", "objective=final_los", f"hydra.sweep.dir={sweep}", "logger=none",
+    p = run_cli(["train", "-m", "recipe=lora", "model=tiny_bert", "objective=final_los", f"hydra.sweep.dir={sweep}",
+                 "logger=none",
                  "trainer.max_steps=1", "trainer.eval_every=1", "trainer.ckpt_every=0", "trainer.micro_batch_size=4",
                  "data.max_train_samples=16", "data.max_eval_samples=8", "trainer.progress=false"],
                 check=False, timeout=300)
@@ -310,8 +311,8 @@ def test_a_config_problem_in_one_job_does_not_stop_the_sweep(tmp_path):
     """A problem only the run finds (peft: no module of the model matches) fails that job with the config-problem
     paragraph; Hydra runs the other jobs, and `runx train -m` lists the failed one and exits 2 at the end."""
     sweep = tmp_path / "sweep"
-    p = run_cli(["train", "-m", "recipe=lora", "recipe.target_modules=[nothere],[query]", f"hydra.sweep.dir={sweep}",
-                 "logger=none", "trainer.max_steps=1", "trainer.eval_every=0", "trainer.ckpt_every=0",
+    p = run_cli(["train", "-m", "recipe=lora", "model=tiny_bert", "recipe.target_modules=[nothere],[query]",
+                 f"hydra.sweep.dir={sweep}", "logger=none", "trainer.max_steps=1", "trainer.eval_every=0", "trainer.ckpt_every=0",
                  "trainer.micro_batch_size=4", "data.max_train_samples=8", "data.max_eval_samples=4",
                  "trainer.progress=false"], check=False, timeout=300)
     assert p.returncode == 2, p.stderr
@@ -490,7 +491,7 @@ def test_resume_refuses_a_checkpoint_of_another_config_and_keeps_the_run_dir_as_
     """resume=auto into a folder with a checkpoint: another recipe / seed is refused before config.yaml is
     rewritten (it loaded lora_ga's offset weights into a lora run); max_steps may grow; resume=never starts over."""
     run = tmp_path / "run"
-    tiny = ["trainer.eval_every=0", "trainer.ckpt_every=1", "trainer.micro_batch_size=4",
+    tiny = ["model=tiny_bert", "trainer.eval_every=0", "trainer.ckpt_every=1", "trainer.micro_batch_size=4",
             "data.max_train_samples=16", "data.max_eval_samples=8", "logger=none", "trainer.progress=false",
             f"run_dir={run}"]
     run_cli(["train", "recipe=lora", "trainer.max_steps=1", *tiny], timeout=300)
