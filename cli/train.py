@@ -255,10 +255,10 @@ def resume_problems(cfg, run_dir: str) -> list[str]:
               and not any(k == p or p.endswith(".") and k.startswith(p) for p in allowed)]
     if not differ:
         return []
-    from runx.trainers.tracking import SECRET_KEY   # (the saved job.yaml holds secrets unredacted)
+    from runx.trainers.tracking import is_secret   # (the saved job.yaml holds secrets unredacted)
 
     def value(k, v):
-        return "***" if SECRET_KEY.search(k.rsplit(".", 1)[-1]) and v not in (None, "") else v
+        return "***" if is_secret(k, v) else v
     shown = "; ".join(f"{k}: {value(k, old[k])} -> {value(k, new[k])}" for k in differ[:8])
     more = f" (and {len(differ) - 8} more)" if len(differ) > 8 else ""
     where = run_dir if mode == "auto" else root
@@ -487,8 +487,6 @@ def launch(cfg, run_dir: str) -> dict:
                     "results moved to %s", run_dir, how, moved)
     save_resolved_config(cfg, os.path.join(run_dir, "config.yaml"))
     save_resolved_config(cfg, os.path.join(run_dir, ".runx", "job.yaml"), redacted=False)
-    if not worker:
-        _redact_hydra_copies(run_dir)
     if first_node:
         atomic_write_json(os.path.join(run_dir, "env.json"), environment_record())
     n = int(cfg.trainer.num_procs)
@@ -579,18 +577,13 @@ def _run_forwarding_signals(cmd: list[str], env: dict, preempt=None, record: str
             from runx.trainers.datajob import atomic_write_bytes   # (a worker polling it reads all or nothing)
             atomic_write_bytes(record, got[0].encode())
         sig = signal.SIGTERM if signum == preempt else signum
-        if through_record and len(got) == 1:
-            for p in _launch_tree(proc)[1:]:
-                if _is_worker(_cmdline(p)):
-                    _quietly(p.send_signal, sig)
-            return
         # the DeepSpeed launcher's runner dies on SIGTERM without passing it on, and its launch process (between
         # it and the workers) lives on: the workers get the signal straight away (torchrun passes it on itself)
         # (the workers only: the launch process, whose command line names runx.cli.worker too, would end every
         # process under it on SIGTERM, W&B's service included, before rank 0 had saved)
-        workers = [p for p in _launch_tree(proc)[1:] if _is_worker(_cmdline(p))] \
-            if "deepspeed.launcher" in " ".join(cmd) else []
-        proc.send_signal(sig)
+        workers = _workers(_launch_tree(proc)) if through_record or "deepspeed.launcher" in " ".join(cmd) else []
+        if not (through_record and len(got) == 1):   # (through the record: the launcher only on a second signal)
+            proc.send_signal(sig)
         for p in workers:
             _quietly(p.send_signal, sig)
 
@@ -628,7 +621,7 @@ def _interrupt(proc) -> None:
 
     import psutil
     tree = _launch_tree(proc)
-    alive = tree[:1] + [p for p in tree[1:] if _is_worker(_cmdline(p))]
+    alive = tree[:1] + _workers(tree)
     proc.terminate()
     for w in alive[1:]:
         _quietly(w.send_signal, signal.SIGINT)
@@ -649,6 +642,11 @@ def _launch_tree(proc) -> list:
         return [launcher] + launcher.children(recursive=True)
     except psutil.Error:
         return []
+
+
+def _workers(tree: list) -> list:
+    """The runx workers among a launch's processes (`_launch_tree`), not the launchers above them."""
+    return [p for p in tree[1:] if _is_worker(_cmdline(p))]
 
 
 def _is_worker(argv: list) -> bool:

@@ -42,6 +42,11 @@ def _sweep_name(default: str) -> str:
     return default
 
 
+def _given(value) -> bool:
+    """A resolver argument that holds a value (Hydra passes an unset one as None, "" or "null")."""
+    return value not in (None, "", "null")
+
+
 _CLAIMED: dict[str, str] = {}
 
 
@@ -49,7 +54,7 @@ def _new_run_dir(pinned, candidate: str) -> str:
     """A single run's folder: run_dir where given, else `candidate` (outputs/<date>/<time>-<recipe>) made here and
     now, or <candidate>-2, -3, ... where another run took that name in the same second (two runs started together
     by a script shared one folder: the second was refused as "in use" and Hydra's files of both mixed there)."""
-    if pinned not in (None, "", "null"):
+    if _given(pinned):
         return pinned
     if candidate not in _CLAIMED:   # (resolved more than once per run: the same folder each time)
         import os
@@ -79,7 +84,7 @@ def _register() -> None:
 
     if not OmegaConf.has_resolver("runx_first"):
         OmegaConf.register_new_resolver(
-            "runx_first", lambda *args: next((a for a in args if a not in (None, "", "null")), None))
+            "runx_first", lambda *args: next((a for a in args if _given(a)), None))
     if not OmegaConf.has_resolver("runx_new_run_dir"):
         OmegaConf.register_new_resolver("runx_new_run_dir", _new_run_dir, use_cache=True)
     if not OmegaConf.has_resolver("runx_sweep_name"):

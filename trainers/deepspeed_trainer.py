@@ -107,7 +107,6 @@ def copy_into_partitioned(model, reference, rank: int) -> None:
                 p.data.copy_(ref[name].data.to(p.dtype))
 
 
-
 def _loader_workers(tcfg, device: str) -> dict:
     """A training loader's worker settings: trainer.dataloader_workers processes, which ignore the signals that
     stop the run (runtime.quiet_data_worker), pinned memory on CUDA."""
@@ -134,6 +133,7 @@ def _metrics_line(metrics: dict) -> str:
     """`key=value` for each number, as train.log gets a run's evaluations and final metrics."""
     return "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()
                      if isinstance(v, (int, float)))
+
 
 class Trainer:
     def __init__(self, cfg, run_dir: str):
@@ -175,10 +175,12 @@ class Trainer:
                         stage3_gather_16bit_weights_on_model_save=True)
         pin = self.device == "cuda"
         param_dev = self.param_device()
-        stats = None  # parameter sizes, walked once, when anything goes to NVMe
+        overrides = flatten_overrides(OmegaConf.to_container(t.ds_overrides, resolve=True))
+        stats = trainable = None  # parameter sizes (all, trainable), walked once, when anything goes to NVMe
         if param_dev.startswith("nvme") or t.offload_optimizer == "nvme":
             from runx.trainers.nvme import param_stats
             stats = param_stats(model, self.world_size)
+            trainable = param_stats(model, self.world_size, trainable_only=True)
         for kind, key in (("param", "offload_param"), ("optimizer", "offload_optimizer")):
             dev = getattr(t, key)
             if dev == "none":
@@ -198,22 +200,22 @@ class Trainer:
                     stats["n_params"], param_dev.startswith("nvme"), t.offload_optimizer == "nvme",
                     2 if t.precision == "bf16" else 4,
                     optimizer_state_bytes(str(self.cfg.optim.name), float(self.cfg.optim.momentum)),
-                    param_stats(model, self.world_size, trainable_only=True)["n_params"]))
+                    trainable["n_params"]))
                 self._nvme_checked = True
             if dev == "nvme":
                 block["nvme_path"] = self.swap_dir
                 if kind == "param":
                     # the derived buffers also serve "nvme_in_cpu": until the engine moves the parameters
                     # into CPU memory (a LoRA-GA estimate runs before that) they are read from NVMe
-                    settings = self._nvme_param_settings(stats)
+                    settings = self._nvme_param_settings(
+                        stats, overrides.get("zero_optimization.stage3_max_reuse_distance"))
                     zero["stage3_max_reuse_distance"] = settings.pop("stage3_max_reuse_distance")
                     if in_cpu:
                         settings["max_in_cpu"] = int(stats["n_params"]) + 1
                     block.update(settings)
                 else:
                     from runx.trainers.nvme import nvme_optimizer_settings, swapped_state_count
-                    opt = nvme_optimizer_settings(param_stats(model, self.world_size, trainable_only=True),
-                                                  n_states=swapped_state_count(str(self.cfg.optim.name)))
+                    opt = nvme_optimizer_settings(trainable, n_states=swapped_state_count(str(self.cfg.optim.name)))
                     block.update(opt["block"])
                     if opt["sub_group_size"]:
                         zero["sub_group_size"] = opt["sub_group_size"]
@@ -237,7 +239,7 @@ class Trainer:
             from runx.trainers.nvme import resolve_aio
             cfg["aio"] = self._aio = getattr(self, "_aio", None) or resolve_aio(t)  # probe-tuned unless set
         reuse = zero.get("stage3_max_reuse_distance") if param_dev.startswith("nvme") else None
-        for k, v in flatten_overrides(OmegaConf.to_container(t.ds_overrides, resolve=True)).items():
+        for k, v in overrides.items():
             node = cfg
             *parents, leaf = k.split(".")
             for p in parents:
@@ -253,14 +255,13 @@ class Trainer:
         t = self.tcfg
         return deepspeed_param_device(int(t.zero_stage), str(t.offload_param), str(t.offload_optimizer))
 
-    def _nvme_param_settings(self, stats: dict) -> dict:
+    def _nvme_param_settings(self, stats: dict, user=None) -> dict:
         """offload_param buffers + the ZeRO-3 reuse distance that cannot run out of buffers (trainers/nvme.py),
-        from the model's `param_stats`."""
+        from the model's `param_stats`; `user`: the user's zero_optimization.stage3_max_reuse_distance, which the
+        buffers are sized for (it was merged over the fitted distance)."""
         from runx.trainers.nvme import nvme_param_settings, resolve_aio
         t = self.tcfg
         self._aio = getattr(self, "_aio", None) or resolve_aio(t)
-        user = flatten_overrides(OmegaConf.to_container(t.ds_overrides, resolve=True)).get(
-            "zero_optimization.stage3_max_reuse_distance")   # (the buffers are sized for it; it was merged over)
         return nvme_param_settings(stats, 2 if t.precision == "bf16" else 4,
                                    t.nvme_buffer_count, t.nvme_buffer_size, self._aio["block_size"],
                                    None if user is None else float(user))

@@ -22,12 +22,17 @@ from runx.trainers.datajob import atomic_write_bytes, atomic_write_json
 SECRET_KEY = re.compile(r"(api[_-]?key|(^|_)token$|secret|password|passwd)", re.I)
 
 
+def is_secret(key, value) -> bool:
+    """A config value shown as *** wherever runx writes or prints it: a secret-named key's (the last part of a
+    dotted one), unless empty."""
+    return bool(SECRET_KEY.search(str(key).rsplit(".", 1)[-1])) and value not in (None, "")
+
+
 def redact(obj, args: bool = False):
     """A config with the values of secret-named keys replaced by ***; `args`: also `key=value` override strings
     (Hydra's overrides lists)."""
     if isinstance(obj, dict):
-        return {k: ("***" if SECRET_KEY.search(str(k)) and v not in (None, "") else redact(v, args))
-                for k, v in obj.items()}
+        return {k: "***" if is_secret(k, v) else redact(v, args) for k, v in obj.items()}
     if isinstance(obj, list):
         return [redact(v, args) for v in obj]
     return redact_arg(obj) if args and isinstance(obj, str) else obj
