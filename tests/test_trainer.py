@@ -936,18 +936,22 @@ def test_param_groups_split_only_when_it_changes_the_math():
 
 
 def test_aio_block_user_values_or_defaults_skip_the_probe(tmp_path):
-    """trainer.aio: values the user set are used as written, and tune=false keeps DeepSpeed's documented
-    defaults; neither probes the disk (the probe would write a cache entry under RUNX_CACHE)."""
+    """trainer.aio: values the user set are used as written (DeepSpeed's defaults for the rest), also a value
+    equal to DeepSpeed's default, and tune=false keeps DeepSpeed's documented defaults; none of them probes the
+    disk (the probe would write a cache entry under RUNX_CACHE)."""
     from omegaconf import OmegaConf
 
+    from runx.conf.schema.core import AioConfig
     from runx.trainers.nvme import DEEPSPEED_AIO_DEFAULTS, cached_probe, resolve_aio
     nvme = tmp_path / "nvme"
     nvme.mkdir()
-    base = dict(DEEPSPEED_AIO_DEFAULTS, tune=True)
-    user = resolve_aio(OmegaConf.create({"nvme_path": str(nvme), "aio": dict(base, queue_depth=32)}))
-    assert user == dict(DEEPSPEED_AIO_DEFAULTS, queue_depth=32, use_gds=False)
-    pinned = resolve_aio(OmegaConf.create({"nvme_path": str(nvme), "aio": dict(base, tune=False)}))
-    assert pinned == dict(DEEPSPEED_AIO_DEFAULTS, use_gds=False)
+    base = OmegaConf.structured(AioConfig)
+
+    def aio(**kw):
+        return resolve_aio(OmegaConf.create({"nvme_path": str(nvme), "aio": OmegaConf.merge(base, kw)}))
+    assert aio(queue_depth=32) == dict(DEEPSPEED_AIO_DEFAULTS, queue_depth=32, use_gds=False)
+    assert aio(block_size=1048576) == dict(DEEPSPEED_AIO_DEFAULTS, use_gds=False)   # set, though a default
+    assert aio(tune=False) == dict(DEEPSPEED_AIO_DEFAULTS, use_gds=False)
     assert cached_probe(str(nvme)) is None
 
 

@@ -457,13 +457,14 @@ def _store(path: str, result: dict) -> None:
 
 
 def resolve_aio(tcfg) -> dict:
-    """The `aio` block for a trainer config: the user's values when they differ from DeepSpeed's defaults,
-    else the probe's (cached) choice for trainer.nvme_path."""
+    """The `aio` block for a trainer config: the values the user set (not null, DeepSpeed's defaults for the
+    rest) when any is set or tune=false, else the probe's (cached) choice for trainer.nvme_path."""
     from omegaconf import OmegaConf
     user = OmegaConf.to_container(tcfg.aio, resolve=True) if not isinstance(tcfg.aio, dict) else dict(tcfg.aio)
     tune = user.pop("tune", True)
-    if not tune or any(user.get(k) != v for k, v in DEEPSPEED_AIO_DEFAULTS.items()):
-        return {**user, "use_gds": False}
+    user = {k: v for k, v in user.items() if v is not None}
+    if not tune or user:
+        return {**DEEPSPEED_AIO_DEFAULTS, **user, "use_gds": False}
     probed = probe_aio(str(tcfg.nvme_path))
     return {k: probed[k] for k in DEEPSPEED_AIO_DEFAULTS} | {"use_gds": False}
 

@@ -666,12 +666,12 @@ def estimate(cfg, facts: ModelFacts, machine: Machine, lay: Layout) -> Row:
         row.cpu["flat partition copy (engine init)"] = p * psi // N * G
     # ---- NVMe: swap buffers and the swapper's pinned buffers
     if "nvme" in (lay.offload_param, lay.offload_optimizer):
-        from runx.trainers.nvme import nvme_param_settings, param_buffer_bytes
+        from runx.trainers.nvme import DEEPSPEED_AIO_DEFAULTS, nvme_param_settings, param_buffer_bytes
         if param_dev == "nvme_in_cpu":
             row.nvme["params (written at start-up, read into CPU memory)"] = p * psi
         if param_dev.startswith("nvme"):
             s = nvme_param_settings(facts.nvme_stats(N), p, str(t.nvme_buffer_count), str(t.nvme_buffer_size),
-                                    int(t.aio.block_size), z["reuse"])
+                                    int(t.aio.block_size or DEEPSPEED_AIO_DEFAULTS["block_size"]), z["reuse"])
             if param_dev == "nvme_in_cpu":
                 s = {**s, "max_in_cpu": int(psi) + 1}
             row.nvme_settings = s

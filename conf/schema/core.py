@@ -74,13 +74,14 @@ class DataConfig:
 
 @dataclass
 class AioConfig:
-    block_size: int = 1048576
-    queue_depth: int = 8
-    intra_op_parallelism: int = 1
-    single_submit: bool = False
-    overlap_events: bool = True
-    # with DeepSpeed's defaults above left as they are, probe nvme_path once (cached) and take a clearly faster
-    # setting; false: use the values above as written
+    # null = not set. With none of them set, nvme_path is probed once (cached) and a clearly faster block
+    # than DeepSpeed's defaults (1 MiB, 8, 1, false, true) is taken; any value set (even one equal to
+    # DeepSpeed's default), or tune=false, uses the values as written, DeepSpeed's defaults for the rest
+    block_size: Optional[int] = None
+    queue_depth: Optional[int] = None
+    intra_op_parallelism: Optional[int] = None
+    single_submit: Optional[bool] = None
+    overlap_events: Optional[bool] = None
     tune: bool = True
 
 
