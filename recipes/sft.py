@@ -117,6 +117,22 @@ def check_positions_from_config(model_cfg, max_length: int, key: str = "data.max
         check_positions(skeleton, max_length, key, warn=False)   # (the warning comes once the model is built)
 
 
+def check_fused_head(conf, key: str = "recipe.fused_logprob") -> None:
+    """The fused log-prob head computes log softmax(h W^T / T) from the decoder's hidden states. A model whose
+    logits are transformed after the head (Gemma-2's final_logit_softcapping, Cohere's logit_scale, Granite's
+    logits_scaling) would be trained and scored on another distribution than the one it samples from and is
+    evaluated with: refused. `conf`: the model's transformers config (None: not readable here, no check)."""
+    if conf is None:
+        return
+    found = [f"{name}={getattr(conf, name)}" for name, neutral in
+             (("final_logit_softcapping", None), ("logit_scale", 1.0), ("logits_scaling", 1.0))
+             if getattr(conf, name, neutral) not in (neutral, None)]
+    if found:
+        raise ValueError(f"{key}=true: this model ({conf.model_type}) transforms its logits after the output "
+                         f"layer ({', '.join(found)}), which the fused log-prob head leaves out. "
+                         f"Valid choices: {key}=false.")
+
+
 def causal_lm_tokenizer(model_cfg):
     """The tokenizer of a causal LM, which must have an end-of-sequence token (appended to every sample, and
     the padding when the tokenizer has none)."""
@@ -195,6 +211,8 @@ class SFT(ExportsTokenizer, TrainingRecipe):
         self.tokenizer = causal_lm_tokenizer(cfg.model) if self.task == "lm" else load_tokenizer(cfg.model)
         self.hf_config = model_config(cfg.model)   # (read once for the constructors' checks; None: not here)
         check_positions_from_config(cfg.model, int(cfg.data.max_length), conf=self.hf_config)
+        if self.task == "lm" and cfg.recipe.get("fused_logprob"):
+            check_fused_head(self.hf_config)
         if self.task == "lm" and cfg.data.get("chat_template"):   # trained with it: exported with it
             self.tokenizer.chat_template = resolve_chat_template(cfg.data.chat_template, self.tokenizer, "")
         self.num_labels = len(STDLIB_TOPICS) if cfg.data.kind == "builtin" else int(cfg.model.num_labels)

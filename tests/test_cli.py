@@ -1041,3 +1041,16 @@ def test_runs_started_in_the_same_second_get_folders_of_their_own(tmp_path):
     assert _new_run_dir("null", str(fresh)) == str(fresh) and fresh.is_dir()
     assert _new_run_dir("/pinned/run", str(tmp_path / "never")) == "/pinned/run" and not (tmp_path / "never").exists()
     _CLAIMED.pop(str(taken)), _CLAIMED.pop(str(fresh))
+
+
+@pytest.mark.parametrize("transform", [["model_type=gemma2"], ["model_type=cohere"],
+                                       ["model_type=granite", "logits_scaling=8.0"]])
+def test_fused_logprob_is_refused_for_a_model_that_transforms_its_logits_after_the_head(transform):
+    """The fused head scores h W^T; Gemma-2's softcap, Cohere's logit_scale and Granite's logits_scaling are not
+    in it (sampled and evaluated with, trained without). Refused before any weight is read; plain llama is not."""
+    from runx.cli.main import _recipe_problems
+    base = ["recipe=sft", "model=tiny_llama", "data=tiny_text", "recipe.fused_logprob=true"]
+    problems = _recipe_problems(compose(base + [f"++model.from_config.{t}" for t in transform]))
+    assert len(problems) == 1 and "recipe.fused_logprob=false" in problems[0], problems
+    assert any(k in problems[0] for k in ("final_logit_softcapping", "logit_scale", "logits_scaling")), problems
+    assert _recipe_problems(compose(base)) == []
