@@ -677,9 +677,32 @@ def chat_tokens(tokenizer, messages: list[dict], template: str, train_on_prompt:
     ids = list(enc["input_ids"])
     if train_on_prompt:
         return ids, list(ids)
-    labels = [t if any(a <= start < b for a, b in spans) else -100
-              for t, (start, _end) in zip(ids, enc["offset_mapping"])]
-    return ids, labels
+    return ids, _labels_in(ids, enc["offset_mapping"], spans)
+
+
+def _labels_in(ids: list[int], offsets, spans) -> list[int]:
+    """Each token's label: itself where its characters overlap a trained span [a, b), else -100. A token that
+    straddles the span's start (a header's trailing space merged into the first word, " cat") is the token the
+    model writes there, so it is trained on."""
+    return [t if any(start < b and max(end, start + 1) > a for a, b in spans) else -100
+            for t, (start, end) in zip(ids, offsets)]
+
+
+def pair_tokens(tokenizer, prompt: str, response: str, train_on_prompt: bool = False):
+    """(input_ids, labels) of prompt + response + eos, tokenised as one text, the way the model reads it (apart,
+    a SentencePiece tokenizer would start the response with a word-start mark, "x=" + "4" read as "x= 4", and a
+    byte-level one split a prompt's trailing space from the first word); the response's tokens are labelled
+    (`_labels_in`), the prompt's -100. A slow tokenizer (no character offsets) tokenises the two apart."""
+    try:
+        enc = tokenizer(prompt + response, add_special_tokens=False, return_offsets_mapping=True)
+        ids = list(enc["input_ids"])
+        labels = list(ids) if train_on_prompt else _labels_in(ids, enc["offset_mapping"],
+                                                              [(len(prompt), len(prompt) + len(response))])
+    except NotImplementedError:
+        p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        ids = p + tokenizer(response, add_special_tokens=False)["input_ids"]
+        labels = list(ids) if train_on_prompt else [-100] * len(p) + ids[len(p):]
+    return ids + [tokenizer.eos_token_id], labels + [tokenizer.eos_token_id]
 
 
 def _render_or_empty(render, msgs) -> str:
@@ -729,9 +752,7 @@ class CausalLMDataset:
                 self.items.append((ids[:max_length], labels[:max_length]))
                 continue                              # the template places bos / end-of-turn tokens itself
             if pair(r):
-                p = tokenizer(str(r[prompt_field]), add_special_tokens=False)["input_ids"]
-                a = tokenizer(str(r[response_field]), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-                ids, labels = p + a, (list(p) if train_on_prompt else [-100] * len(p)) + a
+                ids, labels = pair_tokens(tokenizer, str(r[prompt_field]), str(r[response_field]), train_on_prompt)
             else:
                 ids = tokenizer(str(r[text_field]), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
                 labels = list(ids)

@@ -67,3 +67,33 @@ def losses(run_dir) -> dict[int, float]:
 @pytest.fixture
 def runx():
     return run_cli
+
+
+def word_tokenizer(kind: str):
+    """A small fast tokenizer trained here on a few words and sums (no download), of one of the two families
+    whose word-start handling differs: "sentencepiece" (Llama-2 / Mistral: a "▁" word-start mark, also before
+    the first word of every encoded string, and a BOS) or "bytelevel" (GPT-2 / Qwen / Llama-3: no BOS)."""
+    import random
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+    rng = random.Random(0)
+    words = "the a cat dog has buys finds how many pens cups answer think boxed so is Q A USER ASSISTANT".split()
+    corpus = [" ".join(rng.choice(words) for _ in range(8)) + f" {rng.randint(0, 99)}+{rng.randint(0, 99)}="
+              f"{rng.randint(0, 200)}.\n<answer> \\boxed{{{rng.randint(0, 99)}}} </answer> A: 4 Q: x"
+              for _ in range(500)]
+    if kind == "sentencepiece":
+        tok = Tokenizer(models.BPE(unk_token="<unk>", fuse_unk=True))
+        tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+        tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
+        alphabet = list("\n0123456789<>{}\\/=+-.:?▁ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")
+        tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=400, special_tokens=["<unk>", "<s>", "</s>"],
+                                                            initial_alphabet=alphabet))
+        tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+        return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>"],
+                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>")

@@ -224,3 +224,30 @@ def test_a_glob_in_data_path_is_read_as_validate_accepts_it(tmp_path):
     train, held = load_rows(cfg.data)
     assert (len(train), len(held)) == (15, 5)
     assert len(read_files(str(tmp_path / "shards" / "*"), "jsonl")) == 20     # only the files of data.kind
+
+
+@pytest.mark.parametrize("kind", ["sentencepiece", "bytelevel"])
+def test_a_response_is_trained_on_the_tokens_the_model_reads_after_its_prompt(kind):
+    """prompt + response are tokenised as one text: tokenised apart, a SentencePiece tokenizer marks the response's
+    first word as a word start ("x=" + "4" trained as "x= 4") and a byte-level one splits a prompt's trailing space
+    from the first word ("A: " + "4" as "A:", " ", "4"). A chat turn after a header ending in a space trains its
+    first word (the token " cat" begins in the header's space)."""
+    from conftest import word_tokenizer
+
+    from runx.recipes.text_data import CausalLMDataset, chat_tokens
+    tok = word_tokenizer(kind)
+    bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
+    for prompt, response in (("Q: x=", "4"), ("Q: how many pens\nA: ", "4"), ("Q: how many\nA:", " 4 pens")):
+        (ids, labels), = CausalLMDataset([{"prompt": prompt, "response": response}], tok, "text", 64).items
+        assert ids == bos + tok(prompt + response, add_special_tokens=False).input_ids + [tok.eos_token_id]
+        trained = tok.decode([t for t in labels if t != -100], skip_special_tokens=True)
+        # (a token may begin in the prompt: "=4" or " 4" are one token, trained whole)
+        assert trained.strip().endswith(response.strip()) and len(trained.strip()) <= len(response.strip()) + 1, \
+            (prompt, response, trained)
+        assert labels[-1] == tok.eos_token_id and labels[len(bos)] == -100
+    template = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}USER: {{ m['content'] }} "
+                "{% else %}ASSISTANT: {{ m['content'] }}{{ eos_token }}{% endif %}{% endfor %}"
+                "{% if add_generation_prompt %}ASSISTANT: {% endif %}")
+    ids, labels = chat_tokens(tok, [{"role": "user", "content": "how many pens"},
+                                    {"role": "assistant", "content": "cat has 4 pens"}], template)
+    assert tok.decode([t for t in labels if t != -100], skip_special_tokens=True).strip() == "cat has 4 pens"
