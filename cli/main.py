@@ -118,6 +118,8 @@ def _train(rest: list[str]) -> int:
         problems = _check_group_overrides(overrides) or sweeper_problems(rest) or _sweep_problems(overrides)
         if problems:
             return _fail(problems)
+    if multirun:
+        rest = rest + _claimed_sweep_dir(overrides)
     from runx.cli.train import hydra_main
     from runx.cli.config import is_optuna_sweep, normalize_recipe_overrides, optuna_direction_override
     direction = optuna_direction_override(rest) if multirun else None
@@ -174,6 +176,28 @@ def _sweep_problems(overrides: list[str]) -> list[str]:
             if p not in problems and not unknown_key:
                 problems.append(p)
     return problems
+
+
+def _claimed_sweep_dir(overrides: list[str]) -> list[str]:
+    """`hydra.sweep.dir=<folder>` for a sweep given neither run_dir nor hydra.sweep.dir: its dated folder
+    (multirun/<date>/<time>-<recipe>), made here, or <folder>-2, -3, ... where another sweep took that name in the
+    same second (two sweeps started together by a script shared one folder, and each job resumed the other
+    sweep's job of the same number). Passed on as a value, not left to the config's `${now:...}`: each job of a
+    submitit sweep resolves its config again, in its own process."""
+    if any(o.lstrip("+").partition("=")[0] in ("hydra.sweep.dir", "run_dir") for o in overrides):
+        return []
+    from runx.cli.config import compose, sweep_jobs
+    from runx.conf import _new_run_dir, _sweep_name
+    try:
+        cfg = compose(sweep_jobs(overrides)[0])
+    except Exception:   # (the sweep's checks above have reported what they could)
+        return []
+    if cfg.get("run_dir"):
+        return []
+    import time
+    stamp = time.strftime("%Y-%m-%d/%H-%M-%S")
+    folder = _new_run_dir(None, f"multirun/{stamp}-{_sweep_name(cfg.recipe.name)}")
+    return [f"hydra.sweep.dir='{folder}'"]
 
 
 def _find_hydra_plugins() -> None:

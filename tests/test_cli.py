@@ -1054,3 +1054,28 @@ def test_fused_logprob_is_refused_for_a_model_that_transforms_its_logits_after_t
     assert len(problems) == 1 and "recipe.fused_logprob=false" in problems[0], problems
     assert any(k in problems[0] for k in ("final_logit_softcapping", "logit_scale", "logits_scaling")), problems
     assert _recipe_problems(compose(base)) == []
+
+
+def test_sweeps_started_in_the_same_second_get_their_own_folders(tmp_path, monkeypatch):
+    """Two sweeps started together by a script took one multirun/<date>/<time>-<recipe> folder, and each job resumed
+    the other sweep's job of the same number. The sweep's folder is claimed by `runx train -m` and passed on as a
+    value (a submitit job resolves its config again in its own process, at its own time)."""
+    import time as time_mod
+
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from runx.cli.main import _claimed_sweep_dir
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(time_mod, "strftime", lambda fmt, *a: "2026-01-02/03-04-05")
+    sweep = ["recipe=lora", "optim.lr=1e-4,1e-3"]
+    from runx import conf
+    got = []
+    for _ in range(3):   # (one process claims one sweep folder: each call here is another `runx train -m`)
+        monkeypatch.setattr(conf, "_CLAIMED", {})
+        got.append(_claimed_sweep_dir(sweep))
+    parsed = [OverridesParser.create().parse_overrides(g)[0] for g in got]
+    assert [(o.key_or_group, o.value()) for o in parsed] == [
+        ("hydra.sweep.dir", "multirun/2026-01-02/03-04-05-lora" + s) for s in ("", "-2", "-3")]
+    assert all((tmp_path / o.value()).is_dir() for o in parsed)
+    assert _claimed_sweep_dir(sweep + [f"run_dir={tmp_path}/r"]) == []
+    assert _claimed_sweep_dir(sweep + [f"hydra.sweep.dir={tmp_path}/s"]) == []
