@@ -634,7 +634,7 @@ def test_gradient_checkpointing_after_an_estimation_on_partitioned_weights(tmp_p
     module the backward Functions bound to the hooks that made them, and the engine reused them: a checkpointed
     layer's recompute then fetched through the dead ones ("Recomputed values ... different metadata"). With
     gradient checkpointing, ZeRO-3 (built partitioned) now trains with ZeRO-2's losses."""
-    common = ["recipe=lora_ga", "model.gradient_checkpointing=true", "recipe.grad_batches=2", "trainer.max_steps=2",
+    common = ["recipe=lora_ga", "model=tiny_bert", "model.gradient_checkpointing=true", "recipe.grad_batches=2", "trainer.max_steps=2",
               "data.max_train_samples=32", "trainer.micro_batch_size=8", "trainer.eval_every=0",
               "trainer.ckpt_every=0", "logger=none", "trainer.progress=false"]
     run_cli(["train", *common, "trainer=zero2", f"run_dir={tmp_path / 'z2'}"])
