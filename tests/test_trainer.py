@@ -118,14 +118,22 @@ def test_a_causal_lm_step_averages_over_all_its_tokens(tmp_path):
               "trainer.max_steps=3", "trainer.eval_every=0", "trainer.ckpt_every=0"]
     splits = {"8x1": ["trainer.micro_batch_size=8"],       # 2 micro-batches x 2 ranks: accumulation and ranks
               "2x2x2ranks": ["trainer.micro_batch_size=2", "trainer.grad_accum=2", "trainer.num_procs=2",
-                             "trainer=zero3"]}
-    for name, extra in splits.items():
+                             "trainer=zero3"],
+              # the fused head calls the decoder, not the engine: ZeRO-3 kept only the last micro-batch's gradient
+              "4x2fused": ["trainer.micro_batch_size=4", "trainer.grad_accum=2", "trainer=zero3",
+                           "recipe.fused_logprob=true"]}
+    amp = {"amp": ["trainer.micro_batch_size=8", "trainer.precision=amp_bf16"],
+           "amp_fused": ["trainer.micro_batch_size=8", "trainer.precision=amp_bf16", "recipe.fused_logprob=true"]}
+    for name, extra in {**splits, **amp}.items():
         run_cli(["train", f"run_dir={tmp_path / name}", *common, *extra])
     ref = losses(tmp_path / "8x1")
     assert sorted(ref) == [1, 2, 3]
     for name in splits:
         got = losses(tmp_path / name)
         assert all(abs(got[s] - ref[s]) <= 2e-6 * ref[s] for s in ref), (name, got, ref)
+    # amp_bf16's autocast is the engine forward's: the fused path ran in fp32 (its loss equal to fp32's to 1e-7)
+    a, af = losses(tmp_path / "amp"), losses(tmp_path / "amp_fused")
+    assert abs(af[1] - a[1]) <= 1e-5 * a[1] and abs(af[1] - ref[1]) >= 5e-6 * ref[1], (af, a, ref)
 
 
 def test_zero3_builds_a_pretrained_model_partitioned(tmp_path):

@@ -129,6 +129,22 @@ def keep_clipped_grad_norm(engine) -> None:
     engine.clip_fp32_gradients = clip_fp32_gradients
 
 
+def engine_forward_context(engine):
+    """What DeepSpeed's engine.forward does around the model call, for a recipe's loss or evaluation, which may call
+    the model or its parts directly (the decoder and a fused head, VeriFree's rollouts and scoring): ZeRO's
+    start-of-micro-batch bookkeeping (ZeRO-3 advances its micro-step counter there; without it, with grad_accum > 1,
+    each micro-batch's gradient replaced the one before instead of adding to it) and trainer.precision=amp_bf16's
+    autocast (applied only inside engine.forward, so those paths ran in fp32). Repeating either in the engine's own
+    forward changes nothing."""
+    from deepspeed.runtime.base_optimizer import ZeROOptimizer
+    if isinstance(engine.optimizer, ZeROOptimizer):
+        engine.optimizer.clear_backward_seen_flag()
+    from deepspeed.accelerator import get_accelerator
+    on = bool(engine.torch_autocast_enabled())
+    return torch.autocast(get_accelerator().device_name(), dtype=engine.torch_autocast_dtype() if on else None,
+                          enabled=on)
+
+
 def _metrics_line(metrics: dict) -> str:
     """`key=value` for each number, as train.log gets a run's evaluations and final metrics."""
     return "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()
@@ -572,7 +588,8 @@ class Trainer:
                     recipe.on_step_start(self, engine, self.global_step)
                 batch = self.to_device(batch)
                 recipe.loss_norm = norm
-                loss, metrics = recipe.loss(engine, batch, self.global_step)
+                with engine_forward_context(engine):
+                    loss, metrics = recipe.loss(engine, batch, self.global_step)
                 recipe.loss_norm = None      # evaluation and anything else: each micro-batch's own mean
                 engine.backward(loss)
                 recipe.after_backward(self, engine, self.global_step)
@@ -630,7 +647,7 @@ class Trainer:
                     evaluated = True
                     t_aside = time.perf_counter()
                     engine.eval()
-                    with torch.no_grad():
+                    with torch.no_grad(), engine_forward_context(engine):
                         last_eval = {f"eval/{k}": v for k, v in recipe.evaluate(engine, eval_dl).items()}
                     engine.train()
                     rec.update(last_eval)
@@ -685,7 +702,7 @@ class Trainer:
         final = {"steps": self.global_step, "train_wall_s": time.perf_counter() - self._loop_t0}
         if steps_done == 0 and eval_dl is not None:  # resumed a finished run: evaluate once more
             engine.eval()
-            with torch.no_grad():
+            with torch.no_grad(), engine_forward_context(engine):
                 last_eval = {f"eval/{k}": v for k, v in recipe.evaluate(engine, eval_dl).items()}
         final.update(last_eval)
         if self.best is not None:
