@@ -1495,6 +1495,27 @@ def test_group_by_length_sampler_draws_the_same_samples_with_less_padding_and_re
     assert maxes != sorted(maxes, reverse=True)
 
 
+@pytest.mark.parametrize("n,max_steps", [(1500, 94), (1322, 120), (100, 30)])
+def test_group_by_length_is_one_pass_per_epoch_and_no_batch_holds_a_sample_twice(n, max_steps):
+    """The last group of 50 steps was drawn past max_steps and sorted with the next epoch's samples: with
+    trainer.epochs=1 (1500 samples, 94 steps of 16) 84 samples were never seen and 88 twice, and copies of a sample
+    from two epochs sorted side by side into one batch (32 of the default job's 120 batches). Now a run draws the
+    ungrouped order's samples, and a batch holds a sample twice no more often than the ungrouped order's do."""
+    import random
+    from collections import Counter
+
+    from runx.trainers.deepspeed_trainer import StepBatchSampler
+    rng = random.Random(1)
+    lengths = [rng.randint(4, 512) for _ in range(n)]
+    args = dict(n=n, micro=8, accum=2, world=1, rank=0, seed=0, start_step=0, max_steps=max_steps)
+    plain, grouped = StepBatchSampler(**args), StepBatchSampler(lengths=lengths, **args)
+    draws = lambda smp: [smp.global_indices(s) for s in range(max_steps)]   # noqa: E731
+    a, b = draws(plain), draws(grouped)
+    assert Counter(i for batch in a for i in batch) == Counter(i for batch in b for i in batch)
+    twice = lambda batches: sum(len(x) - len(set(x)) for x in batches)   # noqa: E731
+    assert twice(b) <= twice(a), (twice(b), twice(a))
+
+
 @pytest.mark.parametrize("fused", [False, True])
 def test_packing_gives_the_unpacked_loss_and_gradients_with_fewer_rows(tmp_path, fused):
     """data.packing=true: a micro-batch of causal LM samples packed into rows of max_length tokens gives the

@@ -31,9 +31,11 @@ class StepBatchSampler(torch.utils.data.Sampler):
     """Yields this rank's micro-batch index lists from optimizer step `start_step` on.
 
     With `lengths` (one per sample), batches are grouped by length as Hugging Face's LengthGroupedSampler does:
-    the samples of GROUP_STEPS consecutive global batches are sorted by length and cut into global batches again,
-    which then run in a seeded random order. Each step's batch stays a function of (seed, step) alone, so a
-    resumed run draws the same batches."""
+    the samples of GROUP_STEPS consecutive global batches (fewer in the last window, which ends at max_steps) are
+    sorted by length, one epoch's before the next's, and cut into global batches again, which then run in a seeded
+    random order. So the run sees the samples the ungrouped order would (trainer.epochs=1: each once), and a
+    sample is twice in a batch no more often than there (two epochs' copies, sorted side by side, shared one).
+    Each step's batch stays a function of (seed, step, max_steps), so a resumed run draws the same batches."""
 
     GROUP_STEPS = 50
 
@@ -67,10 +69,13 @@ class StepBatchSampler(torch.utils.data.Sampler):
         return out
 
     def _grouped(self, step: int) -> list[int]:
-        k, first = self.GROUP_STEPS, step - step % self.GROUP_STEPS
+        first = step - step % self.GROUP_STEPS
+        k = min(self.GROUP_STEPS, max(1, self.max_steps - first))
         if first not in self._groups:
             idx = [i for s in range(first, first + k) for i in self._drawn(s)]
-            idx = [i for _, _, i in sorted((-self.lengths[i], pos, i) for pos, i in enumerate(idx))]
+            start = first * self.micro * self.accum * self.world    # (the stream position of idx[0]: its epoch)
+            idx = [i for *_, i in sorted(((start + pos) // self.n, -self.lengths[i], pos, i)
+                                         for pos, i in enumerate(idx))]
             g = len(idx) // k
             batches = [idx[b * g:(b + 1) * g] for b in range(k)]
             order = torch.randperm(k, generator=torch.Generator().manual_seed(self.seed * 7919 + first)).tolist()
