@@ -102,6 +102,9 @@ def test_zero3_two_processes_match_one(tmp_path):
     for s in a:
         assert abs(a[s] - b[s]) <= 1e-4 * abs(a[s]), (s, a[s], b[s])
     assert a[5] < a[1]
+    # the recipe's metrics are the step's over both ranks (train accuracy was rank 0's half of the batch)
+    acc = [[r["acc"] for r in read_metrics(tmp_path / run)] for run in ("one", "two")]
+    assert acc[0] == pytest.approx(acc[1], abs=1e-9), acc
     # one run dir, written by rank 0 only
     assert len(read_metrics(tmp_path / "two")) == 5
     one, two = (json.load(open(tmp_path / r / "summary.json")) for r in ("one", "two"))

@@ -623,12 +623,15 @@ class Trainer:
                 # skips the all-reduce (~50 us with gloo even alone) and the device round trip
                 multi = self.world_size > 1
                 # ... with the stop flag riding along: every rank stops after the same step if any got SIGTERM
-                red = torch.tensor([acc_loss / grad_accum, samples, tokens, float(stop.signalled)],
-                                   dtype=torch.float64,
+                # ... and the recipe's metrics, the mean over ranks as the loss (a recipe's metric keys are the
+                # same on every rank: they follow its config)
+                keys = sorted(acc_metrics)
+                red = torch.tensor([acc_loss / grad_accum, samples, tokens, float(stop.signalled),
+                                    *(acc_metrics[k] for k in keys)], dtype=torch.float64,
                                    device=torch.cuda.current_device() if multi and self.device == "cuda" else "cpu")
                 if multi:
                     dist.all_reduce(red)
-                loss_sum, n_samples, n_tokens, n_stopping = red.tolist()
+                loss_sum, n_samples, n_tokens, n_stopping, *metric_sums = red.tolist()
                 rec = {"step": self.global_step, "loss": loss_sum / self.world_size,
                        "lr": step_lr,
                        "samples_per_s": n_samples / dt, "step_time_s": dt}
@@ -642,7 +645,7 @@ class Trainer:
                         rec["model_tflops_per_gpu"] = tflops
                         if peak_tflops:
                             rec["mfu"] = tflops / peak_tflops
-                rec.update({k: v / grad_accum for k, v in acc_metrics.items()})
+                rec.update({k: v / grad_accum / self.world_size for k, v in zip(keys, metric_sums)})
                 rec["peak_mem_gb"] = runtime.peak_memory_bytes(self.device) / 2**30
                 if stop_nonfinite and not math.isfinite(rec["loss"]):   # the same reduced loss on every rank
                     self._diverged(rec, metrics_log, wb)

@@ -71,7 +71,8 @@ class TrainingRecipe:
         """Before each optimizer step's first micro-batch (e.g. SwAV normalises prototypes)."""
 
     def loss(self, model, batch, step: int):
-        """(loss tensor, metrics dict of python floats) for one micro-batch."""
+        """(loss tensor, metrics dict of python floats) for one micro-batch. The metrics' keys are the same on
+        every rank and micro-batch (the trainer logs each one's mean over the step's micro-batches and ranks)."""
         raise NotImplementedError
 
     # Set by the trainer around each optimizer step when `loss_items` counts: world x grad_accum / (the step's
