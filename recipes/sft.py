@@ -334,8 +334,17 @@ class SFT(ExportsTokenizer, TrainingRecipe):
             out["perplexity"] = float(torch.exp(torch.tensor(out["loss"])))
         return out
 
+    def batch_size(self, batch) -> int:
+        """Samples in the micro-batch: with data.packing, the sequences that start in its rows (a row holds
+        several), not its rows."""
+        if "position_ids" in batch:
+            return int(((batch["position_ids"] == 0) & (batch["attention_mask"] == 1)).sum())
+        return len(batch["input_ids"])
+
     def batch_tokens(self, batch):
         return int(batch["attention_mask"].sum())
 
     def flops_per_token(self, model):
-        return 6.0 * count_params(model)
+        """Model FLOPs per trained token: 2N forward and 2N for the activations' gradients over all N parameters,
+        2N for the weights' gradients of the trainable ones only (full fine-tuning 6N; LoRA about 4N)."""
+        return 4.0 * count_params(model) + 2.0 * count_params(model, trainable_only=True)

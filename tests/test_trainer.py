@@ -2018,3 +2018,23 @@ def test_the_environment_record_names_the_repository_it_could_read(tmp_path, mon
     rec = tracking.environment_record()
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=project, capture_output=True, text=True).stdout.strip()
     assert (rec["git_sha"], rec["git_dirty"], rec["git_repo"]) == (head, False, str(project))
+
+
+def test_packed_batches_count_samples_and_lora_flops_leave_out_frozen_weight_gradients(tmp_path):
+    """samples/s counted a packed micro-batch's rows (4, then 6, for 8 samples); TFLOPS and MFU took 6N per token
+    for LoRA too, whose frozen weights get no gradient (4N + 2N trainable)."""
+    from runx.cli.config import compose
+    from runx.recipes.lora import LoRA
+    from runx.recipes.text_data import pack_collate
+    from runx.trainers.hf import count_params
+    from runx.trainers.recipe import build_recipe
+    sft = _sft(tmp_path)
+    items = [{"input_ids": list(range(1, k + 1)), "labels": list(range(1, k + 1))} for k in (5, 9, 3, 12, 7, 2, 8, 4)]
+    packed = pack_collate(0, 16)(items)
+    assert len(packed["input_ids"]) < 8 and sft.batch_size(packed) == 8
+    model = sft.build_model()
+    assert sft.flops_per_token(model) == 6 * count_params(model)
+    lora = build_recipe(LoRA, compose(["recipe=lora", "model=tiny_llama"]), str(tmp_path / "l"))
+    model = lora.build_model()
+    n, t = count_params(model), count_params(model, trainable_only=True)
+    assert 0 < t < n / 2 and lora.flops_per_token(model) == 4 * n + 2 * t
