@@ -247,6 +247,14 @@ def ds_override_problems(overrides: dict) -> list[str]:
         if key in flat or (key == "zero_optimization.stage" and isinstance(overrides.get("zero_optimization"), int)):
             out.append(f"trainer.ds_overrides.{key}={flat.get(key)}: runx sets it from {where}. Valid choices: "
                        f"set {where.split(' x ')[0]} instead.")
+    for key in ("bf16.enabled", "torch_autocast.enabled"):
+        if key in flat:
+            out.append(f"trainer.ds_overrides.{key}={flat[key]}: runx sets it from trainer.precision. Valid "
+                       "choices: set trainer.precision=fp32|bf16|amp_bf16 instead.")
+    if any(flat.get(k) not in (None, False, "false") for k in ("fp16.enabled", "amp.enabled")):
+        out.append("trainer.ds_overrides.fp16: runx trains in fp32, bf16 or amp_bf16. fp16's loss scaling skips the "
+                   "optimizer step on an overflow, which runx would count as a step (its schedule, data and "
+                   "checkpoints running ahead of the model). Valid choices: trainer.precision=bf16|amp_bf16.")
     known, fields, aliases = _deepspeed_keys()
     known.update(_DS_SECTIONS)
     zero_keys = set(fields) | aliases

@@ -213,6 +213,10 @@ def test_out_of_range_values_are_named_with_their_valid_range():
       "trainer.ds_overrides.gradient_clipping?", "trainer.ds_overrides.gradient_accumulation_steps=2: runx sets it",
       "trainer.ds_overrides.zero_optimization.reduce_bucket_sise: not a key of DeepSpeed's zero_optimization block. "
       "Did you mean reduce_bucket_size?"]),
+    # fp16's loss scaling skips steps on overflow that runx would count; bf16 is trainer.precision's
+    ("sft", ["++trainer.ds_overrides={fp16:{enabled:true},bf16.enabled:true}"],
+     ["trainer.ds_overrides.bf16.enabled=True: runx sets it from trainer.precision",
+      "trainer.ds_overrides.fp16: runx trains in fp32, bf16 or amp_bf16"]),
     ("sft", ["++trainer.ds_overrides={gradient_clipping:0.5,aio.queue_depth:16,comet.enabled:false}",
              "++trainer.ds_overrides.zero_optimization.stage3_max_live_parameters=1e9"], []),
     ("verifree", ["recipe.rollout_backend=vllm", "trainer=zero3"],
