@@ -9,8 +9,10 @@ verifier's expected reward given z is the policy's own probability of y*:
 One step on a micro-batch of prompts (VeriFree.loss, top to bottom):
   1. rollout: G traces per question, sampled until the closing answer tag            (sample_responses)
   2. cut each trace before the ">" of "<answer", append the reference answer        (build_verifree_sequences)
-     -> tokens(z + answer) == tokens(z) + tokens(answer): the boundary tokens are the ones a model
-        sampling the reference answer would produce (z is re-tokenised from text, as in the reference)
+     -> the sequence the policy reads had it written y* after z: the prompt's and z's sampled tokens, then
+        the answer tokenised in context (the whole text tokenised once, roles by character offsets), so that
+        R scores the tokens a model writing "<answer> \\boxed{y*} </answer>" after z would produce, for
+        byte-level BPE (Qwen, Llama-3) and SentencePiece-style tokenizers (Llama-2, Mistral) alike   (in_context)
   3. one forward: per-token log-probs of z and of the answer from the final hidden states with the
      fused kernel, no [tokens x vocab] logits                                        (sequence_logprobs)
   4. R_i = exp(sum_answer log pi) in [0, 1]; 0 without an answer tag or when truncated  (verifree_rewards)
@@ -38,10 +40,11 @@ from dataclasses import dataclass
 
 import torch
 
-from runx.recipes.sft import ExportsTokenizer, causal_lm_tokenizer, check_packed_attention
+from runx.recipes.sft import (ExportsTokenizer, causal_lm_tokenizer, check_fused_head, check_packed_attention,
+                              check_positions, check_positions_from_config, model_config)
 from runx.recipes.text_data import first_fit, held_out_split, load_hf_splits, read_local_splits, require_rows
 from runx.recipes.verifree_task import ArithmeticTask, QADataset, corrupt_trace, qa_rows, split_rows
-from runx.trainers.recipe import TrainingRecipe
+from runx.trainers.recipe import RecipeConfigError, TrainingRecipe
 
 log = logging.getLogger("runx.verifree")
 
@@ -60,7 +63,8 @@ def fill(template: str, **values: str) -> str:
 def split_before_answer(text: str, split: str) -> str | None:
     """The reasoning z of a sampled response: everything up to and including `split` ("<answer"),
     or None when the response never opened the answer tag. Splitting before the ">" (not after
-    "<answer>") keeps tokenisation additive at the boundary: the patched answer starts with ">"."""
+    "<answer>") is the paper's choice (section 2.4): the patched answer starts with ">", and with a
+    byte-level BPE "<answer" and ">" are separate tokens, so z keeps its sampled tokens."""
     idx = text.find(split)
     return None if idx < 0 else text[:idx] + split
 
@@ -175,15 +179,59 @@ class StopOnString:
         return torch.tensor([self.stop in t for t in tails], dtype=torch.bool, device=input_ids.device)
 
 
+def encode_prompts(tokenizer, prompts: list[str]) -> list[list[int]]:
+    """The token ids the policy reads for each rendered prompt: with the tokenizer's special tokens (its BOS),
+    except for a prompt that already starts with the BOS text (a template written from the model's own format,
+    "<s>[INST] ..." or "<|begin_of_text|>..."), which would otherwise read BOS twice. The rollout, the scored
+    sequences, the warm-up and the prompt-length check all read prompts through this."""
+    bos = tokenizer.bos_token
+    has_bos = [bool(bos) and p.startswith(bos) for p in prompts]
+    out: list = [None] * len(prompts)
+    for flag in (False, True):
+        idx = [i for i, h in enumerate(has_bos) if h == flag]
+        if idx:
+            for i, ids in zip(idx, tokenizer([prompts[i] for i in idx], add_special_tokens=not flag).input_ids):
+                out[i] = list(ids)
+    return out
+
+
+def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """[N, T] input ids left-padded with pad_id (generate continues every row at the right end) and the mask."""
+    T = max(len(r) for r in rows)
+    ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
+    attn = torch.zeros((len(rows), T), dtype=torch.long)
+    for i, r in enumerate(rows):
+        if r:
+            ids[i, T - len(r):] = torch.tensor(r)
+            attn[i, T - len(r):] = 1
+    return ids, attn
+
+
+def rollout_generation_config(tokenizer, group_size: int, temperature: float, top_p: float, max_new_tokens: int):
+    """The recipe's sampling settings and nothing else: plain sampling at `temperature` with nucleus `top_p`
+    (greedy at temperature 0), the tokenizer's pad / eos / bos. Whatever the checkpoint's generation_config.json
+    holds (Qwen2.5-Instruct's repetition_penalty 1.05, a no_repeat_ngram_size, min_new_tokens, top_k 20 ...)
+    must not apply: the rollouts would come from another distribution than the policy the loss scores (a biased
+    gradient), and the greedy evaluation would not be greedy."""
+    from transformers import GenerationConfig
+    sampling = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0) if temperature > 0 \
+        else dict(do_sample=False)
+    return GenerationConfig(max_new_tokens=max_new_tokens, num_return_sequences=group_size, use_cache=True,
+                            pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                            bos_token_id=tokenizer.bos_token_id, **sampling)
+
+
 @torch.no_grad()
 def sample_responses(policy, tokenizer, prompts: list[str], group_size: int, temperature: float, top_p: float,
                      max_new_tokens: int, stop: str, chunk: int = 0) -> list[Response]:
     """G responses per prompt, in prompt order (rows g*G .. g*G+G-1 belong to prompt g).
 
-    On a ZeRO-3 partitioned policy every rank must run the same number of forward passes, so
+    Sampled with rollout_generation_config only: transformers fills every setting a generation config leaves
+    unset from the model's own generation_config (the checkpoint's file), so the model's is swapped for an empty
+    one for the call. On a ZeRO-3 partitioned policy every rank must run the same number of forward passes, so
     generation keeps stepping until all ranks finish (synced_gpus) when more than one rank exists."""
     import torch.distributed as dist
-    from transformers import StoppingCriteriaList
+    from transformers import GenerationConfig, StoppingCriteriaList
 
     device = next(policy.parameters()).device
     synced = is_zero3_partitioned(policy) and dist.is_available() and dist.is_initialized() \
@@ -194,20 +242,19 @@ def sample_responses(policy, tokenizer, prompts: list[str], group_size: int, tem
     eos_id = tokenizer.eos_token_id
     end_ids = {i for i in (pad_id, eos_id) if i is not None}
     per_call = max(1, (chunk or len(prompts) * group_size) // group_size)
+    config = rollout_generation_config(tokenizer, group_size, temperature, top_p, max_new_tokens)
+    model_config = getattr(policy, "generation_config", None)
     out: list[Response] = []
     try:
+        if model_config is not None:
+            policy.generation_config = GenerationConfig()
         for start in range(0, len(prompts), per_call):
-            part = prompts[start:start + per_call]
-            enc = tokenizer(part, return_tensors="pt", padding=True, padding_side="left")
-            input_ids, attn = enc.input_ids.to(device), enc.attention_mask.to(device)
+            input_ids, attn = left_pad(encode_prompts(tokenizer, prompts[start:start + per_call]), pad_id)
+            input_ids, attn = input_ids.to(device), attn.to(device)
             plen = input_ids.shape[1]
-            sampling = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0) \
-                if temperature > 0 else dict(do_sample=False)
             seqs = policy.generate(
-                input_ids=input_ids, attention_mask=attn, max_new_tokens=max_new_tokens,
-                num_return_sequences=group_size, use_cache=True, pad_token_id=pad_id, eos_token_id=eos_id,
-                stopping_criteria=StoppingCriteriaList([StopOnString(tokenizer, stop, plen)]),
-                synced_gpus=synced, **sampling)
+                input_ids=input_ids, attention_mask=attn, generation_config=config,
+                stopping_criteria=StoppingCriteriaList([StopOnString(tokenizer, stop, plen)]), synced_gpus=synced)
             for row, gen in enumerate(seqs[:, plen:].tolist()):
                 ids, finish = [], "length"
                 for t in gen:
@@ -225,6 +272,8 @@ def sample_responses(policy, tokenizer, prompts: list[str], group_size: int, tem
                     text, finish = text[:cut + len(stop)], "stop"
                 out.append(Response(start + row // group_size, ids, text, finish))
     finally:
+        if model_config is not None:
+            policy.generation_config = model_config
         policy.train(was_training)
     return out
 
@@ -245,8 +294,83 @@ class ScoredBatch:
     truncated: torch.Tensor      # [N] bool
 
 
-def _encode(tokenizer, texts: list[str]) -> list[list[int]]:
-    return tokenizer(texts, add_special_tokens=False).input_ids if texts else []
+def _encode(tokenizer, text: str) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=False).input_ids) if text else []
+
+
+_WARNED: set = set()
+
+
+def _warn_once(key: str, msg: str, *args) -> None:
+    if key not in _WARNED:
+        _WARNED.add(key)
+        log.warning(msg, *args)
+
+
+def _decode(tokenizer, ids: list[int]) -> str:
+    return tokenizer.decode(ids, skip_special_tokens=True)   # as a Response's text is decoded
+
+
+def sampled_within(tokenizer, sampled: list[int], z: str) -> int:
+    """How many leading sampled tokens lie wholly inside z: the longest prefix whose text is a prefix of z
+    (a binary search on the decoded prefixes)."""
+    lo, hi = 0, len(sampled)
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if z.startswith(_decode(tokenizer, sampled[:mid])):
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+def _token_starting_at(offsets: list[tuple[int, int]], b: int) -> int | None:
+    """The index of the token that starts at character b, if no token of the text crosses b (else None)."""
+    for i, (s, e) in enumerate(offsets):
+        if e > b:
+            return i if s == b else None
+    return None
+
+
+def in_context(tokenizer, prompt: str, sampled: list[int], z: str, answer: str) -> tuple[list[int], list[int]]:
+    """(z tokens, answer tokens) of `prompt` + `z` + `answer` as the policy reads them: the tokens a model that
+    wrote the sampled ids (whose text begins z) and then the rest of z and the answer would have produced.
+
+    The sampled tokens that lie wholly inside z are kept as sampled (the REINFORCE term scores what was
+    sampled). The whole text is tokenised once (a fast tokenizer's character offsets) and its tokens from where
+    the kept ones end are taken in context: no piece gains what a tokenizer adds at the start of a string
+    (tokenised apart, SentencePiece's "▁" before the patched ">" made R score "<answer > \\boxed{..}", a text the
+    model never writes), and z's closing "<answer" merges with the answer's ">" where the tokenizer merges them
+    ("<answer>" is one token in Llama-2 / Mistral style vocabularies).
+    Roles by offsets: a token that ends inside z is a z token; the first token holding a character of the answer
+    and every later one are answer tokens. So a token straddling the boundary (that "<answer>") goes with the
+    answer: R = pi(y*|x,z) must score the model's choice to open the answer as the reference does, and that
+    choice is this token. Where a token of the whole text crosses the point where the kept sampled tokens end,
+    fewer are kept (the rest of z re-tokenised, as the reference re-tokenises all of z).
+
+    A tokenizer without offsets (a slow one), or no common token boundary: the sampled tokens inside z, the rest
+    of z and the answer tokenised apart (the reference's rule, exact for byte-level BPE); warned once where
+    those pieces do not decode to the text."""
+    k = sampled_within(tokenizer, sampled, z)
+    if getattr(tokenizer, "is_fast", False):
+        enc = tokenizer(prompt + z + answer, add_special_tokens=False, return_offsets_mapping=True)
+        ids, offsets = list(enc.input_ids), [tuple(o) for o in enc.offset_mapping]
+        z_end = len(prompt) + len(z)
+        for j in range(k, -1, -1):
+            first = _token_starting_at(offsets, len(prompt) + len(_decode(tokenizer, sampled[:j])))
+            if first is not None:
+                n_z = first + sum(1 for _, e in offsets[first:] if e <= z_end)
+                return list(sampled[:j]) + ids[first:n_z], ids[n_z:]
+    head = _decode(tokenizer, sampled[:k])
+    think, ans = list(sampled[:k]) + _encode(tokenizer, z[len(head):]), _encode(tokenizer, answer)
+    scored = _decode(tokenizer, think + ans)
+    if scored != z + answer:
+        _warn_once("apart", "%s gives no character offsets (a slow tokenizer), or none where the sampled tokens "
+                   "end, so the end of the reasoning and the reference answer were tokenised apart, and the "
+                   "pieces do not decode to the text (...%r, not ...%r): R = pi(y*|x,z) then scores tokens the "
+                   "model would not write. A fast tokenizer tokenises them in context", type(tokenizer).__name__,
+                   scored[-40:], (z + answer)[-40:])
+    return think, ans
 
 
 def pack(prompt_ids: list[list[int]], segments: list[list[tuple[list[int], int]]], pad_id: int) -> tuple:
@@ -272,23 +396,21 @@ def pack(prompt_ids: list[list[int]], segments: list[list[tuple[list[int], int]]
 
 def build_verifree_sequences(tokenizer, prompts: list[str], responses: list[Response], references: list[str],
                              answer_template: str, split: str, max_new_tokens: int) -> ScoredBatch:
-    """prompt + z_i + patched reference answer, as the reference implementation builds them:
-    z_i = response text up to and including "<answer", re-tokenised from text; answer = "> \\boxed{y*} </answer>".
-    A response that never opened the tag keeps its sampled ids as z and has no answer (R=0); one that hit
-    max_new_tokens, or whose z + answer is longer than max_new_tokens, is truncated (R=0)."""
-    thinks = [split_before_answer(r.text, split) for r in responses]
-    with_tag = [i for i, t in enumerate(thinks) if t is not None]
-    think_ids = dict(zip(with_tag, _encode(tokenizer, [thinks[i] for i in with_tag])))
-    ans_ids = dict(zip(with_tag, _encode(tokenizer, [fill(answer_template, answer=references[responses[i].prompt_index])
-                                                     for i in with_tag])))
-    prompt_ids = tokenizer(prompts).input_ids
+    """prompt + z_i + patched reference answer: z_i = response text up to and including "<answer", answer =
+    "> \\boxed{y*} </answer>", as the policy reads them (prompt ids as sampled, z's sampled tokens, the answer
+    tokenised in context: `in_context`). A response that never opened the tag keeps its sampled ids as z and has
+    no answer (R=0); one that hit max_new_tokens, or whose z + answer is longer than max_new_tokens, is
+    truncated (R=0)."""
+    prompt_ids = encode_prompts(tokenizer, prompts)
     segs, has_answer, truncated = [], [], []
-    for i, r in enumerate(responses):
+    for r in responses:
         trunc = r.finish == "length"
-        if i in think_ids:
-            z, a = think_ids[i], ans_ids[i]
-            trunc = trunc or len(z) + len(a) > max_new_tokens
-            segs.append([(z, THINK), (a, ANSWER)])
+        z = split_before_answer(r.text, split)
+        if z is not None:
+            answer = fill(answer_template, answer=references[r.prompt_index])
+            think, ans = in_context(tokenizer, prompts[r.prompt_index], list(r.ids), z, answer)
+            trunc = trunc or len(think) + len(ans) > max_new_tokens
+            segs.append([(think, THINK), (ans, ANSWER)])
             has_answer.append(not trunc)
         else:
             segs.append([(list(r.ids), THINK)])
@@ -300,7 +422,7 @@ def build_verifree_sequences(tokenizer, prompts: list[str], responses: list[Resp
 
 def build_response_sequences(tokenizer, prompts: list[str], responses: list[Response]) -> ScoredBatch:
     """prompt + the sampled response ids, all scored as one segment (the verifier baseline)."""
-    prompt_ids = tokenizer(prompts).input_ids
+    prompt_ids = encode_prompts(tokenizer, prompts)
     segs = [[(list(r.ids), THINK)] for r in responses]
     input_ids, attn, role = pack([prompt_ids[r.prompt_index] for r in responses], segs, tokenizer.pad_token_id)
     trunc = torch.tensor([r.finish == "length" for r in responses])
@@ -507,6 +629,12 @@ class VeriFree(ExportsTokenizer, TrainingRecipe):
                              "model.path=...), or a trainer without parameter offload to NVMe (zero3, "
                              "zero3_cpu_offload)")
         self.tokenizer = causal_lm_tokenizer(cfg.model)
+        self.hf_config = model_config(cfg.model)   # (read once for the checks below; None: not readable here)
+        # a prompt of up to data.max_length tokens (longer ones are dropped: prompt_rows) and the answer: the
+        # positions a sequence needs (a model with learned positions has no more)
+        check_positions_from_config(cfg.model, self.max_positions(), self.positions_key(), conf=self.hf_config)
+        if rc.fused_logprob:
+            check_fused_head(self.hf_config, "recipe.fused_logprob")
         self._rows = None if cfg.data.kind in ("generated", "builtin") else self.read_data()
         self._tokens = 0
         self._held_out = None
@@ -516,9 +644,20 @@ class VeriFree(ExportsTokenizer, TrainingRecipe):
         self._vllm = None
 
     # ---- building --------------------------------------------------------------------------------
+    def max_positions(self) -> int:
+        """The longest sequence: a prompt of data.max_length tokens and the longest answer sampled."""
+        rc = self.rc
+        return int(self.cfg.data.max_length) + max(int(rc.max_new_tokens), int(rc.eval_max_new_tokens or 0))
+
+    def positions_key(self) -> str:
+        longest = "eval_max_new_tokens" if int(self.rc.eval_max_new_tokens or 0) > int(self.rc.max_new_tokens) \
+            else "max_new_tokens"
+        return f"data.max_length + recipe.{longest}"
+
     def build_model(self):
         from runx.trainers.hf import load_model
         model = load_model(self.cfg.model, tokenizer=self.tokenizer)
+        check_positions(model, self.max_positions(), self.positions_key())
         if self.rc.pack_sequences:
             check_packed_attention(model, "recipe.pack_sequences")
         return model
@@ -567,15 +706,21 @@ class VeriFree(ExportsTokenizer, TrainingRecipe):
         if data.kind == "hf":
             src = data.hf_name or data.path
             ds = load_hf_splits(src, data.train_split, data.extra)
-            train = qa(ds[data.train_split], f"{src}[{data.train_split}]")
+            train_src = f"{src}[{data.train_split}]"
+            train = qa(ds[data.train_split], train_src)
             split = held_out_split(ds, data, src)
             if split:
-                held_out = qa(ds[split], f"{src}[{split}]")
+                held_src = f"{src}[{split}]"
+                held_out = qa(ds[split], held_src)
         else:
             train, held_out = read_local_splits(data)
-            train = qa(train, data.path)
-            held_out = qa(held_out, data.get("eval_path") or data.path) if held_out is not None else None
+            train_src, held_src = data.path, data.get("eval_path") or data.path
+            train = qa(train, train_src)
+            held_out = qa(held_out, held_src) if held_out is not None else None
         require_rows(train, data)
+        train = self.prompt_rows(train, str(train_src))
+        if held_out is not None:
+            held_out = self.prompt_rows(held_out, str(held_src), held_out=True)
         if held_out is None:
             train, held_out = split_rows(train, data.val_fraction, int(self.cfg.seed))
         if rc.warmup_steps > 0:
@@ -587,14 +732,38 @@ class VeriFree(ExportsTokenizer, TrainingRecipe):
                                  f"or add a 'trace' field to the rows.")
         return train, held_out
 
+    def prompt_rows(self, rows: list[dict], source: str, held_out: bool = False) -> list[dict]:
+        """The rows whose prompt (recipe.prompt_template with the question) fits in data.max_length tokens. Longer
+        ones are dropped with a warning naming the first, as SFT drops the samples that data.max_length leaves
+        no response token of (a question is not cut: its reference answer would no longer follow from it); no
+        training row left is a config error. The prompt, with max_new_tokens, is what the positions check counts."""
+        limit = int(self.cfg.data.max_length)
+        prompts = [fill(self.rc.prompt_template, question=r["question"]) for r in rows]
+        lengths = [len(ids) for ids in encode_prompts(self.tokenizer, prompts)] if rows else []
+        long = [i for i, n in enumerate(lengths) if n > limit]
+        if not long:
+            return rows
+        first = f"{source} row {long[0] + 1}, {lengths[long[0]]} tokens"
+        if len(long) == len(rows) and not held_out:
+            raise RecipeConfigError(
+                f"data.max_length={limit}: the prompt (recipe.prompt_template with the question) of every row of "
+                f"{source} is longer ({first}), so there is nothing to train on. Valid values: data.max_length >= "
+                f"{min(lengths)} ({max(lengths)} keeps every row), or shorter questions or recipe.prompt_template")
+        log.warning("dropped %d of %d rows of %s: their prompt (recipe.prompt_template with the question) is longer "
+                    "than data.max_length=%d tokens (the first: %s). A larger data.max_length keeps them",
+                    len(long), len(rows), source, limit, first)
+        drop = set(long)
+        return [r for i, r in enumerate(rows) if i not in drop]
+
     def build_data(self):
         rc, data = self.rc, self.cfg.data
         if self._rows is not None:
             train, held_out = self._rows
         else:
             task = self.task()
-            train = task.generate(rc.task_train_size, "train")
-            held_out = task.generate(rc.task_eval_size, "eval")
+            train = self.prompt_rows(task.generate(rc.task_train_size, "train"), "the generated training problems")
+            held_out = self.prompt_rows(task.generate(rc.task_eval_size, "eval"), "the generated held-out problems",
+                                        held_out=True)
         if data.max_train_samples:
             train = train[:data.max_train_samples]
         if data.max_eval_samples is not None:   # 0: no evaluation (None: all held-out rows)
@@ -676,8 +845,9 @@ class VeriFree(ExportsTokenizer, TrainingRecipe):
         if not prompts:
             raise ValueError("recipe.warmup_examples=0 but recipe.warmup_steps > 0")
         device = next(model.parameters()).device
-        prompt_ids = self.tokenizer(prompts).input_ids
-        target_ids = _encode(self.tokenizer, targets)
+        prompt_ids = encode_prompts(self.tokenizer, prompts)
+        # each target tokenised after its prompt, as the RL sequences tokenise the patched answer (in_context)
+        target_ids = [sum(in_context(self.tokenizer, p, [], t, ""), []) for p, t in zip(prompts, targets)]
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=rc.warmup_lr,
                                 weight_decay=0.0)
         sched = torch.optim.lr_scheduler.LambdaLR(
@@ -914,8 +1084,10 @@ class VeriFree(ExportsTokenizer, TrainingRecipe):
         params = vllm.SamplingParams(n=group_size, temperature=temperature, top_p=self.rc.top_p,
                                      max_tokens=max_new_tokens, stop=[self.rc.stop_string],
                                      include_stop_str_in_output=True)
+        # the prompt ids the scoring reads (encode_prompts: no second BOS), not vLLM's own tokenisation of the text
+        inputs = [{"prompt_token_ids": ids} for ids in encode_prompts(self.tokenizer, prompts)]
         out = []
-        for i, res in enumerate(self._vllm.generate(prompts, params, use_tqdm=False)):
+        for i, res in enumerate(self._vllm.generate(inputs, params, use_tqdm=False)):
             for o in res.outputs:
                 finish = "length" if o.finish_reason == "length" else "stop"
                 out.append(Response(i, list(o.token_ids), o.text, finish))

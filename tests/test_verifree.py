@@ -169,7 +169,8 @@ def test_group_baselines():
 
 
 # ---------------------------------------------------------------------------------------------------------
-# 2. Tokenisation at the split: tokens(z + answer) == tokens(z) + tokens(answer)
+# 2. Tokenisation at the split: the scored sequence is the one the policy reads (byte-level: additive at the
+#    split; SentencePiece-style: the answer tokenised in context), prompts read with one BOS
 # ---------------------------------------------------------------------------------------------------------
 
 def _random_text(rng: random.Random, n: int) -> str:
@@ -211,6 +212,144 @@ def test_built_sequences_equal_tokenised_prompt_think_answer():
     assert tok.decode(seqs.input_ids[0][seqs.role[0] == vf.THINK].tolist()) == "2+3=5. <answer"
     assert seqs.has_answer.tolist() == [True, False]
     assert (seqs.role[1] == vf.ANSWER).sum() == 0
+
+
+def _sentencepiece_tokenizer():
+    """A Llama-2 / Mistral style tokenizer, trained here (no download): SentencePiece-like BPE ("\u2581" for a
+    space and before the text of every separately encoded string), a BOS added, "<answer>" merged in its
+    vocabulary (with the space before it: " <answer>" is one token)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+    rng = random.Random(0)
+    words = "the a cat has buys finds loses pens cups how many now so is".split()
+    corpus = [" ".join(rng.choice(words) for _ in range(6)) + f" {rng.randint(0, 99)}+{rng.randint(0, 9)}="
+              f"{rng.randint(0, 99)}. <answer> \\boxed{{{rng.randint(0, 99)}}} </answer>" for _ in range(400)]
+    sp = Tokenizer(models.BPE(unk_token="<unk>"))
+    sp.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first")
+    sp.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="first")
+    alphabet = list("\n0123456789<>{}\\/=+-.:?[]\u2581ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")
+    sp.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=200, special_tokens=["<unk>", "<s>", "</s>"],
+                                                       initial_alphabet=alphabet, show_progress=False))
+    sp.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", sp.token_to_id("<s>"))])
+    return PreTrainedTokenizerFast(tokenizer_object=sp, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                   pad_token="</s>")
+
+
+@pytest.fixture(scope="module")
+def sp_tok():
+    tok = _sentencepiece_tokenizer()
+    assert "\u2581<answer>" in tok.get_vocab()          # the token that holds both z's end and the answer's ">"
+    return tok
+
+
+SP_PROMPT = "Q: the cat has 4 pens and buys 5\nA:\n"
+
+
+def _sampled(tok, prompt: str, text: str) -> list:
+    """The ids a policy that wrote `text` after `prompt` sampled: the whole text's tokens after the prompt's."""
+    prompt_ids, full = vf.encode_prompts(tok, [prompt, prompt + text])
+    assert full[:len(prompt_ids)] == prompt_ids
+    return full[len(prompt_ids):]
+
+
+def test_patched_answer_is_tokenised_in_context_for_a_sentencepiece_tokenizer(sp_tok):
+    """z, the patched answer and the prompt were tokenised apart: with a SentencePiece-style tokenizer each piece
+    gained a leading "\u2581", so R scored "<answer > \\boxed{9}..." (a text the policy never writes) and z's first
+    token was not the sampled one. Now the scored sequence decodes to exactly prompt + z + answer, z keeps its
+    sampled tokens, and the answer tokens are the whole text's (the token " <answer>", holding z's end and the
+    answer's ">", goes with the answer) -- also when the policy spelled the tag out in other tokens."""
+    tok = sp_tok
+    answer = vf.fill("> \\boxed{{answer}} </answer>", answer="9")
+    prompt_ids = vf.encode_prompts(tok, [SP_PROMPT])[0]
+    canonical = _sampled(tok, SP_PROMPT, "so 4+5=9. <answer> \\boxed{8} </answer>")
+    head = _sampled(tok, SP_PROMPT, "so 4+5=9.")
+    spelled = head + tok.convert_tokens_to_ids(["\u2581"] + list("<answer>"))     # the tag a character at a time
+    for sampled in (canonical, spelled):
+        r = vf.Response(0, sampled, tok.decode(sampled, skip_special_tokens=True), "stop")
+        z = vf.split_before_answer(r.text, "<answer")
+        assert z == "so 4+5=9. <answer"
+        seqs = vf.build_verifree_sequences(tok, [SP_PROMPT], [r], ["9"], "> \\boxed{{answer}} </answer>",
+                                           "<answer", 64)
+        ids, role = seqs.input_ids[0].tolist(), seqs.role[0].tolist()
+        assert ids[:len(prompt_ids)] == prompt_ids and set(role[:len(prompt_ids)]) == {0}
+        assert tok.decode(ids, skip_special_tokens=True) == SP_PROMPT + z + answer
+        think = [t for t, ro in zip(ids, role) if ro == vf.THINK]
+        ans = [t for t, ro in zip(ids, role) if ro == vf.ANSWER]
+        assert ids == prompt_ids + think + ans
+        assert think == sampled[:len(think)] == head                # z's tokens are the sampled ones
+        in_context = tok(SP_PROMPT + z + answer).input_ids         # the whole text, tokenised once
+        assert ans == in_context[len(in_context) - len(ans):]
+        assert tok.convert_ids_to_tokens(ans)[0] == "\u2581<answer>"
+        assert seqs.has_answer.tolist() == [True]
+
+
+def test_without_character_offsets_the_pieces_are_checked_and_a_mismatch_is_warned_once(sp_tok, monkeypatch, caplog):
+    """A tokenizer without offsets (a slow one) falls back to tokenising the rest of z and the answer apart; where
+    those pieces do not decode to the text (SentencePiece), that is said once."""
+    class Slow:
+        is_fast = False
+
+        def __init__(self, tok):
+            self._tok = tok
+
+        def __getattr__(self, name):
+            return getattr(self._tok, name)
+
+        def __call__(self, *args, **kwargs):
+            if kwargs.get("return_offsets_mapping"):
+                raise NotImplementedError
+            return self._tok(*args, **kwargs)
+
+    monkeypatch.setattr(vf, "_WARNED", set())
+    caplog.set_level("WARNING", logger="runx.verifree")
+    sampled = _sampled(sp_tok, SP_PROMPT, "so 4+5=9. <answer> \\boxed{9} </answer>")
+    for _ in range(2):
+        think, ans = vf.in_context(Slow(sp_tok), SP_PROMPT, sampled, "so 4+5=9. <answer", "> \\boxed{9} </answer>")
+        assert think[:5] == sampled[:5]
+    warned = [r.getMessage() for r in caplog.records if "tokenised apart" in r.getMessage()]
+    assert len(warned) == 1 and "Slow" in warned[0], warned
+    # a byte-level tokenizer's pieces do concatenate: no warning
+    from runx.trainers.hf import byte_tokenizer
+    monkeypatch.setattr(vf, "_WARNED", set())
+    caplog.clear()
+    byte = byte_tokenizer()
+    ids = byte("so 4+5=9. <answer> \\boxed{9} </answer>", add_special_tokens=False).input_ids
+    think, ans = vf.in_context(Slow(byte), "Q: x\nA: ", ids, "so 4+5=9. <answer", "> \\boxed{9} </answer>")
+    assert think + ans == ids and not caplog.records
+
+
+def test_a_prompt_template_that_starts_with_the_bos_text_reads_one_bos(sp_tok):
+    """A prompt_template written from the model's own format ("<s>[INST] ...") got the tokenizer's BOS on top of
+    its own: the policy sampled, and was scored, after two BOS tokens. The rollout and both sequence builders
+    read one."""
+    tok = sp_tok
+    bos = tok.bos_token_id
+    prompts = [vf.fill("<s>[INST] {question} [/INST]", question="the cat has 4 pens"), "Q: the cat\nA:\n"]
+    enc = vf.encode_prompts(tok, prompts)
+    assert [ids[:2].count(bos) for ids in enc] == [1, 1] and all(ids[0] == bos for ids in enc)
+
+    class Recorder(torch.nn.Module):
+        """A policy that records what generate reads and writes one eos."""
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+            self.read = None
+
+        def generate(self, input_ids, attention_mask, generation_config, **kw):
+            self.read = [row[m.bool()].tolist() for row, m in zip(input_ids, attention_mask)]
+            n = generation_config.num_return_sequences
+            eos = torch.full((input_ids.shape[0], 1), generation_config.eos_token_id)
+            return torch.cat([input_ids, eos], 1).repeat_interleave(n, 0)
+
+    pol = Recorder()
+    resp = vf.sample_responses(pol, tok, prompts, 1, 1.0, 1.0, 4, "</answer>")
+    assert pol.read == enc
+    resp = [vf.Response(0, _sampled(tok, prompts[0], "so 4. <answer> \\boxed{4} </answer>"),
+                        "so 4. <answer> \\boxed{4} </answer>", "stop")]
+    for seqs in (vf.build_verifree_sequences(tok, prompts, resp, ["4"], "> \\boxed{{answer}} </answer>", "<answer",
+                                             64), vf.build_response_sequences(tok, prompts, resp)):
+        assert seqs.input_ids[0, :len(enc[0])].tolist() == enc[0]
+        assert seqs.input_ids[0, :3].tolist().count(bos) == 1
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -270,7 +409,8 @@ class Scripted(torch.nn.Module):
     def forward(self, *args, **kwargs):
         return self.inner(*args, **kwargs)
 
-    def generate(self, input_ids, max_new_tokens, num_return_sequences, stopping_criteria, **kw):
+    def generate(self, input_ids, generation_config, stopping_criteria, **kw):
+        max_new_tokens, num_return_sequences = generation_config.max_new_tokens, generation_config.num_return_sequences
         ids = input_ids.repeat_interleave(num_return_sequences, 0)
         rows = [self.scripts[i % len(self.scripts)] for i in range(ids.shape[0])]
         done = torch.zeros(ids.shape[0], dtype=torch.bool)
@@ -433,6 +573,36 @@ def test_rollout_stops_at_closing_tag_and_groups_by_prompt(tiny):
         tok.pad_token = saved_pad
     assert a.finish == "stop" and a.ids == stopped
     assert b.finish == "eos" and b.ids == ended
+
+
+def test_rollouts_ignore_the_checkpoints_generation_config(tiny):
+    """generate() filled every setting the rollout left unset from the model's generation_config (a checkpoint's
+    generation_config.json: Qwen2.5-Instruct ships repetition_penalty 1.05): rollouts came from a penalised
+    distribution and were scored under the unpenalised policy (a biased gradient), and greedy evaluation was not
+    greedy. The samples (same seed) and the greedy answers are now those of the bare policy."""
+    import copy
+    recipe, model, _, _ = tiny
+    tok = recipe.tokenizer
+    prompts = ["Q: Ann has 1 pen. She buys 2. How many pens now?\nA: ", "Q: 1+1\nA: "]
+
+    def rollouts():
+        out = []
+        for temperature, group in ((1.0, 2), (0.0, 1)):
+            torch.manual_seed(0)
+            out.append([r.ids for r in vf.sample_responses(model, tok, prompts, group, temperature, 1.0, 12,
+                                                           "</answer>")])
+        return out
+
+    bare = rollouts()
+    saved = model.generation_config
+    model.generation_config = copy.deepcopy(saved)
+    for k, v in dict(repetition_penalty=3.0, no_repeat_ngram_size=1, top_k=3, min_new_tokens=12).items():
+        setattr(model.generation_config, k, v)
+    try:
+        assert rollouts() == bare
+        assert model.generation_config.repetition_penalty == 3.0          # the model's own is left as it was
+    finally:
+        model.generation_config = saved
 
 
 def test_kl_to_the_starting_policy_is_zero_at_start_and_grows_after_a_step(tiny, tmp_path):
@@ -623,6 +793,55 @@ def test_user_data_problems_are_config_problems_before_the_model(tmp_path, monke
     recipe = vf.VeriFree(_cfg("data.kind=jsonl", f"data.path={tmp_path / 't.jsonl'}", "recipe.warmup_steps=5"),
                          str(tmp_path))
     assert recipe.build_data()[0][0]["trace"] == "1+1=2. "
+
+
+def test_prompts_longer_than_data_max_length_are_dropped_and_positions_checked(tmp_path, caplog):
+    """VeriFree never looked at prompt lengths: an over-long question crashed mid-run on a model with learned
+    positions (GPT-2: an IndexError in generate). Now prompts longer than data.max_length are dropped with a
+    warning naming the first (as SFT drops what data.max_length leaves no response of), none left is a config
+    error, and data.max_length + recipe.max_new_tokens beyond a learned-position model's positions is refused
+    before any weight is read."""
+    from runx.trainers.recipe import RecipeConfigError, build_recipe
+    caplog.set_level("WARNING", logger="runx.verifree")
+    long_q = "Ann has 7 pens. " * 8 + "How many pens now?"
+    rows = [{"question": "1+1?", "answer": "2"}, {"question": long_q, "answer": "7"},
+            {"question": "2+2?", "answer": "4"}]
+    (tmp_path / "qa.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    (tmp_path / "long.jsonl").write_text(json.dumps(rows[1]))
+    data = ["data.kind=jsonl", "recipe.warmup_steps=0", "data.max_length=40", "data.val_fraction=0.3"]
+    train, held = vf.VeriFree(_cfg(*data, f"data.path={tmp_path / 'qa.jsonl'}"), str(tmp_path)).build_data()
+    assert sorted(r["question"] for r in list(train.rows) + list(held.rows)) == ["1+1?", "2+2?"]
+    warned = [r.getMessage() for r in caplog.records if "dropped" in r.getMessage()]
+    assert len(warned) == 1 and "qa.jsonl row 2" in warned[0] and "data.max_length=40" in warned[0], warned
+    with pytest.raises(RecipeConfigError, match=r"data\.max_length=40: .*long\.jsonl row 1"):
+        build_recipe(vf.VeriFree, _cfg(*data, f"data.path={tmp_path / 'long.jsonl'}"), str(tmp_path))
+    # the generated task fits the embedded model's default; its prompts are checked too
+    rec = vf.VeriFree(_cfg("recipe.task_train_size=16", "recipe.task_eval_size=4"), str(tmp_path))
+    assert len(rec.build_data()[0]) == 16
+    with pytest.raises(RecipeConfigError, match="generated training problems"):
+        vf.VeriFree(_cfg("recipe.task_train_size=16", "data.max_length=10"), str(tmp_path)).build_data()
+    # learned positions (GPT-2): the longest prompt + answer must fit, refused before the model is built
+    gpt2 = ["model.from_config.model_type=gpt2", "recipe.warmup_steps=0"]
+    with pytest.raises(RecipeConfigError, match=r"data\.max_length \+ recipe\.max_new_tokens=292: .*256"):
+        build_recipe(vf.VeriFree, _cfg(*gpt2, "recipe.max_new_tokens=100"), str(tmp_path))
+    with pytest.raises(RecipeConfigError, match=r"recipe\.eval_max_new_tokens=292"):
+        build_recipe(vf.VeriFree, _cfg(*gpt2, "recipe.eval_max_new_tokens=100"), str(tmp_path))
+    build_recipe(vf.VeriFree, _cfg(*gpt2), str(tmp_path))                       # 192 + 64 = 256: fits
+
+
+def test_fused_logprob_is_refused_for_a_model_that_transforms_its_logits_after_the_head():
+    """The fused head scores h W^T / T; Gemma-2's final logit softcap is not in it: the policy would be trained
+    on another distribution than it samples from. Refused before any weight is read (recipe.fused_logprob=false
+    is the way); the embedded model is not."""
+    from runx.cli.config import compose
+    from runx.cli.main import _recipe_problems
+    base = ["recipe=verifree", "logger=none"]
+    gemma2 = base + ["++model.from_config.model_type=gemma2"]
+    problems = _recipe_problems(compose(gemma2))
+    assert len(problems) == 1 and "recipe.fused_logprob=false" in problems[0], problems
+    assert "final_logit_softcapping" in problems[0]
+    assert _recipe_problems(compose(gemma2 + ["recipe.fused_logprob=false"])) == []
+    assert _recipe_problems(compose(base)) == []
 
 
 def test_recipe_reads_parquet_csv_and_a_saved_single_dataset(tmp_path):

@@ -44,8 +44,9 @@ class VeriFreeConfig:
     # ---- templates -------------------------------------------------------------------------------
     prompt_template: str = PAPER_PROMPT
     answer_template: str = PAPER_ANSWER
-    # the reasoning z ends with this string: split BEFORE the ">" of the opening tag so that
-    # tokens(z + answer) == tokens(z) + tokens(answer) (paper section 2.4)
+    # the reasoning z ends with this string: split BEFORE the ">" of the opening tag (paper section 2.4); the
+    # patched answer is tokenised in context after z's sampled tokens (a token holding both z's end and the
+    # answer's start, as SentencePiece's "<answer>", is scored with the answer: recipes/verifree.py in_context)
     answer_split: str = "<answer"
     stop_string: str = "</answer>"
 
