@@ -564,8 +564,15 @@ def test_monitor_keeps_the_best_checkpoint_and_stops_early(tmp_path):
     assert [r["step"] for r in evals] == [2, 4, 6] and summary["best/eval/accuracy"] == evals[0]["eval/accuracy"]
     assert (run / "ckpt" / "best").read_text() == "step_2" and (run / "ckpt" / "latest").read_text() == "step_6"
     assert sorted(d for d in os.listdir(run / "ckpt") if d.startswith("step_")) == ["step_2", "step_6"]
-    run_cli(args + ["trainer.early_stop_patience=2"])            # stopped early: nothing more to do
+    # a save cut short between its `best` and `latest` pointers (written in that order now): the resumed run puts
+    # `best` back to its tracker's best step (it named another, and rotation deleted the best); a checkpoint
+    # without its random streams resumes with a warning
+    (run / "ckpt" / "best").write_text("step_6")
+    (run / "ckpt" / "step_6" / "rng_rank0.pt").unlink()
+    p = run_cli(args + ["trainer.early_stop_patience=2"])        # stopped early: nothing more to do
     assert max(losses(run)) == 6 and json.load(open(run / "summary.json"))["early_stopped_at"] == 6
+    assert (run / "ckpt" / "best").read_text() == "step_2" and "ckpt/best named step_6" in p.stdout + p.stderr
+    assert "has no rng_rank0.pt" in p.stdout + p.stderr
     run_cli(args + ["trainer.early_stop_patience=4"])            # more patience: two more evaluations
     summary = json.load(open(run / "summary.json"))
     assert summary["early_stopped_at"] == 10 and summary["best_step"] == 2 and max(losses(run)) == 10, summary
@@ -2038,3 +2045,16 @@ def test_packed_batches_count_samples_and_lora_flops_leave_out_frozen_weight_gra
     model = lora.build_model()
     n, t = count_params(model), count_params(model, trainable_only=True)
     assert 0 < t < n / 2 and lora.flops_per_token(model) == 4 * n + 2 * t
+
+
+def test_a_checkpoint_deletion_cut_short_leaves_no_complete_marker(tmp_path, monkeypatch):
+    """Rotation deleted a checkpoint with rmtree, in directory order: cut short, runx_complete.json could
+    survive beside a half-deleted checkpoint that resume=auto would then load. The marker goes first."""
+    from runx.trainers import runtime
+    step = tmp_path / "step_4"
+    step.mkdir()
+    for f in ("mp_rank_00_model_states.pt", "rng_rank0.pt", "runx_complete.json"):
+        (step / f).write_text("x")
+    monkeypatch.setattr(runtime.shutil, "rmtree", lambda *a, **k: None)   # killed before any file went
+    runtime.remove_checkpoint(str(tmp_path), "step_4")
+    assert not runtime.is_complete(str(tmp_path), "step_4") and (step / "rng_rank0.pt").exists()

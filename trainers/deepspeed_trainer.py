@@ -12,7 +12,6 @@ import itertools
 import logging
 import math
 import os
-import shutil
 import time
 
 import torch
@@ -380,10 +379,13 @@ class Trainer:
         dist.barrier()
         if self.is_main:
             atomic_write_json(os.path.join(self.ckpt_dir, tag, "runx_complete.json"), {"step": step})
-            atomic_write_bytes(os.path.join(self.ckpt_dir, "latest"), tag.encode())
+            # `best` before `latest`: a run cut short between the two resumes from the earlier `latest`, whose
+            # tracker state agrees with that (the other way round, the resumed tracker named this step best while
+            # `best` still named the one before, which rotation then deleted)
             best_file = os.path.join(self.ckpt_dir, "best")
             if best:
                 atomic_write_bytes(best_file, tag.encode())
+            atomic_write_bytes(os.path.join(self.ckpt_dir, "latest"), tag.encode())
             keep = {open(best_file).read().strip()} if self.best is not None and os.path.exists(best_file) else set()
             tags = runtime.checkpoint_steps(self.ckpt_dir)
             complete = [d for d in tags if runtime.is_complete(self.ckpt_dir, d)]
@@ -392,25 +394,41 @@ class Trainer:
             # out); the newest complete ones are kept, this one always
             stale = [d for d in tags if d not in complete and d != tag]
             old = [d for d in complete[:-max(1, int(self.tcfg.keep_last))] if d not in keep and d != tag]
-            for d in stale + old:
-                shutil.rmtree(os.path.join(self.ckpt_dir, d), ignore_errors=True)
+            for d in stale + old:   # the marker first: a deletion cut short leaves no "complete" half
+                runtime.remove_checkpoint(self.ckpt_dir, d)
         dist.barrier()
 
     def load_checkpoint(self, engine, root: str, tag: str) -> int:
         _, client = engine.load_checkpoint(root, tag=tag)
         rng = os.path.join(root, tag, f"rng_rank{self.rank}.pt")
         self._pending_rng = torch.load(rng, weights_only=False) if os.path.exists(rng) else None
+        if self._pending_rng is None:
+            log.warning("%s has no %s: the run resumes with fresh random streams (dropout, sampling), not the "
+                        "ones it would have had", os.path.join(root, tag), os.path.basename(rng))
         self._prior_wall = float(client.get("runx_train_wall_s", 0.0))
         if self.best is not None:
             own = os.path.realpath(root) == os.path.realpath(self.ckpt_dir)
             if own:
                 self.best.load(client.get("runx_best"))
+                self._repair_best_pointer(root)
             elif client.get("runx_best"):
                 # another run's best step is a checkpoint of that run, not of this one: imported, its summary
                 # named a best step that `runx export --tag best` could not find here
                 log.warning("resumed another run's checkpoint: %s starts afresh here (that run's best is in %s)",
                             self.best.key, root)
         return int(client["runx_step"])
+
+    def _repair_best_pointer(self, root: str) -> None:
+        """ckpt/best names the best step of the checkpoint resumed from (a save cut short before it was
+        written left it naming an earlier one, or none), when that step's checkpoint is complete."""
+        b = self.best.best_step
+        if not self.is_main or b is None or not runtime.is_complete(root, f"step_{b}"):
+            return
+        best_file = os.path.join(root, "best")
+        if not os.path.exists(best_file) or open(best_file).read().strip() != f"step_{b}":
+            log.warning("ckpt/best named %s, not the best step of the checkpoint resumed (step_%d): corrected",
+                        open(best_file).read().strip() if os.path.exists(best_file) else "nothing", b)
+            atomic_write_bytes(best_file, f"step_{b}".encode())
 
     def _track_best(self, last_eval: dict) -> bool:
         """This evaluation's trainer.monitor value into the tracker (rank 0's value on every rank, so that all

@@ -11,6 +11,7 @@ import logging
 import os
 import random
 import re
+import shutil
 import socket
 import warnings
 
@@ -220,6 +221,16 @@ def objective_direction(objective: str) -> str:
     """maximize for accuracy-like final metrics, else minimize (losses, bits per character, seconds): the
     direction of a sweep's objective and of trainer.monitor (monitor_mode=auto)."""
     return "maximize" if any(w in objective for w in _HIGHER_IS_BETTER) else "minimize"
+
+
+def remove_checkpoint(root: str, tag: str) -> None:
+    """Delete a checkpoint folder, its completion marker first: rmtree removes files in directory order, and one
+    cut short could leave the marker beside a half-deleted checkpoint."""
+    try:
+        os.remove(os.path.join(root, tag, "runx_complete.json"))
+    except FileNotFoundError:
+        pass
+    shutil.rmtree(os.path.join(root, tag), ignore_errors=True)
 
 
 class BestTracker:
