@@ -811,7 +811,12 @@ class VeriFree(ExportsTokenizer, TrainingRecipe):
         if self.rc.warmup_steps > 0:
             path = self.warmup_cache_file()
             if not os.path.exists(path) and rank0:
-                self.supervised_warmup(model, path)
+                # on a forked random stream, and no gradient left behind: a run that warms up and one that finds
+                # the warm-up cached (a rerun after a crash, runs sharing recipe.warmup_cache) start RL alike
+                # (the last warm-up gradient was added to the first RL step's)
+                with torch.random.fork_rng(devices=self._rng_devices(model)):
+                    self.supervised_warmup(model, path)
+                model.zero_grad(set_to_none=True)
             if distributed:
                 dist.barrier()
             model.load_state_dict(load_file(path), strict=True)

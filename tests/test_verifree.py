@@ -1082,3 +1082,19 @@ def test_rows_without_a_question_or_answer_are_refused_with_their_row():
                        ({"question": "q", "answer": ["a"]}, "answer")):
         with pytest.raises(ValueError, match=rf"d.jsonl row 2: recipe.{field}_field='{field}' is .*non-empty"):
             qa_rows([{"question": "ok", "answer": "1"}, row], "d.jsonl")
+
+
+def test_a_run_that_finds_its_warm_up_cached_starts_rl_as_one_that_warmed_up(tmp_path):
+    """The supervised warm-up left its last gradient on the model, and DeepSpeed added it to the first RL step's:
+    a run that found the warm-up cached (a rerun after a crash before the first checkpoint, runs sharing
+    recipe.warmup_cache) trained another policy. Now both start RL alike (the warm-up also on its own random
+    stream), to the last step's loss and gradient norm."""
+    from conftest import read_metrics, run_cli
+    cache = tmp_path / "warmup"
+    common = ["train", "recipe=verifree", "debug=smoke", "trainer.max_steps=2", "trainer.ckpt_every=0",
+              "trainer.eval_every=0", "logger=none", "trainer.progress=false", f"recipe.warmup_cache={cache}"]
+    run_cli(common + [f"run_dir={tmp_path / 'fresh'}"])
+    assert len(list(cache.glob("*/model.safetensors"))) == 1
+    run_cli(common + [f"run_dir={tmp_path / 'cached'}"])
+    a, b = read_metrics(tmp_path / "fresh"), read_metrics(tmp_path / "cached")
+    assert [(r["loss"], r.get("grad_norm")) for r in a] == [(r["loss"], r.get("grad_norm")) for r in b], (a, b)
