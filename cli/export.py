@@ -121,14 +121,19 @@ def export_run(run_dir: str, out: str | None = None, tag: str | None = None) -> 
     refuse_foreign_folder(out, default)
     model, sd = trained_model(recipe, run_dir, cfg, tag)   # (a load that fails leaves the earlier export as it was)
     clear_earlier_export(out, default)
+    from runx.trainers.datajob import atomic_write_json, readable_like_open
     before = _files_under(out)
+    record = {"run_dir": os.path.abspath(run_dir), "tag": tag}
+    # written first: an export cut short (a kill, a full disk) leaves a folder the next export owns and clears
+    # back to the files that were there before it (it was refused as a foreign folder, the earlier export gone)
+    os.makedirs(out, exist_ok=True)
+    atomic_write_json(os.path.join(out, EXPORT_MANIFEST), {**record, "in_progress": True, "kept": sorted(before)})
     try:
         recipe.export(model, sd, out)
     except RecipeConfigError as e:
         raise ExportError(str(e)) from None
-    from runx.trainers.datajob import atomic_write_json, readable_like_open
-    atomic_write_json(os.path.join(out, EXPORT_MANIFEST), {"run_dir": os.path.abspath(run_dir), "tag": tag,
-                                                           "files": sorted(_files_under(out) - before)})
+    atomic_write_json(os.path.join(out, EXPORT_MANIFEST),
+                      {**record, "files": sorted(_files_under(out) - before - {EXPORT_MANIFEST})})
     readable_like_open(out)
     return out
 
@@ -163,7 +168,10 @@ def clear_earlier_export(out: str, owned: bool) -> None:
     manifest = os.path.join(out, EXPORT_MANIFEST)
     if os.path.isfile(manifest):
         with open(manifest) as f:
-            listed = json.load(f).get("files", [])
+            record = json.load(f)
+        listed = record.get("files", [])
+        if record.get("in_progress"):   # cut short: everything but what was there before it
+            listed = sorted(_files_under(out) - set(record.get("kept", [])) - {EXPORT_MANIFEST})
         root = os.path.realpath(out)
         for rel in listed:
             path = os.path.join(out, str(rel))

@@ -712,7 +712,7 @@ launch(cfg, run_dir)
 
 
 @pytest.mark.parametrize("recipe,zero", [("sft", "zero3"), ("lora", "zero2"), ("lora", "zero3")])
-def test_export_gives_engine_logits(tmp_path, recipe, zero):
+def test_export_gives_engine_logits(tmp_path, recipe, zero, monkeypatch):
     """`runx export` of a ZeRO checkpoint loads with transformers / peft and gives the trained engine's logits."""
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
@@ -757,6 +757,26 @@ def test_export_gives_engine_logits(tmp_path, recipe, zero):
         files = json.load(open(out / "runx_export.json"))["files"]
         assert "model.safetensors" in files and "serve.py" not in files and (out / "serve.py").exists()
         assert not (out / "adapter_config.json").exists() and (tmp_path / "outside.txt").exists()
+        # an export cut short (killed while writing) leaves a folder the next export owns: it was refused as
+        # foreign, the earlier export already gone; the rerun clears it back to the user's files
+        from runx.cli.export import export_run
+        from runx.recipes.sft import SFT
+
+        def killed(self, model, sd, out_dir):
+            with open(os.path.join(out_dir, "model.safetensors"), "w") as f:
+                f.write("half")
+            raise KeyboardInterrupt
+        with monkeypatch.context() as m:
+            m.setattr(SFT, "export", killed)
+            with pytest.raises(KeyboardInterrupt):
+                export_run(str(run), str(out))
+        assert json.load(open(out / "runx_export.json"))["in_progress"] is True
+        (out / "stray" / "x").parent.mkdir()
+        (out / "stray" / "x").write_text("half")
+        run_cli(["export", str(run), "--out", str(out)])
+        assert (out / "serve.py").exists() and not (out / "stray").exists()
+        assert (out / "model.safetensors").stat().st_size > 100
+        assert json.load(open(out / "runx_export.json")).get("in_progress") is None
         clear_earlier_export(str(out), owned=False)
         assert [f.name for f in out.iterdir()] == ["serve.py"]
         (tmp_path / "mine").mkdir()
