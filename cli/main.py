@@ -54,8 +54,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(verbs[verb](rest) or 0)
     except KeyboardInterrupt:
-        print("runx: interrupted (the last complete checkpoint is kept; rerun with the same run_dir and resume=auto, "
-              "the default, to resume)",
+        hint = None
+        if verb == "train":
+            from runx.cli import train
+            hint = train.INTERRUPTED_HINT or "rerun with the same run_dir and resume=auto, the default, to resume"
+        print("runx: interrupted" + (f" (the last complete checkpoint is kept; {hint})" if hint else ""),
               file=sys.stderr)
         return 130
 

@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 log = logging.getLogger("runx")
 LAST_EXIT_CODE = 0
+INTERRUPTED_HINT: str | None = None   # how to resume the run a Ctrl-C interrupted (runx main prints it)
 TORCHRUN_PORT = 29500   # torchrun's and the DeepSpeed launcher's default master port
 
 
@@ -92,6 +93,13 @@ def hydra_main(cfg: DictConfig):
                 raise SystemExit(1) from None
             SWEEP_FAILURES.append((job, "diverged", run_dir))
             raise SweepJobDiverged(f"runx: job #{job} diverged (printed with it)") from None
+        except KeyboardInterrupt:       # Ctrl-C: runx main prints how to resume this run (its folder named)
+            global INTERRUPTED_HINT
+            from runx.trainers.runtime import resume_hint
+            INTERRUPTED_HINT = resume_hint(cfg, run_dir)
+            _log_to_files_only(f"runx: interrupted; {INTERRUPTED_HINT}", with_traceback=False,
+                               level=logging.WARNING)
+            raise
         except BaseException as e:      # Hydra prints it; train.log (what a SLURM user reads) gets it too
             if not isinstance(e, SystemExit):
                 _log_to_files_only(f"the run failed: {type(e).__name__}")

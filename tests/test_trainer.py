@@ -346,6 +346,7 @@ def test_ctrl_z_and_ctrl_c_on_a_launched_run(tmp_path):
                 pass
         raise
     assert p.returncode == 130 and "runx: interrupted" in err, (p.returncode, err[-3000:])
+    assert f"rerun the same command to resume ({run})" in err, err[-3000:]   # the run's own words, its folder
     assert "Traceback" not in err and "Failures:" not in err and "KeyboardInterrupt" not in err, err[-3000:]
     with open(run / ".runx" / "workers.lock", "a+") as lock:       # rank 0's worker has exited
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
