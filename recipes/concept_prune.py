@@ -37,7 +37,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from runx.recipes.text_data import files_at, open_shard, select_shards, shard_format
-from runx.trainers.datajob import DataJob, JobContext, Stage, atomic_path, atomic_write_json
+from runx.trainers.datajob import DataJob, JobContext, Stage, atomic_path, atomic_write_json, remove_stale_temps
 from runx.trainers.recipe import RecipeConfigError
 
 log = logging.getLogger("runx.concept_prune")
@@ -516,6 +516,10 @@ class ConceptPrune(DataJob):
         return [os.path.join(self.run_dir, f) for f in ("pruned", "inputs.json", "images.json")]
 
     @property
+    def pruned_dir(self) -> str:
+        return os.path.join(self.run_dir, "pruned")
+
+    @property
     def device(self) -> str:
         if "device" not in self._cache:
             self._cache["device"] = resolve_device(self.rc.device)
@@ -558,9 +562,9 @@ class ConceptPrune(DataJob):
                    Stage("reassign", self.embed_keys, w(self.reassign_shard))]
         st += [Stage("quota", all_, self.quota_all),
                Stage("prune", self.concept_groups, w(self.prune_group)),
-               Stage("write", all_, self.write_all)]
+               Stage("write", all_, self.write_all, also_writes=(self.pruned_dir,))]
         if self.rc.input == "digits":
-            st.append(Stage("evaluate", all_, self.evaluate_all))
+            st.append(Stage("evaluate", all_, self.evaluate_all, also_writes=(self.pruned_dir,)))
         return st
 
     def run(self, num_workers: int = 1, **kw) -> dict:
@@ -666,6 +670,8 @@ class ConceptPrune(DataJob):
         n = piece["stop"] - piece["start"]
         ids, batches = self._read_and_encode(piece)
         out = os.path.join(ctx.stage_dir("embed"), f"{key}.npy")
+        for name in (f"{key}.npy", f"{key}.ids.parquet"):   # a shard-sized temp a killed writer left, on any node
+            remove_stale_temps(ctx.stage_dir("embed"), output=name)
         with atomic_path(out) as tmp:
             mm = None
             row = 0

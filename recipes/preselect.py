@@ -41,7 +41,8 @@ from omegaconf import OmegaConf
 
 from runx.conf.schema.preselect import PreSelectConfig, PreSelectWorldConfig
 from runx.recipes.text_data import files_at, open_shard, select_shards, shard_format
-from runx.trainers.datajob import DataJob, JobContext, Stage, atomic_path, atomic_write_bytes, atomic_write_json
+from runx.trainers.datajob import (DataJob, JobContext, Stage, atomic_path, atomic_write_bytes, atomic_write_json,
+                                   remove_stale_temps)
 from runx.trainers.recipe import RecipeConfigError
 
 log = logging.getLogger("runx.preselect")
@@ -217,9 +218,13 @@ def positive_probability(model, texts: list[str]) -> np.ndarray:
 
 
 _FASTTEXT_TRAIN = """
-import json, sys
-import fasttext
+import json, os, signal, sys
+from runx.trainers.runtime import die_with_parent
 args = json.loads(sys.argv[1])
+die_with_parent(signal.SIGKILL)       # killed with the runx process that started it, not trained on as an orphan
+if os.getppid() != args["parent"]:    # that process died before the call (the orphan's parent: init, a subreaper)
+    sys.exit("the process that started this fastText training has ended")
+import fasttext
 fasttext.train_supervised(input=args.pop("input"), **args["kwargs"]).save_model(args["output"])
 """
 
@@ -231,13 +236,20 @@ def train_fasttext_clean_process(train_file: str, out_path: str, kwargs: dict) -
     per thread are drawn; the rest is whatever the allocator hands back): in a process whose heap already
     held large freed arrays, the matrix starts with garbage (we saw 1e25 entries and NaN losses), so the
     classifier would depend on what ran before. A fresh process, with large allocations forced to fresh
-    (zeroed) pages, gives the same model for the same file and seed every time."""
+    (zeroed) pages, gives the same model for the same file and seed every time.
+
+    The child ends when this process does (PR_SET_PDEATHSIG, set by the child itself: a preexec_fn would run
+    Python between fork and exec in a process with threads): a killed run's orphan trained on, competing with
+    the rerun for the cores and leaving its temp file (~800 MB at 2M buckets), which the rerun's stage start now
+    removes (DataJob.run: remove_stale_temps)."""
     import subprocess
     import sys
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", OMP_NUM_THREADS="1")
+    remove_stale_temps(os.path.dirname(os.path.abspath(out_path)))   # (when called outside a stage, too)
     with atomic_path(out_path) as tmp:
         proc = subprocess.run([sys.executable, "-c", _FASTTEXT_TRAIN,
-                               json.dumps({"input": train_file, "output": tmp, "kwargs": kwargs})],
+                               json.dumps({"input": train_file, "output": tmp, "kwargs": kwargs,
+                                           "parent": os.getpid()})],
                               capture_output=True, text=True, env=env)
         if proc.returncode != 0:
             raise RuntimeError(f"fastText training on {train_file} failed (exit {proc.returncode}):\n"
@@ -525,8 +537,8 @@ class PreSelect(DataJob):
             Stage("label", _all_at_once, self.make_labels),
             Stage("train", _all_at_once, self.train_classifier),
             Stage("filter_score", self.pool_keys, self.score_pool_shard),
-            Stage("filter_threshold", _all_at_once, self.compute_threshold),
-            Stage("filter", self.pool_keys, self.filter_pool_shard),
+            Stage("filter_threshold", _all_at_once, self.compute_threshold, also_writes=(self.out_dir,)),
+            Stage("filter", self.pool_keys, self.filter_pool_shard, also_writes=(self.out_dir,)),
         ]
         if self.builtin and self.rc.evaluate:
             stages.append(Stage("students", _all_at_once, self.train_students))
@@ -982,12 +994,10 @@ def write_shard_lines(path: str, lines, compression: str) -> None:
 
 
 def _remove_stale_temps(path: str) -> None:
-    """Temp files of this output left by a killed run (only this shard's owner writes this name)."""
+    """Temp files of this output left by a killed run, whichever process or node wrote them (only this shard's
+    owner writes this name)."""
     folder, base = os.path.split(os.path.abspath(path))
-    if os.path.isdir(folder):
-        for f in os.listdir(folder):
-            if f.startswith(".tmp-") and f.endswith("-" + base):
-                os.unlink(os.path.join(folder, f))
+    remove_stale_temps(folder, output=base)
 
 
 @dataclass

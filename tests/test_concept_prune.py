@@ -618,3 +618,33 @@ def test_kept_samples_name_their_file_and_row_there(tmp_path):
     assert set(kept["file"]) == {str(tmp_path / "in" / "a.npy"), str(tmp_path / "in" / "b.npy")}
     for file, row, file_row in zip(kept["file"], kept["row"], kept["file_row"]):
         np.testing.assert_array_equal(np.load(file)[file_row], X[row])
+
+
+def test_temp_files_of_killed_writers_go_when_their_stage_starts_again(tmp_path):
+    """A run killed while embedding left its memory-mapped, shard-sized embed/.tmp-<pid>-<key>.npy (one per worker)
+    for good. A stage now removes the temps of writers that no longer run, in its folder and the folders it writes
+    into; a live process's temps (another run's workers) and those of another machine (a SLURM array task on
+    another node) stay, except for the very output the stage is about to write."""
+    X, _ = planted_embeddings(n_base=200, n_exact=10, n_near=10, seed=2)
+    np.save(tmp_path / "emb.npy", X)
+    reaped = subprocess.Popen([sys.executable, "-c", "pass"])
+    reaped.wait()
+    dead, live, elsewhere = reaped.pid, os.getpid(), "00000000"   # (a machine tag that is not this machine's)
+    run = tmp_path / "run"
+    planted = {"embed/.tmp-{dead}-00000.npy": False,               # the killed embedding of shard 0
+               "embed/.tmp-{dead}-3f9a2c1b7d0e": False,            # a killed marker write
+               "embed/.tmp-{dead}@{elsewhere}-00001.npy": False,   # shard 1, killed on another node
+               "embed/.tmp-{dead}@{elsewhere}-99999.npy": True,    # not this task's to judge
+               "embed/.tmp-{live}-99999.npy": True,                # a live process's
+               "pruned/.tmp-{dead}-kept_ids.parquet": False,
+               "pruned/.tmp-{live}-notes.txt": True,
+               ".tmp-{dead}-inputs.json": False}
+    for name in planted:
+        path = run / name.format(dead=dead, live=live, elsewhere=elsewhere)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"\0" * 4096)
+    run_job(run, input="embeddings", path=str(tmp_path / "emb.npy"), num_clusters=4, epsilon=0.01,
+            keep_fraction=0.5, shard_size=120)
+    for name, stays in planted.items():
+        assert (run / name.format(dead=dead, live=live, elsewhere=elsewhere)).exists() == stays, name
+    assert len(kept_rows(run)["row"]) == round(0.5 * len(X))

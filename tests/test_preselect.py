@@ -9,9 +9,11 @@ import logging
 import math
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import textwrap
+import time
 
 import numpy as np
 import pytest
@@ -344,6 +346,69 @@ def test_filter_killed_midway_then_rerun_is_byte_identical(smoke_job, tmp_path):
     assert sorted(resumed) == sorted(uninterrupted)
     for k in uninterrupted:
         assert resumed[k] == uninterrupted[k], k
+
+
+def _gone(pid: int) -> bool:
+    """No process `pid` (a zombie, not yet reaped by whoever inherited it, is gone too)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+def test_the_fasttext_child_dies_with_the_run_and_its_temp_file_goes_on_the_rerun(tmp_path):
+    """A SIGKILLed run's fastText training process used to train on as an orphan (competing with the rerun for
+    the cores) and leave its temp file (~800 MB at 2M buckets) for good."""
+    train = tmp_path / "train.txt"
+    train.write_text("".join(f"{P.FT_POSITIVE if i % 2 else P.FT_NEGATIVE} doc {i} words {'ab' * (i % 5)}\n"
+                             for i in range(40)))
+    out = tmp_path / "train" / "classifier.bin"
+    pid_file = tmp_path / "child.pid"
+    fake = tmp_path / "fake"
+    fake.mkdir()
+    (fake / "fasttext.py").write_text(textwrap.dedent(f"""
+        import json, os, sys, time
+        def train_supervised(**kw):     # a training that takes long: half of a model written, then waits
+            with open(json.loads(sys.argv[1])["output"], "wb") as f:
+                f.write(b"half a model")
+            with open({str(pid_file)!r} + ".part", "w") as f:
+                f.write(str(os.getpid()))
+            os.replace({str(pid_file)!r} + ".part", {str(pid_file)!r})
+            time.sleep(120)
+    """))
+    parent = subprocess.Popen(
+        [sys.executable, "-c", "import sys; from runx.recipes.preselect import train_fasttext_clean_process as t; "
+                               "t(sys.argv[1], sys.argv[2], {})", str(train), str(out)],
+        env=child_env({"PYTHONPATH": os.pathsep.join([str(fake), os.environ.get("PYTHONPATH", "")])}))
+    child = None
+    try:
+        for _ in range(600):
+            if pid_file.exists() or parent.poll() is not None:
+                break
+            time.sleep(0.05)
+        assert pid_file.exists(), f"the fastText child did not start (parent exit {parent.poll()})"
+        child = int(pid_file.read_text())
+        os.kill(parent.pid, signal.SIGKILL)                # runx killed mid-training
+        parent.wait(timeout=30)
+        for _ in range(100):
+            if _gone(child):
+                break
+            time.sleep(0.05)
+        assert _gone(child), "the fastText child outlived the process that started it"
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+            parent.wait()
+        if child is not None and not _gone(child):
+            os.kill(child, signal.SIGKILL)
+    left = [f for f in os.listdir(out.parent) if f.startswith(".tmp-")]
+    assert left and left[0].endswith("-classifier.bin")   # what the killed run left
+    live = out.parent / f".tmp-{os.getpid()}-classifier.bin.other"  # a live process's temp: not touched
+    live.write_bytes(b"in use")
+    P.train_fasttext_clean_process(str(train), str(out), dict(bucket=1000, dim=4, epoch=1, minCount=1, thread=1,
+                                                              seed=0, verbose=0))
+    assert sorted(os.listdir(out.parent)) == sorted(["classifier.bin", live.name])
 
 
 def test_kept_character_fraction_within_one_document(smoke_job, tmp_path):

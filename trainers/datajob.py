@@ -2,7 +2,8 @@
 
 A stage processes a list of shard keys. Each shard's output is written atomically and a marker
 `<stage>/<key>.done.json` records it (with the shard's own numbers); a rerun skips shards whose marker
-exists, so a killed job continues where it stopped and produces identical outputs. Shards are split
+exists, so a killed job continues where it stopped and produces identical outputs (the temp files its killed
+writers left are removed as each stage starts: remove_stale_temps). Shards are split
 across local worker processes (`num_workers`) and across nodes / SLURM array tasks (`task_index` /
 `num_tasks`, read from SLURM_ARRAY_TASK_ID / SLURM_ARRAY_TASK_COUNT when set) by shard index.
 Stages that need all shards (a global threshold, k-means) are `Stage(..., shards=lambda ctx: ["all"])`
@@ -23,6 +24,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import secrets
 import shutil
 import time
@@ -75,11 +77,82 @@ def _new_temp_file(folder: str) -> tuple[int, str]:
     """A new, exclusively created hidden file in `folder`, with the mode open() gives (0666 less the umask):
     tempfile.mkstemp's 0600 would stay on the renamed result and hide it from the user's group."""
     while True:
-        tmp = os.path.join(folder, f".tmp-{os.getpid()}-{secrets.token_hex(6)}")
+        tmp = os.path.join(folder, _temp_prefix() + secrets.token_hex(6))
         try:
             return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), tmp
         except FileExistsError:
             continue
+
+
+# ---- temp files: ".tmp-<pid>@<machine>-<name>", removed once their writer is dead -----------------------------
+# A writer killed before its rename leaves its temp file behind (an embedding shard's is shard-sized, a fastText
+# classifier's ~800 MB), and nothing else removes it. The name says who wrote it: the process id, and the machine
+# (its host name and pid namespace) where that id means something, since a SLURM array's tasks on other nodes write
+# into the same folders and their pids are not processes here. Names without the machine part (older runx) count
+# as this machine's.
+_TEMP_NAME = re.compile(r"^\.tmp-(\d+)(?:@([0-9a-f]{8}))?-(.+)$")
+_MACHINE: list[str] = []
+
+
+def _machine() -> str:
+    if not _MACHINE:
+        import socket
+        try:
+            pid_ns = os.readlink("/proc/self/ns/pid")
+        except OSError:
+            pid_ns = ""
+        _MACHINE.append(hashlib.sha256(f"{socket.gethostname()}\n{pid_ns}".encode()).hexdigest()[:8])
+    return _MACHINE[0]
+
+
+def _temp_prefix() -> str:
+    return f".tmp-{os.getpid()}@{_machine()}-"
+
+
+def _process_gone(pid: int) -> bool:
+    """Whether no process `pid` runs on this machine (a zombie writes nothing more: gone too)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:      # alive, another user's
+        return False
+    except (OverflowError, ValueError):
+        return True
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def remove_stale_temps(folder: str, recursive: bool = False, output: str | None = None) -> list[str]:
+    """Remove the temp files that killed writers left in `folder` (and below it with recursive=True): those whose
+    process no longer runs on this machine; temps of live processes (another run's workers, another task of a
+    SLURM array) and of other machines stay. With `output` (the name of a file in `folder` that only the caller
+    writes, e.g. a shard it is about to write), only that file's temps, whoever wrote them: a writer on another
+    node, or a pid reused since. Returns the removed paths."""
+    removed = []
+    for root, _, files in os.walk(folder) if os.path.isdir(folder) else ():
+        for f in files:
+            m = _TEMP_NAME.match(f)
+            if m is None:
+                continue
+            if output is not None:
+                stale = m.group(3) == output
+            else:
+                stale = m.group(2) in (None, _machine()) and _process_gone(int(m.group(1)))
+            if stale:
+                try:
+                    os.unlink(os.path.join(root, f))
+                    removed.append(os.path.join(root, f))
+                except FileNotFoundError:
+                    pass
+        if not recursive or output is not None:
+            break
+    if removed:
+        log.info("removed %d temp file(s) that killed writers left in %s", len(removed), folder)
+    return removed
 
 
 def atomic_write_json(path: str, obj: Any) -> None:
@@ -93,7 +166,7 @@ class atomic_path:
         self.final = final
         os.makedirs(os.path.dirname(os.path.abspath(final)), exist_ok=True)
         base = os.path.basename(final)
-        self.tmp = os.path.join(os.path.dirname(os.path.abspath(final)), f".tmp-{os.getpid()}-{base}")
+        self.tmp = os.path.join(os.path.dirname(os.path.abspath(final)), _temp_prefix() + base)
 
     def __enter__(self) -> str:
         return self.tmp
@@ -113,6 +186,7 @@ class Stage:
     shards: Callable[["JobContext"], list[str]]          # the shard keys this stage processes
     run_shard: Callable[["JobContext", str], dict]        # process one shard -> its manifest entry
     parallel: bool = True                                 # False: only task 0 / worker 0 runs it
+    also_writes: tuple[str, ...] = ()                     # folders besides <job_dir>/<name> it writes into
 
 
 def slurm_array_task() -> tuple[int, int]:
@@ -204,11 +278,14 @@ class DataJob:
         num_tasks = array_count if num_tasks is None else num_tasks
         self.pin_settings(resume, num_tasks)
         ctx = JobContext(self.run_dir, self.cfg, task_index, num_tasks)
+        remove_stale_temps(self.run_dir)
         timings = {}
         for stage in self.stages():
             if only and stage.name not in only:
                 continue
             t0 = time.perf_counter()
+            for folder in (os.path.join(self.run_dir, stage.name), *stage.also_writes):
+                remove_stale_temps(folder, recursive=True)    # a killed run's half-written files
             keys = stage.shards(ctx)
             if stage.parallel:
                 mine = [k for i, k in enumerate(keys) if i % num_tasks == task_index]
