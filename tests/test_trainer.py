@@ -574,7 +574,11 @@ def test_monitor_keeps_the_best_checkpoint_and_stops_early(tmp_path):
     assert max(losses(run)) == 6 and json.load(open(run / "summary.json"))["early_stopped_at"] == 6
     assert (run / "ckpt" / "best").read_text() == "step_2" and "ckpt/best named step_6" in p.stdout + p.stderr
     assert "has no rng_rank0.pt" in p.stdout + p.stderr
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    (run / "ckpt" / f".tmp-{dead}-latest").write_text("step_")   # a pointer a killed save left half-written
     run_cli(args + ["trainer.early_stop_patience=4"])            # more patience: two more evaluations
+    assert not (run / "ckpt" / f".tmp-{dead}-latest").exists()
     summary = json.load(open(run / "summary.json"))
     assert summary["early_stopped_at"] == 10 and summary["best_step"] == 2 and max(losses(run)) == 10, summary
     assert sorted(d for d in os.listdir(run / "ckpt") if d.startswith("step_")) == ["step_10", "step_2"]

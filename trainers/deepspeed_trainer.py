@@ -19,7 +19,7 @@ from omegaconf import OmegaConf
 
 from runx.trainers import runtime
 from runx.trainers.runtime import flatten_overrides
-from runx.trainers.datajob import atomic_write_bytes, atomic_write_json, readable_like_open
+from runx.trainers.datajob import atomic_write_bytes, atomic_write_json, readable_like_open, remove_stale_temps
 from runx.trainers.optim import build_optimizer, default_param_groups, lr_lambda, with_head_lr
 from runx.trainers.tracking import MetricsLog, WandbRun, console, redact, summary_table, write_summary
 
@@ -378,6 +378,7 @@ class Trainer:
         torch.save(runtime.rng_state(), os.path.join(self.ckpt_dir, tag, f"rng_rank{self.rank}.pt"))
         dist.barrier()
         if self.is_main:
+            remove_stale_temps(self.ckpt_dir)   # (`latest` / `best` pointers a killed save left half-written)
             atomic_write_json(os.path.join(self.ckpt_dir, tag, "runx_complete.json"), {"step": step})
             # `best` before `latest`: a run cut short between the two resumes from the earlier `latest`, whose
             # tracker state agrees with that (the other way round, the resumed tracker named this step best while
