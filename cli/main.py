@@ -108,6 +108,10 @@ def _train(rest: list[str]) -> int:
         cfg, problems = _compose_validated(overrides)  # fail fast, before any heavy import
         if problems:
             return _fail(problems)
+        if not passthrough:
+            problems = _hold_pinned_run_dir(cfg)
+            if problems:
+                return _fail(problems)
         flag = next((a for a in ("--cfg", "-c") if a in rest), None)
         if printing and flag and rest.index(flag) + 1 < len(rest) and rest[rest.index(flag) + 1] == "job":
             from omegaconf import OmegaConf   # the job's config as it runs: with the recipe schema's defaults
@@ -179,6 +183,27 @@ def _sweep_problems(overrides: list[str]) -> list[str]:
             if p not in problems and not unknown_key:
                 problems.append(p)
     return problems
+
+
+def _hold_pinned_run_dir(cfg) -> list[str]:
+    """A single run into a given run_dir= takes the folder's lock before Hydra starts: refused later (in use by a
+    run still going), it had already written its .hydra/ files over that run's and its refusal into its train.log.
+    (Where one folder is shared on purpose, a SLURM array's data job, or the step-shape check must speak first,
+    the lock is left to the launch.)"""
+    if not cfg.get("run_dir") or os.environ.get("RUNX_WORKER") == "1":
+        return []
+    from runx.cli.train import hold_run_dir, multi_node, run_dir_lock_name, slurm_step_problem
+    from runx.recipes import RECIPES
+    from runx.trainers.datajob import slurm_array_task
+    from runx.trainers.recipe import RecipeConfigError
+    train = RECIPES[cfg.recipe.name].kind == "train"
+    if train and (slurm_step_problem(cfg) or multi_node(cfg)) or not train and slurm_array_task()[1] > 1:
+        return []
+    try:
+        hold_run_dir(os.path.abspath(os.path.expanduser(str(cfg.run_dir))), run_dir_lock_name(cfg))
+    except RecipeConfigError as e:
+        return [str(e)]
+    return []
 
 
 def _claimed_sweep_dir(overrides: list[str]) -> list[str]:

@@ -359,8 +359,9 @@ def hold_run_dir(run_dir: str, who: str = "runx") -> None:
         except BlockingIOError:
             f.close()
             from runx.trainers.recipe import RecipeConfigError
-            raise RecipeConfigError(f"run_dir={run_dir} is in use by another runx run (its {name} still run). "
-                                    "Wait for it to stop, or give another run_dir=") from None
+            raise RecipeConfigError(f"run_dir={run_dir} is in use by another runx run (its "
+                                    f"{'runx process is' if name.startswith('runx') else name + ' are'} still "
+                                    "running). Wait for it to stop, or give another run_dir=") from None
         if who == "runx" and name == "workers":
             f.close()            # only checked: the new run's own workers take it
         else:

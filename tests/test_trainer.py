@@ -1663,8 +1663,15 @@ def test_a_run_dir_in_use_is_refused_and_workers_stop_with_their_launcher(tmp_pa
                                f"hold_run_dir({str(run)!r}, 'workers'); print('held', flush=True); time.sleep(60)"],
                               stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline().strip() == "held"
+    (run / ".hydra").mkdir()
+    (run / ".hydra" / "overrides.yaml").write_text("- the running run's\n")
+    (run / "train.log").write_text("the running run's log\n")
     p = run_cli(["train", f"run_dir={run}", *TINY, "trainer.max_steps=1"], check=False)
-    assert p.returncode == 2 and "is in use by another runx run" in p.stderr, p.stderr
+    assert p.returncode == 2 and "is in use by another runx run (its workers are still running)" in p.stderr, \
+        p.stderr
+    # refused before Hydra starts: the running run's Hydra files and log are its own (they were overwritten)
+    assert (run / ".hydra" / "overrides.yaml").read_text() == "- the running run's\n"
+    assert (run / "train.log").read_text() == "the running run's log\n"
     holder.kill()
     holder.wait()
     # a worker whose launcher is killed gets SIGTERM
