@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import os
 
-from runx.cli.export import checkpoint_tag, load_run_config, trained_model
+from runx.cli.export import checkpoint_tag, load_run_config, trained_model_of_run
 
 # keys `runx eval` may change: the evaluation data and batching, and recipe keys that only change evaluation
 EVAL_KEYS = ("data.", "trainer.micro_batch_size", "trainer.device", "trainer.dataloader_workers")
@@ -80,11 +80,11 @@ def evaluate_run(run_dir: str, tag: str | None = None, overrides: list[str] | No
     from runx.trainers.runtime import pick_device
     overrides = list(overrides or [])
     cfg, info = eval_config(run_dir, overrides)
-    tag = checkpoint_tag(run_dir, cfg, tag, "evaluate", EvalError)
+    asked, tag = tag, checkpoint_tag(run_dir, cfg, tag, "evaluate", EvalError)
     try:
         recipe = build_recipe(info.load(), cfg, run_dir)
         recipe.serving_run = True
-        model, _ = trained_model(recipe, run_dir, cfg, tag)
+        model, _, tag = trained_model_of_run(recipe, run_dir, cfg, tag, asked, "eval", EvalError)
         model.to(pick_device(str(cfg.trainer.device))).eval()
         _, eval_ds = recipe.build_data()
     except RecipeConfigError as e:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import glob
 import os
+import sys
 
 
 def checkpoint_state_dict(ckpt_root: str, tag: str, zero_stage: int) -> dict:
@@ -94,6 +95,32 @@ def trained_model(recipe, run_dir: str, cfg, tag: str):
     """The recipe's model with the checkpoint's weights (all of them: a LoRA-GA base keeps its offset)."""
     model = recipe.build_model()
     sd = checkpoint_state_dict(os.path.join(run_dir, "ckpt"), tag, int(cfg.trainer.zero_stage))
+    return _loaded(model, sd, tag)
+
+
+def trained_model_of_run(recipe, run_dir: str, cfg, tag: str, asked: str | None, verb: str = "export",
+                         error=ExportError):
+    """trained_model, for a run that may still be training: the checkpoint read can be rotated away under the
+    reader (trainer.keep_last), which stopped in a traceback. The latest / best one asked for is then read
+    again as it is now, once; a checkpoint named by its step says it is gone. Returns (model, state, tag)."""
+    from runx.trainers.runtime import is_complete
+    try:
+        return (*trained_model(recipe, run_dir, cfg, tag), tag)
+    except Exception:
+        if is_complete(os.path.join(run_dir, "ckpt"), tag):
+            raise
+    if asked in (None, "latest", "best"):
+        newer = checkpoint_tag(run_dir, cfg, asked, verb, error)
+        if newer != tag:
+            print(f"runx {verb}: {tag} was deleted while it was read (the run is still training and keeps only "
+                  f"its newest checkpoints): reading {newer}", file=sys.stderr)
+            return (*trained_model(recipe, run_dir, cfg, newer), newer)
+    raise error(f"--tag {tag}: the checkpoint was deleted while it was read (the run is still training and keeps "
+                f"only its newest checkpoints, trainer.keep_last). Valid choices: --tag latest, or a run with "
+                f"more checkpoints kept")
+
+
+def _loaded(model, sd, tag):
     missing = set(model.state_dict()) - set(sd)
     if missing:
         raise RuntimeError(f"checkpoint {tag} lacks {len(missing)} tensors, e.g. {sorted(missing)[:3]}")
@@ -103,7 +130,7 @@ def trained_model(recipe, run_dir: str, cfg, tag: str):
 
 def export_run(run_dir: str, out: str | None = None, tag: str | None = None) -> str:
     cfg, info = load_run_config(run_dir)
-    tag = checkpoint_tag(run_dir, cfg, tag)
+    asked, tag = tag, checkpoint_tag(run_dir, cfg, tag)
     if out is not None and os.path.exists(out) and not os.path.isdir(out):
         raise ExportError(f"--out {out}: a file, not a folder. Valid choices: a folder (created if missing)")
     from runx.cli.config import check_paths, format_problems
@@ -119,7 +146,8 @@ def export_run(run_dir: str, out: str | None = None, tag: str | None = None) -> 
     default = out is None
     out = out or os.path.join(run_dir, "export")
     refuse_foreign_folder(out, default)
-    model, sd = trained_model(recipe, run_dir, cfg, tag)   # (a load that fails leaves the earlier export as it was)
+    # (a load that fails leaves the earlier export as it was)
+    model, sd, tag = trained_model_of_run(recipe, run_dir, cfg, tag, asked)
     clear_earlier_export(out, default)
     from runx.trainers.datajob import atomic_write_json, readable_like_open
     before = _files_under(out)

@@ -784,6 +784,25 @@ def test_export_gives_engine_logits(tmp_path, recipe, zero, monkeypatch):
         assert json.load(open(out / "runx_export.json")).get("in_progress") is None
         clear_earlier_export(str(out), owned=False)
         assert [f.name for f in out.iterdir()] == ["serve.py"]
+        # the run still training rotates the checkpoint being read away: the latest is read again, once (it
+        # stopped in a traceback: FileNotFoundError, no model states)
+        import shutil
+
+        from runx.cli import export as export_mod
+        shutil.copytree(run / "ckpt" / "step_3", run / "ckpt" / "step_9")
+        (run / "ckpt" / "latest").write_text("step_9")
+        real = export_mod.checkpoint_state_dict
+
+        def rotated(root, tag, stage):
+            if tag == "step_9":
+                shutil.rmtree(os.path.join(root, tag))
+                (run / "ckpt" / "latest").write_text("step_3")
+                raise FileNotFoundError(f"no model states in {root}/{tag}")
+            return real(root, tag, stage)
+        with monkeypatch.context() as m:
+            m.setattr(export_mod, "checkpoint_state_dict", rotated)
+            export_run(str(run), str(tmp_path / "rotated"))
+        assert json.load(open(tmp_path / "rotated" / "runx_export.json"))["tag"] == "step_3"
         (tmp_path / "mine").mkdir()
         (tmp_path / "mine" / "notes.txt").write_text("mine")
         with pytest.raises(ExportError, match=r"a folder with other files in it \(e.g. notes.txt\)"):
