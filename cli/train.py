@@ -294,10 +294,37 @@ def supersede_previous_run(run_dir: str) -> str | None:
     while os.path.exists(dest):
         dest += "_"
     os.makedirs(dest)
+    from runx.trainers.datajob import atomic_write_bytes
+    atomic_write_bytes(_superseding(run_dir), dest.encode())   # (a move cut short is finished into dest)
     for n in present:
         os.replace(os.path.join(run_dir, n), os.path.join(dest, n))
+    os.remove(_superseding(run_dir))
     log.info("the earlier run's %s moved to %s", ", ".join(present), dest)
     return dest
+
+
+def _superseding(run_dir: str) -> str:
+    return os.path.join(run_dir, ".runx", "superseding")
+
+
+def finish_superseding(run_dir: str) -> str | None:
+    """A resume=never run cut short while it moved the earlier run aside left that run in two places (its
+    checkpoints moved, its summary not, which the next run then took for a finished run without checkpoints and
+    moved into a second folder): the rest goes into the same folder first. The folder, or None."""
+    pending = _superseding(run_dir)
+    if not os.path.exists(pending):
+        return None
+    dest = open(pending).read().strip()
+    present = [n for n in RUN_STATE if os.path.lexists(os.path.join(run_dir, n))
+               and not os.path.lexists(os.path.join(dest, n))]
+    if os.path.isdir(dest):
+        for n in present:
+            os.replace(os.path.join(run_dir, n), os.path.join(dest, n))
+        if present:
+            log.warning("an earlier resume=never run was stopped while it moved the run before it aside: its %s "
+                        "moved to %s too", ", ".join(present), dest)
+    os.remove(pending)
+    return dest if os.path.isdir(dest) else None
 
 
 def nvme_resume_problems(cfg, run_dir: str) -> list[str]:
@@ -481,6 +508,8 @@ def launch(cfg, run_dir: str) -> dict:
         aside = node_log_aside(run_dir)
         if aside:
             log.info("this node's log: %s (train.log is the first node's)", aside)
+    if trains_here and first_node:
+        finish_superseding(run_dir)
     if trains_here and mode == "never" and first_node:
         supersede_previous_run(run_dir)
     elif trains_here and first_node and mode == "auto" and os.path.exists(os.path.join(run_dir, "summary.json")) and \

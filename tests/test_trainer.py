@@ -2109,3 +2109,31 @@ def test_a_checkpoint_deletion_cut_short_leaves_no_complete_marker(tmp_path, mon
     monkeypatch.setattr(runtime.shutil, "rmtree", lambda *a, **k: None)   # killed before any file went
     runtime.remove_checkpoint(str(tmp_path), "step_4")
     assert not runtime.is_complete(str(tmp_path), "step_4") and (step / "rng_rank0.pt").exists()
+
+
+def test_a_resume_never_move_cut_short_is_finished_into_the_same_folder(tmp_path, monkeypatch):
+    """resume=never moves the earlier run aside; killed part-way, its checkpoints sat in one folder and its summary
+    in the run dir, which the next run took for a finished run without checkpoints and moved to a second folder.
+    The next run now finishes the move into the first one."""
+    from runx.cli import train
+    run = tmp_path / "run"
+    (run / "ckpt" / "step_2").mkdir(parents=True)
+    (run / "metrics.jsonl").write_text("{}\n")
+    (run / "summary.json").write_text("{}")
+    real, calls = os.replace, []
+
+    def killed_on_the_second(a, b):
+        calls.append(a)
+        if len(calls) == 3:    # (the first one writes the move's own record)
+            raise KeyboardInterrupt
+        return real(a, b)
+    with monkeypatch.context() as m:
+        m.setattr(train.os, "replace", killed_on_the_second)
+        with pytest.raises(KeyboardInterrupt):
+            train.supersede_previous_run(str(run))
+    assert not (run / "ckpt").exists() and (run / "summary.json").exists()   # split in two
+    dest = train.finish_superseding(str(run))
+    assert dest is not None and sorted(os.listdir(dest)) == ["ckpt", "metrics.jsonl", "summary.json"]
+    assert not (run / "summary.json").exists() and not (run / ".runx" / "superseding").exists()
+    assert [d for d in os.listdir(run / ".runx") if d.startswith("superseded-")] == [os.path.basename(dest)]
+    assert train.finish_superseding(str(run)) is None
