@@ -125,8 +125,8 @@ def _train(rest: list[str]) -> int:
         problems = _check_group_overrides(overrides) or sweeper_problems(rest) or _sweep_problems(overrides)
         if problems:
             return _fail(problems)
-    if multirun:
-        rest = rest + _claimed_sweep_dir(overrides)
+    if multirun and not passthrough:
+        rest = rest + _claimed_sweep_dir(overrides, [a for a in rest if a.lstrip("+~").startswith("hydra")])
     from runx.cli.train import hydra_main
     from runx.cli.config import is_optuna_sweep, normalize_recipe_overrides, optuna_direction_override
     direction = optuna_direction_override(rest) if multirun else None
@@ -206,21 +206,23 @@ def _hold_pinned_run_dir(cfg) -> list[str]:
     return []
 
 
-def _claimed_sweep_dir(overrides: list[str]) -> list[str]:
-    """`hydra.sweep.dir=<folder>` for a sweep given neither run_dir nor hydra.sweep.dir: its dated folder
-    (multirun/<date>/<time>-<recipe>), made here, or <folder>-2, -3, ... where another sweep took that name in the
-    same second (two sweeps started together by a script shared one folder, and each job resumed the other
-    sweep's job of the same number). Passed on as a value, not left to the config's `${now:...}`: each job of a
-    submitit sweep resolves its config again, in its own process."""
-    if any(o.lstrip("+").partition("=")[0] in ("hydra.sweep.dir", "run_dir") for o in overrides):
-        return []
+def _claimed_sweep_dir(overrides: list[str], hydra_overrides: list[str] = ()) -> list[str]:
+    """`hydra.sweep.dir=<folder>` for a sweep whose folder is the default one (no run_dir=, no hydra.sweep.dir on
+    the command line or in an experiment file): its dated folder (multirun/<date>/<time>-<recipe>), made here, or
+    <folder>-2, -3, ... where another sweep took that name in the same second (two sweeps started together by a
+    script shared one folder, and each job resumed the other sweep's job of the same number). Passed on as a
+    value, not left to the config's `${now:...}`: each job of a submitit sweep resolves its config again, in its
+    own process."""
+    from omegaconf import OmegaConf
+
     from runx.cli.config import compose, sweep_jobs
     from runx.conf import _new_run_dir, _sweep_name
     try:
-        cfg = compose(sweep_jobs(overrides)[0])
+        cfg = compose(sweep_jobs(overrides)[0] + list(hydra_overrides), return_hydra_config=True)
+        folder = OmegaConf.to_container(cfg.hydra.sweep, resolve=False)["dir"]
     except Exception:   # (the sweep's checks above have reported what they could)
         return []
-    if cfg.get("run_dir"):
+    if cfg.get("run_dir") or not str(folder).startswith("${runx_first:${run_dir},multirun/"):
         return []
     import time
     stamp = time.strftime("%Y-%m-%d/%H-%M-%S")

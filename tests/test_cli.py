@@ -214,8 +214,9 @@ def test_out_of_range_values_are_named_with_their_valid_range():
       "trainer.ds_overrides.zero_optimization.reduce_bucket_sise: not a key of DeepSpeed's zero_optimization block. "
       "Did you mean reduce_bucket_size?"]),
     # fp16's loss scaling skips steps on overflow that runx would count; bf16 is trainer.precision's
-    ("sft", ["++trainer.ds_overrides={fp16:{enabled:true},bf16.enabled:true}"],
+    ("sft", ["++trainer.ds_overrides={fp16:{enabled:true},bf16.enabled:true,bfloat16.enabled:false}"],
      ["trainer.ds_overrides.bf16.enabled=True: runx sets it from trainer.precision",
+      "trainer.ds_overrides.bfloat16.enabled=False: runx sets it from trainer.precision",
       "trainer.ds_overrides.fp16: runx trains in fp32, bf16 or amp_bf16"]),
     ("sft", ["++trainer.ds_overrides={gradient_clipping:0.5,aio.queue_depth:16,comet.enabled:false}",
              "++trainer.ds_overrides.zero_optimization.stage3_max_live_parameters=1e9"], []),
@@ -1082,4 +1083,4 @@ def test_sweeps_started_in_the_same_second_get_their_own_folders(tmp_path, monke
         ("hydra.sweep.dir", "multirun/2026-01-02/03-04-05-lora" + s) for s in ("", "-2", "-3")]
     assert all((tmp_path / o.value()).is_dir() for o in parsed)
     assert _claimed_sweep_dir(sweep + [f"run_dir={tmp_path}/r"]) == []
-    assert _claimed_sweep_dir(sweep + [f"hydra.sweep.dir={tmp_path}/s"]) == []
+    assert _claimed_sweep_dir(sweep, [f"hydra.sweep.dir={tmp_path}/s"]) == []
