@@ -34,7 +34,9 @@ class StepBatchSampler(torch.utils.data.Sampler):
     sorted by length, one epoch's before the next's, and cut into global batches again, which then run in a seeded
     random order. So the run sees the samples the ungrouped order would (trainer.epochs=1: each once), and a
     sample is twice in a batch no more often than there (two epochs' copies, sorted side by side, shared one).
-    Each step's batch stays a function of (seed, step, max_steps), so a resumed run draws the same batches."""
+    Each step's batch stays a function of (seed, step, max_steps), so a resumed run draws the same batches (a
+    run resumed with a larger trainer.max_steps regroups its last window, whose remaining steps then draw from
+    all of that window's samples again)."""
 
     GROUP_STEPS = 50
 
@@ -133,18 +135,19 @@ def keep_clipped_grad_norm(engine) -> None:
     engine.clip_fp32_gradients = clip_fp32_gradients
 
 
-def engine_forward_context(engine):
-    """What DeepSpeed's engine.forward does around the model call, for a recipe's loss or evaluation, which may call
-    the model or its parts directly (the decoder and a fused head, VeriFree's rollouts and scoring): ZeRO's
+def engine_forward_context(engine, autocast: bool = True):
+    """What DeepSpeed's engine.forward does around the model call, for a recipe's loss, which may call the model
+    or its parts directly (the decoder and a fused head, VeriFree's rollouts and scoring): ZeRO's
     start-of-micro-batch bookkeeping (ZeRO-3 advances its micro-step counter there; without it, with grad_accum > 1,
     each micro-batch's gradient replaced the one before instead of adding to it) and trainer.precision=amp_bf16's
-    autocast (applied only inside engine.forward, so those paths ran in fp32). Repeating either in the engine's own
-    forward changes nothing."""
+    autocast (applied only inside engine.forward, so those paths trained in fp32). Repeating either in the engine's
+    own forward changes nothing. autocast=False (evaluation): the bookkeeping only; a recipe's evaluation runs its
+    own code in the precision it was written for (SwAV's kNN votes are fp32 sums), the engine's forward in amp."""
     from deepspeed.runtime.base_optimizer import ZeROOptimizer
     if isinstance(engine.optimizer, ZeROOptimizer):
         engine.optimizer.clear_backward_seen_flag()
     from deepspeed.accelerator import get_accelerator
-    on = bool(engine.torch_autocast_enabled())
+    on = autocast and bool(engine.torch_autocast_enabled())
     return torch.autocast(get_accelerator().device_name(), dtype=engine.torch_autocast_dtype() if on else None,
                           enabled=on)
 
@@ -582,6 +585,7 @@ class Trainer:
         engine.train()
         last_eval: dict = {}
         micro_in_step, acc_loss, acc_metrics, samples, tokens = 0, 0.0, {}, 0, 0
+        metric_keys_checked = False
         # the loop's settings as plain ints (an OmegaConf attribute read costs microseconds, several per step)
         grad_accum, eval_every, ckpt_every = int(t.grad_accum), int(t.eval_every or 0), int(t.ckpt_every or 0)
         stop_nonfinite = bool(t.get("stop_on_nonfinite_loss", True))
@@ -645,6 +649,13 @@ class Trainer:
                 # ... and the recipe's metrics, the mean over ranks as the loss (a recipe's metric keys are the
                 # same on every rank: they follow its config)
                 keys = sorted(acc_metrics)
+                if multi and not metric_keys_checked:   # once: tensors of different lengths would hang NCCL
+                    every = [None] * self.world_size
+                    dist.all_gather_object(every, keys)
+                    if any(k != keys for k in every):
+                        raise RuntimeError(f"the recipe's training metrics differ between ranks ({every}): "
+                                           "recipe.loss must return the same keys on every rank")
+                    metric_keys_checked = True
                 red = torch.tensor([acc_loss / grad_accum, samples, tokens, float(stop.signalled),
                                     *(acc_metrics[k] for k in keys)], dtype=torch.float64,
                                    device=torch.cuda.current_device() if multi and self.device == "cuda" else "cpu")
@@ -674,7 +685,7 @@ class Trainer:
                     evaluated = True
                     t_aside = time.perf_counter()
                     engine.eval()
-                    with torch.no_grad(), engine_forward_context(engine):
+                    with torch.no_grad(), engine_forward_context(engine, autocast=False):
                         last_eval = {f"eval/{k}": v for k, v in recipe.evaluate(engine, eval_dl).items()}
                     engine.train()
                     rec.update(last_eval)
@@ -729,7 +740,7 @@ class Trainer:
         final = {"steps": self.global_step, "train_wall_s": time.perf_counter() - self._loop_t0}
         if steps_done == 0 and eval_dl is not None:  # resumed a finished run: evaluate once more
             engine.eval()
-            with torch.no_grad(), engine_forward_context(engine):
+            with torch.no_grad(), engine_forward_context(engine, autocast=False):
                 last_eval = {f"eval/{k}": v for k, v in recipe.evaluate(engine, eval_dl).items()}
         final.update(last_eval)
         if self.best is not None:
