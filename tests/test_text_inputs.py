@@ -251,3 +251,36 @@ def test_a_response_is_trained_on_the_tokens_the_model_reads_after_its_prompt(ki
     ids, labels = chat_tokens(tok, [{"role": "user", "content": "how many pens"},
                                     {"role": "assistant", "content": "cat has 4 pens"}], template)
     assert tok.decode([t for t in labels if t != -100], skip_special_tokens=True).strip() == "cat has 4 pens"
+
+
+def test_prompt_response_rows_read_with_a_tokenizer_without_character_offsets():
+    """A slow (Python) tokenizer gives no character offsets (transformers ignores return_offsets_mapping there):
+    prompt/response rows are tokenised apart, as before, not stopped by a KeyError."""
+    from transformers import PreTrainedTokenizer
+
+    from runx.recipes.text_data import pair_tokens
+
+    class CharTokenizer(PreTrainedTokenizer):
+        def __init__(self, **kw):
+            self.v = {chr(i): i for i in range(32, 127)} | {"</s>": 1, "<s>": 2}
+            super().__init__(eos_token="</s>", bos_token="<s>", **kw)
+
+        def get_vocab(self):
+            return dict(self.v)
+
+        @property
+        def vocab_size(self):
+            return len(self.v)
+
+        def _tokenize(self, text):
+            return list(text)
+
+        def _convert_token_to_id(self, t):
+            return self.v.get(t, 0)
+
+        def _convert_id_to_token(self, i):
+            return {v: k for k, v in self.v.items()}.get(i, "?")
+    tok = CharTokenizer()
+    assert not tok.is_fast
+    ids, labels = pair_tokens(tok, "Q: x=", "4")
+    assert ids == [ord(c) for c in "Q: x=4"] + [1] and labels == [-100] * 5 + [ord("4"), 1]
