@@ -311,16 +311,25 @@ def _decode(tokenizer, ids: list[int]) -> str:
     return tokenizer.decode(ids, skip_special_tokens=True)   # as a Response's text is decoded
 
 
+def _whole_chars(text: str) -> bool:
+    """Whether a decoded prefix ends on a character boundary: a byte-level token can end inside a multi-byte
+    character ("×", "π", CJK), which decodes to U+FFFD until the next token completes it."""
+    return not text.endswith("\ufffd")
+
+
 def sampled_within(tokenizer, sampled: list[int], z: str) -> int:
-    """How many leading sampled tokens lie wholly inside z: the longest prefix whose text is a prefix of z
-    (a binary search on the decoded prefixes)."""
+    """How many leading sampled tokens lie wholly inside z: the longest prefix whose text is a prefix of z and
+    ends on a character boundary (a binary search on the decoded prefixes, each read up to its last whole
+    character so that the test is monotonic in the prefix length)."""
     lo, hi = 0, len(sampled)
     while lo < hi:
         mid = (lo + hi + 1) // 2
-        if z.startswith(_decode(tokenizer, sampled[:mid])):
+        if z.startswith(_decode(tokenizer, sampled[:mid]).rstrip("\ufffd")):
             lo = mid
         else:
             hi = mid - 1
+    while lo > 0 and not _whole_chars(_decode(tokenizer, sampled[:lo])):
+        lo -= 1
     return lo
 
 
@@ -357,7 +366,10 @@ def in_context(tokenizer, prompt: str, sampled: list[int], z: str, answer: str) 
         ids, offsets = list(enc.input_ids), [tuple(o) for o in enc.offset_mapping]
         z_end = len(prompt) + len(z)
         for j in range(k, -1, -1):
-            first = _token_starting_at(offsets, len(prompt) + len(_decode(tokenizer, sampled[:j])))
+            head = _decode(tokenizer, sampled[:j])
+            if not _whole_chars(head):
+                continue
+            first = _token_starting_at(offsets, len(prompt) + len(head))
             if first is not None:
                 n_z = first + sum(1 for _, e in offsets[first:] if e <= z_end)
                 return list(sampled[:j]) + ids[first:n_z], ids[n_z:]
@@ -630,7 +642,7 @@ class VeriFree(ExportsTokenizer, TrainingRecipe):
                              "zero3_cpu_offload)")
         self.tokenizer = causal_lm_tokenizer(cfg.model)
         self.hf_config = model_config(cfg.model)   # (read once for the checks below; None: not readable here)
-        # a prompt of up to data.max_length tokens (longer ones are dropped: prompt_rows) and the answer: the
+        # a prompt of up to recipe.max_prompt_length tokens (longer ones are dropped: prompt_rows) and the answer: the
         # positions a sequence needs (a model with learned positions has no more)
         check_positions_from_config(cfg.model, self.max_positions(), self.positions_key(), conf=self.hf_config)
         if rc.fused_logprob:
@@ -645,14 +657,14 @@ class VeriFree(ExportsTokenizer, TrainingRecipe):
 
     # ---- building --------------------------------------------------------------------------------
     def max_positions(self) -> int:
-        """The longest sequence: a prompt of data.max_length tokens and the longest answer sampled."""
+        """The longest sequence: a prompt of recipe.max_prompt_length tokens and the longest answer sampled."""
         rc = self.rc
-        return int(self.cfg.data.max_length) + max(int(rc.max_new_tokens), int(rc.eval_max_new_tokens or 0))
+        return int(self.rc.max_prompt_length) + max(int(rc.max_new_tokens), int(rc.eval_max_new_tokens or 0))
 
     def positions_key(self) -> str:
         longest = "eval_max_new_tokens" if int(self.rc.eval_max_new_tokens or 0) > int(self.rc.max_new_tokens) \
             else "max_new_tokens"
-        return f"data.max_length + recipe.{longest}"
+        return f"recipe.max_prompt_length + recipe.{longest}"
 
     def build_model(self):
         from runx.trainers.hf import load_model
@@ -665,10 +677,10 @@ class VeriFree(ExportsTokenizer, TrainingRecipe):
     # ---- for `runx plan` ------------------------------------------------------------------------------
     def plan_batch(self) -> tuple[int, int, bool]:
         """One micro-batch trains micro_batch_size x G sequences of prompt + sampled tokens (the prompt bounded,
-        for the plan, by data.max_length); the fused head holds one chunk of logits at a time."""
+        for the plan, by recipe.max_prompt_length); the fused head holds one chunk of logits at a time."""
         rc = self.rc
         return (int(self.cfg.trainer.micro_batch_size) * int(rc.group_size),
-                int(self.cfg.data.max_length) + int(rc.max_new_tokens), not rc.fused_logprob)
+                int(self.rc.max_prompt_length) + int(rc.max_new_tokens), not rc.fused_logprob)
 
     def extra_memory(self, model, world: int, available: dict, cuda: bool = False) -> dict:
         """Device memory besides the trainer's, per rank: the rollout's KV cache (HF generate, one call of
@@ -733,11 +745,11 @@ class VeriFree(ExportsTokenizer, TrainingRecipe):
         return train, held_out
 
     def prompt_rows(self, rows: list[dict], source: str, held_out: bool = False) -> list[dict]:
-        """The rows whose prompt (recipe.prompt_template with the question) fits in data.max_length tokens. Longer
-        ones are dropped with a warning naming the first, as SFT drops the samples that data.max_length leaves
+        """The rows whose prompt (recipe.prompt_template with the question) fits in recipe.max_prompt_length tokens. Longer
+        ones are dropped with a warning naming the first, as SFT drops the samples that recipe.max_prompt_length leaves
         no response token of (a question is not cut: its reference answer would no longer follow from it); no
         training row left is a config error. The prompt, with max_new_tokens, is what the positions check counts."""
-        limit = int(self.cfg.data.max_length)
+        limit = int(self.rc.max_prompt_length)
         prompts = [fill(self.rc.prompt_template, question=r["question"]) for r in rows]
         lengths = [len(ids) for ids in encode_prompts(self.tokenizer, prompts)] if rows else []
         long = [i for i, n in enumerate(lengths) if n > limit]
@@ -746,11 +758,11 @@ class VeriFree(ExportsTokenizer, TrainingRecipe):
         first = f"{source} row {long[0] + 1}, {lengths[long[0]]} tokens"
         if len(long) == len(rows) and not held_out:
             raise RecipeConfigError(
-                f"data.max_length={limit}: the prompt (recipe.prompt_template with the question) of every row of "
-                f"{source} is longer ({first}), so there is nothing to train on. Valid values: data.max_length >= "
+                f"recipe.max_prompt_length={limit}: the prompt (recipe.prompt_template with the question) of every row of "
+                f"{source} is longer ({first}), so there is nothing to train on. Valid values: recipe.max_prompt_length >= "
                 f"{min(lengths)} ({max(lengths)} keeps every row), or shorter questions or recipe.prompt_template")
         log.warning("dropped %d of %d rows of %s: their prompt (recipe.prompt_template with the question) is longer "
-                    "than data.max_length=%d tokens (the first: %s). A larger data.max_length keeps them",
+                    "than recipe.max_prompt_length=%d tokens (the first: %s). A larger recipe.max_prompt_length keeps them",
                     len(long), len(rows), source, limit, first)
         drop = set(long)
         return [r for i, r in enumerate(rows) if i not in drop]

@@ -795,12 +795,13 @@ def test_user_data_problems_are_config_problems_before_the_model(tmp_path, monke
     assert recipe.build_data()[0][0]["trace"] == "1+1=2. "
 
 
-def test_prompts_longer_than_data_max_length_are_dropped_and_positions_checked(tmp_path, caplog):
+def test_prompts_longer_than_max_prompt_length_are_dropped_and_positions_checked(tmp_path, caplog):
     """VeriFree never looked at prompt lengths: an over-long question crashed mid-run on a model with learned
-    positions (GPT-2: an IndexError in generate). Now prompts longer than data.max_length are dropped with a
-    warning naming the first (as SFT drops what data.max_length leaves no response of), none left is a config
-    error, and data.max_length + recipe.max_new_tokens beyond a learned-position model's positions is refused
-    before any weight is read."""
+    positions (GPT-2: an IndexError in generate). Now prompts longer than recipe.max_prompt_length are dropped
+    with a warning naming the first (as SFT drops what data.max_length leaves no response of), none left is a
+    config error, and recipe.max_prompt_length + recipe.max_new_tokens beyond a learned-position model's positions
+    is refused before any weight is read. (A new key: a run saved before it had data.max_length=64, which would
+    have dropped most of the embedded task's prompts on resume.)"""
     from runx.trainers.recipe import RecipeConfigError, build_recipe
     caplog.set_level("WARNING", logger="runx.verifree")
     long_q = "Ann has 7 pens. " * 8 + "How many pens now?"
@@ -808,21 +809,21 @@ def test_prompts_longer_than_data_max_length_are_dropped_and_positions_checked(t
             {"question": "2+2?", "answer": "4"}]
     (tmp_path / "qa.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
     (tmp_path / "long.jsonl").write_text(json.dumps(rows[1]))
-    data = ["data.kind=jsonl", "recipe.warmup_steps=0", "data.max_length=40", "data.val_fraction=0.3"]
+    data = ["data.kind=jsonl", "recipe.warmup_steps=0", "recipe.max_prompt_length=40", "data.val_fraction=0.3"]
     train, held = vf.VeriFree(_cfg(*data, f"data.path={tmp_path / 'qa.jsonl'}"), str(tmp_path)).build_data()
     assert sorted(r["question"] for r in list(train.rows) + list(held.rows)) == ["1+1?", "2+2?"]
     warned = [r.getMessage() for r in caplog.records if "dropped" in r.getMessage()]
-    assert len(warned) == 1 and "qa.jsonl row 2" in warned[0] and "data.max_length=40" in warned[0], warned
-    with pytest.raises(RecipeConfigError, match=r"data\.max_length=40: .*long\.jsonl row 1"):
+    assert len(warned) == 1 and "qa.jsonl row 2" in warned[0] and "recipe.max_prompt_length=40" in warned[0], warned
+    with pytest.raises(RecipeConfigError, match=r"recipe\.max_prompt_length=40: .*long\.jsonl row 1"):
         build_recipe(vf.VeriFree, _cfg(*data, f"data.path={tmp_path / 'long.jsonl'}"), str(tmp_path))
     # the generated task fits the embedded model's default; its prompts are checked too
     rec = vf.VeriFree(_cfg("recipe.task_train_size=16", "recipe.task_eval_size=4"), str(tmp_path))
     assert len(rec.build_data()[0]) == 16
     with pytest.raises(RecipeConfigError, match="generated training problems"):
-        vf.VeriFree(_cfg("recipe.task_train_size=16", "data.max_length=10"), str(tmp_path)).build_data()
+        vf.VeriFree(_cfg("recipe.task_train_size=16", "recipe.max_prompt_length=10"), str(tmp_path)).build_data()
     # learned positions (GPT-2): the longest prompt + answer must fit, refused before the model is built
     gpt2 = ["model.from_config.model_type=gpt2", "recipe.warmup_steps=0"]
-    with pytest.raises(RecipeConfigError, match=r"data\.max_length \+ recipe\.max_new_tokens=292: .*256"):
+    with pytest.raises(RecipeConfigError, match=r"recipe\.max_prompt_length \+ recipe\.max_new_tokens=292: .*256"):
         build_recipe(vf.VeriFree, _cfg(*gpt2, "recipe.max_new_tokens=100"), str(tmp_path))
     with pytest.raises(RecipeConfigError, match=r"recipe\.eval_max_new_tokens=292"):
         build_recipe(vf.VeriFree, _cfg(*gpt2, "recipe.eval_max_new_tokens=100"), str(tmp_path))
@@ -1026,12 +1027,12 @@ def test_plan_counts_the_rollout_kv_cache_and_the_sequences_a_micro_batch_trains
     cfg = compose(["recipe=verifree", "logger=none", "trainer.micro_batch_size=3", "recipe.group_size=4",
                    "recipe.max_new_tokens=100", "recipe.rollout_chunk=8"])
     model, recipe, _ = plan.build_on_meta(cfg)
-    assert plan.plan_batch(cfg, recipe) == (12, int(cfg.data.max_length) + 100, False)
+    assert plan.plan_batch(cfg, recipe) == (12, int(cfg.recipe.max_prompt_length) + 100, False)
     c = model.config
     kv_heads = c.num_key_value_heads
     per_token = 2 * c.num_hidden_layers * kv_heads * (c.hidden_size // c.num_attention_heads) * 4   # fp32 run
     ((label, kv),) = recipe.extra_memory(model, 1, {"cpu": 2**34, "device": 2**34})["device"].items()
-    assert kv == 8 * (int(cfg.data.max_length) + 100) * per_token and "8 sequences" in label
+    assert kv == 8 * (int(cfg.recipe.max_prompt_length) + 100) * per_token and "8 sequences" in label
     cfg2 = compose(["recipe=verifree", "logger=none", "recipe.kl_coef=0.1", "recipe.rollout_backend=vllm"])
     model2, recipe2, _ = plan.build_on_meta(cfg2)
     terms = recipe2.extra_memory(model2, 1, {"cpu": 2**34, "device": 2**34})["device"]
@@ -1098,3 +1099,16 @@ def test_a_run_that_finds_its_warm_up_cached_starts_rl_as_one_that_warmed_up(tmp
     run_cli(common + [f"run_dir={tmp_path / 'cached'}"])
     a, b = read_metrics(tmp_path / "fresh"), read_metrics(tmp_path / "cached")
     assert [(r["loss"], r.get("grad_norm")) for r in a] == [(r["loss"], r.get("grad_norm")) for r in b], (a, b)
+
+
+def test_sampled_tokens_inside_the_reasoning_are_found_past_multibyte_characters():
+    """A byte-level token can end inside a multi-byte character ("×"), whose prefix decodes to U+FFFD: the binary
+    search for the sampled tokens inside z took that for the end of z and kept too few (24 of 52), so the rest of
+    z was re-tokenised and REINFORCE scored tokens that were never sampled."""
+    from runx.trainers.hf import byte_tokenizer
+    tok = byte_tokenizer()
+    for n in range(1, 40):
+        z = "×" * n + " so 12 <answer"
+        ids = tok(z + "> \\boxed{12} </answer>", add_special_tokens=False).input_ids
+        true_k = max(j for j in range(len(ids) + 1) if z.startswith(tok.decode(ids[:j], skip_special_tokens=True)))
+        assert vf.sampled_within(tok, ids, z) == true_k, n

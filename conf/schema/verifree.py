@@ -51,6 +51,10 @@ class VeriFreeConfig:
     stop_string: str = "</answer>"
 
     # ---- rollout ---------------------------------------------------------------------------------
+    # the longest prompt (prompt_template with the question) in tokens: longer rows are dropped with a warning;
+    # with max_new_tokens, the positions a sequence needs. 1024 as the reference (oat's prompt_max_length); the
+    # recipe's config sets 192 for the embedded model (256 positions)
+    max_prompt_length: int = 1024
     group_size: int = 8
     temperature: float = 1.0
     top_p: float = 1.0
