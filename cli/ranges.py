@@ -247,7 +247,7 @@ def ds_override_problems(overrides: dict) -> list[str]:
         if key in flat or (key == "zero_optimization.stage" and isinstance(overrides.get("zero_optimization"), int)):
             out.append(f"trainer.ds_overrides.{key}={flat.get(key)}: runx sets it from {where}. Valid choices: "
                        f"set {where.split(' x ')[0]} instead.")
-    for key in ("bf16.enabled", "torch_autocast.enabled"):
+    for key in ("bf16.enabled", "bfloat16.enabled", "torch_autocast.enabled"):   # (bfloat16: DeepSpeed's alias)
         if key in flat:
             out.append(f"trainer.ds_overrides.{key}={flat[key]}: runx sets it from trainer.precision. Valid "
                        "choices: set trainer.precision=fp32|bf16|amp_bf16 instead.")

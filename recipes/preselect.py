@@ -245,7 +245,10 @@ def train_fasttext_clean_process(train_file: str, out_path: str, kwargs: dict) -
     import subprocess
     import sys
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", OMP_NUM_THREADS="1")
-    remove_stale_temps(os.path.dirname(os.path.abspath(out_path)))   # (when called outside a stage, too)
+    # (when called outside a stage, too); this file's own temps whoever left them: one writer only (task 0), so
+    # a killed run's temp goes also when the rerun lands on another node
+    remove_stale_temps(os.path.dirname(os.path.abspath(out_path)))
+    remove_stale_temps(os.path.dirname(os.path.abspath(out_path)), output=os.path.basename(out_path))
     with atomic_path(out_path) as tmp:
         proc = subprocess.run([sys.executable, "-c", _FASTTEXT_TRAIN,
                                json.dumps({"input": train_file, "output": tmp, "kwargs": kwargs,
