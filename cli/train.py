@@ -314,7 +314,8 @@ def finish_superseding(run_dir: str) -> str | None:
     pending = _superseding(run_dir)
     if not os.path.exists(pending):
         return None
-    dest = open(pending).read().strip()
+    with open(pending) as f:
+        dest = f.read().strip()
     present = [n for n in RUN_STATE if os.path.lexists(os.path.join(run_dir, n))
                and not os.path.lexists(os.path.join(dest, n))]
     if os.path.isdir(dest):

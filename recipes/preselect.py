@@ -248,7 +248,7 @@ def train_fasttext_clean_process(train_file: str, out_path: str, kwargs: dict) -
     # (when called outside a stage, too); this file's own temps whoever left them: one writer only (task 0), so
     # a killed run's temp goes also when the rerun lands on another node
     remove_stale_temps(os.path.dirname(os.path.abspath(out_path)))
-    remove_stale_temps(os.path.dirname(os.path.abspath(out_path)), output=os.path.basename(out_path))
+    _remove_stale_temps(out_path)
     with atomic_path(out_path) as tmp:
         proc = subprocess.run([sys.executable, "-c", _FASTTEXT_TRAIN,
                                json.dumps({"input": train_file, "output": tmp, "kwargs": kwargs,

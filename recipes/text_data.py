@@ -668,7 +668,7 @@ def chat_tokens(tokenizer, messages: list[dict], template: str, train_on_prompt:
                     "another template (data.chat_template=chatml, Jinja text or a .jinja file), or "
                     "data.train_on_prompt=true to train on every token")
             spans.append((len(before), len(through)))
-    enc = _with_offsets(tokenizer, full)
+    enc = with_offsets(tokenizer, full)
     if enc is None:
         raise RecipeConfigError("data.messages_field: chat rows need a fast tokenizer (one that maps tokens to "
                                 "characters); this model's is not. Valid choices: model.tokenizer=<a fast "
@@ -679,7 +679,7 @@ def chat_tokens(tokenizer, messages: list[dict], template: str, train_on_prompt:
     return ids, _labels_in(ids, enc["offset_mapping"], spans)
 
 
-def _with_offsets(tokenizer, text: str):
+def with_offsets(tokenizer, text: str):
     """The encoding of `text` with each token's character offsets, or None for a tokenizer that has none (a slow,
     Python one: transformers ignores return_offsets_mapping there, or raises; a remote-code one)."""
     if not getattr(tokenizer, "is_fast", False):
@@ -704,7 +704,7 @@ def pair_tokens(tokenizer, prompt: str, response: str, train_on_prompt: bool = F
     a SentencePiece tokenizer would start the response with a word-start mark, "x=" + "4" read as "x= 4", and a
     byte-level one split a prompt's trailing space from the first word); the response's tokens are labelled
     (`_labels_in`), the prompt's -100. A slow tokenizer (no character offsets) tokenises the two apart."""
-    enc = _with_offsets(tokenizer, prompt + response)
+    enc = with_offsets(tokenizer, prompt + response)
     if enc is not None:
         ids = list(enc["input_ids"])
         labels = list(ids) if train_on_prompt else _labels_in(ids, enc["offset_mapping"],

@@ -42,7 +42,8 @@ import torch
 
 from runx.recipes.sft import (ExportsTokenizer, causal_lm_tokenizer, check_fused_head, check_packed_attention,
                               check_positions, check_positions_from_config, model_config)
-from runx.recipes.text_data import first_fit, held_out_split, load_hf_splits, read_local_splits, require_rows
+from runx.recipes.text_data import (first_fit, held_out_split, load_hf_splits, read_local_splits, require_rows,
+                                   with_offsets)
 from runx.recipes.verifree_task import ArithmeticTask, QADataset, corrupt_trace, qa_rows, split_rows
 from runx.trainers.recipe import RecipeConfigError, TrainingRecipe
 
@@ -361,9 +362,9 @@ def in_context(tokenizer, prompt: str, sampled: list[int], z: str, answer: str) 
     of z and the answer tokenised apart (the reference's rule, exact for byte-level BPE); warned once where
     those pieces do not decode to the text."""
     k = sampled_within(tokenizer, sampled, z)
-    if getattr(tokenizer, "is_fast", False):
-        enc = tokenizer(prompt + z + answer, add_special_tokens=False, return_offsets_mapping=True)
-        ids, offsets = list(enc.input_ids), [tuple(o) for o in enc.offset_mapping]
+    enc = with_offsets(tokenizer, prompt + z + answer)
+    if enc is not None:
+        ids, offsets = list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
         z_end = len(prompt) + len(z)
         for j in range(k, -1, -1):
             head = _decode(tokenizer, sampled[:j])
@@ -642,8 +643,8 @@ class VeriFree(ExportsTokenizer, TrainingRecipe):
                              "zero3_cpu_offload)")
         self.tokenizer = causal_lm_tokenizer(cfg.model)
         self.hf_config = model_config(cfg.model)   # (read once for the checks below; None: not readable here)
-        # a prompt of up to recipe.max_prompt_length tokens (longer ones are dropped: prompt_rows) and the answer: the
-        # positions a sequence needs (a model with learned positions has no more)
+        # a prompt of up to recipe.max_prompt_length tokens (longer ones are dropped: prompt_rows) and the answer:
+        # the positions a sequence needs (a model with learned positions has no more)
         check_positions_from_config(cfg.model, self.max_positions(), self.positions_key(), conf=self.hf_config)
         if rc.fused_logprob:
             check_fused_head(self.hf_config, "recipe.fused_logprob")
@@ -659,7 +660,7 @@ class VeriFree(ExportsTokenizer, TrainingRecipe):
     def max_positions(self) -> int:
         """The longest sequence: a prompt of recipe.max_prompt_length tokens and the longest answer sampled."""
         rc = self.rc
-        return int(self.rc.max_prompt_length) + max(int(rc.max_new_tokens), int(rc.eval_max_new_tokens or 0))
+        return int(rc.max_prompt_length) + max(int(rc.max_new_tokens), int(rc.eval_max_new_tokens or 0))
 
     def positions_key(self) -> str:
         longest = "eval_max_new_tokens" if int(self.rc.eval_max_new_tokens or 0) > int(self.rc.max_new_tokens) \
@@ -745,10 +746,11 @@ class VeriFree(ExportsTokenizer, TrainingRecipe):
         return train, held_out
 
     def prompt_rows(self, rows: list[dict], source: str, held_out: bool = False) -> list[dict]:
-        """The rows whose prompt (recipe.prompt_template with the question) fits in recipe.max_prompt_length tokens. Longer
-        ones are dropped with a warning naming the first, as SFT drops the samples that recipe.max_prompt_length leaves
-        no response token of (a question is not cut: its reference answer would no longer follow from it); no
-        training row left is a config error. The prompt, with max_new_tokens, is what the positions check counts."""
+        """The rows whose prompt (recipe.prompt_template with the question) fits in recipe.max_prompt_length
+        tokens. Longer ones are dropped with a warning naming the first, as SFT drops the samples that
+        data.max_length leaves no response token of (a question is not cut: its reference answer would no longer
+        follow from it); no training row left is a config error. The prompt, with max_new_tokens, is what the
+        positions check counts."""
         limit = int(self.rc.max_prompt_length)
         prompts = [fill(self.rc.prompt_template, question=r["question"]) for r in rows]
         lengths = [len(ids) for ids in encode_prompts(self.tokenizer, prompts)] if rows else []
@@ -758,12 +760,13 @@ class VeriFree(ExportsTokenizer, TrainingRecipe):
         first = f"{source} row {long[0] + 1}, {lengths[long[0]]} tokens"
         if len(long) == len(rows) and not held_out:
             raise RecipeConfigError(
-                f"recipe.max_prompt_length={limit}: the prompt (recipe.prompt_template with the question) of every row of "
-                f"{source} is longer ({first}), so there is nothing to train on. Valid values: recipe.max_prompt_length >= "
-                f"{min(lengths)} ({max(lengths)} keeps every row), or shorter questions or recipe.prompt_template")
+                f"recipe.max_prompt_length={limit}: the prompt (recipe.prompt_template with the question) of every "
+                f"row of {source} is longer ({first}), so there is nothing to train on. Valid values: "
+                f"recipe.max_prompt_length >= {min(lengths)} ({max(lengths)} keeps every row), or shorter questions "
+                f"or recipe.prompt_template")
         log.warning("dropped %d of %d rows of %s: their prompt (recipe.prompt_template with the question) is longer "
-                    "than recipe.max_prompt_length=%d tokens (the first: %s). A larger recipe.max_prompt_length keeps them",
-                    len(long), len(rows), source, limit, first)
+                    "than recipe.max_prompt_length=%d tokens (the first: %s). A larger recipe.max_prompt_length keeps "
+                    "them", len(long), len(rows), source, limit, first)
         drop = set(long)
         return [r for i, r in enumerate(rows) if i not in drop]
 

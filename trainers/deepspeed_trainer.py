@@ -429,9 +429,10 @@ class Trainer:
         if not self.is_main or b is None or not runtime.is_complete(root, f"step_{b}"):
             return
         best_file = os.path.join(root, "best")
-        if not os.path.exists(best_file) or open(best_file).read().strip() != f"step_{b}":
+        named = open(best_file).read().strip() if os.path.exists(best_file) else None
+        if named != f"step_{b}":
             log.warning("ckpt/best named %s, not the best step of the checkpoint resumed (step_%d): corrected",
-                        open(best_file).read().strip() if os.path.exists(best_file) else "nothing", b)
+                        named or "nothing", b)
             atomic_write_bytes(best_file, f"step_{b}".encode())
 
     def _track_best(self, last_eval: dict) -> bool:
