@@ -45,14 +45,126 @@ def child_env(env: dict | None = None) -> dict:
     return e
 
 
-def run_cli(args: list[str], timeout: int = 600, env: dict | None = None, check: bool = True, cwd=None):
+class _CliServer:
+    """A tests/cli_server.py process for one environment: it has imported torch, transformers, DeepSpeed... once,
+    and forks a `python -m runx.cli.main` for each run (about 4 s of imports less each)."""
+
+    def __init__(self, env: dict):
+        self.env, self.buf = env, b""
+        self.proc = subprocess.Popen([sys.executable, os.path.join(os.path.dirname(__file__), "cli_server.py")],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                     env=env, cwd=os.path.dirname(os.path.dirname(__file__)))
+        ready = self._read(180)
+        if "ready" not in ready:
+            raise RuntimeError(f"tests/cli_server.py did not start: {ready}")
+
+    def _read(self, timeout: float) -> dict:
+        """The server's next JSON line (its pipe read unbuffered: a buffered reader could hold the next line
+        where select() does not see it)."""
+        import select
+        import time
+        end = time.monotonic() + timeout
+        while b"\n" not in self.buf:
+            if not select.select([self.proc.stdout], [], [], max(0.0, end - time.monotonic()))[0]:
+                raise TimeoutError
+            chunk = os.read(self.proc.stdout.fileno(), 65536)
+            if not chunk:
+                raise RuntimeError(f"tests/cli_server.py ended (exit {self.proc.wait()})")
+            self.buf += chunk
+        line, _, self.buf = self.buf.partition(b"\n")
+        return json.loads(line)
+
+    def run(self, argv: list[str], env: dict, timeout: float, cwd) -> subprocess.CompletedProcess:
+        import signal
+        with tempfile.TemporaryDirectory(prefix="runx_cli_") as d:
+            out, err = os.path.join(d, "stdout"), os.path.join(d, "stderr")
+            self.proc.stdin.write(json.dumps({"argv": argv, "env": env, "cwd": os.path.abspath(cwd or os.getcwd()),
+                                              "out": out, "err": err}).encode() + b"\n")
+            self.proc.stdin.flush()
+            pid = self._read(60)["pid"]
+            try:
+                rc = self._read(timeout)["rc"]
+            except TimeoutError:    # as subprocess.run: kill it, then raise
+                os.kill(pid, signal.SIGKILL)
+                self._read(60)
+                raise subprocess.TimeoutExpired([sys.executable, "-m", "runx.cli.main", *argv], timeout) from None
+
+            def read(path):
+                with open(path, encoding="utf-8", errors="replace") as f:
+                    return f.read()
+            return subprocess.CompletedProcess([sys.executable, "-m", "runx.cli.main", *argv], rc, read(out), read(err))
+
+    def close(self) -> None:
+        try:
+            self.proc.stdin.close()
+            self.proc.wait(timeout=10)
+        except Exception:
+            self.proc.kill()
+
+
+_SERVER: list[_CliServer] = []
+
+
+def _server_for(env: dict) -> _CliServer:
+    """The fork server of this environment (another variable set or changed in this process since the last one
+    started: a new one)."""
+    if _SERVER and (_SERVER[0].env != env or _SERVER[0].proc.poll() is not None):
+        _SERVER.pop().close()
+    if not _SERVER:
+        _SERVER.append(_CliServer(env))
+        atexit.register(_SERVER[0].close)
+    return _SERVER[0]
+
+
+def run_cli(args: list[str], timeout: int = 600, env: dict | None = None, check: bool = True, cwd=None,
+            fresh: bool = False):
+    """`python -m runx.cli.main <args>`. Forked from tests/cli_server.py (imports done) unless `env` adds
+    variables or `fresh`: then started as the shell starts it."""
     e = child_env(env)
-    p = subprocess.run([sys.executable, "-m", "runx.cli.main", *args], capture_output=True, text=True,
-                       timeout=timeout, env=e, cwd=cwd)
+    if env or fresh or sys.platform != "linux" or os.environ.get("RUNX_TEST_FRESH_CLI") == "1":
+        p = subprocess.run([sys.executable, "-m", "runx.cli.main", *args], capture_output=True, text=True,
+                           timeout=timeout, env=e, cwd=cwd)
+    else:
+        p = _server_for(e).run(list(args), e, timeout, cwd)
     if check and p.returncode != 0:
         raise AssertionError(f"runx {' '.join(args)} exited {p.returncode}\n--- stdout\n{p.stdout[-4000:]}"
                              f"\n--- stderr\n{p.stderr[-6000:]}")
     return p
+
+
+# (not SIGCHLD: PyTorch's DataLoader installs its handler once per process, by design; a handler is not inherited)
+_SIGNALS = ("SIGINT", "SIGTERM", "SIGUSR1", "SIGUSR2", "SIGTSTP", "SIGHUP", "SIGPIPE")
+
+
+def _signal_state() -> dict:
+    """This thread's signal mask and ignored set (as the kernel has them: what a child started now inherits) and
+    the Python handlers of the signals runx uses."""
+    import signal
+    state = {name: signal.getsignal(getattr(signal, name)) for name in _SIGNALS}
+    try:
+        with open(f"/proc/self/task/{__import__('threading').get_native_id()}/status") as f:
+            state.update(line.split(":", 1) for line in f if line.startswith(("SigBlk", "SigIgn")))
+    except OSError:
+        pass
+    return state
+
+
+@pytest.fixture(autouse=True)
+def _signals_left_as_found():
+    """A test that leaves a signal blocked, ignored or handled in this process would change every process the
+    later tests start (a blocked SIGINT is inherited: Ctrl-C then never reached a runx started afterwards)."""
+    import signal
+    before = _signal_state()
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, [])
+    yield
+    after = _signal_state()
+    if after != before:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        for name in _SIGNALS:
+            if before[name] is not None:
+                signal.signal(getattr(signal, name), before[name])
+        changed = {k: (before.get(k), after.get(k)) for k in set(before) | set(after) if before.get(k) != after.get(k)}
+        pytest.fail(f"the test left this process's signal state changed (restored now): {changed}")
 
 
 def read_metrics(run_dir) -> list[dict]:

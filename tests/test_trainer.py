@@ -294,6 +294,22 @@ def test_sigterm_saves_a_checkpoint_at_the_step_boundary_and_the_run_resumes(tmp
     assert sync.count("offline-run-") == 2, sync
 
 
+def _ignored_signals(pid) -> set:
+    """The signals a process ignores (SIG_IGN), from /proc."""
+    import signal
+    with open(f"/proc/{pid}/status") as f:
+        mask = int(next(line for line in f if line.startswith("SigIgn")).split()[1], 16)
+    return {signal.Signals(n) for n in range(1, 65) if mask >> (n - 1) & 1 and n in signal.Signals._value2member_map_}
+
+
+def _thread_stacks() -> dict:
+    """Each Python thread of this process: its name and innermost frames."""
+    import threading
+    import traceback
+    names = {t.ident: t.name for t in threading.enumerate()}
+    return {names.get(k, k): traceback.format_stack(f)[-3:] for k, f in sys._current_frames().items()}
+
+
 def test_ctrl_z_and_ctrl_c_on_a_launched_run(tmp_path):
     """Ctrl-Z (SIGTSTP to the terminal's process group) on a 2-process run suspends runx and every process of the
     launch, which has a session of its own (they used to train on); fg (SIGCONT) continues them all. Ctrl-C
@@ -309,8 +325,20 @@ def test_ctrl_z_and_ctrl_c_on_a_launched_run(tmp_path):
             "trainer.num_procs=2", "trainer.max_steps=100000", "trainer.ckpt_every=0", "trainer.micro_batch_size=8",
             "logger=wandb"]
     env = child_env()
-    p = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                         start_new_session=True)
+    # output to files, and runx's own exit awaited: W&B's service, in a session of its own, inherits them and may
+    # outlive runx while it writes its last records; pipes would wait for it too
+    out_f, err_f = tmp_path / "stdout.txt", tmp_path / "stderr.txt"
+    if signal.SIGINT in _ignored_signals("self"):
+        import warnings
+        warnings.warn(f"SIGINT ignored in the test process when starting runx: {_thread_stacks()}")
+    # started as a terminal starts a foreground job: SIGINT / SIGQUIT at their defaults. A process started with
+    # SIGINT ignored keeps it ignored (Python installs no KeyboardInterrupt handler), and under pytest-xdist runx was
+    # found started so in 3 of 3 full runs (its SigIgn had SIGINT and SIGQUIT; the cause is not found yet)
+    reset = ("import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); "
+             "signal.signal(signal.SIGQUIT, signal.SIG_DFL); os.execv(sys.executable, sys.argv[1:])")
+    with open(out_f, "w") as o, open(err_f, "w") as e:
+        p = subprocess.Popen([sys.executable, "-c", reset, *args], stdout=o, stderr=e, text=True, env=env,
+                             start_new_session=True)
     launch = []
     try:
         deadline = time.time() + 240
@@ -337,7 +365,19 @@ def test_ctrl_z_and_ctrl_c_on_a_launched_run(tmp_path):
         assert not any(q.status() == psutil.STATUS_STOPPED for q in launch) and len(read_metrics(run)) >= steps + 2, (
             [q.status() for q in launch], len(read_metrics(run)), steps)
         os.killpg(p.pid, signal.SIGINT)
-        out, err = p.communicate(timeout=60)
+        try:
+            p.wait(timeout=60)
+        except subprocess.TimeoutExpired:   # what is still there, and in which state
+            left = []
+            for q in [psutil.Process(p.pid), *psutil.Process(p.pid).children(recursive=True)]:
+                try:
+                    with open(f"/proc/{q.pid}/status") as f:
+                        sig = [line.strip() for line in f if line.startswith(("SigBlk", "SigIgn", "SigPnd", "ShdPnd"))]
+                    left.append((q.pid, q.status(), " ".join(q.cmdline())[:100], sig))
+                except (psutil.Error, OSError):
+                    pass
+            raise AssertionError(f"runx did not exit 60 s after Ctrl-C: {left}\n{err_f.read_text()[-3000:]}")
+        err = err_f.read_text()
     except BaseException:     # leave nothing running (or stopped) behind a failed test: it would slow the rest
         for q in [*launch, *psutil.Process(p.pid).children(recursive=True), psutil.Process(p.pid)]:
             try:
