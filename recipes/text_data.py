@@ -19,6 +19,8 @@ import os
 import random
 import re
 
+import numpy as np
+
 from runx.trainers.recipe import RecipeConfigError
 
 log = logging.getLogger("runx.text_data")
@@ -393,16 +395,36 @@ def load_rows(dcfg, seed: int = 0) -> tuple[list[dict], list[dict]]:
     elif kind == "hf":
         src = dcfg.hf_name or dcfg.path
         ds = load_hf_splits(src, dcfg.train_split, dcfg.extra)
-        def rows_of(split):   # rows that name their split: a problem with one says "imdb[test] row 7"
-            return [Row(r, f"{src}[{split}] row {i + 1}") for i, r in enumerate(ds[split])]
-        train = rows_of(dcfg.train_split)
         split = held_out_split(ds, dcfg, src)
-        evals = rows_of(split) if split else []
+        # which rows are kept is decided on row numbers first, and a few rows kept of many (data.max_train_samples)
+        # are the only ones read as dicts (memory: every row of the split was). The numbers are shuffled as the rows
+        # were (the same shuffle of as many items), so that the same rows are drawn.
+        import datasets
+        parts = {s: ds[s] if isinstance(ds[s], datasets.Dataset) else list(ds[s])   # (a streamed one: read whole)
+                 for s in {dcfg.train_split, split} - {None}}
+        train, evals = range(len(parts[dcfg.train_split])), range(len(parts[split]) if split else 0)
         if not evals:
             train, evals = _split(train, dcfg.val_fraction, seed=0)
+            split = dcfg.train_split
+        train, evals = _at_most(train, evals, dcfg)
+
+        def rows_of(name, at):   # rows that name their split: a problem with one says "imdb[test] row 7"
+            part = parts[name]
+            if isinstance(part, datasets.Dataset) and 2 * len(at) < len(part):
+                picked = part.select(at)   # a few rows: only those are read
+            else:   # most rows: read whole, in order, once (faster than picking them: datasets reads those one by one)
+                part = parts[name] = part if isinstance(part, list) else list(part)
+                picked = [part[i] for i in at]
+            return [Row(r, f"{src}[{name}] row {i + 1}") for i, r in zip(at, picked)]
+        train, evals = rows_of(dcfg.train_split, train), rows_of(split, evals)
     else:
         raise ValueError(f"data.kind={kind!r} is not a text source (valid choices: builtin, jsonl, parquet, csv, hf)")
     require_rows(train, dcfg)
+    return _at_most(train, evals, dcfg)
+
+
+def _at_most(train, evals, dcfg):
+    """The first data.max_train_samples training rows and data.max_eval_samples held-out rows."""
     if dcfg.max_train_samples:
         train = train[: int(dcfg.max_train_samples)]
     if dcfg.max_eval_samples is not None:   # 0: no evaluation (None: all held-out rows)
@@ -464,12 +486,63 @@ def _not_text_problem(key: str, field: str, rows, i: int, split: str, lm: bool =
                                 if chat else ""))
 
 
+class TokenRows:
+    """Rows of token ids (or labels, masks) of varying length, held as one flat numpy array plus int64 offsets.
+    Memory: a list of Python ints holds 8-40 bytes a token, a tokenizer's BatchEncoding with its Rust per-row
+    encodings ~220; this holds 4 (int32). Rows are appended while tokenising and moved into numpy every
+    `CHUNK` tokens, so no list of every row's tokens is held either. Row i is given back as a list of Python ints,
+    as it was before (the collators and token_lengths read lists)."""
+
+    CHUNK = 1 << 16   # tokens buffered in a Python list before they move into a numpy array
+
+    def __init__(self, dtype=np.int32):
+        self.dtype = dtype
+        self._buf: list[int] = []
+        self._lens: list[int] = []
+        self._parts: list[tuple[np.ndarray, np.ndarray]] = []   # (tokens, row lengths) of the rows appended so far
+        self.flat = np.zeros(0, dtype)
+        self.offsets = np.zeros(1, np.int64)
+
+    def append(self, row) -> None:
+        self._buf.extend(row)
+        self._lens.append(len(row))
+        if len(self._buf) >= self.CHUNK:
+            self._flush()
+
+    def extend(self, rows) -> None:
+        for row in rows:
+            self.append(row)
+
+    def _flush(self) -> None:
+        if self._lens:
+            self._parts.append((np.array(self._buf, self.dtype), np.array(self._lens, np.int64)))
+            self._buf, self._lens = [], []
+
+    def done(self) -> "TokenRows":
+        """The rows appended so far, made one array (call once, after the last append)."""
+        self._flush()
+        if self._parts:
+            self.flat = np.concatenate([t for t, _ in self._parts])
+            self.offsets = np.concatenate([[0], np.cumsum(np.concatenate([n for _, n in self._parts]))])
+        self._parts = []
+        return self
+
+    def __len__(self):
+        return len(self.offsets) - 1
+
+    def __getitem__(self, i) -> list[int]:
+        i = range(len(self))[i]   # a negative index counts from the end, one past it is an IndexError, as in a list
+        return self.flat[self.offsets[i]:self.offsets[i + 1]].tolist()
+
+
 class ClassificationDataset:
     """Tokenised {text, label} rows. Labels are class ids 0..num_labels-1, or names: those are numbered in sorted
     order of the training split's names (`label_names`), which the held-out split is given so that its ids
     agree. A label outside the model's classes is a config problem naming model.num_labels; so is a label that is
     no class (a list, a fraction: multi-label and regression are not supported) and a negative one (an unlabelled
     row, as GLUE's test splits have). Training rows with fewer classes than model.num_labels are a warning."""
+
+    CHUNK_ROWS = 1024   # rows tokenised per tokenizer call
 
     def __init__(self, rows, tokenizer, text_field: str, label_field: str, max_length: int,
                  num_labels: int | None = None, label_names: list | None = None, split: str = "training"):
@@ -546,14 +619,22 @@ class ClassificationDataset:
                             f" ({', '.join(map(str, names[:10]))})" if names and not ids_given else "", num_labels,
                             ", ".join(map(str, unused[:5])), ", ..." if len(unused) > 5 else "",
                             f". Valid choices: model.num_labels={fits}" if fits < num_labels else "")
-        self.enc = tokenizer([str(r[text_field]) for r in rows], truncation=True, max_length=max_length)
+        # tokenised a chunk of rows at a time into flat arrays (TokenRows): the whole BatchEncoding, with its Rust
+        # per-row encodings, held ~220 bytes a token. Each row is tokenised on its own either way (no padding).
+        self.input_ids, self.attention_mask = TokenRows(), TokenRows(np.int8)
+        for at in range(0, len(rows), self.CHUNK_ROWS):
+            enc = tokenizer([str(r[text_field]) for r in rows[at:at + self.CHUNK_ROWS]], truncation=True,
+                            max_length=max_length)
+            self.input_ids.extend(enc["input_ids"])
+            self.attention_mask.extend(enc["attention_mask"])
+        self.input_ids.done()
+        self.attention_mask.done()
 
     def __len__(self):
         return len(self.labels)
 
     def __getitem__(self, i):
-        return {"input_ids": self.enc["input_ids"][i], "attention_mask": self.enc["attention_mask"][i],
-                "labels": self.labels[i]}
+        return {"input_ids": self.input_ids[i], "attention_mask": self.attention_mask[i], "labels": self.labels[i]}
 
 
 # ---- chat rows: {messages: [{role, content}, ...]} ------------------------------------------------------------
@@ -755,38 +836,45 @@ class CausalLMDataset:
             if odd is not None:   # (trained on as its Python repr)
                 raise _not_text_problem(key, field, rows, odd, "", lm=True)
         template = resolve_chat_template(chat_template, tokenizer, source) if any(map(chat, rows)) else None
-        self.items = []
+        # ids and labels held as flat int32 arrays (TokenRows), not lists of Python ints (~44 bytes a token)
+        self.input_ids, self.labels = TokenRows(), TokenRows()
+        dropped = 0
         for i, r in enumerate(rows):
-            if chat(r):
+            if chat(r):                               # the template places bos / end-of-turn tokens itself
                 ids, labels = chat_tokens(tokenizer, chat_messages(r[messages_field], i, messages_field), template,
                                           train_on_prompt)
-                self.items.append((ids[:max_length], labels[:max_length]))
-                continue                              # the template places bos / end-of-turn tokens itself
-            if pair(r):
-                ids, labels = pair_tokens(tokenizer, str(r[prompt_field]), str(r[response_field]), train_on_prompt)
             else:
-                ids = tokenizer(str(r[text_field]), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-                labels = list(ids)
-            if tokenizer.bos_token_id is not None:
-                ids, labels = [tokenizer.bos_token_id] + ids, [-100] + labels
-            self.items.append((ids[:max_length], labels[:max_length]))
-        kept = [it for it in self.items if any(t != -100 for t in it[1][1:])]   # label t is predicted from t-1
-        if len(kept) < len(self.items):
-            dropped = len(self.items) - len(kept)
-            if not kept:
+                if pair(r):
+                    ids, labels = pair_tokens(tokenizer, str(r[prompt_field]), str(r[response_field]),
+                                              train_on_prompt)
+                else:
+                    ids = (tokenizer(str(r[text_field]), add_special_tokens=False)["input_ids"]
+                           + [tokenizer.eos_token_id])
+                    labels = list(ids)
+                if tokenizer.bos_token_id is not None:
+                    ids, labels = [tokenizer.bos_token_id] + ids, [-100] + labels
+            ids, labels = ids[:max_length], labels[:max_length]
+            if not any(t != -100 for t in labels[1:]):   # label t is predicted from t-1
+                dropped += 1
+                continue
+            self.input_ids.append(ids)
+            self.labels.append(labels)
+        self.input_ids.done()
+        self.labels.done()
+        if dropped:
+            if not len(self.input_ids):
                 raise RecipeConfigError(f"data.max_length={max_length}: none of the {dropped} samples has a "
                                         f"response token left after truncation (the prompts fill it); raise "
                                         f"data.max_length or shorten the prompts")
             log.warning("dropped %d of %d samples with no response token within data.max_length=%d (the prompt "
-                        "fills it)", dropped, len(self.items), max_length)
-            self.items = kept
+                        "fills it)", dropped, len(self.input_ids) + dropped, max_length)
 
     def __len__(self):
-        return len(self.items)
+        return len(self.input_ids)
 
     def __getitem__(self, i):
-        ids, labels = self.items[i]
-        return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels}
+        ids = self.input_ids[i]
+        return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": self.labels[i]}
 
 
 def pad_collate(pad_id: int):

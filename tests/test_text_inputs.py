@@ -238,7 +238,8 @@ def test_a_response_is_trained_on_the_tokens_the_model_reads_after_its_prompt(ki
     tok = word_tokenizer(kind)
     bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
     for prompt, response in (("Q: x=", "4"), ("Q: how many pens\nA: ", "4"), ("Q: how many\nA:", " 4 pens")):
-        (ids, labels), = CausalLMDataset([{"prompt": prompt, "response": response}], tok, "text", 64).items
+        item, = CausalLMDataset([{"prompt": prompt, "response": response}], tok, "text", 64)
+        ids, labels = item["input_ids"], item["labels"]
         assert ids == bos + tok(prompt + response, add_special_tokens=False).input_ids + [tok.eos_token_id]
         trained = tok.decode([t for t in labels if t != -100], skip_special_tokens=True)
         # (a token may begin in the prompt: "=4" or " 4" are one token, trained whole)
@@ -284,3 +285,203 @@ def test_prompt_response_rows_read_with_a_tokenizer_without_character_offsets():
     assert not tok.is_fast
     ids, labels = pair_tokens(tok, "Q: x=", "4")
     assert ids == [ord(c) for c in "Q: x=4"] + [1] and labels == [-100] * 5 + [ord("4"), 1]
+
+
+# ---- held token data: compact, the same items -----------------------------------------------------------------
+def _reference_classification(ds, rows, tok, max_length):
+    """ClassificationDataset's items as they were built before the token data was held compactly: the whole
+    BatchEncoding of every row."""
+    enc = tok([str(r["text"]) for r in rows], truncation=True, max_length=max_length)
+    return [{"input_ids": enc["input_ids"][i], "attention_mask": enc["attention_mask"][i], "labels": ds.labels[i]}
+            for i in range(len(rows))]
+
+
+def _reference_causal_lm(rows, tok, max_length, chat_template=None, train_on_prompt=False):
+    """CausalLMDataset's items as they were built before: lists of Python ints, the samples with no label dropped."""
+    from runx.recipes.text_data import chat_messages, chat_tokens, pair_tokens, resolve_chat_template
+    items = []
+    for i, r in enumerate(rows):
+        if "messages" in r:
+            template = resolve_chat_template(chat_template, tok, "the model")
+            ids, labels = chat_tokens(tok, chat_messages(r["messages"], i, "messages"), template, train_on_prompt)
+            items.append((ids[:max_length], labels[:max_length]))
+            continue
+        if "prompt" in r and "response" in r:
+            ids, labels = pair_tokens(tok, str(r["prompt"]), str(r["response"]), train_on_prompt)
+        else:
+            ids = tok(str(r["text"]), add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+            labels = list(ids)
+        if tok.bos_token_id is not None:
+            ids, labels = [tok.bos_token_id] + ids, [-100] + labels
+        items.append((ids[:max_length], labels[:max_length]))
+    return [{"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels}
+            for ids, labels in items if any(t != -100 for t in labels[1:])]
+
+
+def _same_items_and_batches(ds, ref, pad_id, max_length):
+    """Every item equal to the reference's, value for value and type for type (lists of Python ints, an int
+    label), and so every padded and packed batch tensor for tensor."""
+    import torch
+
+    from runx.recipes.text_data import pack_collate, pad_collate
+    assert len(ds) == len(ref) > 0
+    for i in range(len(ds)):
+        got, want = ds[i], ref[i]
+        assert got == want, i
+        assert list(got) == list(want), i
+        for key, value in got.items():
+            assert type(value) is type(want[key]), (i, key)
+            if isinstance(value, list):
+                assert all(type(t) is int for t in value), (i, key)
+    assert ds[-1] == ref[-1]
+    with pytest.raises(IndexError):
+        ds[len(ds)]
+    collates = [pad_collate(pad_id)]
+    if isinstance(ref[0]["labels"], list):
+        collates.append(pack_collate(pad_id, max_length))
+    for collate in collates:
+        for at in range(0, len(ds), 7):
+            got, want = collate([ds[i] for i in range(at, min(at + 7, len(ds)))]), collate(ref[at:at + 7])
+            assert got.keys() == want.keys()
+            for key in got:
+                assert got[key].dtype == want[key].dtype and torch.equal(got[key], want[key]), (at, key)
+
+
+def test_held_token_data_gives_the_items_it_gave_as_python_lists(tmp_path):
+    """The datasets hold their token ids, masks and labels as flat int32 arrays (their BatchEncoding with its Rust
+    encodings held ~220 bytes a token, lists of Python ints ~44); the items, and so the batches, are the ones the
+    lists gave: the embedded default classification data, the tiny_text causal-LM set and prompt/response and chat
+    rows with both tokenizer families, truncated samples with no label left dropped."""
+    from conftest import word_tokenizer
+
+    from runx.cli.config import compose
+    from runx.recipes.sft import SFT
+    from runx.recipes.text_data import CausalLMDataset, load_rows
+    from runx.trainers.hf import byte_tokenizer
+
+    rec = SFT(compose(["recipe=sft", "model=tiny_bert"]), str(tmp_path))    # stdlib_topics
+    train_ds, eval_ds = rec.build_data()
+    d = rec.cfg.data
+    train, evals = load_rows(d)
+    for ds, rows in ((train_ds, train), (eval_ds, evals)):
+        _same_items_and_batches(ds, _reference_classification(ds, rows, rec.tokenizer, d.max_length), 0,
+                                d.max_length)
+    short = [{"text": r["text"], "label": r["label"]} for r in train[:50]]
+    from runx.recipes.text_data import ClassificationDataset
+    ds = ClassificationDataset(short, rec.tokenizer, "text", "label", 5, num_labels=4)   # all truncated
+    _same_items_and_batches(ds, _reference_classification(ds, short, rec.tokenizer, 5), 0, 5)
+
+    rec = SFT(compose(["recipe=sft", "model=tiny_llama", "data=tiny_text"]), str(tmp_path))
+    train_ds, eval_ds = rec.build_data()
+    d = rec.cfg.data
+    train, evals = load_rows(d)
+    for ds, rows in ((train_ds, train), (eval_ds, evals)):
+        _same_items_and_batches(ds, _reference_causal_lm(rows, rec.tokenizer, d.max_length),
+                                rec.tokenizer.pad_token_id, d.max_length)
+
+    chat = [{"messages": [{"role": "user", "content": f"how many pens {i}"},
+                          {"role": "assistant", "content": "the cat has 4 pens " * (i % 5)}]} for i in range(12)]
+    pairs = [{"prompt": f"Q: how many cups {i}\nA: " * (1 + i % 4), "response": f" {i} cups"} for i in range(12)]
+    text = [{"text": f"the dog finds {i} pens " * (1 + i % 6)} for i in range(12)]
+    for tok in (byte_tokenizer(), word_tokenizer("sentencepiece"), word_tokenizer("bytelevel")):
+        for rows, max_length in ((chat + pairs + text, 24), (pairs + text, 64), (text, 8)):
+            for train_on_prompt in (False, True):
+                ds = CausalLMDataset(rows, tok, "text", max_length, chat_template="chatml",
+                                     train_on_prompt=train_on_prompt)
+                ref = _reference_causal_lm(rows, tok, max_length, "chatml", train_on_prompt)
+                _same_items_and_batches(ds, ref, tok.pad_token_id or 0, max_length)
+    assert len(CausalLMDataset(pairs, byte_tokenizer(), "text", 24)) < len(pairs)   # (some were dropped)
+
+
+def _wide_tokenizer():
+    """A word-level tokenizer whose ids are all >= 1000: Python caches the ints below 257, which would hide the
+    int objects a list of token ids holds."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    words = "the a cat dog has buys finds how many pens cups answer think so is".split()
+    vocab = {"[UNK]": 1000, "</s>": 1001} | {w: 1002 + i for i, w in enumerate(words)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", eos_token="</s>")
+
+
+def test_held_token_data_takes_a_few_bytes_a_token(tmp_path):
+    """A dataset's token data is held in ~4 bytes a token (int32), plus a little per row: the BatchEncoding that
+    ClassificationDataset held took ~220 bytes a token with its Rust encodings (tracemalloc does not see those:
+    ~50 without), CausalLMDataset's lists of Python ints ~44; 10M rows were hundreds of GB."""
+    import gc
+    import random
+    import tracemalloc
+
+    from transformers import BatchEncoding
+
+    from runx.recipes.text_data import CausalLMDataset, ClassificationDataset, read_files
+    rng = random.Random(0)
+    words = "the a cat dog has buys finds how many pens cups answer think so is".split()
+    _jsonl(tmp_path / "rows.jsonl", [{"text": " ".join(rng.choice(words) for _ in range(rng.randint(10, 50))),
+                                      "label": i % 4, "prompt": "how many " + rng.choice(words),
+                                      "response": " ".join(rng.choice(words) for _ in range(rng.randint(5, 20)))}
+                                     for i in range(20_000)])
+    rows = read_files(str(tmp_path / "rows.jsonl"), "jsonl")
+    lm_rows = [{"text": r["text"]} for r in rows]
+    pair_rows = [{"prompt": r["prompt"], "response": r["response"]} for r in rows]
+    tok = _wide_tokenizer()
+    builds = {"classification": lambda: ClassificationDataset(rows, tok, "text", "label", 512, num_labels=4),
+              "causal LM text": lambda: CausalLMDataset(lm_rows, tok, "text", 512),
+              "causal LM prompt/response": lambda: CausalLMDataset(pair_rows, tok, "text", 512)}
+    per_token = {}
+    for name, build in builds.items():
+        gc.collect()
+        tracemalloc.start()
+        try:
+            before = tracemalloc.get_traced_memory()[0]
+            ds = build()
+            gc.collect()
+            held = tracemalloc.get_traced_memory()[0] - before
+        finally:
+            tracemalloc.stop()
+        tokens = sum(len(ds[i]["input_ids"]) for i in range(len(ds)))
+        assert len(ds) == len(rows) and tokens > 10 * len(rows)
+        assert not any(isinstance(v, BatchEncoding) for v in vars(ds).values()), name   # (nor its Rust encodings)
+        per_token[name] = round(held / tokens, 1)
+        del ds
+    assert max(per_token.values()) < 16, f"bytes held a token: {per_token}"
+
+
+def test_a_saved_datasets_rows_kept_by_max_train_samples_are_the_rows_kept_before(tmp_path):
+    """data=hf reads as dicts only the rows it keeps, when data.max_train_samples / max_eval_samples keep a few
+    (every row of the split was made a dict first): the rows, their order and the row each names are the ones the
+    whole read gave, with the source's own held-out split and with val_fraction of the training rows held out."""
+    import datasets
+
+    from runx.recipes.text_data import Row, _split, held_out_split, load_hf_splits, load_rows
+
+    def whole_read(dcfg):   # data=hf as it was read before: every row a dict, then the subset
+        src = dcfg.hf_name
+        ds = load_hf_splits(src, dcfg.train_split, dcfg.extra)
+        def rows_of(split):
+            return [Row(r, f"{src}[{split}] row {i + 1}") for i, r in enumerate(ds[split])]
+        train = rows_of(dcfg.train_split)
+        split = held_out_split(ds, dcfg, src)
+        evals = rows_of(split) if split else []
+        if not evals:
+            train, evals = _split(train, dcfg.val_fraction, seed=0)
+        if dcfg.max_train_samples:
+            train = train[: int(dcfg.max_train_samples)]
+        if dcfg.max_eval_samples is not None:
+            evals = evals[: int(dcfg.max_eval_samples)]
+        return train, evals
+
+    rows = [{"text": f"row {i}", "label": i % 3} for i in range(40)]
+    datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "one"))
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(rows),
+                          "validation": datasets.Dataset.from_list(rows[:9])}).save_to_disk(str(tmp_path / "two"))
+    for name in ("one", "two"):
+        for caps in ((), ("data.max_train_samples=5",), ("data.max_train_samples=30", "data.max_eval_samples=2"),
+                     ("data.max_eval_samples=0",), ("data.max_train_samples=1", "data.val_fraction=0.6")):
+            dcfg = _data_cfg("data=hf", f"data.hf_name={tmp_path / name}", *caps).data
+            got, want = load_rows(dcfg), whole_read(dcfg)
+            for g, w in zip(got, want):
+                assert g == w and [r.origin for r in g] == [r.origin for r in w], (name, caps)
+                assert all(type(r) is Row for r in g)
+            assert len(got[1]) == {("two", ()): 9, ("one", ()): 8}.get((name, caps), len(got[1]))
