@@ -261,31 +261,57 @@ def within_cluster_order(dist: np.ndarray, rows: np.ndarray, rule: str, seed: in
     return np.random.default_rng([int(seed), int(cluster)]).permutation(len(rows))
 
 
+def semdedup_tiles(n: int, block_elems: int = 1 << 24) -> tuple[int, int]:
+    """(rows, cols) of the similarity tiles of a cluster of n: rows j in [a, a + rows) against earlier members i
+    in column tiles of `cols`, rows * cols <= block_elems. Row blocks of >= 256 (GEMM-efficient) and <= n/4
+    (skips ~3/8 of the square above the diagonal); when a whole row block against every earlier member would
+    exceed the bound, columns are tiled too (square tiles of sqrt(block_elems)): a row block of block_elems / n
+    rows (16 at n = 1M) makes the product memory-bound, ~2x slower than square tiles with a running max."""
+    want = min(n, max(256, -(-n // 4)))
+    rows = max(1, min(want, max(block_elems // max(n, 1), math.isqrt(block_elems))))
+    return rows, max(1, block_elems // rows)
+
+
+def semdedup_rows(E, a: int, b: int, epsilon: float, cols: int, device: str = "cpu") -> np.ndarray:
+    """Removed-mask of rows [a, b) of a cluster in keep order (E: its embeddings, numpy or a torch tensor):
+    M_j = max_{i<j} cos(x_i, x_j) > 1 - epsilon, a running max over column tiles [c, c + cols) of the members
+    before b. Row blocks are independent of each other (a removed member still counts as an earlier one)."""
+    cuda = device == "cuda"
+    if cuda:
+        import torch
+        M = torch.full((b - a,), -2.0, device=E.device)
+        j = torch.arange(a, b, device=E.device)[:, None]
+    else:
+        M = np.full(b - a, -2.0, dtype=np.float32)
+        j = np.arange(a, b)[:, None]
+    for c in range(0, b, cols):
+        d = min(b, c + cols)
+        S = E[a:b] @ E[c:d].T                          # rows j in [a, b) against members i in [c, d)
+        if d > a:                                      # the tile reaches the diagonal: keep only i < j
+            i = torch.arange(c, d, device=E.device)[None, :] if cuda else np.arange(c, d)[None, :]
+            S[i >= j] = -2.0
+        M = torch.maximum(M, S.max(1).values) if cuda else np.maximum(M, S.max(1))
+    return (M.cpu().numpy() if cuda else M) > 1.0 - epsilon
+
+
 def semdedup_cluster(emb, epsilon: float, device: str = "cpu", block_elems: int = 1 << 24) -> np.ndarray:
     """Removed-mask of one cluster whose rows are in keep order: x_j goes iff
     M_j = max_{i<j} cos(x_i, x_j) > 1 - epsilon. Comparisons include earlier removed items (as the
-    reference does), so the first item of each near-duplicate group survives. Tiled by row blocks:
+    reference does), so the first item of each near-duplicate group survives. Tiled (semdedup_tiles):
     memory <= block_elems similarities whatever the cluster size."""
     n = len(emb)
     removed = np.zeros(n, dtype=bool)
     if n < 2:
         return removed
-    # row blocks of >= 256 (GEMM-efficient) and <= n/4 (skips ~3/8 of the square above the diagonal)
-    step = max(1, min(n, block_elems // n, max(256, -(-n // 4))))
+    rows, cols = semdedup_tiles(n, block_elems)
     if device == "cuda":
         import torch
         E = torch.as_tensor(np.asarray(emb, dtype=np.float32)).to(device)
-        later = torch.ones(step, step, dtype=torch.bool, device=device).triu()   # i >= j: not earlier
     else:  # numpy: single-threaded elementwise work, BLAS for the product (no thread-pool wakeups per op)
         E = np.ascontiguousarray(emb, dtype=np.float32)
-        later = np.triu(np.ones((step, step), dtype=bool))
-    for a in range(0, n, step):
-        b = min(n, a + step)
-        S = E[a:b] @ E[:b].T                          # rows j in [a, b) against every i < b
-        S[:, a:b][later[:b - a, :b - a]] = -2.0       # keep only i < j
-        M = S.max(1)
-        M = M.values.cpu().numpy() if device == "cuda" else M
-        removed[a:b] = M > 1.0 - epsilon
+    for a in range(0, n, rows):
+        b = min(n, a + rows)
+        removed[a:b] = semdedup_rows(E, a, b, epsilon, cols, device)
     return removed
 
 
@@ -593,7 +619,7 @@ class ConceptPrune(DataJob):
     def __getstate__(self):  # sent to worker processes: not the loaded encoder
         state = dict(self.__dict__)
         state["_encoder"] = None
-        state["_cache"] = {k: v for k, v in self._cache.items() if k != "one_thread"}
+        state["_cache"] = {k: v for k, v in self._cache.items() if k not in ("one_thread", "images")}
         return state
 
     # ---- 1. embed ------------------------------------------------------------------------------
@@ -605,7 +631,7 @@ class ConceptPrune(DataJob):
         return self._digits
 
     def input_plan(self) -> list[dict]:
-        """Embedding shards: [{key, file, start, stop, offset}], cached in <run_dir>/inputs.json."""
+        """Embedding shards: [{key, file, start, stop, offset[, csv_stream]}], cached in <run_dir>/inputs.json."""
         if "plan" in self._cache:
             return self._cache["plan"]
         path = os.path.join(self.run_dir, "inputs.json")
@@ -619,10 +645,11 @@ class ConceptPrune(DataJob):
             for file, n in files:
                 if cap is not None:
                     n = min(n, cap - offset)
+                hint = self._reader_hint(file)
                 for start in range(0, n, int(self.rc.shard_size)):
                     stop = min(n, start + int(self.rc.shard_size))
                     plan.append({"key": f"{len(plan):05d}", "file": file, "start": start, "stop": stop,
-                                 "offset": offset + start})
+                                 "offset": offset + start, **hint})
                 offset += n
             if not plan:
                 raise ValueError(f"recipe.path={self.rc.path}: no rows to embed")
@@ -657,6 +684,13 @@ class ConceptPrune(DataJob):
             atomic_write_json(os.path.join(self.run_dir, "images.json"), self.input_paths)
             return [("<images.json>", len(self.input_paths))]
         return [(f, count_rows(f, rc)) for f in self.input_paths]
+
+    def _reader_hint(self, file: str) -> dict:
+        """What the count of a file's rows learnt that saves each shard a pass: whether a CSV streams."""
+        fc = shard_format(file, TEXT_FORMATS) if self.rc.input == "text" else None
+        if fc and fc[0] == "csv":
+            return {"csv_stream": _csv_streams(file, fc[1]) is not None}
+        return {}
 
     def embed_shards(self, ctx) -> list[str]:
         return [p["key"] for p in self.input_plan()]
@@ -704,13 +738,15 @@ class ConceptPrune(DataJob):
         if rc.input == "embeddings":
             return read_embeddings(file, a, b, rc)
         if rc.input == "text":
-            ids, texts = read_texts(file, a, b, rc)
+            ids, texts = read_texts(file, a, b, rc, csv_stream=piece.get("csv_stream"))
             if self._encoder is None:
                 self._encoder = self._load_encoder(TextEncoder, rc.encoder, rc.pooling, rc.max_length,
                                                    rc.batch_size, self.device)
             return ids, self._encoder(texts)
-        with open(os.path.join(self.run_dir, "images.json")) as f:
-            paths = json.load(f)[a:b]
+        if "images" not in self._cache:          # read once per process, not once per shard
+            with open(os.path.join(self.run_dir, "images.json")) as f:
+                self._cache["images"] = json.load(f)
+        paths = self._cache["images"][a:b]
         if self._encoder is None:
             self._encoder = self._load_encoder(ImageEncoder, rc.encoder, rc.encoder_weights, rc.image_size,
                                                rc.batch_size, self.device)
@@ -823,43 +859,69 @@ class ConceptPrune(DataJob):
         rc = self.rc
         clusters = self._groups("assign")[int(key[1:])]
         m = self._members("assign", clusters)
-        E = self.gather(m["rows"])
         removed = np.zeros(len(m["rows"]), dtype=bool)
         new_cos = np.full(len(m["rows"]), np.nan, dtype=np.float32)
         centroids = np.load(os.path.join(ctx.job_dir, "kmeans", "centroids.npy"))[clusters].copy()
-
-        def one_cluster(j: int, c: int, lo: int, hi: int) -> None:      # writes disjoint slices only
-            if hi == lo:
-                return
-            order = lo + within_cluster_order(1.0 - m["cos"][lo:hi], m["rows"][lo:hi], rc.dedup_keep, self.seed, c)
-            if rc.dedup and rc.epsilon > 0:
-                removed[order] = semdedup_cluster(E[order], rc.epsilon, self.device)
-            if self.shared_clustering:
-                # one Lloyd update on the survivors: c_j = normalise(mean of the kept members)
-                keep = np.arange(lo, hi)[~removed[lo:hi]]
-                s = E[keep].astype(np.float64).sum(0)
-                centroids[j] = s / np.linalg.norm(s)
-                new_cos[keep] = E[keep] @ centroids[j].astype(np.float32)
-
         runs = [(j, c, lo, hi) for j, (c, lo, hi) in enumerate(self._runs_for(m["cluster"], clusters))]
-        threads = 1 if self.device == "cuda" or self._cache.get("one_thread") else len(os.sched_getaffinity(0))
-        if threads == 1:
-            for r in runs:
-                one_cluster(*r)
-        else:
-            # Clusters in parallel on single-threaded BLAS (numpy releases the GIL in the products): no
-            # per-product thread barriers, which cost 10x on a busy machine for cluster-sized products.
-            from concurrent.futures import ThreadPoolExecutor
-
-            from threadpoolctl import threadpool_limits
-            runs.sort(key=lambda r: -(r[3] - r[2]))                      # largest first
-            with threadpool_limits(1), ThreadPoolExecutor(threads) as pool:
-                list(pool.map(lambda r: one_cluster(*r), runs))
+        # every cluster's members in keep order, gathered in that order: a cluster is a contiguous slice of E
+        # (no per-cluster copy) and its row blocks are independent tasks, so one huge cluster spreads over the
+        # threads as well as many small ones do
+        perm = np.arange(len(m["rows"]))
+        for j, c, lo, hi in runs:
+            perm[lo:hi] = lo + within_cluster_order(1.0 - m["cos"][lo:hi], m["rows"][lo:hi], rc.dedup_keep,
+                                                    self.seed, c)
+        E = self.gather(m["rows"][perm])
+        if rc.dedup and rc.epsilon > 0:
+            removed[perm] = self._semdedup_slices(E, [(lo, hi) for _, _, lo, hi in runs])
+        if self.shared_clustering:
+            # one Lloyd update on the survivors: c_j = normalise(mean of the kept members), summed in row order
+            at = np.empty_like(perm)
+            at[perm] = np.arange(len(perm))                               # member position -> row of E
+            for j, c, lo, hi in runs:
+                if hi > lo:
+                    keep = np.arange(lo, hi)[~removed[lo:hi]]
+                    Ek = E[at[keep]]
+                    s = Ek.astype(np.float64).sum(0)
+                    centroids[j] = s / np.linalg.norm(s)
+                    new_cos[keep] = Ek @ centroids[j].astype(np.float32)
         with atomic_path(os.path.join(ctx.stage_dir("dedup"), f"{key}.npz")) as tmp:
             with open(tmp, "wb") as f:
                 np.savez(f, rows=m["rows"], cluster=m["cluster"], cos=m["cos"], removed=removed, new_cos=new_cos,
                          clusters=np.asarray(clusters, dtype=np.int64), centroids=centroids.astype(np.float32))
         return {"members": int(len(removed)), "removed": int(removed.sum()), "clusters": len(clusters)}
+
+    def _semdedup_slices(self, E: np.ndarray, slices: list[tuple[int, int]]) -> np.ndarray:
+        """SemDeDup of each cluster E[lo:hi] (rows in keep order): the removed-mask over all rows of E."""
+        removed = np.zeros(len(E), dtype=bool)
+        threads = 1 if self.device == "cuda" or self._cache.get("one_thread") else len(os.sched_getaffinity(0))
+        if self.device == "cuda":
+            for lo, hi in slices:
+                removed[lo:hi] = semdedup_cluster(E[lo:hi], self.rc.epsilon, self.device)
+            return removed
+        tasks = []                                                        # (cost, lo, hi, a, b, cols)
+        for lo, hi in slices:
+            if hi - lo >= 2:
+                rows, cols = semdedup_tiles(hi - lo)
+                tasks += [((min(hi - lo, a + rows) - a) * min(hi - lo, a + rows), lo, hi, a, min(hi - lo, a + rows),
+                           cols) for a in range(0, hi - lo, rows)]
+
+        def run(t):                                                       # writes disjoint slices only
+            _, lo, hi, a, b, cols = t
+            removed[lo + a:lo + b] = semdedup_rows(E[lo:hi], a, b, self.rc.epsilon, cols)
+
+        if threads == 1:
+            for t in tasks:
+                run(t)
+        else:
+            # Row blocks in parallel on single-threaded BLAS (numpy releases the GIL in the products): no
+            # per-product thread barriers, which cost 10x on a busy machine for cluster-sized products.
+            from concurrent.futures import ThreadPoolExecutor
+
+            from threadpoolctl import threadpool_limits
+            tasks.sort(key=lambda t: -t[0])                               # largest first
+            with threadpool_limits(1), ThreadPoolExecutor(threads) as pool:
+                list(pool.map(run, tasks))
+        return removed
 
     def input_dim(self) -> int:
         if "dim" not in self._cache:
@@ -987,21 +1049,26 @@ class ConceptPrune(DataJob):
         rows = rows[order]
         cluster = np.concatenate([p["cluster"] for p in parts])[order]
         dist = np.concatenate([p["dist"] for p in parts])[order]
-        ids, files, file_rows = [], [], []
+        ids, file_index, file_rows = [], [], []
+        names = list(dict.fromkeys(p["file"] for p in self.input_plan()))
+        index = {f: i for i, f in enumerate(names)}
         for p in self.input_plan():
             lo, hi = np.searchsorted(rows, [p["offset"], p["offset"] + p["stop"] - p["start"]])
             if hi > lo:
                 col = pq.read_table(os.path.join(ctx.job_dir, "embed", f"{p['key']}.ids.parquet"))["id"]
                 ids.append(col.take(pa.array(rows[lo:hi] - p["offset"])).combine_chunks())
-                # where each kept sample is: its input file and its row there (0-based; blank lines not counted)
-                files += [p["file"]] * int(hi - lo)
+                # where each kept sample is: its input file (an index into the file names, not a Python string
+                # per kept row) and its row there (0-based; blank lines not counted)
+                file_index.append(np.full(int(hi - lo), index[p["file"]], dtype=np.int32))
                 file_rows.append(rows[lo:hi] - p["offset"] + p["start"])
+        files = pa.array(names, pa.string()).take(pa.array(np.concatenate(file_index) if file_index else
+                                                           np.zeros(0, np.int32)))
         if len({a.type for a in ids}) > 1:
             ids = [a.cast(pa.string()) for a in ids]
         id_col = pa.concat_arrays(ids) if ids else pa.array([], pa.int64())
         with atomic_path(os.path.join(out_dir, "kept_ids.parquet")) as tmp:
             pq.write_table(pa.table({"id": id_col, "row": rows, "cluster": cluster.astype(np.int32),
-                                     "distance": dist, "file": pa.array(files, pa.string()),
+                                     "distance": dist, "file": files,
                                      "file_row": np.concatenate(file_rows) if file_rows else
                                      np.zeros(0, np.int64)}), tmp)
         with np.load(os.path.join(ctx.job_dir, "quota", "clusters.npz")) as z:
@@ -1132,7 +1199,8 @@ def count_rows(file: str, rc) -> int:
         import pyarrow.parquet as pq
         return int(pq.ParquetFile(file).metadata.num_rows)
     if fmt == "csv":
-        return int(_read_csv(file, comp).num_rows)
+        n = _csv_streams(file, comp)                          # streamed: memory ~ a 1 MB block, not the file
+        return int(_read_csv(file, comp).num_rows) if n is None else n
     with open_shard(file, comp) as f:
         return sum(1 for line in f if line.strip())
 
@@ -1141,6 +1209,81 @@ def _read_csv(file: str, compression: str):
     import pyarrow.csv as pcsv
     with open_shard(file, compression) as f:
         return pcsv.read_csv(f)
+
+
+def _open_csv(f):
+    """A CSV streamed block by block (1 MB blocks; no read-ahead threads, so ~2 blocks in memory)."""
+    import pyarrow.csv as pcsv
+    return pcsv.open_csv(f, read_options=pcsv.ReadOptions(use_threads=False))
+
+
+def _csv_streams(file: str, compression: str) -> int | None:
+    """The CSV's row count if it streams block by block with the column types its first block suggests, else
+    None. pyarrow.csv.read_csv infers from the first block and loosens a type (int64 -> double -> string ...)
+    when a later block does not convert; the streaming reader cannot, it fails. Where the whole file streams the
+    two give the same table, so its shards may stream; otherwise they read the whole file as before (the same
+    ids, the same errors). One pass over the file, once per process (cached; the plan records the verdict)."""
+    import pyarrow as pa
+    key = (file, os.path.getmtime(file), os.path.getsize(file))
+    if key not in _CSV_STREAMS:
+        try:
+            with open_shard(file, compression) as f:
+                _CSV_STREAMS[key] = sum(batch.num_rows for batch in _open_csv(f))
+        except pa.ArrowInvalid:
+            _CSV_STREAMS[key] = None
+    return _CSV_STREAMS[key]
+
+
+_CSV_STREAMS: dict = {}
+
+
+def _parquet_rows(file: str, columns: list[str], a: int, b: int, batch_size: int = 8192):
+    """Rows [a, b) of `columns` of a Parquet file, reading only the row groups that hold them and those a batch
+    at a time (unbuffered column chunks): memory and I/O ~ the shard, not the file (pq.read_table of the whole
+    file for every shard was N^2 / shard_size I/O, and a 10k-row shard of a 115 MB file peaked at 460 MB)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    pf = pq.ParquetFile(file, pre_buffer=False, buffer_size=1 << 20)
+    groups, first, start = [], 0, 0
+    for g in range(pf.metadata.num_row_groups):
+        n = pf.metadata.row_group(g).num_rows
+        if start < b and start + n > a:
+            first = start if not groups else first
+            groups.append(g)
+        start += n
+    batches, row = [], first
+    if groups:
+        for batch in pf.iter_batches(batch_size=batch_size, row_groups=groups, columns=columns, use_threads=False):
+            lo, hi = max(a, row), min(b, row + batch.num_rows)
+            if hi > lo:
+                batches.append(batch.slice(lo - row, hi - lo))
+            row += batch.num_rows
+            if row >= b:
+                break
+    schema = pa.schema([pf.schema_arrow.field(c) for c in columns])
+    return pa.Table.from_batches(batches, schema=batches[0].schema if batches else schema)
+
+
+def _csv_rows(file: str, compression: str, a: int, b: int, stream: bool | None = None):
+    """(column names, rows [a, b) as a table) of a CSV file, streamed a block at a time when it can be
+    (`stream`, else _csv_streams; the rows before `a` are still parsed: CSV has no row index), else read whole."""
+    import pyarrow as pa
+    if stream is None:
+        stream = _csv_streams(file, compression) is not None
+    if not stream:
+        t = _read_csv(file, compression)
+        return t.column_names, t.slice(a, b - a)
+    batches, row = [], 0
+    with open_shard(file, compression) as f:
+        reader = _open_csv(f)
+        for batch in reader:
+            lo, hi = max(a, row), min(b, row + batch.num_rows)
+            if hi > lo:
+                batches.append(batch.slice(lo - row, hi - lo))
+            row += batch.num_rows
+            if row >= b:
+                break
+        return reader.schema.names, pa.Table.from_batches(batches, schema=reader.schema)
 
 
 def read_embeddings(file: str, a: int, b: int, rc):
@@ -1162,7 +1305,7 @@ def read_embeddings(file: str, a: int, b: int, rc):
         raise RecipeConfigError(f"{file}: no column recipe.embedding_field={rc.embedding_field!r} "
                                 f"(columns: {names})")
     cols = [rc.embedding_field] + ([rc.id_field] if rc.id_field in names else [])
-    t = pf.read(columns=cols).slice(a, b - a)
+    t = _parquet_rows(file, cols, a, b)
     col = t[rc.embedding_field].combine_chunks()
     lens = pc.list_value_length(col).to_numpy(zero_copy_only=False)
     if len(lens) and ((lens != lens[0]) | np.isnan(lens.astype(float))).any():
@@ -1174,21 +1317,25 @@ def read_embeddings(file: str, a: int, b: int, rc):
     return ids, iter([l2_normalize(X, f"{file} (rows from {a})")])
 
 
-def read_texts(file: str, a: int, b: int, rc):
+def read_texts(file: str, a: int, b: int, rc, csv_stream: bool | None = None):
     """(ids or None, texts) of rows [a, b) of a .jsonl / .parquet / .csv / .txt file (line formats .gz / .zst too).
     A text field missing from the data is a config problem (RecipeConfigError) naming the fields there."""
     import pyarrow as pa
     fmt, comp = shard_format(file, TEXT_FORMATS)
     if fmt in ("parquet", "csv"):
+        # only the shard's rows (Parquet: its row groups and the text / id columns), not the whole file
         if fmt == "parquet":
             import pyarrow.parquet as pq
-            t = pq.read_table(file)
+            names = pq.ParquetFile(file).schema_arrow.names
+            t = None
         else:
-            t = _read_csv(file, comp)
-        if rc.text_field not in t.column_names:
+            names, t = _csv_rows(file, comp, a, b, csv_stream)
+        if rc.text_field not in names:
             raise RecipeConfigError(f"{file}: no column recipe.text_field={rc.text_field!r} "
-                                    f"(columns: {', '.join(t.column_names)})")
-        t = t.slice(a, b - a)
+                                    f"(columns: {', '.join(names)})")
+        if t is None:
+            t = _parquet_rows(file, list(dict.fromkeys([rc.text_field] + [c for c in [rc.id_field] if c in names])),
+                              a, b)
         texts = t[rc.text_field].to_pylist()
         for i, s in enumerate(texts):
             if not isinstance(s, str):
