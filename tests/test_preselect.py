@@ -796,3 +796,163 @@ def test_parquet_output_of_jsonl_keeps_every_field_and_mixed_types():
     assert table.column_names == ["id", "text", "source", "meta"]
     assert table.column("source").to_pylist() == [None, "web", None]
     assert table.column("meta").to_pylist() == [None, "1", "x4"] and table.column("id").to_pylist() == [0, 1, 2]
+
+
+# ------------------------------------------------------------------------------------------ scale: AUC, filter write
+def pairwise_auc(p: np.ndarray, y: np.ndarray):
+    """The held-out AUC as it was first written: every positive against every negative, ties half."""
+    pos, neg = p[y], p[~y]
+    return float(((pos[:, None] > neg[None, :]).sum() + 0.5 * (pos[:, None] == neg[None, :]).sum())
+                 / max(len(pos) * len(neg), 1)) if len(pos) and len(neg) else None
+
+
+def test_heldout_auc_equals_the_pairwise_formula_and_scales_to_200k(tmp_path, monkeypatch):
+    rng = np.random.default_rng(0)
+    for n, decimals in ((2000, 2), (2000, 4), (1999, 1), (37, 1)):
+        p, y = np.round(rng.random(n), decimals), rng.random(n) < 0.3    # rounding: many ties
+        assert P._roc_auc(p, y) == pairwise_auc(p, y)                    # the same float, not just close
+    assert P._roc_auc(np.full(10, 0.5), np.arange(10) < 4) == 0.5
+    assert P._roc_auc(np.linspace(0, 1, 6), np.arange(6) >= 3) == 1.0
+    assert P._roc_auc(np.ones(3), np.ones(3, bool)) is None
+    # through _heldout_metrics, on a held-out file
+    p, y = np.round(rng.random(2000), 2), rng.random(2000) < 0.5
+    held = tmp_path / "heldout.txt"
+    held.write_text("".join(f"{P.FT_POSITIVE if v else P.FT_NEGATIVE} doc {i}\n" for i, v in enumerate(y)))
+    monkeypatch.setattr(P, "positive_probability", lambda model, texts: p)
+    assert P._heldout_metrics(None, str(held))["auc"] == pairwise_auc(p, y)
+    # 200k held-out documents: the pairwise formula needed 2 x 10^10 booleans (~20 GB)
+    import tracemalloc
+    p, y = np.round(rng.random(200_000), 3), rng.random(200_000) < 0.5
+    tracemalloc.start()
+    t = time.perf_counter()
+    auc = P._roc_auc(p, y)
+    took, peak = time.perf_counter() - t, tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert 0.49 < auc < 0.51 and took < 2 and peak < 50e6, (took, peak)
+
+
+def old_write_kept(path, out, keep, out_fmt, out_comp, text_field):
+    """The filter write as it was first written, the whole shard at once: the reference for the streamed one."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    in_fmt, in_comp = P.shard_format(path)
+    if in_fmt == "jsonl" and out_fmt == "jsonl":
+        kept = [line for n, line in P._numbered_lines(path, in_comp) if n in keep]
+        P.write_shard_lines(out, kept, out_comp)
+        return len(kept)
+    rows = sorted(keep)
+    if in_fmt == "parquet" and rows:
+        table = pq.read_table(path).take(pa.array([r - 1 for r in rows], type=pa.int64()))
+    elif in_fmt == "parquet":
+        table = pq.read_schema(path).empty_table()
+    else:
+        table = P._rows_table([json.loads(line) for n, line in P._numbered_lines(path, in_comp) if n in keep], path)
+    if out_fmt == "parquet":   # the row group pq.write_table uses by default: 1024 * 1024 rows
+        pq.write_table(table, out, row_group_size=getattr(P, "PARQUET_ROW_GROUP", 1024 * 1024))
+    else:
+        P.write_shard_lines(out, (json.dumps(r).encode() for r in table.to_pylist()), out_comp)
+    return table.num_rows
+
+
+def _mixed_records(n: int, seed: int = 0) -> list[dict]:
+    """Records whose fields come and go and change type between read batches (ints then floats, a field that
+    mixes 1 and "x4", nested objects with different keys, a field that first appears late)."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        r = {"id": i, "text": "x" * int(rng.integers(1, 60)) + f" doc {i}\nline"}
+        if i % 7 == 0:
+            r["meta"] = {"a": i, "b": [1.5, 2]} if i % 2 else {"b": [], "c": "x"}
+        if i % 5 == 0:
+            r["score"] = i if i < n // 2 else i + 0.5
+        if i > n * 3 // 4:
+            r["late"] = "z"
+        if i in (n // 4, n - 2):
+            r["mixed"] = 1 if i == n // 4 else "x4"
+        if i % 11 == 0:
+            r["null"] = None
+        out.append(r)
+    return out
+
+
+@pytest.mark.parametrize("row_group", [None, 700])
+def test_streamed_filter_write_equals_the_whole_shard_write(tmp_path, monkeypatch, row_group):
+    """Every input/output format pair, compressed or not, with read batches (and row groups) smaller than the
+    shard, gives the same bytes as writing the whole shard at once."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    monkeypatch.setattr(P, "READ_BATCH", 256, raising=False)   # raising: the old code has none
+    if row_group:
+        monkeypatch.setattr(P, "PARQUET_ROW_GROUP", row_group, raising=False)
+    n = 3000
+    recs = _mixed_records(n)
+    lines = "".join(json.dumps(r) + "\n" for r in recs)
+    (tmp_path / "a.jsonl").write_text(lines)
+    with gzip.open(tmp_path / "a.jsonl.gz", "wt") as f:
+        f.write(lines)
+    pq.write_table(pa.table({"id": [f"d{i}" for i in range(n)], "text": [r["text"] for r in recs],
+                             "n": list(range(n))}), str(tmp_path / "a.parquet"), row_group_size=500)
+    rng = np.random.default_rng(1)
+    keeps = [set(), {n}, set(range(2, n + 1, 3)), {int(i) for i in rng.choice(np.arange(1, n + 1), 400, replace=False)},
+             set(range(1, n + 1))]
+    for src in ("a.jsonl", "a.jsonl.gz", "a.parquet"):
+        for out_fmt, out_comp in (("jsonl", "none"), ("jsonl", "gz"), ("jsonl", "zst"), ("parquet", "none")):
+            for k, keep in enumerate(keeps):
+                old, new = str(tmp_path / f"old.{out_fmt}"), str(tmp_path / f"new.{out_fmt}")
+                n_old = old_write_kept(str(tmp_path / src), old, keep, out_fmt, out_comp, "text")
+                n_new = P._write_kept(str(tmp_path / src), new, keep, out_fmt, out_comp, "text", "id")
+                assert n_new == n_old == len(keep)
+                with open(old, "rb") as a, open(new, "rb") as b:
+                    assert a.read() == b.read(), (src, out_fmt, out_comp, k)
+    if row_group:   # several row groups really were written (the last: everything kept)
+        assert pq.ParquetFile(str(tmp_path / "new.parquet")).metadata.num_row_groups > 1
+    assert not [f for f in os.listdir(tmp_path) if f.startswith(".tmp-")]
+
+
+def test_filter_write_streams_the_kept_rows(tmp_path, monkeypatch):
+    """The kept rows reach the writer as a stream, never as one list, and the memory the write needs does not
+    grow with the shard (Python objects measured with tracemalloc, Arrow buffers with a proxy memory pool)."""
+    import tracemalloc
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    monkeypatch.setattr(P, "READ_BATCH", 200, raising=False)
+    n = 20_000
+    text = [f"document {i} " + "lorem ipsum dolor sit amet " * 8 for i in range(n)]   # ~230 characters
+    src = tmp_path / "big.jsonl"
+    src.write_text("".join(json.dumps({"id": i, "text": t}) + "\n" for i, t in enumerate(text)))
+    size = src.stat().st_size
+    real, seen = P.write_shard_lines, []
+
+    def spy(path, lines, compression):
+        seen.append(type(lines).__name__)
+        assert not isinstance(lines, (list, tuple)), "the kept lines were collected in a list"
+        return real(path, lines, compression)
+
+    monkeypatch.setattr(P, "write_shard_lines", spy)
+    everything = set(range(1, n + 1))
+    for out_fmt in ("jsonl", "parquet"):
+        tracemalloc.start()
+        assert P._write_kept(str(src), str(tmp_path / f"out.{out_fmt}"), everything, out_fmt, "none", "text",
+                             "id") == n
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        assert peak < size / 10, (out_fmt, peak, size)      # the whole-shard write held > size in Python
+    assert seen == ["generator"]
+    # Parquet in: read by batches, not as one table (the file has row groups of 1000 rows; keep 1 row in 50)
+    pq.write_table(pa.table({"id": list(range(n)), "text": text}), str(tmp_path / "big.parquet"),
+                   row_group_size=1000)
+    table_bytes = pq.read_table(str(tmp_path / "big.parquet")).nbytes
+    default = pa.default_memory_pool()
+    for out_fmt in ("jsonl", "parquet"):
+        pool = pa.proxy_memory_pool(default)
+        pa.set_memory_pool(pool)
+        try:
+            tracemalloc.start()
+            assert P._write_kept(str(tmp_path / "big.parquet"), str(tmp_path / f"pq.{out_fmt}"),
+                                 set(range(1, n + 1, 50)), out_fmt, "none", "text", "id") == n // 50
+            peak = tracemalloc.get_traced_memory()[1]
+            tracemalloc.stop()
+        finally:
+            pa.set_memory_pool(default)
+        assert pool.max_memory() < table_bytes / 4 and peak < table_bytes / 10, \
+            (out_fmt, pool.max_memory(), peak, table_bytes)
