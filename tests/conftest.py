@@ -105,11 +105,22 @@ class _CliServer:
 _SERVER: list[_CliServer] = []
 
 
+# variables that change in this process and that nothing reads at import time: the child gets them as they are now
+# (pytest's current test; torch's in-process settings, read when CUDA is checked / inductor compiles)
+_RUN_TIME_ONLY = ("PYTEST_CURRENT_TEST", "PYTORCH_NVML_BASED_CUDA_CHECK", "TORCHINDUCTOR_CACHE_DIR")
+
+
 def _server_for(env: dict) -> _CliServer:
     """The fork server of this environment (another variable set or changed in this process since the last one
-    started: a new one)."""
-    if _SERVER and (_SERVER[0].env != env or _SERVER[0].proc.poll() is not None):
-        _SERVER.pop().close()
+    started, one of _RUN_TIME_ONLY aside: a new one)."""
+    def key(e):
+        return {k: v for k, v in e.items() if k not in _RUN_TIME_ONLY}
+    if _SERVER and (key(_SERVER[0].env) != key(env) or _SERVER[0].proc.poll() is not None):
+        old = _SERVER.pop()
+        if os.environ.get("RUNX_TEST_SERVER_LOG"):
+            with open(os.environ["RUNX_TEST_SERVER_LOG"], "a") as f:
+                f.write(f"restart {os.getpid()}: {sorted(k for k in set(env) | set(old.env) if env.get(k) != old.env.get(k))}\n")
+        old.close()
     if not _SERVER:
         _SERVER.append(_CliServer(env))
         atexit.register(_SERVER[0].close)

@@ -336,6 +336,8 @@ def _same_items_and_batches(ds, ref, pad_id, max_length):
     assert ds[-1] == ref[-1]
     with pytest.raises(IndexError):
         ds[len(ds)]
+    from runx.trainers.deepspeed_trainer import token_lengths   # (read from the offsets: group_by_length's keys)
+    assert token_lengths(ds) == [len(r["input_ids"]) for r in ref]
     collates = [pad_collate(pad_id)]
     if isinstance(ref[0]["labels"], list):
         collates.append(pack_collate(pad_id, max_length))
@@ -421,7 +423,7 @@ def test_held_token_data_takes_a_few_bytes_a_token(tmp_path):
     _jsonl(tmp_path / "rows.jsonl", [{"text": " ".join(rng.choice(words) for _ in range(rng.randint(10, 50))),
                                       "label": i % 4, "prompt": "how many " + rng.choice(words),
                                       "response": " ".join(rng.choice(words) for _ in range(rng.randint(5, 20)))}
-                                     for i in range(20_000)])
+                                     for i in range(8_000)])
     rows = read_files(str(tmp_path / "rows.jsonl"), "jsonl")
     lm_rows = [{"text": r["text"]} for r in rows]
     pair_rows = [{"prompt": r["prompt"], "response": r["response"]} for r in rows]

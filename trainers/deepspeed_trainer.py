@@ -99,6 +99,10 @@ def token_lengths(dataset) -> list[int] | None:
     first = dataset[0] if len(dataset) else None
     if not (isinstance(first, dict) and "input_ids" in first):
         return None
+    held = getattr(dataset, "input_ids", None)   # text_data's flat arrays: the lengths without building each item
+    if hasattr(held, "offsets") and len(held) == len(dataset):
+        import numpy as np
+        return np.diff(held.offsets).tolist()
     return [len(dataset[i]["input_ids"]) for i in range(len(dataset))]
 
 
