@@ -1306,7 +1306,7 @@ def _numbered_lines(path: str, comp: str):
     try:
         with open_shard(path, comp) as f:
             yield from enumerate(f, 1)
-    except Exception:  # noqa: BLE001 — as in _write_kept
+    except Exception:  # noqa: BLE001 — an unreadable tail was reported in pass 1, and none of it was scored
         return
 
 
