@@ -679,7 +679,9 @@ def test_a_shard_of_a_parquet_or_csv_file_reads_only_its_rows(tmp_path):
     pq.write_table(t, tmp_path / "t.parquet", row_group_size=group)                    # 32 row groups
     pcsv.write_csv(t.select(["id", "text"]), tmp_path / "t.csv")
     rc = SimpleNamespace(text_field="text", id_field="id")
-    for name in ("t.parquet", "t.csv"):
+    # the CSV stream's peak, 1 MB blocks in flight, measured 5.9-6.3 MB depending on this process's earlier Arrow
+    # use (6 MB failed 2 of 3 runs beside test_preselect.py); a whole read is >= the file's 16 MB
+    for name, bound in (("t.parquet", 6e6), ("t.csv", 8e6)):
         file = str(tmp_path / name)
         assert cp.count_rows(file, rc) == n
         for a, b in ((0, 7), (n - 600, n), (480, 1530)):                               # across row groups
@@ -687,9 +689,9 @@ def test_a_shard_of_a_parquet_or_csv_file_reads_only_its_rows(tmp_path):
             assert got == texts[a:b] and ids.to_pylist() == [f"doc-{i}" for i in range(a, b)], (name, a, b)
             del ids
             # the shard is ~1 MB; the whole file 16 (CSV) to 32 MB (Parquet, two text columns)
-            assert peak < 6e6, (name, a, b, peak)
+            assert peak < bound, (name, a, b, peak)
         _, peak = _arrow_peak(lambda: cp.count_rows(file, rc))
-        assert peak < 6e6, (name, peak)
+        assert peak < bound, (name, peak)
     # Parquet embeddings: the shard's row groups of the embedding and id columns
     X = rng.standard_normal((n, 64)).astype(np.float32)
     pq.write_table(pa.table({"id": np.arange(n) * 10, "embedding": list(X), "unused": texts}),
