@@ -893,17 +893,18 @@ class ConceptPrune(DataJob):
     def _semdedup_slices(self, E: np.ndarray, slices: list[tuple[int, int]]) -> np.ndarray:
         """SemDeDup of each cluster E[lo:hi] (rows in keep order): the removed-mask over all rows of E."""
         removed = np.zeros(len(E), dtype=bool)
-        threads = 1 if self.device == "cuda" or self._cache.get("one_thread") else len(os.sched_getaffinity(0))
         if self.device == "cuda":
             for lo, hi in slices:
                 removed[lo:hi] = semdedup_cluster(E[lo:hi], self.rc.epsilon, self.device)
             return removed
+        threads = 1 if self._cache.get("one_thread") else len(os.sched_getaffinity(0))
         tasks = []                                                        # (cost, lo, hi, a, b, cols)
         for lo, hi in slices:
             if hi - lo >= 2:
                 rows, cols = semdedup_tiles(hi - lo)
-                tasks += [((min(hi - lo, a + rows) - a) * min(hi - lo, a + rows), lo, hi, a, min(hi - lo, a + rows),
-                           cols) for a in range(0, hi - lo, rows)]
+                for a in range(0, hi - lo, rows):
+                    b = min(hi - lo, a + rows)
+                    tasks.append(((b - a) * b, lo, hi, a, b, cols))       # cost: rows x earlier members
 
         def run(t):                                                       # writes disjoint slices only
             _, lo, hi, a, b, cols = t
@@ -1050,9 +1051,10 @@ class ConceptPrune(DataJob):
         cluster = np.concatenate([p["cluster"] for p in parts])[order]
         dist = np.concatenate([p["dist"] for p in parts])[order]
         ids, file_index, file_rows = [], [], []
-        names = list(dict.fromkeys(p["file"] for p in self.input_plan()))
+        plan = self.input_plan()
+        names = list(dict.fromkeys(p["file"] for p in plan))
         index = {f: i for i, f in enumerate(names)}
-        for p in self.input_plan():
+        for p in plan:
             lo, hi = np.searchsorted(rows, [p["offset"], p["offset"] + p["stop"] - p["start"]])
             if hi > lo:
                 col = pq.read_table(os.path.join(ctx.job_dir, "embed", f"{p['key']}.ids.parquet"))["id"]
@@ -1251,17 +1253,24 @@ def _parquet_rows(file: str, columns: list[str], a: int, b: int, batch_size: int
             first = start if not groups else first
             groups.append(g)
         start += n
-    batches, row = [], first
-    if groups:
-        for batch in pf.iter_batches(batch_size=batch_size, row_groups=groups, columns=columns, use_threads=False):
-            lo, hi = max(a, row), min(b, row + batch.num_rows)
-            if hi > lo:
-                batches.append(batch.slice(lo - row, hi - lo))
-            row += batch.num_rows
-            if row >= b:
-                break
+    batches = _rows_in_range(pf.iter_batches(batch_size=batch_size, row_groups=groups, columns=columns,
+                                             use_threads=False), first, a, b) if groups else []
     schema = pa.schema([pf.schema_arrow.field(c) for c in columns])
     return pa.Table.from_batches(batches, schema=batches[0].schema if batches else schema)
+
+
+def _rows_in_range(batches, row: int, a: int, b: int) -> list:
+    """The slices of record `batches` (the first one starting at row number `row`) that hold rows [a, b); stops
+    reading after row b."""
+    out = []
+    for batch in batches:
+        lo, hi = max(a, row), min(b, row + batch.num_rows)
+        if hi > lo:
+            out.append(batch.slice(lo - row, hi - lo))
+        row += batch.num_rows
+        if row >= b:
+            break
+    return out
 
 
 def _csv_rows(file: str, compression: str, a: int, b: int, stream: bool | None = None):
@@ -1273,17 +1282,9 @@ def _csv_rows(file: str, compression: str, a: int, b: int, stream: bool | None =
     if not stream:
         t = _read_csv(file, compression)
         return t.column_names, t.slice(a, b - a)
-    batches, row = [], 0
     with open_shard(file, compression) as f:
         reader = _open_csv(f)
-        for batch in reader:
-            lo, hi = max(a, row), min(b, row + batch.num_rows)
-            if hi > lo:
-                batches.append(batch.slice(lo - row, hi - lo))
-            row += batch.num_rows
-            if row >= b:
-                break
-        return reader.schema.names, pa.Table.from_batches(batches, schema=reader.schema)
+        return reader.schema.names, pa.Table.from_batches(_rows_in_range(reader, 0, a, b), schema=reader.schema)
 
 
 def read_embeddings(file: str, a: int, b: int, rc):

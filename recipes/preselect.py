@@ -1233,11 +1233,12 @@ def _kept_parquet_batches(pf, keep: set) -> Iterator:
 
 
 def _jsonl_kept_batches(path: str, comp: str, keep: set):
-    """The kept JSONL records as (schema, RecordBatch iterator), exactly the table _rows_table would build from
-    all of them at once, without holding them: a first pass finds the columns (in first-seen order) and the type
-    pyarrow infers for each batch of values; a column whose non-null batches all agree has that type (inference
-    over all values gives the same), any other column (types that differ or fail) is built whole, as before,
-    from that one field of every record."""
+    """The kept JSONL records as (schema, RecordBatch iterator): every field any record has (pyarrow's
+    from_pylist takes the first record's keys only), each column as _rows_column builds it from all values at
+    once, without holding the records. A first pass finds the columns (in first-seen order) and the type pyarrow
+    infers for each batch of values; a column whose non-null batches all agree has that type (inference over all
+    values gives the same), any other column (types that differ or fail) is built whole from that one field of
+    every record."""
     import pyarrow as pa
 
     def chunks():
@@ -1282,17 +1283,9 @@ def _jsonl_kept_batches(path: str, comp: str, keep: set):
     return schema, batches()
 
 
-def _rows_table(records: list[dict], where: str):
-    """JSON records as an Arrow table with every field any record has (pyarrow's from_pylist takes the first
-    record's keys only, and dropped the rest silently). A field whose values mix types (1 in one record, "x4" in
-    another) becomes a string column, its non-string values as JSON text, with a warning."""
-    import pyarrow as pa
-    columns = {key: _rows_column(key, [r.get(key) for r in records], where)
-               for key in dict.fromkeys(k for r in records for k in r)}
-    return pa.table(columns) if columns else pa.table({})
-
-
 def _rows_column(key: str, values: list, where: str):
+    """One field of every kept JSONL record as a Parquet column. A field whose values mix types (1 in one record,
+    "x4" in another) becomes a string column, its non-string values as JSON text, with a warning."""
     import pyarrow as pa
     try:
         return pa.array(values)

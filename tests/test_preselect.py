@@ -787,18 +787,33 @@ def test_a_slurm_array_splits_a_data_job_but_a_submitit_sweep_job_is_whole(monke
     assert slurm_array_task() == (0, 1)
 
 
-def test_parquet_output_of_jsonl_keeps_every_field_and_mixed_types():
+def test_parquet_output_of_jsonl_keeps_every_field_and_mixed_types(tmp_path):
     """JSONL kept as Parquet took its columns from the first record only (a field the first record lacked was
     dropped from every document), and a field mixing 1 and "x4" ended the last stage in an ArrowInvalid."""
-    from runx.recipes.preselect import _rows_table
-    table = _rows_table([{"id": 0, "text": "a"}, {"id": 1, "text": "b", "source": "web", "meta": 1},
-                         {"id": 2, "text": "c", "meta": "x4"}], "pool.jsonl")
+    import pyarrow as pa
+
+    from runx.recipes.preselect import _jsonl_kept_batches
+    records = [{"id": 0, "text": "a"}, {"id": 1, "text": "b", "source": "web", "meta": 1},
+               {"id": 2, "text": "c", "meta": "x4"}]
+    (tmp_path / "pool.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    schema, batches = _jsonl_kept_batches(str(tmp_path / "pool.jsonl"), None, {1, 2, 3})
+    table = pa.Table.from_batches(list(batches), schema)
     assert table.column_names == ["id", "text", "source", "meta"]
     assert table.column("source").to_pylist() == [None, "web", None]
     assert table.column("meta").to_pylist() == [None, "1", "x4"] and table.column("id").to_pylist() == [0, 1, 2]
 
 
 # ------------------------------------------------------------------------------------------ scale: AUC, filter write
+def _rows_table(records: list[dict], where: str):
+    """JSON records as an Arrow table built at once (the filter's JSONL -> Parquet path as first written)."""
+    import pyarrow as pa
+
+    from runx.recipes.preselect import _rows_column
+    columns = {key: _rows_column(key, [r.get(key) for r in records], where)
+               for key in dict.fromkeys(k for r in records for k in r)}
+    return pa.table(columns) if columns else pa.table({})
+
+
 def pairwise_auc(p: np.ndarray, y: np.ndarray):
     """The held-out AUC as it was first written: every positive against every negative, ties half."""
     pos, neg = p[y], p[~y]
@@ -846,7 +861,7 @@ def old_write_kept(path, out, keep, out_fmt, out_comp, text_field):
     elif in_fmt == "parquet":
         table = pq.read_schema(path).empty_table()
     else:
-        table = P._rows_table([json.loads(line) for n, line in P._numbered_lines(path, in_comp) if n in keep], path)
+        table = _rows_table([json.loads(line) for n, line in P._numbered_lines(path, in_comp) if n in keep], path)
     if out_fmt == "parquet":   # the row group pq.write_table uses by default: 1024 * 1024 rows
         pq.write_table(table, out, row_group_size=getattr(P, "PARQUET_ROW_GROUP", 1024 * 1024))
     else:
