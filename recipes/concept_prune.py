@@ -27,7 +27,6 @@ trained on DBP-, SSP- and randomly pruned subsets against a fixed test split tha
 from __future__ import annotations
 
 import heapq
-import io
 import json
 import logging
 import math
@@ -631,7 +630,9 @@ class ConceptPrune(DataJob):
         return self._digits
 
     def input_plan(self) -> list[dict]:
-        """Embedding shards: [{key, file, start, stop, offset[, csv_stream]}], cached in <run_dir>/inputs.json."""
+        """Embedding shards: [{key, file, start, stop, offset[, csv_stream][, seek]}], cached in <run_dir>/inputs.json
+        (`seek`: [byte, line number] where row `start` of an uncompressed JSONL / .txt file starts; a plan written
+        before it existed has none, and its shards scan the file from the start as they did)."""
         if "plan" in self._cache:
             return self._cache["plan"]
         path = os.path.join(self.run_dir, "inputs.json")
@@ -646,10 +647,11 @@ class ConceptPrune(DataJob):
                 if cap is not None:
                     n = min(n, cap - offset)
                 hint = self._reader_hint(file)
-                for start in range(0, n, int(self.rc.shard_size)):
+                seeks = hint.pop("seeks", None)
+                for i, start in enumerate(range(0, n, int(self.rc.shard_size))):
                     stop = min(n, start + int(self.rc.shard_size))
                     plan.append({"key": f"{len(plan):05d}", "file": file, "start": start, "stop": stop,
-                                 "offset": offset + start, **hint})
+                                 "offset": offset + start, **hint, **({"seek": seeks[i]} if seeks else {})})
                 offset += n
             if not plan:
                 raise ValueError(f"recipe.path={self.rc.path}: no rows to embed")
@@ -683,13 +685,18 @@ class ConceptPrune(DataJob):
         if rc.input == "images":
             atomic_write_json(os.path.join(self.run_dir, "images.json"), self.input_paths)
             return [("<images.json>", len(self.input_paths))]
-        return [(f, count_rows(f, rc)) for f in self.input_paths]
+        return [(f, count_rows(f, rc, every=int(rc.shard_size))) for f in self.input_paths]
 
     def _reader_hint(self, file: str) -> dict:
-        """What the count of a file's rows learnt that saves each shard a pass: whether a CSV streams."""
+        """What the count of a file's rows learnt that saves each shard a pass: whether a CSV streams; where each
+        shard's first row starts in an uncompressed JSONL / .txt file (`seeks`, one per shard, from the count's
+        cache: _line_starts)."""
         fc = shard_format(file, TEXT_FORMATS) if self.rc.input == "text" else None
         if fc and fc[0] == "csv":
             return {"csv_stream": _csv_streams(file, fc[1]) is not None}
+        if fc and fc[0] in ("jsonl", "txt") and fc[1] == "none":
+            seeks = _line_starts(file, int(self.rc.shard_size))[1]
+            return {"seeks": seeks} if seeks else {}
         return {}
 
     def embed_shards(self, ctx) -> list[str]:
@@ -738,7 +745,7 @@ class ConceptPrune(DataJob):
         if rc.input == "embeddings":
             return read_embeddings(file, a, b, rc)
         if rc.input == "text":
-            ids, texts = read_texts(file, a, b, rc, csv_stream=piece.get("csv_stream"))
+            ids, texts = read_texts(file, a, b, rc, csv_stream=piece.get("csv_stream"), seek=piece.get("seek"))
             if self._encoder is None:
                 self._encoder = self._load_encoder(TextEncoder, rc.encoder, rc.pooling, rc.max_length,
                                                    rc.batch_size, self.device)
@@ -1190,7 +1197,9 @@ def is_image_encoder(spec: str) -> bool:
     return True
 
 
-def count_rows(file: str, rc) -> int:
+def count_rows(file: str, rc, every: int | None = None) -> int:
+    """The file's rows (a line file's: its non-blank lines). `every` (the shard size): an uncompressed JSONL / .txt
+    file's count also notes where each shard's first row starts (_line_starts, cached for the plan)."""
     if file.lower().endswith(".npy"):
         shape = np.load(file, mmap_mode="r").shape
         if len(shape) != 2:
@@ -1203,8 +1212,40 @@ def count_rows(file: str, rc) -> int:
     if fmt == "csv":
         n = _csv_streams(file, comp)                          # streamed: memory ~ a 1 MB block, not the file
         return int(_read_csv(file, comp).num_rows) if n is None else n
-    with open_shard(file, comp) as f:
-        return sum(1 for line in f if line.strip())
+    if every and comp == "none":
+        return _line_starts(file, every)[0]
+    with open_shard(file, comp) as f:   # rows as read_texts reads them: lines at b"\n", a BOM at byte 0 aside
+        return sum(1 for i, line in enumerate(f) if (line.removeprefix(_BOM) if i == 0 else line).strip())
+
+
+def _line_starts(file: str, every: int) -> tuple[int, list]:
+    r"""(rows, seeks) of an uncompressed JSONL / .txt file, in one pass of 1 MB blocks (vectorised): its rows as
+    read_texts reads them (lines end at b"\n"; a line is a row unless bytes.strip() leaves nothing of it, a BOM at
+    byte 0 aside), and [byte, line number] of the line holding each of rows 0, every, 2 every, ...: where a shard of
+    `every` rows starts (read_texts seeks there instead of reading and skipping the rows before it). One pair per
+    shard, not per row. Cached per process (file, mtime, size, every)."""
+    key = (file, os.path.getmtime(file), os.path.getsize(file), every)
+    if key not in _LINE_STARTS:
+        n, lines, pos, seeks = 0, 0, 0, []
+        with open(file, "rb") as f:
+            while block := f.read(1 << 20):
+                if not block.endswith(b"\n"):
+                    block += f.readline()                   # whole lines
+                kept = block.translate(_BYTES_KEPT)
+                if pos == 0 and block.startswith(_BOM):
+                    kept = bytes(len(_BOM)) + kept[len(_BOM):]
+                starts = np.concatenate(([0], np.flatnonzero(np.frombuffer(block, np.uint8)[:-1] == 10) + 1))
+                rows = np.flatnonzero(np.logical_or.reduceat(np.frombuffer(kept, bool), starts))   # non-blank lines
+                seeks += [[pos + int(starts[i]), lines + int(i) + 1] for i in rows[(-n) % every::every]]
+                n, lines, pos = n + len(rows), lines + len(starts), pos + len(block)
+        _LINE_STARTS[key] = (n, seeks)
+    return _LINE_STARTS[key]
+
+
+_LINE_STARTS: dict = {}
+_BOM = "\ufeff".encode()
+# a bytes.translate table: 1 for a byte that bytes.strip() keeps
+_BYTES_KEPT = bytes(c not in b" \t\n\r\x0b\x0c" for c in range(256))
 
 
 def _read_csv(file: str, compression: str):
@@ -1318,9 +1359,11 @@ def read_embeddings(file: str, a: int, b: int, rc):
     return ids, iter([l2_normalize(X, f"{file} (rows from {a})")])
 
 
-def read_texts(file: str, a: int, b: int, rc, csv_stream: bool | None = None):
+def read_texts(file: str, a: int, b: int, rc, csv_stream: bool | None = None, seek: list | None = None):
     """(ids or None, texts) of rows [a, b) of a .jsonl / .parquet / .csv / .txt file (line formats .gz / .zst too).
-    A text field missing from the data is a config problem (RecipeConfigError) naming the fields there."""
+    A text field missing from the data is a config problem (RecipeConfigError) naming the fields there.
+    `seek` ([byte, line number] of row a's line in an uncompressed line file, from _line_starts): the shard starts
+    reading there; else (compressed, or a plan from before seeks) it reads from byte 0 and skips the rows before a: the shards of one file then read N^2 / (2 shard_size) rows in all."""
     import pyarrow as pa
     fmt, comp = shard_format(file, TEXT_FORMATS)
     if fmt in ("parquet", "csv"):
@@ -1343,9 +1386,17 @@ def read_texts(file: str, a: int, b: int, rc, csv_stream: bool | None = None):
                 raise ValueError(f"{file}: row {a + i}: {rc.text_field!r} is {type(s).__name__}, not text")
         ids = t[rc.id_field].combine_chunks() if rc.id_field in t.column_names else None
         return ids, texts
-    texts, ids, row = [], [], -1
-    with io.TextIOWrapper(open_shard(file, comp), encoding="utf-8-sig") as f:
-        for lineno, line in enumerate(f, 1):
+    # lines end at b"\n" only (CRLF too), as count_rows and _line_starts split them: a lone \r or a U+2028 inside
+    # a string is not a line break (universal newlines split there, and the count and the rows disagreed)
+    texts, ids, row, lineno = [], [], -1, 0
+    with open_shard(file, comp) as f:
+        if seek is not None:
+            f.seek(seek[0])
+            row, lineno = a - 1, seek[1] - 1
+        for line in f:
+            lineno += 1
+            if lineno == 1:
+                line = line.removeprefix(_BOM)
             if not line.strip():
                 continue
             row += 1
@@ -1353,8 +1404,12 @@ def read_texts(file: str, a: int, b: int, rc, csv_stream: bool | None = None):
                 continue
             if row >= b:
                 break
+            try:
+                line = line.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{file}:{lineno}: not UTF-8 text ({e.reason} at byte {e.start} of the line)") from None
             if fmt == "txt":
-                texts.append(line.rstrip("\n"))
+                texts.append(line.removesuffix("\n").removesuffix("\r"))
                 continue
             try:
                 obj = json.loads(line)
