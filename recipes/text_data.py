@@ -8,9 +8,13 @@ with the tokenizer's chat template (or data.chat_template), the assistant turns 
 """
 from __future__ import annotations
 
+import bisect
+import contextlib
+import csv
 import glob
 import gzip
 import io
+import itertools
 import json
 import logging
 import math
@@ -152,23 +156,47 @@ def _read_text(path: str) -> str:
                                 f"JSON Lines / CSV, optionally .gz or .zst compressed") from None
 
 
-def _read_jsonl(path: str) -> list[dict]:
-    """Rows of a JSON Lines file (.gz too), or of a .json file that holds one JSON array of rows. A line ends at a
-    line feed only (CRLF too): U+2028 / U+2029 / U+0085 inside a string are valid JSON, which json.dumps(...,
-    ensure_ascii=False) writes unescaped, and str.splitlines() broke such a line in two."""
+# a row of JSON Lines: a line (ended by a line feed only) with a character other than white space (group 1: from the
+# start of its line), matched from the line feed before it (a search for "^..." tried every character: 4x slower)
+JSONL_ROW, FIRST_JSONL_ROW = re.compile(r"\n([^\S\n]*\S)"), re.compile(r"([^\S\n]*\S)")
+JSON_ARRAY = re.compile(r"\s*\[")   # a JSON array (alpaca-style .json), not JSON Lines
+
+
+def _jsonl_lines(text: str, want=None):
+    """(line number, line) of a JSON Lines text's rows, its non-blank lines; `want`: only the rows of these numbers
+    (sorted; 0: the first row), found without splitting the text. A line ends at a line feed only (CRLF too):
+    U+2028 / U+2029 / U+0085 inside a string are valid JSON, which json.dumps(..., ensure_ascii=False) writes
+    unescaped, and str.splitlines() broke such a line in two."""
+    if want is None:
+        for lineno, line in enumerate(text.split("\n"), 1):
+            line = line.removesuffix("\r")
+            if line.strip():
+                yield lineno, line
+        return
+    first = FIRST_JSONL_ROW.match(text)
+    rows = itertools.chain([first] if first else [], JSONL_ROW.finditer(text))
+    lineno, at = 1, 0   # (the line number of position `at`)
+    for a, b in zip([-1, *want], want):
+        row = next(itertools.islice(rows, b - a - 1, None))   # (the rows between skipped at C speed)
+        lineno, at = lineno + text.count("\n", at, row.start(1)), row.start(1)
+        end = text.find("\n", at)
+        yield lineno, text[at:end if end >= 0 else len(text)].removesuffix("\r")
+
+
+def _read_jsonl(path: str, want=None) -> list[dict]:
+    """Rows of a JSON Lines file (.gz too), or of a .json file that holds one JSON array of rows (`_jsonl_lines`);
+    `want`: only the rows of these numbers (sorted; 0: the first row), the other lines not parsed."""
     text = _read_text(path)
-    if text.lstrip().startswith("["):  # a JSON array (alpaca-style .json), not JSON Lines
+    if JSON_ARRAY.match(text):
         try:
             rows = json.loads(text)
         except json.JSONDecodeError as e:
             raise RecipeConfigError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
-        origins = [f"{path} row {i + 1}" for i in range(len(rows))]
+        numbers = range(len(rows)) if want is None else want
+        rows, origins = [rows[i] for i in numbers], [f"{path} row {i + 1}" for i in numbers]
     else:
         rows, origins = [], []
-        for lineno, line in enumerate(text.split("\n"), 1):
-            line = line.removesuffix("\r")
-            if not line.strip():
-                continue
+        for lineno, line in _jsonl_lines(text, want):
             try:
                 rows.append(json.loads(line))
             except json.JSONDecodeError as e:
@@ -176,9 +204,17 @@ def _read_jsonl(path: str) -> list[dict]:
             origins.append(f"{path}:{lineno}")
     bad = next((i for i, r in enumerate(rows) if not isinstance(r, dict)), None)
     if bad is not None:
-        raise RecipeConfigError(f"{path}: row {bad + 1} is a JSON {type(rows[bad]).__name__}, not an object "
-                                f"({{field: value, ...}})")
+        raise RecipeConfigError(f"{path}: row {(bad if want is None else want[bad]) + 1} is a JSON "
+                                f"{type(rows[bad]).__name__}, not an object ({{field: value, ...}})")
     return [Row(r, o) for r, o in zip(rows, origins)]
+
+
+def _count_jsonl(path: str) -> int:
+    """The rows of a JSON Lines file, its lines not parsed (a JSON array is)."""
+    text = _read_text(path)
+    if JSON_ARRAY.match(text):
+        return len(_read_jsonl(path))
+    return bool(FIRST_JSONL_ROW.match(text)) + len(JSONL_ROW.findall(text))
 
 
 # the metadata files of a datasets save_to_disk folder (a DatasetDict's, and each split's)
@@ -220,25 +256,89 @@ def data_files(path: str, kind: str, key: str = "data.path") -> list[str]:
     return files
 
 
-def read_rows(files: list[str], kind: str, key: str = "data.path") -> list[dict]:
-    """The rows of these JSONL (or JSON array) / Parquet / CSV files, each a `Row` that knows its file and line."""
-    rows: list[dict] = []
-    for f in files:
+def read_rows(files: list[str], kind: str, key: str = "data.path", keep=None, counts=None) -> list[dict]:
+    """The rows of these JSONL (or JSON array) / Parquet / CSV files, each a `Row` that knows its file and line.
+    `keep`: only the rows of these numbers (0: the first row of the first file; `counts`: the rows of each file, as
+    `row_counts` gives them), in that order; the other rows are not read as dicts (nor checked)."""
+    if keep is None:
+        return [r for f in files for r in _file_rows(f, kind, key)]
+    numbers = np.unique(np.asarray(keep, dtype=np.int64))
+    starts = np.cumsum([0, *counts])
+    file_of = np.searchsorted(starts, numbers, side="right") - 1
+    rows = {}
+    for j in np.unique(file_of).tolist():   # (files with no kept row are not read; those kept whole, read whole)
+        mine = numbers[file_of == j]
+        want = None if len(mine) == counts[j] else (mine - starts[j]).tolist()
+        rows.update(zip(mine.tolist(), _file_rows(files[j], kind, key, want)))
+    return [rows[i] for i in keep]
+
+
+def row_counts(files: list[str], kind: str, key: str = "data.path") -> list[int]:
+    """The rows of each of these files, not read as dicts: JSON Lines' non-blank lines, Parquet's metadata, CSV's
+    records (as csv.DictReader reads them: after the header, empty ones skipped)."""
+    def count(f):
         if kind == "jsonl":
-            rows += _read_jsonl(f)
-        elif kind == "parquet":
-            import pyarrow
+            return _count_jsonl(f)
+        if kind == "parquet":
             import pyarrow.parquet as pq
-            try:
-                rows += [Row(r, f"{f} row {i + 1}") for i, r in enumerate(pq.read_table(f).to_pylist())]
-            except (pyarrow.ArrowInvalid, OSError) as e:
-                raise RecipeConfigError(f"{key}={f}: not a readable Parquet file ({str(e).splitlines()[0]}). "
-                                        f"Valid choices: data.kind=jsonl|csv for text files") from None
-        else:
-            import csv
-            reader = csv.DictReader(io.StringIO(_read_text(f), newline=""))
-            rows += [Row(r, f"{f}:{reader.line_num}") for r in reader]   # (the line a record ends on)
+            with _parquet_problem(f, key), pq.ParquetFile(f) as pf:
+                return pf.metadata.num_rows
+        records = csv.reader(_csv_lines(_read_text(f)))
+        next(records, None)   # (the header)
+        return sum(1 for r in records if r)
+    return [count(f) for f in files]
+
+
+def _file_rows(f: str, kind: str, key: str, want=None) -> list[dict]:
+    """The rows of one file; `want`: only the rows of these numbers (sorted; 0: its first row)."""
+    if kind == "jsonl":
+        return _read_jsonl(f, want)
+    if kind == "parquet":
+        import pyarrow.parquet as pq
+        with _parquet_problem(f, key):
+            if want is None:
+                return [Row(r, f"{f} row {i + 1}") for i, r in enumerate(pq.read_table(f).to_pylist())]
+            rows, start = [], 0
+            with pq.ParquetFile(f) as pf:
+                for g in range(pf.num_row_groups):   # only the row groups that hold a wanted row are read
+                    n = pf.metadata.row_group(g).num_rows
+                    lo, hi = bisect.bisect_left(want, start), bisect.bisect_left(want, start + n)
+                    local = [i - start for i in want[lo:hi]]
+                    rows += pf.read_row_group(g).take(local).to_pylist() if local else []
+                    start += n
+            return [Row(r, f"{f} row {i + 1}") for i, r in zip(want, rows)]
+    reader = csv.DictReader(_csv_lines(_read_text(f)))
+    if want is None:
+        return [Row(r, f"{f}:{reader.line_num}") for r in reader]   # (the line a record ends on)
+    reader.fieldnames   # (the header read)
+    records, rows = filter(None, reader.reader), []   # (DictReader's records: it skips empty ones)
+    for a, b in zip([-1, *want], want):
+        next(itertools.islice(records, b - a - 1, b - a - 1), None)   # the records between: parsed, not made dicts
+        rows.append(Row(next(reader), f"{f}:{reader.line_num}"))
     return rows
+
+
+def _csv_lines(text: str):
+    """The lines of a CSV text as a file opened with newline="" gives them to the csv module (ended by \\r\\n, \\r or
+    \\n, kept), read from 1 MB pieces that end at a line feed: an io.StringIO of the whole text held a copy of it, 4
+    bytes a character."""
+    def pieces(at=0):
+        while at < len(text):
+            end = text.find("\n", at + (1 << 20)) + 1 or len(text)
+            yield text[at:end]
+            at = end
+    return itertools.chain.from_iterable(io.StringIO(piece, newline="") for piece in pieces())
+
+
+@contextlib.contextmanager
+def _parquet_problem(f: str, key: str):
+    """A file that is not Parquet is a config problem naming it."""
+    import pyarrow
+    try:
+        yield
+    except (pyarrow.ArrowInvalid, OSError) as e:
+        raise RecipeConfigError(f"{key}={f}: not a readable Parquet file ({str(e).splitlines()[0]}). "
+                                f"Valid choices: data.kind=jsonl|csv for text files") from None
 
 
 def read_files(path: str, kind: str, key: str = "data.path") -> list[dict]:
@@ -275,13 +375,38 @@ def _split_of(rel: str, ext: tuple[str, ...], names) -> str | None:
 
 
 def read_local_splits(dcfg) -> tuple[list[dict], list[dict] | None]:
-    """(train rows, held-out rows or None) of local files (data.kind jsonl / parquet / csv). A data.path folder whose
-    files name splits (`_split_of`: train.jsonl + validation.jsonl, datasets' train-00000-of-00001.jsonl shards,
+    """(train rows, held-out rows or None) of local files (data.kind jsonl / parquet / csv): `local_split_files`."""
+    files, eval_files = local_split_files(dcfg)
+    return read_rows(files, dcfg.kind, "data.path"), (read_rows(eval_files, dcfg.kind, "data.eval_path")
+                                                      if eval_files is not None else None)
+
+
+def read_local_kept(dcfg) -> tuple[list[dict], list[dict]]:
+    """(train rows, held-out rows) of local files as load_rows keeps them (`_split`, `_at_most`), with only those
+    read: as with data=hf, which rows are kept is decided on row numbers first (`row_counts`; the numbers shuffled
+    as the rows were, so that the same rows are drawn), and a few rows kept of many (data.max_train_samples) are the
+    only ones read as dicts."""
+    kind = dcfg.kind
+    files, eval_files = local_split_files(dcfg)
+    counts = row_counts(files, kind, "data.path")
+    if eval_files is None:   # data.val_fraction of the training rows held out (the files read once for both)
+        train, evals = _at_most(*_split(range(sum(counts)), dcfg.val_fraction, seed=0), dcfg)
+        rows = read_rows(files, kind, "data.path", [*train, *evals], counts)
+        return rows[:len(train)], rows[len(train):]
+    eval_counts = row_counts(eval_files, kind, "data.eval_path")
+    train, evals = _at_most(range(sum(counts)), range(sum(eval_counts)), dcfg)
+    return (read_rows(files, kind, "data.path", train, counts),
+            read_rows(eval_files, kind, "data.eval_path", evals, eval_counts))
+
+
+def local_split_files(dcfg) -> tuple[list[str], list[str] | None]:
+    """(train files, held-out files or None) of local files (data.kind jsonl / parquet / csv). A data.path folder
+    whose files name splits (`_split_of`: train.jsonl + validation.jsonl, datasets' train-00000-of-00001.jsonl shards,
     train/ + validation/ folders) is read as those splits: data.train_split is the training data and
     data.eval_split, if there, the held-out data (the other files are not read); a folder of shards with no split
     names is training data as a whole. data.eval_path (a file, folder or glob) names the held-out data outright;
     its files are not training data even where they lie inside data.path (unless they are all of data.path's files,
-    as runx eval names a file to evaluate whole). None: no held-out rows were named."""
+    as runx eval names a file to evaluate whole). None: no held-out files were named."""
     kind = dcfg.kind
     files = data_files(dcfg.path, kind, "data.path")
     eval_files = data_files(dcfg.eval_path, kind, "data.eval_path") if dcfg.get("eval_path") else None
@@ -325,8 +450,7 @@ def read_local_splits(dcfg) -> tuple[list[dict], list[dict] | None]:
                 split = held_out_split(sorted(splits), dcfg, dcfg.path)
                 eval_files = splits[split] if split else None
             files = splits[dcfg.train_split]
-    return read_rows(files, kind, "data.path"), (read_rows(eval_files, kind, "data.eval_path")
-                                                 if eval_files is not None else None)
+    return files, eval_files
 
 
 def held_out_split(splits, dcfg, src: str) -> str | None:
@@ -389,9 +513,12 @@ def load_rows(dcfg, seed: int = 0) -> tuple[list[dict], list[dict]]:
         rows = _read_jsonl(os.path.join(ASSETS, "stdlib_topics.jsonl"))
         train, evals = _split(rows, dcfg.val_fraction, seed=0)  # fixed split, whatever the run seed
     elif kind in ("jsonl", "parquet", "csv"):
-        train, evals = read_local_splits(dcfg)
-        if evals is None:
-            train, evals = _split(train, dcfg.val_fraction, seed=0)
+        if dcfg.max_train_samples or dcfg.max_eval_samples is not None:   # some rows kept: only those are read
+            train, evals = read_local_kept(dcfg)
+        else:
+            train, evals = read_local_splits(dcfg)
+            if evals is None:
+                train, evals = _split(train, dcfg.val_fraction, seed=0)
     elif kind == "hf":
         src = dcfg.hf_name or dcfg.path
         ds = load_hf_splits(src, dcfg.train_split, dcfg.extra)

@@ -2,6 +2,7 @@
 labels or text cannot be trained on. CPU only, no model is built (the byte tokenizer tokenises)."""
 from __future__ import annotations
 
+import copy
 import gzip
 import json
 import logging
@@ -487,3 +488,138 @@ def test_a_saved_datasets_rows_kept_by_max_train_samples_are_the_rows_kept_befor
                 assert g == w and [r.origin for r in g] == [r.origin for r in w], (name, caps)
                 assert all(type(r) is Row for r in g)
             assert len(got[1]) == {("two", ()): 9, ("one", ()): 8}.get((name, caps), len(got[1]))
+
+
+def _local_sources(tmp_path):
+    """{name: (data.kind, data.path, extra overrides)} of local files with what their readers must get right: JSONL
+    (plain and .gz shards of one folder) with a BOM, blank / white-space / CRLF lines and U+2028 inside a string; a
+    JSON array; Parquet of several row groups and value types; CSV with a quoted newline, CRLF, a blank line and
+    short / long records; and a folder of named splits."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    lines = []
+    for i in range(23):
+        lines.append(json.dumps({"text": f"r{i}" + ("\u2028x\u2029y\x85z" if i % 5 == 2 else ""), "label": i % 3},
+                                ensure_ascii=False) + ("\r\n" if i % 4 == 1 else "\n"))
+        lines += [" \t\n", "\u3000\n", "\r\n", "\n"][i % 4:i % 4 + 1] if i % 3 == 0 else []
+    (tmp_path / "jl").mkdir()
+    (tmp_path / "jl" / "part-0.jsonl").write_bytes(("\ufeff" + "".join(lines[:20])).encode())
+    (tmp_path / "jl" / "part-1.jsonl.gz").write_bytes(gzip.compress("".join(lines[20:]).rstrip("\n").encode()))
+    (tmp_path / "a.json").write_text(json.dumps(_rows(0, 9), indent=1))
+    (tmp_path / "pq").mkdir()
+    for k, (a, b) in enumerate(((0, 11), (11, 18))):
+        pq.write_table(pa.Table.from_pylist([{"text": f"p{i}", "label": i % 2, "score": None if i % 4 else i / 3,
+                                              "tags": [f"t{j}" for j in range(i % 3)], "meta": {"n": i}}
+                                             for i in range(a, b)]), tmp_path / "pq" / f"part-{k}.parquet",
+                       row_group_size=4)
+    records = [f'"line {i}\nmore, ""quoted""",{i % 2}' if i % 6 == 1 else f"c{i},{i % 2}" for i in range(17)]
+    records[4], records[9] = "c4", "c9,1,extra"   # short and long records (restval / restkey)
+    (tmp_path / "c.csv").write_bytes(("text,label\r\n" + "\r\n".join(records[:8]) + "\r\n\r\n"
+                                      + "\n".join(records[8:]) + "\n").encode())
+    _jsonl(tmp_path / "sp" / "train.jsonl", _rows(0, 25))
+    _jsonl(tmp_path / "sp" / "validation.jsonl", _rows(100, 108))
+    return {"jsonl": ("jsonl", tmp_path / "jl", ()), "json array": ("jsonl", tmp_path / "a.json", ()),
+            "parquet": ("parquet", tmp_path / "pq", ()), "csv": ("csv", tmp_path / "c.csv", ()),
+            "named splits": ("jsonl", tmp_path / "sp", ()),
+            "eval_path": ("jsonl", tmp_path / "jl", (f"data.eval_path={tmp_path / 'sp' / 'validation.jsonl'}",))}
+
+
+def test_local_rows_kept_by_max_samples_are_the_rows_the_whole_read_kept(tmp_path):
+    """data.kind jsonl / parquet / csv read as dicts only the rows data.max_train_samples / max_eval_samples keep
+    (every row of every file was read first): the rows, their values, order and origins (file:line) are the ones the
+    whole read kept, with val_fraction of the training rows held out and with a held-out split of their own."""
+    from runx.recipes.text_data import (Row, _at_most, _split, data_files, load_rows, read_files, read_local_splits,
+                                        read_rows, row_counts)
+
+    def whole_read(dcfg):   # as load_rows read local files before: every row a dict, then the split and the subset
+        train, evals = read_local_splits(dcfg)
+        if evals is None:
+            train, evals = _split(train, dcfg.val_fraction, seed=0)
+        return _at_most(train, evals, dcfg)
+
+    sources = _local_sources(tmp_path)
+    # the whole read of JSON Lines is the reading it was: lines split at \n only, \r stripped, blank lines skipped
+    for name in ("part-0.jsonl", "part-1.jsonl.gz"):
+        path = tmp_path / "jl" / name
+        raw = path.read_bytes()
+        text = (gzip.decompress(raw) if name.endswith(".gz") else raw).decode("utf-8-sig")
+        want = [(json.loads(line), f"{path}:{n}") for n, line in enumerate(text.split("\n"), 1)
+                if line.removesuffix("\r").strip()]
+        assert [(r, r.origin) for r in read_files(str(path), "jsonl")] == want
+    for name, (kind, path, extra) in sources.items():
+        base = _data_cfg("data=jsonl", f"data.kind={kind}", f"data.path={path}", *extra).data
+        for caps in ({}, {"max_train_samples": 5}, {"max_train_samples": 7, "max_eval_samples": 3},
+                     {"max_eval_samples": 0}, {"max_eval_samples": 2, "val_fraction": 0.5},
+                     {"max_train_samples": 1, "val_fraction": 0}, {"max_train_samples": 1000}):
+            dcfg = copy.deepcopy(base)
+            for key, value in caps.items():
+                setattr(dcfg, key, value)
+            got, want = load_rows(dcfg), whole_read(dcfg)
+            assert want[0] and (want[1] or {"max_eval_samples", "val_fraction"} & set(caps)), (name, caps)
+            for g, w in zip(got, want):
+                assert g == w and [r.origin for r in g] == [r.origin for r in w], (name, caps)
+                assert all(type(r) is Row for r in g)
+    # all rows of a file but one, in another order (a file whose rows are all kept is read whole)
+    for kind, path, _ in sources.values():
+        files = data_files(str(path), kind)
+        whole, counts = read_rows(files, kind), row_counts(files, kind)
+        keep = list(range(1, len(whole)))[::-1]
+        assert [(r, r.origin) for r in read_rows(files, kind, keep=keep, counts=counts)] == \
+            [(whole[i], whole[i].origin) for i in keep], path
+    # (what the sources hold: the quoted newline is one value, U+2028 stays inside its row, the long record's rest)
+    rows = read_files(str(tmp_path / "c.csv"), "csv")
+    assert rows[1] == {"text": 'line 1\nmore, "quoted"', "label": "1"} and rows[1].origin.endswith("c.csv:4")
+    assert rows[4] == {"text": "c4", "label": None} and rows[9] == {"text": "c9", "label": "1", None: ["extra"]}
+    assert read_files(str(tmp_path / "jl"), "jsonl")[2]["text"] == "r2\u2028x\u2029y\x85z"
+    assert read_files(str(tmp_path / "pq"), "parquet")[12] == {"text": "p12", "label": 0, "score": 4.0,
+                                                               "tags": [], "meta": {"n": 12}}
+
+
+def test_only_the_local_rows_kept_are_parsed(tmp_path, monkeypatch):
+    """With data.max_train_samples / max_eval_samples, the rows not kept are not made dicts (10M rows were read to
+    keep 1000), nor parsed: an invalid JSON line among them is not read. A kept row that is invalid, or no object,
+    is the problem the whole read names."""
+    import runx.recipes.text_data as td
+    from runx.trainers.recipe import RecipeConfigError
+    n, caps = 300, ("data.max_train_samples=4", "data.max_eval_samples=3")
+    train, evals = td._split(range(n), 0.2, seed=0)
+    kept = [*train[:4], *evals[:3]]
+    skipped = next(i for i in range(n // 2, n) if i not in kept)
+    lines = [json.dumps(r) + "\n" + ("\n" if i % 7 == 0 else "") for i, r in enumerate(_rows(0, n))]
+    path = tmp_path / "d.jsonl"
+
+    def load(lines, *caps):
+        path.write_text("".join(lines))
+        return td.load_rows(_data_cfg("data=jsonl", f"data.path={path}", *caps).data)
+
+    built = []
+
+    class CountedRow(td.Row):
+        def __init__(self, *a):
+            super().__init__(*a)
+            built.append(self)
+
+    monkeypatch.setattr(td, "Row", CountedRow)
+    bad = lines[:skipped] + ["{not json\n"] + lines[skipped + 1:]
+    with pytest.raises(RecipeConfigError, match=r"d.jsonl:\d+: invalid JSON"):   # (the whole read)
+        load(bad)
+    got = load(bad, *caps)
+    assert [r["text"] for r in [*got[0], *got[1]]] == [f"row {i}" for i in kept] and len(built) == len(kept)
+    # Parquet and CSV: only the kept rows are made dicts too
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    pq.write_table(pa.Table.from_pylist(_rows(0, n)), tmp_path / "d.parquet", row_group_size=50)
+    (tmp_path / "d.csv").write_text("text,label\n" + "".join(f"row {i},{i % 2}\n" for i in range(n)))
+    for kind in ("parquet", "csv"):
+        built.clear()
+        got = td.load_rows(_data_cfg("data=jsonl", f"data.kind={kind}", f"data.path={tmp_path / f'd.{kind}'}",
+                                     *caps).data)
+        assert [r["text"] for r in [*got[0], *got[1]]] == [f"row {i}" for i in kept] and len(built) == len(kept), kind
+    # a kept row that is not JSON, or not an object: the message of the whole read
+    for line, problem in (("{not json\n", r"d.jsonl:\d+: invalid JSON"), ("[1, 2]\n", r"row \d+ is a JSON list")):
+        bad = lines[:kept[5]] + [line] + lines[kept[5] + 1:]
+        with pytest.raises(RecipeConfigError, match=problem) as whole:
+            load(bad)
+        with pytest.raises(RecipeConfigError) as kept_read:
+            load(bad, *caps)
+        assert str(kept_read.value) == str(whole.value)
