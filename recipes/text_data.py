@@ -547,7 +547,14 @@ def load_rows(dcfg, seed: int = 0) -> tuple[list[dict], list[dict]]:
     else:
         raise ValueError(f"data.kind={kind!r} is not a text source (valid choices: builtin, jsonl, parquet, csv, hf)")
     require_rows(train, dcfg)
+    if dcfg.max_eval_samples is None and len(evals) > MANY_EVAL_ROWS:
+        log.warning("%d held-out rows, all evaluated at every evaluation (data.val_fraction=%s of the training rows, "
+                    "or the held-out split); data.max_eval_samples=N evaluates the first N", len(evals),
+                    dcfg.val_fraction)
     return _at_most(train, evals, dcfg)
+
+
+MANY_EVAL_ROWS = 50_000   # more held-out rows than this, uncapped, are said (at 10M rows 20% is 2M per evaluation)
 
 
 def _at_most(train, evals, dcfg):

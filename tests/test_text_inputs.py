@@ -623,3 +623,23 @@ def test_only_the_local_rows_kept_are_parsed(tmp_path, monkeypatch):
         with pytest.raises(RecipeConfigError) as kept_read:
             load(bad, *caps)
         assert str(kept_read.value) == str(whole.value)
+
+
+def test_a_large_uncapped_held_out_set_is_said(tmp_path, monkeypatch, caplog):
+    """data.val_fraction=0.2 of 10M rows is 2M held-out rows, every one evaluated at each evaluation: above
+    MANY_EVAL_ROWS uncapped held-out rows the load says so and names data.max_eval_samples; a cap silences it."""
+    import logging
+
+    from runx.recipes import text_data
+    from runx.recipes.text_data import load_rows
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps({"text": f"t{i}", "label": i % 2}) + "\n" for i in range(50)))
+    monkeypatch.setattr(text_data, "MANY_EVAL_ROWS", 9)
+    dcfg = _data_cfg("data=jsonl", f"data.path={tmp_path / 'd.jsonl'}").data
+    with caplog.at_level(logging.WARNING, logger="runx.text_data"):
+        assert len(load_rows(dcfg)[1]) == 10
+    assert "10 held-out rows" in caplog.text and "data.max_eval_samples=N" in caplog.text
+    caplog.clear()
+    dcfg.max_eval_samples = 10
+    with caplog.at_level(logging.WARNING, logger="runx.text_data"):
+        assert len(load_rows(dcfg)[1]) == 10
+    assert "held-out rows" not in caplog.text
