@@ -162,7 +162,7 @@ JSONL_ROW, FIRST_JSONL_ROW = re.compile(r"\n([^\S\n]*\S)"), re.compile(r"([^\S\n
 JSON_ARRAY = re.compile(r"\s*\[")   # a JSON array (alpaca-style .json), not JSON Lines
 
 
-def _jsonl_lines(text: str, want=None):
+def _jsonl_lines(text: str, want=None, path: str = "<text>"):
     """(line number, line) of a JSON Lines text's rows, its non-blank lines; `want`: only the rows of these numbers
     (sorted; 0: the first row), found without splitting the text. A line ends at a line feed only (CRLF too):
     U+2028 / U+2029 / U+0085 inside a string are valid JSON, which json.dumps(..., ensure_ascii=False) writes
@@ -177,7 +177,9 @@ def _jsonl_lines(text: str, want=None):
     rows = itertools.chain([first] if first else [], JSONL_ROW.finditer(text))
     lineno, at = 1, 0   # (the line number of position `at`)
     for a, b in zip([-1, *want], want):
-        row = next(itertools.islice(rows, b - a - 1, None))   # (the rows between skipped at C speed)
+        row = next(itertools.islice(rows, b - a - 1, None), None)   # (the rows between skipped at C speed)
+        if row is None:   # (fewer rows than counted a moment ago)
+            raise RecipeConfigError(f"{path}: row {b + 1} is gone (the file changed while it was read)")
         lineno, at = lineno + text.count("\n", at, row.start(1)), row.start(1)
         end = text.find("\n", at)
         yield lineno, text[at:end if end >= 0 else len(text)].removesuffix("\r")
@@ -196,7 +198,7 @@ def _read_jsonl(path: str, want=None) -> list[dict]:
         rows, origins = [rows[i] for i in numbers], [f"{path} row {i + 1}" for i in numbers]
     else:
         rows, origins = [], []
-        for lineno, line in _jsonl_lines(text, want):
+        for lineno, line in _jsonl_lines(text, want, path):
             try:
                 rows.append(json.loads(line))
             except json.JSONDecodeError as e:
