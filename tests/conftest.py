@@ -152,9 +152,13 @@ def _signal_state() -> dict:
     the Python handlers of the signals runx uses."""
     import signal
     state = {name: signal.getsignal(getattr(signal, name)) for name in _SIGNALS}
+    watched = sum(1 << (int(getattr(signal, name)) - 1) for name in (*_SIGNALS, "SIGQUIT"))
     try:
         with open(f"/proc/self/task/{__import__('threading').get_native_id()}/status") as f:
-            state.update(line.split(":", 1) for line in f if line.startswith(("SigBlk", "SigIgn")))
+            # (only the watched signals' bits: Triton's first compile in a process has LLVM install its crash
+            # handlers, which takes SIGXFSZ off Python's ignored set, once per process by design)
+            state.update((k, f"{int(v, 16) & watched:x}") for k, v in (line.split(":", 1) for line in f
+                                                                        if line.startswith(("SigBlk", "SigIgn"))))
     except OSError:
         pass
     return state
