@@ -41,7 +41,7 @@ import numpy as np
 from omegaconf import OmegaConf
 
 from runx.conf.schema.preselect import PreSelectConfig, PreSelectWorldConfig
-from runx.recipes.text_data import files_at, open_shard, select_shards, shard_format
+from runx.recipes.text_data import files_at, open_shard, parquet_rows_at, select_shards, shard_format
 from runx.trainers.datajob import (DataJob, JobContext, Stage, atomic_path, atomic_write_bytes, atomic_write_json,
                                    remove_stale_temps)
 from runx.trainers.recipe import RecipeConfigError
@@ -1186,7 +1186,8 @@ def _write_kept(path: str, out: str, keep: set, out_fmt: str, out_comp: str, tex
     import pyarrow.parquet as pq
     if in_fmt == "parquet" and keep:
         pf = pq.ParquetFile(path)
-        schema, batches = pf.schema_arrow, _kept_parquet_batches(pf, keep)
+        schema = pf.schema_arrow
+        batches = parquet_rows_at(pf, np.array(sorted(keep), dtype=np.int64) - 1, READ_BATCH)   # (keep: 1-based)
     elif in_fmt == "parquet":  # nothing kept (maybe an unreadable file, reported in pass 1): an empty shard
         try:
             schema = pq.read_schema(path)
@@ -1216,20 +1217,6 @@ def _write_kept(path: str, out: str, keep: set, out_fmt: str, out_comp: str, tex
             writer.write_table(pa.Table.from_batches(pending, schema).combine_chunks())
             written += rows
     return written
-
-
-def _kept_parquet_batches(pf, keep: set) -> Iterator:
-    """The kept rows (1-based, as pass 1 numbered them) of a Parquet file, batch by batch, in file order."""
-    import pyarrow as pa
-    kept = np.array(sorted(keep), dtype=np.int64) - 1
-    start = 0
-    for batch in pf.iter_batches(batch_size=READ_BATCH):
-        lo, hi = np.searchsorted(kept, [start, start + batch.num_rows])
-        if hi > lo:
-            yield batch.take(pa.array(kept[lo:hi] - start))
-        start += batch.num_rows
-        if hi == len(kept):   # past the last kept row: the rest need not be read
-            return
 
 
 def _jsonl_kept_batches(path: str, comp: str, keep: set):

@@ -8,7 +8,6 @@ with the tokenizer's chat template (or data.chat_template), the assistant turns 
 """
 from __future__ import annotations
 
-import bisect
 import contextlib
 import csv
 import glob
@@ -300,14 +299,8 @@ def _file_rows(f: str, kind: str, key: str, want=None) -> list[dict]:
         with _parquet_problem(f, key):
             if want is None:
                 return [Row(r, f"{f} row {i + 1}") for i, r in enumerate(pq.read_table(f).to_pylist())]
-            rows, start = [], 0
             with pq.ParquetFile(f) as pf:
-                for g in range(pf.num_row_groups):   # only the row groups that hold a wanted row are read
-                    n = pf.metadata.row_group(g).num_rows
-                    lo, hi = bisect.bisect_left(want, start), bisect.bisect_left(want, start + n)
-                    local = [i - start for i in want[lo:hi]]
-                    rows += pf.read_row_group(g).take(local).to_pylist() if local else []
-                    start += n
+                rows = [r for batch in parquet_rows_at(pf, np.asarray(want, np.int64)) for r in batch.to_pylist()]
             return [Row(r, f"{f} row {i + 1}") for i, r in zip(want, rows)]
     reader = csv.DictReader(_csv_lines(_read_text(f)))
     if want is None:
@@ -318,6 +311,25 @@ def _file_rows(f: str, kind: str, key: str, want=None) -> list[dict]:
         next(itertools.islice(records, b - a - 1, b - a - 1), None)   # the records between: parsed, not made dicts
         rows.append(Row(next(reader), f"{f}:{reader.line_num}"))
     return rows
+
+
+def parquet_rows_at(pf, rows: np.ndarray, batch_size: int = 8192):
+    """The rows numbered `rows` (0-based, sorted, unique) of a pyarrow ParquetFile, as record batches in file order:
+    only the row groups that hold one are read, a batch at a time, and nothing after the last."""
+    import pyarrow as pa
+    start = 0
+    for g in range(pf.metadata.num_row_groups):
+        if np.searchsorted(rows, start) == len(rows):
+            return
+        n = pf.metadata.row_group(g).num_rows
+        if np.searchsorted(rows, start + n) > np.searchsorted(rows, start):   # a wanted row in this group
+            at = start
+            for batch in pf.iter_batches(batch_size=batch_size, row_groups=[g]):
+                lo, hi = np.searchsorted(rows, [at, at + batch.num_rows])
+                if hi > lo:
+                    yield batch.take(pa.array(rows[lo:hi] - at))
+                at += batch.num_rows
+        start += n
 
 
 def _csv_lines(text: str):
