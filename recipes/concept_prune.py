@@ -1363,7 +1363,8 @@ def read_texts(file: str, a: int, b: int, rc, csv_stream: bool | None = None, se
     """(ids or None, texts) of rows [a, b) of a .jsonl / .parquet / .csv / .txt file (line formats .gz / .zst too).
     A text field missing from the data is a config problem (RecipeConfigError) naming the fields there.
     `seek` ([byte, line number] of row a's line in an uncompressed line file, from _line_starts): the shard starts
-    reading there; else (compressed, or a plan from before seeks) it reads from byte 0 and skips the rows before a: the shards of one file then read N^2 / (2 shard_size) rows in all."""
+    reading there; else (compressed, or a plan from before seeks) it reads from byte 0 and skips the rows before a:
+    the shards of one file then read N^2 / (2 shard_size) rows in all."""
     import pyarrow as pa
     fmt, comp = shard_format(file, TEXT_FORMATS)
     if fmt in ("parquet", "csv"):
@@ -1407,7 +1408,8 @@ def read_texts(file: str, a: int, b: int, rc, csv_stream: bool | None = None, se
             try:
                 line = line.decode("utf-8")
             except UnicodeDecodeError as e:
-                raise ValueError(f"{file}:{lineno}: not UTF-8 text ({e.reason} at byte {e.start} of the line)") from None
+                why = f"{e.reason} at byte {e.start} of the line"
+                raise ValueError(f"{file}:{lineno}: not UTF-8 text ({why})") from None
             if fmt == "txt":
                 texts.append(line.removesuffix("\n").removesuffix("\r"))
                 continue
