@@ -118,8 +118,9 @@ def _server_for(env: dict) -> _CliServer:
     if _SERVER and (key(_SERVER[0].env) != key(env) or _SERVER[0].proc.poll() is not None):
         old = _SERVER.pop()
         if os.environ.get("RUNX_TEST_SERVER_LOG"):
+            changed = sorted(k for k in set(env) | set(old.env) if env.get(k) != old.env.get(k))
             with open(os.environ["RUNX_TEST_SERVER_LOG"], "a") as f:
-                f.write(f"restart {os.getpid()}: {sorted(k for k in set(env) | set(old.env) if env.get(k) != old.env.get(k))}\n")
+                f.write(f"restart {os.getpid()}: {changed}\n")
         old.close()
     if not _SERVER:
         _SERVER.append(_CliServer(env))
